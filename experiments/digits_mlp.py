@@ -1,0 +1,76 @@
+"""Handwritten digits (UCI optdigits, 8x8) with an MLP 64-32-10, Adam and cross-entropy.
+
+  python launch.py --config experiments/digits_mlp.py --workdir runs/digits_mlp
+Expected: test/accuracy ~0.97 on the 1,797 official test images (writers unseen in training),
+with macro precision, recall and F1 alike; under a minute on a 2-core CPU.
+`:smoke` trains for 200 steps and reaches ~0.93.
+"""
+
+import flax.linen as nn
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from research import metrics
+from research.config import choose, trainer_config
+from research.data import optdigits  # noqa: F401  (registers the tfds builder)
+from research.data import pipeline
+from research.models.mlp import MLP
+
+MAX_PIXEL = 16.0  # optdigits pixels count set bits in a 4x4 block: 0..16
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    config = trainer_config()
+    config.data = ml_collections.ConfigDict({
+        "name": "optdigits",
+        # The last 10% of the official training split is held out for periodic evaluation.
+        "splits": {"train": "train[:90%]", "validation": "train[90%:]", "test": "test"},
+    })
+    config.model = ml_collections.ConfigDict({"features": (64, 32, 10)})
+    config.update_from_flattened_dict({
+        "num_steps": 2000,
+        "batch_size": 64,
+        "eval_every": 500,
+        "optimizer.name": "adam",
+        "optimizer.learning_rate": 3e-3,
+    })
+    config.update_from_flattened_dict(choose(arg, {None: {}, "smoke": {"num_steps": 200, "eval_every": 100}}))
+    return config
+
+
+def preprocess(record) -> dict[str, np.ndarray]:
+    return {
+        "inputs": record["image"].reshape(-1).astype(np.float32) / MAX_PIXEL,
+        "labels": np.int32(record["label"]),
+    }
+
+
+def make_data(config: ml_collections.ConfigDict, split: str):
+    source = pipeline.tfds_source(config.data.name, config.data.splits[split], data_dir=config.data_dir)
+    if split == "train":
+        return pipeline.train_batches(source, batch_size=config.batch_size, seed=config.seed, transform=preprocess)
+    return pipeline.eval_batches(source, batch_size=config.eval_batch_size, transform=preprocess)
+
+
+def make_model(config: ml_collections.ConfigDict) -> nn.Module:
+    return MLP(features=tuple(config.model.features))
+
+
+def loss_fn(params, batch, rng, *, model):
+    del rng
+    logits_BxC = model.apply({"params": params}, batch["inputs"])
+    nll_B = optax.softmax_cross_entropy_with_integer_labels(logits_BxC, batch["labels"])
+    accuracy_B = (jnp.argmax(logits_BxC, -1) == batch["labels"]).astype(jnp.float32)
+    return metrics.masked_mean(nll_B, batch["mask"]), {"accuracy": metrics.masked_mean(accuracy_B, batch["mask"])}
+
+
+def eval_fn(params, batch, *, model) -> dict[str, metrics.Metric]:
+    logits_BxC = model.apply({"params": params}, batch["inputs"])
+    labels_B, mask_B = batch["labels"], batch["mask"]
+    return {
+        "loss": metrics.CrossEntropy.from_logits(logits_BxC, labels_B, mask_B),
+        "accuracy": metrics.Accuracy.from_logits(logits_BxC, labels_B, mask_B),
+        "confusion": metrics.ConfusionMatrix.from_logits(logits_BxC, labels_B, mask_B),
+    }

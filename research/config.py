@@ -1,0 +1,36 @@
+"""The keys every experiment's config has: the trainer's settings and their defaults, in one place.
+
+An experiment's `get_config` starts from `trainer_config()`, adds its own `data` and `model`
+sections, overrides what it needs and returns the result; launch.py locks it so that a
+mistyped override is an error.
+"""
+
+import ml_collections
+
+
+class ConfigError(ValueError):
+    """A bad config, experiment or workdir: launch.py reports it in one line, without a traceback."""
+
+
+def trainer_config() -> ml_collections.ConfigDict:
+    """Trainer defaults; every key here is read by research/train.py."""
+    config = ml_collections.ConfigDict()
+    config.seed = 0  # parameter init, dropout and data order all derive from it
+    config.num_steps = 1000
+    config.batch_size = 64  # global: split over processes and the mesh's data/fsdp axes
+    config.eval_batch_size = 256
+    config.log_every = 50
+    config.eval_every = 500  # 0: only the final evaluation
+    config.data_dir = ""  # tfds data directory; empty means tfds's default (~/tensorflow_datasets)
+    # Mesh axes in order; -1 takes every device left over. Batches split over data and fsdp.
+    config.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
+    config.optimizer = ml_collections.ConfigDict({"name": "adam", "learning_rate": 1e-3})
+    return config
+
+
+def choose(arg: str | None, variants: dict[str | None, dict]) -> dict:
+    """The overrides named by a config's `:arg`; an unknown arg is a one-line error listing the valid ones."""
+    if arg not in variants:
+        valid = ", ".join(repr(name) for name in variants if name is not None)
+        raise ConfigError(f"unknown config variant {arg!r}: use no ':arg' or one of {valid}")
+    return variants[arg]

@@ -1,0 +1,76 @@
+"""Where numbers go: a JSON-lines file, TensorBoard event files and the console.
+
+Only process 0 writes; other processes get a logger that stays silent. Each record is
+`{"step": n, "train/loss": ..., ...}`, one per line of `metrics.jsonl` in the workdir.
+"""
+
+import json
+import math
+from pathlib import Path
+from typing import Mapping
+
+import jax
+import rich.console
+import rich.progress
+import tensorboardX
+
+
+def _format(value: float) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+class Logger:
+    """Writes metrics for steps of one run and draws a progress bar with throughput and ETA."""
+
+    def __init__(self, workdir: str | Path, total_steps: int, start_step: int = 0):
+        self.active = jax.process_index() == 0
+        if not self.active:
+            return
+        workdir = Path(workdir)
+        # A fresh run starts a fresh file; a resumed one appends to it.
+        self.jsonl = open(workdir / "metrics.jsonl", "a" if start_step else "w", encoding="utf-8")
+        self.tensorboard = tensorboardX.SummaryWriter(str(workdir / "tensorboard"))
+        self.console = rich.console.Console(stderr=True, soft_wrap=True)
+        self.progress = rich.progress.Progress(
+            rich.progress.TextColumn("[bold]{task.description}"),
+            rich.progress.BarColumn(),
+            rich.progress.MofNCompleteColumn(),
+            rich.progress.TextColumn("{task.fields[throughput]}"),
+            rich.progress.TimeElapsedColumn(),
+            rich.progress.TextColumn("eta"),
+            rich.progress.TimeRemainingColumn(),
+            console=self.console,
+        )
+        self.task = self.progress.add_task("train", total=total_steps, completed=start_step, throughput="")
+        self.progress.start()
+
+    def write(self, step: int, metrics: Mapping[str, float]) -> None:
+        """Records metrics for `step` in every sink and prints them above the progress bar."""
+        if not self.active:
+            return
+        record = {"step": int(step)} | {name: _clean(value) for name, value in metrics.items()}
+        self.jsonl.write(json.dumps(record) + "\n")
+        self.jsonl.flush()
+        for name, value in metrics.items():
+            self.tensorboard.add_scalar(name, value, int(step))
+        self.console.print(f"step {step}: " + "  ".join(f"{name} {_format(value)}" for name, value in metrics.items()))
+
+    def advance(self, step: int, examples_per_second: float | None = None) -> None:
+        """Moves the progress bar to `step`."""
+        if not self.active:
+            return
+        throughput = f"{examples_per_second:,.0f} ex/s" if examples_per_second else ""
+        self.progress.update(self.task, completed=step, throughput=throughput)
+
+    def close(self) -> None:
+        if not self.active:
+            return
+        self.progress.stop()
+        self.tensorboard.close()
+        self.jsonl.close()
+
+
+def _clean(value: float) -> float | None:
+    """JSON has no NaN or infinity: those are written as null."""
+    value = float(value)
+    return value if math.isfinite(value) else None

@@ -1,0 +1,111 @@
+import functools
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import assert_trees_close
+from experiments import digits_mlp, linear_regression
+from research import sharding, train
+from research.config import ConfigError
+from research.optim import make_optimizer
+
+
+def smoke_config(data_dir, **overrides):
+    config = digits_mlp.get_config("smoke")
+    config.data_dir = data_dir
+    config.update_from_flattened_dict(overrides)
+    return config
+
+
+def first_batch_and_state(config, mesh):
+    model = digits_mlp.make_model(config)
+    functions = train.bind(digits_mlp, model)
+    tx = make_optimizer(config.optimizer)
+    batch = sharding.put_batch(next(iter(digits_mlp.make_data(config, "train"))), mesh)
+    state, _ = train.init_state(jax.random.PRNGKey(0), batch, init_params=functions["init_params"], tx=tx, mesh=mesh)
+    return state, batch, functions, tx
+
+
+def test_train_step_is_pure(data_dir):
+    config = smoke_config(data_dir)
+    mesh = sharding.make_mesh(config.mesh)
+    state, batch, functions, tx = first_batch_and_state(config, mesh)
+    step = jax.jit(functools.partial(train.train_step, loss_fn=functions["loss_fn"], tx=tx))
+    first_state, first_metrics = step(state, batch)
+    second_state, second_metrics = step(state, batch)
+    assert_trees_close(first_state, second_state, atol=0.0)
+    assert_trees_close(first_metrics, second_metrics, atol=0.0)
+    assert int(state.step) == 0 and int(first_state.step) == 1
+    moved = jax.tree.map(lambda a, b: float(np.abs(np.asarray(a) - np.asarray(b)).max()), first_state.params, state.params)
+    assert min(jax.tree.leaves(moved)) > 0.0, "every parameter should move after one Adam step"
+
+
+def read_metrics(workdir):
+    return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_data_parallel_over_8_devices_matches_1_device(data_dir, tmp_path):
+    assert jax.device_count() == 8
+    config = smoke_config(data_dir, num_steps=8, log_every=1, eval_every=0)
+    runs = {}
+    for devices in (jax.devices(), jax.devices()[:1]):
+        workdir = tmp_path / f"devices{len(devices)}"
+        final = train.train_and_evaluate(config, digits_mlp, workdir, mesh=sharding.make_mesh(config.mesh, devices))
+        losses = [record["train/loss"] for record in read_metrics(workdir) if "train/loss" in record]
+        runs[len(devices)] = (np.array(losses), final)
+    assert len(runs[8][0]) == 8
+    np.testing.assert_allclose(runs[8][0], runs[1][0], atol=1e-5)
+    for name, value in runs[1][1].items():
+        assert runs[8][1][name] == pytest.approx(value, abs=1e-5), name
+
+
+def test_eval_counts_every_example_once_whatever_the_batch_size(data_dir):
+    config = smoke_config(data_dir)
+    mesh = sharding.make_mesh(config.mesh)
+    state, _, functions, _ = first_batch_and_state(config, mesh)
+    step_fn = jax.jit(functools.partial(train.eval_step, eval_fn=functions["eval_fn"]))
+    results = {}
+    for eval_batch_size in (64, 1800):  # 1797 test images: 29 batches with 5 padded rows, or 1 with 3
+        config.eval_batch_size = eval_batch_size
+        dataset = digits_mlp.make_data(config, "test")
+        accumulated = None
+        for batch in dataset:
+            from research import metrics
+
+            accumulated = metrics.merge(accumulated, step_fn(state.params, sharding.put_batch(batch, mesh)))
+        assert float(accumulated["accuracy"].count) == 1797.0
+        assert float(accumulated["confusion"].counts_CxC.sum()) == 1797.0
+        results[eval_batch_size] = train.evaluate(state.params, dataset, step_fn=step_fn, mesh=mesh)
+    for name, value in results[64].items():
+        assert results[1800][name] == pytest.approx(value, rel=1e-5), name
+
+
+def test_loss_as_eval_fn_weights_by_real_examples(data_dir):
+    config = linear_regression.get_config("smoke")
+    model = linear_regression.make_model(config)
+    eval_fn = train.loss_as_eval_fn(functools.partial(linear_regression.loss_fn, model=model))
+    params = {"kernel": np.array([[1.0]], np.float32), "bias": np.array([0.0], np.float32)}
+    batch = {
+        "inputs": np.array([[1.0], [2.0], [9.0]], np.float32),
+        "targets": np.array([[2.0], [2.0], [0.0]], np.float32),
+        "mask": np.array([1.0, 1.0, 0.0], np.float32),
+    }
+    loss = eval_fn(params, batch)["loss"]
+    assert float(loss.count) == 2.0 and float(loss.compute()) == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize(
+    "axes, message",
+    [({"data": -1, "fsdp": -1}, "at most one axis"), ({"data": 3, "fsdp": -1}, "do not divide"), ({"data": 4}, "needs 4 devices")],
+)
+def test_bad_mesh_is_a_config_error(axes, message):
+    with pytest.raises(ConfigError, match=message):
+        sharding.make_mesh(axes)
+
+
+def test_batch_not_divisible_by_mesh_is_a_config_error(data_dir, tmp_path):
+    config = smoke_config(data_dir, batch_size=60)
+    with pytest.raises(ConfigError, match="multiple of the 8 batch shards"):
+        train.train_and_evaluate(config, digits_mlp, tmp_path)
