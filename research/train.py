@@ -87,10 +87,33 @@ def evaluate(params: PyTree, dataset: Iterable, *, step_fn: Callable, mesh: Mesh
     return metrics_lib.compute(accumulated)
 
 
-def _mean_of_window(window: list[dict[str, jax.Array]]) -> dict[str, float]:
-    """Host-side mean of the train metrics since the last log (one transfer for the whole window)."""
-    host = jax.device_get(window)
-    return {name: float(np.mean([metrics[name] for metrics in host])) for name in host[0]}
+class _TrainMetrics:
+    """Train metrics since the last log. A finished window reaches the host one step late,
+    after the next step is dispatched, so the device never waits for the host."""
+
+    def __init__(self, logger: Logger, batch_size: int):
+        self.logger, self.batch_size = logger, batch_size
+        self.window, self.finished = [], None
+        self.last_time, self.last_step = time.perf_counter(), 0
+
+    def add(self, metrics: dict[str, jax.Array]) -> None:
+        self.window.append(metrics)
+
+    def finish_window(self, step: int) -> None:
+        self.finished, self.window = (step, self.window), []
+
+    def flush(self) -> None:
+        """Logs the mean of the finished window, if any (one device-to-host transfer)."""
+        if self.finished is None:
+            return
+        step, window = self.finished
+        host = jax.device_get(window)
+        values = {f"train/{name}": float(np.mean([metrics[name] for metrics in host])) for name in host[0]}
+        now = time.perf_counter()
+        values["perf/examples_per_second"] = (step - self.last_step) * self.batch_size / max(now - self.last_time, 1e-9)
+        self.logger.write(step, values)
+        self.logger.advance(step, values["perf/examples_per_second"])
+        self.finished, self.last_time, self.last_step = None, now, step
 
 
 def bind(experiment: ModuleType, model) -> dict[str, Callable]:
@@ -100,6 +123,23 @@ def bind(experiment: ModuleType, model) -> dict[str, Callable]:
     eval_fn = functools.partial(eval_fn, model=model) if eval_fn else loss_as_eval_fn(loss_fn)
     init_params = functools.partial(getattr(experiment, "init_params", default_init_params), model)
     return {"loss_fn": loss_fn, "eval_fn": eval_fn, "init_params": init_params}
+
+
+def compile_steps(functions: dict[str, Callable], tx: optax.GradientTransformation, state_shardings, mesh: Mesh):
+    """The jitted train step (state donated) and eval step, with their shardings."""
+    batch_sharding, replicated = sharding.batch_sharding(mesh), sharding.replicated(mesh)
+    train_fn = jax.jit(
+        functools.partial(train_step, loss_fn=functions["loss_fn"], tx=tx),
+        in_shardings=(state_shardings, batch_sharding),
+        out_shardings=(state_shardings, replicated),
+        donate_argnums=0,
+    )
+    eval_fn = jax.jit(
+        functools.partial(eval_step, eval_fn=functions["eval_fn"]),
+        in_shardings=(state_shardings.params, batch_sharding),
+        out_shardings=replicated,
+    )
+    return train_fn, eval_fn
 
 
 def train_and_evaluate(
@@ -113,73 +153,41 @@ def train_and_evaluate(
         raise ConfigError(
             f"batch_size {config.batch_size} must be a multiple of the {sharding.batch_divisor(mesh)} batch shards of mesh {dict(mesh.shape)}"
         )
-    model = experiment.make_model(config)
-    functions = bind(experiment, model)
+    functions = bind(experiment, experiment.make_model(config))
     tx = make_optimizer(config.optimizer)
     train_iterator = iter(experiment.make_data(config, "train"))
     batch = sharding.put_batch(next(train_iterator), mesh)
     state, state_shardings = init_state(
         jax.random.PRNGKey(config.seed), batch, init_params=functions["init_params"], tx=tx, mesh=mesh
     )
-    replicated = sharding.replicated(mesh)
-    step_fn = jax.jit(
-        functools.partial(train_step, loss_fn=functions["loss_fn"], tx=tx),
-        in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
-        out_shardings=(state_shardings, replicated),
-        donate_argnums=0,
-    )
-    eval_step_fn = jax.jit(
-        functools.partial(eval_step, eval_fn=functions["eval_fn"]),
-        in_shardings=(state_shardings.params, sharding.batch_sharding(mesh)),
-        out_shardings=replicated,
-    )
+    train_fn, eval_fn = compile_steps(functions, tx, state_shardings, mesh)
     eval_data = {split: experiment.make_data(config, split) for split in ("validation", "test")}
+    logger = Logger(workdir, total_steps=config.num_steps)
 
-    def run_eval(split: str, prefix: str, step: int) -> dict[str, float]:
-        results = evaluate(state.params, eval_data[split], step_fn=eval_step_fn, mesh=mesh)
+    def run_eval(params, split: str, prefix: str, step: int) -> dict[str, float]:
+        results = evaluate(params, eval_data[split], step_fn=eval_fn, mesh=mesh)
         results = {f"{prefix}/{name}": value for name, value in results.items()}
         logger.write(step, results)
         return results
 
-    logger = Logger(workdir, total_steps=config.num_steps)
-    window, pending = [], None
-    last_time, last_step = time.perf_counter(), 0
-    final = {}
+    train_metrics = _TrainMetrics(logger, config.batch_size)
     try:
         for step in range(1, config.num_steps + 1):
             if step > 1:
                 batch = sharding.put_batch(next(train_iterator), mesh)
-            state, metrics = step_fn(state, batch)
-            window.append(metrics)
-            # The previous window is fetched only now, after this step is dispatched, so the
-            # device never waits for the host.
-            if pending is not None:
-                last_time, last_step = _log_window(logger, pending, config.batch_size, last_time, last_step)
-                pending = None
+            state, metrics = train_fn(state, batch)
+            train_metrics.flush()
+            train_metrics.add(metrics)
             if step % config.log_every == 0 or step == config.num_steps:
-                pending, window = (step, window), []
+                train_metrics.finish_window(step)
             if config.eval_every and step % config.eval_every == 0 and step != config.num_steps:
-                if pending is not None:
-                    last_time, last_step = _log_window(logger, pending, config.batch_size, last_time, last_step)
-                    pending = None
-                run_eval("validation", "eval", step)
-        if pending is not None:
-            _log_window(logger, pending, config.batch_size, last_time, last_step)
-        final |= run_eval("validation", "eval", config.num_steps)
-        final |= run_eval("test", "test", config.num_steps)
+                train_metrics.flush()
+                run_eval(state.params, "validation", "eval", step)
+        train_metrics.flush()
+        final = run_eval(state.params, "validation", "eval", config.num_steps)
+        final |= run_eval(state.params, "test", "test", config.num_steps)
     finally:
         logger.close()
     if jax.process_index() == 0:
         (workdir / "results.json").write_text(json.dumps({"step": config.num_steps} | final, indent=2) + "\n")
     return final
-
-
-def _log_window(logger: Logger, pending, batch_size: int, last_time: float, last_step: int) -> tuple[float, int]:
-    step, window = pending
-    values = {f"train/{name}": value for name, value in _mean_of_window(window).items()}
-    now = time.perf_counter()
-    examples_per_second = (step - last_step) * batch_size / max(now - last_time, 1e-9)
-    values["perf/examples_per_second"] = examples_per_second
-    logger.write(step, values)
-    logger.advance(step, examples_per_second)
-    return now, step
