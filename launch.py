@@ -17,13 +17,16 @@ from ml_collections import config_flags
 _CONFIG = config_flags.DEFINE_config_file("config", None, "experiment module and variant: experiments/NAME.py[:arg]")
 _WORKDIR = flags.DEFINE_string("workdir", None, "directory for config.json, metrics.jsonl, TensorBoard events and results.json")
 _LIST = flags.DEFINE_boolean("list", False, "list every experiment with its description, then exit")
+_ALLOW_CONFIG_CHANGE = flags.DEFINE_boolean(
+    "allow_config_change", False, "resume even though the config differs from the checkpoint's (e.g. more steps)"
+)
 
 EXPERIMENTS_DIR = Path(__file__).parent / "experiments"
 
 
-def fail(message: str) -> None:
+def fail(message: str, code: int = 2) -> None:
     print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
+    sys.exit(code)
 
 
 def _config_argument(argv: list[str]) -> str | None:
@@ -79,10 +82,15 @@ def main(argv: list[str]) -> None:
         experiment.claim_workdir(_WORKDIR.value, name, _CONFIG.value)
         from research import train
 
-        results = train.train_and_evaluate(_CONFIG.value, module, _WORKDIR.value)
+        results = train.train_and_evaluate(
+            _CONFIG.value, module, _WORKDIR.value, allow_config_change=_ALLOW_CONFIG_CHANGE.value
+        )
     except ConfigError as error:
         fail(str(error))
-    print("final: " + "  ".join(f"{key} {value:.4f}" for key, value in results.items()))
+    except train.NonFiniteError as error:
+        fail(str(error), code=3)
+    if results:
+        print("final: " + "  ".join(f"{key} {value:.4f}" for key, value in results.items()))
 
 
 if __name__ == "__main__":

@@ -25,6 +25,20 @@ def trainer_config() -> ml_collections.ConfigDict:
     # Mesh axes in order; -1 takes every device left over. Batches split over data and fsdp.
     config.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
     config.optimizer = ml_collections.ConfigDict({"name": "adam", "learning_rate": 1e-3})
+    config.freeze = ""  # regex over parameter paths ("encoder/.*"): matching parameters are not trained
+    config.nonfinite = "stop"  # on a NaN/inf loss or gradient: "stop" the run, or "skip" the update
+    config.nonfinite_max_skips = 100  # "skip" gives up after this many consecutive bad steps
+    # Start from another run's parameters (a pre-trained encoder, say): those whose path matches
+    # `include` and not `exclude`; the rest keep their random init. step 0 means its latest.
+    config.init_from = ml_collections.ConfigDict({"workdir": "", "step": 0, "include": ".*", "exclude": ""})
+    config.checkpoint = ml_collections.ConfigDict({
+        "every_steps": 500,  # 0: no step-based saves
+        "every_minutes": 0.0,  # 0: no time-based saves
+        "keep": 2,  # the newest K checkpoints are kept...
+        "best_metric": "",  # ...plus the best by this eval metric, e.g. "eval/accuracy" (saved at each eval)
+        "best_mode": "max",
+        "asynchronous": True,  # write in the background while training continues
+    })
     return config
 
 

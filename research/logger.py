@@ -27,8 +27,7 @@ class Logger:
         if not self.active:
             return
         workdir = Path(workdir)
-        # A fresh run starts a fresh file; a resumed one appends to it.
-        self.jsonl = open(workdir / "metrics.jsonl", "a" if start_step else "w", encoding="utf-8")
+        self.jsonl = _open_jsonl(workdir / "metrics.jsonl", start_step)
         self.tensorboard = tensorboardX.SummaryWriter(str(workdir / "tensorboard"))
         self.console = rich.console.Console(stderr=True, soft_wrap=True)
         self.progress = rich.progress.Progress(
@@ -74,3 +73,15 @@ def _clean(value: float) -> float | None:
     """JSON has no NaN or infinity: those are written as null."""
     value = float(value)
     return value if math.isfinite(value) else None
+
+
+def _open_jsonl(path: Path, start_step: int):
+    """A fresh run starts a fresh file. A resumed one keeps the records up to its checkpoint's
+    step and drops the later ones, which the resumed run is about to write again."""
+    kept = []
+    if start_step and path.exists():
+        kept = [line for line in path.read_text(encoding="utf-8").splitlines() if json.loads(line)["step"] <= start_step]
+    handle = open(path, "w", encoding="utf-8")
+    handle.writelines(line + "\n" for line in kept)
+    handle.flush()
+    return handle

@@ -8,6 +8,7 @@ and `init_params(model, rng, batch)`. See README.md for the contract.
 
 import functools
 import json
+import re
 import time
 from pathlib import Path
 from types import ModuleType
@@ -20,6 +21,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
+from research import checkpoint
 from research import metrics as metrics_lib
 from research import sharding
 from research.config import ConfigError
@@ -41,14 +43,23 @@ def init_state(
     rng: jax.Array, batch: Batch, *, init_params: Callable, tx: optax.GradientTransformation, mesh: Mesh
 ) -> tuple[TrainState, PyTree]:
     """Creates the train state directly in its shardings; returns (state, state_shardings)."""
+    create, abstract_state = state_initializer(rng, batch, init_params=init_params, tx=tx, mesh=mesh)
+    shardings = jax.tree.map(lambda leaf: leaf.sharding, abstract_state)
+    return jax.jit(create, out_shardings=shardings)(rng), shardings
+
+
+def state_initializer(rng: jax.Array, batch: Batch, *, init_params: Callable, tx: optax.GradientTransformation, mesh: Mesh):
+    """(create(rng) -> TrainState, the abstract state with shardings), without allocating anything."""
 
     def create(rng):
         init_rng, train_rng = jax.random.split(rng)
         params = init_params(init_rng, batch)
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=train_rng)
 
-    state_shardings = sharding.state_shardings(jax.eval_shape(create, rng), mesh)
-    return jax.jit(create, out_shardings=state_shardings)(rng), state_shardings
+    shapes = jax.eval_shape(create, rng)
+    shardings = sharding.state_shardings(shapes, mesh)
+    abstract_state = jax.tree.map(lambda leaf, where: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=where), shapes, shardings)
+    return create, abstract_state
 
 
 def train_step(state: TrainState, batch: Batch, *, loss_fn: LossFn, tx: optax.GradientTransformation):
@@ -87,33 +98,56 @@ def evaluate(params: PyTree, dataset: Iterable, *, step_fn: Callable, mesh: Mesh
     return metrics_lib.compute(accumulated)
 
 
+class NonFiniteError(RuntimeError):
+    """The loss or the gradients became NaN or infinite."""
+
+
 class _TrainMetrics:
     """Train metrics since the last log. A finished window reaches the host one step late,
     after the next step is dispatched, so the device never waits for the host."""
 
-    def __init__(self, logger: Logger, batch_size: int):
-        self.logger, self.batch_size = logger, batch_size
+    def __init__(self, logger: Logger, batch_size: int, start_step: int, skip_nonfinite: bool):
+        self.logger, self.batch_size, self.skip_nonfinite = logger, batch_size, skip_nonfinite
         self.window, self.finished = [], None
-        self.last_time, self.last_step = time.perf_counter(), 0
+        self.last_time, self.last_step = time.perf_counter(), start_step
 
     def add(self, metrics: dict[str, jax.Array]) -> None:
         self.window.append(metrics)
 
     def finish_window(self, step: int) -> None:
-        self.finished, self.window = (step, self.window), []
+        if self.window:
+            self.finished, self.window = (step, self.window), []
 
     def flush(self) -> None:
         """Logs the mean of the finished window, if any (one device-to-host transfer)."""
         if self.finished is None:
             return
         step, window = self.finished
-        host = jax.device_get(window)
-        values = {f"train/{name}": float(np.mean([metrics[name] for metrics in host])) for name in host[0]}
+        host = self._checked(step, window)
+        average = np.nanmean if self.skip_nonfinite else np.mean
+        values = {f"train/{name}": float(average([metrics[name] for metrics in host])) for name in host[0]}
+        if self.skip_nonfinite:
+            values["train/skipped_steps"] = float(sum(not np.isfinite(metrics["loss"]) for metrics in host))
         now = time.perf_counter()
         values["perf/examples_per_second"] = (step - self.last_step) * self.batch_size / max(now - self.last_time, 1e-9)
         self.logger.write(step, values)
         self.logger.advance(step, values["perf/examples_per_second"])
         self.finished, self.last_time, self.last_step = None, now, step
+
+    def check_pending(self, step: int) -> None:
+        """Raises NonFiniteError if any step not yet logged went non-finite (called before a save)."""
+        if self.finished is not None:
+            self._checked(*self.finished)
+        self._checked(step, self.window)
+
+    def _checked(self, last_step: int, window: list) -> list[dict]:
+        host = jax.device_get(window)
+        for offset, metrics in enumerate(host):
+            finite = np.isfinite(metrics["loss"]) and np.isfinite(metrics["grad_norm"])
+            if not finite and not self.skip_nonfinite:
+                step = last_step - len(host) + 1 + offset
+                raise NonFiniteError(f"non-finite loss or gradients at step {step} (loss {metrics['loss']}, grad norm {metrics['grad_norm']})")
+        return host
 
 
 def bind(experiment: ModuleType, model) -> dict[str, Callable]:
@@ -142,10 +176,84 @@ def compile_steps(functions: dict[str, Callable], tx: optax.GradientTransformati
     return train_fn, eval_fn
 
 
+def make_tx(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+    """The configured optimizer, with frozen parameters and non-finite updates handled."""
+    tx = make_optimizer(config.optimizer)
+    if config.freeze:
+        pattern = re.compile(config.freeze)
+        labels = lambda params: jax.tree_util.tree_map_with_path(
+            lambda path, _: "frozen" if pattern.search(path_name(path)) else "trained", params
+        )
+        tx = optax.multi_transform({"trained": tx, "frozen": optax.set_to_zero()}, labels)
+    if config.nonfinite == "skip":
+        tx = optax.apply_if_finite(tx, max_consecutive_errors=config.nonfinite_max_skips)
+    elif config.nonfinite != "stop":
+        raise ConfigError(f"nonfinite must be 'stop' or 'skip', not {config.nonfinite!r}")
+    return tx
+
+
+def path_name(path) -> str:
+    """'encoder/layer_0/kernel' for a pytree key path."""
+    return "/".join(str(getattr(key, "key", getattr(key, "idx", key))) for key in path)
+
+
+def _start(config, functions, tx, train_iterator, manager, mesh, allow_config_change: bool):
+    """(start step, state, shardings, first batch): restored from the newest good checkpoint, else fresh."""
+    batch = sharding.put_batch(next(train_iterator), mesh)
+    rng = jax.random.PRNGKey(config.seed)
+    create, abstract_state = state_initializer(rng, batch, init_params=functions["init_params"], tx=tx, mesh=mesh)
+    shardings = jax.tree.map(lambda leaf: leaf.sharding, abstract_state)
+    step, state = checkpoint.restore_latest(
+        manager, abstract_state, train_iterator, config, allow_config_change=allow_config_change
+    )
+    if state is None:
+        state = jax.jit(create, out_shardings=shardings)(rng)
+        if config.init_from.workdir:
+            state = _init_from(state, shardings, tx, config.init_from)
+        return 0, state, shardings, batch
+    print(f"resuming from the checkpoint at step {step} in {manager.directory}")
+    return step, state, shardings, sharding.put_batch(next(train_iterator), mesh)
+
+
+def _init_from(state: TrainState, shardings: TrainState, tx, init_from) -> TrainState:
+    """Copies the parameters selected by regexes from another run's checkpoint into a fresh state."""
+    source, step = checkpoint.load_params(init_from.workdir, init_from.step)
+    source = {path_name(path): value for path, value in jax.tree_util.tree_leaves_with_path(source)}
+    include, exclude = re.compile(init_from.include), re.compile(init_from.exclude) if init_from.exclude else None
+    loaded, kept, mismatched = [], [], []
+
+    def take(path, target, where):
+        name = path_name(path)
+        if name not in source or not include.search(name) or (exclude and exclude.search(name)):
+            kept.append(name)
+            return target
+        if source[name].shape != target.shape:
+            mismatched.append(f"{name} {tuple(source[name].shape)} vs {tuple(target.shape)}")
+            return target
+        loaded.append(name)
+        return jax.device_put(np.asarray(source[name], target.dtype), where)
+
+    params = jax.tree_util.tree_map_with_path(take, state.params, shardings.params)
+    if mismatched:
+        raise ConfigError(f"init_from: shapes differ for {', '.join(mismatched)}")
+    print(f"init_from {init_from.workdir} step {step}: loaded {len(loaded)} arrays; "
+          f"left at random init: {', '.join(kept) or 'none'}")
+    opt_state = jax.jit(tx.init, out_shardings=shardings.opt_state)(params)
+    return state.replace(params=params, opt_state=opt_state)
+
+
 def train_and_evaluate(
-    config: ml_collections.ConfigDict, experiment: ModuleType, workdir: str | Path, *, mesh: Mesh | None = None
+    config: ml_collections.ConfigDict,
+    experiment: ModuleType,
+    workdir: str | Path,
+    *,
+    mesh: Mesh | None = None,
+    allow_config_change: bool = False,
+    stop_at_step: int | None = None,
 ) -> dict[str, float]:
-    """Trains for `config.num_steps`, evaluating every `config.eval_every` steps; returns the final metrics."""
+    """Trains to `config.num_steps` (resuming from the workdir's checkpoints), evaluating every
+    `config.eval_every` steps; returns the final metrics. `stop_at_step` saves and stops early,
+    as a preemption would (for job time slices and tests)."""
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     mesh = mesh if mesh is not None else sharding.make_mesh(config.mesh)
@@ -154,15 +262,18 @@ def train_and_evaluate(
             f"batch_size {config.batch_size} must be a multiple of the {sharding.batch_divisor(mesh)} batch shards of mesh {dict(mesh.shape)}"
         )
     functions = bind(experiment, experiment.make_model(config))
-    tx = make_optimizer(config.optimizer)
+    tx = make_tx(config)
     train_iterator = iter(experiment.make_data(config, "train"))
-    batch = sharding.put_batch(next(train_iterator), mesh)
-    state, state_shardings = init_state(
-        jax.random.PRNGKey(config.seed), batch, init_params=functions["init_params"], tx=tx, mesh=mesh
-    )
-    train_fn, eval_fn = compile_steps(functions, tx, state_shardings, mesh)
+    manager = checkpoint.make_manager(workdir, config.checkpoint)
+    start, state, shardings, batch = _start(config, functions, tx, train_iterator, manager, mesh, allow_config_change)
+    results_file = workdir / "results.json"
+    if start == config.num_steps and results_file.exists() and json.loads(results_file.read_text())["step"] == start:
+        manager.close()
+        print(f"the run in {workdir} is finished; its results are in {results_file}")
+        return {key: value for key, value in json.loads(results_file.read_text()).items() if key != "step"}
+    train_fn, eval_fn = compile_steps(functions, tx, shardings, mesh)
     eval_data = {split: experiment.make_data(config, split) for split in ("validation", "test")}
-    logger = Logger(workdir, total_steps=config.num_steps)
+    logger = Logger(workdir, total_steps=config.num_steps, start_step=start)
 
     def run_eval(params, split: str, prefix: str, step: int) -> dict[str, float]:
         results = evaluate(params, eval_data[split], step_fn=eval_fn, mesh=mesh)
@@ -170,24 +281,48 @@ def train_and_evaluate(
         logger.write(step, results)
         return results
 
-    train_metrics = _TrainMetrics(logger, config.batch_size)
+    def save(step: int, metrics: dict | None = None, force: bool = False) -> None:
+        if force or manager.should_save(step):
+            train_metrics.check_pending(step)  # a non-finite state is never saved
+            checkpoint.save(manager, step, state, train_iterator, config, metrics=metrics, force=True)
+
+    train_metrics = _TrainMetrics(logger, config.batch_size, start, skip_nonfinite=config.nonfinite == "skip")
+    step = start
     try:
-        for step in range(1, config.num_steps + 1):
-            if step > 1:
-                batch = sharding.put_batch(next(train_iterator), mesh)
-            state, metrics = train_fn(state, batch)
-            train_metrics.flush()
-            train_metrics.add(metrics)
-            if step % config.log_every == 0 or step == config.num_steps:
-                train_metrics.finish_window(step)
-            if config.eval_every and step % config.eval_every == 0 and step != config.num_steps:
+        with checkpoint.PreemptionWatcher() as watcher:
+            for step in range(start + 1, config.num_steps + 1):
+                if step > start + 1:
+                    batch = sharding.put_batch(next(train_iterator), mesh)
+                state, metrics = train_fn(state, batch)
                 train_metrics.flush()
-                run_eval(state.params, "validation", "eval", step)
-        train_metrics.flush()
-        final = run_eval(state.params, "validation", "eval", config.num_steps)
-        final |= run_eval(state.params, "test", "test", config.num_steps)
+                train_metrics.add(metrics)
+                if step % config.log_every == 0 or step == config.num_steps:
+                    train_metrics.finish_window(step)
+                evaluated = None
+                if config.eval_every and step % config.eval_every == 0 and step != config.num_steps:
+                    train_metrics.flush()
+                    evaluated = run_eval(state.params, "validation", "eval", step)
+                stopping = watcher.requested is not None or step == stop_at_step
+                if step < config.num_steps:  # the last step is saved below, with the final metrics
+                    save(step, evaluated, force=stopping or bool(evaluated and config.checkpoint.best_metric))
+                if stopping:
+                    train_metrics.flush()
+                    train_metrics.finish_window(step)
+                    train_metrics.flush()
+                    manager.wait_until_finished()
+                    print(f"stopped at step {step} ({watcher.requested or 'stop_at_step'}); checkpoint saved in {manager.directory}")
+                    return {}
+            train_metrics.flush()
+            final = run_eval(state.params, "validation", "eval", config.num_steps)
+            final |= run_eval(state.params, "test", "test", config.num_steps)
+            if start < config.num_steps:
+                save(config.num_steps, final, force=True)
+    except NonFiniteError as error:
+        raise NonFiniteError(f"{error}; the last good checkpoint is step {manager.latest_step()} in {manager.directory}") from None
     finally:
+        manager.wait_until_finished()
+        manager.close()
         logger.close()
     if jax.process_index() == 0:
-        (workdir / "results.json").write_text(json.dumps({"step": config.num_steps} | final, indent=2) + "\n")
+        results_file.write_text(json.dumps({"step": config.num_steps} | final, indent=2) + "\n")
     return final

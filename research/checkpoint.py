@@ -1,0 +1,164 @@
+"""Orbax checkpoints of a run: train state, data-iterator state and config, saved asynchronously.
+
+Layout: `WORKDIR/checkpoints/<step>/{state,data,config}`. Orbax writes each step into a
+temporary directory and renames it when complete, so a crash mid-save never leaves a step
+that `latest_step()` would pick. A step that still fails to restore is moved, untouched,
+to `WORKDIR/checkpoints_unreadable/` and the previous one is used.
+"""
+
+import json
+import shutil
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import grain
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers as policies
+
+from research.config import ConfigError
+
+PyTree = Any
+CHECKPOINT_DIR = "checkpoints"
+UNREADABLE_DIR = "checkpoints_unreadable"
+
+
+def make_manager(workdir: str | Path, checkpoint_config: ml_collections.ConfigDict) -> ocp.CheckpointManager:
+    """A manager that saves every N steps and/or T minutes and keeps the last K plus the best."""
+    save_policies = []
+    if checkpoint_config.every_steps:
+        save_policies.append(policies.FixedIntervalPolicy(checkpoint_config.every_steps))
+    if checkpoint_config.every_minutes:
+        seconds = int(checkpoint_config.every_minutes * 60)
+        save_policies.append(policies.ContinuousCheckpointingPolicy(minimum_interval_secs=seconds))
+    keep = [policies.LatestN(checkpoint_config.keep)]
+    if checkpoint_config.best_metric:
+        keep.append(policies.BestN(
+            get_metric_fn=lambda metrics: metrics[checkpoint_config.best_metric],
+            reverse=checkpoint_config.best_mode == "min",
+            n=1,
+            keep_checkpoints_without_metrics=False,
+        ))
+    options = ocp.CheckpointManagerOptions(
+        save_decision_policy=policies.AnySavePolicy(save_policies),  # none: only forced saves
+        preservation_policy=policies.AnyPreservationPolicy(keep),
+        enable_async_checkpointing=checkpoint_config.asynchronous,
+    )
+    return ocp.CheckpointManager(Path(workdir).absolute() / CHECKPOINT_DIR, options=options)
+
+
+def save(manager: ocp.CheckpointManager, step: int, state: PyTree, iterator, config, *, metrics=None, force=False) -> bool:
+    """Saves if the policy (or `force`) says so; returns whether a save started."""
+    items = {"state": ocp.args.StandardSave(state), "config": ocp.args.JsonSave(config_dict(config))}
+    if hasattr(iterator, "get_state"):
+        items["data"] = grain.checkpoint.CheckpointSave(iterator)
+    return manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=force)
+
+
+def config_dict(config: ml_collections.ConfigDict) -> dict:
+    return json.loads(config.to_json_best_effort())
+
+
+def restore(manager: ocp.CheckpointManager, step: int, abstract_state: PyTree, iterator) -> tuple[PyTree, dict]:
+    """Restores (state, saved config) at `step` into `abstract_state`'s shapes and shardings (any
+    topology), and moves the iterator (when it has a position) to where it was."""
+    items = {"state": ocp.args.StandardRestore(abstract_state), "config": ocp.args.JsonRestore()}
+    if hasattr(iterator, "set_state") and (Path(manager.directory) / str(step) / "data").exists():
+        items["data"] = grain.checkpoint.CheckpointRestore(iterator)
+    restored = manager.restore(step, args=ocp.args.Composite(**items))
+    return restored["state"], restored["config"]
+
+
+def set_aside(manager: ocp.CheckpointManager, step: int) -> Path:
+    """Moves an unreadable step out of the manager's sight, keeping it as evidence."""
+    source = Path(manager.directory) / str(step)
+    target = Path(manager.directory).parent / UNREADABLE_DIR / f"{step}-{time.strftime('%Y%m%d-%H%M%S')}"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.move(source, target)
+    manager.reload()
+    return target
+
+
+def config_differences(saved: dict, current: dict, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two config dicts."""
+    differences = []
+    for key in sorted(set(saved) | set(current)):
+        old, new = saved.get(key), current.get(key)
+        if isinstance(old, dict) and isinstance(new, dict):
+            differences.extend(config_differences(old, new, f"{prefix}{key}."))
+        elif old != new:
+            differences.append(f"{prefix}{key}: {old!r} -> {new!r}")
+    return differences
+
+
+def restore_latest(manager, abstract_state, iterator, config, *, allow_config_change: bool) -> tuple[int, PyTree]:
+    """The newest readable checkpoint as (step, state), the iterator moved to match; (0, None) if none.
+
+    An unreadable step is set aside (never deleted) and the previous one tried. A config that
+    differs from the saved one is an error unless `allow_config_change`.
+    """
+    for step in sorted(manager.all_steps(), reverse=True):
+        try:
+            state, saved_config = restore(manager, step, abstract_state, iterator)
+        except Exception as error:  # any unreadable file: keep it aside and try the previous step
+            moved_to = set_aside(manager, step)
+            print(f"checkpoint at step {step} is unreadable ({type(error).__name__}: {str(error)[:200]}); "
+                  f"moved to {moved_to}, trying the previous one")
+            continue
+        differences = config_differences(saved_config, config_dict(config))
+        if differences and not allow_config_change:
+            raise ConfigError(
+                f"the config differs from the checkpoint's at step {step}: {'; '.join(differences)} "
+                "(pass --allow_config_change to resume anyway, or use a new --workdir)"
+            )
+        if differences:
+            print(f"resuming with a changed config: {'; '.join(differences)}")
+        return step, state
+    return 0, None
+
+
+def all_finite(tree: PyTree) -> bool:
+    return all(bool(np.all(np.isfinite(leaf))) for leaf in jax.tree.leaves(jax.device_get(tree)) if np.issubdtype(np.asarray(leaf).dtype, np.floating))
+
+
+class PreemptionWatcher:
+    """SIGTERM/SIGINT ask the loop to save and stop at the next step boundary; a second one exits at once."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.requested = None
+        self.previous = {}
+
+    def __enter__(self) -> "PreemptionWatcher":
+        if threading.current_thread() is threading.main_thread():
+            self.previous = {number: signal.signal(number, self._handle) for number in self.SIGNALS}
+        return self
+
+    def _handle(self, number, frame) -> None:
+        if self.requested is not None:
+            raise SystemExit(f"second {signal.Signals(number).name}: exiting without saving")
+        self.requested = signal.Signals(number).name
+        print(f"\n{self.requested} received: saving a checkpoint at the end of this step, then stopping")
+
+    def __exit__(self, *exc_info) -> None:
+        for number, handler in self.previous.items():
+            signal.signal(number, handler)
+
+
+def load_params(workdir: str | Path, step: int = 0) -> tuple[PyTree, int]:
+    """The parameters saved by another run (its latest step when `step` is 0), as host arrays."""
+    directory = Path(workdir).absolute() / CHECKPOINT_DIR
+    if not directory.is_dir():
+        raise ConfigError(f"init_from: no checkpoints in {directory}: train that run first or fix init_from.workdir")
+    with ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True)) as manager:
+        step = step or manager.latest_step()
+        if step not in manager.all_steps():
+            raise ConfigError(f"init_from: no step {step} in {directory}; it has {list(manager.all_steps())}")
+        restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+    return restored["state"]["params"], step
