@@ -11,17 +11,19 @@ from typing import Any, Callable, Mapping, Sequence
 import grain
 import jax
 import numpy as np
-import tensorflow_datasets as tfds
-
 from research.config import ConfigError
+from research.data import catalog
 
 Record = Mapping[str, Any]
 Transform = Callable[[Record], dict[str, np.ndarray]]
 
 
 def tfds_source(name: str, split: str, *, data_dir: str | None = None) -> Sequence[Record]:
-    """Random-access records of a tfds split, prepared as array_record first if needed (no TensorFlow)."""
-    return tfds.data_source(name, split=split, data_dir=data_dir or None, builder_kwargs={"file_format": "array_record"})
+    """Random-access records of a split of a dataset named in `catalog.DATASETS` (or `tfds:NAME`).
+
+    The dataset is prepared as array_record first if needed (no TensorFlow for ours).
+    """
+    return catalog.source(name, split, data_dir)
 
 
 def local_batch_size(global_batch_size: int) -> int:
