@@ -5,17 +5,23 @@ so `research.sharding.put_batch` can assemble global arrays on the mesh. Every b
 `mask` (1 for a real example, 0 for padding) so losses and metrics can ignore padding.
 """
 
+import collections
+import dataclasses
 import math
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import grain
 import jax
 import numpy as np
+from jax.sharding import Mesh
+
+from research import sharding
 from research.config import ConfigError
 from research.data import catalog
 
 Record = Mapping[str, Any]
 Transform = Callable[[Record], dict[str, np.ndarray]]
+RandomTransform = Callable[[Record, np.random.Generator], dict[str, np.ndarray]]
 
 
 def tfds_source(name: str, split: str, *, data_dir: str | None = None) -> Sequence[Record]:
@@ -26,11 +32,24 @@ def tfds_source(name: str, split: str, *, data_dir: str | None = None) -> Sequen
     return catalog.source(name, split, data_dir)
 
 
-def local_batch_size(global_batch_size: int) -> int:
+@dataclasses.dataclass(frozen=True)
+class Process:
+    """Which slice of the data this process reads: `jax.process_index()` of `jax.process_count()` by default."""
+
+    index: int
+    count: int
+
+    @classmethod
+    def current(cls) -> "Process":
+        return cls(jax.process_index(), jax.process_count())
+
+
+def local_batch_size(global_batch_size: int, process: Process | None = None) -> int:
     """This process's share of a global batch."""
-    if global_batch_size % jax.process_count():
-        raise ConfigError(f"batch size {global_batch_size} does not divide over {jax.process_count()} processes")
-    return global_batch_size // jax.process_count()
+    count = (process or Process.current()).count
+    if global_batch_size % count:
+        raise ConfigError(f"batch size {global_batch_size} does not divide over {count} processes")
+    return global_batch_size // count
 
 
 def _with_mask(record: Record, value: float) -> dict[str, np.ndarray]:
@@ -43,16 +62,31 @@ def train_batches(
     batch_size: int,
     seed: int,
     transform: Transform | None = None,
+    random_transform: RandomTransform | None = None,
     read_options: grain.ReadOptions | None = None,
+    num_workers: int = 0,
+    process: Process | None = None,
 ) -> grain.IterDataset:
-    """Endless batches, reshuffled every epoch from `seed`; this process reads a disjoint shard."""
-    dataset = grain.MapDataset.source(source)[jax.process_index() :: jax.process_count()]
+    """Endless batches, reshuffled every epoch from `seed`; this process reads a disjoint shard.
+
+    Process p of n reads examples p, p + n, p + 2n, ... `random_transform(record, rng)` gets a
+    generator seeded by `seed` and the element's position in the stream, so augmentation is
+    the same in every run and after a restore. `num_workers` > 0 runs the per-example work in
+    that many worker processes; the batches are the same either way.
+    """
+    process = process or Process.current()
+    dataset = grain.MapDataset.source(source)[process.index :: process.count]
     dataset = dataset.seed(seed).shuffle().repeat()
     if transform is not None:
         dataset = dataset.map(transform)
+    if random_transform is not None:
+        dataset = dataset.random_map(random_transform)
     dataset = dataset.map(lambda record: _with_mask(record, 1.0))
-    dataset = dataset.batch(local_batch_size(batch_size), drop_remainder=True)
-    return dataset.to_iter_dataset(read_options or grain.ReadOptions(num_threads=4, prefetch_buffer_size=16))
+    dataset = dataset.batch(local_batch_size(batch_size, process), drop_remainder=True)
+    iterable = dataset.to_iter_dataset(read_options or grain.ReadOptions(num_threads=4, prefetch_buffer_size=16))
+    if num_workers:
+        iterable = iterable.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
+    return iterable
 
 
 def eval_batches(
@@ -60,16 +94,18 @@ def eval_batches(
     *,
     batch_size: int,
     transform: Transform | None = None,
+    process: Process | None = None,
 ) -> grain.MapDataset:
     """One ordered pass over every example; the last global batch is padded with masked copies.
 
     Global batch b holds examples [b * batch_size, (b + 1) * batch_size); process p reads
     its contiguous slice of it, so every process yields the same number of batches.
     """
+    process = process or Process.current()
     size = len(source)
-    local = local_batch_size(batch_size)
+    local = local_batch_size(batch_size, process)
     num_batches = math.ceil(size / batch_size)
-    offset = jax.process_index() * local
+    offset = process.index * local
 
     def load(local_index: int) -> dict[str, np.ndarray]:
         batch, position = divmod(local_index, local)
@@ -80,6 +116,27 @@ def eval_batches(
         return _with_mask(record, 1.0 if index < size else 0.0)
 
     return grain.MapDataset.range(num_batches * local).map(load).batch(local)
+
+
+def prefetch_to_mesh(batches: Iterable[Mapping[str, np.ndarray]], mesh: Mesh, size: int = 2) -> Iterator[dict[str, jax.Array]]:
+    """Global arrays on the mesh, `size` batches ahead, so host-to-device copies overlap the step.
+
+    Checkpoint the underlying grain iterator's state minus the batches still queued here;
+    simplest is to checkpoint only when the queue is drained (see tests/test_data_pipeline.py).
+    """
+    queue: collections.deque = collections.deque()
+    for batch in batches:
+        queue.append(sharding.put_batch(batch, mesh))
+        if len(queue) > size:
+            yield queue.popleft()
+    while queue:
+        yield queue.popleft()
+
+
+def subset(source: Sequence[Record], indices: Sequence[int]) -> grain.MapDataset:
+    """The records of `source` at `indices`, in that order, with random access (e.g. one k-fold split)."""
+    indices = np.asarray(indices, dtype=np.int64)
+    return grain.MapDataset.range(len(indices)).map(lambda position: source[int(indices[position])])
 
 
 def array_source(**columns: np.ndarray) -> list[dict[str, np.ndarray]]:
