@@ -164,3 +164,10 @@ def mask_tokens(
     weights = np.zeros(tokens_L.shape, np.float32)
     weights[chosen] = 1.0
     return {"inputs": inputs.astype(np.int32), "targets": tokens_L.astype(np.int32), "weights": weights}
+
+
+def split_text(name: str, split: str, data_dir: str | None = None) -> str:
+    """The whole text of a one-example-per-split dataset such as `tiny_shakespeare`."""
+    from research.data import catalog  # imported here: catalog imports every builder, text needs none
+
+    return catalog.source(name, split, data_dir)[0]["text"].decode("utf-8")
