@@ -4,8 +4,12 @@ import collections
 import gzip
 import hashlib
 import io
+import os
+import subprocess
+import sys
 import tarfile
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,6 +17,7 @@ import tensorflow_datasets as tfds
 
 from research.data import catalog, cifar10, files, mnist, shakespeare_speakers, tiny_shakespeare
 
+ROOT = Path(__file__).resolve().parents[1]
 # From research/data/bundled/mnist/PROVENANCE.md.
 MNIST_TEST_COUNTS = [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
 
@@ -145,3 +150,19 @@ def test_shakespeare_speakers_labels_the_most_frequent_speakers(data_dir):
 def test_unknown_dataset_name_is_one_line():
     with pytest.raises(files.MissingDataError, match="unknown dataset 'mnits': use one of optdigits, mnist"):
         catalog.resolve("mnits")
+
+
+def test_list_datasets_shows_what_is_prepared_where_with_split_sizes(data_dir):
+    catalog.source("optdigits", "train", data_dir)
+    rows = {row["name"]: row for row in catalog.describe(data_dir)}
+    assert set(rows) == set(catalog.DATASETS)
+    assert rows["optdigits"]["prepared"] and rows["optdigits"]["splits"] == {"train": 3823, "test": 1797}
+    assert rows["optdigits"]["path"].startswith(data_dir)
+    assert not rows["cifar10"]["prepared"] and rows["cifar10"]["splits"] == {"train": 50000, "test": 10000}
+    environment = {key: value for key, value in os.environ.items() if key != "XLA_FLAGS"}
+    result = subprocess.run([sys.executable, "launch.py", "--list_datasets", f"--data_dir={data_dir}"], cwd=ROOT, capture_output=True, text=True, env=environment, timeout=120)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert len(lines) == 1 + 2 * len(catalog.DATASETS)
+    assert lines[1].split()[:3] == ["optdigits", "prepared", "train=3,823"]
+    assert f"tfds builder optdigits at {data_dir}" in lines[2]

@@ -104,10 +104,11 @@ def describe(data_dir: str | None = None) -> list[dict[str, Any]]:
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
-    """`describe()` as aligned text lines."""
-    lines = []
+    """`describe()` as aligned text: a header, then two lines per dataset."""
+    lines = [f"{'dataset':22s} {'state':13s} {'splits (examples; expected ones when not prepared)':52s} description"]
     for row in rows:
         splits = " ".join(f"{split}={size:,}" for split, size in row["splits"].items())
         state = "prepared" if row["prepared"] else "not prepared"
-        lines.append(f"{row['name']:22s} {state:13s} {splits:40s} {row['description']}\n{'':22s} {row['builder']} -> {row['path']}")
+        lines.append(f"{row['name']:22s} {state:13s} {splits:52s} {row['description']}")
+        lines.append(f"{'':22s} tfds builder {row['builder']} at {row['path']}")
     return "\n".join(lines)
