@@ -166,3 +166,21 @@ def test_list_datasets_shows_what_is_prepared_where_with_split_sizes(data_dir):
     assert len(lines) == 1 + 2 * len(catalog.DATASETS)
     assert lines[1].split()[:3] == ["optdigits", "prepared", "train=3,823"]
     assert f"tfds builder optdigits at {data_dir}" in lines[2]
+
+
+def test_official_tfds_dataset_without_tensorflow_fails_fast_in_one_line(tmp_path, offline):
+    start = time.perf_counter()
+    with pytest.raises(files.MissingDataError, match=r"^preparing the official tfds dataset 'tfds:mnist' needs TensorFlow: pip install tensorflow"):
+        catalog.source("tfds:mnist", "train", str(tmp_path))
+    assert time.perf_counter() - start < 5
+
+
+def test_official_builder_offline_needs_its_files_in_the_manual_directory(tmp_path, offline):
+    from types import SimpleNamespace
+
+    stub = SimpleNamespace(url_infos={"https://example.org/a.gz": SimpleNamespace(filename="a.gz")}, data_dir_root=tmp_path)
+    with pytest.raises(files.MissingDataError, match=r"^dataset 'tfds:x' is not available offline: put a.gz in .*downloads/manual"):
+        catalog._check_official_files(stub, "tfds:x")
+    files.manual_dir(str(tmp_path)).mkdir(parents=True)
+    (files.manual_dir(str(tmp_path)) / "a.gz").write_bytes(b"")
+    catalog._check_official_files(stub, "tfds:x")  # present: tfds may go on and use it

@@ -76,13 +76,25 @@ def source(name: str, split: str, data_dir: str | None = None) -> Sequence[Mappi
 
 
 def prepare(dataset_builder: tfds.core.DatasetBuilder, name: str) -> None:
-    """Prepares a dataset; official tfds builders need TensorFlow for that, which is said in one line."""
+    """Prepares a dataset. Official tfds builders need TensorFlow and, offline, their files in the manual directory."""
     if name.startswith(OFFICIAL_PREFIX):
         try:
             import tensorflow  # noqa: F401  (only to find out whether it is there)
         except ImportError:
             raise files.MissingDataError(f"preparing the official tfds dataset {name!r} needs TensorFlow: pip install tensorflow, or prepare it elsewhere as array_record into this data_dir") from None
+        _check_official_files(dataset_builder, name)
     dataset_builder.download_and_prepare()
+
+
+def _check_official_files(dataset_builder: tfds.core.DatasetBuilder, name: str) -> None:
+    """Offline, tfds would retry each download for minutes: fail at once unless every file is in the manual directory."""
+    url_infos = dataset_builder.url_infos or {}
+    if not url_infos or files.online(next(iter(url_infos))):
+        return
+    names = [info.filename or url.rsplit("/", 1)[-1] for url, info in url_infos.items()]
+    directory = files.manual_dir(str(dataset_builder.data_dir_root))
+    if files.find_files(directory, names) is None:
+        raise files.missing(name, names, directory)
 
 
 def describe(data_dir: str | None = None) -> list[dict[str, Any]]:
