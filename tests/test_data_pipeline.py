@@ -106,3 +106,30 @@ def test_k_folds_partition_the_training_split(data_dir):
 def test_subset_reads_records_at_the_given_indices():
     source = pipeline.array_source(x=np.arange(10) * 10)
     assert [record["x"] for record in pipeline.subset(source, [7, 2, 2])] == [70, 20, 20]
+
+
+def test_array_batches_are_seeded_epoch_permutations_of_disjoint_shards():
+    columns = {"x": np.arange(48, dtype=np.int32), "y": np.arange(48) * 2}
+    double = lambda batch: batch | {"x": batch["x"] * 10}
+    run = lambda seed, process: [batch for batch in take(iter(pipeline.array_batches(columns, batch_size=8, seed=seed, transform=double, process=process)), 12)]
+    single = run(0, pipeline.Process(0, 1))
+    assert [b["x"].tolist() for b in single] == [b["x"].tolist() for b in run(0, pipeline.Process(0, 1))]
+    assert [b["x"].tolist() for b in single] != [b["x"].tolist() for b in run(1, pipeline.Process(0, 1))]
+    epochs = [np.concatenate([b["x"] for b in single[6 * epoch : 6 * epoch + 6]]) for epoch in (0, 1)]
+    assert sorted(epochs[0].tolist()) == sorted(epochs[1].tolist()) == list(range(0, 480, 10))
+    assert epochs[0].tolist() != epochs[1].tolist()
+    assert all(np.array_equal(b["y"] * 5, b["x"]) and b["mask"].tolist() == [1.0] * 8 for b in single)
+    halves = [np.concatenate([b["x"] for b in run(0, pipeline.Process(index, 2))[:6]]).tolist() for index in (0, 1)]
+    assert sorted(halves[0] + halves[1]) == list(range(0, 480, 10)), "two processes: disjoint, covering"
+
+
+def test_array_batches_resume_exactly():
+    columns = {"x": np.arange(30, dtype=np.int32)}
+    make = lambda: iter(pipeline.array_batches(columns, batch_size=4, seed=5))
+    original = make()
+    take(original, 9)
+    state = json.loads(json.dumps(original.get_state()))
+    expected = [batch["x"].tolist() for batch in take(original, 10)]
+    restored = make()
+    restored.set_state(state)
+    assert [batch["x"].tolist() for batch in take(restored, 10)] == expected
