@@ -37,28 +37,41 @@ def batches_per_second(batches, count: int = BATCHES) -> float:
     return count / (time.perf_counter() - start)
 
 
-def digits_steps_per_second(config, batches) -> float:
-    """Jitted digits_mlp train steps per second on a batch already on the devices."""
+def digits_steps_per_second(config, batches) -> dict[str, float]:
+    """digits_mlp train steps per second: the jitted step alone, and with `put_batch` as the loop does."""
     mesh = sharding.make_mesh(config.mesh)
     functions = train.bind(digits_mlp, digits_mlp.make_model(config))
     tx = make_optimizer(config.optimizer)
-    batch = sharding.put_batch(next(iter(batches)), mesh)
+    host_batch = next(iter(batches))
+    batch = sharding.put_batch(host_batch, mesh)
     state, state_shardings = train.init_state(jax.random.PRNGKey(0), batch, init_params=functions["init_params"], tx=tx, mesh=mesh)
     train_fn, _ = train.compile_steps(functions, tx, state_shardings, mesh)
-    for _ in range(WARMUP):
-        state, metrics = train_fn(state, batch)
-    jax.block_until_ready(state)
-    start = time.perf_counter()
-    for _ in range(STEPS):
-        state, metrics = train_fn(state, batch)
-    jax.block_until_ready((state, metrics))
-    return STEPS / (time.perf_counter() - start)
+    rates = {}
+    for name, place in (("step alone", lambda: batch), ("step + put_batch", lambda: sharding.put_batch(host_batch, mesh))):
+        for _ in range(WARMUP):
+            state, metrics = train_fn(state, place())
+        jax.block_until_ready(state)
+        start = time.perf_counter()
+        for _ in range(STEPS):
+            state, metrics = train_fn(state, place())
+        jax.block_until_ready((state, metrics))
+        rates[name] = STEPS / (time.perf_counter() - start)
+    return rates
 
 
-def char_lm_batches(data_dir: str):
+def digits_per_example_batches(config):
+    """The general path for comparison: tfds records through a per-example grain map."""
+    source = pipeline.tfds_source(config.data.name, config.data.splits["train"], data_dir=config.data_dir)
+    return pipeline.train_batches(source, batch_size=config.batch_size, seed=config.seed, transform=digits_mlp.preprocess)
+
+
+def char_lm_batches(data_dir: str, *, in_memory: bool):
     """Endless (64, 256) character windows of the Tiny Shakespeare training text."""
     train_text = text.split_text("tiny_shakespeare", "train", data_dir)
     tokens = text.CharTokenizer.from_text(train_text).encode(train_text)
+    if in_memory:
+        columns, gather = text.window_columns(tokens, CHAR_LENGTH)
+        return pipeline.array_batches(columns, batch_size=CHAR_BATCH, seed=0, transform=gather)
     return pipeline.train_batches(text.WindowSource(tokens, CHAR_LENGTH), batch_size=CHAR_BATCH, seed=0)
 
 
@@ -85,18 +98,21 @@ def main() -> None:
     config = digits_mlp.get_config()
     config.data_dir = data_dir
     digits = digits_mlp.make_data(config, "train")
-    char_lm = char_lm_batches(data_dir)
+    steps = digits_steps_per_second(config, digits)
     rows = [
-        (f"digits pipeline (batch {config.batch_size})", batches_per_second(digits), "batches/s"),
-        (f"char-LM pipeline ({CHAR_BATCH}x{CHAR_LENGTH})", batches_per_second(char_lm), "batches/s"),
-        (f"digits_mlp train step (batch {config.batch_size}, {jax.device_count()} device(s))", digits_steps_per_second(config, digits), "steps/s"),
+        (f"digits pipeline, in memory (digits_mlp; batch {config.batch_size})", batches_per_second(digits, 10 * BATCHES), "batches/s"),
+        (f"digits pipeline, per-example tfds records (batch {config.batch_size})", batches_per_second(digits_per_example_batches(config), 200), "batches/s"),
+        (f"char-LM pipeline, window gather ({CHAR_BATCH}x{CHAR_LENGTH})", batches_per_second(char_lm_batches(data_dir, in_memory=True), 10 * BATCHES), "batches/s"),
+        (f"char-LM pipeline, per-example windows ({CHAR_BATCH}x{CHAR_LENGTH})", batches_per_second(char_lm_batches(data_dir, in_memory=False)), "batches/s"),
     ]
+    rows += [(f"digits_mlp {name} ({jax.device_count()} device(s))", rate, "steps/s") for name, rate in steps.items()]
     rows += [(name, seconds, "s") for name, seconds in missing_error_seconds(data_dir).items()]
-    print(f"{'measure':58s} {'value':>10s}")
+    print(f"{'measure':66s} {'value':>10s}")
     for name, value, unit in rows:
-        print(f"{name:58s} {value:10.1f} {unit}" if unit != "s" else f"{name:58s} {value:10.3f} {unit}")
-    print(f"digits pipeline / train step: {rows[0][1] / rows[2][1]:.1f}x (bar: 5x)")
-    print("char-GPT train step: no char-level model in research/models yet, so the char-LM pipeline is measured alone")
+        print(f"{name:66s} {value:10.3f} {unit}" if unit == "s" else f"{name:66s} {value:10.0f} {unit}")
+    for name, rate in steps.items():
+        print(f"in-memory digits pipeline / digits_mlp {name}: {rows[0][1] / rate:.1f}x (bar: 5x)")
+    print("char-GPT: no char-level model in research/models yet, so the char-LM pipeline is measured alone")
 
 
 if __name__ == "__main__":

@@ -80,3 +80,15 @@ def test_mlm_masking_in_a_pipeline_is_deterministic_and_resumes():
     resumed.set_state(state)
     assert all(np.array_equal(want, next(resumed)["inputs"]) for want in expected)
     assert np.array_equal(next(second)["inputs"], expected[0])
+
+
+def test_window_columns_gather_the_same_windows_as_window_source(corpus):
+    tokens = text.CharTokenizer.from_text(corpus["train"]).encode(corpus["train"])
+    columns, gather = text.window_columns(tokens, length=64)
+    windows = text.WindowSource(tokens, length=64)
+    assert len(columns["start"]) == len(windows) == 15685
+    batch = next(iter(pipeline.array_batches(columns, batch_size=8, seed=0, transform=gather)))
+    assert batch["inputs"].shape == (8, 64) and batch["inputs"].dtype == np.int32
+    for row_inputs, row_targets in zip(batch["inputs"], batch["targets"]):
+        index = int(np.flatnonzero([np.array_equal(windows[i]["inputs"], row_inputs) for i in range(len(windows))])[0])
+        assert np.array_equal(windows[index]["targets"], row_targets)
