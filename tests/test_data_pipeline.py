@@ -133,3 +133,23 @@ def test_array_batches_resume_exactly():
     restored = make()
     restored.set_state(state)
     assert [batch["x"].tolist() for batch in take(restored, 10)] == expected
+
+
+def test_k_fold_splits_plug_into_an_experiment_config(data_dir):
+    from experiments import digits_mlp
+
+    config = digits_mlp.get_config("smoke")
+    config.data_dir = data_dir
+    config.data.splits.update(folds.kfold_splits("train", size=optdigits.SPLIT_SIZES["train"], k=5, fold=1))
+    masks = [batch["mask"] for batch in digits_mlp.make_data(config, "validation")]
+    assert sum(float(mask.sum()) for mask in masks) == 764
+    assert next(iter(digits_mlp.make_data(config, "train")))["inputs"].shape == (64, 64)
+
+
+def test_worker_processes_give_the_same_batches():
+    from absl import flags
+
+    flags.FLAGS.mark_as_parsed()  # grain's workers read absl flags, which launch.py parses
+    source = pipeline.array_source(x=np.arange(32, dtype=np.int32))
+    batches = lambda workers: [batch["x"].tolist() for batch in take(iter(pipeline.train_batches(source, batch_size=4, seed=0, num_workers=workers)), 6)]
+    assert batches(1) == batches(0)
