@@ -6,13 +6,13 @@ so builders ask `online()` first (one DNS lookup and TCP connect, a few seconds 
 """
 
 import hashlib
+import os
 import socket
 import urllib.parse
 from pathlib import Path
 
 from research.config import ConfigError
 
-DEFAULT_DATA_DIR = Path("~/tensorflow_datasets").expanduser()
 CONNECT_TIMEOUT_S = 3.0
 
 
@@ -21,8 +21,8 @@ class MissingDataError(ConfigError):
 
 
 def data_dir_path(data_dir: str | None) -> Path:
-    """The tfds data directory in use (tfds's default when `data_dir` is empty)."""
-    return Path(data_dir).expanduser() if data_dir else DEFAULT_DATA_DIR
+    """The tfds data directory in use: tfds's default ($TFDS_DATA_DIR or ~/tensorflow_datasets) when empty."""
+    return Path(data_dir or os.environ.get("TFDS_DATA_DIR", "~/tensorflow_datasets")).expanduser()
 
 
 def manual_dir(data_dir: str | None) -> Path:

@@ -169,8 +169,8 @@ def eval_batches(
 def prefetch_to_mesh(batches: Iterable[Mapping[str, np.ndarray]], mesh: Mesh, size: int = 2) -> Iterator[dict[str, jax.Array]]:
     """Global arrays on the mesh, `size` batches ahead, so host-to-device copies overlap the step.
 
-    Checkpoint the underlying grain iterator's state minus the batches still queued here;
-    simplest is to checkpoint only when the queue is drained (see tests/test_data_pipeline.py).
+    The grain iterator underneath is then `size` batches ahead of the step: a checkpoint must
+    store the iterator state taken when the step's batch was drawn, not the current one.
     """
     queue: collections.deque = collections.deque()
     for batch in batches:
