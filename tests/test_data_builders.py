@@ -184,3 +184,35 @@ def test_official_builder_offline_needs_its_files_in_the_manual_directory(tmp_pa
     files.manual_dir(str(tmp_path)).mkdir(parents=True)
     (files.manual_dir(str(tmp_path)) / "a.gz").write_bytes(b"")
     catalog._check_official_files(stub, "tfds:x")  # present: tfds may go on and use it
+
+
+def write_idx(path, array: np.ndarray) -> None:
+    header = (0x800 + array.ndim).to_bytes(4, "big") + b"".join(size.to_bytes(4, "big") for size in array.shape)
+    path.write_bytes(gzip.compress(header + array.astype(np.uint8).tobytes()))
+
+
+def test_mnist_uses_the_full_files_from_the_manual_directory(tmp_path, offline, monkeypatch):
+    manual = files.manual_dir(str(tmp_path))
+    manual.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    arrays = {"train": (rng.integers(0, 256, (7, 28, 28)), np.arange(7) % 10), "test": (rng.integers(0, 256, (3, 28, 28)), np.array([9, 8, 7]))}
+    for split, (images, labels) in arrays.items():
+        write_idx(manual / mnist.FILES[split][0], images)
+        write_idx(manual / mnist.FILES[split][1], labels)
+    # Generated stand-ins for the official files: accept their digests for this test only.
+    monkeypatch.setattr(mnist, "OFFICIAL_SHA256", {name: files.sha256(manual / name) for name in mnist.OFFICIAL_SHA256})
+    assert catalog.resolve("mnist", str(tmp_path)) == "research_mnist/full"
+    for split, (images, labels) in arrays.items():
+        source = catalog.source("mnist", split, str(tmp_path))
+        records = sorted((source[index] for index in range(len(source))), key=lambda record: record["index"])
+        assert np.array_equal(np.stack([record["image"] for record in records]), images)
+        assert [record["label"] for record in records] == labels.tolist()
+
+
+def test_mnist_rejects_a_manual_file_that_is_not_the_official_one(tmp_path, offline):
+    manual = files.manual_dir(str(tmp_path))
+    manual.mkdir(parents=True)
+    for name in mnist.OFFICIAL_SHA256:
+        write_idx(manual / name, np.zeros((1, 28, 28) if "images" in name else (1,)))
+    with pytest.raises(files.MissingDataError, match=r"is not the official train-images-idx3-ubyte.gz \(sha256 differs\)"):
+        tfds.builder("research_mnist/full", data_dir=str(tmp_path), file_format="array_record").download_and_prepare()
