@@ -3,6 +3,7 @@
   python launch.py --config experiments/digits_mlp.py --workdir runs/digits
   python launch.py --config experiments/digits_mlp.py:smoke --workdir runs/smoke --config.optimizer.learning_rate=3e-3
   python launch.py --list
+  python launch.py --list_datasets [--data_dir DIR]
 
 `--config path.py:arg` passes `arg` to the module's `get_config`; `--config.a.b=v` overrides a
 key. This is the only file that parses flags or sets up JAX.
@@ -20,6 +21,8 @@ _LIST = flags.DEFINE_boolean("list", False, "list every experiment with its desc
 _ALLOW_CONFIG_CHANGE = flags.DEFINE_boolean(
     "allow_config_change", False, "resume even though the config differs from the checkpoint's (e.g. more steps)"
 )
+_LIST_DATASETS = flags.DEFINE_boolean("list_datasets", False, "list every dataset: prepared or not, where, splits and sizes; then exit")
+_DATA_DIR = flags.DEFINE_string("data_dir", "", "tfds data directory that --list_datasets inspects (default ~/tensorflow_datasets)")
 
 EXPERIMENTS_DIR = Path(__file__).parent / "experiments"
 
@@ -70,6 +73,12 @@ def main(argv: list[str]) -> None:
     if _LIST.value:
         for name, description in experiment.describe(EXPERIMENTS_DIR):
             print(f"{name:24s} {description}")
+        return
+    if _LIST_DATASETS.value:
+        logging.set_verbosity(logging.ERROR)  # tfds warns about every dataset not prepared yet
+        from research.data import catalog
+
+        print(catalog.format_table(catalog.describe(_DATA_DIR.value)))
         return
     if _CONFIG.value is None or _WORKDIR.value is None:
         fail("pass --config experiments/NAME.py[:arg] and --workdir DIR (or --list to see the experiments)")

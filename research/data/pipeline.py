@@ -5,30 +5,52 @@ so `research.sharding.put_batch` can assemble global arrays on the mesh. Every b
 `mask` (1 for a real example, 0 for padding) so losses and metrics can ignore padding.
 """
 
+import collections
+import dataclasses
+import functools
 import math
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import grain
 import jax
 import numpy as np
-import tensorflow_datasets as tfds
+from jax.sharding import Mesh
 
+from research import sharding
 from research.config import ConfigError
+from research.data import catalog
 
 Record = Mapping[str, Any]
 Transform = Callable[[Record], dict[str, np.ndarray]]
+RandomTransform = Callable[[Record, np.random.Generator], dict[str, np.ndarray]]
 
 
 def tfds_source(name: str, split: str, *, data_dir: str | None = None) -> Sequence[Record]:
-    """Random-access records of a tfds split, prepared as array_record first if needed (no TensorFlow)."""
-    return tfds.data_source(name, split=split, data_dir=data_dir or None, builder_kwargs={"file_format": "array_record"})
+    """Random-access records of a split of a dataset named in `catalog.DATASETS` (or `tfds:NAME`).
+
+    The dataset is prepared as array_record first if needed (no TensorFlow for ours).
+    """
+    return catalog.source(name, split, data_dir)
 
 
-def local_batch_size(global_batch_size: int) -> int:
+@dataclasses.dataclass(frozen=True)
+class Process:
+    """Which slice of the data this process reads: `jax.process_index()` of `jax.process_count()` by default."""
+
+    index: int
+    count: int
+
+    @classmethod
+    def current(cls) -> "Process":
+        return cls(jax.process_index(), jax.process_count())
+
+
+def local_batch_size(global_batch_size: int, process: Process | None = None) -> int:
     """This process's share of a global batch."""
-    if global_batch_size % jax.process_count():
-        raise ConfigError(f"batch size {global_batch_size} does not divide over {jax.process_count()} processes")
-    return global_batch_size // jax.process_count()
+    count = (process or Process.current()).count
+    if global_batch_size % count:
+        raise ConfigError(f"batch size {global_batch_size} does not divide over {count} processes")
+    return global_batch_size // count
 
 
 def _with_mask(record: Record, value: float) -> dict[str, np.ndarray]:
@@ -41,16 +63,78 @@ def train_batches(
     batch_size: int,
     seed: int,
     transform: Transform | None = None,
+    random_transform: RandomTransform | None = None,
     read_options: grain.ReadOptions | None = None,
+    num_workers: int = 0,
+    process: Process | None = None,
 ) -> grain.IterDataset:
-    """Endless batches, reshuffled every epoch from `seed`; this process reads a disjoint shard."""
-    dataset = grain.MapDataset.source(source)[jax.process_index() :: jax.process_count()]
+    """Endless batches, reshuffled every epoch from `seed`; this process reads a disjoint shard.
+
+    Process p of n reads examples p, p + n, p + 2n, ... `random_transform(record, rng)` gets a
+    generator seeded by `seed` and the element's position in the stream, so augmentation is
+    the same in every run and after a restore. `num_workers` > 0 runs the per-example work in
+    that many worker processes; the batches are the same either way.
+    """
+    process = process or Process.current()
+    dataset = grain.MapDataset.source(source)[process.index :: process.count]
     dataset = dataset.seed(seed).shuffle().repeat()
     if transform is not None:
         dataset = dataset.map(transform)
+    if random_transform is not None:
+        dataset = dataset.random_map(random_transform)
     dataset = dataset.map(lambda record: _with_mask(record, 1.0))
-    dataset = dataset.batch(local_batch_size(batch_size), drop_remainder=True)
-    return dataset.to_iter_dataset(read_options or grain.ReadOptions(num_threads=4, prefetch_buffer_size=16))
+    dataset = dataset.batch(local_batch_size(batch_size, process), drop_remainder=True)
+    iterable = dataset.to_iter_dataset(read_options or grain.ReadOptions(num_threads=4, prefetch_buffer_size=16))
+    if num_workers:
+        iterable = iterable.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
+    return iterable
+
+
+def load_columns(source: Sequence[Record]) -> dict[str, np.ndarray]:
+    """Every record of a (small) source read once into stacked numpy columns, e.g. `image_NxHxW`."""
+    records = [source[index] for index in range(len(source))]
+    return {key: np.stack([np.asarray(record[key]) for record in records]) for key in records[0]}
+
+
+def array_batches(
+    columns: Mapping[str, np.ndarray],
+    *,
+    batch_size: int,
+    seed: int,
+    transform: Transform | None = None,
+    process: Process | None = None,
+    read_options: grain.ReadOptions | None = None,
+) -> grain.IterDataset:
+    """Endless batches of in-memory columns, gathered a whole batch at a time; for small datasets.
+
+    Per-example pipelines cost tens of microseconds of Python per example, more than a small
+    model's whole step; here a batch is one numpy gather. Epoch e is a permutation of this
+    process's shard drawn from (seed, e); `transform` maps a batch of columns to a batch.
+    The state (`get_state`) is the position in the stream, so a restore resumes exactly.
+    """
+    process = process or Process.current()
+    shard = {key: np.asarray(column)[process.index :: process.count] for key, column in columns.items()}
+    size = len(next(iter(shard.values())))
+    local = local_batch_size(batch_size, process)
+    steps_per_epoch = size // local
+    if steps_per_epoch == 0:
+        raise ConfigError(f"batch size {batch_size} exceeds the {size} examples of this process's shard")
+
+    @functools.lru_cache(maxsize=2)  # consecutive batches share their epoch's permutation
+    def permutation(epoch: int) -> np.ndarray:
+        return np.random.default_rng([seed, epoch]).permutation(size)
+
+    def gather(step: int, _) -> dict[str, np.ndarray]:
+        epoch, position = divmod(step, steps_per_epoch)
+        indices = permutation(epoch)[position * local : (position + 1) * local]
+        batch = {key: column[indices] for key, column in shard.items()}
+        batch = transform(batch) if transform is not None else batch
+        return dict(batch) | {"mask": np.ones(local, np.float32)}
+
+    dataset = grain.MapDataset.range(steps_per_epoch).repeat().map_with_index(gather)
+    # No prefetch threads by default: a gather takes tens of microseconds, which JAX's asynchronous
+    # dispatch already overlaps with the step, and a thread handing batches over costs more.
+    return dataset.to_iter_dataset(read_options or grain.ReadOptions(num_threads=0))
 
 
 def eval_batches(
@@ -58,16 +142,18 @@ def eval_batches(
     *,
     batch_size: int,
     transform: Transform | None = None,
+    process: Process | None = None,
 ) -> grain.MapDataset:
     """One ordered pass over every example; the last global batch is padded with masked copies.
 
     Global batch b holds examples [b * batch_size, (b + 1) * batch_size); process p reads
     its contiguous slice of it, so every process yields the same number of batches.
     """
+    process = process or Process.current()
     size = len(source)
-    local = local_batch_size(batch_size)
+    local = local_batch_size(batch_size, process)
     num_batches = math.ceil(size / batch_size)
-    offset = jax.process_index() * local
+    offset = process.index * local
 
     def load(local_index: int) -> dict[str, np.ndarray]:
         batch, position = divmod(local_index, local)
@@ -78,6 +164,27 @@ def eval_batches(
         return _with_mask(record, 1.0 if index < size else 0.0)
 
     return grain.MapDataset.range(num_batches * local).map(load).batch(local)
+
+
+def prefetch_to_mesh(batches: Iterable[Mapping[str, np.ndarray]], mesh: Mesh, size: int = 2) -> Iterator[dict[str, jax.Array]]:
+    """Global arrays on the mesh, `size` batches ahead, so host-to-device copies overlap the step.
+
+    The grain iterator underneath is then `size` batches ahead of the step: a checkpoint must
+    store the iterator state taken when the step's batch was drawn, not the current one.
+    """
+    queue: collections.deque = collections.deque()
+    for batch in batches:
+        queue.append(sharding.put_batch(batch, mesh))
+        if len(queue) > size:
+            yield queue.popleft()
+    while queue:
+        yield queue.popleft()
+
+
+def subset(source: Sequence[Record], indices: Sequence[int]) -> grain.MapDataset:
+    """The records of `source` at `indices`, in that order, with random access (e.g. one k-fold split)."""
+    indices = np.asarray(indices, dtype=np.int64)
+    return grain.MapDataset.range(len(indices)).map(lambda position: source[int(indices[position])])
 
 
 def array_source(**columns: np.ndarray) -> list[dict[str, np.ndarray]]:

@@ -1,0 +1,119 @@
+"""Input pipeline throughput against train-step time, and how fast a missing dataset fails.
+
+  python benchmarks/input_pipeline.py
+Prints one table. The issue's bar: the pipeline delivers batches at least 5x faster than the
+train step consumes them, and a missing dataset fails in under 5 s. Data is prepared into a
+temporary tfds directory first (a few seconds), so preparation is not timed.
+"""
+
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import jax  # noqa: E402
+
+from experiments import digits_mlp  # noqa: E402
+from research import sharding, train  # noqa: E402
+from research.data import files, pipeline, text  # noqa: E402
+from research.optim import make_optimizer  # noqa: E402
+
+WARMUP, BATCHES, STEPS = 20, 1000, 1000
+CHAR_BATCH, CHAR_LENGTH = 64, 256
+
+
+def batches_per_second(batches, count: int = BATCHES) -> float:
+    """Batches per second drawn from an iterable, after a warm-up."""
+    iterator = iter(batches)
+    for _ in range(WARMUP):
+        next(iterator)
+    start = time.perf_counter()
+    for _ in range(count):
+        next(iterator)
+    return count / (time.perf_counter() - start)
+
+
+def digits_steps_per_second(config, batches) -> dict[str, float]:
+    """digits_mlp train steps per second: the jitted step alone, and with `put_batch` as the loop does."""
+    mesh = sharding.make_mesh(config.mesh)
+    functions = train.bind(digits_mlp, digits_mlp.make_model(config))
+    tx = make_optimizer(config.optimizer)
+    host_batch = next(iter(batches))
+    batch = sharding.put_batch(host_batch, mesh)
+    state, state_shardings = train.init_state(jax.random.PRNGKey(0), batch, init_params=functions["init_params"], tx=tx, mesh=mesh)
+    train_fn, _ = train.compile_steps(functions, tx, state_shardings, mesh)
+    rates = {}
+    for name, place in (("step alone", lambda: batch), ("step + put_batch", lambda: sharding.put_batch(host_batch, mesh))):
+        for _ in range(WARMUP):
+            state, metrics = train_fn(state, place())
+        jax.block_until_ready(state)
+        start = time.perf_counter()
+        for _ in range(STEPS):
+            state, metrics = train_fn(state, place())
+        jax.block_until_ready((state, metrics))
+        rates[name] = STEPS / (time.perf_counter() - start)
+    return rates
+
+
+def digits_per_example_batches(config):
+    """The general path for comparison: tfds records through a per-example grain map."""
+    source = pipeline.tfds_source(config.data.name, config.data.splits["train"], data_dir=config.data_dir)
+    return pipeline.train_batches(source, batch_size=config.batch_size, seed=config.seed, transform=digits_mlp.preprocess)
+
+
+def char_lm_batches(data_dir: str, *, in_memory: bool):
+    """Endless (64, 256) character windows of the Tiny Shakespeare training text."""
+    train_text = text.split_text("tiny_shakespeare", "train", data_dir)
+    tokens = text.CharTokenizer.from_text(train_text).encode(train_text)
+    if in_memory:
+        columns, gather = text.window_columns(tokens, CHAR_LENGTH)
+        return pipeline.array_batches(columns, batch_size=CHAR_BATCH, seed=0, transform=gather)
+    return pipeline.train_batches(text.WindowSource(tokens, CHAR_LENGTH), batch_size=CHAR_BATCH, seed=0)
+
+
+def missing_error_seconds(data_dir: str) -> dict[str, float]:
+    """Seconds until the one-line error, in this process and in a fresh one (imports included)."""
+    from research.data import catalog
+
+    timings = {}
+    for name in ("cifar10", "tfds:cifar100"):
+        start = time.perf_counter()
+        try:
+            catalog.source(name, "train", data_dir)
+        except files.MissingDataError:
+            timings[f"missing {name}, in process"] = time.perf_counter() - start
+    script = f"from research.data import catalog\ntry:\n catalog.source('cifar10', 'train', {data_dir!r})\nexcept Exception as e:\n print(e)"
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, check=True)
+    timings["missing cifar10, fresh python"] = time.perf_counter() - start
+    return timings
+
+
+def main() -> None:
+    data_dir = tempfile.mkdtemp(prefix="tfds_benchmark_")
+    config = digits_mlp.get_config()
+    config.data_dir = data_dir
+    digits = digits_mlp.make_data(config, "train")
+    steps = digits_steps_per_second(config, digits)
+    rows = [
+        (f"digits pipeline, in memory (digits_mlp; batch {config.batch_size})", batches_per_second(digits, 10 * BATCHES), "batches/s"),
+        (f"digits pipeline, per-example tfds records (batch {config.batch_size})", batches_per_second(digits_per_example_batches(config), 200), "batches/s"),
+        (f"char-LM pipeline, window gather ({CHAR_BATCH}x{CHAR_LENGTH})", batches_per_second(char_lm_batches(data_dir, in_memory=True), 10 * BATCHES), "batches/s"),
+        (f"char-LM pipeline, per-example windows ({CHAR_BATCH}x{CHAR_LENGTH})", batches_per_second(char_lm_batches(data_dir, in_memory=False)), "batches/s"),
+    ]
+    rows += [(f"digits_mlp {name} ({jax.device_count()} device(s))", rate, "steps/s") for name, rate in steps.items()]
+    rows += [(name, seconds, "s") for name, seconds in missing_error_seconds(data_dir).items()]
+    print(f"{'measure':66s} {'value':>10s}")
+    for name, value, unit in rows:
+        print(f"{name:66s} {value:10.3f} {unit}" if unit == "s" else f"{name:66s} {value:10.0f} {unit}")
+    for name, rate in steps.items():
+        print(f"in-memory digits pipeline / digits_mlp {name}: {rows[0][1] / rate:.1f}x (bar: 5x)")
+    print("char-GPT: no char-level model in research/models yet, so the char-LM pipeline is measured alone")
+
+
+if __name__ == "__main__":
+    main()

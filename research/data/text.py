@@ -1,0 +1,190 @@
+"""Text for language models: tokenizers, training windows, sequence packing and MLM masking.
+
+Legend: L sequence length. Token ids are int32. Both tokenizers reserve id 0 for padding so
+packed and masked batches can use 0 as "nothing here".
+"""
+
+import dataclasses
+import io
+from typing import Callable, Sequence
+
+import numpy as np
+import sentencepiece
+
+PAD_ID = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class CharTokenizer:
+    """One id per distinct character of the text it was built from; 0 is padding."""
+
+    characters: str
+
+    @classmethod
+    def from_text(cls, text: str) -> "CharTokenizer":
+        return cls("".join(sorted(set(text))))
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.characters) + 1
+
+    def encode(self, text: str) -> np.ndarray:
+        """int32 ids; a character not in the vocabulary is an error naming it."""
+        table = {character: index + 1 for index, character in enumerate(self.characters)}
+        try:
+            return np.array([table[character] for character in text], dtype=np.int32)
+        except KeyError as error:
+            raise ValueError(f"character {error.args[0]!r} is not in this tokenizer's vocabulary") from None
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return "".join(self.characters[index - 1] for index in ids if index != PAD_ID)
+
+
+class SubwordTokenizer:
+    """A sentencepiece BPE model trained from text, kept as its serialized bytes (Kudo & Richardson, 2018).
+
+    Whitespace is kept as is and newline is a token of its own, so decode(encode(text)) == text.
+    """
+
+    def __init__(self, model_proto: bytes):
+        self.model_proto = model_proto
+        self._processor = sentencepiece.SentencePieceProcessor(model_proto=model_proto)
+
+    @classmethod
+    def train(cls, text: str, vocab_size: int) -> "SubwordTokenizer":
+        """Trains deterministically (one thread) on the lines of `text`."""
+        model = io.BytesIO()
+        sentencepiece.SentencePieceTrainer.train(
+            sentence_iterator=iter(text.split("\n")),
+            model_writer=model,
+            vocab_size=vocab_size,
+            model_type="bpe",
+            character_coverage=1.0,
+            normalization_rule_name="identity",
+            remove_extra_whitespaces=False,
+            add_dummy_prefix=False,
+            user_defined_symbols=["\n"],
+            pad_id=PAD_ID, unk_id=1, bos_id=2, eos_id=3,
+            num_threads=1,
+            minloglevel=2,
+        )
+        return cls(model.getvalue())
+
+    @property
+    def vocab_size(self) -> int:
+        return self._processor.get_piece_size()
+
+    def encode(self, text: str) -> np.ndarray:
+        return np.array(self._processor.encode(text), dtype=np.int32)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self._processor.decode([int(index) for index in ids if index != PAD_ID])
+
+
+@dataclasses.dataclass(frozen=True)
+class WindowSource:
+    """Random-access language-model examples cut from one long token array.
+
+    Example i is tokens[i * stride : i * stride + length + 1], split into inputs and targets
+    (the next token); by default windows do not overlap.
+    """
+
+    tokens: np.ndarray
+    length: int
+    stride: int = 0
+
+    def __len__(self) -> int:
+        step = self.stride or self.length
+        return max(0, (len(self.tokens) - self.length - 1) // step + 1)
+
+    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+        if not 0 <= index < len(self):
+            raise IndexError(f"window {index} of {len(self)}")
+        start = index * (self.stride or self.length)
+        window = self.tokens[start : start + self.length + 1]
+        return {"inputs": window[:-1], "targets": window[1:]}
+
+
+def window_columns(tokens: np.ndarray, length: int, stride: int = 0) -> tuple[dict[str, np.ndarray], Callable]:
+    """The windows of `WindowSource` for `pipeline.array_batches`: start offsets plus a batch gather.
+
+    Returns `({"start": starts_N}, transform)`; the transform turns a batch of starts into
+    `inputs_BxL` and `targets_BxL` with one numpy gather instead of one Python call per window.
+    """
+    windows = WindowSource(tokens, length, stride)
+    starts = np.arange(len(windows), dtype=np.int64) * (stride or length)
+    offsets = np.arange(length + 1)
+
+    def gather(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        window_BxL1 = tokens[batch["start"][:, None] + offsets]
+        return {"inputs": window_BxL1[:, :-1], "targets": window_BxL1[:, 1:]}
+
+    return {"start": starts}, gather
+
+
+def pack(documents: Sequence[np.ndarray], length: int) -> dict[str, np.ndarray]:
+    """Packs token sequences into rows of `length`, in order, each row filled before the next starts.
+
+    A document longer than a row continues in the next one. Returns `tokens_NxL`,
+    `segment_ids_NxL` (1, 2, ... per document within a row, 0 padding) and `positions_NxL`
+    (position within the document piece), the layout attention masks need.
+    """
+    tokens, segments, positions = [], [], []
+    row_tokens, row_segments, row_positions = [], [], []
+
+    def finish_row():
+        padding = length - len(row_tokens)
+        tokens.append(row_tokens + [PAD_ID] * padding)
+        segments.append(row_segments + [0] * padding)
+        positions.append(row_positions + [0] * padding)
+
+    for document in documents:
+        document = [int(token) for token in document]
+        while document:
+            if len(row_tokens) == length:
+                finish_row()
+                row_tokens, row_segments, row_positions = [], [], []
+            piece = document[: length - len(row_tokens)]
+            document = document[len(piece) :]
+            segment = (row_segments[-1] if row_segments else 0) + 1
+            row_tokens += piece
+            row_segments += [segment] * len(piece)
+            row_positions += list(range(len(piece)))
+    if row_tokens:
+        finish_row()
+    as_array = lambda rows: np.array(rows, dtype=np.int32).reshape(-1, length)
+    return {"tokens": as_array(tokens), "segment_ids": as_array(segments), "positions": as_array(positions)}
+
+
+def mask_tokens(
+    tokens_L: np.ndarray,
+    rng: np.random.Generator,
+    *,
+    mask_id: int,
+    vocab_size: int,
+    rate: float = 0.15,
+    special_ids: Sequence[int] = (PAD_ID,),
+) -> dict[str, np.ndarray]:
+    """BERT masking (Devlin et al., 2019): pick `rate` of the non-special tokens to predict;
+    of those 80% become `mask_id`, 10% a random token, 10% stay as they are.
+
+    Returns `inputs`, `targets` (the original tokens) and `weights` (1 where a prediction counts).
+    """
+    candidates = np.flatnonzero(~np.isin(tokens_L, special_ids))
+    count = min(len(candidates), max(1, round(rate * len(candidates)))) if len(candidates) else 0
+    chosen = rng.permutation(candidates)[:count]
+    action = rng.random(count)
+    inputs = tokens_L.copy()
+    inputs[chosen[action < 0.8]] = mask_id
+    randomized = chosen[(action >= 0.8) & (action < 0.9)]
+    inputs[randomized] = rng.integers(0, vocab_size, size=len(randomized))
+    weights = np.zeros(tokens_L.shape, np.float32)
+    weights[chosen] = 1.0
+    return {"inputs": inputs.astype(np.int32), "targets": tokens_L.astype(np.int32), "weights": weights}
+
+
+def split_text(name: str, split: str, data_dir: str | None = None) -> str:
+    """The whole text of a one-example-per-split dataset such as `tiny_shakespeare`."""
+    from research.data import catalog  # imported here: catalog imports every builder, text needs none
+
+    return catalog.source(name, split, data_dir)[0]["text"].decode("utf-8")

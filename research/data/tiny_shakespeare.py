@@ -1,0 +1,50 @@
+"""Tiny Shakespeare (Karpathy's char-rnn corpus) as a TensorFlow-free tfds builder over the shipped text.
+
+The official builder's split, by characters: train = the first 90% (1,003,854 characters),
+validation and test = the next two 5% (55,770 each). As in the official builder each split
+is ONE example holding its whole text: a language model reads it once, tokenizes it and cuts
+training windows by index (`research.data.text.WindowSource`), so the window length can
+change without preparing the data again.
+"""
+
+from pathlib import Path
+
+import tensorflow_datasets as tfds
+
+BUNDLED_DIR = Path(__file__).parent / "bundled" / "tiny_shakespeare"
+TEXT_FILE = BUNDLED_DIR / "input.txt"
+SPLIT_CHARACTERS = {"train": 1003854, "validation": 55770, "test": 55770}
+
+
+def split_text(text: str) -> dict[str, str]:
+    """The official 90/5/5 character split of the corpus."""
+    train_end, validation_end = int(len(text) * 0.9), int(len(text) * 0.95)
+    return {"train": text[:train_end], "validation": text[train_end:validation_end], "test": text[validation_end:]}
+
+
+def read_text() -> str:
+    """The shipped corpus."""
+    return TEXT_FILE.read_text(encoding="utf-8")
+
+
+class ResearchTinyShakespeare(tfds.core.GeneratorBasedBuilder):
+    """Tiny Shakespeare, one whole-split example per split, prepared as array_record."""
+
+    name = "research_tiny_shakespeare"  # the official builder owns `tiny_shakespeare`; see catalog.py
+    VERSION = tfds.core.Version("1.0.0")
+    RELEASE_NOTES = {"1.0.0": "Shipped input.txt, official 90/5/5 character split."}
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        return tfds.core.DatasetInfo(
+            builder=self,
+            description="40,000 lines of Shakespeare; each split is one example holding its whole text.",
+            features=tfds.features.FeaturesDict({"text": tfds.features.Text()}),
+            homepage="https://github.com/karpathy/char-rnn",
+        )
+
+    def _split_generators(self, dl_manager):
+        del dl_manager  # the text ships with the package
+        return {split: self._generate_examples(text) for split, text in split_text(read_text()).items()}
+
+    def _generate_examples(self, text: str):
+        yield 0, {"text": text}
