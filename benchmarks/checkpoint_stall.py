@@ -1,0 +1,70 @@
+"""How long the step loop waits for a checkpoint save: asynchronous against synchronous.
+
+  python benchmarks/checkpoint_stall.py [--width 2048]
+Builds the train state of digits_mlp widened to hidden layers of `--width` (Adam: three copies
+of the parameters), then saves it several times with each mode through research.checkpoint.
+"stall" is how long `save` blocks the caller (what the step loop loses); "total" runs until the
+write is on disk. Prints one table.
+"""
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+from experiments import digits_mlp  # noqa: E402
+from research import checkpoint, sharding, train  # noqa: E402
+
+SAVES = 5
+
+
+def build_state(width: int, data_dir: str):
+    config = digits_mlp.get_config("smoke")
+    config.data_dir = data_dir
+    config.model.features = (width, width, width, 10)
+    mesh = sharding.make_mesh(config.mesh)
+    functions = train.bind(digits_mlp, digits_mlp.make_model(config))
+    iterator = iter(digits_mlp.make_data(config, "train"))
+    batch = sharding.put_batch(next(iterator), mesh)
+    state, _ = train.init_state(jax.random.PRNGKey(0), batch, init_params=functions["init_params"], tx=train.make_tx(config), mesh=mesh)
+    return config, state, iterator
+
+
+def time_saves(config, state, iterator, asynchronous: bool) -> dict[str, float]:
+    config.checkpoint.asynchronous = asynchronous
+    stalls, totals = [], []
+    with tempfile.TemporaryDirectory() as workdir:
+        manager = checkpoint.make_manager(workdir, config.checkpoint)
+        for step in range(1, SAVES + 1):
+            start = time.perf_counter()
+            checkpoint.save(manager, step, state, iterator, config, force=True)
+            stalls.append(time.perf_counter() - start)
+            manager.wait_until_finished()
+            totals.append(time.perf_counter() - start)
+        manager.close()
+    return {"stall": float(np.median(stalls)), "total": float(np.median(totals))}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--width", type=int, default=2048)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as data_dir:
+        config, state, iterator = build_state(args.width, data_dir)
+        megabytes = sum(leaf.nbytes for leaf in jax.tree.leaves(state)) / 2**20
+        rows = {mode: time_saves(config, state, iterator, mode == "async") for mode in ("sync", "async")}
+    print(f"train state: {megabytes:,.0f} MiB (params + Adam moments), median of {SAVES} saves, {jax.devices()[0].platform}")
+    print(f"{'mode':8s} {'stall (ms)':>12s} {'total (ms)':>12s}")
+    for mode, row in rows.items():
+        print(f"{mode:8s} {row['stall'] * 1e3:12.1f} {row['total'] * 1e3:12.1f}")
+
+
+if __name__ == "__main__":
+    main()
