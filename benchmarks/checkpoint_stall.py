@@ -33,7 +33,7 @@ def build_state(width: int, data_dir: str):
     functions = train.bind(digits_mlp, digits_mlp.make_model(config))
     iterator = iter(digits_mlp.make_data(config, "train"))
     batch = sharding.put_batch(next(iterator), mesh)
-    state, _ = train.init_state(jax.random.PRNGKey(0), batch, init_params=functions["init_params"], tx=train.make_tx(config), mesh=mesh)
+    state, _ = train.init_state(jax.random.PRNGKey(0), batch, init_variables=functions["init_variables"], tx=train.make_tx(config), mesh=mesh)
     return config, state, iterator
 
 

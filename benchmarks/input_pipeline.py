@@ -44,7 +44,7 @@ def digits_steps_per_second(config, batches) -> dict[str, float]:
     tx = make_optimizer(config.optimizer)
     host_batch = next(iter(batches))
     batch = sharding.put_batch(host_batch, mesh)
-    state, state_shardings = train.init_state(jax.random.PRNGKey(0), batch, init_params=functions["init_params"], tx=tx, mesh=mesh)
+    state, state_shardings = train.init_state(jax.random.PRNGKey(0), batch, init_variables=functions["init_variables"], tx=tx, mesh=mesh)
     train_fn, _ = train.compile_steps(functions, tx, state_shardings, mesh)
     rates = {}
     for name, place in (("step alone", lambda: batch), ("step + put_batch", lambda: sharding.put_batch(host_batch, mesh))):

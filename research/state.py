@@ -15,5 +15,6 @@ class TrainState:
 
     step: jax.Array
     params: PyTree
+    model_state: PyTree  # non-trainable collections such as BatchNorm's batch_stats; {} for most models
     opt_state: optax.OptState
     rng: jax.Array  # a raw uint32[2] key (jax.random.PRNGKey), which checkpoints as plain data

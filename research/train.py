@@ -3,7 +3,11 @@
 The trainer knows nothing about any one experiment. An experiment is any object (usually a
 module under experiments/) with `make_data(config, split)`, `make_model(config)`,
 `loss_fn(params, batch, rng, *, model)` and optionally `eval_fn(params, batch, *, model)`
-and `init_params(model, rng, batch)`. See README.md for the contract.
+and `init_variables(model, rng, batch)`. See README.md for the contract.
+
+A model with state besides its parameters (BatchNorm statistics) keeps it in
+`TrainState.model_state`; its loss_fn and eval_fn then take `model_state=` and loss_fn
+returns the updated state as `aux["model_state"]`.
 """
 
 import functools
@@ -34,27 +38,30 @@ Batch = Mapping[str, jax.Array]
 LossFn = Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
 
 
-def default_init_params(model, rng: jax.Array, batch: Batch) -> PyTree:
-    """Parameters of a model whose `__call__` takes `batch["inputs"]`."""
-    return model.init(rng, batch["inputs"])["params"]
+def default_init_variables(model, rng: jax.Array, batch: Batch) -> PyTree:
+    """All variables ({"params": ..., other collections}) of a model whose `__call__` takes `batch["inputs"]`."""
+    return model.init(rng, batch["inputs"])
 
 
 def init_state(
-    rng: jax.Array, batch: Batch, *, init_params: Callable, tx: optax.GradientTransformation, mesh: Mesh
+    rng: jax.Array, batch: Batch, *, init_variables: Callable, tx: optax.GradientTransformation, mesh: Mesh
 ) -> tuple[TrainState, PyTree]:
     """Creates the train state directly in its shardings; returns (state, state_shardings)."""
-    create, abstract_state = state_initializer(rng, batch, init_params=init_params, tx=tx, mesh=mesh)
+    create, abstract_state = state_initializer(rng, batch, init_variables=init_variables, tx=tx, mesh=mesh)
     shardings = jax.tree.map(lambda leaf: leaf.sharding, abstract_state)
     return jax.jit(create, out_shardings=shardings)(rng), shardings
 
 
-def state_initializer(rng: jax.Array, batch: Batch, *, init_params: Callable, tx: optax.GradientTransformation, mesh: Mesh):
+def state_initializer(rng: jax.Array, batch: Batch, *, init_variables: Callable, tx: optax.GradientTransformation, mesh: Mesh):
     """(create(rng) -> TrainState, the abstract state with shardings), without allocating anything."""
 
     def create(rng):
         init_rng, train_rng = jax.random.split(rng)
-        params = init_params(init_rng, batch)
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=train_rng)
+        variables = dict(init_variables(init_rng, batch))
+        params = variables.pop("params")
+        return TrainState(
+            step=jnp.zeros((), jnp.int32), params=params, model_state=variables, opt_state=tx.init(params), rng=train_rng
+        )
 
     shapes = jax.eval_shape(create, rng)
     shardings = sharding.state_shardings(shapes, mesh)
@@ -65,34 +72,43 @@ def state_initializer(rng: jax.Array, batch: Batch, *, init_params: Callable, tx
 def train_step(state: TrainState, batch: Batch, *, loss_fn: LossFn, tx: optax.GradientTransformation):
     """One optimizer step: gradient, update and apply, all in one jit region."""
     rng = jax.random.fold_in(state.rng, state.step)
-    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, rng)
+    (loss, aux), grads = jax.value_and_grad(_with_model_state(loss_fn, state.model_state), has_aux=True)(state.params, batch, rng)
+    aux = dict(aux)
+    model_state = aux.pop("model_state") if state.model_state else state.model_state
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = aux | {"loss": loss, "grad_norm": optax.global_norm(grads)}
-    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+    new_state = state.replace(step=state.step + 1, params=params, model_state=model_state, opt_state=opt_state)
+    return new_state, metrics
+
+
+def _with_model_state(fn: Callable, model_state: PyTree) -> Callable:
+    """`fn` with `model_state=` bound when the model has state; `fn` itself otherwise."""
+    return functools.partial(fn, model_state=model_state) if model_state else fn
 
 
 def loss_as_eval_fn(loss_fn: LossFn) -> Callable[..., dict[str, metrics_lib.Metric]]:
     """Evaluation by the training loss itself (rng=None: no dropout), weighted by real examples."""
 
-    def eval_fn(params, batch):
-        loss, aux = loss_fn(params, batch, None)
+    def eval_fn(params, batch, **model_state):
+        loss, aux = loss_fn(params, batch, None, **model_state)
+        aux = {name: value for name, value in aux.items() if name != "model_state"}
         weight = jnp.sum(batch["mask"])
         return {name: metrics_lib.Mean(total=value * weight, count=weight) for name, value in (aux | {"loss": loss}).items()}
 
     return eval_fn
 
 
-def eval_step(params: PyTree, batch: Batch, *, eval_fn: Callable) -> dict[str, metrics_lib.Metric]:
-    """Metric accumulators for one batch."""
-    return eval_fn(params, batch)
+def eval_step(state: TrainState, batch: Batch, *, eval_fn: Callable) -> dict[str, metrics_lib.Metric]:
+    """Metric accumulators for one batch (the model in inference mode: no dropout, running statistics)."""
+    return _with_model_state(eval_fn, state.model_state)(state.params, batch)
 
 
-def evaluate(params: PyTree, dataset: Iterable, *, step_fn: Callable, mesh: Mesh) -> dict[str, float]:
+def evaluate(state: TrainState, dataset: Iterable, *, step_fn: Callable, mesh: Mesh) -> dict[str, float]:
     """One pass over `dataset`; accumulators merge on device, numbers reach the host once."""
     accumulated = None
     for batch in dataset:
-        accumulated = metrics_lib.merge(accumulated, step_fn(params, sharding.put_batch(batch, mesh)))
+        accumulated = metrics_lib.merge(accumulated, step_fn(state, sharding.put_batch(batch, mesh)))
     if accumulated is None:
         raise ValueError("the evaluation split yielded no batches")
     return metrics_lib.compute(accumulated)
@@ -151,12 +167,12 @@ class _TrainMetrics:
 
 
 def bind(experiment: ModuleType, model) -> dict[str, Callable]:
-    """The experiment's loss_fn, eval_fn (or the loss as eval) and init_params with the model bound."""
+    """The experiment's loss_fn, eval_fn (or the loss as eval) and init_variables with the model bound."""
     loss_fn = functools.partial(experiment.loss_fn, model=model)
     eval_fn = getattr(experiment, "eval_fn", None)
     eval_fn = functools.partial(eval_fn, model=model) if eval_fn else loss_as_eval_fn(loss_fn)
-    init_params = functools.partial(getattr(experiment, "init_params", default_init_params), model)
-    return {"loss_fn": loss_fn, "eval_fn": eval_fn, "init_params": init_params}
+    init_variables = functools.partial(getattr(experiment, "init_variables", default_init_variables), model)
+    return {"loss_fn": loss_fn, "eval_fn": eval_fn, "init_variables": init_variables}
 
 
 def compile_steps(functions: dict[str, Callable], tx: optax.GradientTransformation, state_shardings, mesh: Mesh):
@@ -170,7 +186,7 @@ def compile_steps(functions: dict[str, Callable], tx: optax.GradientTransformati
     )
     eval_fn = jax.jit(
         functools.partial(eval_step, eval_fn=functions["eval_fn"]),
-        in_shardings=(state_shardings.params, batch_sharding),
+        in_shardings=(state_shardings, batch_sharding),
         out_shardings=replicated,
     )
     return train_fn, eval_fn
@@ -201,7 +217,7 @@ def _start(config, functions, tx, train_iterator, manager, mesh, allow_config_ch
     """(start step, state, shardings, first batch): restored from the newest good checkpoint, else fresh."""
     batch = sharding.put_batch(next(train_iterator), mesh)
     rng = jax.random.PRNGKey(config.seed)
-    create, abstract_state = state_initializer(rng, batch, init_params=functions["init_params"], tx=tx, mesh=mesh)
+    create, abstract_state = state_initializer(rng, batch, init_variables=functions["init_variables"], tx=tx, mesh=mesh)
     shardings = jax.tree.map(lambda leaf: leaf.sharding, abstract_state)
     step, state = checkpoint.restore_latest(
         manager, abstract_state, train_iterator, config, allow_config_change=allow_config_change
@@ -275,8 +291,8 @@ def train_and_evaluate(
     eval_data = {split: experiment.make_data(config, split) for split in ("validation", "test")}
     logger = Logger(workdir, total_steps=config.num_steps, start_step=start)
 
-    def run_eval(params, split: str, prefix: str, step: int) -> dict[str, float]:
-        results = evaluate(params, eval_data[split], step_fn=eval_fn, mesh=mesh)
+    def run_eval(state, split: str, prefix: str, step: int) -> dict[str, float]:
+        results = evaluate(state, eval_data[split], step_fn=eval_fn, mesh=mesh)
         results = {f"{prefix}/{name}": value for name, value in results.items()}
         logger.write(step, results)
         return results
@@ -301,7 +317,7 @@ def train_and_evaluate(
                 evaluated = None
                 if config.eval_every and step % config.eval_every == 0 and step != config.num_steps:
                     train_metrics.flush()
-                    evaluated = run_eval(state.params, "validation", "eval", step)
+                    evaluated = run_eval(state, "validation", "eval", step)
                 stopping = watcher.requested is not None or step == stop_at_step
                 if step < config.num_steps:  # the last step is saved below, with the final metrics
                     save(step, evaluated, force=stopping or bool(evaluated and config.checkpoint.best_metric))
@@ -313,8 +329,8 @@ def train_and_evaluate(
                     print(f"stopped at step {step} ({watcher.requested or 'stop_at_step'}); checkpoint saved in {manager.directory}")
                     return {}
             train_metrics.flush()
-            final = run_eval(state.params, "validation", "eval", config.num_steps)
-            final |= run_eval(state.params, "test", "test", config.num_steps)
+            final = run_eval(state, "validation", "eval", config.num_steps)
+            final |= run_eval(state, "test", "test", config.num_steps)
             if start < config.num_steps:
                 save(config.num_steps, final, force=True)
     except NonFiniteError as error:

@@ -115,7 +115,7 @@ def test_checkpoint_from_8_devices_restores_on_1(data_dir, tmp_path):
         mesh = sharding.make_mesh(config.mesh, devices)
         iterator = iter(module.make_data(config, "train"))
         batch = sharding.put_batch(next(iterator), mesh)
-        _, abstract = train.state_initializer(jax.random.PRNGKey(0), batch, init_params=functions["init_params"], tx=tx, mesh=mesh)
+        _, abstract = train.state_initializer(jax.random.PRNGKey(0), batch, init_variables=functions["init_variables"], tx=tx, mesh=mesh)
         manager = checkpoint.make_manager(tmp_path, config.checkpoint)
         state, _ = checkpoint.restore(manager, 3, abstract, iterator)
         manager.close()
