@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from research.models import param_count
+from research.models.cnn import CNN
 from research.models.gpt import GPT
 
 NANOGPT_CPU = dict(vocab_size=65, block_size=64, num_layers=4, num_heads=4, width=128)
@@ -87,3 +88,23 @@ def test_gpt_dropout_and_bfloat16():
     reduced = half.apply({"params": half_params}, tokens_BxL)
     assert reduced.dtype == jnp.float32
     assert 0.0 < np.abs(reduced - full).max() < 0.1, "bfloat16 compute should differ from float32, slightly"
+
+
+# CNN --------------------------------------------------------------------------------------------
+
+
+def test_cnn_param_count_and_shapes():
+    model = CNN()
+    conv1, conv2 = 3 * 3 * 1 * 64 + 64, 3 * 3 * 64 * 128 + 128
+    dense1, dense2 = 7 * 7 * 128 * 1000 + 1000, 1000 * 10 + 10
+    assert param_count(init_params(model, jnp.zeros((1, 28, 28, 1)))) == conv1 + conv2 + dense1 + dense2 == 6_357_506
+    small = CNN(conv_features=(4, 8), dense_features=16, pooling="max")
+    images_BxHxW = np.random.default_rng(0).random((3, 28, 28), dtype=np.float32)
+    variables = small.init(jax.random.PRNGKey(0), images_BxHxW)
+    logits_BxK = small.apply(variables, images_BxHxW)
+    assert logits_BxK.shape == (3, 10) and logits_BxK.dtype == jnp.float32
+    np.testing.assert_array_equal(logits_BxK, small.apply(variables, images_BxHxW[..., None]))
+    average = CNN(conv_features=(4, 8), dense_features=16).apply(variables, images_BxHxW)
+    assert np.abs(average - logits_BxK).max() > 0, "average and max pooling must differ"
+    with pytest.raises(ValueError, match="pooling"):
+        CNN(pooling="median").init(jax.random.PRNGKey(0), images_BxHxW)
