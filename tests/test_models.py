@@ -1,21 +1,40 @@
 """Model families: parameter counts equal to written-out formulas (and the papers' numbers),
 output shapes, causality to exact zero difference, dtypes, and the layouts other code relies on."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import assert_trees_close
 
 from research.models import param_count
 from research.models.cnn import CNN
 from research.models.gpt import GPT
+from research.models.resnet import CifarResNet, zero_padded_shortcut
 
 NANOGPT_CPU = dict(vocab_size=65, block_size=64, num_layers=4, num_heads=4, width=128)
 
 
 def init_params(model, *inputs, **kwargs):
     """Shapes only where the values are not needed: eval_shape costs no compute."""
-    return jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), *inputs, **kwargs))["params"]
+    return jax.eval_shape(lambda: model.init(key(0), *inputs, **kwargs))["params"]
+
+
+def key(seed: int) -> jax.Array:
+    """RBG keys: their random ops compile in a fraction of threefry's time, which dominates these tests."""
+    return jax.random.key(seed, impl="rbg")
+
+
+def init_variables(model, *inputs) -> dict:
+    """Every variable collection, initialised under one jit."""
+    return jax.jit(model.init)(key(0), *inputs)
+
+
+def jit_apply(model, **keywords):
+    """model.apply with fixed keyword arguments, jitted: (variables, *inputs, rngs=...) -> outputs."""
+    return jax.jit(functools.partial(model.apply, **keywords))
 
 
 def assert_causal(apply, tokens_BxL: np.ndarray, vocab_size: int, position: int) -> None:
@@ -59,33 +78,29 @@ def test_gpt_nanogpt_cpu_config_size():
 def test_gpt_shapes_and_causality():
     model = GPT(**NANOGPT_CPU | dict(block_size=16, num_layers=2, width=32))
     tokens_BxL = np.random.default_rng(0).integers(0, 65, size=(2, 16)).astype(np.int32)
-    params = model.init(jax.random.PRNGKey(0), tokens_BxL)["params"]
-    apply = jax.jit(lambda tokens: model.apply({"params": params}, tokens))
+    variables = init_variables(model, tokens_BxL)
+    apply = functools.partial(jit_apply(model), variables)
     logits_BxLxV = apply(tokens_BxL)
     assert logits_BxLxV.shape == (2, 16, 65) and logits_BxLxV.dtype == jnp.float32
     assert_causal(apply, tokens_BxL, 65, position=9)
     with pytest.raises(ValueError, match="block_size"):
-        model.apply({"params": params}, np.zeros((1, 17), np.int32))
+        model.apply(variables, np.zeros((1, 17), np.int32))
 
 
 def test_gpt_dropout_and_bfloat16():
     config = NANOGPT_CPU | dict(block_size=8, num_layers=1, width=32)
     tokens_BxL = np.arange(16, dtype=np.int32).reshape(2, 8)
     model = GPT(**config, dropout_rate=0.5)
-    params = model.init(jax.random.PRNGKey(0), tokens_BxL)["params"]
-    evaluate = model.apply({"params": params}, tokens_BxL)
-    again = model.apply({"params": params}, tokens_BxL, deterministic=True)
-    train = [
-        model.apply({"params": params}, tokens_BxL, deterministic=False, rngs={"dropout": jax.random.PRNGKey(seed)})
-        for seed in (1, 2)
-    ]
-    np.testing.assert_array_equal(evaluate, again)
+    variables = init_variables(model, tokens_BxL)
+    evaluate = jit_apply(model)(variables, tokens_BxL)  # deterministic by default
+    train_apply = jit_apply(model, deterministic=False)
+    train = [train_apply(variables, tokens_BxL, rngs={"dropout": key(seed)}) for seed in (1, 2)]
     assert np.abs(train[0] - evaluate).max() > 0 and np.abs(train[0] - train[1]).max() > 0
     half = GPT(**config, dtype=jnp.bfloat16)
-    half_params = half.init(jax.random.PRNGKey(0), tokens_BxL)["params"]
+    half_params = init_params(half, tokens_BxL)
     assert {leaf.dtype for leaf in jax.tree.leaves(half_params)} == {jnp.dtype(jnp.float32)}
-    full = GPT(**config).apply({"params": half_params}, tokens_BxL)
-    reduced = half.apply({"params": half_params}, tokens_BxL)
+    full = jit_apply(GPT(**config))(variables, tokens_BxL)
+    reduced = jit_apply(half)(variables, tokens_BxL)
     assert reduced.dtype == jnp.float32
     assert 0.0 < np.abs(reduced - full).max() < 0.1, "bfloat16 compute should differ from float32, slightly"
 
@@ -100,11 +115,75 @@ def test_cnn_param_count_and_shapes():
     assert param_count(init_params(model, jnp.zeros((1, 28, 28, 1)))) == conv1 + conv2 + dense1 + dense2 == 6_357_506
     small = CNN(conv_features=(4, 8), dense_features=16, pooling="max")
     images_BxHxW = np.random.default_rng(0).random((3, 28, 28), dtype=np.float32)
-    variables = small.init(jax.random.PRNGKey(0), images_BxHxW)
-    logits_BxK = small.apply(variables, images_BxHxW)
+    variables = init_variables(small, images_BxHxW)
+    logits_BxK = jit_apply(small)(variables, images_BxHxW)
     assert logits_BxK.shape == (3, 10) and logits_BxK.dtype == jnp.float32
-    np.testing.assert_array_equal(logits_BxK, small.apply(variables, images_BxHxW[..., None]))
-    average = CNN(conv_features=(4, 8), dense_features=16).apply(variables, images_BxHxW)
+    np.testing.assert_array_equal(logits_BxK, jit_apply(small)(variables, images_BxHxW[..., None]))
+    average = jit_apply(CNN(conv_features=(4, 8), dense_features=16))(variables, images_BxHxW)
     assert np.abs(average - logits_BxK).max() > 0, "average and max pooling must differ"
     with pytest.raises(ValueError, match="pooling"):
-        CNN(pooling="median").init(jax.random.PRNGKey(0), images_BxHxW)
+        jax.eval_shape(CNN(pooling="median").init, key(0), images_BxHxW)
+
+
+# ResNet -----------------------------------------------------------------------------------------
+
+
+def resnet_param_formula(depth, num_classes=10, width=16):
+    """Bias-free 3x3 convolutions, BatchNorm scale and bias after each, parameter-free shortcuts, dense head."""
+    blocks = (depth - 2) // 6
+    total = 9 * 3 * width + 2 * width + 4 * width * num_classes + num_classes
+    for stage in range(3):
+        features = width * 2**stage
+        for block in range(blocks):
+            inputs = features // 2 if stage > 0 and block == 0 else features
+            total += 9 * inputs * features + 9 * features * features + 4 * features
+    return total
+
+
+@pytest.mark.parametrize("depth,expected", [(20, 269_722), (32, 464_154), (56, 853_018)])
+def test_resnet_param_counts_match_paper(depth, expected):
+    # He et al. 2016, Table 6: 0.27M, 0.46M, 0.85M.
+    variables = jax.eval_shape(lambda: CifarResNet(depth=depth).init(key(0), jnp.zeros((1, 32, 32, 3))))
+    assert param_count(variables["params"]) == resnet_param_formula(depth) == expected
+    norms = [leaf for path, leaf in jax.tree_util.tree_leaves_with_path(variables["params"]) if "norm" in str(path)]
+    assert param_count(variables["batch_stats"]) == param_count(norms)  # a mean and a variance per scale and bias
+
+
+def test_resnet_shapes_batch_norm_modes_and_shortcuts():
+    model = CifarResNet(depth=8, width=4)
+    images_BxHxWxC = np.random.default_rng(0).normal(size=(4, 8, 8, 3)).astype(np.float32)
+    variables = init_variables(model, images_BxHxWxC)
+    logits_BxK, updates = jit_apply(model, train=True, mutable=["batch_stats"])(variables, images_BxHxWxC)
+    assert logits_BxK.shape == (4, 10) and logits_BxK.dtype == jnp.float32
+    stem_mean = updates["batch_stats"]["stem_norm"]["mean"]
+    stem_conv = jax.lax.conv_general_dilated(
+        images_BxHxWxC, variables["params"]["stem_conv"]["kernel"], (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
+    np.testing.assert_allclose(stem_mean, 0.1 * stem_conv.mean(axis=(0, 1, 2)), atol=1e-6)
+    # Evaluation uses the running statistics: one example's logits do not depend on the rest of the batch.
+    evaluated = jit_apply(model)(variables, images_BxHxWxC)
+    np.testing.assert_allclose(jit_apply(model)(variables, images_BxHxWxC[:1]), evaluated[:1], atol=1e-6)
+    shortcut = zero_padded_shortcut(jnp.ones((1, 4, 4, 2)), features=4, stride=2)
+    assert shortcut.shape == (1, 2, 2, 4)
+    np.testing.assert_array_equal(shortcut[..., 2:], 0.0)
+    with pytest.raises(ValueError, match="6n"):
+        jax.eval_shape(CifarResNet(depth=21).init, key(0), images_BxHxWxC)
+
+
+def test_resnet_batch_norm_over_sharded_batch_uses_global_statistics():
+    model = CifarResNet(depth=8, width=4)
+    images_BxHxWxC = np.random.default_rng(1).normal(size=(16, 8, 8, 3)).astype(np.float32)
+    images_BxHxWxC[8:] += 3.0  # shards see different data, so per-shard statistics would differ
+    variables = init_variables(model, images_BxHxWxC)
+
+    def train_apply(images):
+        return model.apply(variables, images, train=True, mutable=["batch_stats"])
+
+    mesh = jax.make_mesh((8,), ("data",), devices=jax.devices())
+    sharded = jax.device_put(images_BxHxWxC, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data")))
+    sharded_logits, sharded_stats = jax.jit(train_apply)(sharded)
+    local_logits, local_stats = jax.jit(train_apply)(jax.device_put(images_BxHxWxC, jax.devices()[0]))
+    assert_trees_close(sharded_stats, local_stats, atol=1e-5)
+    np.testing.assert_allclose(sharded_logits, local_logits, atol=1e-5)
+    first_shard_mean = jax.jit(train_apply)(images_BxHxWxC[:2])[1]["batch_stats"]["stem_norm"]["mean"]
+    assert np.abs(first_shard_mean - local_stats["batch_stats"]["stem_norm"]["mean"]).max() > 1e-2
