@@ -13,6 +13,7 @@ from research.models import param_count
 from research.models.cnn import CNN
 from research.models.gpt import GPT
 from research.models.resnet import CifarResNet, zero_padded_shortcut
+from research.models.rnn import RecurrentLM
 
 NANOGPT_CPU = dict(vocab_size=65, block_size=64, num_layers=4, num_heads=4, width=128)
 
@@ -187,3 +188,37 @@ def test_resnet_batch_norm_over_sharded_batch_uses_global_statistics():
     np.testing.assert_allclose(sharded_logits, local_logits, atol=1e-5)
     first_shard_mean = jax.jit(train_apply)(images_BxHxWxC[:2])[1]["batch_stats"]["stem_norm"]["mean"]
     assert np.abs(first_shard_mean - local_stats["batch_stats"]["stem_norm"]["mean"]).max() > 1e-2
+
+
+# RNN --------------------------------------------------------------------------------------------
+
+
+def rnn_param_formula(vocab_size, width, num_layers, cell, embedding_dim):
+    """Embedding + per layer (LSTM: 4 gates, input kernels bias-free; GRU: 3 input and 3 hidden kernels, 4 biases) + head."""
+    total = vocab_size * embedding_dim + width * vocab_size + vocab_size
+    for layer in range(num_layers):
+        inputs = embedding_dim if layer == 0 else width
+        if cell == "lstm":
+            total += 4 * (inputs * width + width * width + width)
+        else:
+            total += 3 * inputs * width + 3 * width * width + 4 * width
+    return total
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_rnn_param_count_shapes_and_causality(cell):
+    config = dict(vocab_size=65, width=32, num_layers=2, cell=cell, embedding_dim=16)
+    model = RecurrentLM(**config)
+    tokens_BxL = np.random.default_rng(0).integers(0, 65, size=(2, 12)).astype(np.int32)
+    variables = init_variables(model, tokens_BxL)
+    assert param_count(variables["params"]) == rnn_param_formula(**config)
+    assert sorted(variables["params"]) == ["head", "layer_0", "layer_1", "token_embedding"]
+    apply = functools.partial(jit_apply(model), variables)
+    logits_BxLxV = apply(tokens_BxL)
+    assert logits_BxLxV.shape == (2, 12, 65) and logits_BxLxV.dtype == jnp.float32
+    assert_causal(apply, tokens_BxL, 65, position=5)
+
+
+def test_rnn_rejects_unknown_cell():
+    with pytest.raises(ValueError, match="cell"):
+        jax.eval_shape(RecurrentLM(vocab_size=5, width=4, cell="rnn").init, key(0), jnp.zeros((1, 3), jnp.int32))
