@@ -10,6 +10,7 @@ import pytest
 from conftest import assert_trees_close
 
 from research.models import param_count
+from research.models.bert import BertClassifier, BertEncoder, BertForMaskedLM
 from research.models.cnn import CNN
 from research.models.gpt import GPT
 from research.models.resnet import CifarResNet, zero_padded_shortcut
@@ -222,3 +223,70 @@ def test_rnn_param_count_shapes_and_causality(cell):
 def test_rnn_rejects_unknown_cell():
     with pytest.raises(ValueError, match="cell"):
         jax.eval_shape(RecurrentLM(vocab_size=5, width=4, cell="rnn").init, key(0), jnp.zeros((1, 3), jnp.int32))
+
+
+# BERT -------------------------------------------------------------------------------------------
+
+BERT_BASE = dict(vocab_size=30522, max_length=512, num_layers=12, num_heads=12, width=768)
+TINY_BERT = dict(vocab_size=50, max_length=16, num_layers=2, num_heads=2, width=16)
+
+
+def bert_encoder_param_formula(vocab_size, max_length, num_layers, width, num_segments=2, **_):
+    """Token, position, segment embeddings + one LayerNorm + per block (attention, 2 LayerNorms, 4x MLP)."""
+    attention = 4 * width * width + 4 * width
+    mlp = 8 * width * width + 5 * width
+    return (vocab_size + max_length + num_segments) * width + 2 * width + num_layers * (attention + 4 * width + mlp)
+
+
+def test_bert_base_param_counts():
+    encoder = BertEncoder(**BERT_BASE)
+    tokens_BxL = jnp.zeros((1, 8), jnp.int32)
+    classifier = init_params(BertClassifier(encoder, num_classes=2), tokens_BxL)
+    masked_lm = init_params(BertForMaskedLM(encoder), tokens_BxL)
+    assert param_count(classifier["encoder"]) == bert_encoder_param_formula(**BERT_BASE) == 108_891_648
+    # BERT-base as usually counted (encoder + pooler): 109,482,240, the paper's "110M".
+    assert param_count(classifier["encoder"]) + param_count(classifier["pooler"]) == 109_482_240
+    assert param_count(classifier) - param_count(classifier["encoder"]) == (768 * 768 + 768) + (768 * 2 + 2)
+    # The output layer is the tied token embedding: only the transform, its LayerNorm and a bias are new.
+    assert param_count(masked_lm) - param_count(masked_lm["encoder"]) == (768 * 768 + 768) + 2 * 768 + 30522
+    pre_norm = init_params(BertClassifier(BertEncoder(**BERT_BASE, pre_layer_norm=True), num_classes=2), tokens_BxL)
+    assert param_count(pre_norm) == param_count(classifier)
+    assert "final_norm" in pre_norm["encoder"] and "embedding_norm" not in pre_norm["encoder"]
+
+
+def test_bert_encoder_restores_from_masked_lm_into_classifier():
+    encoder = BertEncoder(**TINY_BERT)
+    tokens_BxL = np.random.default_rng(0).integers(0, 50, size=(2, 16)).astype(np.int32)
+    masked_lm, classifier = BertForMaskedLM(encoder), BertClassifier(encoder, num_classes=3)
+    pretrained = init_variables(masked_lm, tokens_BxL)["params"]
+    fresh = init_params(classifier, tokens_BxL)
+
+    def shapes(tree):
+        return jax.tree.map(lambda leaf: (leaf.shape, leaf.dtype), tree)
+
+    assert shapes(pretrained["encoder"]) == shapes(fresh["encoder"])
+    restored = {"params": {**jax.tree.map(jnp.zeros_like, fresh), "encoder": pretrained["encoder"]}}
+
+    def encode(model, variables):
+        return model.apply(variables, tokens_BxL, method=lambda bound, tokens: bound.encoder(tokens))
+
+    np.testing.assert_array_equal(encode(classifier, restored), encode(masked_lm, {"params": pretrained}))
+    assert classifier.apply(restored, tokens_BxL).shape == (2, 3)
+
+
+def test_bert_padding_mask_and_bidirectional_attention():
+    model = BertForMaskedLM(BertEncoder(**TINY_BERT, num_segments=0, pre_layer_norm=True))
+    tokens_BxL = np.random.default_rng(1).integers(0, 50, size=(2, 16)).astype(np.int32)
+    mask_BxL = (np.arange(16) < np.array([[10], [16]])).astype(np.int32)  # the first sequence has 6 padding tokens
+    variables = init_variables(model, tokens_BxL, mask_BxL)
+    apply = jax.jit(functools.partial(model.apply, variables))
+    logits_BxLxV = apply(tokens_BxL, mask_BxL)
+    assert logits_BxLxV.shape == (2, 16, 50) and logits_BxLxV.dtype == jnp.float32
+    repadded_BxL = tokens_BxL.copy()
+    repadded_BxL[0, 10:] = (repadded_BxL[0, 10:] + 1) % 50
+    np.testing.assert_array_equal(apply(repadded_BxL, mask_BxL)[0, :10], logits_BxLxV[0, :10])
+    unmasked = apply(repadded_BxL, np.ones_like(mask_BxL))
+    assert np.abs(unmasked[0, :10] - logits_BxLxV[0, :10]).max() > 0, "without the mask, padding is attended to"
+    changed_BxL = tokens_BxL.copy()
+    changed_BxL[1, -1] = (changed_BxL[1, -1] + 1) % 50
+    assert np.abs(apply(changed_BxL, mask_BxL)[1, 0] - logits_BxLxV[1, 0]).max() > 0, "the first token sees the last"
