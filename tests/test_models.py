@@ -15,6 +15,7 @@ from research.models.cnn import CNN
 from research.models.gpt import GPT
 from research.models.resnet import CifarResNet, zero_padded_shortcut
 from research.models.rnn import RecurrentLM
+from research.models.vit import ViT
 
 NANOGPT_CPU = dict(vocab_size=65, block_size=64, num_layers=4, num_heads=4, width=128)
 
@@ -290,3 +291,37 @@ def test_bert_padding_mask_and_bidirectional_attention():
     changed_BxL = tokens_BxL.copy()
     changed_BxL[1, -1] = (changed_BxL[1, -1] + 1) % 50
     assert np.abs(apply(changed_BxL, mask_BxL)[1, 0] - logits_BxLxV[1, 0]).max() > 0, "the first token sees the last"
+
+
+# ViT --------------------------------------------------------------------------------------------
+
+
+def vit_param_formula(num_classes, patch_size, num_layers, width, mlp_dim, image_size, channels=3, **_):
+    """Patch embedding, [CLS], positions, per block (2 LayerNorms, attention, MLP), final LayerNorm, head."""
+    patches = (image_size // patch_size) ** 2
+    block = 2 * 2 * width + (4 * width * width + 4 * width) + (2 * width * mlp_dim + mlp_dim + width)
+    embedding = patch_size * patch_size * channels * width + width + width + (patches + 1) * width
+    return embedding + num_layers * block + 2 * width + width * num_classes + num_classes
+
+
+def test_vit_param_counts():
+    base = dict(num_classes=1000, patch_size=16, num_layers=12, num_heads=12, width=768, mlp_dim=3072)
+    params = init_params(ViT(**base), jnp.zeros((1, 224, 224, 3)))
+    assert param_count(params) == vit_param_formula(**base, image_size=224) == 86_567_656  # ViT-B/16: "86M"
+    small = dict(num_classes=10, patch_size=4, num_layers=2, num_heads=2, width=16, mlp_dim=32)
+    assert param_count(init_params(ViT(**small), jnp.zeros((1, 8, 8, 1)))) == vit_param_formula(**small, image_size=8, channels=1)
+
+
+def test_vit_shapes_and_zero_initial_logits():
+    model = ViT(num_classes=10, patch_size=4, num_layers=1, num_heads=2, width=16, dropout_rate=0.1)
+    images_BxHxWxC = np.random.default_rng(0).normal(size=(3, 8, 8, 1)).astype(np.float32)
+    variables = init_variables(model, images_BxHxWxC)
+    assert variables["params"]["position_embedding"].shape == (1, 5, 16)
+    logits_BxK = jit_apply(model)(variables, images_BxHxWxC)
+    assert logits_BxK.shape == (3, 10) and logits_BxK.dtype == jnp.float32
+    np.testing.assert_array_equal(logits_BxK, 0.0)
+    head = {"kernel": jnp.ones((16, 10)), "bias": jnp.zeros(10)}
+    logits_BxK = jit_apply(model)({"params": variables["params"] | {"head": head}}, images_BxHxWxC)
+    assert np.isfinite(logits_BxK).all() and np.abs(logits_BxK[0] - logits_BxK[1]).max() > 0
+    with pytest.raises(ValueError, match="patches"):
+        jax.eval_shape(model.init, key(0), jnp.zeros((1, 9, 8, 1)))
