@@ -78,34 +78,39 @@ def test_gpt_nanogpt_cpu_config_size():
     assert param_count(params) - 64 * 128 == 795_904
 
 
-def test_gpt_shapes_and_causality():
-    model = GPT(**NANOGPT_CPU | dict(block_size=16, num_layers=2, width=32))
+SMALL_GPT = NANOGPT_CPU | dict(block_size=16, num_layers=2, width=32, dropout_rate=0.5)
+
+
+@pytest.fixture(scope="module")
+def small_gpt():
+    """A 2-layer GPT with dropout, its variables, a token batch and its jitted evaluation apply."""
+    model = GPT(**SMALL_GPT)
     tokens_BxL = np.random.default_rng(0).integers(0, 65, size=(2, 16)).astype(np.int32)
     variables = init_variables(model, tokens_BxL)
-    apply = functools.partial(jit_apply(model), variables)
-    logits_BxLxV = apply(tokens_BxL)
+    return model, variables, tokens_BxL, functools.partial(jit_apply(model), variables)
+
+
+def test_gpt_shapes_and_causality(small_gpt):
+    model, variables, tokens_BxL, apply = small_gpt
+    logits_BxLxV = apply(tokens_BxL)  # deterministic by default: dropout off
     assert logits_BxLxV.shape == (2, 16, 65) and logits_BxLxV.dtype == jnp.float32
     assert_causal(apply, tokens_BxL, 65, position=9)
     with pytest.raises(ValueError, match="block_size"):
-        model.apply(variables, np.zeros((1, 17), np.int32))
+        jax.eval_shape(model.apply, variables, jnp.zeros((1, 17), jnp.int32))
 
 
-def test_gpt_dropout_and_bfloat16():
-    config = NANOGPT_CPU | dict(block_size=8, num_layers=1, width=32)
-    tokens_BxL = np.arange(16, dtype=np.int32).reshape(2, 8)
-    model = GPT(**config, dropout_rate=0.5)
-    variables = init_variables(model, tokens_BxL)
-    evaluate = jit_apply(model)(variables, tokens_BxL)  # deterministic by default
+def test_gpt_dropout_and_bfloat16(small_gpt):
+    model, variables, tokens_BxL, apply = small_gpt
+    evaluate = apply(tokens_BxL)
     train_apply = jit_apply(model, deterministic=False)
     train = [train_apply(variables, tokens_BxL, rngs={"dropout": key(seed)}) for seed in (1, 2)]
     assert np.abs(train[0] - evaluate).max() > 0 and np.abs(train[0] - train[1]).max() > 0
-    half = GPT(**config, dtype=jnp.bfloat16)
+    half = GPT(**SMALL_GPT, dtype=jnp.bfloat16)
     half_params = init_params(half, tokens_BxL)
     assert {leaf.dtype for leaf in jax.tree.leaves(half_params)} == {jnp.dtype(jnp.float32)}
-    full = jit_apply(GPT(**config))(variables, tokens_BxL)
     reduced = jit_apply(half)(variables, tokens_BxL)
     assert reduced.dtype == jnp.float32
-    assert 0.0 < np.abs(reduced - full).max() < 0.1, "bfloat16 compute should differ from float32, slightly"
+    assert 0.0 < np.abs(reduced - evaluate).max() < 0.1, "bfloat16 compute should differ from float32, slightly"
 
 
 # CNN --------------------------------------------------------------------------------------------
@@ -119,9 +124,10 @@ def test_cnn_param_count_and_shapes():
     small = CNN(conv_features=(4, 8), dense_features=16, pooling="max")
     images_BxHxW = np.random.default_rng(0).random((3, 28, 28), dtype=np.float32)
     variables = init_variables(small, images_BxHxW)
-    logits_BxK = jit_apply(small)(variables, images_BxHxW)
+    apply = jit_apply(small)
+    logits_BxK = apply(variables, images_BxHxW)
     assert logits_BxK.shape == (3, 10) and logits_BxK.dtype == jnp.float32
-    np.testing.assert_array_equal(logits_BxK, jit_apply(small)(variables, images_BxHxW[..., None]))
+    np.testing.assert_array_equal(logits_BxK, apply(variables, images_BxHxW[..., None]))
     average = jit_apply(CNN(conv_features=(4, 8), dense_features=16))(variables, images_BxHxW)
     assert np.abs(average - logits_BxK).max() > 0, "average and max pooling must differ"
     with pytest.raises(ValueError, match="pooling"):
@@ -164,8 +170,10 @@ def test_resnet_shapes_batch_norm_modes_and_shortcuts():
     )
     np.testing.assert_allclose(stem_mean, 0.1 * stem_conv.mean(axis=(0, 1, 2)), atol=1e-6)
     # Evaluation uses the running statistics: one example's logits do not depend on the rest of the batch.
-    evaluated = jit_apply(model)(variables, images_BxHxWxC)
-    np.testing.assert_allclose(jit_apply(model)(variables, images_BxHxWxC[:1]), evaluated[:1], atol=1e-6)
+    evaluate = jit_apply(model)
+    others_changed = images_BxHxWxC.copy()
+    others_changed[1:] *= -2.0
+    np.testing.assert_array_equal(evaluate(variables, others_changed)[0], evaluate(variables, images_BxHxWxC)[0])
     shortcut = zero_padded_shortcut(jnp.ones((1, 4, 4, 2)), features=4, stride=2)
     assert shortcut.shape == (1, 2, 2, 4)
     np.testing.assert_array_equal(shortcut[..., 2:], 0.0)
@@ -271,8 +279,14 @@ def test_bert_encoder_restores_from_masked_lm_into_classifier():
     def encode(model, variables):
         return model.apply(variables, tokens_BxL, method=lambda bound, tokens: bound.encoder(tokens))
 
-    np.testing.assert_array_equal(encode(classifier, restored), encode(masked_lm, {"params": pretrained}))
-    assert classifier.apply(restored, tokens_BxL).shape == (2, 3)
+    @jax.jit
+    def outputs(restored, pretrained):
+        """Both encoders' states and the classifier's logits, compiled once."""
+        return encode(classifier, restored), encode(masked_lm, {"params": pretrained}), classifier.apply(restored, tokens_BxL)
+
+    restored_BxLxD, pretrained_BxLxD, logits_BxK = outputs(restored, pretrained)
+    np.testing.assert_array_equal(restored_BxLxD, pretrained_BxLxD)
+    assert logits_BxK.shape == (2, 3)
 
 
 def test_bert_padding_mask_and_bidirectional_attention():
@@ -317,11 +331,12 @@ def test_vit_shapes_and_zero_initial_logits():
     images_BxHxWxC = np.random.default_rng(0).normal(size=(3, 8, 8, 1)).astype(np.float32)
     variables = init_variables(model, images_BxHxWxC)
     assert variables["params"]["position_embedding"].shape == (1, 5, 16)
-    logits_BxK = jit_apply(model)(variables, images_BxHxWxC)
+    apply = jit_apply(model)
+    logits_BxK = apply(variables, images_BxHxWxC)
     assert logits_BxK.shape == (3, 10) and logits_BxK.dtype == jnp.float32
     np.testing.assert_array_equal(logits_BxK, 0.0)
     head = {"kernel": jnp.ones((16, 10)), "bias": jnp.zeros(10)}
-    logits_BxK = jit_apply(model)({"params": variables["params"] | {"head": head}}, images_BxHxWxC)
+    logits_BxK = apply({"params": variables["params"] | {"head": head}}, images_BxHxWxC)
     assert np.isfinite(logits_BxK).all() and np.abs(logits_BxK[0] - logits_BxK[1]).max() > 0
     with pytest.raises(ValueError, match="patches"):
         jax.eval_shape(model.init, key(0), jnp.zeros((1, 9, 8, 1)))
