@@ -165,8 +165,9 @@ def test_resnet_shapes_batch_norm_modes_and_shortcuts():
     logits_BxK, updates = jit_apply(model, train=True, mutable=["batch_stats"])(variables, images_BxHxWxC)
     assert logits_BxK.shape == (4, 10) and logits_BxK.dtype == jnp.float32
     stem_mean = updates["batch_stats"]["stem_norm"]["mean"]
+    stem_kernel = variables["params"]["stem_conv"]["kernel"]
     stem_conv = jax.lax.conv_general_dilated(
-        images_BxHxWxC, variables["params"]["stem_conv"]["kernel"], (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+        images_BxHxWxC, stem_kernel, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
     )
     np.testing.assert_allclose(stem_mean, 0.1 * stem_conv.mean(axis=(0, 1, 2)), atol=1e-6)
     # Evaluation uses the running statistics: one example's logits do not depend on the rest of the batch.
@@ -204,7 +205,7 @@ def test_resnet_batch_norm_over_sharded_batch_uses_global_statistics():
 
 
 def rnn_param_formula(vocab_size, width, num_layers, cell, embedding_dim):
-    """Embedding + per layer (LSTM: 4 gates, input kernels bias-free; GRU: 3 input and 3 hidden kernels, 4 biases) + head."""
+    """Embedding + per layer (LSTM: 4 gates, bias-free input kernels; GRU: 3 + 3 kernels, 4 biases) + head."""
     total = vocab_size * embedding_dim + width * vocab_size + vocab_size
     for layer in range(num_layers):
         inputs = embedding_dim if layer == 0 else width
@@ -282,7 +283,8 @@ def test_bert_encoder_restores_from_masked_lm_into_classifier():
     @jax.jit
     def outputs(restored, pretrained):
         """Both encoders' states and the classifier's logits, compiled once."""
-        return encode(classifier, restored), encode(masked_lm, {"params": pretrained}), classifier.apply(restored, tokens_BxL)
+        logits_BxK = classifier.apply(restored, tokens_BxL)
+        return encode(classifier, restored), encode(masked_lm, {"params": pretrained}), logits_BxK
 
     restored_BxLxD, pretrained_BxLxD, logits_BxK = outputs(restored, pretrained)
     np.testing.assert_array_equal(restored_BxLxD, pretrained_BxLxD)
@@ -323,7 +325,8 @@ def test_vit_param_counts():
     params = init_params(ViT(**base), jnp.zeros((1, 224, 224, 3)))
     assert param_count(params) == vit_param_formula(**base, image_size=224) == 86_567_656  # ViT-B/16: "86M"
     small = dict(num_classes=10, patch_size=4, num_layers=2, num_heads=2, width=16, mlp_dim=32)
-    assert param_count(init_params(ViT(**small), jnp.zeros((1, 8, 8, 1)))) == vit_param_formula(**small, image_size=8, channels=1)
+    small_params = init_params(ViT(**small), jnp.zeros((1, 8, 8, 1)))
+    assert param_count(small_params) == vit_param_formula(**small, image_size=8, channels=1)
 
 
 def test_vit_shapes_and_zero_initial_logits():

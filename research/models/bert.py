@@ -88,7 +88,8 @@ class BertEncoder(nn.Module):
             raise ValueError(f"sequence length {length} exceeds max_length {self.max_length}")
         x_BxLxD = self.token_embedding(tokens_BxL) + self.position_embedding(jnp.arange(length))
         if self.num_segments:
-            x_BxLxD = x_BxLxD + self.segment_embedding(jnp.zeros_like(tokens_BxL) if segments_BxL is None else segments_BxL)
+            segments_BxL = jnp.zeros_like(tokens_BxL) if segments_BxL is None else segments_BxL
+            x_BxLxD = x_BxLxD + self.segment_embedding(segments_BxL)
         if not self.pre_layer_norm:
             x_BxLxD = self.embedding_norm(x_BxLxD)
         x_BxLxD = self.dropout(x_BxLxD, deterministic=deterministic)

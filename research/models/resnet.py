@@ -71,14 +71,13 @@ class CifarResNet(nn.Module):
             raise ValueError(f"depth {self.depth} is not 6n + 2 with n >= 1 (20, 32, 44, 56, 110)")
         blocks_per_stage = (self.depth - 2) // 6
         types = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        x = nn.Conv(self.width, (3, 3), use_bias=False, kernel_init=HE_NORMAL, name="stem_conv", **types)(images_BxHxWxC)
-        x = nn.BatchNorm(
-            use_running_average=not train, momentum=BATCH_NORM_MOMENTUM, epsilon=BATCH_NORM_EPSILON, name="stem_norm", **types
-        )(x)
-        x = nn.relu(x)
+        norm = dict(use_running_average=not train, momentum=BATCH_NORM_MOMENTUM, epsilon=BATCH_NORM_EPSILON, **types)
+        stem = nn.Conv(self.width, (3, 3), use_bias=False, kernel_init=HE_NORMAL, name="stem_conv", **types)
+        x = nn.relu(nn.BatchNorm(name="stem_norm", **norm)(stem(images_BxHxWxC)))
         for stage in range(3):
             for block in range(blocks_per_stage):
                 stride = 2 if stage > 0 and block == 0 else 1
-                x = BasicBlock(self.width * 2**stage, stride, name=f"stage_{stage}_block_{block}", **types)(x, train=train)
+                name = f"stage_{stage}_block_{block}"
+                x = BasicBlock(self.width * 2**stage, stride, name=name, **types)(x, train=train)
         x_BxC = jnp.mean(x, axis=(1, 2))
         return nn.Dense(self.num_classes, name="classifier", **types)(x_BxC).astype(jnp.float32)

@@ -38,8 +38,8 @@ class RecurrentLM(nn.Module):
             raise ValueError(f"cell {self.cell!r} is not one of {sorted(CELLS)}")
         types = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         dropout = nn.Dropout(self.dropout_rate, deterministic=deterministic)
-        x_BxLxE = nn.Embed(self.vocab_size, self.embedding_dim or self.width, name="token_embedding", **types)(tokens_BxL)
-        x_BxLxD = dropout(x_BxLxE)
+        embedding = nn.Embed(self.vocab_size, self.embedding_dim or self.width, name="token_embedding", **types)
+        x_BxLxD = dropout(embedding(tokens_BxL))
         for layer in range(self.num_layers):
             cell = CELLS[self.cell](features=self.width, parent=None, **types)  # adopted by nn.RNN, not by this module
             x_BxLxD = dropout(nn.RNN(cell, name=f"layer_{layer}")(x_BxLxD))

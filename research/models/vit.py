@@ -44,9 +44,11 @@ class ViT(nn.Module):
         x = nn.Conv(self.width, patch, strides=patch, padding="VALID", name="patch_embedding", **types)(images_BxHxWxC)
         x_BxNxD = x.reshape(batch, -1, self.width)
         cls_1x1xD = self.param("cls_token", nn.initializers.zeros, (1, 1, self.width), self.param_dtype)
-        x_BxNxD = jnp.concatenate([jnp.broadcast_to(cls_1x1xD, (batch, 1, self.width)).astype(x_BxNxD.dtype), x_BxNxD], axis=1)
+        cls_Bx1xD = jnp.broadcast_to(cls_1x1xD, (batch, 1, self.width)).astype(x_BxNxD.dtype)
+        x_BxNxD = jnp.concatenate([cls_Bx1xD, x_BxNxD], axis=1)
         positions_1xNxD = self.param("position_embedding", INIT, (1, x_BxNxD.shape[1], self.width), self.param_dtype)
-        x_BxNxD = nn.Dropout(self.dropout_rate, deterministic=deterministic)(x_BxNxD + positions_1xNxD.astype(x_BxNxD.dtype))
+        x_BxNxD = x_BxNxD + positions_1xNxD.astype(x_BxNxD.dtype)
+        x_BxNxD = nn.Dropout(self.dropout_rate, deterministic=deterministic)(x_BxNxD)
         for layer in range(self.num_layers):
             x_BxNxD = TransformerBlock(
                 num_heads=self.num_heads,
