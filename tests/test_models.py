@@ -6,9 +6,11 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from conftest import assert_trees_close
 
+from research import sharding
 from research.models import param_count
 from research.models.bert import BertClassifier, BertEncoder, BertForMaskedLM
 from research.models.cnn import CNN
@@ -38,6 +40,11 @@ def init_variables(model, *inputs) -> dict:
 def jit_apply(model, **keywords):
     """model.apply with fixed keyword arguments, jitted: (variables, *inputs, rngs=...) -> outputs."""
     return jax.jit(functools.partial(model.apply, **keywords))
+
+
+def batch_sharding() -> jax.sharding.NamedSharding:
+    """The trainer's batch sharding: leading axis split over all 8 devices of an Auto-axes mesh."""
+    return sharding.batch_sharding(sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1}))
 
 
 def assert_causal(apply, tokens_BxL: np.ndarray, vocab_size: int, position: int) -> None:
@@ -111,6 +118,25 @@ def test_gpt_dropout_and_bfloat16(small_gpt):
     reduced = jit_apply(half)(variables, tokens_BxL)
     assert reduced.dtype == jnp.float32
     assert 0.0 < np.abs(reduced - evaluate).max() < 0.1, "bfloat16 compute should differ from float32, slightly"
+
+
+def test_gpt_gradients_reach_every_parameter_and_sharded_equals_unsharded(small_gpt):
+    model, variables, _, _ = small_gpt
+    tokens_BxL = np.random.default_rng(2).integers(0, 65, size=(8, 16)).astype(np.int32)
+
+    def loss(params, tokens_BxL):
+        logits_BxLxV = model.apply({"params": params}, tokens_BxL)
+        return optax.softmax_cross_entropy_with_integer_labels(logits_BxLxV[:, :-1], tokens_BxL[:, 1:]).mean()
+
+    gradient = jax.jit(jax.value_and_grad(loss))
+    sharded_BxL = jax.device_put(tokens_BxL, batch_sharding())
+    local_loss, local_grads = gradient(variables["params"], tokens_BxL)
+    sharded_loss, sharded_grads = gradient(variables["params"], sharded_BxL)
+    np.testing.assert_allclose(sharded_loss, local_loss, rtol=1e-6)
+    assert_trees_close(sharded_grads, local_grads, atol=1e-6)
+    assert np.log(65) - 0.1 < local_loss < np.log(65) + 0.1, "small initial weights: near-uniform predictions"
+    smallest = jax.tree.map(lambda gradient: float(np.abs(gradient).max()), local_grads)
+    assert min(jax.tree.leaves(smallest)) > 0.0, "every parameter, the tied embedding included, gets a gradient"
 
 
 # CNN --------------------------------------------------------------------------------------------
@@ -191,8 +217,7 @@ def test_resnet_batch_norm_over_sharded_batch_uses_global_statistics():
     def train_apply(images):
         return model.apply(variables, images, train=True, mutable=["batch_stats"])
 
-    mesh = jax.make_mesh((8,), ("data",), devices=jax.devices())
-    sharded = jax.device_put(images_BxHxWxC, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data")))
+    sharded = jax.device_put(images_BxHxWxC, batch_sharding())
     sharded_logits, sharded_stats = jax.jit(train_apply)(sharded)
     local_logits, local_stats = jax.jit(train_apply)(jax.device_put(images_BxHxWxC, jax.devices()[0]))
     assert_trees_close(sharded_stats, local_stats, atol=1e-5)
