@@ -85,12 +85,12 @@ def test_gpt_nanogpt_cpu_config_size():
     assert param_count(params) - 64 * 128 == 795_904
 
 
-SMALL_GPT = NANOGPT_CPU | dict(block_size=16, num_layers=2, width=32, dropout_rate=0.5)
+SMALL_GPT = NANOGPT_CPU | dict(block_size=16, num_layers=1, width=32, dropout_rate=0.5)
 
 
 @pytest.fixture(scope="module")
 def small_gpt():
-    """A 2-layer GPT with dropout, its variables, a token batch and its jitted evaluation apply."""
+    """A 1-layer GPT with dropout, its variables, a token batch and its jitted evaluation apply."""
     model = GPT(**SMALL_GPT)
     tokens_BxL = np.random.default_rng(0).integers(0, 65, size=(2, 16)).astype(np.int32)
     variables = init_variables(model, tokens_BxL)
@@ -184,18 +184,31 @@ def test_resnet_param_counts_match_paper(depth, expected):
     assert param_count(variables["batch_stats"]) == param_count(norms)  # a mean and a variance per scale and bias
 
 
-def test_resnet_shapes_batch_norm_modes_and_shortcuts():
+@pytest.fixture(scope="module")
+def small_resnet():
+    """ResNet-8 at width 4, its variables, 16 images whose two halves differ, and a jitted training apply."""
     model = CifarResNet(depth=8, width=4)
-    images_BxHxWxC = np.random.default_rng(0).normal(size=(4, 8, 8, 3)).astype(np.float32)
+    images_BxHxWxC = np.random.default_rng(1).normal(size=(16, 8, 8, 3)).astype(np.float32)
+    images_BxHxWxC[8:] += 3.0  # so statistics over a part of the batch differ from the global ones
     variables = init_variables(model, images_BxHxWxC)
-    logits_BxK, updates = jit_apply(model, train=True, mutable=["batch_stats"])(variables, images_BxHxWxC)
-    assert logits_BxK.shape == (4, 10) and logits_BxK.dtype == jnp.float32
-    stem_mean = updates["batch_stats"]["stem_norm"]["mean"]
+    return model, variables, images_BxHxWxC, jit_apply(model, train=True, mutable=["batch_stats"])
+
+
+def stem_mean_update(variables, images_BxHxWxC: np.ndarray) -> jax.Array:
+    """The stem BatchNorm's first running-mean update from zero, computed outside the model."""
     stem_kernel = variables["params"]["stem_conv"]["kernel"]
     stem_conv = jax.lax.conv_general_dilated(
         images_BxHxWxC, stem_kernel, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
     )
-    np.testing.assert_allclose(stem_mean, 0.1 * stem_conv.mean(axis=(0, 1, 2)), atol=1e-6)
+    return 0.1 * stem_conv.mean(axis=(0, 1, 2))
+
+
+def test_resnet_shapes_batch_norm_modes_and_shortcuts(small_resnet):
+    model, variables, images_BxHxWxC, train_apply = small_resnet
+    logits_BxK, updates = train_apply(variables, images_BxHxWxC)
+    assert logits_BxK.shape == (16, 10) and logits_BxK.dtype == jnp.float32
+    expected_mean = stem_mean_update(variables, images_BxHxWxC)
+    np.testing.assert_allclose(updates["batch_stats"]["stem_norm"]["mean"], expected_mean, atol=1e-6)
     # Evaluation uses the running statistics: one example's logits do not depend on the rest of the batch.
     evaluate = jit_apply(model)
     others_changed = images_BxHxWxC.copy()
@@ -208,22 +221,14 @@ def test_resnet_shapes_batch_norm_modes_and_shortcuts():
         jax.eval_shape(CifarResNet(depth=21).init, key(0), images_BxHxWxC)
 
 
-def test_resnet_batch_norm_over_sharded_batch_uses_global_statistics():
-    model = CifarResNet(depth=8, width=4)
-    images_BxHxWxC = np.random.default_rng(1).normal(size=(16, 8, 8, 3)).astype(np.float32)
-    images_BxHxWxC[8:] += 3.0  # shards see different data, so per-shard statistics would differ
-    variables = init_variables(model, images_BxHxWxC)
-
-    def train_apply(images):
-        return model.apply(variables, images, train=True, mutable=["batch_stats"])
-
-    sharded = jax.device_put(images_BxHxWxC, batch_sharding())
-    sharded_logits, sharded_stats = jax.jit(train_apply)(sharded)
-    local_logits, local_stats = jax.jit(train_apply)(jax.device_put(images_BxHxWxC, jax.devices()[0]))
+def test_resnet_batch_norm_over_sharded_batch_uses_global_statistics(small_resnet):
+    _, variables, images_BxHxWxC, train_apply = small_resnet
+    sharded_logits, sharded_stats = train_apply(variables, jax.device_put(images_BxHxWxC, batch_sharding()))
+    local_logits, local_stats = train_apply(variables, jax.device_put(images_BxHxWxC, jax.devices()[0]))
     assert_trees_close(sharded_stats, local_stats, atol=1e-5)
     np.testing.assert_allclose(sharded_logits, local_logits, atol=1e-5)
-    first_shard_mean = jax.jit(train_apply)(images_BxHxWxC[:2])[1]["batch_stats"]["stem_norm"]["mean"]
-    assert np.abs(first_shard_mean - local_stats["batch_stats"]["stem_norm"]["mean"]).max() > 1e-2
+    first_shard_mean = stem_mean_update(variables, images_BxHxWxC[:2])
+    assert np.abs(first_shard_mean - sharded_stats["batch_stats"]["stem_norm"]["mean"]).max() > 1e-2
 
 
 # RNN --------------------------------------------------------------------------------------------
