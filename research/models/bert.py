@@ -49,7 +49,8 @@ class BertEncoder(nn.Module):
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
-    def setup(self):
+    def setup(self) -> None:
+        """Submodules; their attribute names are the parameter tree's keys."""
         types = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         self.token_embedding = nn.Embed(self.vocab_size, self.width, embedding_init=INIT, **types)
         self.position_embedding = nn.Embed(self.max_length, self.width, embedding_init=INIT, **types)

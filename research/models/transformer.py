@@ -58,6 +58,7 @@ class TransformerBlock(nn.Module):
             num_heads=self.num_heads,
             dropout_rate=self.dropout_rate,
             broadcast_dropout=False,  # an independent mask per example and head, as GPT-2 and BERT
+            force_fp32_for_softmax=True,  # bfloat16 logits lose the small differences softmax depends on
             kernel_init=self.kernel_init,
             out_kernel_init=self.output_kernel_init,
             use_bias=self.use_bias,
