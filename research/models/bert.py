@@ -1,0 +1,135 @@
+"""BERT-style bidirectional encoder with a masked-LM head and a classification head (Devlin et al.
+2019, "BERT: Pre-training of deep bidirectional transformers for language understanding").
+
+`BertEncoder`: token + learned position (+ optional segment) embeddings, `num_layers`
+Transformer blocks (research/models/transformer.py) with GELU MLPs and a padding mask.
+Post-LayerNorm as in BERT (LayerNorm on the summed embeddings and after every residual sum),
+or `pre_layer_norm=True` (Xiong et al. 2020: LayerNorm on each branch's input, one final
+LayerNorm), which trains more stably without warm-up. Weights start from N(0, 0.02).
+
+Both task models take the encoder as a field, so its parameters sit under the key "encoder" in
+both trees: a pre-trained `BertForMaskedLM`'s params["encoder"] drops into a
+`BertClassifier`'s params["encoder"] unchanged (partial restore), and an optimizer can freeze
+the encoder by that key.
+  `BertForMaskedLM`: dense - GELU - LayerNorm transform, then logits from the token embedding
+  transposed (tied, as BERT) plus an output bias.
+  `BertClassifier`: the first ([CLS]) token's state through a dense tanh "pooler" (BERT's
+  pooler, here part of the head because we pre-train without next-sentence prediction),
+  dropout, and a dense layer to the classes.
+
+Inputs: tokens_BxL (int), mask_BxL (1 for real tokens, 0 for padding; None: all real),
+segments_BxL (int segment ids; None: all 0). Logits are float32.
+Legend: B batch, L sequence length, D width, V vocabulary, K classes.
+"""
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from research.models.transformer import TransformerBlock
+
+INIT = nn.initializers.normal(0.02)
+LAYER_NORM_EPSILON = 1e-12
+
+
+class BertEncoder(nn.Module):
+    """tokens_BxL -> contextual states_BxLxD; `attend` maps states to vocabulary logits by the token embedding."""
+
+    vocab_size: int
+    max_length: int
+    num_layers: int
+    num_heads: int
+    width: int
+    mlp_dim: int | None = None  # None: 4 * width
+    num_segments: int = 2  # 0: no segment embedding
+    dropout_rate: float = 0.1
+    pre_layer_norm: bool = False
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    def setup(self) -> None:
+        """Submodules; their attribute names are the parameter tree's keys."""
+        types = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        self.token_embedding = nn.Embed(self.vocab_size, self.width, embedding_init=INIT, **types)
+        self.position_embedding = nn.Embed(self.max_length, self.width, embedding_init=INIT, **types)
+        if self.num_segments:
+            self.segment_embedding = nn.Embed(self.num_segments, self.width, embedding_init=INIT, **types)
+        norm = nn.LayerNorm(epsilon=LAYER_NORM_EPSILON, **types)
+        if self.pre_layer_norm:
+            self.final_norm = norm
+        else:
+            self.embedding_norm = norm
+        self.blocks = [
+            TransformerBlock(
+                num_heads=self.num_heads,
+                mlp_dim=self.mlp_dim or 4 * self.width,
+                dropout_rate=self.dropout_rate,
+                pre_layer_norm=self.pre_layer_norm,
+                layer_norm_epsilon=LAYER_NORM_EPSILON,
+                kernel_init=INIT,
+                output_kernel_init=INIT,
+                **types,
+            )
+            for _ in range(self.num_layers)
+        ]
+        self.dropout = nn.Dropout(self.dropout_rate)
+
+    def __call__(
+        self,
+        tokens_BxL: jax.Array,
+        mask_BxL: jax.Array | None = None,
+        segments_BxL: jax.Array | None = None,
+        *,
+        deterministic: bool = True,
+    ) -> jax.Array:
+        length = tokens_BxL.shape[-1]
+        if length > self.max_length:
+            raise ValueError(f"sequence length {length} exceeds max_length {self.max_length}")
+        x_BxLxD = self.token_embedding(tokens_BxL) + self.position_embedding(jnp.arange(length))
+        if self.num_segments:
+            segments_BxL = jnp.zeros_like(tokens_BxL) if segments_BxL is None else segments_BxL
+            x_BxLxD = x_BxLxD + self.segment_embedding(segments_BxL)
+        if not self.pre_layer_norm:
+            x_BxLxD = self.embedding_norm(x_BxLxD)
+        x_BxLxD = self.dropout(x_BxLxD, deterministic=deterministic)
+        mask_Bx1xLxL = None if mask_BxL is None else nn.make_attention_mask(mask_BxL > 0, mask_BxL > 0)
+        for block in self.blocks:
+            x_BxLxD = block(x_BxLxD, mask_Bx1xLxL, deterministic=deterministic)
+        return self.final_norm(x_BxLxD) if self.pre_layer_norm else x_BxLxD
+
+    def attend(self, x_BxLxD: jax.Array) -> jax.Array:
+        """Logits over the vocabulary by similarity to each token's input embedding (tied output layer)."""
+        return self.token_embedding.attend(x_BxLxD)
+
+
+class BertForMaskedLM(nn.Module):
+    """Predicts every position's token (the loss keeps only the masked ones): logits_BxLxV."""
+
+    encoder: BertEncoder
+
+    @nn.compact
+    def __call__(self, tokens_BxL, mask_BxL=None, segments_BxL=None, *, deterministic: bool = True) -> jax.Array:
+        types = dict(dtype=self.encoder.dtype, param_dtype=self.encoder.param_dtype)
+        x_BxLxD = self.encoder(tokens_BxL, mask_BxL, segments_BxL, deterministic=deterministic)
+        x_BxLxD = nn.gelu(nn.Dense(self.encoder.width, kernel_init=INIT, name="mlm_transform", **types)(x_BxLxD))
+        x_BxLxD = nn.LayerNorm(epsilon=LAYER_NORM_EPSILON, name="mlm_norm", **types)(x_BxLxD)
+        bias_V = self.param("mlm_bias", nn.initializers.zeros, (self.encoder.vocab_size,), self.encoder.param_dtype)
+        return (self.encoder.attend(x_BxLxD) + bias_V).astype(jnp.float32)
+
+
+class BertClassifier(nn.Module):
+    """Classifies each sequence from its first ([CLS]) token: logits_BxK."""
+
+    encoder: BertEncoder
+    num_classes: int
+    dropout_rate: float = 0.1
+
+    @nn.compact
+    def __call__(self, tokens_BxL, mask_BxL=None, segments_BxL=None, *, deterministic: bool = True) -> jax.Array:
+        types = dict(dtype=self.encoder.dtype, param_dtype=self.encoder.param_dtype)
+        x_BxLxD = self.encoder(tokens_BxL, mask_BxL, segments_BxL, deterministic=deterministic)
+        pooled_BxD = nn.tanh(nn.Dense(self.encoder.width, kernel_init=INIT, name="pooler", **types)(x_BxLxD[:, 0]))
+        pooled_BxD = nn.Dropout(self.dropout_rate, deterministic=deterministic)(pooled_BxD)
+        return nn.Dense(self.num_classes, kernel_init=INIT, name="classifier", **types)(pooled_BxD).astype(jnp.float32)

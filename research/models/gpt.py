@@ -1,0 +1,70 @@
+"""GPT-2-style decoder-only language model (Radford et al. 2019, "Language models are unsupervised
+multitask learners"), at any size; nanoGPT's character-level Shakespeare configs are small instances.
+
+Token + learned position embeddings, `num_layers` pre-LayerNorm blocks of causal multi-head
+self-attention and a 4x GELU MLP, a final LayerNorm, and an output head that is the token
+embedding transposed (`tie_embeddings`, as GPT-2) or its own bias-free Dense. Weights start
+from N(0, 0.02), the residual output projections from N(0, 0.02 / sqrt(2 * num_layers)) (GPT-2 sec. 2.3).
+`use_bias=False` drops every Dense and LayerNorm bias (nanoGPT's `bias=False`).
+Compute runs in `dtype` (bfloat16 on accelerators); parameters stay in `param_dtype`; logits are float32.
+
+Legend: B batch, L sequence length (<= block_size), D width, V vocabulary.
+"""
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from research.models.transformer import TransformerBlock
+
+INIT_STD = 0.02
+
+
+class GPT(nn.Module):
+    """Causal language model: tokens_BxL (int) -> next-token logits_BxLxV (float32)."""
+
+    vocab_size: int
+    block_size: int
+    num_layers: int
+    num_heads: int
+    width: int
+    dropout_rate: float = 0.0
+    use_bias: bool = True
+    tie_embeddings: bool = True
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, tokens_BxL: jax.Array, *, deterministic: bool = True) -> jax.Array:
+        length = tokens_BxL.shape[-1]
+        if length > self.block_size:
+            raise ValueError(f"sequence length {length} exceeds block_size {self.block_size}")
+        types = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        init = nn.initializers.normal(INIT_STD)
+        embed = dict(features=self.width, embedding_init=init, **types)
+        token_embedding = nn.Embed(self.vocab_size, name="token_embedding", **embed)
+        position_embedding = nn.Embed(self.block_size, name="position_embedding", **embed)
+        x_BxLxD = token_embedding(tokens_BxL) + position_embedding(jnp.arange(length))
+        x_BxLxD = nn.Dropout(self.dropout_rate, deterministic=deterministic)(x_BxLxD)
+        causal_Bx1xLxL = nn.make_causal_mask(tokens_BxL)
+        for layer in range(self.num_layers):
+            x_BxLxD = TransformerBlock(
+                num_heads=self.num_heads,
+                mlp_dim=4 * self.width,
+                dropout_rate=self.dropout_rate,
+                pre_layer_norm=True,
+                use_bias=self.use_bias,
+                kernel_init=init,
+                output_kernel_init=nn.initializers.normal(INIT_STD / math.sqrt(2 * self.num_layers)),
+                name=f"block_{layer}",
+                **types,
+            )(x_BxLxD, causal_Bx1xLxL, deterministic=deterministic)
+        x_BxLxD = nn.LayerNorm(epsilon=1e-5, use_bias=self.use_bias, name="final_norm", **types)(x_BxLxD)
+        if self.tie_embeddings:
+            logits_BxLxV = token_embedding.attend(x_BxLxD)
+        else:
+            logits_BxLxV = nn.Dense(self.vocab_size, use_bias=False, kernel_init=init, name="head", **types)(x_BxLxD)
+        return logits_BxLxV.astype(jnp.float32)

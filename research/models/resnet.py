@@ -1,0 +1,83 @@
+"""CIFAR ResNets (He et al. 2016, "Deep residual learning for image recognition", sec. 4.2).
+
+A 3x3 convolution with `width` (16) filters, then three stages of n basic blocks with
+width, 2*width, 4*width filters on 32x32, 16x16, 8x8 maps (the first block of stages 2 and 3
+subsamples with stride 2), global average pooling and a dense classifier: depth = 6n + 2
+layers (ResNet-20, 32, 44, 56, 110). Every convolution is followed by BatchNorm; convolutions
+carry no bias and start from He et al. 2015's N(0, 2 / fan_in).
+
+Shortcuts are option A: identity, and where a block changes shape, stride-2 subsampling plus
+zero channels appended, so shortcuts add no parameters (0.27M / 0.46M / 0.85M for 20 / 32 / 56).
+
+BatchNorm: `train=True` normalises with the batch statistics and updates the running averages
+in the `batch_stats` collection (apply with `mutable=["batch_stats"]`); `train=False` uses the
+running averages. No `axis_name` is needed for data parallelism: under `jax.jit` a batch
+sharded over devices is one global array, so the mean and variance are over the global batch
+(GSPMD inserts the cross-device reduction; tests/test_models.py checks it).
+
+Legend: B batch, H height, W width, C channels, K classes.
+"""
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+HE_NORMAL = nn.initializers.variance_scaling(2.0, "fan_in", "normal")
+BATCH_NORM_MOMENTUM = 0.9  # running average keeps 90% of the old value, as in the Torch recipe the paper used
+BATCH_NORM_EPSILON = 1e-5
+
+
+def zero_padded_shortcut(x_BxHxWxC: jax.Array, features: int, stride: int) -> jax.Array:
+    """Option A: identity, subsampled by `stride`, with zero channels appended up to `features`."""
+    x_BxHxWxC = x_BxHxWxC[:, ::stride, ::stride, :]
+    extra = features - x_BxHxWxC.shape[-1]
+    return jnp.pad(x_BxHxWxC, ((0, 0), (0, 0), (0, 0), (0, extra))) if extra else x_BxHxWxC
+
+
+class BasicBlock(nn.Module):
+    """conv3x3 - BN - ReLU - conv3x3 - BN, plus the shortcut, then ReLU."""
+
+    features: int
+    stride: int = 1
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x_BxHxWxC: jax.Array, *, train: bool) -> jax.Array:
+        types = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        conv = dict(kernel_size=(3, 3), use_bias=False, kernel_init=HE_NORMAL, **types)
+        norm = dict(use_running_average=not train, momentum=BATCH_NORM_MOMENTUM, epsilon=BATCH_NORM_EPSILON, **types)
+        y = nn.Conv(self.features, strides=(self.stride, self.stride), name="conv_1", **conv)(x_BxHxWxC)
+        y = nn.relu(nn.BatchNorm(name="norm_1", **norm)(y))
+        y = nn.Conv(self.features, name="conv_2", **conv)(y)
+        y = nn.BatchNorm(name="norm_2", **norm)(y)
+        return nn.relu(y + zero_padded_shortcut(x_BxHxWxC, self.features, self.stride))
+
+
+class CifarResNet(nn.Module):
+    """images_BxHxWxC -> logits_BxK (float32); `depth` is 6n + 2."""
+
+    depth: int = 20
+    num_classes: int = 10
+    width: int = 16
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, images_BxHxWxC: jax.Array, *, train: bool = False) -> jax.Array:
+        if (self.depth - 2) % 6 or self.depth < 8:
+            raise ValueError(f"depth {self.depth} is not 6n + 2 with n >= 1 (20, 32, 44, 56, 110)")
+        blocks_per_stage = (self.depth - 2) // 6
+        types = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        norm = dict(use_running_average=not train, momentum=BATCH_NORM_MOMENTUM, epsilon=BATCH_NORM_EPSILON, **types)
+        stem = nn.Conv(self.width, (3, 3), use_bias=False, kernel_init=HE_NORMAL, name="stem_conv", **types)
+        x = nn.relu(nn.BatchNorm(name="stem_norm", **norm)(stem(images_BxHxWxC)))
+        for stage in range(3):
+            for block in range(blocks_per_stage):
+                stride = 2 if stage > 0 and block == 0 else 1
+                name = f"stage_{stage}_block_{block}"
+                x = BasicBlock(self.width * 2**stage, stride, name=name, **types)(x, train=train)
+        x_BxC = jnp.mean(x, axis=(1, 2))
+        return nn.Dense(self.num_classes, name="classifier", **types)(x_BxC).astype(jnp.float32)

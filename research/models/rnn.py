@@ -1,0 +1,46 @@
+"""Character-level recurrent language model in the char-rnn style (Karpathy 2015, after Graves 2013,
+"Generating sequences with recurrent neural networks"), with dropout on the non-recurrent
+connections only (Zaremba et al. 2014, "Recurrent neural network regularization").
+
+Token embedding, `num_layers` stacked LSTM (Hochreiter & Schmidhuber 1997) or GRU (Cho et al.
+2014) layers of `width` units, each run over time by `flax.linen.RNN` (an `nn.scan` over the
+cell; the LSTM is Flax's OptimizedLSTMCell, which fuses its four gates into one matmul), and a
+dense head to next-token logits. Every state starts at zero, so the model is causal: the output
+at step t reads tokens 0..t only.
+
+Legend: B batch, L sequence length, E embedding size, D width (hidden units), V vocabulary.
+"""
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+CELLS = {"lstm": nn.OptimizedLSTMCell, "gru": nn.GRUCell}
+
+
+class RecurrentLM(nn.Module):
+    """tokens_BxL (int) -> next-token logits_BxLxV (float32)."""
+
+    vocab_size: int
+    width: int
+    num_layers: int = 2
+    cell: str = "lstm"
+    embedding_dim: int | None = None  # None: the same as width
+    dropout_rate: float = 0.0
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, tokens_BxL: jax.Array, *, deterministic: bool = True) -> jax.Array:
+        if self.cell not in CELLS:
+            raise ValueError(f"cell {self.cell!r} is not one of {sorted(CELLS)}")
+        types = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        dropout = nn.Dropout(self.dropout_rate, deterministic=deterministic)
+        embedding = nn.Embed(self.vocab_size, self.embedding_dim or self.width, name="token_embedding", **types)
+        x_BxLxD = dropout(embedding(tokens_BxL))
+        for layer in range(self.num_layers):
+            cell = CELLS[self.cell](features=self.width, parent=None, **types)  # adopted by nn.RNN, not by this module
+            x_BxLxD = dropout(nn.RNN(cell, name=f"layer_{layer}")(x_BxLxD))
+        return nn.Dense(self.vocab_size, name="head", **types)(x_BxLxD).astype(jnp.float32)

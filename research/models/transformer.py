@@ -1,0 +1,79 @@
+"""The Transformer block shared by gpt, bert and vit (Vaswani et al. 2017, "Attention is all you need").
+
+Self-attention then a two-layer GELU MLP, each a residual branch with dropout on its output.
+`pre_layer_norm=True` normalises the input of each branch (GPT-2, ViT; Xiong et al. 2020);
+`False` normalises after each residual sum (the original Transformer and BERT).
+
+Legend: B batch, L sequence length, D model width, H heads.
+"""
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Initializer = Any
+Dtype = Any
+
+
+class MLPBlock(nn.Module):
+    """Dense(hidden) - GELU - Dense(back to the input width)."""
+
+    hidden_dim: int
+    use_bias: bool = True
+    kernel_init: Initializer = nn.initializers.normal(0.02)
+    output_kernel_init: Initializer = nn.initializers.normal(0.02)
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
+        width = x_BxLxD.shape[-1]
+        dense = dict(use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype)
+        hidden = nn.Dense(self.hidden_dim, kernel_init=self.kernel_init, name="fc_in", **dense)(x_BxLxD)
+        return nn.Dense(width, kernel_init=self.output_kernel_init, name="fc_out", **dense)(nn.gelu(hidden))
+
+
+class TransformerBlock(nn.Module):
+    """One pre- or post-LayerNorm block; `mask_Bx1xLxL` is True where a query may attend to a key."""
+
+    num_heads: int
+    mlp_dim: int
+    dropout_rate: float = 0.0
+    pre_layer_norm: bool = True
+    use_bias: bool = True
+    layer_norm_epsilon: float = 1e-5
+    kernel_init: Initializer = nn.initializers.normal(0.02)
+    # GPT-2 shrinks the branches' output projections by 1/sqrt(2 * depth) so the residual stream keeps its scale.
+    output_kernel_init: Initializer = nn.initializers.normal(0.02)
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x_BxLxD: jax.Array, mask_Bx1xLxL: jax.Array | None, *, deterministic: bool) -> jax.Array:
+        types = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        norm = dict(epsilon=self.layer_norm_epsilon, use_bias=self.use_bias, **types)
+        attention = nn.MultiHeadDotProductAttention(
+            num_heads=self.num_heads,
+            dropout_rate=self.dropout_rate,
+            broadcast_dropout=False,  # an independent mask per example and head, as GPT-2 and BERT
+            force_fp32_for_softmax=True,  # bfloat16 logits lose the small differences softmax depends on
+            kernel_init=self.kernel_init,
+            out_kernel_init=self.output_kernel_init,
+            use_bias=self.use_bias,
+            name="attention",
+            **types,
+        )
+        mlp = MLPBlock(self.mlp_dim, self.use_bias, self.kernel_init, self.output_kernel_init, name="mlp", **types)
+        attention_norm, mlp_norm = nn.LayerNorm(name="attention_norm", **norm), nn.LayerNorm(name="mlp_norm", **norm)
+        dropout = nn.Dropout(self.dropout_rate, deterministic=deterministic)
+
+        def attend(inputs_BxLxD):
+            return attention(inputs_BxLxD, mask=mask_Bx1xLxL, deterministic=deterministic)
+
+        if self.pre_layer_norm:
+            x_BxLxD = x_BxLxD + dropout(attend(attention_norm(x_BxLxD)))
+            return x_BxLxD + dropout(mlp(mlp_norm(x_BxLxD)))
+        x_BxLxD = attention_norm(x_BxLxD + dropout(attend(x_BxLxD)))
+        return mlp_norm(x_BxLxD + dropout(mlp(x_BxLxD)))
