@@ -12,6 +12,23 @@ class ConfigError(ValueError):
     """A bad config, experiment or workdir: launch.py reports it in one line, without a traceback."""
 
 
+# (regex over the parameter path, mesh axis per dimension): first match wins. Transformer
+# weights are split Megatron-style over `tensor` and along their input width over `fsdp`; other
+# weights along their first dimension (convolutions: their output channels) over `fsdp`.
+DEFAULT_PARAM_RULES = (
+    (r"attention/(query|key|value)/kernel$", ("fsdp", "tensor", None)),  # D x H x Dh: heads split
+    (r"attention/(query|key|value)/bias$", ("tensor", None)),
+    (r"attention/out/kernel$", ("tensor", None, "fsdp")),  # H x Dh x D
+    (r"fc_in/kernel$", ("fsdp", "tensor")),  # D x F: column-parallel
+    (r"fc_in/bias$", ("tensor",)),
+    (r"fc_out/kernel$", ("tensor", "fsdp")),  # F x D: row-parallel
+    (r"embedding$", (None, "fsdp")),  # V x D: vocabularies rarely divide, widths do
+    (r"conv[^/]*/kernel$", (None, None, None, "fsdp")),  # H x W x Cin x Cout
+    (r"kernel$", ("fsdp",)),
+    (r".*", ()),  # biases, norms and anything else: replicated
+)
+
+
 def trainer_config() -> ml_collections.ConfigDict:
     """Trainer defaults; every key here is read by research/train.py."""
     config = ml_collections.ConfigDict()
@@ -24,6 +41,7 @@ def trainer_config() -> ml_collections.ConfigDict:
     config.data_dir = ""  # tfds data directory; empty means tfds's default (~/tensorflow_datasets)
     # Mesh axes in order; -1 takes every device left over. Batches split over data and fsdp.
     config.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
+    config.param_rules = DEFAULT_PARAM_RULES  # see research/sharding.py
     config.optimizer = ml_collections.ConfigDict({"name": "adam", "learning_rate": 1e-3})
     config.freeze = ""  # regex over parameter paths ("encoder/.*"): matching parameters are not trained
     config.nonfinite = "stop"  # on a NaN/inf loss or gradient: "stop" the run, or "skip" the update

@@ -44,15 +44,17 @@ def default_init_variables(model, rng: jax.Array, batch: Batch) -> PyTree:
 
 
 def init_state(
-    rng: jax.Array, batch: Batch, *, init_variables: Callable, tx: optax.GradientTransformation, mesh: Mesh
+    rng: jax.Array, batch: Batch, *, init_variables: Callable, tx: optax.GradientTransformation, mesh: Mesh, rules=((".*", ()),)
 ) -> tuple[TrainState, PyTree]:
     """Creates the train state directly in its shardings; returns (state, state_shardings)."""
-    create, abstract_state = state_initializer(rng, batch, init_variables=init_variables, tx=tx, mesh=mesh)
+    create, abstract_state = state_initializer(rng, batch, init_variables=init_variables, tx=tx, mesh=mesh, rules=rules)
     shardings = jax.tree.map(lambda leaf: leaf.sharding, abstract_state)
     return jax.jit(create, out_shardings=shardings)(rng), shardings
 
 
-def state_initializer(rng: jax.Array, batch: Batch, *, init_variables: Callable, tx: optax.GradientTransformation, mesh: Mesh):
+def state_initializer(
+    rng: jax.Array, batch: Batch, *, init_variables: Callable, tx: optax.GradientTransformation, mesh: Mesh, rules=((".*", ()),)
+):
     """(create(rng) -> TrainState, the abstract state with shardings), without allocating anything."""
 
     def create(rng):
@@ -64,7 +66,7 @@ def state_initializer(rng: jax.Array, batch: Batch, *, init_variables: Callable,
         )
 
     shapes = jax.eval_shape(create, rng)
-    shardings = sharding.state_shardings(shapes, mesh)
+    shardings = sharding.state_shardings(shapes, mesh, rules)
     abstract_state = jax.tree.map(lambda leaf, where: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=where), shapes, shardings)
     return create, abstract_state
 
@@ -198,7 +200,7 @@ def make_tx(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
     if config.freeze:
         pattern = re.compile(config.freeze)
         labels = lambda params: jax.tree_util.tree_map_with_path(
-            lambda path, _: "frozen" if pattern.search(path_name(path)) else "trained", params
+            lambda path, _: "frozen" if pattern.search(sharding.path_name(path)) else "trained", params
         )
         tx = optax.multi_transform({"trained": tx, "frozen": optax.set_to_zero()}, labels)
     if config.nonfinite == "skip":
@@ -208,16 +210,13 @@ def make_tx(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
     return tx
 
 
-def path_name(path) -> str:
-    """'encoder/layer_0/kernel' for a pytree key path."""
-    return "/".join(str(getattr(key, "key", getattr(key, "idx", key))) for key in path)
-
-
 def _start(config, functions, tx, train_iterator, manager, mesh, allow_config_change: bool):
     """(start step, state, shardings, first batch): restored from the newest good checkpoint, else fresh."""
     batch = sharding.put_batch(next(train_iterator), mesh)
     rng = jax.random.PRNGKey(config.seed)
-    create, abstract_state = state_initializer(rng, batch, init_variables=functions["init_variables"], tx=tx, mesh=mesh)
+    create, abstract_state = state_initializer(
+        rng, batch, init_variables=functions["init_variables"], tx=tx, mesh=mesh, rules=config.param_rules
+    )
     shardings = jax.tree.map(lambda leaf: leaf.sharding, abstract_state)
     step, state = checkpoint.restore_latest(
         manager, abstract_state, train_iterator, config, allow_config_change=allow_config_change
@@ -234,12 +233,12 @@ def _start(config, functions, tx, train_iterator, manager, mesh, allow_config_ch
 def _init_from(state: TrainState, shardings: TrainState, tx, init_from) -> TrainState:
     """Copies the parameters selected by regexes from another run's checkpoint into a fresh state."""
     source, step = checkpoint.load_params(init_from.workdir, init_from.step)
-    source = {path_name(path): value for path, value in jax.tree_util.tree_leaves_with_path(source)}
+    source = {sharding.path_name(path): value for path, value in jax.tree_util.tree_leaves_with_path(source)}
     include, exclude = re.compile(init_from.include), re.compile(init_from.exclude) if init_from.exclude else None
     loaded, kept, mismatched = [], [], []
 
     def take(path, target, where):
-        name = path_name(path)
+        name = sharding.path_name(path)
         if name not in source or not include.search(name) or (exclude and exclude.search(name)):
             kept.append(name)
             return target
