@@ -4,11 +4,18 @@
   python launch.py --config experiments/digits_mlp.py:smoke --workdir runs/smoke --config.optimizer.learning_rate=3e-3
   python launch.py --list
   python launch.py --list_datasets [--data_dir DIR]
+  python launch.py --config ... --workdir ... --local_processes 2      # 2 processes on this machine
 
 `--config path.py:arg` passes `arg` to the module's `get_config`; `--config.a.b=v` overrides a
-key. This is the only file that parses flags or sets up JAX.
+key. This is the only file that parses flags or sets up JAX: with several processes (SLURM,
+Open MPI, a TPU pod, or --coordinator_address/--num_processes/--process_id) it starts
+`jax.distributed` first.
 """
 
+import os
+import signal
+import socket
+import subprocess
 import sys
 from pathlib import Path
 
@@ -23,6 +30,12 @@ _ALLOW_CONFIG_CHANGE = flags.DEFINE_boolean(
 )
 _LIST_DATASETS = flags.DEFINE_boolean("list_datasets", False, "list every dataset: prepared or not, where, splits and sizes; then exit")
 _DATA_DIR = flags.DEFINE_string("data_dir", "", "tfds data directory that --list_datasets inspects (default ~/tensorflow_datasets)")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0 when this is one of several processes")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "how many processes take part (with --coordinator_address)")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "this process's index, 0 .. num_processes - 1 (with --coordinator_address)")
+_LOCAL_PROCESSES = flags.DEFINE_integer(
+    "local_processes", 0, "start this many processes on 127.0.0.1 that train together (multi-host, tried on one machine)"
+)
 
 EXPERIMENTS_DIR = Path(__file__).parent / "experiments"
 
@@ -57,6 +70,56 @@ def _diagnose(argv: list[str], error: Exception) -> str:
     return experiment.unknown_key_message(base, overrides) or str(error).splitlines()[0]
 
 
+def _cluster_detected() -> bool:
+    """Whether the environment describes several processes that jax.distributed can find on its own."""
+    counts = (os.environ.get("SLURM_NTASKS"), os.environ.get("OMPI_COMM_WORLD_SIZE"))
+    several_tpu_hosts = "," in os.environ.get("TPU_WORKER_HOSTNAMES", "")
+    return any(count and int(count) > 1 for count in counts) or several_tpu_hosts
+
+
+def start_distributed() -> None:
+    """Joins the other processes, explicitly (--coordinator_address) or as the cluster says."""
+    import jax
+
+    explicit = _COORDINATOR.value is not None
+    if not explicit and not _cluster_detected():
+        return
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU collectives across processes
+    if explicit:
+        if _NUM_PROCESSES.value is None or _PROCESS_ID.value is None:
+            fail("--coordinator_address needs --num_processes and --process_id")
+        jax.distributed.initialize(_COORDINATOR.value, num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
+    else:
+        jax.distributed.initialize()
+
+
+def run_local_processes(count: int, argv: list[str]) -> int:
+    """Runs this command as `count` processes on 127.0.0.1; process 0 prints, the others log to WORKDIR."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    arguments, skip_value = [], False
+    for arg in argv[1:]:
+        if skip_value or arg.startswith("--local_processes="):
+            skip_value = False
+            continue
+        skip_value = arg == "--local_processes"
+        if not skip_value:
+            arguments.append(arg)
+    logs = Path(_WORKDIR.value or ".") / "process_logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    children = []
+    for index in range(count):
+        command = [sys.executable, argv[0], *arguments, f"--coordinator_address=127.0.0.1:{port}", f"--num_processes={count}", f"--process_id={index}"]
+        output = None if index == 0 else open(logs / f"process_{index}.log", "w")
+        children.append(subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT if output else None))
+    forward = lambda number, frame: [child.send_signal(number) for child in children]
+    for number in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(number, forward)
+    codes = [child.wait() for child in children]
+    return next((code for code in codes if code), 0)
+
+
 def parse_flags(argv: list[str]) -> list[str]:
     try:
         return flags.FLAGS(argv)
@@ -82,15 +145,21 @@ def main(argv: list[str]) -> None:
         return
     if _CONFIG.value is None or _WORKDIR.value is None:
         fail("pass --config experiments/NAME.py[:arg] and --workdir DIR (or --list to see the experiments)")
+    if _LOCAL_PROCESSES.value:
+        sys.exit(run_local_processes(_LOCAL_PROCESSES.value, sys.argv))
+    start_distributed()
+    import jax
+
+    from research import train
+
     config_path = _config_argument(sys.argv).partition(":")[0]
     name = experiment.name_of(config_path)
     logging.set_verbosity(logging.WARNING)
     try:
         module = experiment.load(config_path)
-        print(f"experiment {name}\n{_CONFIG.value}")
-        experiment.claim_workdir(_WORKDIR.value, name, _CONFIG.value)
-        from research import train
-
+        if jax.process_index() == 0:
+            print(f"experiment {name} on {jax.process_count()} process(es), {jax.device_count()} device(s)\n{_CONFIG.value}")
+            experiment.claim_workdir(_WORKDIR.value, name, _CONFIG.value)
         results = train.train_and_evaluate(
             _CONFIG.value, module, _WORKDIR.value, allow_config_change=_ALLOW_CONFIG_CHANGE.value
         )
@@ -98,7 +167,7 @@ def main(argv: list[str]) -> None:
         fail(str(error))
     except train.NonFiniteError as error:
         fail(str(error), code=3)
-    if results:
+    if results and jax.process_index() == 0:
         print("final: " + "  ".join(f"{key} {value:.4f}" for key, value in results.items()))
 
 
