@@ -24,7 +24,8 @@ from research import metrics as metrics_lib
 from research import sharding
 from research.config import ConfigError
 from research.logger import Logger
-from research.optim import make_optimizer
+from research.optim import current_learning_rate, make_optimizer, regularizers
+from research.optim.registry import check_against_params, origin_of
 from research.state import TrainState
 
 PyTree = Any
@@ -52,12 +53,21 @@ def init_state(
 
 
 def train_step(state: TrainState, batch: Batch, *, loss_fn: LossFn, tx: optax.GradientTransformation):
-    """One optimizer step: gradient, update and apply, all in one jit region."""
+    """One optimizer step: gradient, update and apply, all in one jit region.
+
+    An optimizer that takes extra arguments (optax.GradientTransformationExtraArgs) gets the loss
+    `value`, its `grad` and `value_fn(params)`, the loss on this batch; others ignore them."""
     rng = jax.random.fold_in(state.rng, state.step)
     (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, rng)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    value_fn = lambda params: loss_fn(params, batch, rng)[0]
+    updates, opt_state = optax.with_extra_args_support(tx).update(
+        grads, state.opt_state, state.params, value=loss, grad=grads, value_fn=value_fn
+    )
     params = optax.apply_updates(state.params, updates)
     metrics = aux | {"loss": loss, "grad_norm": optax.global_norm(grads)}
+    learning_rate = current_learning_rate(opt_state)
+    if learning_rate is not None:
+        metrics["learning_rate"] = learning_rate
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
@@ -125,6 +135,27 @@ def bind(experiment: ModuleType, model) -> dict[str, Callable]:
     return {"loss_fn": loss_fn, "eval_fn": eval_fn, "init_params": init_params}
 
 
+def regularize(functions: dict[str, Callable], optimizer_config: ml_collections.ConfigDict) -> dict[str, Callable]:
+    """The training loss plus the config's L1/L2 penalty; evaluation keeps the plain loss."""
+    if not (optimizer_config.l1_penalty or optimizer_config.l2_penalty):
+        return functions
+    penalized = regularizers.with_penalty(
+        functions["loss_fn"], l1=optimizer_config.l1_penalty, l2=optimizer_config.l2_penalty, exclude=optimizer_config.decay_exclude
+    )
+    return functions | {"loss_fn": penalized}
+
+
+def stop_early(history: list[float], results: dict[str, float], early_stopping: ml_collections.ConfigDict) -> bool:
+    """Appends eval/<metric> to `history`; True when it has not improved for `patience` evaluations."""
+    if not early_stopping.metric:
+        return False
+    key = f"eval/{early_stopping.metric}"
+    if key not in results or early_stopping.mode not in ("min", "max"):
+        raise ConfigError(f"early_stopping: metric must be one of {sorted(name[5:] for name in results)} and mode 'min' or 'max'")
+    history.append(results[key])
+    return regularizers.should_stop(history, mode=early_stopping.mode, patience=early_stopping.patience)
+
+
 def compile_steps(functions: dict[str, Callable], tx: optax.GradientTransformation, state_shardings, mesh: Mesh):
     """The jitted train step (state donated) and eval step, with their shardings."""
     batch_sharding, replicated = sharding.batch_sharding(mesh), sharding.replicated(mesh)
@@ -153,10 +184,12 @@ def train_and_evaluate(
         raise ConfigError(
             f"batch_size {config.batch_size} must be a multiple of the {sharding.batch_divisor(mesh)} batch shards of mesh {dict(mesh.shape)}"
         )
-    functions = bind(experiment, experiment.make_model(config))
-    tx = make_optimizer(config.optimizer)
+    functions = regularize(bind(experiment, experiment.make_model(config)), config.optimizer)
+    tx = make_optimizer(config.optimizer, config.num_steps)
     train_iterator = iter(experiment.make_data(config, "train"))
     batch = sharding.put_batch(next(train_iterator), mesh)
+    abstract_params = jax.eval_shape(functions["init_params"], jax.random.PRNGKey(config.seed), batch)
+    check_against_params(tx, abstract_params, origin_of(config.optimizer.name))
     state, state_shardings = init_state(
         jax.random.PRNGKey(config.seed), batch, init_params=functions["init_params"], tx=tx, mesh=mesh
     )
@@ -171,6 +204,7 @@ def train_and_evaluate(
         return results
 
     train_metrics = _TrainMetrics(logger, config.batch_size)
+    last_step, history = config.num_steps, []
     try:
         for step in range(1, config.num_steps + 1):
             if step > 1:
@@ -182,12 +216,16 @@ def train_and_evaluate(
                 train_metrics.finish_window(step)
             if config.eval_every and step % config.eval_every == 0 and step != config.num_steps:
                 train_metrics.flush()
-                run_eval(state.params, "validation", "eval", step)
+                results = run_eval(regularizers.eval_params(state.params, state.opt_state), "validation", "eval", step)
+                if stop_early(history, results, config.early_stopping):
+                    last_step = step
+                    break
         train_metrics.flush()
-        final = run_eval(state.params, "validation", "eval", config.num_steps)
-        final |= run_eval(state.params, "test", "test", config.num_steps)
+        params = regularizers.eval_params(state.params, state.opt_state)  # the EMA when enabled
+        final = run_eval(params, "validation", "eval", last_step)
+        final |= run_eval(params, "test", "test", last_step)
     finally:
         logger.close()
     if jax.process_index() == 0:
-        (workdir / "results.json").write_text(json.dumps({"step": config.num_steps} | final, indent=2) + "\n")
+        (workdir / "results.json").write_text(json.dumps({"step": last_step} | final, indent=2) + "\n")
     return final
