@@ -154,3 +154,16 @@ def test_a_package_module_factory_and_extra_args(tmp_path, monkeypatch):
     recorded = jax.tree.leaves(state.opt_state, is_leaf=lambda x: type(x).__name__ == "RecordingState")
     recorded = [leaf for leaf in recorded if type(leaf).__name__ == "RecordingState"][0]
     assert float(recorded.last_value) == pytest.approx(float(metrics["loss"]), rel=1e-6)
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("--config.optimizer.schedule.warmup=5", "error: unknown config key 'optimizer.schedule.warmup'; did you mean 'optimizer.schedule.warmup_steps'?"),
+        ("--config.optimizer.kwargs.beta=0.9", "error: optimizer 'sgd': got an unexpected keyword argument 'beta'; it accepts: learning_rate, momentum, nesterov"),
+    ],
+)
+def test_optimizer_kwargs_are_open_but_other_sections_are_not(tmp_path, override, message):
+    result = launch("--config", "experiments/linear_regression.py:smoke", "--workdir", str(tmp_path), override)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith(message)

@@ -13,6 +13,7 @@ import time
 from typing import NamedTuple
 
 import jax
+import ml_collections
 
 from research import sharding, train
 from research.optim.registry import check_against_params, make_optimizer, origin_of
@@ -44,6 +45,7 @@ def run_workload(workload: str, optimizer: str, learning_rate: float | None = No
     config = experiment.get_config()
     config.data_dir = data_dir or config.data_dir
     config.optimizer.name = optimizer
+    config.optimizer.kwargs = ml_collections.ConfigDict()  # the experiment's arguments are for its own optimizer
     if learning_rate is not None:
         config.optimizer.learning_rate = learning_rate
     mesh = sharding.make_mesh({"data": 1}, jax.devices()[:1])
