@@ -56,7 +56,7 @@ def optimizer_config() -> ml_collections.ConfigDict:
         "l1_penalty": 0.0,  # adds l1_penalty * sum(|p|) to the training loss
         # Parameters whose path ("Dense_0/bias") matches are spared by the penalties and weight_decay.
         "decay_exclude": r"(^|/)(bias|scale)$",
-        "accumulate_steps": 1,  # optax.MultiSteps: one update per k micro-batches of batch_size
+        "accumulate_steps": 1,  # k: each step averages gradients over k micro-batches of batch_size / k
         "ema_decay": 0.0,  # >0: evaluate an exponential moving average of the parameters
     })
 

@@ -25,6 +25,7 @@ from research import sharding
 from research.config import ConfigError
 from research.logger import Logger
 from research.optim import current_learning_rate, make_optimizer, regularizers
+from research.optim.accumulation import accumulated_value_and_grad
 from research.optim.registry import check_against_params, origin_of
 from research.state import TrainState
 
@@ -52,13 +53,14 @@ def init_state(
     return jax.jit(create, out_shardings=state_shardings)(rng), state_shardings
 
 
-def train_step(state: TrainState, batch: Batch, *, loss_fn: LossFn, tx: optax.GradientTransformation):
+def train_step(state: TrainState, batch: Batch, *, loss_fn: LossFn, tx: optax.GradientTransformation, accumulate_steps: int = 1):
     """One optimizer step: gradient, update and apply, all in one jit region.
 
     An optimizer that takes extra arguments (optax.GradientTransformationExtraArgs) gets the loss
-    `value`, its `grad` and `value_fn(params)`, the loss on this batch; others ignore them."""
+    `value`, its `grad` and `value_fn(params)`, the loss on this batch; others ignore them.
+    With accumulate_steps k the gradient is the mean over k micro-batches of the batch, scanned."""
     rng = jax.random.fold_in(state.rng, state.step)
-    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, rng)
+    (loss, aux), grads = accumulated_value_and_grad(loss_fn, accumulate_steps)(state.params, batch, rng)
     value_fn = lambda params: loss_fn(params, batch, rng)[0]
     updates, opt_state = optax.with_extra_args_support(tx).update(
         grads, state.opt_state, state.params, value=loss, grad=grads, value_fn=value_fn
@@ -156,11 +158,13 @@ def stop_early(history: list[float], results: dict[str, float], early_stopping: 
     return regularizers.should_stop(history, mode=early_stopping.mode, patience=early_stopping.patience)
 
 
-def compile_steps(functions: dict[str, Callable], tx: optax.GradientTransformation, state_shardings, mesh: Mesh):
+def compile_steps(
+    functions: dict[str, Callable], tx: optax.GradientTransformation, state_shardings, mesh: Mesh, accumulate_steps: int = 1
+):
     """The jitted train step (state donated) and eval step, with their shardings."""
     batch_sharding, replicated = sharding.batch_sharding(mesh), sharding.replicated(mesh)
     train_fn = jax.jit(
-        functools.partial(train_step, loss_fn=functions["loss_fn"], tx=tx),
+        functools.partial(train_step, loss_fn=functions["loss_fn"], tx=tx, accumulate_steps=accumulate_steps),
         in_shardings=(state_shardings, batch_sharding),
         out_shardings=(state_shardings, replicated),
         donate_argnums=0,
@@ -184,6 +188,9 @@ def train_and_evaluate(
         raise ConfigError(
             f"batch_size {config.batch_size} must be a multiple of the {sharding.batch_divisor(mesh)} batch shards of mesh {dict(mesh.shape)}"
         )
+    accumulate = config.optimizer.accumulate_steps
+    if accumulate < 1 or config.batch_size % (accumulate * sharding.batch_divisor(mesh)):
+        raise ConfigError(f"optimizer.accumulate_steps {accumulate} must be >= 1 and divide batch_size / batch shards")
     functions = regularize(bind(experiment, experiment.make_model(config)), config.optimizer)
     tx = make_optimizer(config.optimizer, config.num_steps)
     train_iterator = iter(experiment.make_data(config, "train"))
@@ -193,7 +200,7 @@ def train_and_evaluate(
     state, state_shardings = init_state(
         jax.random.PRNGKey(config.seed), batch, init_params=functions["init_params"], tx=tx, mesh=mesh
     )
-    train_fn, eval_fn = compile_steps(functions, tx, state_shardings, mesh)
+    train_fn, eval_fn = compile_steps(functions, tx, state_shardings, mesh, accumulate)
     eval_data = {split: experiment.make_data(config, split) for split in ("validation", "test")}
     logger = Logger(workdir, total_steps=config.num_steps)
 

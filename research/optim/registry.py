@@ -1,5 +1,6 @@
 """Optimizers by name, or a user's own factory from a file or module, wrapped with the schedule,
-clipping, decoupled weight decay, parameter EMA and gradient accumulation the config asks for.
+clipping, decoupled weight decay and parameter EMA the config asks for (gradient accumulation is
+the train step's: research/optim/accumulation.py).
 
 A factory is `make(learning_rate, **kwargs) -> optax.GradientTransformation`. The config names it:
 `optimizer.name` is a key of OPTIMIZERS, `path/to/file.py:make` or `package.module:make`.
@@ -142,10 +143,7 @@ def make_optimizer(config: Mapping[str, Any], num_steps: int = 0) -> optax.Gradi
     _build(factory, origin, settings.learning_rate, kwargs)
     if settings.schedule.name not in SCHEDULES:
         raise ConfigError(f"unknown schedule {settings.schedule.name!r}; choose one of {sorted(SCHEDULES)}")
-    accumulate = int(settings.accumulate_steps)
-    if accumulate < 1:
-        raise ConfigError(f"optimizer.accumulate_steps must be >= 1, not {accumulate}")
-    learning_rate = SCHEDULES[settings.schedule.name](settings.schedule, settings.learning_rate, num_steps // accumulate)
+    learning_rate = SCHEDULES[settings.schedule.name](settings.schedule, settings.learning_rate, num_steps)
     # Floats become state arrays (sweepable without recompiling); ints, bools, strings stay static.
     bound = inspect.signature(factory).bind(learning_rate=learning_rate, **kwargs)
     bound.apply_defaults()
@@ -159,8 +157,7 @@ def make_optimizer(config: Mapping[str, Any], num_steps: int = 0) -> optax.Gradi
         parts.append(optax.masked(regularizers.decoupled_weight_decay(settings.weight_decay, learning_rate), mask))
     if settings.ema_decay > 0:
         parts.append(regularizers.ema_of_params(settings.ema_decay))
-    tx = optax.chain(*parts)
-    return optax.MultiSteps(tx, accumulate).gradient_transformation() if accumulate > 1 else tx
+    return optax.chain(*parts)
 
 
 def current_learning_rate(opt_state: optax.OptState) -> jax.Array | None:
