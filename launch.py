@@ -17,6 +17,7 @@ from pathlib import Path
 if any(arg.startswith("--check_optimizer") for arg in sys.argv):  # the kit's FSDP check wants 8 CPU devices
     os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 
+import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -77,7 +78,7 @@ def _check_new_keys(argv: list[str]) -> None:
         message = experiment.unknown_key_message(experiment.load(path).get_config(variant or None), closed)
         if message:
             fail(message)
-    if _CONFIG.value is not None:
+    if isinstance(_CONFIG.value, ml_collections.ConfigDict):  # not a file that failed to load: main reports that
         _CONFIG.value.lock()
 
 

@@ -94,6 +94,18 @@ def test_ema_of_params_is_what_evaluation_uses():
     assert regularizers.eval_params(params, one_update()[1]) is params
 
 
+def test_schedule_free_evaluates_its_averaged_sequence():
+    tx = make_optimizer({"name": "schedule_free_adamw", "learning_rate": 0.1})
+    state = tx.init(PARAMS)
+    for _ in range(2):
+        updates, state = tx.update(GRADS, state, PARAMS)
+    params = optax.apply_updates(PARAMS, updates)
+    free = state[0].inner_state  # chain -> inject_hyperparams -> ScheduleFreeState
+    assert isinstance(free, optax.contrib.ScheduleFreeState)
+    expected = jax.tree.map(lambda y, z: (y - (1.0 - free.b1) * z) / free.b1, params, free.z)
+    assert_trees_close(regularizers.eval_params(params, state), expected)
+
+
 @pytest.mark.parametrize("name", ["adamw", "momentum"])
 def test_accumulating_k_micro_batches_equals_the_large_batch_step(name, data_dir):
     """The train step's scan over 4 micro-batches of 16 gives the 64-example step, 3 steps running."""

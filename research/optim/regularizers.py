@@ -8,6 +8,7 @@ from typing import Any, Callable, NamedTuple, Sequence
 import jax
 import jax.numpy as jnp
 import optax
+import optax.contrib
 
 PyTree = Any
 
@@ -87,9 +88,14 @@ def ema_of_params(decay: float) -> optax.GradientTransformation:
 
 
 def eval_params(params: PyTree, opt_state: optax.OptState) -> PyTree:
-    """The EMA of the parameters if the optimizer keeps one, else the parameters."""
+    """The parameters to evaluate: the EMA if the optimizer keeps one; for schedule-free optimizers
+    the averaged sequence x rather than the gradient point y (Defazio et al., 2024); else the parameters."""
     found = optax.tree_utils.tree_get_all_with_path(opt_state, "ema_params")
-    return found[0][1] if found else params
+    if found:
+        return found[0][1]
+    is_free = lambda node: isinstance(node, optax.contrib.ScheduleFreeState)
+    free = [node for node in jax.tree.leaves(opt_state, is_leaf=is_free) if is_free(node)]
+    return optax.contrib.schedule_free_eval_params(free[0], params) if free else params
 
 
 def should_stop(history: Sequence[float], *, mode: str, patience: int) -> bool:
