@@ -167,3 +167,10 @@ def test_optimizer_kwargs_are_open_but_other_sections_are_not(tmp_path, override
     result = launch("--config", "experiments/linear_regression.py:smoke", "--workdir", str(tmp_path), override)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith(message)
+
+
+def test_a_broken_file_stops_launch_in_one_line(tmp_path):
+    path = write(tmp_path, "broken.py", "import optax\n\ndef make(learning_rate):\n    return optax.sgd(learning_rate\n")
+    result = launch("--config", "experiments/linear_regression.py:smoke", "--workdir", str(tmp_path / "run"), f"--config.optimizer.name={path}:make")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith(f"error: optimizer file {path} (line 4): importing it raised SyntaxError:")

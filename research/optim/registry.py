@@ -63,6 +63,8 @@ def _first_line(error: BaseException) -> str:
 def _where(error: BaseException, path: Path) -> str:
     """' (line N)' for the deepest traceback frame inside the user's file."""
     lines = [frame.lineno for frame in traceback.extract_tb(error.__traceback__) if Path(frame.filename) == path.resolve()]
+    if isinstance(error, SyntaxError) and error.lineno:
+        lines.append(error.lineno)
     return f" (line {lines[-1]})" if lines else ""
 
 
