@@ -61,3 +61,18 @@ def test_unknown_schedule_and_config_key():
         make_optimizer({"name": "sgd", "learning_rate": 1e-3, "schedule": {"name": "cosin"}})
     with pytest.raises(ConfigError, match=r"unknown optimizer config keys \['lr'\]"):
         make_optimizer({"name": "sgd", "lr": 1e-3})
+
+
+def test_float_arguments_are_state_so_changing_them_does_not_recompile():
+    tx = make_optimizer({"name": "adamw", "learning_rate": 0.1, "kwargs": {"weight_decay": 0.1}})
+    params = {"w": jax.numpy.array([1.0, -2.0])}
+    grads = {"w": jax.numpy.array([0.5, 0.5])}
+    update = jax.jit(tx.update)
+    state = tx.init(params)
+    first, _ = update(grads, state, params)
+    heavier = optax.tree_utils.tree_set(state, weight_decay=jax.numpy.asarray(0.5, jax.numpy.float32))
+    second, _ = update(grads, heavier, params)
+    assert update._cache_size() == 1
+    # Adam's first step is -lr * sign(g); the decay adds -lr * wd * w.
+    np.testing.assert_allclose(first["w"], [-0.1 - 0.01, -0.1 + 0.02], atol=1e-6)
+    np.testing.assert_allclose(second["w"], [-0.1 - 0.05, -0.1 + 0.1], atol=1e-6)
