@@ -5,6 +5,8 @@
   python launch.py --list
   python launch.py --list_datasets [--data_dir DIR]
   python launch.py --config ... --workdir ... --local_processes 2      # 2 processes on this machine
+  python launch.py --check_optimizer path/to/my_opt.py:make     # the optimizer conformance kit
+  python launch.py --bench_optimizer adamw                       # steps/seconds to target vs baselines
 
 `--config path.py:arg` passes `arg` to the module's `get_config`; `--config.a.b=v` overrides a
 key. This is the only file that parses flags or sets up JAX: with several processes (SLURM,
@@ -19,10 +21,19 @@ import subprocess
 import sys
 from pathlib import Path
 
+if any(arg.startswith("--check_optimizer") for arg in sys.argv):  # the kit's FSDP check wants 8 CPU devices
+    os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+
+import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "experiment module and variant: experiments/NAME.py[:arg]")
+# Unlocked while parsing so that open sections (research.config.OPEN_SECTIONS, e.g.
+# --config.optimizer.kwargs.b1=0.95) accept new keys; _check_new_keys then rejects new keys
+# anywhere else and locks the config.
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "experiment module and variant: experiments/NAME.py[:arg]", lock_config=False, accept_new_attributes=True
+)
 _WORKDIR = flags.DEFINE_string("workdir", None, "directory for config.json, metrics.jsonl, TensorBoard events and results.json")
 _LIST = flags.DEFINE_boolean("list", False, "list every experiment with its description, then exit")
 _ALLOW_CONFIG_CHANGE = flags.DEFINE_boolean(
@@ -36,6 +47,8 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "this process's index, 0 
 _LOCAL_PROCESSES = flags.DEFINE_integer(
     "local_processes", 0, "start this many processes on 127.0.0.1 that train together (multi-host, tried on one machine)"
 )
+_CHECK_OPTIMIZER = flags.DEFINE_string("check_optimizer", None, "run the conformance kit on an optimizer (name, file.py:fn or module:fn)")
+_BENCH_OPTIMIZER = flags.DEFINE_string("bench_optimizer", None, "benchmark an optimizer against adamw and momentum on the CPU workloads")
 
 EXPERIMENTS_DIR = Path(__file__).parent / "experiments"
 
@@ -68,6 +81,23 @@ def _diagnose(argv: list[str], error: Exception) -> str:
         return str(load_error).splitlines()[0]
     overrides = [arg[len("--config.") :].split("=", 1)[0] for arg in argv if arg.startswith("--config.")]
     return experiment.unknown_key_message(base, overrides) or str(error).splitlines()[0]
+
+
+def _check_new_keys(argv: list[str]) -> None:
+    """Fails on an override that added a key outside the open sections, then locks the config."""
+    from research import experiment
+    from research.config import OPEN_SECTIONS
+
+    overrides = [arg[len("--config.") :].split("=", 1)[0] for arg in argv if arg.startswith("--config.")]
+    closed = [key for key in overrides if not key.startswith(tuple(section + "." for section in OPEN_SECTIONS))]
+    argument = _config_argument(argv)
+    if argument is not None and closed:
+        path, _, variant = argument.partition(":")
+        message = experiment.unknown_key_message(experiment.load(path).get_config(variant or None), closed)
+        if message:
+            fail(message)
+    if isinstance(_CONFIG.value, ml_collections.ConfigDict):  # not a file that failed to load: main reports that
+        _CONFIG.value.lock()
 
 
 def _cluster_detected() -> bool:
@@ -122,9 +152,26 @@ def run_local_processes(count: int, argv: list[str]) -> int:
 
 def parse_flags(argv: list[str]) -> list[str]:
     try:
-        return flags.FLAGS(argv)
+        remaining = flags.FLAGS(argv)
     except Exception as error:  # config_flags raises whatever loading or overriding raised
         fail(_diagnose(argv, error))
+    _check_new_keys(argv)
+    return remaining
+
+
+def run_optimizer_tool() -> None:
+    """--check_optimizer or --bench_optimizer: print the kit's table or the benchmark's, then exit."""
+    from research.config import ConfigError
+    from research.optim import benchmark, conformance
+
+    try:
+        if _CHECK_OPTIMIZER.value:
+            rows = conformance.check_optimizer(_CHECK_OPTIMIZER.value)
+            print(conformance.format_table(rows))
+            sys.exit(0 if all(row.passed for row in rows) else 1)
+        print(benchmark.format_table(benchmark.run_benchmark(_BENCH_OPTIMIZER.value)))
+    except ConfigError as error:
+        fail(str(error))
 
 
 def main(argv: list[str]) -> None:
@@ -133,6 +180,9 @@ def main(argv: list[str]) -> None:
     from research import experiment
     from research.config import ConfigError
 
+    logging.set_verbosity(logging.WARNING)
+    if _CHECK_OPTIMIZER.value or _BENCH_OPTIMIZER.value:
+        return run_optimizer_tool()
     if _LIST.value:
         for name, description in experiment.describe(EXPERIMENTS_DIR):
             print(f"{name:24s} {description}")
@@ -154,7 +204,6 @@ def main(argv: list[str]) -> None:
 
     config_path = _config_argument(sys.argv).partition(":")[0]
     name = experiment.name_of(config_path)
-    logging.set_verbosity(logging.WARNING)
     try:
         module = experiment.load(config_path)
         if jax.process_index() == 0:

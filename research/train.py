@@ -30,7 +30,9 @@ from research import metrics as metrics_lib
 from research import sharding
 from research.config import ConfigError
 from research.logger import Logger
-from research.optim import make_optimizer
+from research.optim import current_learning_rate, make_optimizer, regularizers
+from research.optim.accumulation import accumulated_value_and_grad
+from research.optim.registry import check_against_params, origin_of
 from research.state import TrainState
 
 PyTree = Any
@@ -71,15 +73,26 @@ def state_initializer(
     return create, abstract_state
 
 
-def train_step(state: TrainState, batch: Batch, *, loss_fn: LossFn, tx: optax.GradientTransformation):
-    """One optimizer step: gradient, update and apply, all in one jit region."""
+def train_step(state: TrainState, batch: Batch, *, loss_fn: LossFn, tx: optax.GradientTransformation, accumulate_steps: int = 1):
+    """One optimizer step: gradient, update and apply, all in one jit region.
+
+    An optimizer that takes extra arguments (optax.GradientTransformationExtraArgs) gets the loss
+    `value`, its `grad` and `value_fn(params)`, the loss on this batch; others ignore them.
+    With accumulate_steps k the gradient is the mean over k micro-batches of the batch, scanned."""
     rng = jax.random.fold_in(state.rng, state.step)
-    (loss, aux), grads = jax.value_and_grad(_with_model_state(loss_fn, state.model_state), has_aux=True)(state.params, batch, rng)
+    loss_fn = _with_model_state(loss_fn, state.model_state)
+    (loss, aux), grads = accumulated_value_and_grad(loss_fn, accumulate_steps)(state.params, batch, rng)
     aux = dict(aux)
     model_state = aux.pop("model_state") if state.model_state else state.model_state
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    value_fn = lambda params: loss_fn(params, batch, rng)[0]
+    updates, opt_state = optax.with_extra_args_support(tx).update(
+        grads, state.opt_state, state.params, value=loss, grad=grads, value_fn=value_fn
+    )
     params = optax.apply_updates(state.params, updates)
     metrics = aux | {"loss": loss, "grad_norm": optax.global_norm(grads)}
+    learning_rate = current_learning_rate(opt_state)
+    if learning_rate is not None:
+        metrics["learning_rate"] = learning_rate
     new_state = state.replace(step=state.step + 1, params=params, model_state=model_state, opt_state=opt_state)
     return new_state, metrics
 
@@ -177,11 +190,34 @@ def bind(experiment: ModuleType, model) -> dict[str, Callable]:
     return {"loss_fn": loss_fn, "eval_fn": eval_fn, "init_variables": init_variables}
 
 
-def compile_steps(functions: dict[str, Callable], tx: optax.GradientTransformation, state_shardings, mesh: Mesh):
+def regularize(functions: dict[str, Callable], optimizer_config: ml_collections.ConfigDict) -> dict[str, Callable]:
+    """The training loss plus the config's L1/L2 penalty; evaluation keeps the plain loss."""
+    if not (optimizer_config.l1_penalty or optimizer_config.l2_penalty):
+        return functions
+    penalized = regularizers.with_penalty(
+        functions["loss_fn"], l1=optimizer_config.l1_penalty, l2=optimizer_config.l2_penalty, exclude=optimizer_config.decay_exclude
+    )
+    return functions | {"loss_fn": penalized}
+
+
+def stop_early(history: list[float], results: dict[str, float], early_stopping: ml_collections.ConfigDict) -> bool:
+    """Appends eval/<metric> to `history`; True when it has not improved for `patience` evaluations."""
+    if not early_stopping.metric:
+        return False
+    key = f"eval/{early_stopping.metric}"
+    if key not in results or early_stopping.mode not in ("min", "max"):
+        raise ConfigError(f"early_stopping: metric must be one of {sorted(name[5:] for name in results)} and mode 'min' or 'max'")
+    history.append(results[key])
+    return regularizers.should_stop(history, mode=early_stopping.mode, patience=early_stopping.patience)
+
+
+def compile_steps(
+    functions: dict[str, Callable], tx: optax.GradientTransformation, state_shardings, mesh: Mesh, accumulate_steps: int = 1
+):
     """The jitted train step (state donated) and eval step, with their shardings."""
     batch_sharding, replicated = sharding.batch_sharding(mesh), sharding.replicated(mesh)
     train_fn = jax.jit(
-        functools.partial(train_step, loss_fn=functions["loss_fn"], tx=tx),
+        functools.partial(train_step, loss_fn=functions["loss_fn"], tx=tx, accumulate_steps=accumulate_steps),
         in_shardings=(state_shardings, batch_sharding),
         out_shardings=(state_shardings, replicated),
         donate_argnums=0,
@@ -196,7 +232,7 @@ def compile_steps(functions: dict[str, Callable], tx: optax.GradientTransformati
 
 def make_tx(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
     """The configured optimizer, with frozen parameters and non-finite updates handled."""
-    tx = make_optimizer(config.optimizer)
+    tx = make_optimizer(config.optimizer, config.num_steps)
     if config.freeze:
         pattern = re.compile(config.freeze)
         labels = lambda params: jax.tree_util.tree_map_with_path(
@@ -218,6 +254,7 @@ def _start(config, functions, tx, train_iterator, manager, mesh, allow_config_ch
         rng, batch, init_variables=functions["init_variables"], tx=tx, mesh=mesh, rules=config.param_rules
     )
     shardings = jax.tree.map(lambda leaf: leaf.sharding, abstract_state)
+    check_against_params(tx, abstract_state.params, origin_of(config.optimizer.name))
     step, state = checkpoint.restore_latest(
         manager, abstract_state, train_iterator, config, allow_config_change=allow_config_change
     )
@@ -257,6 +294,14 @@ def _init_from(state: TrainState, shardings: TrainState, tx, init_from) -> Train
     return state.replace(params=params, opt_state=opt_state)
 
 
+def _finished(results_file: Path, start: int, num_steps: int) -> bool:
+    """Whether the checkpoint at `start` is the end of a run that wrote its results."""
+    if not results_file.exists():
+        return False
+    results = json.loads(results_file.read_text())
+    return results["step"] == start and (start == num_steps or results.get("stopped_early", False))
+
+
 def train_and_evaluate(
     config: ml_collections.ConfigDict,
     experiment: ModuleType,
@@ -276,22 +321,26 @@ def train_and_evaluate(
         raise ConfigError(
             f"batch_size {config.batch_size} must be a multiple of the {sharding.batch_divisor(mesh)} batch shards of mesh {dict(mesh.shape)}"
         )
-    functions = bind(experiment, experiment.make_model(config))
+    accumulate = config.optimizer.accumulate_steps
+    if accumulate < 1 or config.batch_size % (accumulate * sharding.batch_divisor(mesh)):
+        raise ConfigError(f"optimizer.accumulate_steps {accumulate} must be >= 1 and divide batch_size / batch shards")
+    functions = regularize(bind(experiment, experiment.make_model(config)), config.optimizer)
     tx = make_tx(config)
     train_iterator = iter(experiment.make_data(config, "train"))
     manager = checkpoint.make_manager(workdir, config.checkpoint)
     start, state, shardings, batch = _start(config, functions, tx, train_iterator, manager, mesh, allow_config_change)
     results_file = workdir / "results.json"
-    if start == config.num_steps and results_file.exists() and json.loads(results_file.read_text())["step"] == start:
+    if _finished(results_file, start, config.num_steps):
         manager.close()
         print(f"the run in {workdir} is finished; its results are in {results_file}")
-        return {key: value for key, value in json.loads(results_file.read_text()).items() if key != "step"}
-    train_fn, eval_fn = compile_steps(functions, tx, shardings, mesh)
+        return {key: value for key, value in json.loads(results_file.read_text()).items() if key not in ("step", "stopped_early")}
+    train_fn, eval_fn = compile_steps(functions, tx, shardings, mesh, accumulate)
     eval_data = {split: experiment.make_data(config, split) for split in ("validation", "test")}
     logger = Logger(workdir, total_steps=config.num_steps, start_step=start)
 
     def run_eval(state, split: str, prefix: str, step: int) -> dict[str, float]:
-        results = evaluate(state, eval_data[split], step_fn=eval_fn, mesh=mesh)
+        evaluated_state = state.replace(params=regularizers.eval_params(state.params, state.opt_state))  # the EMA when kept
+        results = evaluate(evaluated_state, eval_data[split], step_fn=eval_fn, mesh=mesh)
         results = {f"{prefix}/{name}": value for name, value in results.items()}
         logger.write(step, results)
         return results
@@ -302,7 +351,7 @@ def train_and_evaluate(
             checkpoint.save(manager, step, state, train_iterator, config, metrics=metrics, force=True)
 
     train_metrics = _TrainMetrics(logger, config.batch_size, start, skip_nonfinite=config.nonfinite == "skip")
-    step = start
+    step, last_step, history = start, config.num_steps, []
     try:
         with checkpoint.PreemptionWatcher() as watcher:
             for step in range(start + 1, config.num_steps + 1):
@@ -317,6 +366,9 @@ def train_and_evaluate(
                 if config.eval_every and step % config.eval_every == 0 and step != config.num_steps:
                     train_metrics.flush()
                     evaluated = run_eval(state, "validation", "eval", step)
+                    if stop_early(history, evaluated, config.early_stopping):
+                        last_step = step
+                        break
                 stopping = watcher.requested is not None or step == stop_at_step
                 if step < config.num_steps:  # the last step is saved below, with the final metrics
                     save(step, evaluated, force=stopping or bool(evaluated and config.checkpoint.best_metric))
@@ -328,10 +380,10 @@ def train_and_evaluate(
                     print(f"stopped at step {step} ({watcher.requested or 'stop_at_step'}); checkpoint saved in {manager.directory}")
                     return {}
             train_metrics.flush()
-            final = run_eval(state, "validation", "eval", config.num_steps)
-            final |= run_eval(state, "test", "test", config.num_steps)
-            if start < config.num_steps:
-                save(config.num_steps, final, force=True)
+            final = run_eval(state, "validation", "eval", last_step)
+            final |= run_eval(state, "test", "test", last_step)
+            if start < last_step:
+                save(last_step, final, force=True)
     except NonFiniteError as error:
         raise NonFiniteError(f"{error}; the last good checkpoint is step {manager.latest_step()} in {manager.directory}") from None
     finally:
@@ -339,5 +391,6 @@ def train_and_evaluate(
         manager.close()
         logger.close()
     if jax.process_index() == 0:
-        results_file.write_text(json.dumps({"step": config.num_steps} | final, indent=2) + "\n")
+        summary = {"step": last_step} | ({"stopped_early": True} if last_step < config.num_steps else {})
+        results_file.write_text(json.dumps(summary | final, indent=2) + "\n")
     return final
