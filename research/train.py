@@ -10,6 +10,7 @@ A model with state besides its parameters (BatchNorm statistics) keeps it in
 returns the updated state as `aux["model_state"]`.
 """
 
+import dataclasses
 import functools
 import json
 import re
@@ -302,6 +303,53 @@ def _finished(results_file: Path, start: int, num_steps: int) -> bool:
     return results["step"] == start and (start == num_steps or results.get("stopped_early", False))
 
 
+@dataclasses.dataclass
+class _Run:
+    """What one call of train_and_evaluate holds between steps: the state and where it goes."""
+
+    config: ml_collections.ConfigDict
+    mesh: Mesh
+    state: TrainState
+    train_iterator: Any
+    eval_data: dict[str, Iterable]
+    eval_fn: Callable
+    manager: Any
+    logger: Logger
+    train_metrics: _TrainMetrics
+
+    def evaluate(self, split: str, prefix: str, step: int) -> dict[str, float]:
+        """Metrics of `split` (with the parameters' EMA when the optimizer keeps one), logged as `prefix/...`."""
+        state = self.state.replace(params=regularizers.eval_params(self.state.params, self.state.opt_state))
+        results = evaluate(state, self.eval_data[split], step_fn=self.eval_fn, mesh=self.mesh)
+        results = {f"{prefix}/{name}": value for name, value in results.items()}
+        self.logger.write(step, results)
+        return results
+
+    def save(self, step: int, metrics: dict | None = None, force: bool = False) -> None:
+        """Checkpoints when the policy (or `force`) says so; a non-finite state is never saved."""
+        if force or self.manager.should_save(step):
+            self.train_metrics.check_pending(step)
+            checkpoint.save(self.manager, step, self.state, self.train_iterator, self.config, metrics=metrics, force=True)
+
+
+def _check_batch(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
+    shards = sharding.batch_divisor(mesh)
+    if config.batch_size % shards:
+        raise ConfigError(f"batch_size {config.batch_size} must be a multiple of the {shards} batch shards of mesh {dict(mesh.shape)}")
+    accumulate = config.optimizer.accumulate_steps
+    if accumulate < 1 or config.batch_size % (accumulate * shards):
+        raise ConfigError(f"optimizer.accumulate_steps {accumulate} must be >= 1 and divide batch_size / batch shards")
+
+
+def _eval_history(workdir: Path, early_stopping, up_to_step: int) -> list[float]:
+    """The early-stopping metric's values logged up to a resumed step, so patience survives a restart."""
+    path, key = workdir / "metrics.jsonl", f"eval/{early_stopping.metric}"
+    if not early_stopping.metric or not up_to_step or not path.exists():
+        return []
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    return [record[key] for record in records if key in record and record["step"] <= up_to_step]
+
+
 def train_and_evaluate(
     config: ml_collections.ConfigDict,
     experiment: ModuleType,
@@ -317,13 +365,7 @@ def train_and_evaluate(
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     mesh = mesh if mesh is not None else sharding.make_mesh(config.mesh)
-    if config.batch_size % sharding.batch_divisor(mesh):
-        raise ConfigError(
-            f"batch_size {config.batch_size} must be a multiple of the {sharding.batch_divisor(mesh)} batch shards of mesh {dict(mesh.shape)}"
-        )
-    accumulate = config.optimizer.accumulate_steps
-    if accumulate < 1 or config.batch_size % (accumulate * sharding.batch_divisor(mesh)):
-        raise ConfigError(f"optimizer.accumulate_steps {accumulate} must be >= 1 and divide batch_size / batch shards")
+    _check_batch(config, mesh)
     functions = regularize(bind(experiment, experiment.make_model(config)), config.optimizer)
     tx = make_tx(config)
     train_iterator = iter(experiment.make_data(config, "train"))
@@ -334,56 +376,20 @@ def train_and_evaluate(
         manager.close()
         print(f"the run in {workdir} is finished; its results are in {results_file}")
         return {key: value for key, value in json.loads(results_file.read_text()).items() if key not in ("step", "stopped_early")}
-    train_fn, eval_fn = compile_steps(functions, tx, shardings, mesh, accumulate)
-    eval_data = {split: experiment.make_data(config, split) for split in ("validation", "test")}
+    train_fn, eval_fn = compile_steps(functions, tx, shardings, mesh, config.optimizer.accumulate_steps)
+    history = _eval_history(workdir, config.early_stopping, start)
     logger = Logger(workdir, total_steps=config.num_steps, start_step=start)
-
-    def run_eval(state, split: str, prefix: str, step: int) -> dict[str, float]:
-        evaluated_state = state.replace(params=regularizers.eval_params(state.params, state.opt_state))  # the EMA when kept
-        results = evaluate(evaluated_state, eval_data[split], step_fn=eval_fn, mesh=mesh)
-        results = {f"{prefix}/{name}": value for name, value in results.items()}
-        logger.write(step, results)
-        return results
-
-    def save(step: int, metrics: dict | None = None, force: bool = False) -> None:
-        if force or manager.should_save(step):
-            train_metrics.check_pending(step)  # a non-finite state is never saved
-            checkpoint.save(manager, step, state, train_iterator, config, metrics=metrics, force=True)
-
-    train_metrics = _TrainMetrics(logger, config.batch_size, start, skip_nonfinite=config.nonfinite == "skip")
-    step, last_step, history = start, config.num_steps, []
+    run = _Run(
+        config, mesh, state, train_iterator, {split: experiment.make_data(config, split) for split in ("validation", "test")},
+        eval_fn, manager, logger, _TrainMetrics(logger, config.batch_size, start, skip_nonfinite=config.nonfinite == "skip"),
+    )
     try:
-        with checkpoint.PreemptionWatcher() as watcher:
-            for step in range(start + 1, config.num_steps + 1):
-                if step > start + 1:
-                    batch = sharding.put_batch(next(train_iterator), mesh)
-                state, metrics = train_fn(state, batch)
-                train_metrics.flush()
-                train_metrics.add(metrics)
-                if step % config.log_every == 0 or step == config.num_steps:
-                    train_metrics.finish_window(step)
-                evaluated = None
-                if config.eval_every and step % config.eval_every == 0 and step != config.num_steps:
-                    train_metrics.flush()
-                    evaluated = run_eval(state, "validation", "eval", step)
-                    if stop_early(history, evaluated, config.early_stopping):
-                        last_step = step
-                        break
-                stopping = watcher.requested is not None or step == stop_at_step
-                if step < config.num_steps:  # the last step is saved below, with the final metrics
-                    save(step, evaluated, force=stopping or bool(evaluated and config.checkpoint.best_metric))
-                if stopping:
-                    train_metrics.flush()
-                    train_metrics.finish_window(step)
-                    train_metrics.flush()
-                    manager.wait_until_finished()
-                    print(f"stopped at step {step} ({watcher.requested or 'stop_at_step'}); checkpoint saved in {manager.directory}")
-                    return {}
-            train_metrics.flush()
-            final = run_eval(state, "validation", "eval", last_step)
-            final |= run_eval(state, "test", "test", last_step)
-            if start < last_step:
-                save(last_step, final, force=True)
+        last_step = _loop(run, train_fn, batch, start, history, stop_at_step)
+        if last_step is None:
+            return {}
+        final = run.evaluate("validation", "eval", last_step) | run.evaluate("test", "test", last_step)
+        if start < last_step:
+            run.save(last_step, final, force=True)
     except NonFiniteError as error:
         raise NonFiniteError(f"{error}; the last good checkpoint is step {manager.latest_step()} in {manager.directory}") from None
     finally:
@@ -394,3 +400,37 @@ def train_and_evaluate(
         summary = {"step": last_step} | ({"stopped_early": True} if last_step < config.num_steps else {})
         results_file.write_text(json.dumps(summary | final, indent=2) + "\n")
     return final
+
+
+def _loop(run: _Run, train_fn: Callable, batch, start: int, history: list[float], stop_at_step: int | None) -> int | None:
+    """Steps from `start` to the end; returns the last step trained, or None after a preemption's save."""
+    config, metrics_window = run.config, run.train_metrics
+    with checkpoint.PreemptionWatcher() as watcher:
+        for step in range(start + 1, config.num_steps + 1):
+            if step > start + 1:
+                batch = sharding.put_batch(next(run.train_iterator), run.mesh)
+            run.state, metrics = train_fn(run.state, batch)
+            metrics_window.flush()  # the previous window, now that this step is dispatched
+            metrics_window.add(metrics)
+            if step % config.log_every == 0 or step == config.num_steps:
+                metrics_window.finish_window(step)
+            evaluated = None
+            if config.eval_every and step % config.eval_every == 0 and step != config.num_steps:
+                metrics_window.flush()
+                evaluated = run.evaluate("validation", "eval", step)
+                if stop_early(history, evaluated, config.early_stopping):
+                    metrics_window.finish_window(step)
+                    metrics_window.flush()
+                    return step
+            stopping = watcher.requested is not None or step == stop_at_step
+            if step < config.num_steps:  # the last step is saved by the caller, with the final metrics
+                run.save(step, evaluated, force=stopping or bool(evaluated and config.checkpoint.best_metric))
+            if stopping:
+                metrics_window.flush()
+                metrics_window.finish_window(step)
+                metrics_window.flush()
+                run.manager.wait_until_finished()
+                print(f"stopped at step {step} ({watcher.requested or 'stop_at_step'}); checkpoint saved in {run.manager.directory}")
+                return None
+    metrics_window.flush()
+    return config.num_steps
