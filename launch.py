@@ -21,8 +21,17 @@ import subprocess
 import sys
 from pathlib import Path
 
-if any(arg.startswith("--check_optimizer") for arg in sys.argv):  # the kit's FSDP check wants 8 CPU devices
-    os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+
+def _fake_devices(argv: list[str]) -> int:
+    """CPU devices to fake before JAX starts: 8 for the optimizer kit, --dry_run_devices for a dry run."""
+    for index, arg in enumerate(argv):
+        if arg.startswith("--dry_run_devices"):
+            return int(arg.split("=", 1)[1] if "=" in arg else argv[index + 1])
+    return 8 if any(arg.startswith("--check_optimizer") for arg in argv) else 0
+
+
+if _fake_devices(sys.argv):  # must happen before jax is imported
+    os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={_fake_devices(sys.argv)}"
 
 import ml_collections
 from absl import app, flags, logging
@@ -44,6 +53,10 @@ _DATA_DIR = flags.DEFINE_string("data_dir", "", "tfds data directory that --list
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0 when this is one of several processes")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "how many processes take part (with --coordinator_address)")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "this process's index, 0 .. num_processes - 1 (with --coordinator_address)")
+_DRY_RUN = flags.DEFINE_boolean("dry_run", False, "compile the train step for the config's mesh and report memory, FLOPs and step times; train nothing")
+_DRY_RUN_DEVICES = flags.DEFINE_integer("dry_run_devices", 0, "fake this many CPU devices for the dry run (0: the real devices)")
+_MFU = flags.DEFINE_float("mfu", 0.4, "model FLOPs utilisation assumed by the dry run's step times")
+_PEAK_TFLOPS = flags.DEFINE_float("peak_tflops", 0.0, "add an accelerator of this bf16 peak to the dry run's table")
 _LOCAL_PROCESSES = flags.DEFINE_integer(
     "local_processes", 0, "start this many processes on 127.0.0.1 that train together (multi-host, tried on one machine)"
 )
@@ -174,6 +187,16 @@ def run_optimizer_tool() -> None:
         fail(str(error))
 
 
+def run_dry(module) -> None:
+    """--dry_run: compile for the config's mesh (on fake devices if asked) and print the report."""
+    from research import dry_run, sharding
+
+    mesh = sharding.make_mesh(_CONFIG.value.mesh)
+    accelerators = dict(dry_run.PEAK_TFLOPS) | ({"custom": _PEAK_TFLOPS.value} if _PEAK_TFLOPS.value else {})
+    result = dry_run.dry_run(_CONFIG.value, module, mesh)
+    print(dry_run.format_report(result, dict(mesh.shape), _MFU.value, accelerators))
+
+
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         fail(f"unexpected arguments {argv[1:]}: flags take the form --name=value")
@@ -206,6 +229,8 @@ def main(argv: list[str]) -> None:
     name = experiment.name_of(config_path)
     try:
         module = experiment.load(config_path)
+        if _DRY_RUN.value:
+            return run_dry(module)
         if jax.process_index() == 0:
             print(f"experiment {name} on {jax.process_count()} process(es), {jax.device_count()} device(s)\n{_CONFIG.value}")
             experiment.claim_workdir(_WORKDIR.value, name, _CONFIG.value)

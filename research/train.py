@@ -60,7 +60,7 @@ def state_initializer(
 ):
     """(create(rng) -> TrainState, the abstract state with shardings), without allocating anything."""
 
-    def create(rng):
+    def create(rng, batch):
         init_rng, train_rng = jax.random.split(rng)
         variables = dict(init_variables(init_rng, batch))
         params = variables.pop("params")
@@ -68,10 +68,10 @@ def state_initializer(
             step=jnp.zeros((), jnp.int32), params=params, model_state=variables, opt_state=tx.init(params), rng=train_rng
         )
 
-    shapes = jax.eval_shape(create, rng)
+    shapes = jax.eval_shape(create, rng, batch)  # the batch may itself be abstract (a dry run)
     shardings = sharding.state_shardings(shapes, mesh, rules)
     abstract_state = jax.tree.map(lambda leaf, where: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=where), shapes, shardings)
-    return create, abstract_state
+    return functools.partial(create, batch=batch), abstract_state
 
 
 def train_step(state: TrainState, batch: Batch, *, loss_fn: LossFn, tx: optax.GradientTransformation, accumulate_steps: int = 1):
