@@ -10,12 +10,9 @@ import jax.numpy as jnp
 import optax
 import optax.contrib
 
+from research.sharding import path_name
+
 PyTree = Any
-
-
-def path_name(path) -> str:
-    """'Dense_0/kernel' for the key path of a nested-dict leaf."""
-    return "/".join(str(getattr(key, "key", getattr(key, "name", getattr(key, "idx", key)))) for key in path)
 
 
 def decay_mask(params: PyTree, exclude: str) -> PyTree:
