@@ -174,3 +174,25 @@ def test_a_broken_file_stops_launch_in_one_line(tmp_path):
     result = launch("--config", "experiments/linear_regression.py:smoke", "--workdir", str(tmp_path / "run"), f"--config.optimizer.name={path}:make")
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith(f"error: optimizer file {path} (line 4): importing it raised SyntaxError:")
+
+
+def test_my_optimizer_resumes_bitwise_from_a_checkpoint(tmp_path, data_dir):
+    import orbax.checkpoint as ocp
+
+    from conftest import assert_trees_close
+    from experiments import digits_mlp
+
+    path = write(tmp_path, "my_opt.py", MY_OPTIMIZER)
+    config = digits_mlp.get_config("smoke")
+    config.update_from_flattened_dict({
+        "data_dir": data_dir, "num_steps": 10, "eval_every": 0, "checkpoint.every_steps": 0,
+        "optimizer.name": f"{path}:make", "optimizer.learning_rate": 0.05,
+    })
+    train.train_and_evaluate(config, digits_mlp, tmp_path / "straight")
+    train.train_and_evaluate(config, digits_mlp, tmp_path / "resumed", stop_at_step=4)
+    train.train_and_evaluate(config, digits_mlp, tmp_path / "resumed")
+    states = []
+    for name in ("straight", "resumed"):
+        with ocp.CheckpointManager(tmp_path / name / "checkpoints") as manager:
+            states.append(manager.restore(10, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"])
+    assert_trees_close(states[1], states[0], atol=0.0)
