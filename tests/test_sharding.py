@@ -84,7 +84,7 @@ def losses_on(mesh_axes, name, steps=5):
         batches = [{"inputs": ((rng.integers(0, 64, (16, 1)) + np.arange(16)) % 64).astype(np.int32)} for _ in range(steps)]
     else:
         model, loss_fn = resnet.CifarResNet(depth=8), resnet_loss
-        batches = [{"inputs": rng.normal(size=(16, 32, 32, 3)).astype(np.float32), "labels": rng.integers(0, 10, 16).astype(np.int32)} for _ in range(steps)]
+        batches = [{"inputs": rng.normal(size=(16, 16, 16, 3)).astype(np.float32), "labels": rng.integers(0, 10, 16).astype(np.int32)} for _ in range(steps)]
     tx = optax.adam(3e-3)
     init_variables = lambda rng, batch: model.init(rng, batch["inputs"])
     first = sharding.put_batch(batches[0], mesh)
@@ -103,5 +103,6 @@ def losses_on(mesh_axes, name, steps=5):
 def test_every_mesh_gives_the_one_device_losses(name):
     reference = losses_on({"data": 1, "fsdp": 1, "tensor": 1}, name)
     assert reference[-1] < reference[0]
-    for mesh_axes in MESHES:
+    # The GPT exercises every kind of mesh; the ResNet (BatchNorm statistics, convolutions) the two extremes.
+    for mesh_axes in MESHES if name == "gpt" else (MESHES[0], MESHES[2]):
         np.testing.assert_allclose(losses_on(mesh_axes, name), reference, atol=1e-5, err_msg=str(mesh_axes))
