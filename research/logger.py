@@ -6,10 +6,12 @@ Only process 0 writes; other processes get a logger that stays silent. Each reco
 
 import json
 import math
+import time
 from pathlib import Path
 from typing import Mapping
 
 import jax
+import numpy as np
 import rich.console
 import rich.progress
 import tensorboardX
@@ -73,6 +75,58 @@ def _clean(value: float) -> float | None:
     """JSON has no NaN or infinity: those are written as null."""
     value = float(value)
     return value if math.isfinite(value) else None
+
+
+class NonFiniteError(RuntimeError):
+    """The loss or the gradients became NaN or infinite."""
+
+
+class TrainMetrics:
+    """Train metrics since the last log. A finished window reaches the host one step late,
+    after the next step is dispatched, so the device never waits for the host."""
+
+    def __init__(self, logger: Logger, batch_size: int, start_step: int, skip_nonfinite: bool):
+        self.logger, self.batch_size, self.skip_nonfinite = logger, batch_size, skip_nonfinite
+        self.window, self.finished = [], None
+        self.last_time, self.last_step = time.perf_counter(), start_step
+
+    def add(self, metrics: dict[str, jax.Array]) -> None:
+        self.window.append(metrics)
+
+    def finish_window(self, step: int) -> None:
+        if self.window:
+            self.finished, self.window = (step, self.window), []
+
+    def flush(self) -> None:
+        """Logs the mean of the finished window, if any (one device-to-host transfer)."""
+        if self.finished is None:
+            return
+        step, window = self.finished
+        host = self._checked(step, window)
+        average = np.nanmean if self.skip_nonfinite else np.mean
+        values = {f"train/{name}": float(average([metrics[name] for metrics in host])) for name in host[0]}
+        if self.skip_nonfinite:
+            values["train/skipped_steps"] = float(sum(not np.isfinite(metrics["loss"]) for metrics in host))
+        now = time.perf_counter()
+        values["perf/examples_per_second"] = (step - self.last_step) * self.batch_size / max(now - self.last_time, 1e-9)
+        self.logger.write(step, values)
+        self.logger.advance(step, values["perf/examples_per_second"])
+        self.finished, self.last_time, self.last_step = None, now, step
+
+    def check_pending(self, step: int) -> None:
+        """Raises NonFiniteError if any step not yet logged went non-finite (called before a save)."""
+        if self.finished is not None:
+            self._checked(*self.finished)
+        self._checked(step, self.window)
+
+    def _checked(self, last_step: int, window: list) -> list[dict]:
+        host = jax.device_get(window)
+        for offset, metrics in enumerate(host):
+            finite = np.isfinite(metrics["loss"]) and np.isfinite(metrics["grad_norm"])
+            if not finite and not self.skip_nonfinite:
+                step = last_step - len(host) + 1 + offset
+                raise NonFiniteError(f"non-finite loss or gradients at step {step} (loss {metrics['loss']}, grad norm {metrics['grad_norm']})")
+        return host
 
 
 def _open_jsonl(path: Path, start_step: int):

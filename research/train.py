@@ -30,7 +30,7 @@ from research import checkpoint
 from research import metrics as metrics_lib
 from research import sharding
 from research.config import ConfigError
-from research.logger import Logger
+from research.logger import Logger, NonFiniteError, TrainMetrics
 from research.optim import current_learning_rate, make_optimizer, regularizers
 from research.optim.accumulation import accumulated_value_and_grad
 from research.optim.registry import check_against_params, origin_of
@@ -128,58 +128,6 @@ def evaluate(state: TrainState, dataset: Iterable, *, step_fn: Callable, mesh: M
     if accumulated is None:
         raise ValueError("the evaluation split yielded no batches")
     return metrics_lib.compute(accumulated)
-
-
-class NonFiniteError(RuntimeError):
-    """The loss or the gradients became NaN or infinite."""
-
-
-class _TrainMetrics:
-    """Train metrics since the last log. A finished window reaches the host one step late,
-    after the next step is dispatched, so the device never waits for the host."""
-
-    def __init__(self, logger: Logger, batch_size: int, start_step: int, skip_nonfinite: bool):
-        self.logger, self.batch_size, self.skip_nonfinite = logger, batch_size, skip_nonfinite
-        self.window, self.finished = [], None
-        self.last_time, self.last_step = time.perf_counter(), start_step
-
-    def add(self, metrics: dict[str, jax.Array]) -> None:
-        self.window.append(metrics)
-
-    def finish_window(self, step: int) -> None:
-        if self.window:
-            self.finished, self.window = (step, self.window), []
-
-    def flush(self) -> None:
-        """Logs the mean of the finished window, if any (one device-to-host transfer)."""
-        if self.finished is None:
-            return
-        step, window = self.finished
-        host = self._checked(step, window)
-        average = np.nanmean if self.skip_nonfinite else np.mean
-        values = {f"train/{name}": float(average([metrics[name] for metrics in host])) for name in host[0]}
-        if self.skip_nonfinite:
-            values["train/skipped_steps"] = float(sum(not np.isfinite(metrics["loss"]) for metrics in host))
-        now = time.perf_counter()
-        values["perf/examples_per_second"] = (step - self.last_step) * self.batch_size / max(now - self.last_time, 1e-9)
-        self.logger.write(step, values)
-        self.logger.advance(step, values["perf/examples_per_second"])
-        self.finished, self.last_time, self.last_step = None, now, step
-
-    def check_pending(self, step: int) -> None:
-        """Raises NonFiniteError if any step not yet logged went non-finite (called before a save)."""
-        if self.finished is not None:
-            self._checked(*self.finished)
-        self._checked(step, self.window)
-
-    def _checked(self, last_step: int, window: list) -> list[dict]:
-        host = jax.device_get(window)
-        for offset, metrics in enumerate(host):
-            finite = np.isfinite(metrics["loss"]) and np.isfinite(metrics["grad_norm"])
-            if not finite and not self.skip_nonfinite:
-                step = last_step - len(host) + 1 + offset
-                raise NonFiniteError(f"non-finite loss or gradients at step {step} (loss {metrics['loss']}, grad norm {metrics['grad_norm']})")
-        return host
 
 
 def bind(experiment: ModuleType, model) -> dict[str, Callable]:
@@ -315,7 +263,7 @@ class _Run:
     eval_fn: Callable
     manager: Any
     logger: Logger
-    train_metrics: _TrainMetrics
+    train_metrics: TrainMetrics
 
     def evaluate(self, split: str, prefix: str, step: int) -> dict[str, float]:
         """Metrics of `split` (with the parameters' EMA when the optimizer keeps one), logged as `prefix/...`."""
@@ -381,7 +329,7 @@ def train_and_evaluate(
     logger = Logger(workdir, total_steps=config.num_steps, start_step=start)
     run = _Run(
         config, mesh, state, train_iterator, {split: experiment.make_data(config, split) for split in ("validation", "test")},
-        eval_fn, manager, logger, _TrainMetrics(logger, config.batch_size, start, skip_nonfinite=config.nonfinite == "skip"),
+        eval_fn, manager, logger, TrainMetrics(logger, config.batch_size, start, skip_nonfinite=config.nonfinite == "skip"),
     )
     try:
         last_step = _loop(run, train_fn, batch, start, history, stop_at_step)
