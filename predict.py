@@ -73,7 +73,7 @@ def main(argv: list[str]) -> None:
         fail(f"unexpected arguments {argv[1:]}: flags take the form --name=value")
     if _WORKDIR.value is None:
         fail("pass --workdir DIR of a trained run")
-    logging.set_verbosity(logging.WARNING)
+    logging.set_verbosity(logging.ERROR)  # orbax warns that a read-only checkpoint directory is read-only
     from research import predict
     from research.config import ConfigError
 
