@@ -11,6 +11,7 @@ beside launch.py rather than a --predict mode of it because prediction has its o
 the library (research/predict.py, generate.py, export.py, quantize.py), nothing else.
 """
 
+import dataclasses
 import sys
 
 from absl import app, flags, logging
@@ -29,7 +30,7 @@ _CLASSIFY = flags.DEFINE_string("classify", None, "classify the examples in this
 _TOP = flags.DEFINE_integer("top", 3, "classes printed per example")
 _EVALUATE = flags.DEFINE_string("evaluate", None, "evaluate this split (train, validation, test) and print the metrics")
 _EXPORT = flags.DEFINE_string("export", None, "write a jax.export artifact and a manifest to this directory")
-_QUANTIZE = flags.DEFINE_boolean("quantize", False, "int8 weights (per output channel) for --evaluate (before/after report) or --export")
+_QUANTIZE = flags.DEFINE_boolean("quantize", False, "int8 weights (per output channel): --evaluate reports before/after; --export stores them; --generate and --classify use them")
 
 
 def fail(message: str) -> None:
@@ -42,6 +43,8 @@ def run_action(run) -> None:
     from research import export, predict, quantize
     from research.generate import Sampling
 
+    if _QUANTIZE.value and (_GENERATE.value is not None or _CLASSIFY.value is not None):  # predict with the int8 weights
+        run = dataclasses.replace(run, params=quantize.dequantize(quantize.quantize(run.params)))
     if _GENERATE.value is not None:
         sampling = Sampling(_TEMPERATURE.value, _TOP_K.value, _TOP_P.value, _SEED.value)
         result = predict.generate_text(run, _GENERATE.value, _NUM_TOKENS.value, sampling)

@@ -1,6 +1,8 @@
 """Text generation from a trained workdir: a tiny char-level GPT experiment (written here, with the
 optional encode_text/decode_tokens hooks) memorizes a sentence and continues a prompt with it."""
 
+import subprocess
+import sys
 import textwrap
 
 import numpy as np
@@ -64,6 +66,17 @@ def lm_run(tmp_path_factory):
     experiment.claim_workdir(root / "run", "tiny_lm", config)
     final = train.train_and_evaluate(config, module, root / "run")
     return predict.load_run(root / "run", root / "experiments"), final
+
+
+def test_one_command_generates_text_and_prints_both_rates(lm_run):
+    run, _ = lm_run
+    root = run.module.__file__.rsplit("/experiments/", 1)[0]
+    command = [sys.executable, "predict.py", f"--workdir={root}/run", f"--experiments_dir={root}/experiments",
+               "--generate=to be or", "--num_tokens=24", "--temperature=0", "--uncached"]
+    result = subprocess.run(command, capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "to be or not to be, that is the"
+    cached_rate = float(result.stderr.split("24 tokens, ")[1].split(" tokens/s")[0])
+    assert cached_rate > 0 and "without it; same text: True" in result.stderr
 
 
 def test_generates_the_memorized_continuation_with_and_without_the_cache(lm_run):
