@@ -4,6 +4,7 @@ optional encode_text/decode_tokens hooks) memorizes a sentence and continues a p
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -73,7 +74,7 @@ def test_one_command_generates_text_and_prints_both_rates(lm_run):
     root = run.module.__file__.rsplit("/experiments/", 1)[0]
     command = [sys.executable, "predict.py", f"--workdir={root}/run", f"--experiments_dir={root}/experiments",
                "--generate=to be or", "--num_tokens=24", "--temperature=0", "--uncached"]
-    result = subprocess.run(command, capture_output=True, text=True, check=True)
+    result = subprocess.run(command, capture_output=True, text=True, check=True, cwd=Path(__file__).parents[1])
     assert result.stdout.strip() == "to be or not to be, that is the"
     cached_rate = float(result.stderr.split("24 tokens, ")[1].split(" tokens/s")[0])
     assert cached_rate > 0 and "without it; same text: True" in result.stderr
