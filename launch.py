@@ -8,6 +8,8 @@
   python launch.py --check_optimizer path/to/my_opt.py:make     # the optimizer conformance kit
   python launch.py --bench_optimizer adamw                       # steps/seconds to target vs baselines
 
+A trained run is used (generate, classify, evaluate, export) with predict.py beside this file.
+
 `--config path.py:arg` passes `arg` to the module's `get_config`; `--config.a.b=v` overrides a
 key. This is the only file that parses flags or sets up JAX: with several processes (SLURM,
 Open MPI, a TPU pod, or --coordinator_address/--num_processes/--process_id) it starts

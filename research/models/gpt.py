@@ -6,6 +6,10 @@ self-attention and a 4x GELU MLP, a final LayerNorm, and an output head that is 
 embedding transposed (`tie_embeddings`, as GPT-2) or its own bias-free Dense. Weights start
 from N(0, 0.02), the residual output projections from N(0, 0.02 / sqrt(2 * num_layers)) (GPT-2 sec. 2.3).
 `use_bias=False` drops every Dense and LayerNorm bias (nanoGPT's `bias=False`).
+`decode=True` (set with `model.clone(decode=True)`) is the generation path: each call takes one
+position, tokens_Bx1, and every attention layer keeps its keys and values in the "cache"
+collection (flax's autoregressive cache), so a new token costs one position, not the whole prefix.
+The parameter tree is the same in both modes. See research/generate.py.
 Compute runs in `dtype` (bfloat16 on accelerators); parameters stay in `param_dtype`; logits are float32.
 
 Legend: B batch, L sequence length (<= block_size), D width, V vocabulary.
@@ -36,6 +40,7 @@ class GPT(nn.Module):
     tie_embeddings: bool = True
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    decode: bool = False
 
     @nn.compact
     def __call__(self, tokens_BxL: jax.Array, *, deterministic: bool = True) -> jax.Array:
@@ -47,9 +52,9 @@ class GPT(nn.Module):
         embed = dict(features=self.width, embedding_init=init, **types)
         token_embedding = nn.Embed(self.vocab_size, name="token_embedding", **embed)
         position_embedding = nn.Embed(self.block_size, name="position_embedding", **embed)
-        x_BxLxD = token_embedding(tokens_BxL) + position_embedding(jnp.arange(length))
+        positions_L, causal_Bx1xLxL = self._positions_and_mask(tokens_BxL)
+        x_BxLxD = token_embedding(tokens_BxL) + position_embedding(positions_L)
         x_BxLxD = nn.Dropout(self.dropout_rate, deterministic=deterministic)(x_BxLxD)
-        causal_Bx1xLxL = nn.make_causal_mask(tokens_BxL)
         for layer in range(self.num_layers):
             x_BxLxD = TransformerBlock(
                 num_heads=self.num_heads,
@@ -59,6 +64,7 @@ class GPT(nn.Module):
                 use_bias=self.use_bias,
                 kernel_init=init,
                 output_kernel_init=nn.initializers.normal(INIT_STD / math.sqrt(2 * self.num_layers)),
+                decode=self.decode,
                 name=f"block_{layer}",
                 **types,
             )(x_BxLxD, causal_Bx1xLxL, deterministic=deterministic)
@@ -68,3 +74,19 @@ class GPT(nn.Module):
         else:
             logits_BxLxV = nn.Dense(self.vocab_size, use_bias=False, kernel_init=init, name="head", **types)(x_BxLxD)
         return logits_BxLxV.astype(jnp.float32)
+
+    def _positions_and_mask(self, tokens_BxL: jax.Array) -> tuple[jax.Array, jax.Array | None]:
+        """Positions 0..L-1 and the causal mask; when decoding, the cached position and no mask
+        (the attention cache masks the keys not yet written)."""
+        length = tokens_BxL.shape[-1]
+        if not self.decode:
+            return jnp.arange(length), nn.make_causal_mask(tokens_BxL)
+        initialized = self.has_variable("cache", "position")
+        position = self.variable("cache", "position", lambda: jnp.zeros((), jnp.int32))
+        if not initialized:  # init sizes the caches from a full-length input
+            return jnp.arange(length), nn.make_causal_mask(tokens_BxL)
+        if length != 1:
+            raise ValueError(f"decoding takes one position per call, got {length}")
+        current = position.value
+        position.value = current + 1
+        return current[None], None

@@ -6,7 +6,8 @@ Token embedding, `num_layers` stacked LSTM (Hochreiter & Schmidhuber 1997) or GR
 2014) layers of `width` units, each run over time by `flax.linen.RNN` (an `nn.scan` over the
 cell; the LSTM is Flax's OptimizedLSTMCell, which fuses its four gates into one matmul), and a
 dense head to next-token logits. Every state starts at zero, so the model is causal: the output
-at step t reads tokens 0..t only.
+at step t reads tokens 0..t only. Generation passes each layer's state (`carries`) back in with
+`return_carries=True` and feeds one token at a time (research/generate.py).
 
 Legend: B batch, L sequence length, E embedding size, D width (hidden units), V vocabulary.
 """
@@ -33,14 +34,22 @@ class RecurrentLM(nn.Module):
     param_dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, tokens_BxL: jax.Array, *, deterministic: bool = True) -> jax.Array:
+    def __call__(
+        self, tokens_BxL: jax.Array, *, deterministic: bool = True, carries: tuple | None = None, return_carries: bool = False
+    ) -> jax.Array | tuple[jax.Array, tuple]:
+        """Logits; with `return_carries`, (logits, every layer's final state), which `carries` continues from."""
         if self.cell not in CELLS:
             raise ValueError(f"cell {self.cell!r} is not one of {sorted(CELLS)}")
         types = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         dropout = nn.Dropout(self.dropout_rate, deterministic=deterministic)
         embedding = nn.Embed(self.vocab_size, self.embedding_dim or self.width, name="token_embedding", **types)
         x_BxLxD = dropout(embedding(tokens_BxL))
+        final_carries = []
         for layer in range(self.num_layers):
             cell = CELLS[self.cell](features=self.width, parent=None, **types)  # adopted by nn.RNN, not by this module
-            x_BxLxD = dropout(nn.RNN(cell, name=f"layer_{layer}")(x_BxLxD))
-        return nn.Dense(self.vocab_size, name="head", **types)(x_BxLxD).astype(jnp.float32)
+            initial = None if carries is None else carries[layer]  # None: zeros
+            carry, x_BxLxD = nn.RNN(cell, name=f"layer_{layer}")(x_BxLxD, initial_carry=initial, return_carry=True)
+            final_carries.append(carry)
+            x_BxLxD = dropout(x_BxLxD)
+        logits_BxLxV = nn.Dense(self.vocab_size, name="head", **types)(x_BxLxD).astype(jnp.float32)
+        return (logits_BxLxV, tuple(final_carries)) if return_carries else logits_BxLxV

@@ -49,6 +49,7 @@ class TransformerBlock(nn.Module):
     output_kernel_init: Initializer = nn.initializers.normal(0.02)
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    decode: bool = False  # one position per call, keys and values kept in the "cache" collection (GPT generation)
 
     @nn.compact
     def __call__(self, x_BxLxD: jax.Array, mask_Bx1xLxL: jax.Array | None, *, deterministic: bool) -> jax.Array:
@@ -62,6 +63,7 @@ class TransformerBlock(nn.Module):
             kernel_init=self.kernel_init,
             out_kernel_init=self.output_kernel_init,
             use_bias=self.use_bias,
+            decode=self.decode,
             name="attention",
             **types,
         )

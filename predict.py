@@ -1,0 +1,90 @@
+"""Use a trained run: generate text, classify inputs, evaluate a split, or export it.
+
+  python predict.py --workdir runs/gpt --generate "ROMEO:" --num_tokens 256 --temperature 0.8 --top_k 40 --seed 1
+  python predict.py --workdir runs/digits --classify digits.csv --top 3      # or a .npy file, or - for stdin
+  python predict.py --workdir runs/digits --evaluate test [--quantize]
+  python predict.py --workdir runs/digits --export exported/digits [--quantize]
+
+Reads WORKDIR/config.json and the newest checkpoint (or --step). This is a second entry point
+beside launch.py rather than a --predict mode of it because prediction has its own dozen flags
+(sampling, inputs, export) that training never reads; like launch.py it defines flags and calls
+the library (research/predict.py, generate.py, export.py, quantize.py), nothing else.
+"""
+
+import dataclasses
+import sys
+
+from absl import app, flags, logging
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "the run's directory (config.json and checkpoints/)")
+_STEP = flags.DEFINE_integer("step", 0, "the checkpoint step to load (0: the newest)")
+_EXPERIMENTS = flags.DEFINE_string("experiments_dir", "experiments", "where the run's experiment module lives")
+_GENERATE = flags.DEFINE_string("generate", None, "generate text continuing this prompt (language models)")
+_NUM_TOKENS = flags.DEFINE_integer("num_tokens", 256, "how many tokens to generate")
+_TEMPERATURE = flags.DEFINE_float("temperature", 1.0, "sampling temperature; 0 is greedy")
+_TOP_K = flags.DEFINE_integer("top_k", 0, "sample among the k most likely tokens (0: all)")
+_TOP_P = flags.DEFINE_float("top_p", 1.0, "sample among the fewest tokens whose probability reaches p (1: all)")
+_SEED = flags.DEFINE_integer("seed", 0, "sampling seed")
+_UNCACHED = flags.DEFINE_boolean("uncached", False, "GPT: also generate without the key/value cache and print both rates")
+_CLASSIFY = flags.DEFINE_string("classify", None, "classify the examples in this file (.npy, or text: one per line; - for stdin)")
+_TOP = flags.DEFINE_integer("top", 3, "classes printed per example")
+_EVALUATE = flags.DEFINE_string("evaluate", None, "evaluate this split (train, validation, test) and print the metrics")
+_EXPORT = flags.DEFINE_string("export", None, "write a jax.export artifact and a manifest to this directory")
+_QUANTIZE = flags.DEFINE_boolean("quantize", False, "int8 weights (per output channel): --evaluate reports before/after; --export stores them; --generate and --classify use them")
+
+
+def fail(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def run_action(run) -> None:
+    """The one action the flags ask for, printed."""
+    from research import export, predict, quantize
+    from research.generate import Sampling
+
+    if _QUANTIZE.value and (_GENERATE.value is not None or _CLASSIFY.value is not None):  # predict with the int8 weights
+        run = dataclasses.replace(run, params=quantize.dequantize(quantize.quantize(run.params)))
+    if _GENERATE.value is not None:
+        sampling = Sampling(_TEMPERATURE.value, _TOP_K.value, _TOP_P.value, _SEED.value)
+        result = predict.generate_text(run, _GENERATE.value, _NUM_TOKENS.value, sampling)
+        print(_GENERATE.value + result["text"])
+        print(f"\n[{_NUM_TOKENS.value} tokens, {result['tokens_per_second']:.0f} tokens/s with the cache]", file=sys.stderr)
+        if _UNCACHED.value:
+            uncached = predict.generate_text(run, _GENERATE.value, _NUM_TOKENS.value, sampling, cached=False)
+            print(f"[{uncached['tokens_per_second']:.0f} tokens/s without it; same text: {uncached['text'] == result['text']}]", file=sys.stderr)
+    elif _CLASSIFY.value is not None:
+        inputs = predict.read_inputs(_CLASSIFY.value, sys.stdin.read() if _CLASSIFY.value == "-" else None)
+        for index, top in enumerate(predict.classify(run, inputs, _TOP.value)):
+            print(f"{index}: " + "  ".join(f"{name} {probability:.3f}" for name, probability in top))
+    elif _EVALUATE.value is not None:
+        if _QUANTIZE.value:
+            print(quantize.format_report(quantize.report(run, _EVALUATE.value)))
+        else:
+            results = predict.evaluate(run, _EVALUATE.value)
+            names = predict.class_names(run, len(results["confusion_matrix"])) if "confusion_matrix" in results else None
+            print(f"{run.name} step {run.step}, split {_EVALUATE.value}\n" + predict.format_metrics(results, names))
+    elif _EXPORT.value is not None:
+        manifest = export.export_run(run, _EXPORT.value, quantized=_QUANTIZE.value)
+        print(f"wrote {_EXPORT.value}: {manifest['artifact']} ({manifest['artifact_bytes']} bytes) and {export.MANIFEST}")
+    else:
+        fail("pass one of --generate PROMPT, --classify FILE, --evaluate SPLIT or --export DIR")
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        fail(f"unexpected arguments {argv[1:]}: flags take the form --name=value")
+    if _WORKDIR.value is None:
+        fail("pass --workdir DIR of a trained run")
+    logging.set_verbosity(logging.ERROR)  # orbax warns that a read-only checkpoint directory is read-only
+    from research import predict
+    from research.config import ConfigError
+
+    try:
+        run_action(predict.load_run(_WORKDIR.value, _EXPERIMENTS.value, _STEP.value))
+    except (ConfigError, ValueError) as error:
+        fail(str(error).splitlines()[0])
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,172 @@
+"""Using a trained run: load its config and newest checkpoint, then generate text, classify
+inputs or evaluate a split.
+
+A workdir holds `config.json` ({"experiment": name, "config": {...}}) and `checkpoints/`; the
+experiment module is found by name in the experiments directory. Beyond the training contract
+(README.md, "Writing an experiment") an experiment may define, for prediction only:
+
+  encode_text(config, text) -> int32 ids        # language models: needed to generate from a prompt
+  decode_tokens(config, ids) -> str             # language models: needed to print generated text
+  class_names(config) -> list[str]              # classifiers: names printed instead of indices
+  logits_fn(variables, inputs, *, model)        # when `model.apply(variables, inputs)` is not the prediction
+
+Everything runs on one device: prediction needs no mesh of its own.
+"""
+
+import dataclasses
+import json
+from pathlib import Path
+from types import ModuleType
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+
+from research import checkpoint, experiment, sharding, train
+from research import metrics as metrics_lib
+from research.config import ConfigError
+from research.generate import Sampling, timed_generate
+from research.models.gpt import GPT
+from research.models.rnn import RecurrentLM
+from research.optim import regularizers
+
+PyTree = Any
+
+
+@dataclasses.dataclass
+class Run:
+    """A trained run ready to use: its experiment, config, model and evaluation parameters."""
+
+    name: str
+    module: ModuleType
+    config: ml_collections.ConfigDict
+    model: nn.Module
+    params: PyTree  # the EMA or schedule-free average when the optimizer keeps one
+    model_state: PyTree
+    step: int
+    example_inputs: jax.ShapeDtypeStruct  # one example's shape and dtype (no batch dimension)
+
+    @property
+    def variables(self) -> dict:
+        return {"params": self.params, **self.model_state}
+
+    def logits(self, inputs: jax.Array, variables: dict | None = None) -> jax.Array:
+        """The model's prediction for a batch of inputs (the experiment's `logits_fn` if it has one)."""
+        variables = self.variables if variables is None else variables
+        hook = getattr(self.module, "logits_fn", None)
+        return hook(variables, inputs, model=self.model) if hook else self.model.apply(variables, inputs)
+
+
+def _read_record(workdir: Path) -> dict:
+    run_file = workdir / experiment.RUN_FILE
+    if not run_file.is_file():
+        raise ConfigError(f"no {experiment.RUN_FILE} in {workdir}: pass the --workdir of a run started with launch.py")
+    return json.loads(run_file.read_text(encoding="utf-8"))
+
+
+def load_run(workdir: str | Path, experiments_dir: str | Path = "experiments", step: int = 0) -> Run:
+    """The run in `workdir` at `step` (0: its newest checkpoint), restored onto one device."""
+    workdir = Path(workdir)
+    record = _read_record(workdir)
+    module = experiment.load(Path(experiments_dir) / f"{record['experiment']}.py")
+    config = ml_collections.ConfigDict(record["config"])
+    directory = workdir.absolute() / checkpoint.CHECKPOINT_DIR
+    steps = sorted(int(path.name) for path in directory.iterdir() if path.name.isdigit()) if directory.is_dir() else []
+    if not steps:
+        raise ConfigError(f"no checkpoints in {directory}: train first (python launch.py --config experiments/{record['experiment']}.py --workdir {workdir})")
+    step = step or steps[-1]
+    if step not in steps:
+        raise ConfigError(f"no checkpoint at step {step} in {directory}; it has steps {steps}")
+    model = module.make_model(config)
+    mesh = sharding.make_mesh({"data": 1}, jax.devices()[:1])
+    batch = sharding.put_batch(next(iter(module.make_data(config, "train"))), mesh)  # shapes for the abstract state
+    init_variables = train.bind(module, model)["init_variables"]
+    _, abstract_state = train.state_initializer(jax.random.PRNGKey(0), batch, init_variables=init_variables, tx=train.make_tx(config), mesh=mesh)
+    with ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True)) as manager:
+        state, _ = checkpoint.restore(manager, step, abstract_state, iterator=None)
+    inputs = batch["inputs"]
+    return Run(
+        name=record["experiment"], module=module, config=config, model=model,
+        params=regularizers.eval_params(state.params, state.opt_state), model_state=state.model_state, step=step,
+        example_inputs=jax.ShapeDtypeStruct(inputs.shape[1:], inputs.dtype),
+    )
+
+
+def class_names(run: Run, count: int) -> list[str]:
+    hook = getattr(run.module, "class_names", None)
+    return list(hook(run.config)) if hook else [str(index) for index in range(count)]
+
+
+def classify(run: Run, inputs: np.ndarray, top: int = 3) -> list[list[tuple[str, float]]]:
+    """For each input, the `top` classes with their probabilities, most likely first."""
+    inputs = np.asarray(inputs, run.example_inputs.dtype).reshape(-1, *run.example_inputs.shape)
+    probabilities_BxC = np.asarray(jax.nn.softmax(jax.jit(run.logits)(inputs), axis=-1))
+    names = class_names(run, probabilities_BxC.shape[-1])
+    order_BxK = np.argsort(-probabilities_BxC, axis=-1)[:, :top]
+    return [[(names[index], float(row[index])) for index in indices] for row, indices in zip(probabilities_BxC, order_BxK)]
+
+
+def read_inputs(path: str, text: str | None = None) -> np.ndarray:
+    """Examples from a .npy file, or from text (a file, or stdin when `path` is "-"): one per line, numbers split by spaces or commas."""
+    if path.endswith(".npy"):
+        return np.load(path)
+    text = text if text is not None else Path(path).read_text()
+    rows = [line.replace(",", " ").split() for line in text.splitlines() if line.strip()]
+    if not rows:
+        raise ConfigError(f"no examples in {path}: give one example per line, its numbers split by spaces or commas")
+    return np.array(rows, dtype=np.float32)
+
+
+def evaluate(run: Run, split: str) -> dict[str, Any]:
+    """The experiment's metrics on `split` (perplexity added for language models) and, for
+    classifiers, the confusion matrix (rows: true class, columns: predicted)."""
+    if "splits" in run.config.data and split not in run.config.data.splits:  # other experiments name splits in make_data
+        raise ConfigError(f"unknown split {split!r}: use one of {sorted(run.config.data.splits)}")
+    eval_fn = jax.jit(train.bind(run.module, run.model)["eval_fn"])
+    bound = (lambda params, batch: eval_fn(params, batch, **run.model_state)) if run.model_state else eval_fn
+    accumulated = None
+    for batch in run.module.make_data(run.config, split):
+        accumulated = metrics_lib.merge(accumulated, bound(run.params, batch))
+    if accumulated is None:
+        raise ConfigError(f"split {split!r} yielded no batches: check config.data for it")
+    results: dict[str, Any] = metrics_lib.compute(accumulated)
+    if isinstance(run.model, (GPT, RecurrentLM)) and "perplexity" not in results and "loss" in results:
+        results["perplexity"] = float(np.exp(results["loss"]))
+    confusion = [metric for metric in accumulated.values() if isinstance(metric, metrics_lib.ConfusionMatrix)]
+    if confusion:
+        results["confusion_matrix"] = np.asarray(confusion[0].counts_CxC).astype(np.int64)
+    return results
+
+
+def format_metrics(results: dict[str, Any], names: list[str] | None = None) -> str:
+    """A two-column table of the scalar metrics, then the confusion matrix if there is one."""
+    lines = [f"{name:<20s} {value:.4f}" for name, value in sorted(results.items()) if np.isscalar(value)]
+    matrix = results.get("confusion_matrix")
+    if matrix is not None:
+        names = names or [str(index) for index in range(len(matrix))]
+        width = max(6, max(len(name) for name in names) + 1)
+        lines += ["", "confusion (rows true, columns predicted)", " " * width + "".join(f"{name:>{width}s}" for name in names)]
+        lines += [f"{name:>{width}s}" + "".join(f"{count:>{width}d}" for count in row) for name, row in zip(names, matrix)]
+    return "\n".join(lines)
+
+
+def _text_hook(run: Run, name: str) -> Callable:
+    hook = getattr(run.module, name, None)
+    if hook is None:
+        raise ConfigError(f"experiment {run.name} defines no {name}(config, ...): add it to generate text (see research/predict.py)")
+    return hook
+
+
+def generate_text(run: Run, prompt: str, num_tokens: int, sampling: Sampling, *, cached: bool = True) -> dict[str, Any]:
+    """{"text": the continuation, "tokens_per_second": the generation rate} for one prompt."""
+    if not isinstance(run.model, (GPT, RecurrentLM)):
+        raise ConfigError(f"experiment {run.name} trains a {type(run.model).__name__}, which does not generate text: use --classify or --evaluate")
+    ids = np.asarray(_text_hook(run, "encode_text")(run.config, prompt), np.int32)
+    if ids.size == 0:
+        raise ConfigError("the prompt encodes to no tokens: give at least one character")
+    tokens, rate = timed_generate(run.model, run.params, ids[None], num_tokens, sampling, cached=cached)
+    return {"text": _text_hook(run, "decode_tokens")(run.config, tokens[0].tolist()), "tokens_per_second": rate}

@@ -1,0 +1,108 @@
+"""Prediction from a workdir, export and int8 quantization, end to end on digits_mlp's smoke run."""
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from research import experiment, export, predict, quantize, train
+from research.config import ConfigError
+from research.generate import Sampling
+
+
+@pytest.fixture(scope="module")
+def trained(data_dir, tmp_path_factory):
+    """(workdir, final metrics) of digits_mlp :smoke trained as launch.py would."""
+    workdir = tmp_path_factory.mktemp("digits")
+    module = experiment.load("experiments/digits_mlp.py")
+    config = module.get_config("smoke")
+    config.data_dir = data_dir
+    config.update_from_flattened_dict({"eval_every": 0, "log_every": 100, "checkpoint.asynchronous": False})
+    experiment.claim_workdir(workdir, "digits_mlp", config)
+    return workdir, train.train_and_evaluate(config, module, workdir)
+
+
+@pytest.fixture(scope="module")
+def run(trained):
+    return predict.load_run(trained[0])
+
+
+def test_evaluate_reproduces_the_training_metrics_and_confusion(trained, run):
+    results = predict.evaluate(run, "test")
+    assert run.step == 200
+    assert results["accuracy"] == pytest.approx(trained[1]["test/accuracy"], abs=1e-6)
+    assert results["accuracy"] > 0.85
+    matrix = results["confusion_matrix"]
+    assert matrix.shape == (10, 10) and matrix.sum() == 1797  # every official test image once
+    assert np.trace(matrix) / matrix.sum() == pytest.approx(results["accuracy"], abs=1e-6)
+    table = predict.format_metrics(results)
+    assert f"accuracy             {results['accuracy']:.4f}" in table and "confusion (rows true" in table
+
+
+def test_classify_gives_sorted_probabilities_from_text_inputs(run):
+    batch = next(iter(run.module.make_data(run.config, "test")))
+    text = "\n".join(",".join(f"{value:.6f}" for value in row) for row in batch["inputs"][:50])
+    top = predict.classify(run, predict.read_inputs("-", text), top=3)
+    assert len(top) == 50 and all(len(classes) == 3 for classes in top)
+    for classes in top:
+        probabilities = [probability for _, probability in classes]
+        assert probabilities == sorted(probabilities, reverse=True) and 0 < sum(probabilities) <= 1 + 1e-6
+    expected = np.argmax(np.asarray(run.logits(batch["inputs"][:50])), axis=-1)
+    assert [int(classes[0][0]) for classes in top] == expected.tolist()
+
+
+def test_workdir_problems_are_one_line_errors(tmp_path, run):
+    with pytest.raises(ConfigError, match="no config.json in .*: pass the --workdir of a run started with launch.py"):
+        predict.load_run(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"experiment": "digits_mlp", "config": run.config.to_dict()}))
+    with pytest.raises(ConfigError, match=r"no checkpoints in .*checkpoints: train first \(python launch.py"):
+        predict.load_run(tmp_path)
+    with pytest.raises(ConfigError, match="trains a MLP, which does not generate text"):
+        predict.generate_text(run, "hello", 5, Sampling())
+
+
+LOADER = textwrap.dedent("""
+    import json, sys
+    import jax, numpy as np
+    directory = sys.argv[1]
+    manifest = json.load(open(f"{directory}/manifest.json"))
+    exported = jax.export.deserialize(open(f"{directory}/{manifest['artifact']}", "rb").read())
+    inputs = np.load(f"{directory}/inputs.npy").astype(manifest["inputs"]["dtype"])
+    np.save(f"{directory}/outputs.npy", np.asarray(exported.call(inputs)))
+    print(sorted(name for name in ("flax", "optax", "orbax", "research") if name in sys.modules))
+""")
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+def test_exported_artifact_reproduces_outputs_in_a_process_with_only_jax(run, tmp_path, quantized):
+    manifest = export.export_run(run, tmp_path, quantized=quantized)
+    assert manifest["inputs"] == {"shape": ["batch", 64], "dtype": "float32"}
+    assert manifest["class_names"] == [str(index) for index in range(10)]
+    inputs = next(iter(run.module.make_data(run.config, "test")))["inputs"][:37]  # any batch size
+    np.save(tmp_path / "inputs.npy", inputs)
+    loaded = subprocess.run([sys.executable, "-c", LOADER, str(tmp_path)], capture_output=True, text=True, check=True)
+    assert loaded.stdout.strip() == "[]"  # none of this codebase's dependencies
+    params = quantize.dequantize(quantize.quantize(run.params)) if quantized else run.params
+    expected = np.asarray(run.logits(inputs, {"params": params}))
+    np.testing.assert_allclose(np.load(tmp_path / "outputs.npy"), expected, atol=1e-5, rtol=0)
+
+
+def test_int8_quantization_keeps_accuracy_and_shrinks_kernels_four_times(run):
+    result = quantize.report(run, "test")
+    before, after = result["metrics"]["accuracy"]
+    assert before - after < 0.005
+    float_bytes, int8_bytes = result["kernel_bytes"]
+    assert float_bytes == 4 * (64 * 64 + 64 * 32 + 32 * 10)
+    assert int8_bytes == float_bytes // 4 + 4 * (64 + 32 + 10)  # one float32 scale per output channel
+    assert "kernel bytes" in quantize.format_report(result)
+
+
+def test_quantized_kernel_error_is_at_most_half_a_step():
+    kernel = np.random.default_rng(0).normal(size=(5, 3, 7)).astype(np.float32)
+    quantized = quantize.quantize_kernel(kernel)
+    assert quantized.values.dtype == np.int8 and quantized.scale.shape == (1, 1, 7)
+    error = np.abs(np.asarray(quantize.dequantize({"kernel": quantized})["kernel"]) - kernel)
+    assert np.all(error <= np.asarray(quantized.scale) / 2 + 1e-7)
