@@ -40,6 +40,7 @@ from research.models.gpt import GPT
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    """nanoGPT's shakespeare_char GPU config; `:cpu` its CPU run, `:smoke` a few seconds."""
     config = trainer_config()
     config.data = ml_collections.ConfigDict({
         "name": "tiny_shakespeare",
@@ -80,6 +81,7 @@ def corpus(name: str, data_dir: str) -> tuple[text.CharTokenizer, dict[str, np.n
 
 
 def vocab_size(config: ml_collections.ConfigDict) -> int:
+    """Characters of the corpus plus padding (66 for Tiny Shakespeare)."""
     return corpus(config.data.name, config.data_dir)[0].vocab_size
 
 
@@ -97,6 +99,7 @@ def make_data(config: ml_collections.ConfigDict, split: str):
 
 
 def make_model(config: ml_collections.ConfigDict) -> nn.Module:
+    """The configured model."""
     return GPT(vocab_size=vocab_size(config), block_size=config.data.block_size, dtype=jnp.dtype(config.model.dtype),
                num_layers=config.model.num_layers, num_heads=config.model.num_heads, width=config.model.width,
                dropout_rate=config.model.dropout_rate, use_bias=config.model.use_bias)
