@@ -4,7 +4,12 @@
 Reference: Devlin et al. 2019 (BERT) masking: 15% of the tokens are predicted, of those 80%
 become [MASK], 10% a random token, 10% stay. BERT publishes no number for this corpus; the
 result is the MLM curve (eval/accuracy: the masked pieces recovered) and bert_finetune's gain.
-MEASURED `:cpu`: PRETRAIN_MEASURED
+MEASURED `:cpu` (2 layers, 128 wide, 2,000 pieces, 0.69M parameters of which 0.67M encoder; 128
+pieces x batch 16 x 1,500 steps; 17 min on this 2-core CPU, run beside three other jobs): val MLM
+accuracy 0.172, loss 5.611 (0.148 / 5.782 at step 500, 0.159 / 5.665 at 1,000); test 0.191 /
+5.631. For scale: always guessing the most frequent piece is right 0.10 of the time, and the
+piece frequencies alone score 6.02 nats (uniform: 7.60). The default config (4 x 256, 10,000
+steps of 64) is for a GPU; not run here.
 `:smoke` (1 layer, 32 wide, 300 pieces) runs in seconds; its loss falls from ~5.6 to ~5.2.
 
 Tokens: a sentencepiece BPE vocabulary (`tokenizer.vocab_size` pieces) trained, deterministically,
