@@ -10,7 +10,7 @@ training / 128 validation / 128 test speeches (chance 0.125).
 MEASURED `:cpu` (0.69M parameters, 400 steps of 32, ~6 min each on this shared 2-core CPU),
 from bert_pretrain's `:cpu` checkpoint (step 1,500) against the same config from scratch:
   lr 3e-4  fine-tuned: val 0.359 / test 0.375   from scratch: val 0.391 / test 0.398
-  lr 1e-4  fine-tuned: val 0.242 at step 300    from scratch: val 0.359 at step 300
+  lr 1e-4  fine-tuned: val 0.273 / test 0.273   from scratch: val 0.406 / test 0.391
   frozen encoder (lr 3e-4): val 0.156 at step 200 (stopped: near chance)
 So TRANSFER DOES NOT WIN HERE YET: the issue's bar is not met. The `:cpu` pre-training is too
 weak (MLM accuracy 0.17, barely past the piece frequencies' 0.10): its encoder lets the
