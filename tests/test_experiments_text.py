@@ -1,0 +1,101 @@
+"""Smoke runs of the text experiments through train_and_evaluate: the numbers they promise.
+
+Reference points for character models on Tiny Shakespeare (66 symbols with padding): a uniform
+guess scores ln 66 = 4.19 nats, the character frequencies alone 3.31, and always guessing the
+most frequent character (space) is right 15.3% of the time.
+"""
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from conftest import assert_trees_close
+from experiments import bert_finetune, bert_pretrain, shakespeare_gpt, shakespeare_lstm
+from research import checkpoint, train
+from research.data import pipeline, text
+
+UNIGRAM_ENTROPY = 3.31
+SPACE_FREQUENCY = 0.153
+
+
+def train_losses(workdir):
+    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    return [record["train/loss"] for record in records if "train/loss" in record]
+
+
+def smoke_run(module, data_dir, workdir, **overrides):
+    config = module.get_config("smoke")
+    config.data_dir = data_dir
+    config.update_from_flattened_dict(overrides)
+    return train.train_and_evaluate(config, module, workdir)
+
+
+@pytest.mark.parametrize("module", [shakespeare_gpt, shakespeare_lstm], ids=lambda module: module.__name__.split(".")[-1])
+def test_char_language_model_smoke_learns_beyond_character_frequencies(module, data_dir, tmp_path):
+    final = smoke_run(module, data_dir, tmp_path)
+    losses = train_losses(tmp_path)
+    assert losses[0] > 3.3 and losses[-1] < 2.9  # measured: gpt 3.52 -> 2.79, lstm 3.69 -> 2.36
+    assert final["eval/loss"] < UNIGRAM_ENTROPY - 0.3  # measured: gpt 2.87, lstm 2.45
+    assert final["eval/perplexity"] == pytest.approx(math.exp(final["eval/loss"]), rel=1e-4)
+    assert final["eval/accuracy"] > SPACE_FREQUENCY
+
+
+def test_lstm_gru_option_learns(data_dir, tmp_path):
+    final = smoke_run(shakespeare_lstm, data_dir, tmp_path, **{"model.cell": "gru"})
+    assert final["eval/loss"] < UNIGRAM_ENTROPY - 0.3
+
+
+def test_gpt_evaluation_scores_every_validation_character_once(data_dir):
+    config = shakespeare_gpt.get_config("cpu")
+    config.data_dir = data_dir
+    batches = list(shakespeare_gpt.make_data(config, "validation"))
+    scored = sum(int(batch["mask"].sum()) * config.data.block_size for batch in batches)
+    assert scored == 871 * 64  # the 55,770 characters hold 871 windows of 64 plus their last target; 25 are left over
+    first = batches[0]
+    np.testing.assert_array_equal(first["inputs"][1, 1:], first["targets"][1, :-1])
+    np.testing.assert_array_equal(first["inputs"][1, 0], first["targets"][0, -1])  # windows are contiguous
+
+
+@pytest.fixture(scope="module")
+def pretrained(data_dir, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("bert_pretrain_smoke")
+    return smoke_run(bert_pretrain, data_dir, workdir), workdir
+
+
+def test_bert_pretrain_smoke_loss_falls(pretrained):
+    final, workdir = pretrained
+    losses = train_losses(workdir)
+    uniform = math.log(302)  # 300 sentencepiece pieces plus [MASK] and [CLS]
+    assert losses[0] > uniform - 0.3 and losses[-1] < uniform - 0.4  # measured: 5.59 -> 5.23 (uniform 5.71)
+    assert final["eval/loss"] < uniform - 0.4  # measured: 5.21
+
+
+def test_pretraining_text_holds_no_held_out_speech(data_dir):
+    corpus = "".join(text.split_text("tiny_shakespeare", split, data_dir) for split in ("train", "validation", "test"))
+    kept = bert_pretrain.without_held_out_speeches(corpus, data_dir)
+    held_out = [record["text"].decode() for split in ("validation", "test")
+                for record in pipeline.tfds_source("shakespeare_speakers", split, data_dir=data_dir)]
+    long_ones = [speech for speech in held_out if len(speech) > 200]  # long enough not to recur by chance
+    assert 0.95 * len(corpus) < len(kept) < 0.98 * len(corpus)
+    assert sum(speech in corpus for speech in long_ones) == len(long_ones) > 50
+    assert sum(speech in kept for speech in long_ones) == 0
+
+
+def test_bert_finetune_smoke_starts_from_the_pretrained_encoder(pretrained, data_dir, tmp_path, capsys):
+    _, pretrain_dir = pretrained
+    smoke_run(bert_finetune, data_dir, tmp_path, **{"init_from.workdir": str(pretrain_dir)})
+    assert "left at random init: classifier/bias, classifier/kernel, pooler/bias, pooler/kernel\n" in capsys.readouterr().out
+    losses = train_losses(tmp_path)
+    assert losses[0] > math.log(8) - 0.1 and losses[-1] < losses[0] - 0.3  # measured: 2.08 -> 1.56 on its 64 speeches
+
+
+def test_bert_finetune_frozen_encoder_keeps_the_pretrained_weights(pretrained, data_dir, tmp_path):
+    _, pretrain_dir = pretrained
+    overrides = {"init_from.workdir": str(pretrain_dir), "freeze": "^encoder/", "num_steps": 10}
+    smoke_run(bert_finetune, data_dir, tmp_path, **overrides)
+    pretrained_params, _ = checkpoint.load_params(pretrain_dir)
+    finetuned_params, _ = checkpoint.load_params(tmp_path)
+    assert_trees_close(finetuned_params["encoder"], pretrained_params["encoder"], atol=0.0)
+    assert np.abs(finetuned_params["classifier"]["kernel"]).sum() > 0
