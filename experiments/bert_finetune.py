@@ -45,7 +45,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config = bert_pretrain.get_config(arg)  # the same encoder, variant for variant
     config.data = ml_collections.ConfigDict({"name": "shakespeare_speakers", "max_train_examples": 0})  # 0: all 1,032
     config.model.classifier_dropout_rate = 0.1
-    config.optimizer = ml_collections.ConfigDict({"name": "adamw", "learning_rate": 1e-4, "b2": 0.999, "weight_decay": 0.01})
+    config.optimizer.kwargs = ml_collections.ConfigDict()  # Adam's defaults (beta2 0.999), not pre-training's 0.99
+    config.update_from_flattened_dict({"optimizer.name": "adam", "optimizer.learning_rate": 1e-4, "optimizer.weight_decay": 0.01})
     config.init_from.include = r"^encoder/"
     config.update_from_flattened_dict({
         "num_steps": 1000, "batch_size": 32, "eval_batch_size": 64, "eval_every": 200, "log_every": 20,

@@ -51,7 +51,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.model = ml_collections.ConfigDict({
         "max_length": 128, "num_layers": 4, "num_heads": 4, "width": 256, "dropout_rate": 0.1, "dtype": "float32",
     })
-    config.optimizer = ml_collections.ConfigDict({"name": "adamw", "learning_rate": 1e-3, "b2": 0.99, "weight_decay": 0.01})
+    config.optimizer.kwargs.b2 = 0.99
+    config.update_from_flattened_dict({"optimizer.name": "adam", "optimizer.learning_rate": 1e-3, "optimizer.weight_decay": 0.01})
     config.update_from_flattened_dict({
         "num_steps": 10000, "batch_size": 64, "eval_batch_size": 64, "eval_every": 1000, "checkpoint.every_steps": 1000,
     })
