@@ -5,13 +5,15 @@
 Source: the Flax examples' MNIST CNN (github.com/google/flax, examples/mnist): SGD, learning rate
 0.1, momentum 0.9, batch 128, 10 epochs on the 60,000 official training images: 99.17% test
 accuracy. Our default config is that recipe (10 epochs of the 54,000 images left after holding
-out 6,000 for validation); expected ~99.1%.
+out 6,000 for validation); expected ~99.1%, not measured here (full MNIST is not offline).
 `:cpu` trains on the 4,500-image part of the shipped 5k subset (500 held out) for 15 epochs and is
-tested on the official 10,000 test images. MEASURED (2-core CPU, 2026-11-23): see the table below.
-`:smoke` runs a few steps on a reduced model, for tests.
+tested on the official 10,000 test images; the issue's bar is >= 97.5%.
+MEASURED (2-core CPU shared with two other jobs, 2026-11-23, one device):
 
-  config   steps   test accuracy   wall time
-  :cpu     525     0.98xx          x min
+  config   steps          validation (500)   test (10,000)                 wall time
+  :cpu     525 (15 ep.)   0.980              accuracy 0.9773, loss 0.0858  7.0 min (2.8 min CPU)
+
+`:smoke` is a reduced model for 30 steps (tests): test accuracy ~0.57 on 256 test images.
 """
 
 import flax.linen as nn

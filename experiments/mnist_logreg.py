@@ -8,12 +8,14 @@ epochs (Fig. 1, left) and reports no test accuracy; a softmax regression on MNIS
 reaches ~92-93% test accuracy. Two differences from the paper, both waiting for schedules and
 penalties in the optimizer config: the learning rate is constant (the paper decays it as
 1/sqrt(t)) and there is no L2 penalty (the paper's strength is not given).
-Default: 45 epochs of 54,000 images (6,000 held out), the length of the paper's Fig. 1.
-`:cpu` trains on 4,500 images of the shipped 5k subset (500 held out) for 40 epochs and tests on
-the official 10,000 test images. MEASURED (2-core CPU, 2026-11-23):
+Default: 45 epochs of 54,000 images (6,000 held out).
+`:cpu` trains on 4,500 images of the shipped 5k subset (500 held out) for 45 epochs and tests on
+the official 10,000 test images. MEASURED (2-core CPU shared with other jobs, 2026-11-23):
 
-  config   steps   test accuracy   test loss   wall time
-  :cpu     1400    0.xxxx          x           x
+  config   steps            validation (500)   test (10,000)                 wall time
+  :cpu     1,575 (45 ep.)   0.916              accuracy 0.9074, loss 0.3229  8 s
+
+`:smoke` (30 steps, tests): test accuracy ~0.69 on 256 test images.
 """
 
 import flax.linen as nn
@@ -38,7 +40,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         "optimizer.name": "adam",
         "optimizer.learning_rate": 1e-3,
     })
-    config.update_from_flattened_dict(choose(arg, {None: {}, **cpu_and_smoke(num_steps=1400, eval_every=350)}))
+    config.update_from_flattened_dict(choose(arg, {None: {}, **cpu_and_smoke(num_steps=1575, eval_every=525)}))
     return config
 
 

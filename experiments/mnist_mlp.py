@@ -9,11 +9,14 @@ against epochs (Fig. 2) and reports no test accuracy, so the comparison is the t
 falling fastest with Adam; such a network usually reaches ~98.5% test accuracy on full MNIST.
 The paper does not give dropout rates: we use 0.2 on the inputs and 0.5 on the hidden layers,
 those of Srivastava et al. 2014. Default: 20 epochs of 54,000 images (6,000 held out).
-`:cpu` trains on 4,500 images of the shipped 5k subset (500 held out) for 20 epochs and tests on
-the official 10,000 test images. MEASURED (2-core CPU, 2026-11-23):
+`:cpu` trains on 4,500 images of the shipped 5k subset (500 held out) for 60 epochs and tests on
+the official 10,000 test images. MEASURED (2-core CPU shared with other jobs, 2026-11-23):
 
-  config   steps   test accuracy   test loss   wall time
-  :cpu     700     0.9xxx          x           x
+  config   steps            validation (500)   test (10,000)                 wall time
+  :cpu     2,100 (60 ep.)   0.954 (0.970 at    accuracy 0.9597, loss 0.1910  70 s
+                            step 1,575)
+
+`:smoke` (30 steps, tests): test accuracy ~0.79 on 256 test images.
 """
 
 import flax.linen as nn
@@ -45,7 +48,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         "optimizer.name": "adam",
         "optimizer.learning_rate": 1e-3,
     })
-    config.update_from_flattened_dict(choose(arg, {None: {}, **cpu_and_smoke(num_steps=700, eval_every=175)}))
+    config.update_from_flattened_dict(choose(arg, {None: {}, **cpu_and_smoke(num_steps=2100, eval_every=525)}))
     return config
 
 

@@ -95,7 +95,8 @@ def test_cifar10_resnet_full_pipeline_on_a_generated_archive(tmp_path, monkeypat
 
     final = train.train_and_evaluate(config, cifar10_resnet, tmp_path / "run")
     assert 0.0 <= final["test/accuracy"] <= 1.0 and np.isfinite(final["test/loss"])
-    with ocp.CheckpointManager(tmp_path / "run" / checkpoint.CHECKPOINT_DIR, options=ocp.CheckpointManagerOptions(read_only=True)) as manager:
+    options = ocp.CheckpointManagerOptions(read_only=True)
+    with ocp.CheckpointManager(tmp_path / "run" / checkpoint.CHECKPOINT_DIR, options=options) as manager:
         state = manager.restore(6, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
     # Running averages start at mean 0 and variance 1; six training steps must have moved them.
     stem = state["model_state"]["batch_stats"]["stem_norm"]
