@@ -16,7 +16,7 @@ the official 10,000 test images. MEASURED (2-core CPU shared with other jobs, 20
   :cpu     2,100 (60 ep.)   0.954 (0.970 at    accuracy 0.9597, loss 0.1910  70 s
                             step 1,575)
 
-`:smoke` (30 steps, tests): test accuracy ~0.79 on 256 test images.
+`:smoke` (a 128-128 MLP, 30 steps, tests): test accuracy ~0.74 on 256 test images.
 """
 
 import flax.linen as nn
@@ -48,7 +48,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         "optimizer.name": "adam",
         "optimizer.learning_rate": 1e-3,
     })
-    config.update_from_flattened_dict(choose(arg, {None: {}, **cpu_and_smoke(num_steps=2100, eval_every=525)}))
+    variants = cpu_and_smoke(num_steps=2100, eval_every=525)
+    variants["smoke"]["model.features"] = (128, 128, 10)  # compiles in a fraction of the time
+    config.update_from_flattened_dict(choose(arg, {None: {}, **variants}))
     return config
 
 
@@ -64,6 +66,7 @@ def cpu_and_smoke(num_steps: int, eval_every: int) -> dict[str, dict]:
             "batch_size": 32,
             "eval_every": 0,
             "log_every": 5,
+            "optimizer.learning_rate": 3e-3,  # a visible fall of the loss within 30 steps
         },
     }
 

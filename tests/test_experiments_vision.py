@@ -23,13 +23,13 @@ def train_losses(workdir) -> list[float]:
     return [record["train/loss"] for record in records if "train/loss" in record]
 
 
-# (last logged loss at most this fraction of the first, test accuracy at least): measured on
-# 8 CPU devices, the last losses were about 0.55, 0.40, 0.73 and 0.24 of the first, the
-# accuracies 0.57, 0.79, 0.69 and 0.75 (chance is 0.1).
+# (last logged loss at most this fraction of the first, test accuracy at least): measured, the
+# last losses were 0.55, 0.66, 0.42 and 0.24 of the first, the test accuracies 0.57, 0.74,
+# 0.80 and 0.75 (chance is 0.1).
 SMOKE_BARS = {
     "mnist_cnn": (0.75, 0.4),
-    "mnist_mlp": (0.6, 0.6),
-    "mnist_logreg": (0.85, 0.5),
+    "mnist_mlp": (0.8, 0.6),
+    "mnist_logreg": (0.6, 0.65),
     "cifar10_resnet": (0.5, 0.5),
 }
 
