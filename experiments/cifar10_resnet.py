@@ -113,7 +113,7 @@ def l2_penalty(params) -> jax.Array:
     return 0.5 * L2_PENALTY * sum(jnp.sum(jnp.square(kernel)) for kernel in kernels)
 
 
-def loss_fn(params, batch, rng, *, model, model_state):
+def loss_fn(params, batch, rng, *, model, model_state) -> tuple[jax.Array, dict]:
     """Training (rng given): batch statistics, updated running averages. Evaluation (rng None): running averages."""
     variables = {"params": params, **model_state}
     if rng is None:

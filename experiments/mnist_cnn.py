@@ -17,6 +17,7 @@ MEASURED (2-core CPU shared with two other jobs, 2026-11-23, one device):
 """
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -87,7 +88,7 @@ def make_model(config: ml_collections.ConfigDict) -> nn.Module:
     return CNN(conv_features=tuple(model.conv_features), dense_features=model.dense_features, pooling=model.pooling)
 
 
-def loss_fn(params, batch, rng, *, model):
+def loss_fn(params, batch, rng, *, model) -> tuple[jax.Array, dict]:
     del rng  # no dropout
     logits_BxK = model.apply({"params": params}, batch["inputs"])
     nll_B = optax.softmax_cross_entropy_with_integer_labels(logits_BxK, batch["labels"])

@@ -20,6 +20,7 @@ the official 10,000 test images. MEASURED (2-core CPU shared with other jobs, 20
 """
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -91,7 +92,7 @@ def make_model(config: ml_collections.ConfigDict) -> nn.Module:
     return MLP(features=tuple(model.features), dropout_rate=model.dropout_rate, input_dropout_rate=model.input_dropout_rate)
 
 
-def loss_fn(params, batch, rng, *, model):
+def loss_fn(params, batch, rng, *, model) -> tuple[jax.Array, dict]:
     # rng is the step-folded key in training and None in evaluation, where dropout is off.
     train = rng is not None
     logits_BxK = model.apply({"params": params}, batch["inputs"], train=train, rngs={"dropout": rng} if train else None)
