@@ -16,6 +16,8 @@ MEASURED (2-core CPU shared with two other jobs, 2026-11-23, one device):
 `:smoke` is a reduced model for 30 steps (tests): test accuracy ~0.57 on 256 test images.
 """
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -37,6 +39,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         "name": "mnist",  # the full official split, or the shipped 5k subset offline (said once)
         # 10% of the training images are held out for the periodic evaluation; nothing is tuned on test.
         "splits": {"train": "train[:90%]", "validation": "train[90%:]", "test": "test"},
+        "max_shift": 0,  # >0: training images move by up to this many pixels each way, at random
     })
     config.model = ml_collections.ConfigDict({"conv_features": (64, 128), "dense_features": 1000, "pooling": "avg"})
     config.optimizer.momentum = 0.9  # read by the "momentum" optimizer's factory
@@ -51,7 +54,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.update_from_flattened_dict(choose(arg, {
         None: {},
         # 4,500 images / 128 = 35 steps an epoch: 15 epochs.
-        "cpu": {"data.name": "mnist_subset5k", "num_steps": 525, "eval_every": 175, "log_every": 35},
+        # Without the shifts 4,500 images overfit: test accuracy 0.977 or 0.970 by the seed.
+        "cpu": {"data.name": "mnist_subset5k", "data.max_shift": 2, "num_steps": 525, "eval_every": 175, "log_every": 35},
         "smoke": {
             "data.name": "mnist_subset5k",
             "data.splits.validation": "train[90%:95%]",
@@ -74,8 +78,20 @@ def preprocess(batch) -> dict[str, np.ndarray]:
     return {"inputs": image[..., None], "labels": np.asarray(batch["label"], np.int32)}
 
 
+def random_shift(record, rng: np.random.Generator, max_shift: int) -> dict[str, np.ndarray]:
+    """The image moved by up to `max_shift` pixels along each axis, the uncovered border black."""
+    image_HxW = np.asarray(record["image"])
+    height, width = image_HxW.shape
+    top, left = rng.integers(0, 2 * max_shift + 1, size=2)
+    shifted = np.pad(image_HxW, max_shift)[top : top + height, left : left + width]
+    return preprocess({"image": shifted, "label": record["label"]})
+
+
 def make_data(config: ml_collections.ConfigDict, split: str):
     source = pipeline.tfds_source(config.data.name, config.data.splits[split], data_dir=config.data_dir)
+    if split == "train" and config.data.max_shift:  # per-example random shifts: a few ms a batch, well under a step
+        shift = functools.partial(random_shift, max_shift=config.data.max_shift)
+        return pipeline.train_batches(source, batch_size=config.batch_size, seed=config.seed, random_transform=shift)
     if split == "train":  # at most 47 MB of uint8 pixels: held in memory, one gather per batch
         columns = pipeline.load_columns(source)
         columns = {"image": columns["image"], "label": columns["label"]}

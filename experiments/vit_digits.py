@@ -35,6 +35,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.data = ml_collections.ConfigDict({
         "name": "mnist",  # the full official split, or the shipped 5k subset offline (said once)
         "splits": {"train": "train[:90%]", "validation": "train[90%:]", "test": "test"},
+        "max_shift": 0,  # read by mnist_cnn.make_data: no augmentation
     })
     config.model = ml_collections.ConfigDict({
         "patch_size": 7, "num_layers": 4, "num_heads": 4, "width": 64, "mlp_dim": 128, "dropout_rate": 0.1,

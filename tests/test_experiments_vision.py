@@ -109,3 +109,13 @@ def test_cifar10_resnet_full_pipeline_on_a_generated_archive(tmp_path, monkeypat
     stem = state["model_state"]["batch_stats"]["stem_norm"]
     assert float(np.max(np.abs(stem["mean"]))) > 1e-3
     assert float(np.max(np.abs(stem["var"] - 1.0))) > 1e-3
+
+
+def test_mnist_random_shift_moves_the_digit_and_keeps_its_ink():
+    image = np.zeros((28, 28), np.uint8)
+    image[10:14, 10:14] = 255
+    shifted = [mnist_cnn.random_shift({"image": image, "label": 3}, np.random.default_rng(seed), max_shift=2) for seed in range(60)]
+    assert {example["inputs"].shape for example in shifted} == {(28, 28, 1)} and {int(example["labels"]) for example in shifted} == {3}
+    assert {float(example["inputs"].sum()) for example in shifted} == {16.0}
+    corners = {tuple(int(i) for i in np.argwhere(example["inputs"][..., 0])[0]) for example in shifted}
+    assert all(8 <= row <= 12 and 8 <= column <= 12 for row, column in corners) and len(corners) >= 15
