@@ -4,18 +4,45 @@
   python launch.py --config experiments/digits_mlp.py:smoke --workdir runs/smoke --config.optimizer.learning_rate=3e-3
   python launch.py --list
   python launch.py --list_datasets [--data_dir DIR]
+  python launch.py --config ... --workdir ... --local_processes 2      # 2 processes on this machine
+  python launch.py --check_optimizer path/to/my_opt.py:make     # the optimizer conformance kit
+  python launch.py --bench_optimizer adamw                       # steps/seconds to target vs baselines
 
 `--config path.py:arg` passes `arg` to the module's `get_config`; `--config.a.b=v` overrides a
-key. This is the only file that parses flags or sets up JAX.
+key. This is the only file that parses flags or sets up JAX: with several processes (SLURM,
+Open MPI, a TPU pod, or --coordinator_address/--num_processes/--process_id) it starts
+`jax.distributed` first.
 """
 
+import os
+import signal
+import socket
+import subprocess
 import sys
 from pathlib import Path
 
+
+def _fake_devices(argv: list[str]) -> int:
+    """CPU devices to fake before JAX starts: 8 for the optimizer kit, --dry_run_devices for a dry run."""
+    for index, arg in enumerate(argv):
+        if arg.startswith("--dry_run_devices"):
+            return int(arg.split("=", 1)[1] if "=" in arg else argv[index + 1])
+    return 8 if any(arg.startswith("--check_optimizer") for arg in argv) else 0
+
+
+if _fake_devices(sys.argv):  # must happen before jax is imported
+    os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={_fake_devices(sys.argv)}"
+
+import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "experiment module and variant: experiments/NAME.py[:arg]")
+# Unlocked while parsing so that open sections (research.config.OPEN_SECTIONS, e.g.
+# --config.optimizer.kwargs.b1=0.95) accept new keys; _check_new_keys then rejects new keys
+# anywhere else and locks the config.
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "experiment module and variant: experiments/NAME.py[:arg]", lock_config=False, accept_new_attributes=True
+)
 _WORKDIR = flags.DEFINE_string("workdir", None, "directory for config.json, metrics.jsonl, TensorBoard events and results.json")
 _LIST = flags.DEFINE_boolean("list", False, "list every experiment with its description, then exit")
 _ALLOW_CONFIG_CHANGE = flags.DEFINE_boolean(
@@ -23,6 +50,18 @@ _ALLOW_CONFIG_CHANGE = flags.DEFINE_boolean(
 )
 _LIST_DATASETS = flags.DEFINE_boolean("list_datasets", False, "list every dataset: prepared or not, where, splits and sizes; then exit")
 _DATA_DIR = flags.DEFINE_string("data_dir", "", "tfds data directory that --list_datasets inspects (default ~/tensorflow_datasets)")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0 when this is one of several processes")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "how many processes take part (with --coordinator_address)")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "this process's index, 0 .. num_processes - 1 (with --coordinator_address)")
+_DRY_RUN = flags.DEFINE_boolean("dry_run", False, "compile the train step for the config's mesh and report memory, FLOPs and step times; train nothing")
+_DRY_RUN_DEVICES = flags.DEFINE_integer("dry_run_devices", 0, "fake this many CPU devices for the dry run (0: the real devices)")
+_MFU = flags.DEFINE_float("mfu", 0.4, "model FLOPs utilisation assumed by the dry run's step times")
+_PEAK_TFLOPS = flags.DEFINE_float("peak_tflops", 0.0, "add an accelerator of this bf16 peak to the dry run's table")
+_LOCAL_PROCESSES = flags.DEFINE_integer(
+    "local_processes", 0, "start this many processes on 127.0.0.1 that train together (multi-host, tried on one machine)"
+)
+_CHECK_OPTIMIZER = flags.DEFINE_string("check_optimizer", None, "run the conformance kit on an optimizer (name, file.py:fn or module:fn)")
+_BENCH_OPTIMIZER = flags.DEFINE_string("bench_optimizer", None, "benchmark an optimizer against adamw and momentum on the CPU workloads")
 
 EXPERIMENTS_DIR = Path(__file__).parent / "experiments"
 
@@ -57,11 +96,105 @@ def _diagnose(argv: list[str], error: Exception) -> str:
     return experiment.unknown_key_message(base, overrides) or str(error).splitlines()[0]
 
 
+def _check_new_keys(argv: list[str]) -> None:
+    """Fails on an override that added a key outside the open sections, then locks the config."""
+    from research import experiment
+    from research.config import OPEN_SECTIONS
+
+    overrides = [arg[len("--config.") :].split("=", 1)[0] for arg in argv if arg.startswith("--config.")]
+    closed = [key for key in overrides if not key.startswith(tuple(section + "." for section in OPEN_SECTIONS))]
+    argument = _config_argument(argv)
+    if argument is not None and closed:
+        path, _, variant = argument.partition(":")
+        message = experiment.unknown_key_message(experiment.load(path).get_config(variant or None), closed)
+        if message:
+            fail(message)
+    if isinstance(_CONFIG.value, ml_collections.ConfigDict):  # not a file that failed to load: main reports that
+        _CONFIG.value.lock()
+
+
+def _cluster_detected() -> bool:
+    """Whether the environment describes several processes that jax.distributed can find on its own."""
+    counts = (os.environ.get("SLURM_NTASKS"), os.environ.get("OMPI_COMM_WORLD_SIZE"))
+    several_tpu_hosts = "," in os.environ.get("TPU_WORKER_HOSTNAMES", "")
+    return any(count and int(count) > 1 for count in counts) or several_tpu_hosts
+
+
+def start_distributed() -> None:
+    """Joins the other processes, explicitly (--coordinator_address) or as the cluster says."""
+    import jax
+
+    explicit = _COORDINATOR.value is not None
+    if not explicit and not _cluster_detected():
+        return
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU collectives across processes
+    if explicit:
+        if _NUM_PROCESSES.value is None or _PROCESS_ID.value is None:
+            fail("--coordinator_address needs --num_processes and --process_id")
+        jax.distributed.initialize(_COORDINATOR.value, num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
+    else:
+        jax.distributed.initialize()
+
+
+def run_local_processes(count: int, argv: list[str]) -> int:
+    """Runs this command as `count` processes on 127.0.0.1; process 0 prints, the others log to WORKDIR."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    arguments, skip_value = [], False
+    for arg in argv[1:]:
+        if skip_value or arg.startswith("--local_processes="):
+            skip_value = False
+            continue
+        skip_value = arg == "--local_processes"
+        if not skip_value:
+            arguments.append(arg)
+    logs = Path(_WORKDIR.value or ".") / "process_logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    children = []
+    for index in range(count):
+        command = [sys.executable, argv[0], *arguments, f"--coordinator_address=127.0.0.1:{port}", f"--num_processes={count}", f"--process_id={index}"]
+        output = None if index == 0 else open(logs / f"process_{index}.log", "w")
+        children.append(subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT if output else None))
+    forward = lambda number, frame: [child.send_signal(number) for child in children]
+    for number in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(number, forward)
+    codes = [child.wait() for child in children]
+    return next((code for code in codes if code), 0)
+
+
 def parse_flags(argv: list[str]) -> list[str]:
     try:
-        return flags.FLAGS(argv)
+        remaining = flags.FLAGS(argv)
     except Exception as error:  # config_flags raises whatever loading or overriding raised
         fail(_diagnose(argv, error))
+    _check_new_keys(argv)
+    return remaining
+
+
+def run_optimizer_tool() -> None:
+    """--check_optimizer or --bench_optimizer: print the kit's table or the benchmark's, then exit."""
+    from research.config import ConfigError
+    from research.optim import benchmark, conformance
+
+    try:
+        if _CHECK_OPTIMIZER.value:
+            rows = conformance.check_optimizer(_CHECK_OPTIMIZER.value)
+            print(conformance.format_table(rows))
+            sys.exit(0 if all(row.passed for row in rows) else 1)
+        print(benchmark.format_table(benchmark.run_benchmark(_BENCH_OPTIMIZER.value)))
+    except ConfigError as error:
+        fail(str(error))
+
+
+def run_dry(module) -> None:
+    """--dry_run: compile for the config's mesh (on fake devices if asked) and print the report."""
+    from research import dry_run, sharding
+
+    mesh = sharding.make_mesh(_CONFIG.value.mesh)
+    accelerators = dict(dry_run.PEAK_TFLOPS) | ({"custom": _PEAK_TFLOPS.value} if _PEAK_TFLOPS.value else {})
+    result = dry_run.dry_run(_CONFIG.value, module, mesh)
+    print(dry_run.format_report(result, dict(mesh.shape), _MFU.value, accelerators))
 
 
 def main(argv: list[str]) -> None:
@@ -70,6 +203,9 @@ def main(argv: list[str]) -> None:
     from research import experiment
     from research.config import ConfigError
 
+    logging.set_verbosity(logging.WARNING)
+    if _CHECK_OPTIMIZER.value or _BENCH_OPTIMIZER.value:
+        return run_optimizer_tool()
     if _LIST.value:
         for name, description in experiment.describe(EXPERIMENTS_DIR):
             print(f"{name:24s} {description}")
@@ -82,15 +218,22 @@ def main(argv: list[str]) -> None:
         return
     if _CONFIG.value is None or _WORKDIR.value is None:
         fail("pass --config experiments/NAME.py[:arg] and --workdir DIR (or --list to see the experiments)")
+    if _LOCAL_PROCESSES.value:
+        sys.exit(run_local_processes(_LOCAL_PROCESSES.value, sys.argv))
+    start_distributed()
+    import jax
+
+    from research import train
+
     config_path = _config_argument(sys.argv).partition(":")[0]
     name = experiment.name_of(config_path)
-    logging.set_verbosity(logging.WARNING)
     try:
         module = experiment.load(config_path)
-        print(f"experiment {name}\n{_CONFIG.value}")
-        experiment.claim_workdir(_WORKDIR.value, name, _CONFIG.value)
-        from research import train
-
+        if _DRY_RUN.value:
+            return run_dry(module)
+        if jax.process_index() == 0:
+            print(f"experiment {name} on {jax.process_count()} process(es), {jax.device_count()} device(s)\n{_CONFIG.value}")
+            experiment.claim_workdir(_WORKDIR.value, name, _CONFIG.value)
         results = train.train_and_evaluate(
             _CONFIG.value, module, _WORKDIR.value, allow_config_change=_ALLOW_CONFIG_CHANGE.value
         )
@@ -98,7 +241,7 @@ def main(argv: list[str]) -> None:
         fail(str(error))
     except train.NonFiniteError as error:
         fail(str(error), code=3)
-    if results:
+    if results and jax.process_index() == 0:
         print("final: " + "  ".join(f"{key} {value:.4f}" for key, value in results.items()))
 
 

@@ -3,7 +3,10 @@
   python launch.py --config experiments/digits_mlp.py --workdir runs/digits_mlp
 Expected: test/accuracy ~0.97 on the 1,797 official test images (writers unseen in training),
 with macro precision, recall and F1 alike; under a minute on a 2-core CPU.
-`:smoke` trains for 200 steps and reaches ~0.93.
+`:smoke` trains for 200 steps and reaches ~0.93. Another optimizer, its arguments and a schedule:
+  python launch.py --config experiments/digits_mlp.py --workdir runs/digits_adamw \
+    --config.optimizer.name=adamw --config.optimizer.kwargs.weight_decay=1e-4 \
+    --config.optimizer.schedule.name=warmup_cosine --config.optimizer.schedule.warmup_steps=100
 """
 
 import flax.linen as nn
@@ -35,6 +38,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         "eval_every": 500,
         "optimizer.name": "adam",
         "optimizer.learning_rate": 3e-3,
+        "optimizer.schedule.name": "constant",
     })
     config.update_from_flattened_dict(choose(arg, {None: {}, "smoke": {"num_steps": 200, "eval_every": 100}}))
     return config

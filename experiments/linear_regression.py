@@ -3,6 +3,7 @@
   python launch.py --config experiments/linear_regression.py --workdir runs/linear_regression
 Expected: test/slope 3.00 and test/intercept 2.00 (each within 0.01) and test/mse ~0.01, the
 noise variance; a few seconds on a CPU. `:smoke` takes fewer steps and lands within 0.05.
+Optimizer arguments go under optimizer.kwargs: `--config.optimizer.kwargs.momentum=0.9`.
 """
 
 import flax.linen as nn
@@ -33,6 +34,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         "eval_every": 100,
         "optimizer.name": "sgd",
         "optimizer.learning_rate": 0.1,
+        "optimizer.schedule.name": "constant",
     })
     config.update_from_flattened_dict(choose(arg, {None: {}, "smoke": {"num_steps": 100, "log_every": 25}}))
     return config

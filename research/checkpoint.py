@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import grain
 import jax
 import ml_collections
 import numpy as np
@@ -56,7 +55,9 @@ def save(manager: ocp.CheckpointManager, step: int, state: PyTree, iterator, con
     """Saves if the policy (or `force`) says so; returns whether a save started."""
     items = {"state": ocp.args.StandardSave(state), "config": ocp.args.JsonSave(config_dict(config))}
     if hasattr(iterator, "get_state"):
-        items["data"] = grain.checkpoint.CheckpointSave(iterator)
+        # One JSON state for all processes: research.data pipelines number global batches, so
+        # the state is the same on every process and restores on any number of them.
+        items["data"] = ocp.args.JsonSave(iterator.get_state())
     return manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=force)
 
 
@@ -68,9 +69,12 @@ def restore(manager: ocp.CheckpointManager, step: int, abstract_state: PyTree, i
     """Restores (state, saved config) at `step` into `abstract_state`'s shapes and shardings (any
     topology), and moves the iterator (when it has a position) to where it was."""
     items = {"state": ocp.args.StandardRestore(abstract_state), "config": ocp.args.JsonRestore()}
-    if hasattr(iterator, "set_state") and (Path(manager.directory) / str(step) / "data").exists():
-        items["data"] = grain.checkpoint.CheckpointRestore(iterator)
+    has_data = hasattr(iterator, "set_state") and (Path(manager.directory) / str(step) / "data").exists()
+    if has_data:
+        items["data"] = ocp.args.JsonRestore()
     restored = manager.restore(step, args=ocp.args.Composite(**items))
+    if has_data:
+        iterator.set_state(restored["data"])
     return restored["state"], restored["config"]
 
 

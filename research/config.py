@@ -12,6 +12,23 @@ class ConfigError(ValueError):
     """A bad config, experiment or workdir: launch.py reports it in one line, without a traceback."""
 
 
+# (regex over the parameter path, mesh axis per dimension): first match wins. Transformer
+# weights are split Megatron-style over `tensor` and along their input width over `fsdp`; other
+# weights along their first dimension (convolutions: their output channels) over `fsdp`.
+DEFAULT_PARAM_RULES = (
+    (r"attention/(query|key|value)/kernel$", ("fsdp", "tensor", None)),  # D x H x Dh: heads split
+    (r"attention/(query|key|value)/bias$", ("tensor", None)),
+    (r"attention/out/kernel$", ("tensor", None, "fsdp")),  # H x Dh x D
+    (r"fc_in/kernel$", ("fsdp", "tensor")),  # D x F: column-parallel
+    (r"fc_in/bias$", ("tensor",)),
+    (r"fc_out/kernel$", ("tensor", "fsdp")),  # F x D: row-parallel
+    (r"embedding$", (None, "fsdp")),  # V x D: vocabularies rarely divide, widths do
+    (r"conv[^/]*/kernel$", (None, None, None, "fsdp")),  # H x W x Cin x Cout
+    (r"kernel$", ("fsdp",)),
+    (r".*", ()),  # biases, norms and anything else: replicated
+)
+
+
 def trainer_config() -> ml_collections.ConfigDict:
     """Trainer defaults; every key here is read by research/train.py."""
     config = ml_collections.ConfigDict()
@@ -24,7 +41,10 @@ def trainer_config() -> ml_collections.ConfigDict:
     config.data_dir = ""  # tfds data directory; empty means tfds's default (~/tensorflow_datasets)
     # Mesh axes in order; -1 takes every device left over. Batches split over data and fsdp.
     config.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
-    config.optimizer = ml_collections.ConfigDict({"name": "adam", "learning_rate": 1e-3})
+    config.param_rules = DEFAULT_PARAM_RULES  # see research/sharding.py
+    config.optimizer = optimizer_config()
+    # Stop when eval/<metric> has not improved for `patience` evaluations; metric "" never stops.
+    config.early_stopping = ml_collections.ConfigDict({"metric": "", "mode": "min", "patience": 3})
     config.freeze = ""  # regex over parameter paths ("encoder/.*"): matching parameters are not trained
     config.nonfinite = "stop"  # on a NaN/inf loss or gradient: "stop" the run, or "skip" the update
     config.nonfinite_max_skips = 100  # "skip" gives up after this many consecutive bad steps
@@ -40,6 +60,37 @@ def trainer_config() -> ml_collections.ConfigDict:
         "asynchronous": True,  # write in the background while training continues
     })
     return config
+
+
+# Sections whose keys are open: `--config.optimizer.kwargs.b1=0.95` may add a key the file did not
+# declare, because each optimizer has its own arguments; make_optimizer checks them by signature.
+OPEN_SECTIONS = ("optimizer.kwargs",)
+
+
+def optimizer_config() -> ml_collections.ConfigDict:
+    """Optimizer, schedule and regularization defaults (read by research/optim/registry.py)."""
+    return ml_collections.ConfigDict({
+        "name": "adam",  # a key of research.optim.OPTIMIZERS, or path/to/file.py:make, or package.module:make
+        "learning_rate": 1e-3,  # the peak: the schedule multiplies it
+        "kwargs": ml_collections.ConfigDict(),  # the factory's other keyword arguments
+        "schedule": ml_collections.ConfigDict({
+            "name": "constant",  # a key of research.optim.schedules.SCHEDULES
+            "warmup_steps": 0,
+            "decay_steps": 0,  # 0: until the end of the run
+            "final_fraction": 0.0,  # the last learning rate, as a fraction of the peak
+            "step_every": 1000,  # step decay: multiply by step_factor every step_every steps
+            "step_factor": 0.1,
+            "decay_fraction": 0.2,  # warmup-stable-decay: the share of the run spent decaying
+        }),
+        "clip_global_norm": 0.0,  # 0: no clipping
+        "weight_decay": 0.0,  # decoupled (Loshchilov & Hutter, 2019): p -= lr_t * weight_decay * p
+        "l2_penalty": 0.0,  # adds l2_penalty / 2 * sum(p^2) to the training loss
+        "l1_penalty": 0.0,  # adds l1_penalty * sum(|p|) to the training loss
+        # Parameters whose path ("Dense_0/bias") matches are spared by the penalties and weight_decay.
+        "decay_exclude": r"(^|/)(bias|scale)$",
+        "accumulate_steps": 1,  # k: each step averages gradients over k micro-batches of batch_size / k
+        "ema_decay": 0.0,  # >0: evaluate an exponential moving average of the parameters
+    })
 
 
 def choose(arg: str | None, variants: dict[str | None, dict]) -> dict:

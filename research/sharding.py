@@ -1,16 +1,22 @@
-"""Device mesh from the config, parameter shardings, and global batches on the mesh.
+"""Device mesh from the config, parameter shardings by rules, and global batches on the mesh.
 
 The mesh has named axes `data`, `fsdp` and `tensor`. A batch is split along its leading
-dimension over (`data`, `fsdp`); parameters are replicated for now (FSDP and tensor rules
-arrive with the scale-out work) and optimizer state follows the parameters.
+dimension over (`data`, `fsdp`). Parameters are placed by `config.param_rules`: pairs of
+(regex over the parameter's path, one mesh axis or None per dimension), first match wins, the
+last rule a catch-all. FSDP splits a weight's input dimension over `fsdp`; tensor parallelism
+splits attention heads and the MLP's hidden units over `tensor` (Megatron-LM, Shoeybi et al.
+2019: column-parallel in, row-parallel out). A dimension that the axis does not divide stays
+whole. Optimizer-state leaves that mirror a parameter take its sharding.
 """
 
+import re
 from typing import Any, Mapping, Sequence
 
 import jax
 import numpy as np
-from research.config import ConfigError
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+from research.config import ConfigError
 
 PyTree = Any
 BATCH_AXES = ("data", "fsdp")
@@ -48,9 +54,61 @@ def batch_divisor(mesh: Mesh) -> int:
     return int(np.prod([mesh.shape[axis] for axis in BATCH_AXES if axis in mesh.axis_names]))
 
 
-def state_shardings(abstract_state: PyTree, mesh: Mesh) -> PyTree:
-    """Shardings for every leaf of the (abstract) train state: replicated for now."""
-    return jax.tree.map(lambda _: replicated(mesh), abstract_state)
+def path_name(path) -> str:
+    """'encoder/layer_0/kernel' for a pytree key path."""
+    return "/".join(str(getattr(key, "key", getattr(key, "name", getattr(key, "idx", key)))) for key in path)
+
+
+def match_rule(name: str, rules: Sequence[tuple[str, tuple]]) -> tuple[int, tuple]:
+    """(index, axes) of the first rule whose regex matches `name`."""
+    for index, (pattern, axes) in enumerate(rules):
+        if re.search(pattern, name):
+            return index, tuple(axes)
+    raise ConfigError(f"no sharding rule matches parameter {name!r}: end param_rules with a catch-all ('.*', ())")
+
+
+def spec_for(shape: tuple[int, ...], axes: tuple, mesh: Mesh) -> P:
+    """A PartitionSpec giving dimension i the mesh axis axes[i], where that axis divides it."""
+    spec = []
+    for dimension, axis in zip(shape, axes):
+        usable = axis is not None and axis in mesh.axis_names and dimension % mesh.shape[axis] == 0
+        spec.append(axis if usable else None)
+    return P(*spec)
+
+
+def param_shardings(abstract_params: PyTree, mesh: Mesh, rules: Sequence[tuple[str, tuple]]) -> PyTree:
+    """A NamedSharding per parameter from the first matching rule."""
+
+    def place(path, leaf):
+        _, axes = match_rule(path_name(path), rules)
+        return NamedSharding(mesh, spec_for(leaf.shape, axes, mesh))
+
+    return jax.tree_util.tree_map_with_path(place, abstract_params)
+
+
+def state_shardings(abstract_state: PyTree, mesh: Mesh, rules: Sequence[tuple[str, tuple]] = ((".*", ()),)) -> PyTree:
+    """Shardings for every leaf of the (abstract) train state.
+
+    Parameters follow `rules`; an optimizer-state leaf whose path ends with a parameter's path
+    and has its shape (Adam's mu and nu, momentum, ...) takes that parameter's sharding;
+    everything else (step, rng, counters, BatchNorm statistics) is replicated.
+    """
+    params = param_shardings(abstract_state.params, mesh, rules)
+    by_name = {path_name(path): (leaf.shape, where) for (path, leaf), where in zip(
+        jax.tree_util.tree_leaves_with_path(abstract_state.params), jax.tree.leaves(params))}
+
+    longest_first = sorted(by_name.items(), key=lambda item: -len(item[0]))
+
+    def mirror(path, leaf):
+        name = path_name(path)
+        for param_name, (shape, where) in longest_first:
+            if (name == param_name or name.endswith("/" + param_name)) and tuple(leaf.shape) == tuple(shape):
+                return where
+        return replicated(mesh)
+
+    opt_state = jax.tree_util.tree_map_with_path(mirror, abstract_state.opt_state)
+    others = jax.tree.map(lambda _: replicated(mesh), abstract_state.replace(params=None, opt_state=None))
+    return others.replace(params=params, opt_state=opt_state)
 
 
 def put_batch(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:

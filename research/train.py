@@ -10,6 +10,7 @@ A model with state besides its parameters (BatchNorm statistics) keeps it in
 returns the updated state as `aux["model_state"]`.
 """
 
+import dataclasses
 import functools
 import json
 import re
@@ -30,7 +31,9 @@ from research import metrics as metrics_lib
 from research import sharding
 from research.config import ConfigError
 from research.logger import Logger
-from research.optim import make_optimizer
+from research.optim import current_learning_rate, make_optimizer, regularizers
+from research.optim.accumulation import accumulated_value_and_grad
+from research.optim.registry import check_against_params, origin_of
 from research.state import TrainState
 
 PyTree = Any
@@ -44,18 +47,20 @@ def default_init_variables(model, rng: jax.Array, batch: Batch) -> PyTree:
 
 
 def init_state(
-    rng: jax.Array, batch: Batch, *, init_variables: Callable, tx: optax.GradientTransformation, mesh: Mesh
+    rng: jax.Array, batch: Batch, *, init_variables: Callable, tx: optax.GradientTransformation, mesh: Mesh, rules=((".*", ()),)
 ) -> tuple[TrainState, PyTree]:
     """Creates the train state directly in its shardings; returns (state, state_shardings)."""
-    create, abstract_state = state_initializer(rng, batch, init_variables=init_variables, tx=tx, mesh=mesh)
+    create, abstract_state = state_initializer(rng, batch, init_variables=init_variables, tx=tx, mesh=mesh, rules=rules)
     shardings = jax.tree.map(lambda leaf: leaf.sharding, abstract_state)
     return jax.jit(create, out_shardings=shardings)(rng), shardings
 
 
-def state_initializer(rng: jax.Array, batch: Batch, *, init_variables: Callable, tx: optax.GradientTransformation, mesh: Mesh):
+def state_initializer(
+    rng: jax.Array, batch: Batch, *, init_variables: Callable, tx: optax.GradientTransformation, mesh: Mesh, rules=((".*", ()),)
+):
     """(create(rng) -> TrainState, the abstract state with shardings), without allocating anything."""
 
-    def create(rng):
+    def create(rng, batch):
         init_rng, train_rng = jax.random.split(rng)
         variables = dict(init_variables(init_rng, batch))
         params = variables.pop("params")
@@ -63,21 +68,32 @@ def state_initializer(rng: jax.Array, batch: Batch, *, init_variables: Callable,
             step=jnp.zeros((), jnp.int32), params=params, model_state=variables, opt_state=tx.init(params), rng=train_rng
         )
 
-    shapes = jax.eval_shape(create, rng)
-    shardings = sharding.state_shardings(shapes, mesh)
+    shapes = jax.eval_shape(create, rng, batch)  # the batch may itself be abstract (a dry run)
+    shardings = sharding.state_shardings(shapes, mesh, rules)
     abstract_state = jax.tree.map(lambda leaf, where: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=where), shapes, shardings)
-    return create, abstract_state
+    return functools.partial(create, batch=batch), abstract_state
 
 
-def train_step(state: TrainState, batch: Batch, *, loss_fn: LossFn, tx: optax.GradientTransformation):
-    """One optimizer step: gradient, update and apply, all in one jit region."""
+def train_step(state: TrainState, batch: Batch, *, loss_fn: LossFn, tx: optax.GradientTransformation, accumulate_steps: int = 1):
+    """One optimizer step: gradient, update and apply, all in one jit region.
+
+    An optimizer that takes extra arguments (optax.GradientTransformationExtraArgs) gets the loss
+    `value`, its `grad` and `value_fn(params)`, the loss on this batch; others ignore them.
+    With accumulate_steps k the gradient is the mean over k micro-batches of the batch, scanned."""
     rng = jax.random.fold_in(state.rng, state.step)
-    (loss, aux), grads = jax.value_and_grad(_with_model_state(loss_fn, state.model_state), has_aux=True)(state.params, batch, rng)
+    loss_fn = _with_model_state(loss_fn, state.model_state)
+    (loss, aux), grads = accumulated_value_and_grad(loss_fn, accumulate_steps)(state.params, batch, rng)
     aux = dict(aux)
     model_state = aux.pop("model_state") if state.model_state else state.model_state
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    value_fn = lambda params: loss_fn(params, batch, rng)[0]
+    updates, opt_state = optax.with_extra_args_support(tx).update(
+        grads, state.opt_state, state.params, value=loss, grad=grads, value_fn=value_fn
+    )
     params = optax.apply_updates(state.params, updates)
     metrics = aux | {"loss": loss, "grad_norm": optax.global_norm(grads)}
+    learning_rate = current_learning_rate(opt_state)
+    if learning_rate is not None:
+        metrics["learning_rate"] = learning_rate
     new_state = state.replace(step=state.step + 1, params=params, model_state=model_state, opt_state=opt_state)
     return new_state, metrics
 
@@ -175,11 +191,34 @@ def bind(experiment: ModuleType, model) -> dict[str, Callable]:
     return {"loss_fn": loss_fn, "eval_fn": eval_fn, "init_variables": init_variables}
 
 
-def compile_steps(functions: dict[str, Callable], tx: optax.GradientTransformation, state_shardings, mesh: Mesh):
+def regularize(functions: dict[str, Callable], optimizer_config: ml_collections.ConfigDict) -> dict[str, Callable]:
+    """The training loss plus the config's L1/L2 penalty; evaluation keeps the plain loss."""
+    if not (optimizer_config.l1_penalty or optimizer_config.l2_penalty):
+        return functions
+    penalized = regularizers.with_penalty(
+        functions["loss_fn"], l1=optimizer_config.l1_penalty, l2=optimizer_config.l2_penalty, exclude=optimizer_config.decay_exclude
+    )
+    return functions | {"loss_fn": penalized}
+
+
+def stop_early(history: list[float], results: dict[str, float], early_stopping: ml_collections.ConfigDict) -> bool:
+    """Appends eval/<metric> to `history`; True when it has not improved for `patience` evaluations."""
+    if not early_stopping.metric:
+        return False
+    key = f"eval/{early_stopping.metric}"
+    if key not in results or early_stopping.mode not in ("min", "max"):
+        raise ConfigError(f"early_stopping: metric must be one of {sorted(name[5:] for name in results)} and mode 'min' or 'max'")
+    history.append(results[key])
+    return regularizers.should_stop(history, mode=early_stopping.mode, patience=early_stopping.patience)
+
+
+def compile_steps(
+    functions: dict[str, Callable], tx: optax.GradientTransformation, state_shardings, mesh: Mesh, accumulate_steps: int = 1
+):
     """The jitted train step (state donated) and eval step, with their shardings."""
     batch_sharding, replicated = sharding.batch_sharding(mesh), sharding.replicated(mesh)
     train_fn = jax.jit(
-        functools.partial(train_step, loss_fn=functions["loss_fn"], tx=tx),
+        functools.partial(train_step, loss_fn=functions["loss_fn"], tx=tx, accumulate_steps=accumulate_steps),
         in_shardings=(state_shardings, batch_sharding),
         out_shardings=(state_shardings, replicated),
         donate_argnums=0,
@@ -194,11 +233,11 @@ def compile_steps(functions: dict[str, Callable], tx: optax.GradientTransformati
 
 def make_tx(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
     """The configured optimizer, with frozen parameters and non-finite updates handled."""
-    tx = make_optimizer(config.optimizer)
+    tx = make_optimizer(config.optimizer, config.num_steps)
     if config.freeze:
         pattern = re.compile(config.freeze)
         labels = lambda params: jax.tree_util.tree_map_with_path(
-            lambda path, _: "frozen" if pattern.search(path_name(path)) else "trained", params
+            lambda path, _: "frozen" if pattern.search(sharding.path_name(path)) else "trained", params
         )
         tx = optax.multi_transform({"trained": tx, "frozen": optax.set_to_zero()}, labels)
     if config.nonfinite == "skip":
@@ -208,17 +247,15 @@ def make_tx(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
     return tx
 
 
-def path_name(path) -> str:
-    """'encoder/layer_0/kernel' for a pytree key path."""
-    return "/".join(str(getattr(key, "key", getattr(key, "idx", key))) for key in path)
-
-
 def _start(config, functions, tx, train_iterator, manager, mesh, allow_config_change: bool):
     """(start step, state, shardings, first batch): restored from the newest good checkpoint, else fresh."""
     batch = sharding.put_batch(next(train_iterator), mesh)
     rng = jax.random.PRNGKey(config.seed)
-    create, abstract_state = state_initializer(rng, batch, init_variables=functions["init_variables"], tx=tx, mesh=mesh)
+    create, abstract_state = state_initializer(
+        rng, batch, init_variables=functions["init_variables"], tx=tx, mesh=mesh, rules=config.param_rules
+    )
     shardings = jax.tree.map(lambda leaf: leaf.sharding, abstract_state)
+    check_against_params(tx, abstract_state.params, origin_of(config.optimizer.name))
     step, state = checkpoint.restore_latest(
         manager, abstract_state, train_iterator, config, allow_config_change=allow_config_change
     )
@@ -234,12 +271,12 @@ def _start(config, functions, tx, train_iterator, manager, mesh, allow_config_ch
 def _init_from(state: TrainState, shardings: TrainState, tx, init_from) -> TrainState:
     """Copies the parameters selected by regexes from another run's checkpoint into a fresh state."""
     source, step = checkpoint.load_params(init_from.workdir, init_from.step)
-    source = {path_name(path): value for path, value in jax.tree_util.tree_leaves_with_path(source)}
+    source = {sharding.path_name(path): value for path, value in jax.tree_util.tree_leaves_with_path(source)}
     include, exclude = re.compile(init_from.include), re.compile(init_from.exclude) if init_from.exclude else None
     loaded, kept, mismatched = [], [], []
 
     def take(path, target, where):
-        name = path_name(path)
+        name = sharding.path_name(path)
         if name not in source or not include.search(name) or (exclude and exclude.search(name)):
             kept.append(name)
             return target
@@ -258,6 +295,61 @@ def _init_from(state: TrainState, shardings: TrainState, tx, init_from) -> Train
     return state.replace(params=params, opt_state=opt_state)
 
 
+def _finished(results_file: Path, start: int, num_steps: int) -> bool:
+    """Whether the checkpoint at `start` is the end of a run that wrote its results."""
+    if not results_file.exists():
+        return False
+    results = json.loads(results_file.read_text())
+    return results["step"] == start and (start == num_steps or results.get("stopped_early", False))
+
+
+@dataclasses.dataclass
+class _Run:
+    """What one call of train_and_evaluate holds between steps: the state and where it goes."""
+
+    config: ml_collections.ConfigDict
+    mesh: Mesh
+    state: TrainState
+    train_iterator: Any
+    eval_data: dict[str, Iterable]
+    eval_fn: Callable
+    manager: Any
+    logger: Logger
+    train_metrics: _TrainMetrics
+
+    def evaluate(self, split: str, prefix: str, step: int) -> dict[str, float]:
+        """Metrics of `split` (with the parameters' EMA when the optimizer keeps one), logged as `prefix/...`."""
+        state = self.state.replace(params=regularizers.eval_params(self.state.params, self.state.opt_state))
+        results = evaluate(state, self.eval_data[split], step_fn=self.eval_fn, mesh=self.mesh)
+        results = {f"{prefix}/{name}": value for name, value in results.items()}
+        self.logger.write(step, results)
+        return results
+
+    def save(self, step: int, metrics: dict | None = None, force: bool = False) -> None:
+        """Checkpoints when the policy (or `force`) says so; a non-finite state is never saved."""
+        if force or self.manager.should_save(step):
+            self.train_metrics.check_pending(step)
+            checkpoint.save(self.manager, step, self.state, self.train_iterator, self.config, metrics=metrics, force=True)
+
+
+def _check_batch(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
+    shards = sharding.batch_divisor(mesh)
+    if config.batch_size % shards:
+        raise ConfigError(f"batch_size {config.batch_size} must be a multiple of the {shards} batch shards of mesh {dict(mesh.shape)}")
+    accumulate = config.optimizer.accumulate_steps
+    if accumulate < 1 or config.batch_size % (accumulate * shards):
+        raise ConfigError(f"optimizer.accumulate_steps {accumulate} must be >= 1 and divide batch_size / batch shards")
+
+
+def _eval_history(workdir: Path, early_stopping, up_to_step: int) -> list[float]:
+    """The early-stopping metric's values logged up to a resumed step, so patience survives a restart."""
+    path, key = workdir / "metrics.jsonl", f"eval/{early_stopping.metric}"
+    if not early_stopping.metric or not up_to_step or not path.exists():
+        return []
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    return [record[key] for record in records if key in record and record["step"] <= up_to_step]
+
+
 def train_and_evaluate(
     config: ml_collections.ConfigDict,
     experiment: ModuleType,
@@ -273,66 +365,31 @@ def train_and_evaluate(
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     mesh = mesh if mesh is not None else sharding.make_mesh(config.mesh)
-    if config.batch_size % sharding.batch_divisor(mesh):
-        raise ConfigError(
-            f"batch_size {config.batch_size} must be a multiple of the {sharding.batch_divisor(mesh)} batch shards of mesh {dict(mesh.shape)}"
-        )
-    functions = bind(experiment, experiment.make_model(config))
+    _check_batch(config, mesh)
+    functions = regularize(bind(experiment, experiment.make_model(config)), config.optimizer)
     tx = make_tx(config)
     train_iterator = iter(experiment.make_data(config, "train"))
     manager = checkpoint.make_manager(workdir, config.checkpoint)
     start, state, shardings, batch = _start(config, functions, tx, train_iterator, manager, mesh, allow_config_change)
     results_file = workdir / "results.json"
-    if start == config.num_steps and results_file.exists() and json.loads(results_file.read_text())["step"] == start:
+    if _finished(results_file, start, config.num_steps):
         manager.close()
         print(f"the run in {workdir} is finished; its results are in {results_file}")
-        return {key: value for key, value in json.loads(results_file.read_text()).items() if key != "step"}
-    train_fn, eval_fn = compile_steps(functions, tx, shardings, mesh)
-    eval_data = {split: experiment.make_data(config, split) for split in ("validation", "test")}
+        return {key: value for key, value in json.loads(results_file.read_text()).items() if key not in ("step", "stopped_early")}
+    train_fn, eval_fn = compile_steps(functions, tx, shardings, mesh, config.optimizer.accumulate_steps)
+    history = _eval_history(workdir, config.early_stopping, start)
     logger = Logger(workdir, total_steps=config.num_steps, start_step=start)
-
-    def run_eval(state, split: str, prefix: str, step: int) -> dict[str, float]:
-        results = evaluate(state, eval_data[split], step_fn=eval_fn, mesh=mesh)
-        results = {f"{prefix}/{name}": value for name, value in results.items()}
-        logger.write(step, results)
-        return results
-
-    def save(step: int, metrics: dict | None = None, force: bool = False) -> None:
-        if force or manager.should_save(step):
-            train_metrics.check_pending(step)  # a non-finite state is never saved
-            checkpoint.save(manager, step, state, train_iterator, config, metrics=metrics, force=True)
-
-    train_metrics = _TrainMetrics(logger, config.batch_size, start, skip_nonfinite=config.nonfinite == "skip")
-    step = start
+    run = _Run(
+        config, mesh, state, train_iterator, {split: experiment.make_data(config, split) for split in ("validation", "test")},
+        eval_fn, manager, logger, _TrainMetrics(logger, config.batch_size, start, skip_nonfinite=config.nonfinite == "skip"),
+    )
     try:
-        with checkpoint.PreemptionWatcher() as watcher:
-            for step in range(start + 1, config.num_steps + 1):
-                if step > start + 1:
-                    batch = sharding.put_batch(next(train_iterator), mesh)
-                state, metrics = train_fn(state, batch)
-                train_metrics.flush()
-                train_metrics.add(metrics)
-                if step % config.log_every == 0 or step == config.num_steps:
-                    train_metrics.finish_window(step)
-                evaluated = None
-                if config.eval_every and step % config.eval_every == 0 and step != config.num_steps:
-                    train_metrics.flush()
-                    evaluated = run_eval(state, "validation", "eval", step)
-                stopping = watcher.requested is not None or step == stop_at_step
-                if step < config.num_steps:  # the last step is saved below, with the final metrics
-                    save(step, evaluated, force=stopping or bool(evaluated and config.checkpoint.best_metric))
-                if stopping:
-                    train_metrics.flush()
-                    train_metrics.finish_window(step)
-                    train_metrics.flush()
-                    manager.wait_until_finished()
-                    print(f"stopped at step {step} ({watcher.requested or 'stop_at_step'}); checkpoint saved in {manager.directory}")
-                    return {}
-            train_metrics.flush()
-            final = run_eval(state, "validation", "eval", config.num_steps)
-            final |= run_eval(state, "test", "test", config.num_steps)
-            if start < config.num_steps:
-                save(config.num_steps, final, force=True)
+        last_step = _loop(run, train_fn, batch, start, history, stop_at_step)
+        if last_step is None:
+            return {}
+        final = run.evaluate("validation", "eval", last_step) | run.evaluate("test", "test", last_step)
+        if start < last_step:
+            run.save(last_step, final, force=True)
     except NonFiniteError as error:
         raise NonFiniteError(f"{error}; the last good checkpoint is step {manager.latest_step()} in {manager.directory}") from None
     finally:
@@ -340,5 +397,40 @@ def train_and_evaluate(
         manager.close()
         logger.close()
     if jax.process_index() == 0:
-        results_file.write_text(json.dumps({"step": config.num_steps} | final, indent=2) + "\n")
+        summary = {"step": last_step} | ({"stopped_early": True} if last_step < config.num_steps else {})
+        results_file.write_text(json.dumps(summary | final, indent=2) + "\n")
     return final
+
+
+def _loop(run: _Run, train_fn: Callable, batch, start: int, history: list[float], stop_at_step: int | None) -> int | None:
+    """Steps from `start` to the end; returns the last step trained, or None after a preemption's save."""
+    config, metrics_window = run.config, run.train_metrics
+    with checkpoint.PreemptionWatcher() as watcher:
+        for step in range(start + 1, config.num_steps + 1):
+            if step > start + 1:
+                batch = sharding.put_batch(next(run.train_iterator), run.mesh)
+            run.state, metrics = train_fn(run.state, batch)
+            metrics_window.flush()  # the previous window, now that this step is dispatched
+            metrics_window.add(metrics)
+            if step % config.log_every == 0 or step == config.num_steps:
+                metrics_window.finish_window(step)
+            evaluated = None
+            if config.eval_every and step % config.eval_every == 0 and step != config.num_steps:
+                metrics_window.flush()
+                evaluated = run.evaluate("validation", "eval", step)
+                if stop_early(history, evaluated, config.early_stopping):
+                    metrics_window.finish_window(step)
+                    metrics_window.flush()
+                    return step
+            stopping = watcher.requested is not None or step == stop_at_step
+            if step < config.num_steps:  # the last step is saved by the caller, with the final metrics
+                run.save(step, evaluated, force=stopping or bool(evaluated and config.checkpoint.best_metric))
+            if stopping:
+                metrics_window.flush()
+                metrics_window.finish_window(step)
+                metrics_window.flush()
+                run.manager.wait_until_finished()
+                print(f"stopped at step {step} ({watcher.requested or 'stop_at_step'}); checkpoint saved in {run.manager.directory}")
+                return None
+    metrics_window.flush()
+    return config.num_steps

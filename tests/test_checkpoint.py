@@ -146,3 +146,27 @@ def test_init_from_with_mismatched_shapes_is_an_error(data_dir, tmp_path):
     config.init_from.workdir = str(tmp_path / "source")
     with pytest.raises(ConfigError, match=r"init_from: shapes differ for Dense_0/bias \(64,\) vs \(48,\)"):
         train.train_and_evaluate(config, module, tmp_path / "target")
+
+
+def test_keeps_the_latest_plus_the_best_by_the_chosen_metric(data_dir, tmp_path):
+    # "best" = highest eval/mse, i.e. the earliest evaluation: it must survive keep=1.
+    module, config = smoke("linear_regression", data_dir, num_steps=40, eval_every=10, **{
+        "checkpoint.every_steps": 5, "checkpoint.keep": 1, "checkpoint.best_metric": "eval/mse", "checkpoint.best_mode": "max",
+    })
+    train.train_and_evaluate(config, module, tmp_path)
+    assert sorted(checkpoint_steps(tmp_path)) == [10, 40]
+
+
+def test_restoring_never_unpickles(data_dir, tmp_path, monkeypatch):
+    module, config = smoke("digits_mlp", data_dir, num_steps=4)
+    train.train_and_evaluate(config, module, tmp_path, stop_at_step=2)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a checkpoint was unpickled")
+
+    import pickle
+
+    for name in ("load", "loads", "Unpickler"):
+        monkeypatch.setattr(pickle, name, refuse)
+    train.train_and_evaluate(config, module, tmp_path)
+    assert max(checkpoint_steps(tmp_path)) == 4

@@ -52,6 +52,11 @@ def test_process_shards_are_disjoint_and_cover_the_data(count):
         shards.append(np.concatenate([batch["x"] for batch in take(iter(batches), epoch_batches)]).tolist())
     assert all(len(shard) == 48 // count for shard in shards)
     assert sorted(sum(shards, [])) == list(range(48)), "disjoint and covering"
+    # Global batch b is the processes' slices side by side: the same as one process reads.
+    single = np.concatenate([batch["x"] for batch in take(iter(pipeline.train_batches(source, batch_size=global_batch, seed=0)), 48 // global_batch)])
+    local = global_batch // count
+    stitched = [shards[index][step * local : (step + 1) * local] for step in range(48 // global_batch) for index in range(count)]
+    assert sum(stitched, []) == single.tolist()
     # Evaluation: each example once over all processes, padding masked.
     seen = []
     for index in range(count):

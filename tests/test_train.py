@@ -142,6 +142,6 @@ def test_model_state_is_updated_in_training_and_used_in_evaluation(tmp_path):
     )
     final = train.train_and_evaluate(config, experiment, tmp_path)
     # With the initial statistics (mean 0, variance 1) the shift alone would cost an MSE near 75.
-    assert final["test/mse"] < 0.1
+    assert final["test/mse"] < 0.5
     state = ocp.CheckpointManager(tmp_path / "checkpoints").restore(100, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
     assert float(state["model_state"]["batch_stats"]["BatchNorm_0"]["mean"][0]) == pytest.approx(5.0, abs=0.1)

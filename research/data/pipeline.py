@@ -57,6 +57,64 @@ def _with_mask(record: Record, value: float) -> dict[str, np.ndarray]:
     return dict(record) | {"mask": np.float32(value)}
 
 
+STREAM_LENGTH = 2**62  # "endless": more batches than any run draws
+
+
+def _global_positions(batch: int, batch_size: int, process: Process) -> range:
+    """Positions in the global example stream that this process reads for global batch `batch`.
+
+    Global batch b is stream positions [b * batch_size, (b + 1) * batch_size); process p reads
+    its contiguous slice. So the global batch is the same whatever the number of processes, and
+    an iterator's state (the batch number) restores on any topology.
+    """
+    local = local_batch_size(batch_size, process)
+    first = batch * batch_size + process.index * local
+    return range(first, first + local)
+
+
+class EpochOrder:
+    """`order(epoch)`: the examples' order in that epoch, a permutation drawn from (seed, epoch).
+
+    A plain object, not a closure, so that pipelines using it pickle into worker processes.
+    """
+
+    def __init__(self, seed: int, size: int):
+        self.seed, self.size, self.cache = seed, size, {}
+
+    def __call__(self, epoch: int) -> np.ndarray:
+        if epoch not in self.cache:
+            if len(self.cache) >= 2:  # consecutive batches share at most two epochs
+                self.cache.pop(min(self.cache))
+            self.cache[epoch] = np.random.default_rng([self.seed, epoch]).permutation(self.size)
+        return self.cache[epoch]
+
+
+@dataclasses.dataclass
+class _LoadBatch:
+    """This process's slice of global batch `batch`, one record at a time (see train_batches)."""
+
+    source: Sequence[Record]
+    batch_size: int
+    seed: int
+    process: Process
+    transform: Transform | None
+    random_transform: RandomTransform | None
+
+    def __post_init__(self):
+        self.order = EpochOrder(self.seed, len(self.source))
+
+    def __call__(self, batch: int) -> dict[str, np.ndarray]:
+        records = []
+        for position in _global_positions(batch, self.batch_size, self.process):
+            epoch, offset = divmod(position, len(self.source))
+            record = self.source[int(self.order(epoch)[offset])]
+            record = self.transform(record) if self.transform is not None else record
+            if self.random_transform is not None:
+                record = self.random_transform(record, np.random.default_rng([self.seed, position]))
+            records.append(_with_mask(record, 1.0))
+        return {key: np.stack([np.asarray(record[key]) for record in records]) for key in records[0]}
+
+
 def train_batches(
     source: Sequence[Record],
     *,
@@ -68,22 +126,17 @@ def train_batches(
     num_workers: int = 0,
     process: Process | None = None,
 ) -> grain.IterDataset:
-    """Endless batches, reshuffled every epoch from `seed`; this process reads a disjoint shard.
+    """Endless batches; every epoch a fresh permutation of all examples drawn from (seed, epoch).
 
-    Process p of n reads examples p, p + n, p + 2n, ... `random_transform(record, rng)` gets a
-    generator seeded by `seed` and the element's position in the stream, so augmentation is
-    the same in every run and after a restore. `num_workers` > 0 runs the per-example work in
-    that many worker processes; the batches are the same either way.
+    The stream of examples is the same for every process count; each process reads its slice
+    of every global batch (see `_global_positions`). `random_transform(record, rng)` gets a
+    generator seeded by (seed, stream position), so augmentation is the same in every run,
+    after a restore and on any topology. `num_workers` > 0 loads batches in that many worker
+    processes; the batches are the same either way.
     """
     process = process or Process.current()
-    dataset = grain.MapDataset.source(source)[process.index :: process.count]
-    dataset = dataset.seed(seed).shuffle().repeat()
-    if transform is not None:
-        dataset = dataset.map(transform)
-    if random_transform is not None:
-        dataset = dataset.random_map(random_transform)
-    dataset = dataset.map(lambda record: _with_mask(record, 1.0))
-    dataset = dataset.batch(local_batch_size(batch_size, process), drop_remainder=True)
+    load = _LoadBatch(source, batch_size, seed, process, transform, random_transform)
+    dataset = grain.MapDataset.range(STREAM_LENGTH).map(load)
     iterable = dataset.to_iter_dataset(read_options or grain.ReadOptions(num_threads=4, prefetch_buffer_size=16))
     if num_workers:
         iterable = iterable.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
@@ -108,30 +161,26 @@ def array_batches(
     """Endless batches of in-memory columns, gathered a whole batch at a time; for small datasets.
 
     Per-example pipelines cost tens of microseconds of Python per example, more than a small
-    model's whole step; here a batch is one numpy gather. Epoch e is a permutation of this
-    process's shard drawn from (seed, e); `transform` maps a batch of columns to a batch.
-    The state (`get_state`) is the position in the stream, so a restore resumes exactly.
+    model's whole step; here a batch is one numpy gather. The example stream and its slicing
+    over processes are those of `train_batches`; `transform` maps a batch of columns to a batch.
+    The state (`get_state`) is the batch number, so a restore resumes exactly on any topology.
     """
     process = process or Process.current()
-    shard = {key: np.asarray(column)[process.index :: process.count] for key, column in columns.items()}
-    size = len(next(iter(shard.values())))
-    local = local_batch_size(batch_size, process)
-    steps_per_epoch = size // local
-    if steps_per_epoch == 0:
-        raise ConfigError(f"batch size {batch_size} exceeds the {size} examples of this process's shard")
+    columns = {key: np.asarray(column) for key, column in columns.items()}
+    size = len(next(iter(columns.values())))
+    if batch_size > size:
+        raise ConfigError(f"batch size {batch_size} exceeds the {size} examples of the dataset")
+    order = EpochOrder(seed, size)
 
-    @functools.lru_cache(maxsize=2)  # consecutive batches share their epoch's permutation
-    def permutation(epoch: int) -> np.ndarray:
-        return np.random.default_rng([seed, epoch]).permutation(size)
+    def gather(batch: int) -> dict[str, np.ndarray]:
+        positions = np.asarray(_global_positions(batch, batch_size, process))
+        epochs, offsets = np.divmod(positions, size)
+        indices = np.concatenate([order(epoch)[offsets[epochs == epoch]] for epoch in np.unique(epochs)])
+        gathered = {key: column[indices] for key, column in columns.items()}
+        gathered = transform(gathered) if transform is not None else gathered
+        return dict(gathered) | {"mask": np.ones(len(indices), np.float32)}
 
-    def gather(step: int, _) -> dict[str, np.ndarray]:
-        epoch, position = divmod(step, steps_per_epoch)
-        indices = permutation(epoch)[position * local : (position + 1) * local]
-        batch = {key: column[indices] for key, column in shard.items()}
-        batch = transform(batch) if transform is not None else batch
-        return dict(batch) | {"mask": np.ones(local, np.float32)}
-
-    dataset = grain.MapDataset.range(steps_per_epoch).repeat().map_with_index(gather)
+    dataset = grain.MapDataset.range(STREAM_LENGTH).map(gather)
     # No prefetch threads by default: a gather takes tens of microseconds, which JAX's asynchronous
     # dispatch already overlaps with the step, and a thread handing batches over costs more.
     return dataset.to_iter_dataset(read_options or grain.ReadOptions(num_threads=0))

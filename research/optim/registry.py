@@ -1,41 +1,190 @@
-"""Optimizers by name: the config names a factory and gives its keyword arguments."""
+"""Optimizers by name, or a user's own factory from a file or module, wrapped with the schedule,
+clipping, decoupled weight decay and parameter EMA the config asks for (gradient accumulation is
+the train step's: research/optim/accumulation.py).
+
+A factory is `make(learning_rate, **kwargs) -> optax.GradientTransformation`. The config names it:
+`optimizer.name` is a key of OPTIMIZERS, `path/to/file.py:make` or `package.module:make`.
+"""
 
 import difflib
+import importlib
+import importlib.util
 import inspect
+import traceback
+from pathlib import Path
 from typing import Any, Callable, Mapping
 
+import jax
+import ml_collections
 import optax
+import optax.contrib
 
-from research.config import ConfigError
+from research.config import ConfigError, optimizer_config
+from research.optim import ademamix, cautious, regularizers
+from research.optim.schedules import SCHEDULES
+
+Factory = Callable[..., optax.GradientTransformation]
 
 
+def momentum(learning_rate: optax.ScalarOrSchedule, momentum: float = 0.9) -> optax.GradientTransformation:
+    """SGD with heavy-ball momentum (Polyak, 1964)."""
+    return optax.sgd(learning_rate, momentum=momentum)
 
-def momentum(learning_rate: optax.ScalarOrSchedule, momentum: float = 0.9, nesterov: bool = False):
-    """SGD with heavy-ball (Polyak, 1964) or Nesterov momentum."""
-    return optax.sgd(learning_rate, momentum=momentum, nesterov=nesterov)
+
+def nesterov(learning_rate: optax.ScalarOrSchedule, momentum: float = 0.9) -> optax.GradientTransformation:
+    """SGD with Nesterov momentum (Nesterov, 1983; Sutskever et al., 2013)."""
+    return optax.sgd(learning_rate, momentum=momentum, nesterov=True)
 
 
-OPTIMIZERS: dict[str, Callable[..., optax.GradientTransformation]] = {
+OPTIMIZERS: dict[str, Factory] = {
     "sgd": optax.sgd,
     "momentum": momentum,
+    "nesterov": nesterov,
     "rmsprop": optax.rmsprop,
+    "adagrad": optax.adagrad,
     "adam": optax.adam,
     "adamw": optax.adamw,
+    "nadamw": optax.nadamw,
+    "lamb": optax.lamb,
+    "lion": optax.lion,
+    "adafactor": optax.adafactor,
+    "muon": optax.contrib.muon,
+    "schedule_free_adamw": optax.contrib.schedule_free_adamw,
+    "adopt": optax.contrib.adopt,
+    "ademamix": ademamix.ademamix,
+    "cautious_adamw": cautious.cautious_adamw,
 }
 
 
-def make_optimizer(optimizer_config: Mapping[str, Any]) -> optax.GradientTransformation:
-    """Builds `OPTIMIZERS[config.name](**other keys)`, failing with a one-line message on a bad name or argument."""
-    kwargs = dict(optimizer_config)
-    name = kwargs.pop("name")
-    if name not in OPTIMIZERS:
+def _first_line(error: BaseException) -> str:
+    return f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0]}"
+
+
+def _where(error: BaseException, path: Path) -> str:
+    """' (line N)' for the deepest traceback frame inside the user's file."""
+    lines = [frame.lineno for frame in traceback.extract_tb(error.__traceback__) if Path(frame.filename) == path.resolve()]
+    if isinstance(error, SyntaxError) and error.lineno:
+        lines.append(error.lineno)
+    return f" (line {lines[-1]})" if lines else ""
+
+
+def _import(source: str) -> Any:
+    """The module named by the part of a spec before ':': a .py file path or a dotted module name."""
+    if source.endswith(".py"):
+        path = Path(source).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"optimizer file {source!r} does not exist")
+        spec = importlib.util.spec_from_file_location(f"user_optimizer_{path.stem}", path.resolve())
+        module = importlib.util.module_from_spec(spec)
+        try:
+            spec.loader.exec_module(module)
+        except Exception as error:
+            raise ConfigError(f"optimizer file {source}{_where(error, path)}: importing it raised {_first_line(error)}") from None
+        return module
+    try:
+        return importlib.import_module(source)
+    except Exception as error:
+        raise ConfigError(f"optimizer module {source!r}: importing it raised {_first_line(error)}") from None
+
+
+def load_factory(name: str) -> tuple[Factory, str]:
+    """(factory, how to name it in errors) for a registry key or a `file.py:function` / `module:function` spec."""
+    if name in OPTIMIZERS:
+        return OPTIMIZERS[name], f"optimizer {name!r}"
+    if ":" not in name:
         close = difflib.get_close_matches(name, OPTIMIZERS, n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise ConfigError(f"unknown optimizer {name!r}{hint}; choose one of {sorted(OPTIMIZERS)}")
-    factory = OPTIMIZERS[name]
+        raise ConfigError(
+            f"unknown optimizer {name!r}{hint}; choose one of {sorted(OPTIMIZERS)} or pass path/to/file.py:function"
+        )
+    source, _, attribute = name.rpartition(":")
+    module = _import(source)
+    factory = getattr(module, attribute, None)
+    if not callable(factory):
+        defined = sorted(key for key, value in vars(module).items() if inspect.isfunction(value) and not key.startswith("_"))
+        raise ConfigError(f"optimizer {source}: no function {attribute!r} in it; it defines {defined}")
+    return factory, source
+
+
+def _settings(config: Mapping[str, Any]) -> ml_collections.ConfigDict:
+    """The full optimizer config: research.config.optimizer_config() updated by `config` (a dict or ConfigDict)."""
+    given = config.to_dict() if isinstance(config, ml_collections.ConfigDict) else dict(config)
+    settings = optimizer_config()
+    unknown = sorted(set(given) - set(settings))
+    if unknown:
+        raise ConfigError(f"unknown optimizer config keys {unknown}; valid: {sorted(settings)}")
+    schedule = given.pop("schedule", {})
+    settings.update(given)
+    settings.schedule.update(schedule)
+    settings.kwargs = ml_collections.ConfigDict(given.get("kwargs", {}))
+    return settings
+
+
+def _build(factory: Factory, origin: str, learning_rate: float, kwargs: dict) -> None:
+    """Calls the factory once with plain values, so a bad argument or return value fails here, named."""
     try:
-        inspect.signature(factory).bind(**kwargs)
+        inspect.signature(factory).bind(learning_rate=learning_rate, **kwargs)
     except TypeError as error:
         accepted = ", ".join(inspect.signature(factory).parameters)
-        raise ConfigError(f"optimizer {name!r}: {error}; it accepts: {accepted}") from None
-    return factory(**kwargs)
+        raise ConfigError(f"{origin}: {error}; it accepts: {accepted}") from None
+    try:
+        tx = factory(learning_rate=learning_rate, **kwargs)
+    except Exception as error:
+        raise ConfigError(f"{origin}: calling it raised {_first_line(error)}") from None
+    if not isinstance(tx, optax.GradientTransformation):
+        raise ConfigError(
+            f"{origin}: it returned {type(tx).__name__}, not an optax.GradientTransformation (init and update functions)"
+        )
+
+
+def make_optimizer(config: Mapping[str, Any], num_steps: int = 0) -> optax.GradientTransformation:
+    """The optimizer the config describes (see research.config.optimizer_config); num_steps sizes decaying schedules."""
+    settings = _settings(config)
+    factory, origin = load_factory(settings.name)
+    kwargs = settings.kwargs.to_dict()
+    _build(factory, origin, settings.learning_rate, kwargs)
+    if settings.schedule.name not in SCHEDULES:
+        raise ConfigError(f"unknown schedule {settings.schedule.name!r}; choose one of {sorted(SCHEDULES)}")
+    learning_rate = SCHEDULES[settings.schedule.name](settings.schedule, settings.learning_rate, num_steps)
+    # Floats become state arrays (sweepable without recompiling); ints, bools, strings stay static.
+    bound = inspect.signature(factory).bind(learning_rate=learning_rate, **kwargs)
+    bound.apply_defaults()
+    static = [name for name, value in bound.arguments.items() if name != "learning_rate" and not isinstance(value, float)]
+    parts = []
+    if settings.clip_global_norm > 0:
+        parts.append(optax.clip_by_global_norm(settings.clip_global_norm))
+    parts.append(optax.inject_hyperparams(factory, static_args=static)(learning_rate=learning_rate, **kwargs))
+    if settings.weight_decay > 0:
+        mask = lambda params: regularizers.decay_mask(params, settings.decay_exclude)
+        parts.append(optax.masked(regularizers.decoupled_weight_decay(settings.weight_decay, learning_rate), mask))
+    if settings.ema_decay > 0:
+        parts.append(regularizers.ema_of_params(settings.ema_decay))
+    return optax.chain(*parts)
+
+
+def current_learning_rate(opt_state: optax.OptState) -> jax.Array | None:
+    """The learning rate the schedule gave the last update (from the inject_hyperparams state)."""
+    found = optax.tree_utils.tree_get_all_with_path(opt_state, "learning_rate")
+    return found[0][1] if found else None
+
+
+def _shapes(tree) -> list[tuple[tuple[int, ...], str]]:
+    return [(tuple(leaf.shape), str(leaf.dtype)) for leaf in jax.tree.leaves(tree)]
+
+
+def check_against_params(tx: optax.GradientTransformation, params: Any, origin: str) -> None:
+    """Traces init and one update on `params` (abstract is fine): updates must mirror the params and the state keep its structure."""
+    try:
+        state = jax.eval_shape(tx.init, params)
+        updates, new_state = jax.eval_shape(tx.update, params, state, params)
+    except Exception as error:
+        raise ConfigError(f"{origin}: init/update on the model's parameters raised {_first_line(error)}") from None
+    if jax.tree.structure(updates) != jax.tree.structure(params) or _shapes(updates) != _shapes(params):
+        raise ConfigError(f"{origin}: update returned updates that do not match the params (structure, shapes or dtypes)")
+    if jax.tree.structure(new_state) != jax.tree.structure(state) or _shapes(new_state) != _shapes(state):
+        raise ConfigError(f"{origin}: update returned a state whose structure, shapes or dtypes differ from init's")
+
+
+def origin_of(name: str) -> str:
+    """How errors name the optimizer `name`."""
+    return f"optimizer {name!r}" if name in OPTIMIZERS else name.rpartition(":")[0] or name

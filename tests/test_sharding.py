@@ -1,0 +1,107 @@
+"""Parameter sharding rules, and sharded training equal to one device for every kind of mesh."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from research import metrics, sharding, train
+from research.config import DEFAULT_PARAM_RULES
+from research.models import bert, cnn, gpt, mlp, resnet, rnn
+
+CATCH_ALL = len(DEFAULT_PARAM_RULES) - 1
+MODELS = {
+    "gpt": (gpt.GPT(vocab_size=65, block_size=16, num_layers=2, num_heads=4, width=32), jnp.zeros((2, 16), jnp.int32)),
+    "bert": (bert.BertForMaskedLM(bert.BertEncoder(vocab_size=40, max_length=16, num_layers=1, num_heads=2, width=32, mlp_dim=64)), jnp.zeros((2, 16), jnp.int32)),
+    "resnet": (resnet.CifarResNet(depth=8), jnp.zeros((2, 32, 32, 3))),
+    "cnn": (cnn.CNN(num_classes=10), jnp.zeros((2, 28, 28, 1))),
+    "mlp": (mlp.MLP(features=(64, 32, 10)), jnp.zeros((2, 64))),
+    "rnn": (rnn.RecurrentLM(vocab_size=65, width=32), jnp.zeros((2, 16), jnp.int32)),
+}
+MESHES = [{"data": 8, "fsdp": 1, "tensor": 1}, {"data": 1, "fsdp": 8, "tensor": 1}, {"data": 2, "fsdp": 2, "tensor": 2}, {"data": 4, "fsdp": 1, "tensor": 2}]
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_every_weight_matrix_matches_a_rule_before_the_catch_all(name):
+    model, inputs = MODELS[name]
+    params = jax.eval_shape(model.init, jax.random.PRNGKey(0), inputs)["params"]
+    unmatched = [
+        sharding.path_name(path)
+        for path, leaf in jax.tree_util.tree_leaves_with_path(params)
+        if leaf.ndim >= 2 and sharding.match_rule(sharding.path_name(path), DEFAULT_PARAM_RULES)[0] == CATCH_ALL
+    ]
+    assert unmatched == []
+
+
+def test_fsdp_and_tensor_shard_weights_and_adam_moments_follow():
+    model, inputs = MODELS["gpt"]
+    mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    tx = optax.adam(1e-3)
+    _, abstract = train.state_initializer(
+        jax.random.PRNGKey(0), {"inputs": inputs}, init_variables=lambda rng, batch: model.init(rng, batch["inputs"]),
+        tx=tx, mesh=mesh, rules=DEFAULT_PARAM_RULES,
+    )
+    block = abstract.params["block_0"]
+    assert block["attention"]["query"]["kernel"].sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor", None)
+    assert block["attention"]["out"]["kernel"].sharding.spec == jax.sharding.PartitionSpec("tensor", None, "fsdp")
+    assert block["mlp"]["fc_out"]["kernel"].sharding.spec == jax.sharding.PartitionSpec("tensor", "fsdp")
+    assert abstract.params["token_embedding"]["embedding"].sharding.spec == jax.sharding.PartitionSpec(None, "fsdp")
+    adam = abstract.opt_state[0]
+    assert adam.mu["block_0"]["mlp"]["fc_in"]["kernel"].sharding == block["mlp"]["fc_in"]["kernel"].sharding
+    assert adam.nu["block_0"]["attention"]["out"]["kernel"].sharding == block["attention"]["out"]["kernel"].sharding
+    assert adam.count.sharding.spec == jax.sharding.PartitionSpec()
+
+
+def test_a_dimension_the_axis_does_not_divide_stays_whole():
+    mesh = sharding.make_mesh({"data": 1, "fsdp": 8, "tensor": 1})
+    assert sharding.spec_for((65, 32), (None, "fsdp"), mesh) == jax.sharding.PartitionSpec(None, "fsdp")
+    assert sharding.spec_for((10, 12), ("fsdp", None), mesh) == jax.sharding.PartitionSpec(None, None)
+
+
+def gpt_loss(params, batch, rng, *, model):
+    logits = model.apply({"params": params}, batch["inputs"])
+    nll = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], batch["inputs"][:, 1:])
+    return metrics.masked_mean(nll), {}
+
+
+def resnet_loss(params, batch, rng, *, model, model_state):
+    logits, updated = model.apply({"params": params, **model_state}, batch["inputs"], train=True, mutable=["batch_stats"])
+    nll = optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"])
+    return metrics.masked_mean(nll), {"model_state": updated}
+
+
+def losses_on(mesh_axes, name, steps=5):
+    """Per-step losses of a few Adam steps on fixed random batches, on a mesh with those axes."""
+    devices = jax.devices()[: int(np.prod(list(mesh_axes.values())))]
+    mesh = sharding.make_mesh(mesh_axes, devices)
+    rng = np.random.default_rng(0)
+    if name == "gpt":
+        model, loss_fn = gpt.GPT(vocab_size=64, block_size=16, num_layers=2, num_heads=4, width=32), gpt_loss
+        # Counting sequences (start, start + 1, ...) mod 64: learnable, so the loss has to fall.
+        batches = [{"inputs": ((rng.integers(0, 64, (16, 1)) + np.arange(16)) % 64).astype(np.int32)} for _ in range(steps)]
+    else:
+        model, loss_fn = resnet.CifarResNet(depth=8), resnet_loss
+        batches = [{"inputs": rng.normal(size=(16, 32, 32, 3)).astype(np.float32), "labels": rng.integers(0, 10, 16).astype(np.int32)} for _ in range(steps)]
+    tx = optax.adam(3e-3)
+    init_variables = lambda rng, batch: model.init(rng, batch["inputs"])
+    first = sharding.put_batch(batches[0], mesh)
+    state, shardings = train.init_state(jax.random.PRNGKey(0), first, init_variables=init_variables, tx=tx, mesh=mesh, rules=DEFAULT_PARAM_RULES)
+    functions = {"loss_fn": functools.partial(loss_fn, model=model), "eval_fn": None}
+    step_fn, _ = train.compile_steps(functions, tx, shardings, mesh)
+    losses = []
+    for batch in batches:
+        state, step_metrics = step_fn(state, sharding.put_batch(batch, mesh))
+        losses.append(float(step_metrics["loss"]))
+    return np.array(losses)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["gpt", "resnet"])
+def test_every_mesh_gives_the_one_device_losses(name):
+    reference = losses_on({"data": 1, "fsdp": 1, "tensor": 1}, name)
+    assert reference[-1] < reference[0]
+    for mesh_axes in MESHES:
+        np.testing.assert_allclose(losses_on(mesh_axes, name), reference, atol=1e-5, err_msg=str(mesh_axes))
