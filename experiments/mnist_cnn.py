@@ -48,13 +48,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         "max_shift": 0,  # >0: training images move by up to this many pixels each way, at random
     })
     config.model = ml_collections.ConfigDict({"conv_features": (64, 128), "dense_features": 1000, "pooling": "avg"})
-    config.optimizer.momentum = 0.9  # read by the "momentum" optimizer's factory
     config.update_from_flattened_dict({
         "num_steps": 3800,  # 10 epochs of 54,000 images at batch 128
         "batch_size": 128,
         "eval_every": 380,
         "log_every": 50,
         "optimizer.name": "momentum",
+        "optimizer.kwargs.momentum": 0.9,
         "optimizer.learning_rate": 0.1,
     })
     config.update_from_flattened_dict(choose(arg, {
