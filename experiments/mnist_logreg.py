@@ -14,6 +14,7 @@ the official 10,000 test images. MEASURED (2-core CPU shared with other jobs, 20
 
   config   steps            validation (500)   test (10,000)                 wall time
   :cpu     1,575 (45 ep.)   0.916              accuracy 0.9074, loss 0.3229  8 s
+  (on main's optimizer config, after the merge: test accuracy 0.9079, loss 0.3232)
 
 `:smoke` (30 steps, tests): test accuracy ~0.80 on 256 test images.
 """
