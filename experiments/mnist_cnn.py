@@ -17,8 +17,8 @@ images; the issue's bar is >= 97.5%. MEASURED (2-core CPU shared with other jobs
   :cpu, data.max_shift=0 0      0.980              accuracy 0.9773, loss 0.0858  7.0 min
   :cpu, data.max_shift=0 1      0.974              accuracy 0.9703, loss 0.1202  6.2 min
 
-All runs are 525 steps; all but the first ran before this branch merged main (whose pipeline
-orders the data differently). Without the shifts the training loss reaches 0.001 and the test
+All runs are 525 steps; all but the first ran before this branch merged main (the trainer
+and data pipeline underneath changed, hence different numbers). Without the shifts the training loss reaches 0.001 and the test
 accuracy depends on the seed. Each run used about 3 minutes of CPU time (user); the wall times
 are those of a machine shared with the other engineers' runs.
 `:smoke` is a reduced model for 30 steps (tests): test accuracy ~0.57 on 256 test images.
