@@ -1,4 +1,8 @@
-"""Multi-layer perceptron: Dense layers with ReLU between them, the last one linear."""
+"""Multi-layer perceptron: Dense layers with ReLU between them, the last one linear.
+
+Optional dropout (Srivastava et al. 2014) on the inputs and on every hidden layer's output,
+active only with `train=True` and a "dropout" rng; the defaults (0.0) leave the model as before.
+"""
 
 from typing import Sequence
 
@@ -10,10 +14,13 @@ class MLP(nn.Module):
     """`features` lists every layer's width; the last entry is the output size (e.g. classes)."""
 
     features: Sequence[int]
+    dropout_rate: float = 0.0  # on each hidden layer's output
+    input_dropout_rate: float = 0.0
 
     @nn.compact
-    def __call__(self, inputs_BxD: jax.Array) -> jax.Array:
-        hidden = inputs_BxD
+    def __call__(self, inputs_BxD: jax.Array, *, train: bool = False) -> jax.Array:
+        hidden = nn.Dropout(self.input_dropout_rate, deterministic=not train)(inputs_BxD)
         for width in self.features[:-1]:
             hidden = nn.relu(nn.Dense(width)(hidden))
+            hidden = nn.Dropout(self.dropout_rate, deterministic=not train)(hidden)
         return nn.Dense(self.features[-1])(hidden)
