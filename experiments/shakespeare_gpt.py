@@ -105,6 +105,16 @@ def make_data(config: ml_collections.ConfigDict, split: str):
     return pipeline.eval_batches(windows, batch_size=config.eval_batch_size)
 
 
+def encode_text(config: ml_collections.ConfigDict, prompt: str) -> np.ndarray:
+    """A prompt as token ids, for predict.py's --generate."""
+    return corpus(config.data.name, config.data_dir)[0].encode(prompt)
+
+
+def decode_tokens(config: ml_collections.ConfigDict, ids) -> str:
+    """Token ids as text, for predict.py's --generate."""
+    return corpus(config.data.name, config.data_dir)[0].decode(ids)
+
+
 def make_model(config: ml_collections.ConfigDict) -> nn.Module:
     """The configured model."""
     return GPT(vocab_size=vocab_size(config), block_size=config.data.block_size, dtype=jnp.dtype(config.model.dtype),

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from experiments import shakespeare_gpt
-from experiments.shakespeare_gpt import eval_fn, loss_fn, make_data  # noqa: F401  (the GPT's data, loss and metrics)
+from experiments.shakespeare_gpt import decode_tokens, encode_text, eval_fn, loss_fn, make_data  # noqa: F401  (the GPT's data, loss, metrics and tokens)
 from research.config import choose
 from research.models.rnn import RecurrentLM
 
