@@ -17,10 +17,9 @@ sys.path.insert(0, str(ROOT))
 
 import jax  # noqa: E402
 
-from experiments import digits_mlp  # noqa: E402
+from experiments import digits_mlp, shakespeare_gpt  # noqa: E402
 from research import sharding, train  # noqa: E402
 from research.data import files, pipeline, text  # noqa: E402
-from research.optim import make_optimizer  # noqa: E402
 
 WARMUP, BATCHES, STEPS = 20, 1000, 1000
 CHAR_BATCH, CHAR_LENGTH = 64, 256
@@ -37,11 +36,11 @@ def batches_per_second(batches, count: int = BATCHES) -> float:
     return count / (time.perf_counter() - start)
 
 
-def digits_steps_per_second(config, batches) -> dict[str, float]:
-    """digits_mlp train steps per second: the jitted step alone, and with `put_batch` as the loop does."""
+def steps_per_second(experiment, config, batches) -> dict[str, float]:
+    """An experiment's train steps per second: the jitted step alone, and with `put_batch` as the loop does."""
     mesh = sharding.make_mesh(config.mesh)
-    functions = train.bind(digits_mlp, digits_mlp.make_model(config))
-    tx = make_optimizer(config.optimizer)
+    functions = train.bind(experiment, experiment.make_model(config))
+    tx = train.make_tx(config)
     host_batch = next(iter(batches))
     batch = sharding.put_batch(host_batch, mesh)
     state, state_shardings = train.init_state(jax.random.PRNGKey(0), batch, init_variables=functions["init_variables"], tx=tx, mesh=mesh)
@@ -98,7 +97,11 @@ def main() -> None:
     config = digits_mlp.get_config()
     config.data_dir = data_dir
     digits = digits_mlp.make_data(config, "train")
-    steps = digits_steps_per_second(config, digits)
+    steps = steps_per_second(digits_mlp, config, digits)
+    gpt_config = shakespeare_gpt.get_config("cpu")
+    gpt_config.data_dir = data_dir
+    gpt_data = shakespeare_gpt.make_data(gpt_config, "train")
+    gpt_steps = steps_per_second(shakespeare_gpt, gpt_config, gpt_data)
     rows = [
         (f"digits pipeline, in memory (digits_mlp; batch {config.batch_size})", batches_per_second(digits, 10 * BATCHES), "batches/s"),
         (f"digits pipeline, per-example tfds records (batch {config.batch_size})", batches_per_second(digits_per_example_batches(config), 200), "batches/s"),
@@ -106,13 +109,17 @@ def main() -> None:
         (f"char-LM pipeline, per-example windows ({CHAR_BATCH}x{CHAR_LENGTH})", batches_per_second(char_lm_batches(data_dir, in_memory=False)), "batches/s"),
     ]
     rows += [(f"digits_mlp {name} ({jax.device_count()} device(s))", rate, "steps/s") for name, rate in steps.items()]
+    gpt_pipeline = batches_per_second(gpt_data, 10 * BATCHES)
+    rows.append((f"shakespeare_gpt :cpu pipeline (batch {gpt_config.batch_size}x{gpt_config.data.block_size})", gpt_pipeline, "batches/s"))
+    rows += [(f"shakespeare_gpt :cpu {name}", rate, "steps/s") for name, rate in gpt_steps.items()]
     rows += [(name, seconds, "s") for name, seconds in missing_error_seconds(data_dir).items()]
     print(f"{'measure':66s} {'value':>10s}")
     for name, value, unit in rows:
         print(f"{name:66s} {value:10.3f} {unit}" if unit == "s" else f"{name:66s} {value:10.0f} {unit}")
     for name, rate in steps.items():
         print(f"in-memory digits pipeline / digits_mlp {name}: {rows[0][1] / rate:.1f}x (bar: 5x)")
-    print("char-GPT: no char-level model in research/models yet, so the char-LM pipeline is measured alone")
+    for name, rate in gpt_steps.items():
+        print(f"shakespeare_gpt pipeline / its {name}: {gpt_pipeline / rate:.0f}x (bar: 5x)")
 
 
 if __name__ == "__main__":
