@@ -28,10 +28,8 @@ speeches only, so that 60 steps can fit them.
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 
 from experiments import bert_pretrain
 from research import metrics
@@ -93,20 +91,13 @@ def make_model(config: ml_collections.ConfigDict) -> nn.Module:
 def loss_fn(params, batch, rng, *, model):
     """Mean cross-entropy over the real examples; their accuracy."""
     logits_BxK = bert_pretrain.apply(params, batch, rng, model=model)
-    nll_B = optax.softmax_cross_entropy_with_integer_labels(logits_BxK, batch["labels"])
-    accuracy_B = (jnp.argmax(logits_BxK, -1) == batch["labels"]).astype(jnp.float32)
-    return metrics.masked_mean(nll_B, batch["mask"]), {"accuracy": metrics.masked_mean(accuracy_B, batch["mask"])}
+    return metrics.classification_loss(logits_BxK, batch["labels"], batch["mask"])
 
 
 def eval_fn(params, batch, *, model) -> dict[str, metrics.Metric]:
     """Loss, accuracy and macro precision / recall / F1 over the real examples."""
     logits_BxK = bert_pretrain.apply(params, batch, None, model=model)
-    labels_B, mask_B = batch["labels"], batch["mask"]
-    return {
-        "loss": metrics.CrossEntropy.from_logits(logits_BxK, labels_B, mask_B),
-        "accuracy": metrics.Accuracy.from_logits(logits_BxK, labels_B, mask_B),
-        "confusion": metrics.ConfusionMatrix.from_logits(logits_BxK, labels_B, mask_B),
-    }
+    return metrics.classification_metrics(logits_BxK, batch["labels"], batch["mask"], confusion=True)
 
 
 def init_variables(model: nn.Module, rng: jax.Array, batch) -> dict:

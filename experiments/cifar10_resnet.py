@@ -24,10 +24,8 @@ runs the whole pipeline on a generated binary archive in the official layout.
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 
 from research import metrics
 from research.config import choose, trainer_config
@@ -117,16 +115,10 @@ def loss_fn(params, batch, rng, *, model, model_state) -> tuple[jax.Array, dict]
         logits_BxK, new_model_state = model.apply(variables, batch["inputs"], train=False), model_state
     else:
         logits_BxK, new_model_state = model.apply(variables, batch["inputs"], train=True, mutable=["batch_stats"])
-    nll_B = optax.softmax_cross_entropy_with_integer_labels(logits_BxK, batch["labels"])
-    cross_entropy = metrics.masked_mean(nll_B, batch["mask"])  # optimizer.l2_penalty adds the weight decay
-    accuracy = metrics.masked_mean((jnp.argmax(logits_BxK, -1) == batch["labels"]).astype(jnp.float32), batch["mask"])
-    return cross_entropy, {"accuracy": accuracy, "model_state": new_model_state}
+    cross_entropy, aux = metrics.classification_loss(logits_BxK, batch["labels"], batch["mask"])  # optimizer.l2_penalty adds the weight decay
+    return cross_entropy, aux | {"model_state": new_model_state}
 
 
 def eval_fn(params, batch, *, model, model_state) -> dict[str, metrics.Metric]:
     logits_BxK = model.apply({"params": params, **model_state}, batch["inputs"], train=False)
-    labels_B, mask_B = batch["labels"], batch["mask"]
-    return {
-        "loss": metrics.CrossEntropy.from_logits(logits_BxK, labels_B, mask_B),
-        "accuracy": metrics.Accuracy.from_logits(logits_BxK, labels_B, mask_B),
-    }
+    return metrics.classification_metrics(logits_BxK, batch["labels"], batch["mask"])

@@ -28,10 +28,8 @@ import functools
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 
 from research import metrics
 from research.config import choose, trainer_config
@@ -115,15 +113,9 @@ def make_model(config: ml_collections.ConfigDict) -> nn.Module:
 def loss_fn(params, batch, rng, *, model) -> tuple[jax.Array, dict]:
     del rng  # no dropout
     logits_BxK = model.apply({"params": params}, batch["inputs"])
-    nll_B = optax.softmax_cross_entropy_with_integer_labels(logits_BxK, batch["labels"])
-    accuracy_B = (jnp.argmax(logits_BxK, -1) == batch["labels"]).astype(jnp.float32)
-    return metrics.masked_mean(nll_B, batch["mask"]), {"accuracy": metrics.masked_mean(accuracy_B, batch["mask"])}
+    return metrics.classification_loss(logits_BxK, batch["labels"], batch["mask"])
 
 
 def eval_fn(params, batch, *, model) -> dict[str, metrics.Metric]:
     logits_BxK = model.apply({"params": params}, batch["inputs"])
-    labels_B, mask_B = batch["labels"], batch["mask"]
-    return {
-        "loss": metrics.CrossEntropy.from_logits(logits_BxK, labels_B, mask_B),
-        "accuracy": metrics.Accuracy.from_logits(logits_BxK, labels_B, mask_B),
-    }
+    return metrics.classification_metrics(logits_BxK, batch["labels"], batch["mask"])

@@ -20,9 +20,7 @@ mnist_cnn's `:cpu` on the same data (data.max_shift=0): 0.9773, as expected ahea
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import ml_collections
-import optax
 
 from experiments.mnist_cnn import eval_fn, make_data  # noqa: F401  (the contract: same data and metrics)
 from research import metrics
@@ -75,6 +73,4 @@ def loss_fn(params, batch, rng, *, model) -> tuple[jax.Array, dict]:
     # rng is the step-folded key in training and None in evaluation, where dropout is off.
     train = rng is not None
     logits_BxK = model.apply({"params": params}, batch["inputs"], deterministic=not train, rngs={"dropout": rng} if train else None)
-    nll_B = optax.softmax_cross_entropy_with_integer_labels(logits_BxK, batch["labels"])
-    accuracy_B = (jnp.argmax(logits_BxK, -1) == batch["labels"]).astype(jnp.float32)
-    return metrics.masked_mean(nll_B, batch["mask"]), {"accuracy": metrics.masked_mean(accuracy_B, batch["mask"])}
+    return metrics.classification_loss(logits_BxK, batch["labels"], batch["mask"])

@@ -146,3 +146,18 @@ def compute(accumulated: Mapping[str, Metric]) -> dict[str, float]:
         else:
             results[name] = float(np.asarray(value))
     return results
+
+
+def classification_loss(logits_BxC: jax.Array, labels_B: jax.Array, mask_B: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """A classifier's loss_fn result: mean cross-entropy over real examples, and their accuracy."""
+    nll_B = optax.softmax_cross_entropy_with_integer_labels(logits_BxC, labels_B)
+    accuracy_B = (jnp.argmax(logits_BxC, -1) == labels_B).astype(jnp.float32)
+    return masked_mean(nll_B, mask_B), {"accuracy": masked_mean(accuracy_B, mask_B)}
+
+
+def classification_metrics(logits_BxC: jax.Array, labels_B: jax.Array, mask_B: jax.Array, *, confusion: bool = False) -> dict[str, Metric]:
+    """A classifier's eval_fn result: cross-entropy and accuracy, and macro precision/recall/F1 with `confusion`."""
+    results = {"loss": CrossEntropy.from_logits(logits_BxC, labels_B, mask_B), "accuracy": Accuracy.from_logits(logits_BxC, labels_B, mask_B)}
+    if confusion:
+        results["confusion"] = ConfusionMatrix.from_logits(logits_BxC, labels_B, mask_B)
+    return results
