@@ -1,8 +1,9 @@
 """Handwritten digits (UCI optdigits, 8x8) with an MLP 64-32-10, Adam and cross-entropy.
 
   python launch.py --config experiments/digits_mlp.py --workdir runs/digits_mlp
-Expected: test/accuracy ~0.97 on the 1,797 official test images (writers unseen in training),
-with macro precision, recall and F1 alike; under a minute on a 2-core CPU.
+Expected: test/accuracy ~0.96 on the 1,797 official test images (writers unseen in training;
+measured 0.957 / 0.963 / 0.958 for seeds 0 / 1 / 2), with macro precision, recall and F1 alike;
+under a minute on a 2-core CPU.
 `:smoke` trains for 200 steps and reaches ~0.93. Another optimizer, its arguments and a schedule:
   python launch.py --config experiments/digits_mlp.py --workdir runs/digits_adamw \
     --config.optimizer.name=adamw --config.optimizer.kwargs.weight_decay=1e-4 \
