@@ -31,6 +31,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from experiments import mnist_mlp
 from research import metrics
 from research.config import choose, trainer_config
 from research.data import pipeline
@@ -94,15 +95,11 @@ def random_shift(record, rng: np.random.Generator, max_shift: int) -> dict[str, 
 
 
 def make_data(config: ml_collections.ConfigDict, split: str):
-    source = pipeline.tfds_source(config.data.name, config.data.splits[split], data_dir=config.data_dir)
     if split == "train" and config.data.max_shift:  # per-example random shifts: a few ms a batch, well under a step
+        source = pipeline.tfds_source(config.data.name, config.data.splits[split], data_dir=config.data_dir)
         shift = functools.partial(random_shift, max_shift=config.data.max_shift)
         return pipeline.train_batches(source, batch_size=config.batch_size, seed=config.seed, random_transform=shift)
-    if split == "train":  # at most 47 MB of uint8 pixels: held in memory, one gather per batch
-        columns = pipeline.load_columns(source)
-        columns = {"image": columns["image"], "label": columns["label"]}
-        return pipeline.array_batches(columns, batch_size=config.batch_size, seed=config.seed, transform=preprocess)
-    return pipeline.eval_batches(source, batch_size=config.eval_batch_size, transform=preprocess)
+    return mnist_mlp.make_data(config, split, preprocess=preprocess)
 
 
 def make_model(config: ml_collections.ConfigDict) -> nn.Module:
