@@ -38,6 +38,7 @@ import optax
 from research import metrics
 from research.config import choose, trainer_config
 from research.data import pipeline, text
+from research.models import compute_dtype
 from research.models.bert import BertEncoder, BertForMaskedLM
 
 MASK_RATE = 0.15
@@ -50,6 +51,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.tokenizer = ml_collections.ConfigDict({"vocab_size": 2000})  # sentencepiece BPE pieces
     config.model = ml_collections.ConfigDict({
         "max_length": 128, "num_layers": 4, "num_heads": 4, "width": 256, "dropout_rate": 0.1, "dtype": "float32",
+        "remat": "none",  # transformer.REMAT_POLICIES
     })
     config.optimizer.kwargs.b2 = 0.99
     config.update_from_flattened_dict({"optimizer.name": "adam", "optimizer.learning_rate": 1e-3, "optimizer.weight_decay": 0.01})
@@ -137,7 +139,8 @@ def make_encoder(config: ml_collections.ConfigDict) -> BertEncoder:
     model = config.model
     return BertEncoder(vocab_size=special_ids(config)["vocab_size"], max_length=model.max_length,
                        num_layers=model.num_layers, num_heads=model.num_heads, width=model.width, num_segments=0,
-                       dropout_rate=model.dropout_rate, pre_layer_norm=True, dtype=jnp.dtype(model.dtype))
+                       dropout_rate=model.dropout_rate, pre_layer_norm=True, dtype=compute_dtype(model.dtype),
+                       remat=model.remat)
 
 
 def make_model(config: ml_collections.ConfigDict) -> nn.Module:

@@ -30,6 +30,7 @@ import numpy as np
 from research import metrics
 from research.config import choose, trainer_config
 from research.data import augment, pipeline
+from research.models import compute_dtype
 from research.models.resnet import CifarResNet
 
 SYNTHETIC = "synthetic"  # data.name of the smoke config: generated in memory, no files needed
@@ -42,7 +43,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         "splits": {"train": "train[:90%]", "validation": "train[90%:]", "test": "test"},  # He et al.'s 45k/5k
         "synthetic_size": 0,  # examples per split when name is "synthetic"
     })
-    config.model = ml_collections.ConfigDict({"depth": 20, "width": 16})
+    config.model = ml_collections.ConfigDict({"depth": 20, "width": 16, "dtype": "float32"})  # compute dtype; bfloat16: mixed precision
     config.update_from_flattened_dict({
         "num_steps": 64000,
         "batch_size": 128,
@@ -100,7 +101,7 @@ def make_data(config: ml_collections.ConfigDict, split: str):
 
 
 def make_model(config: ml_collections.ConfigDict) -> nn.Module:
-    return CifarResNet(depth=config.model.depth, width=config.model.width)
+    return CifarResNet(depth=config.model.depth, width=config.model.width, dtype=compute_dtype(config.model.dtype))
 
 
 def init_variables(model: nn.Module, rng: jax.Array, batch) -> dict:

@@ -35,6 +35,7 @@ from experiments import mnist_mlp
 from research import metrics
 from research.config import choose, trainer_config
 from research.data import pipeline
+from research.models import compute_dtype
 from research.models.cnn import CNN
 
 MAX_PIXEL = 255.0
@@ -48,7 +49,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         "splits": {"train": "train[:90%]", "validation": "train[90%:]", "test": "test"},
         "max_shift": 0,  # >0: training images move by up to this many pixels each way, at random
     })
-    config.model = ml_collections.ConfigDict({"conv_features": (64, 128), "dense_features": 1000, "pooling": "avg"})
+    config.model = ml_collections.ConfigDict({"conv_features": (64, 128), "dense_features": 1000, "pooling": "avg",
+                                           "dtype": "float32"})  # compute dtype; bfloat16: mixed precision
     config.update_from_flattened_dict({
         "num_steps": 3800,  # 10 epochs of 54,000 images at batch 128
         "batch_size": 128,
@@ -104,7 +106,8 @@ def make_data(config: ml_collections.ConfigDict, split: str):
 
 def make_model(config: ml_collections.ConfigDict) -> nn.Module:
     model = config.model
-    return CNN(conv_features=tuple(model.conv_features), dense_features=model.dense_features, pooling=model.pooling)
+    return CNN(conv_features=tuple(model.conv_features), dense_features=model.dense_features, pooling=model.pooling,
+               dtype=compute_dtype(model.dtype))
 
 
 def loss_fn(params, batch, rng, *, model) -> tuple[jax.Array, dict]:

@@ -36,6 +36,7 @@ import optax
 from research import metrics
 from research.config import choose, trainer_config
 from research.data import pipeline, text
+from research.models import compute_dtype
 from research.models.gpt import GPT
 
 
@@ -48,7 +49,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         "max_eval_windows": 0,  # 0: the whole validation / test text; >0: only its first N windows
     })
     config.model = ml_collections.ConfigDict({
-        "num_layers": 6, "num_heads": 6, "width": 384, "dropout_rate": 0.2, "use_bias": False, "dtype": "float32",
+        "num_layers": 6, "num_heads": 6, "width": 384, "dropout_rate": 0.2, "use_bias": False,
+        "dtype": "float32", "remat": "none",  # compute dtype (bfloat16: mixed precision); transformer.REMAT_POLICIES
     })
     config.optimizer.kwargs.b2 = 0.99
     config.update_from_flattened_dict({  # nanoGPT's optimizer: AdamW, warm-up then cosine to lr/10, clipping
@@ -117,9 +119,9 @@ def decode_tokens(config: ml_collections.ConfigDict, ids) -> str:
 
 def make_model(config: ml_collections.ConfigDict) -> nn.Module:
     """The configured model."""
-    return GPT(vocab_size=vocab_size(config), block_size=config.data.block_size, dtype=jnp.dtype(config.model.dtype),
+    return GPT(vocab_size=vocab_size(config), block_size=config.data.block_size, dtype=compute_dtype(config.model.dtype),
                num_layers=config.model.num_layers, num_heads=config.model.num_heads, width=config.model.width,
-               dropout_rate=config.model.dropout_rate, use_bias=config.model.use_bias)
+               dropout_rate=config.model.dropout_rate, use_bias=config.model.use_bias, remat=config.model.remat)
 
 
 def parameter_count(config: ml_collections.ConfigDict) -> int:

@@ -30,6 +30,7 @@ import ml_collections
 from experiments import shakespeare_gpt
 from experiments.shakespeare_gpt import decode_tokens, encode_text, eval_fn, loss_fn, make_data  # noqa: F401  (the GPT's data, loss, metrics and tokens)
 from research.config import choose
+from research.models import compute_dtype
 from research.models.rnn import RecurrentLM
 
 
@@ -58,7 +59,7 @@ def make_model(config: ml_collections.ConfigDict) -> nn.Module:
     return RecurrentLM(
         vocab_size=shakespeare_gpt.vocab_size(config), width=config.model.width, num_layers=config.model.num_layers,
         cell=config.model.cell, embedding_dim=config.model.embedding_dim or None,
-        dropout_rate=config.model.dropout_rate, dtype=jnp.dtype(config.model.dtype),
+        dropout_rate=config.model.dropout_rate, dtype=compute_dtype(config.model.dtype),
     )
 
 

@@ -25,6 +25,7 @@ import ml_collections
 from experiments.mnist_cnn import eval_fn, make_data  # noqa: F401  (the contract: same data and metrics)
 from research import metrics
 from research.config import choose, trainer_config
+from research.models import compute_dtype
 from research.models.vit import ViT
 
 
@@ -37,6 +38,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     })
     config.model = ml_collections.ConfigDict({
         "patch_size": 7, "num_layers": 4, "num_heads": 4, "width": 64, "mlp_dim": 128, "dropout_rate": 0.1,
+        "dtype": "float32", "remat": "none",  # compute dtype (bfloat16: mixed precision); transformer.REMAT_POLICIES
     })
     config.update_from_flattened_dict({
         "num_steps": 8440,  # 20 epochs of 54,000 images at batch 128
@@ -66,7 +68,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
 
 def make_model(config: ml_collections.ConfigDict) -> nn.Module:
-    return ViT(num_classes=10, **config.model)
+    return ViT(num_classes=10, **(config.model.to_dict() | {"dtype": compute_dtype(config.model.dtype)}))
 
 
 def loss_fn(params, batch, rng, *, model) -> tuple[jax.Array, dict]:

@@ -3,9 +3,22 @@
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+
+from research.config import ConfigError
+
+# Compute dtypes a config may name; parameters, the loss and the optimizer stay float32 (mixed precision).
+COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 
 
 def param_count(params: Any) -> int:
     """Number of scalars in a parameter tree (works on arrays and on jax.eval_shape's ShapeDtypeStructs)."""
     return int(sum(np.prod(leaf.shape, dtype=np.int64) for leaf in jax.tree.leaves(params)))
+
+
+def compute_dtype(name: str) -> jnp.dtype:
+    """The dtype a config's `model.dtype` names; an unknown name is a one-line error."""
+    if name not in COMPUTE_DTYPES:
+        raise ConfigError(f"model.dtype {name!r} is not a compute dtype: use one of {', '.join(COMPUTE_DTYPES)}")
+    return jnp.dtype(name)

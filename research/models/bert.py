@@ -28,7 +28,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from research.models.transformer import TransformerBlock
+from research.models.transformer import remat_block
 
 INIT = nn.initializers.normal(0.02)
 LAYER_NORM_EPSILON = 1e-12
@@ -48,6 +48,7 @@ class BertEncoder(nn.Module):
     pre_layer_norm: bool = False
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    remat: str = "none"  # a transformer.REMAT_POLICIES name: what each block's backward pass recomputes
 
     def setup(self) -> None:
         """Submodules; their attribute names are the parameter tree's keys."""
@@ -61,8 +62,9 @@ class BertEncoder(nn.Module):
             self.final_norm = norm
         else:
             self.embedding_norm = norm
+        block = remat_block(self.remat)
         self.blocks = [
-            TransformerBlock(
+            block(
                 num_heads=self.num_heads,
                 mlp_dim=self.mlp_dim or 4 * self.width,
                 dropout_rate=self.dropout_rate,
@@ -96,7 +98,7 @@ class BertEncoder(nn.Module):
         x_BxLxD = self.dropout(x_BxLxD, deterministic=deterministic)
         mask_Bx1xLxL = None if mask_BxL is None else nn.make_attention_mask(mask_BxL > 0, mask_BxL > 0)
         for block in self.blocks:
-            x_BxLxD = block(x_BxLxD, mask_Bx1xLxL, deterministic=deterministic)
+            x_BxLxD = block(x_BxLxD, mask_Bx1xLxL, deterministic)
         return self.final_norm(x_BxLxD) if self.pre_layer_norm else x_BxLxD
 
     def attend(self, x_BxLxD: jax.Array) -> jax.Array:

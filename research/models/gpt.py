@@ -11,6 +11,7 @@ position, tokens_Bx1, and every attention layer keeps its keys and values in the
 collection (flax's autoregressive cache), so a new token costs one position, not the whole prefix.
 The parameter tree is the same in both modes. See research/generate.py.
 Compute runs in `dtype` (bfloat16 on accelerators); parameters stay in `param_dtype`; logits are float32.
+`remat` names a rematerialisation policy for every block (research/models/transformer.py).
 
 Legend: B batch, L sequence length (<= block_size), D width, V vocabulary.
 """
@@ -22,7 +23,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from research.models.transformer import TransformerBlock
+from research.models.transformer import remat_block
 
 INIT_STD = 0.02
 
@@ -41,6 +42,7 @@ class GPT(nn.Module):
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     decode: bool = False
+    remat: str = "none"  # a transformer.REMAT_POLICIES name: what each block's backward pass recomputes
 
     @nn.compact
     def __call__(self, tokens_BxL: jax.Array, *, deterministic: bool = True) -> jax.Array:
@@ -55,8 +57,9 @@ class GPT(nn.Module):
         positions_L, causal_Bx1xLxL = self._positions_and_mask(tokens_BxL)
         x_BxLxD = token_embedding(tokens_BxL) + position_embedding(positions_L)
         x_BxLxD = nn.Dropout(self.dropout_rate, deterministic=deterministic)(x_BxLxD)
+        block = remat_block("none" if self.decode else self.remat)  # generation takes no gradients
         for layer in range(self.num_layers):
-            x_BxLxD = TransformerBlock(
+            x_BxLxD = block(
                 num_heads=self.num_heads,
                 mlp_dim=4 * self.width,
                 dropout_rate=self.dropout_rate,
@@ -67,7 +70,7 @@ class GPT(nn.Module):
                 decode=self.decode,
                 name=f"block_{layer}",
                 **types,
-            )(x_BxLxD, causal_Bx1xLxL, deterministic=deterministic)
+            )(x_BxLxD, causal_Bx1xLxL, deterministic)
         x_BxLxD = nn.LayerNorm(epsilon=1e-5, use_bias=self.use_bias, name="final_norm", **types)(x_BxLxD)
         if self.tie_embeddings:
             logits_BxLxV = token_embedding.attend(x_BxLxD)

@@ -3,6 +3,8 @@
 Self-attention then a two-layer GELU MLP, each a residual branch with dropout on its output.
 `pre_layer_norm=True` normalises the input of each branch (GPT-2, ViT; Xiong et al. 2020);
 `False` normalises after each residual sum (the original Transformer and BERT).
+`remat_block(name)` is the block rematerialised under a `jax.checkpoint` policy: the backward
+pass recomputes what the policy does not save, trading compute for activation memory.
 
 Legend: B batch, L sequence length, D model width, H heads.
 """
@@ -13,8 +15,18 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from research.config import ConfigError
+
 Initializer = Any
 Dtype = Any
+
+# What the backward pass may keep from the forward pass of a block; the rest is recomputed.
+REMAT_POLICIES = {
+    "none": None,  # no rematerialisation: every activation is kept
+    "full": jax.checkpoint_policies.nothing_saveable,  # keep only the block's input: least memory, ~1/3 more compute
+    "dots": jax.checkpoint_policies.checkpoint_dots,  # keep matmul outputs, recompute the cheap elementwise ops
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep projections, not attention scores
+}
 
 
 class MLPBlock(nn.Module):
@@ -52,7 +64,7 @@ class TransformerBlock(nn.Module):
     decode: bool = False  # one position per call, keys and values kept in the "cache" collection (GPT generation)
 
     @nn.compact
-    def __call__(self, x_BxLxD: jax.Array, mask_Bx1xLxL: jax.Array | None, *, deterministic: bool) -> jax.Array:
+    def __call__(self, x_BxLxD: jax.Array, mask_Bx1xLxL: jax.Array | None, deterministic: bool) -> jax.Array:
         types = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         norm = dict(epsilon=self.layer_norm_epsilon, use_bias=self.use_bias, **types)
         attention = nn.MultiHeadDotProductAttention(
@@ -79,3 +91,13 @@ class TransformerBlock(nn.Module):
             return x_BxLxD + dropout(mlp(mlp_norm(x_BxLxD)))
         x_BxLxD = attention_norm(x_BxLxD + dropout(attend(x_BxLxD)))
         return mlp_norm(x_BxLxD + dropout(mlp(x_BxLxD)))
+
+
+def remat_block(policy: str) -> type[TransformerBlock]:
+    """TransformerBlock, rematerialised under REMAT_POLICIES[policy] unless it is "none"; same parameters."""
+    if policy not in REMAT_POLICIES:
+        raise ConfigError(f"model.remat {policy!r} is not a rematerialisation policy: use one of {', '.join(REMAT_POLICIES)}")
+    if policy == "none":
+        return TransformerBlock
+    # Argument 3 (self, x, mask, deterministic) is a Python bool that selects dropout: static, not traced.
+    return nn.remat(TransformerBlock, policy=REMAT_POLICIES[policy], static_argnums=(3,))

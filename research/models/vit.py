@@ -16,7 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from research.models.transformer import TransformerBlock
+from research.models.transformer import remat_block
 
 INIT = nn.initializers.normal(0.02)
 
@@ -33,6 +33,7 @@ class ViT(nn.Module):
     dropout_rate: float = 0.0
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    remat: str = "none"  # a transformer.REMAT_POLICIES name: what each block's backward pass recomputes
 
     @nn.compact
     def __call__(self, images_BxHxWxC: jax.Array, *, deterministic: bool = True) -> jax.Array:
@@ -49,8 +50,9 @@ class ViT(nn.Module):
         positions_1xNxD = self.param("position_embedding", INIT, (1, x_BxNxD.shape[1], self.width), self.param_dtype)
         x_BxNxD = x_BxNxD + positions_1xNxD.astype(x_BxNxD.dtype)
         x_BxNxD = nn.Dropout(self.dropout_rate, deterministic=deterministic)(x_BxNxD)
+        block = remat_block(self.remat)
         for layer in range(self.num_layers):
-            x_BxNxD = TransformerBlock(
+            x_BxNxD = block(
                 num_heads=self.num_heads,
                 mlp_dim=self.mlp_dim or 4 * self.width,
                 dropout_rate=self.dropout_rate,
@@ -60,7 +62,7 @@ class ViT(nn.Module):
                 output_kernel_init=nn.initializers.xavier_uniform(),
                 name=f"block_{layer}",
                 **types,
-            )(x_BxNxD, None, deterministic=deterministic)
+            )(x_BxNxD, None, deterministic)
         x_BxD = nn.LayerNorm(epsilon=1e-6, name="final_norm", **types)(x_BxNxD[:, 0])
         head = nn.Dense(self.num_classes, kernel_init=nn.initializers.zeros, name="head", **types)
         return head(x_BxD).astype(jnp.float32)
