@@ -5,8 +5,8 @@
   python predict.py --workdir runs/digits --evaluate test [--quantize]
   python predict.py --workdir runs/digits --export exported/digits [--quantize]
 
-Reads WORKDIR/config.json and the newest checkpoint (--checkpoint best or STEP for another). This is a second entry point
-beside launch.py rather than a --predict mode of it because prediction has its own dozen flags
+Reads WORKDIR/config.json and a checkpoint (--checkpoint latest, best or a step number). This
+is a second entry point beside launch.py rather than a --predict mode of it because prediction has its own dozen flags
 (sampling, inputs, export) that training never reads; like launch.py it defines flags and calls
 the library (research/predict.py, generate.py, export.py, quantize.py), nothing else.
 """

@@ -4,15 +4,16 @@ carrying its LSTM/GRU state token by token.
 One jitted loop fills a token buffer: step t reads token t and writes token t + 1, which is the
 prompt's own token while t + 1 is inside the prompt and a sample from the logits after that. So
 the cached GPT and the recurrent model take the prompt one token at a time too (no separate
-prefill), and the uncached GPT recomputes the whole buffer each step, the baseline the cache
-is measured against. The sample at step t uses the key `fold_in(PRNGKey(seed), t)`, so any two
+prefill), and the uncached GPT recomputes its whole context window each step, the baseline the
+cache is measured against. The sample at step t uses the key `fold_in(PRNGKey(seed), t)`, so any two
 paths whose logits agree produce the same tokens.
 
 A GPT generates any number of tokens: past its block_size the context window slides (see
 `_gpt_cached` for why it jumps by block_size - keep tokens rather than one), and the uncached
 path reads exactly the same windows, so both still give the same tokens.
 
-Legend: B batch, P prompt length, N new tokens, T = P + N, V vocabulary.
+Legend: B batch, P prompt length, N new tokens, T = P + N, V vocabulary, K keep, L window length,
+H heads, Dh head width.
 """
 
 import dataclasses
