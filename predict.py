@@ -5,8 +5,8 @@
   python predict.py --workdir runs/digits --evaluate test [--quantize]
   python predict.py --workdir runs/digits --export exported/digits [--quantize]
 
-Reads WORKDIR/config.json and the newest checkpoint (or --step). This is a second entry point
-beside launch.py rather than a --predict mode of it because prediction has its own dozen flags
+Reads WORKDIR/config.json and a checkpoint (--checkpoint latest, best or a step number). This
+is a second entry point beside launch.py rather than a --predict mode of it because prediction has its own dozen flags
 (sampling, inputs, export) that training never reads; like launch.py it defines flags and calls
 the library (research/predict.py, generate.py, export.py, quantize.py), nothing else.
 """
@@ -17,7 +17,7 @@ import sys
 from absl import app, flags, logging
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "the run's directory (config.json and checkpoints/)")
-_STEP = flags.DEFINE_integer("step", 0, "the checkpoint step to load (0: the newest)")
+_CHECKPOINT = flags.DEFINE_string("checkpoint", "latest", "which checkpoint: latest, best (by the run's checkpoint.best_metric) or a step number")
 _EXPERIMENTS = flags.DEFINE_string("experiments_dir", "experiments", "where the run's experiment module lives")
 _GENERATE = flags.DEFINE_string("generate", None, "generate text continuing this prompt (language models)")
 _NUM_TOKENS = flags.DEFINE_integer("num_tokens", 256, "how many tokens to generate")
@@ -25,6 +25,7 @@ _TEMPERATURE = flags.DEFINE_float("temperature", 1.0, "sampling temperature; 0 i
 _TOP_K = flags.DEFINE_integer("top_k", 0, "sample among the k most likely tokens (0: all)")
 _TOP_P = flags.DEFINE_float("top_p", 1.0, "sample among the fewest tokens whose probability reaches p (1: all)")
 _SEED = flags.DEFINE_integer("seed", 0, "sampling seed")
+_KEEP = flags.DEFINE_integer("keep", None, "GPT past its block_size: tokens of context kept when the window slides (default half the block; block_size - 1 is nanoGPT's slide by one token)")
 _UNCACHED = flags.DEFINE_boolean("uncached", False, "GPT: also generate without the key/value cache and print both rates")
 _CLASSIFY = flags.DEFINE_string("classify", None, "classify the examples in this file (.npy, or text: one per line; - for stdin)")
 _TOP = flags.DEFINE_integer("top", 3, "classes printed per example")
@@ -47,11 +48,11 @@ def run_action(run) -> None:
         run = dataclasses.replace(run, params=quantize.dequantize(quantize.quantize(run.params)))
     if _GENERATE.value is not None:
         sampling = Sampling(_TEMPERATURE.value, _TOP_K.value, _TOP_P.value, _SEED.value)
-        result = predict.generate_text(run, _GENERATE.value, _NUM_TOKENS.value, sampling)
+        result = predict.generate_text(run, _GENERATE.value, _NUM_TOKENS.value, sampling, keep=_KEEP.value)
         print(_GENERATE.value + result["text"])
-        print(f"\n[{_NUM_TOKENS.value} tokens, {result['tokens_per_second']:.0f} tokens/s with the cache]", file=sys.stderr)
+        print(f"\n[{_NUM_TOKENS.value} tokens, {result['tokens_per_second']:.0f} tokens/s with the cache; {run.name} step {run.step}]", file=sys.stderr)
         if _UNCACHED.value:
-            uncached = predict.generate_text(run, _GENERATE.value, _NUM_TOKENS.value, sampling, cached=False)
+            uncached = predict.generate_text(run, _GENERATE.value, _NUM_TOKENS.value, sampling, cached=False, keep=_KEEP.value)
             print(f"[{uncached['tokens_per_second']:.0f} tokens/s without it; same text: {uncached['text'] == result['text']}]", file=sys.stderr)
     elif _CLASSIFY.value is not None:
         inputs = predict.read_inputs(_CLASSIFY.value, sys.stdin.read() if _CLASSIFY.value == "-" else None)
@@ -81,7 +82,7 @@ def main(argv: list[str]) -> None:
     from research.config import ConfigError
 
     try:
-        run_action(predict.load_run(_WORKDIR.value, _EXPERIMENTS.value, _STEP.value))
+        run_action(predict.load_run(_WORKDIR.value, _EXPERIMENTS.value, _CHECKPOINT.value))
     except (ConfigError, ValueError) as error:
         fail(str(error).splitlines()[0])
 

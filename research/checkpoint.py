@@ -27,6 +27,12 @@ CHECKPOINT_DIR = "checkpoints"
 UNREADABLE_DIR = "checkpoints_unreadable"
 
 
+def _ranking(checkpoint_config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """Orbax's best-checkpoint options: with them it writes each save's metrics to disk and ranks by them."""
+    metric = checkpoint_config.best_metric
+    return {"best_fn": lambda metrics: metrics[metric], "best_mode": checkpoint_config.best_mode} if metric else {}
+
+
 def make_manager(workdir: str | Path, checkpoint_config: ml_collections.ConfigDict) -> ocp.CheckpointManager:
     """A manager that saves every N steps and/or T minutes and keeps the last K plus the best."""
     save_policies = []
@@ -47,6 +53,7 @@ def make_manager(workdir: str | Path, checkpoint_config: ml_collections.ConfigDi
         save_decision_policy=policies.AnySavePolicy(save_policies),  # none: only forced saves
         preservation_policy=policies.AnyPreservationPolicy(keep),
         enable_async_checkpointing=checkpoint_config.asynchronous,
+        **_ranking(checkpoint_config),  # without best_fn orbax keeps the metrics in memory only
     )
     return ocp.CheckpointManager(Path(workdir).absolute() / CHECKPOINT_DIR, options=options)
 
@@ -153,6 +160,30 @@ class PreemptionWatcher:
     def __exit__(self, *exc_info) -> None:
         for number, handler in self.previous.items():
             signal.signal(number, handler)
+
+
+def choose_step(directory: str | Path, which: str, checkpoint_config: ml_collections.ConfigDict) -> int:
+    """The saved step that `which` names: "latest", "best" (orbax's ranking by the run's
+    `checkpoint.best_metric` and `.best_mode`) or a step number."""
+    directory = Path(directory).absolute()
+    best_metric = checkpoint_config.best_metric
+    options = ocp.CheckpointManagerOptions(read_only=True, **_ranking(checkpoint_config))
+    with ocp.CheckpointManager(directory, options=options) as manager:
+        steps = sorted(manager.all_steps())
+        if not steps:
+            raise ConfigError(f"no checkpoints in {directory}")
+        if which == "latest":
+            return steps[-1]
+        if which == "best":
+            if not best_metric:
+                raise ConfigError(f"--checkpoint best needs a run trained with checkpoint.best_metric set (this one was not): use latest or one of the steps {steps}")
+            best = manager.best_step()
+            if best is None:  # only step-interval saves, which carry no metrics
+                raise ConfigError(f"no checkpoint in {directory} was saved with {best_metric}: use latest or one of the steps {steps}")
+            return best
+        if not which.isdigit() or int(which) not in steps:
+            raise ConfigError(f"no checkpoint {which!r} in {directory}: use latest, best or one of the steps {steps}")
+        return int(which)
 
 
 def load_params(workdir: str | Path, step: int = 0) -> tuple[PyTree, int]:

@@ -68,8 +68,8 @@ def _read_record(workdir: Path) -> dict:
     return json.loads(run_file.read_text(encoding="utf-8"))
 
 
-def load_run(workdir: str | Path, experiments_dir: str | Path = "experiments", step: int = 0) -> Run:
-    """The run in `workdir` at `step` (0: its newest checkpoint), restored onto one device."""
+def load_run(workdir: str | Path, experiments_dir: str | Path = "experiments", which: str = "latest") -> Run:
+    """The run in `workdir` at the checkpoint `which` names ("latest", "best" or a step number), restored onto one device."""
     workdir = Path(workdir)
     record = _read_record(workdir)
     module = experiment.load(Path(experiments_dir) / f"{record['experiment']}.py")
@@ -78,9 +78,7 @@ def load_run(workdir: str | Path, experiments_dir: str | Path = "experiments", s
     steps = sorted(int(path.name) for path in directory.iterdir() if path.name.isdigit()) if directory.is_dir() else []
     if not steps:
         raise ConfigError(f"no checkpoints in {directory}: train first (python launch.py --config experiments/{record['experiment']}.py --workdir {workdir})")
-    step = step or steps[-1]
-    if step not in steps:
-        raise ConfigError(f"no checkpoint at step {step} in {directory}; it has steps {steps}")
+    step = checkpoint.choose_step(directory, which, config.checkpoint)
     model = module.make_model(config)
     mesh = sharding.make_mesh({"data": 1}, jax.devices()[:1])
     batch = sharding.put_batch(next(iter(module.make_data(config, "train"))), mesh)  # shapes for the abstract state
@@ -161,12 +159,13 @@ def _text_hook(run: Run, name: str) -> Callable:
     return hook
 
 
-def generate_text(run: Run, prompt: str, num_tokens: int, sampling: Sampling, *, cached: bool = True) -> dict[str, Any]:
-    """{"text": the continuation, "tokens_per_second": the generation rate} for one prompt."""
+def generate_text(run: Run, prompt: str, num_tokens: int, sampling: Sampling, *, cached: bool = True, keep: int | None = None) -> dict[str, Any]:
+    """{"text": the continuation, "tokens_per_second": the generation rate} for one prompt
+    (`keep`: a GPT's context when its window slides, see research.generate)."""
     if not isinstance(run.model, (GPT, RecurrentLM)):
         raise ConfigError(f"experiment {run.name} trains a {type(run.model).__name__}, which does not generate text: use --classify or --evaluate")
     ids = np.asarray(_text_hook(run, "encode_text")(run.config, prompt), np.int32)
     if ids.size == 0:
         raise ConfigError("the prompt encodes to no tokens: give at least one character")
-    tokens, rate = timed_generate(run.model, run.params, ids[None], num_tokens, sampling, cached=cached)
+    tokens, rate = timed_generate(run.model, run.params, ids[None], num_tokens, sampling, cached=cached, keep=keep)
     return {"text": _text_hook(run, "decode_tokens")(run.config, tokens[0].tolist()), "tokens_per_second": rate}

@@ -5,6 +5,13 @@ scheme of Jacob et al. 2018 and Krishnamoorthi 2018). Biases, norms and embeddin
 The quantized tree keeps the parameter tree's structure with each kernel replaced by a
 `QuantizedKernel`; `dequantize` gives float parameters back for `model.apply`, so any model runs
 quantized unchanged, and an exported artifact stores only the int8 values and scales.
+A Conv kernel (H x W x Cin x Cout) gets one scale per output channel like a Dense kernel
+(Din x Dout): the reduction is over every axis but the last.
+
+MEASURED on mnist_cnn `:cpu` (525 steps, seed 0; `python predict.py --workdir runs/mnist_cnn_cpu
+--evaluate test --quantize`, 2026-11-23): kernels 25,425,216 -> 6,361,112 bytes (4.00x; all
+parameters 25,430,024 -> 6,365,920, 3.99x), official test accuracy 0.9837 -> 0.9837 and loss
+0.0494 -> 0.0494 on the 10,000 images: no point lost (the bar is under 0.5).
 """
 
 import dataclasses

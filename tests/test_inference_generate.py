@@ -41,11 +41,11 @@ def test_cached_logits_equal_the_full_forward_pass():
     model, params = small_gpt()
     tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 24), 0, 17)
     full = model.apply({"params": params}, tokens)
-    init_state, step = generate._gpt_cached(model, 2, 24)
+    init_state, step = generate._gpt_cached(model, 2, 24, keep=12)
     step = jax.jit(step)
     cache, logits = init_state(params), []
     for t in range(24):
-        step_logits, cache = step(params, cache, tokens[:, t : t + 1], t)
+        step_logits, cache = step(params, cache, tokens, t)
         logits.append(step_logits)
     np.testing.assert_allclose(np.stack(logits, axis=1), full, atol=1e-5)
 
@@ -60,7 +60,7 @@ def test_recurrent_state_carried_token_by_token_matches_the_full_run(cell):
     step = jax.jit(step)
     carries, logits = init_state(params), []
     for t in range(9):
-        step_logits, carries = step(params, carries, tokens[:, t : t + 1], t)
+        step_logits, carries = step(params, carries, tokens, t)
         logits.append(step_logits)
     np.testing.assert_allclose(np.stack(logits, axis=1), full, atol=1e-5)
     greedy = generate.generate(model, params, tokens[:1, :3], 6, Sampling(temperature=0.0))
@@ -86,7 +86,36 @@ def test_top_k_and_top_p_keep_only_the_likely_tokens():
     assert set(np.unique(np.asarray(generate.sample_logits(logits, keys, Sampling(temperature=0.0))))) == {0}
 
 
-def test_too_many_tokens_for_the_block_is_a_one_line_error():
+@pytest.mark.parametrize("keep", [1, 12, 23])
+@pytest.mark.parametrize("sampling", SAMPLINGS)
+def test_cached_and_uncached_gpt_agree_far_past_the_block(sampling, keep):
+    model, params = small_gpt()  # block_size 24: 5 + 55 tokens slide the window 2 to 36 times
+    prompt = np.array([[3, 1, 4, 1, 5], [9, 2, 6, 5, 3]], np.int32)
+    cached = generate.generate(model, params, prompt, 55, sampling, keep=keep)
+    uncached = generate.generate(model, params, prompt, 55, sampling, cached=False, keep=keep)
+    assert cached.shape == (2, 55) and cached.min() >= 0 and cached.max() < 17
+    np.testing.assert_array_equal(cached, uncached)
+
+
+def test_window_start_slides_by_block_size_minus_keep():
+    starts = [int(generate.window_start(t, 8, 3)) for t in range(20)]
+    assert starts == [0] * 8 + [5] * 5 + [10] * 5 + [15] * 2  # positions t - start stay within 0..7
+    assert [int(generate.window_start(t, 8, 7)) for t in range(7, 12)] == [0, 1, 2, 3, 4]  # nanoGPT: the last 8 tokens
+
+
+def test_keep_block_minus_one_is_nanogpts_sliding_window():
     model, params = small_gpt()
-    with pytest.raises(ValueError, match="exceeds the model's block_size 24"):
-        generate.generate(model, params, np.ones((1, 5), np.int32), 20)
+    sampling = Sampling(temperature=0.8, top_k=5, seed=3)
+    prompt = list(range(1, 31))  # longer than the block: only its last 24 tokens condition the first sample
+    tokens = generate.generate(model, params, np.array([prompt]), 20, sampling, keep=23)
+    sequence, key = list(prompt), jax.random.PRNGKey(sampling.seed)
+    for _ in range(20):  # nanoGPT's loop: crop to block_size, run the model, sample the last position
+        logits = model.apply({"params": params}, jnp.array([sequence[-24:]]))[:, -1]
+        sequence.append(int(generate.sample_logits(logits, jax.random.fold_in(key, len(sequence) - 1), sampling)[0]))
+    np.testing.assert_array_equal(tokens[0], sequence[30:])
+
+
+def test_keep_outside_the_block_is_a_one_line_error():
+    model, params = small_gpt()
+    with pytest.raises(ValueError, match="keep must be between 1 and block_size - 1 = 23 tokens of context, got 24"):
+        generate.generate(model, params, np.ones((1, 5), np.int32), 30, keep=24)

@@ -89,6 +89,17 @@ def test_generates_the_memorized_continuation_with_and_without_the_cache(lm_run)
     assert sampled[0] == sampled[1]
 
 
+def test_generates_past_the_block_size_with_a_sliding_window(lm_run):
+    run, _ = lm_run
+    assert run.model.block_size == 64
+    greedy, sampled = (
+        [predict.generate_text(run, "to be or", 150, sampling, cached=cached, keep=40)["text"] for cached in (True, False)]
+        for sampling in (Sampling(temperature=0.0), Sampling(0.9, 0, 1.0, seed=2))  # 158 positions: the window slides 4 times
+    )
+    assert len(greedy[0]) == len(sampled[0]) == 150 and greedy[0] == greedy[1] and sampled[0] == sampled[1]
+    assert greedy[0][:24] == " not to be, that is the "  # within the trained positions: the memorized sentence
+
+
 def test_evaluate_reports_perplexity_and_export_carries_the_vocabulary(lm_run, tmp_path):
     run, final = lm_run
     results = predict.evaluate(run, "test")

@@ -30,6 +30,21 @@ def run(trained):
     return predict.load_run(trained[0])
 
 
+@pytest.fixture(scope="module")
+def ranked(data_dir, tmp_path_factory):
+    """The workdir of digits_mlp :smoke evaluated every 50 steps, keeping the checkpoint with the
+    highest validation loss: that is step 50, never the newest, so "best" and "latest" differ."""
+    workdir = tmp_path_factory.mktemp("ranked")
+    module = experiment.load("experiments/digits_mlp.py")
+    config = module.get_config("smoke")
+    config.data_dir = data_dir
+    config.update_from_flattened_dict({"eval_every": 50, "log_every": 50, "checkpoint.asynchronous": False, "checkpoint.keep": 1,
+                                       "checkpoint.best_metric": "eval/loss", "checkpoint.best_mode": "max"})
+    experiment.claim_workdir(workdir, "digits_mlp", config)
+    train.train_and_evaluate(config, module, workdir)
+    return workdir
+
+
 def test_evaluate_reproduces_the_training_metrics_and_confusion(trained, run):
     results = predict.evaluate(run, "test")
     assert run.step == 200
@@ -62,6 +77,28 @@ def test_workdir_problems_are_one_line_errors(tmp_path, run):
         predict.load_run(tmp_path)
     with pytest.raises(ConfigError, match="trains a MLP, which does not generate text"):
         predict.generate_text(run, "hello", 5, Sampling())
+
+
+def test_checkpoint_best_loads_the_step_the_best_metric_ranks_first(ranked):
+    records = [json.loads(line) for line in (ranked / "metrics.jsonl").read_text().splitlines()]
+    losses = {record["step"]: record["eval/loss"] for record in records if "eval/loss" in record}
+    assert sorted(path.name for path in (ranked / "checkpoints").iterdir()) == ["200", "50"]  # the newest and the best
+    assert max(losses, key=losses.get) == 50 and losses[50] > losses[200]
+    best, latest, chosen = (predict.load_run(ranked, which=which) for which in ("best", "latest", "50"))
+    assert (best.step, latest.step, chosen.step) == (50, 200, 50)
+    assert predict.evaluate(best, "validation")["loss"] == pytest.approx(losses[50], abs=1e-5)
+    assert predict.evaluate(latest, "validation")["loss"] == pytest.approx(losses[200], abs=1e-5)
+
+
+def test_checkpoint_choice_errors_name_the_steps_that_exist(trained):
+    with pytest.raises(ConfigError, match=r"--checkpoint best needs a run trained with checkpoint.best_metric set \(this one was not\): use latest or one of the steps \[200\]"):
+        predict.load_run(trained[0], which="best")
+    for which in ("150", "last"):
+        with pytest.raises(ConfigError, match=rf"no checkpoint '{which}' in .*checkpoints: use latest, best or one of the steps \[200\]"):
+            predict.load_run(trained[0], which=which)
+    command = [sys.executable, "predict.py", f"--workdir={trained[0]}", "--checkpoint=150", "--evaluate=test"]
+    result = subprocess.run(command, capture_output=True, text=True)
+    assert result.returncode == 2 and result.stderr.strip().splitlines()[-1].endswith("use latest, best or one of the steps [200]")
 
 
 LOADER = textwrap.dedent("""
