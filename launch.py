@@ -219,8 +219,9 @@ def run_sweep_command() -> None:
     sweep.check_overrides(_CONFIG.value, runs)
     launch = Path(__file__).resolve()
     passed = [arg for arg in sys.argv[1:] if arg.startswith("--config.")]  # the command line's own overrides
-    if _SWEEP_EMIT.value:
-        for line in sweep.emit(runs, argument, root, launch, passed):
+    if _SWEEP_EMIT.value:  # absolute paths: a scheduler's job may start anywhere
+        absolute = str(Path(path).resolve()) + (f":{variant}" if variant else "")
+        for line in sweep.emit(runs, absolute, Path(root).resolve(), launch, passed):
             print(line)
         return
     codes = sweep.run_sweep(runs, argument, root, parallel=_SWEEP_PARALLEL.value or os.cpu_count(), launch=launch, extra=passed)
