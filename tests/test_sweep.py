@@ -36,11 +36,11 @@ def test_a_list_of_grids_is_their_union_without_duplicates_and_tuples_are_single
     ]
 
 
-def test_the_shipped_adam_sweep_has_four_optimizers_three_rates_two_seeds():
+def test_the_shipped_adam_sweep_has_four_optimizers_four_rates_two_seeds():
     runs = sweep.load_sweep(ROOT / "sweeps" / "adam_paper_mnist.py")
-    assert len(runs) == 24
+    assert len(runs) == 32
     assert {dict(run.overrides)["optimizer.name"] for run in runs} == {"nesterov", "adagrad", "rmsprop", "adam"}
-    assert len({run.name for run in runs}) == 24
+    assert len({run.name for run in runs}) == 32
 
 
 @pytest.mark.parametrize("spec, message", [
