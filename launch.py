@@ -224,7 +224,8 @@ def run_sweep_command() -> None:
         for line in sweep.emit(runs, absolute, Path(root).resolve(), launch, passed):
             print(line)
         return
-    codes = sweep.run_sweep(runs, argument, root, parallel=_SWEEP_PARALLEL.value or len(os.sched_getaffinity(0)), launch=launch, extra=passed)
+    parallel = _SWEEP_PARALLEL.value or len(os.sched_getaffinity(0))
+    codes = sweep.run_sweep(runs, argument, root, parallel=parallel, launch=launch, extra=passed)
     failed = sorted(name for name, code in codes.items() if code)
     print(f"sweep finished in {root}: {len(codes) - len(failed)} ran, {len(failed)} failed {failed or ''}".rstrip())
     print(f"tables and figures: python -m research.report {root}")

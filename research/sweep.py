@@ -222,7 +222,9 @@ def run_sweep(
                 del running[name]
                 free.append(slot)
                 codes[name] = process.returncode
-                outcome = "done" if process.returncode == 0 else f"FAILED (exit {process.returncode}, see {root / name / LOG_FILE})"
+                outcome = f"FAILED (exit {process.returncode}, see {root / name / LOG_FILE})"
+                if process.returncode == 0:  # a run stopped by a signal saves, exits 0 and resumes next time
+                    outcome = "done" if is_finished(root / name) else "stopped, resumable"
                 echo(f"[{len(codes)}/{len(codes) + len(running) + len(pending)}] {name}: {outcome} in {time.perf_counter() - started:.0f} s")
     finally:
         for number, handler in previous.items():

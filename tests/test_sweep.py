@@ -108,13 +108,14 @@ def test_finished_runs_are_skipped_and_others_emitted(tmp_path):
 
 
 FAKE_LAUNCH = textwrap.dedent("""
-    # Stands in for launch.py: records its arguments and cores, writes results, fails for seed 3.
+    # Stands in for launch.py: records its arguments and cores, writes results; seed 3 fails,
+    # seed 4 stops early without results (as a preempted run does: exit 0, a checkpoint).
     import json, os, sys
     args = dict(arg[2:].split("=", 1) for arg in sys.argv[1:])
     workdir = args["workdir"]
     os.makedirs(workdir, exist_ok=True)
     json.dump({"experiment": "x", "config": {"num_steps": 7}}, open(os.path.join(workdir, "config.json"), "w"))
-    if args["config.seed"] != "3":
+    if args["config.seed"] not in ("3", "4"):
         json.dump({"step": 7}, open(os.path.join(workdir, "results.json"), "w"))
     with open(os.path.join(workdir, "calls.txt"), "a") as calls:
         calls.write(json.dumps({"seed": args["config.seed"], "cores": sorted(os.sched_getaffinity(0)),
@@ -128,23 +129,24 @@ def test_runner_runs_unfinished_runs_in_parallel_and_skips_finished_ones(tmp_pat
     launch.write_text(FAKE_LAUNCH)
     root = tmp_path / "sweep"
     finished_run(root / "seed=0", num_steps=7, step=7)
-    runs = sweep.make_runs({"seed": [0, 1, 2, 3]})
+    runs = sweep.make_runs({"seed": [0, 1, 2, 3, 4]})
     parallel = 2 if len(os.sched_getaffinity(0)) >= 2 else 1
     messages = []
     codes = sweep.run_sweep(runs, "experiments/x.py", root, parallel=parallel, launch=launch, echo=messages.append)
-    assert codes == {"seed=1": 0, "seed=2": 0, "seed=3": 5}
-    assert messages[0] == f"sweep: 4 runs in {root}, 1 finished already, 3 to run, {parallel} at a time"
+    assert codes == {"seed=1": 0, "seed=2": 0, "seed=3": 5, "seed=4": 0}
+    assert messages[0] == f"sweep: 5 runs in {root}, 1 finished already, 4 to run, {parallel} at a time"
     assert any("seed=3: FAILED (exit 5" in message for message in messages)
+    assert any("seed=4: stopped, resumable" in message for message in messages)
     assert not (root / "seed=0" / "calls.txt").exists()
     call = json.loads((root / "seed=1" / "calls.txt").read_text())
     if parallel == 2:  # each run pinned to its own core, single-threaded
         assert len(call["cores"]) == len(os.sched_getaffinity(0)) // 2
         assert "intra_op_parallelism_threads=" in call["xla"]
     manifest = json.loads((root / sweep.MANIFEST).read_text())
-    assert [run["name"] for run in manifest["runs"]] == ["seed=0", "seed=1", "seed=2", "seed=3"]
-    # again: the three that finished are skipped, the failed one runs again
+    assert [run["name"] for run in manifest["runs"]] == ["seed=0", "seed=1", "seed=2", "seed=3", "seed=4"]
+    # again: the three that finished are skipped, the failed and the stopped one run again
     codes = sweep.run_sweep(runs, "experiments/x.py", root, parallel=1, launch=launch, echo=messages.append)
-    assert codes == {"seed=3": 5}
+    assert codes == {"seed=3": 5, "seed=4": 0}
     assert len((root / "seed=1" / "calls.txt").read_text().splitlines()) == 1
 
 
