@@ -217,15 +217,18 @@ def run_sweep(
                 running[run.name] = (_start(run, argv, root / run.name, slots[slot]), slot, time.perf_counter())
             time.sleep(0.2)
             for name, (process, slot, started) in list(running.items()):
-                if process.poll() is None:
+                pid, status, usage = os.wait4(process.pid, os.WNOHANG)  # wait4: the run's CPU time too
+                if pid == 0:
                     continue
+                process.returncode = os.waitstatus_to_exitcode(status)
                 del running[name]
                 free.append(slot)
                 codes[name] = process.returncode
                 outcome = f"FAILED (exit {process.returncode}, see {root / name / LOG_FILE})"
                 if process.returncode == 0:  # a run stopped by a signal saves, exits 0 and resumes next time
                     outcome = "done" if is_finished(root / name) else "stopped, resumable"
-                echo(f"[{len(codes)}/{len(codes) + len(running) + len(pending)}] {name}: {outcome} in {time.perf_counter() - started:.0f} s")
+                seconds, cpu = time.perf_counter() - started, usage.ru_utime + usage.ru_stime
+                echo(f"[{len(codes)}/{len(codes) + len(running) + len(pending)}] {name}: {outcome} in {seconds:.0f} s (CPU {cpu:.0f} s)")
     finally:
         for number, handler in previous.items():
             signal.signal(number, handler)

@@ -136,7 +136,7 @@ def test_runner_runs_unfinished_runs_in_parallel_and_skips_finished_ones(tmp_pat
     assert codes == {"seed=1": 0, "seed=2": 0, "seed=3": 5, "seed=4": 0}
     assert messages[0] == f"sweep: 5 runs in {root}, 1 finished already, 4 to run, {parallel} at a time"
     assert any("seed=3: FAILED (exit 5" in message for message in messages)
-    assert any("seed=4: stopped, resumable" in message for message in messages)
+    assert any("seed=4: stopped, resumable in " in message and "(CPU " in message for message in messages)
     assert not (root / "seed=0" / "calls.txt").exists()
     call = json.loads((root / "seed=1" / "calls.txt").read_text())
     if parallel == 2:  # each run pinned to its own core, single-threaded
