@@ -96,8 +96,8 @@ def select(target: str, load: Callable[[str], ModuleType], names: Sequence[str])
         if references:
             chosen.append((experiment, module, references))
         elif name != "all":
-            declared = sorted({str(reference.config) for reference in references_of(module)})
-            raise ConfigError(f"--reproduce: {experiment} has no reference for config {config!r}; it has {declared or 'none'}")
+            declared = sorted({experiment + (f":{reference.config}" if reference.config else "") for reference in references_of(module)})
+            raise ConfigError(f"--reproduce: {experiment} has no reference for config {config!r}; try {', '.join(declared) or 'none'}")
     if not chosen:
         raise ConfigError(f"--reproduce: no experiment has a reference for config {config!r}")
     return chosen
