@@ -33,7 +33,7 @@ is Adam without momentum and bias correction, which matter mostly in the first s
 paper's comparison ran 200 epochs of 60,000 images against our 30 of 4,500. On logistic regression
 every method's best rate is the top of its grid: on 4,500 images the training loss keeps falling
 with the rate while the validation loss rises (overfitting), so that ranking is of the grid's top
-points; at every grid position AdaGrad is last by 1.1-2.7x, while Adam, RMSProp and Nesterov stay
+points; at every grid position AdaGrad is last by 1.5-2.7x, while Adam, RMSProp and Nesterov stay
 within ~35 % of one another in an order that changes with the position.
 """
 
