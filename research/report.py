@@ -46,7 +46,7 @@ class RunRecord:
         """(steps, seconds since the start) at each train logging step."""
         steps, speed = self.series(SPEED_KEY)
         previous = np.concatenate([[0], steps[:-1]])
-        return steps, np.cumsum((steps - previous) * self.config.get("batch_size", 1) / speed)
+        return steps, np.cumsum((steps - previous) * self.config["batch_size"] / speed)
 
     @property
     def steps(self) -> int:
@@ -183,7 +183,7 @@ def run_rows(runs: Sequence[RunRecord], keys: Sequence[str]) -> list[dict[str, A
     """One row per run: its workdir, steps, wall time and each key's final and best."""
     rows = []
     for run in runs:
-        row = {"run": run.name, "seed": run.config.get("seed"), "steps": run.steps, "wall_s": run.wall_seconds}
+        row = {"run": run.name, "seed": run.config["seed"], "steps": run.steps, "wall_s": run.wall_seconds}
         for key in keys:
             row[f"{key} final"], row[f"{key} best"] = final_and_best(run, key)
         rows.append(row)

@@ -142,7 +142,7 @@ def is_finished(workdir: str | Path) -> bool:
         return False
     results = json.loads(results_file.read_text())
     num_steps = json.loads(config_file.read_text())["config"]["num_steps"]
-    return results.get("stopped_early", False) or results.get("step") == num_steps
+    return results.get("stopped_early", False) or results["step"] == num_steps  # train.py writes the flag only when True
 
 
 def emit(
