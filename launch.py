@@ -7,6 +7,8 @@
   python launch.py --config ... --workdir ... --local_processes 2      # 2 processes on this machine
   python launch.py --check_optimizer path/to/my_opt.py:make     # the optimizer conformance kit
   python launch.py --bench_optimizer adamw                       # steps/seconds to target vs baselines
+  python launch.py --config experiments/mnist_mlp.py:cpu --sweep sweeps/adam_paper_mnist.py --sweep_parallel 2
+  python launch.py --reproduce shakespeare_gpt:cpu              # measured vs published, PASS/FAIL
 
 A trained run is used (generate, classify, evaluate, export) with predict.py beside this file.
 
@@ -64,6 +66,12 @@ _LOCAL_PROCESSES = flags.DEFINE_integer(
 )
 _CHECK_OPTIMIZER = flags.DEFINE_string("check_optimizer", None, "run the conformance kit on an optimizer (name, file.py:fn or module:fn)")
 _BENCH_OPTIMIZER = flags.DEFINE_string("bench_optimizer", None, "benchmark an optimizer against adamw and momentum on the CPU workloads")
+_SWEEP = flags.DEFINE_string("sweep", None, "sweeps/NAME.py: run --config once per override set of its get_sweep(), in WORKDIR/RUN_NAME")
+_SWEEP_PARALLEL = flags.DEFINE_integer("sweep_parallel", 1, "runs of a sweep at once, each on its share of the cores (0: one per core)")
+_SWEEP_EMIT = flags.DEFINE_boolean("sweep_emit", False, "print the sweep's unfinished runs, one launch.py command a line, and run nothing")
+_REPRODUCE = flags.DEFINE_string(
+    "reproduce", None, "EXPERIMENT[:config] (or all:smoke): train its reference configs, print measured vs published, PASS/FAIL"
+)
 
 EXPERIMENTS_DIR = Path(__file__).parent / "experiments"
 
@@ -199,6 +207,42 @@ def run_dry(module) -> None:
     print(dry_run.format_report(result, dict(mesh.shape), _MFU.value, accelerators))
 
 
+def run_sweep_command() -> None:
+    """--sweep: check every run's overrides, then emit its commands or run them; exit 1 if one failed."""
+    from research import experiment, sweep
+
+    argument = _config_argument(sys.argv)
+    path, _, variant = argument.partition(":")
+    default_root = Path("runs") / Path(_SWEEP.value).stem / (experiment.name_of(path) + (f"_{variant}" if variant else ""))
+    root = _WORKDIR.value or str(default_root)
+    runs = sweep.load_sweep(_SWEEP.value)
+    sweep.check_overrides(_CONFIG.value, runs)
+    launch = Path(__file__).resolve()
+    passed = [arg for arg in sys.argv[1:] if arg.startswith("--config.")]  # the command line's own overrides
+    if _SWEEP_EMIT.value:  # absolute paths: a scheduler's job may start anywhere
+        absolute = str(Path(path).resolve()) + (f":{variant}" if variant else "")
+        for line in sweep.emit(runs, absolute, Path(root).resolve(), launch, passed):
+            print(line)
+        return
+    parallel = _SWEEP_PARALLEL.value or len(os.sched_getaffinity(0))
+    codes = sweep.run_sweep(runs, argument, root, parallel=parallel, launch=launch, extra=passed)
+    failed = sorted(name for name, code in codes.items() if code)
+    print(f"sweep finished in {root}: {len(codes) - len(failed)} ran, {len(failed)} failed {failed or ''}".rstrip())
+    print(f"tables and figures: python -m research.report {root}")
+    sys.exit(1 if failed else 0)
+
+
+def run_reproduce() -> None:
+    """--reproduce: train each selected reference's config (or find it finished) and print the comparison."""
+    from research import experiment, reproduce
+
+    names = [name for name, _ in experiment.describe(EXPERIMENTS_DIR)]
+    load = lambda name: experiment.load(EXPERIMENTS_DIR / f"{name}.py")
+    outcomes = reproduce.reproduce(_REPRODUCE.value, _WORKDIR.value or "runs/reproduce", load=load, names=names)
+    print(reproduce.format_table(outcomes))
+    sys.exit(0 if all(outcome.passed for outcome in outcomes) else 1)
+
+
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         fail(f"unexpected arguments {argv[1:]}: flags take the form --name=value")
@@ -218,6 +262,13 @@ def main(argv: list[str]) -> None:
 
         print(catalog.format_table(catalog.describe(_DATA_DIR.value)))
         return
+    try:
+        if _REPRODUCE.value:
+            return run_reproduce()
+        if _SWEEP.value and _CONFIG.value is not None:
+            return run_sweep_command()
+    except ConfigError as error:
+        fail(str(error))
     if _CONFIG.value is None or _WORKDIR.value is None:
         fail("pass --config experiments/NAME.py[:arg] and --workdir DIR (or --list to see the experiments)")
     if _LOCAL_PROCESSES.value:

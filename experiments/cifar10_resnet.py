@@ -32,8 +32,16 @@ from research.config import choose, trainer_config
 from research.data import augment, pipeline
 from research.models import compute_dtype
 from research.models.resnet import CifarResNet
+from research.reproduce import Reference
 
 SYNTHETIC = "synthetic"  # data.name of the smoke config: generated in memory, no files needed
+
+# He et al. 2016, Table 6 (test error 8.75 / 7.51 / 6.97 %); needs the data and a GPU.
+REFERENCES = tuple(
+    Reference(config=None, metric="test/accuracy", published=accuracy, tolerance=0.005, better="max",
+              source=f"He et al. 2016, Table 6, ResNet-{depth}", overrides=(("model.depth", depth),))
+    for depth, accuracy in ((20, 0.9125), (32, 0.9249), (56, 0.9303))
+)
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

@@ -15,8 +15,16 @@ import numpy as np
 from research import metrics
 from research.config import choose, trainer_config
 from research.data import pipeline
+from research.reproduce import Reference
 
 SPLIT_SEEDS = {"train": 0, "validation": 1, "test": 2}
+
+# The data's generating line is the published truth.
+REFERENCES = tuple(
+    Reference(config=config, metric=f"test/{name}", published=value, tolerance=tolerance, source="the data: y = 3x + 2 + noise")
+    for config, tolerance in ((None, 0.01), ("smoke", 0.05))
+    for name, value in (("slope", 3.0), ("intercept", 2.0))
+)
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

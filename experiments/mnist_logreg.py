@@ -25,6 +25,16 @@ import ml_collections
 from experiments.mnist_mlp import cpu_and_smoke, eval_fn, loss_fn, make_data  # noqa: F401  (the contract)
 from research.config import choose, trainer_config
 from research.models.mlp import MLP
+from research.reproduce import Reference
+
+# The paper reports curves, not accuracies (its figure is recreated by sweeps/adam_paper_mnist.py):
+# these are this repository's measured numbers, guards against regressions.
+REFERENCES = (
+    Reference(config="cpu", metric="test/accuracy", published=0.907, tolerance=0.01, better="max",
+              source="this repository, :cpu measured 2026-11-23 (docstring)"),
+    Reference(config="smoke", metric="test/accuracy", published=0.80, tolerance=0.05, better="max",
+              source="this repository's smoke run (a regression guard)"),
+)
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

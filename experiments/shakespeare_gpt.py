@@ -38,6 +38,16 @@ from research.config import choose, trainer_config
 from research.data import pipeline, text
 from research.models import compute_dtype
 from research.models.gpt import GPT
+from research.reproduce import Reference
+
+NANOGPT = "nanoGPT README (github.com/karpathy/nanoGPT), shakespeare_char"
+# Measured vs published by `python launch.py --reproduce shakespeare_gpt[:cpu|:smoke]`.
+REFERENCES = (
+    Reference(config=None, metric="eval/loss", published=1.47, tolerance=0.03, better="min", source=NANOGPT + ", one GPU"),
+    Reference(config="cpu", metric="eval/loss", published=1.88, tolerance=0.05, better="min", source=NANOGPT + ", CPU run (~1.88)"),
+    Reference(config="smoke", metric="eval/loss", published=2.9, tolerance=0.15, better="min",
+              source="this repository's smoke run (a regression guard, not a paper number)"),
+)
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
