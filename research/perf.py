@@ -1,0 +1,84 @@
+"""Model FLOPs and the machine's peak: what throughput and MFU (model FLOPs utilisation) are measured against.
+
+Training FLOPs are 3x the forward pass's (the backward pass multiplies twice: by the weights for
+the input gradient and by the activations for the weight gradient; Kaplan et al. 2020). Only
+matrix multiplies and convolutions are counted; elementwise work is not "model FLOPs".
+benchmarks/train_speed.py checks each count against XLA's cost analysis of the compiled step.
+"""
+
+import time
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+PEAK_MATMUL_SIZE = 1024  # float32 1024^2 matmuls: ~2 GFLOP each, big enough to reach the BLAS peak on a CPU
+
+
+def gpt_training_flops_per_token(parameters: int, num_layers: int, width: int, length: int) -> float:
+    """6 N (Kaplan et al. 2020) plus attention's scores and weighted sum: 3 x 2 x 2 x L x D per layer.
+
+    The attention term counts the full L x L product as XLA computes it (causal masking saves no FLOPs)."""
+    return 6.0 * parameters + 12.0 * num_layers * length * width
+
+
+def conv_flops(height: int, width: int, kernel: int, in_channels: int, out_channels: int) -> float:
+    """Forward FLOPs of one convolution producing a height x width map (2 per multiply-add)."""
+    return 2.0 * height * width * kernel * kernel * in_channels * out_channels
+
+
+def cnn_training_flops_per_example(image_size: int, in_channels: int, conv_features: Sequence[int], dense_features: int, classes: int) -> float:
+    """research.models.cnn.CNN: 3x3 SAME convolutions each followed by a 2x2 pool, then two dense layers."""
+    forward, size, channels = 0.0, image_size, in_channels
+    for features in conv_features:
+        forward += conv_flops(size, size, 3, channels, features)
+        size, channels = size // 2, features
+    forward += 2.0 * size * size * channels * dense_features + 2.0 * dense_features * classes
+    return 3.0 * forward
+
+
+def resnet_training_flops_per_example(depth: int, width: int, classes: int, image_size: int = 32) -> float:
+    """research.models.resnet.CifarResNet: stem, three stages of (depth - 2) / 6 basic blocks, classifier."""
+    blocks = (depth - 2) // 6
+    forward = conv_flops(image_size, image_size, 3, 3, width)
+    channels = width
+    for stage in range(3):
+        features, size = width * 2**stage, image_size // 2**stage
+        for _ in range(blocks):
+            forward += conv_flops(size, size, 3, channels, features) + conv_flops(size, size, 3, features, features)
+            channels = features
+    forward += 2.0 * channels * classes
+    return 3.0 * forward
+
+
+def measure_peak_flops(size: int = PEAK_MATMUL_SIZE, repeats: int = 10) -> float:
+    """float32 FLOP/s of a jitted square matmul on the default device: the best of `repeats` timed chains."""
+    a = jax.random.normal(jax.random.PRNGKey(0), (size, size), jnp.float32)
+    matmul = jax.jit(lambda x, y: x @ y)
+    jax.block_until_ready(matmul(a, a))  # compile
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(matmul(a, a))
+        best = min(best, time.perf_counter() - start)
+    return 2.0 * size**3 / best
+
+
+def machine_peak_flops(peak_tflops: float = 0.0) -> float:
+    """FLOP/s of all local devices: `peak_tflops` per device if given, else measured (CPU devices share one peak)."""
+    per_device = peak_tflops * 1e12 if peak_tflops else measure_peak_flops()
+    devices = jax.local_devices()
+    # Fake CPU devices (--xla_force_host_platform_device_count) split the same cores: one peak in all.
+    return per_device if devices[0].platform == "cpu" else per_device * len(devices)
+
+
+def xla_flops(compiled) -> float:
+    """FLOPs of a compiled function by XLA's cost analysis (per device for an SPMD program)."""
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    return float(cost.get("flops", 0.0)) if cost else float("nan")
+
+
+def median(values: Sequence[float]) -> float:
+    return float(np.median(np.asarray(values, np.float64)))
