@@ -7,11 +7,16 @@ benchmarks/train_speed.py checks each count against XLA's cost analysis of the c
 """
 
 import time
-from typing import Sequence
+from pathlib import Path
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
+
+from research.config import ConfigError
+from research.logger import Throughput
 
 PEAK_MATMUL_SIZE = 1024  # float32 1024^2 matmuls: ~2 GFLOP each, big enough to reach the BLAS peak on a CPU
 
@@ -82,3 +87,48 @@ def xla_flops(compiled) -> float:
 
 def median(values: Sequence[float]) -> float:
     return float(np.median(np.asarray(values, np.float64)))
+
+
+def throughput_of(config: ml_collections.ConfigDict, experiment: Any) -> Throughput:
+    """Tokens and training FLOPs per example from the experiment's optional `tokens_per_example` and
+    `flops_per_example`; the peak is `config.peak_tflops` per device, or measured (~0.3 s) when 0."""
+    tokens, flops = getattr(experiment, "tokens_per_example", None), getattr(experiment, "flops_per_example", None)
+    return Throughput(
+        tokens_per_example=tokens(config) if tokens else 0,
+        flops_per_example=flops(config) if flops else 0.0,
+        peak_flops=machine_peak_flops(config.peak_tflops) if flops else 0.0,
+    )
+
+
+class StepProfiler:
+    """Traces steps FIRST..LAST of config.profile_steps ("FIRST,LAST", "" off) with jax.profiler into `directory`."""
+
+    def __init__(self, steps: str, directory: str | Path):
+        self.first = self.last = None
+        self.directory, self.tracing = str(directory), False
+        if not steps:
+            return
+        try:
+            self.first, self.last = (int(part) for part in steps.split(","))
+        except ValueError:
+            raise ConfigError(f"profile_steps must be 'FIRST,LAST' (two step numbers, e.g. '10,20'), not {steps!r}") from None
+        if not 1 <= self.first <= self.last:
+            raise ConfigError(f"profile_steps {steps!r}: need 1 <= FIRST <= LAST")
+
+    def before(self, step: int) -> None:
+        """Starts the trace before step FIRST is dispatched."""
+        if step == self.first:
+            jax.profiler.start_trace(self.directory)
+            self.tracing = True
+
+    def after(self, step: int, state: Any) -> None:
+        """Stops the trace once step LAST has finished on the device (the one host sync, only then)."""
+        if step == self.last and self.tracing:
+            jax.block_until_ready(state)
+            self.close()
+
+    def close(self) -> None:
+        """Ends a trace still open (a run that stopped inside the range)."""
+        if self.tracing:
+            jax.profiler.stop_trace()
+            self.tracing = False

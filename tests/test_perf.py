@@ -1,5 +1,11 @@
 """Performance features: the hand-written attention backward, FLOP counts, logged throughput and MFU."""
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -8,8 +14,11 @@ import pytest
 
 from conftest import assert_trees_close
 from experiments import cifar10_resnet, mnist_cnn, shakespeare_gpt
-from research import perf
+from research import perf, train
+from research.config import ConfigError
 from research.models import attention
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _attention_loss(attention_fn, mask):
@@ -64,3 +73,42 @@ def test_flops_per_example_match_hand_counts():
 def test_measured_peak_is_positive_and_plausible():
     peak = perf.measure_peak_flops(size=256, repeats=3)
     assert 1e8 < peak < 1e16
+
+
+def test_training_logs_tokens_per_second_and_mfu_and_writes_a_profile(tmp_path, data_dir):
+    config = shakespeare_gpt.get_config("smoke")
+    config.update_from_flattened_dict({"data_dir": data_dir, "num_steps": 6, "log_every": 2, "peak_tflops": 0.001, "profile_steps": "3,4"})
+    train.train_and_evaluate(config, shakespeare_gpt, tmp_path)
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    logged = [record for record in records if "perf/mfu" in record]
+    assert [record["step"] for record in logged] == [2, 4, 6]
+    for record in logged:
+        examples = record["perf/examples_per_second"]
+        assert record["perf/tokens_per_second"] == pytest.approx(examples * 32)  # block_size 32
+        # CPU devices share one peak: 0.001 TFLOP/s in all, however many fake devices.
+        assert record["perf/mfu"] == pytest.approx(examples * shakespeare_gpt.flops_per_example(config) / 1e9)
+    traces = list((tmp_path / "profile").rglob("*.xplane.pb"))
+    assert len(traces) == 1 and traces[0].stat().st_size > 1000
+
+
+@pytest.mark.parametrize("steps", ["10", "5,x", "0,3", "9,4"])
+def test_bad_profile_steps_is_a_config_error(steps):
+    with pytest.raises(ConfigError, match="profile_steps"):
+        perf.StepProfiler(steps, "unused")
+
+
+@pytest.mark.slow
+def test_second_launch_hits_the_compilation_cache(tmp_path):
+    environment = {key: value for key, value in os.environ.items() if key != "XLA_FLAGS"} | {"JAX_LOG_COMPILES": "1"}
+    logs = []
+    for run in range(2):  # two fresh processes, two workdirs, one cache
+        command = [sys.executable, "launch.py", "--config", "experiments/shakespeare_gpt.py:smoke", "--workdir", str(tmp_path / f"run{run}"),
+                   "--config.num_steps=4", f"--compilation_cache_dir={tmp_path / 'cache'}"]
+        result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=environment, timeout=300)
+        assert result.returncode == 0, result.stderr[-2000:]
+        logs.append(result.stderr)
+    compiles = [log.count("Finished XLA compilation of") for log in logs]
+    hits = [log.count("Persistent compilation cache hit for") for log in logs]
+    assert hits[0] == 0 and compiles[0] >= 3  # init, train step, eval step at least
+    assert hits[1] == compiles[1] == compiles[0]  # every program of the second launch came from the cache
+    assert "Persistent compilation cache hit for 'jit_train_step'" in logs[1]
