@@ -9,7 +9,7 @@ same training step (same architecture, parameter count, batch and optimizer) run
   trainer  research.train's jitted step, fed as train._loop feeds it (put_batch, metrics one step late)
   jax      the same Flax model and optax optimizer in a minimal jax.jit loop (no framework)
   torch    a plain PyTorch eager reference (benchmarks/torch_models.py)
-They alternate: each repeat times `steps` steps of each in turn, and the table shows medians
+They alternate: each repeat times `steps` steps of each in turn (who goes first rotates), and the table shows medians
 over repeats, so the ratios stay fair on a machine shared with other jobs. MFU is the analytic
 training FLOPs (research/perf.py, checked here against XLA's cost analysis) per second over the
 float32 matmul peak measured by the same JAX at the start of every run. Needs torch (the `bench`
@@ -57,10 +57,10 @@ def gpt_overrides(layers: int, heads: int, width: int, length: int, batch: int) 
 
 
 MODELS = {
-    "gpt_small": Model(shakespeare_gpt, gpt_overrides(4, 4, 128, 128, 32), steps=10, tokens_per_example=128),
-    "gpt_large": Model(shakespeare_gpt, gpt_overrides(6, 6, 384, 256, 16), steps=3, tokens_per_example=256),
-    "cnn": Model(mnist_cnn, {"batch_size": 128}, steps=10),
-    "resnet20": Model(cifar10_resnet, {"batch_size": 128, "model.depth": 20, "data.name": "synthetic"}, steps=3),
+    "gpt_small": Model(shakespeare_gpt, gpt_overrides(4, 4, 128, 128, 32), steps=6, tokens_per_example=128),
+    "gpt_large": Model(shakespeare_gpt, gpt_overrides(6, 6, 384, 256, 16), steps=2, tokens_per_example=256),
+    "cnn": Model(mnist_cnn, {"batch_size": 128}, steps=6),
+    "resnet20": Model(cifar10_resnet, {"batch_size": 128, "model.depth": 20, "data.name": "synthetic"}, steps=2),
 }
 
 
@@ -214,8 +214,9 @@ def benchmark_model(name: str, impls: list[str], steps: int, repeats: int, peak:
         time_steps(runner, 0, 2)
     times = {impl: [] for impl in impls}
     for repeat in range(repeats):
-        for impl, runner in runners.items():
-            times[impl].append(time_steps(runner, 2 + repeat * steps, steps))
+        order = impls[repeat % len(impls):] + impls[:repeat % len(impls)]  # each goes first in turn
+        for impl in order:
+            times[impl].append(time_steps(runners[impl], 2 + repeat * steps, steps))
     rows = []
     for impl, runner in runners.items():
         seconds = perf.median(times[impl])
@@ -250,7 +251,7 @@ def main() -> None:
     parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, of {', '.join(MODELS)}")
     parser.add_argument("--impls", default=",".join(IMPLS), help=f"comma-separated, of {', '.join(IMPLS)}")
     parser.add_argument("--steps", type=int, default=0, help="timed steps per repeat (0: each model's default)")
-    parser.add_argument("--repeats", type=int, default=3, help="interleaved repeats; the table shows medians")
+    parser.add_argument("--repeats", type=int, default=5, help="interleaved repeats; the table shows medians")
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count())
     impls = args.impls.split(",")
