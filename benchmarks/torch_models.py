@@ -112,7 +112,7 @@ def parameter_count(model: nn.Module) -> int:
     return sum(parameter.numel() for parameter in model.parameters())
 
 
-def train_step_fn(model: nn.Module, optimizer: torch.optim.Optimizer, clip_norm: float) -> Callable[[dict], float]:
+def train_step_fn(model: nn.Module, optimizer: torch.optim.Optimizer, clip_norm: float) -> Callable[[dict], None]:
     """step(batch) -> None: forward, cross-entropy, backward, optional clipping, optimizer step."""
 
     def step(batch: dict[str, torch.Tensor]) -> None:
