@@ -64,6 +64,10 @@ _PEAK_TFLOPS = flags.DEFINE_float("peak_tflops", 0.0, "add an accelerator of thi
 _LOCAL_PROCESSES = flags.DEFINE_integer(
     "local_processes", 0, "start this many processes on 127.0.0.1 that train together (multi-host, tried on one machine)"
 )
+_COMPILATION_CACHE_DIR = flags.DEFINE_string(
+    "compilation_cache_dir", "~/.cache/research/jax_compilation_cache",
+    "persistent XLA compilation cache shared by every run on this machine, so a second launch does not recompile; '' turns it off",
+)
 _CHECK_OPTIMIZER = flags.DEFINE_string("check_optimizer", None, "run the conformance kit on an optimizer (name, file.py:fn or module:fn)")
 _BENCH_OPTIMIZER = flags.DEFINE_string("bench_optimizer", None, "benchmark an optimizer against adamw and momentum on the CPU workloads")
 _SWEEP = flags.DEFINE_string("sweep", None, "sweeps/NAME.py: run --config once per override set of its get_sweep(), in WORKDIR/RUN_NAME")
@@ -128,6 +132,19 @@ def _cluster_detected() -> bool:
     counts = (os.environ.get("SLURM_NTASKS"), os.environ.get("OMPI_COMM_WORLD_SIZE"))
     several_tpu_hosts = "," in os.environ.get("TPU_WORKER_HOSTNAMES", "")
     return any(count and int(count) > 1 for count in counts) or several_tpu_hosts
+
+
+def use_compilation_cache(directory: str) -> None:
+    """Compiled executables are kept in `directory`, keyed by program, devices and flags."""
+    import jax
+
+    if not directory:
+        return
+    jax.config.update("jax_compilation_cache_dir", str(Path(directory).expanduser()))
+    # Every compile, not only those over a second: the train step of a small config compiles in
+    # less, and a launch has a handful of programs (init, train step, eval step).
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_compilation_cache_max_size", 4 * 2**30)  # least recently used entries go first
 
 
 def start_distributed() -> None:
@@ -274,6 +291,7 @@ def main(argv: list[str]) -> None:
     if _LOCAL_PROCESSES.value:
         sys.exit(run_local_processes(_LOCAL_PROCESSES.value, sys.argv))
     start_distributed()
+    use_compilation_cache(_COMPILATION_CACHE_DIR.value)
     import jax
 
     from research import train

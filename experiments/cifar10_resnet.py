@@ -27,7 +27,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from research import metrics
+from research import metrics, perf
 from research.config import choose, trainer_config
 from research.data import augment, pipeline
 from research.models import compute_dtype
@@ -110,6 +110,11 @@ def make_data(config: ml_collections.ConfigDict, split: str):
 
 def make_model(config: ml_collections.ConfigDict) -> nn.Module:
     return CifarResNet(depth=config.model.depth, width=config.model.width, dtype=compute_dtype(config.model.dtype))
+
+
+def flops_per_example(config: ml_collections.ConfigDict) -> float:
+    """Training FLOPs of one 32x32 image (research/perf.py), for the logged MFU."""
+    return perf.resnet_training_flops_per_example(config.model.depth, config.model.width, classes=10)
 
 
 def init_variables(model: nn.Module, rng: jax.Array, batch) -> dict:

@@ -32,7 +32,7 @@ import ml_collections
 import numpy as np
 
 from experiments import mnist_mlp
-from research import metrics
+from research import metrics, perf
 from research.config import choose, trainer_config
 from research.data import pipeline
 from research.models import compute_dtype
@@ -108,6 +108,12 @@ def make_model(config: ml_collections.ConfigDict) -> nn.Module:
     model = config.model
     return CNN(conv_features=tuple(model.conv_features), dense_features=model.dense_features, pooling=model.pooling,
                dtype=compute_dtype(model.dtype))
+
+
+def flops_per_example(config: ml_collections.ConfigDict) -> float:
+    """Training FLOPs of one 28x28 image (research/perf.py), for the logged MFU."""
+    model = config.model
+    return perf.cnn_training_flops_per_example(28, 1, tuple(model.conv_features), model.dense_features, classes=10)
 
 
 def loss_fn(params, batch, rng, *, model) -> tuple[jax.Array, dict]:

@@ -33,7 +33,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from research import metrics
+from research import metrics, perf
 from research.config import choose, trainer_config
 from research.data import pipeline, text
 from research.models import compute_dtype
@@ -139,6 +139,17 @@ def parameter_count(config: ml_collections.ConfigDict) -> int:
     model, tokens = make_model(config), jnp.zeros((1, config.data.block_size), jnp.int32)
     shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), tokens)
     return sum(leaf.size for leaf in jax.tree.leaves(shapes))
+
+
+def tokens_per_example(config: ml_collections.ConfigDict) -> int:
+    """Characters a training window scores: throughput is logged in tokens per second."""
+    return config.data.block_size
+
+
+def flops_per_example(config: ml_collections.ConfigDict) -> float:
+    """Training FLOPs of one window: 6 N per token plus attention (research/perf.py), for the logged MFU."""
+    per_token = perf.gpt_training_flops_per_token(parameter_count(config), config.model.num_layers, config.model.width, config.data.block_size)
+    return config.data.block_size * per_token
 
 
 def apply(params, batch, rng, *, model) -> jax.Array:

@@ -51,6 +51,12 @@ def trainer_config() -> ml_collections.ConfigDict:
     # Start from another run's parameters (a pre-trained encoder, say): those whose path matches
     # `include` and not `exclude`; the rest keep their random init. step 0 means its latest.
     config.init_from = ml_collections.ConfigDict({"workdir": "", "step": 0, "include": ".*", "exclude": ""})
+    # Throughput and MFU are logged as perf/...; MFU is against this many TFLOP/s per device, or,
+    # when 0, a float32 matmul timed at the start of training (research/perf.py).
+    config.peak_tflops = 0.0
+    # "FIRST,LAST": a jax.profiler trace of those steps in WORKDIR/profile (TensorBoard's profile
+    # plugin, or Perfetto); "" is off.
+    config.profile_steps = ""
     config.checkpoint = ml_collections.ConfigDict({
         "every_steps": 500,  # 0: no step-based saves
         "every_minutes": 0.0,  # 0: no time-based saves

@@ -4,6 +4,7 @@ Only process 0 writes; other processes get a logger that stays silent. Each reco
 `{"step": n, "train/loss": ..., ...}`, one per line of `metrics.jsonl` in the workdir.
 """
 
+import dataclasses
 import json
 import math
 import time
@@ -81,12 +82,31 @@ class NonFiniteError(RuntimeError):
     """The loss or the gradients became NaN or infinite."""
 
 
+@dataclasses.dataclass(frozen=True)
+class Throughput:
+    """What turns examples/s into tokens/s and MFU: 0 where the experiment does not say."""
+
+    tokens_per_example: int = 0
+    flops_per_example: float = 0.0  # training FLOPs (forward + backward) of one example
+    peak_flops: float = 0.0  # FLOP/s of the devices the step runs on
+
+    def rates(self, examples_per_second: float) -> dict[str, float]:
+        """perf/tokens_per_second and perf/mfu (model FLOPs utilisation, 0..1) where known."""
+        rates = {}
+        if self.tokens_per_example:
+            rates["perf/tokens_per_second"] = examples_per_second * self.tokens_per_example
+        if self.flops_per_example and self.peak_flops:
+            rates["perf/mfu"] = examples_per_second * self.flops_per_example / self.peak_flops
+        return rates
+
+
 class TrainMetrics:
     """Train metrics since the last log. A finished window reaches the host one step late,
     after the next step is dispatched, so the device never waits for the host."""
 
-    def __init__(self, logger: Logger, batch_size: int, start_step: int, skip_nonfinite: bool):
+    def __init__(self, logger: Logger, batch_size: int, start_step: int, skip_nonfinite: bool, throughput: "Throughput | None" = None):
         self.logger, self.batch_size, self.skip_nonfinite = logger, batch_size, skip_nonfinite
+        self.throughput = throughput or Throughput()
         self.window, self.finished = [], None
         self.last_time, self.last_step = time.perf_counter(), start_step
 
@@ -109,6 +129,7 @@ class TrainMetrics:
             values["train/skipped_steps"] = float(sum(not np.isfinite(metrics["loss"]) for metrics in host))
         now = time.perf_counter()
         values["perf/examples_per_second"] = (step - self.last_step) * self.batch_size / max(now - self.last_time, 1e-9)
+        values |= self.throughput.rates(values["perf/examples_per_second"])
         self.logger.write(step, values)
         self.logger.advance(step, values["perf/examples_per_second"])
         self.finished, self.last_time, self.last_step = None, now, step

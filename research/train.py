@@ -28,6 +28,7 @@ from jax.sharding import Mesh
 
 from research import checkpoint
 from research import metrics as metrics_lib
+from research import perf
 from research import sharding
 from research.config import ConfigError
 from research.logger import Logger, NonFiniteError, TrainMetrics
@@ -264,6 +265,7 @@ class _Run:
     manager: Any
     logger: Logger
     train_metrics: TrainMetrics
+    profiler: perf.StepProfiler
 
     def evaluate(self, split: str, prefix: str, step: int) -> dict[str, float]:
         """Metrics of `split` (with the parameters' EMA when the optimizer keeps one), logged as `prefix/...`."""
@@ -329,7 +331,9 @@ def train_and_evaluate(
     logger = Logger(workdir, total_steps=config.num_steps, start_step=start)
     run = _Run(
         config, mesh, state, train_iterator, {split: experiment.make_data(config, split) for split in ("validation", "test")},
-        eval_fn, manager, logger, TrainMetrics(logger, config.batch_size, start, skip_nonfinite=config.nonfinite == "skip"),
+        eval_fn, manager, logger,
+        TrainMetrics(logger, config.batch_size, start, skip_nonfinite=config.nonfinite == "skip", throughput=perf.throughput_of(config, experiment)),
+        perf.StepProfiler(config.profile_steps, workdir / "profile"),
     )
     try:
         last_step = _loop(run, train_fn, batch, start, history, stop_at_step)
@@ -341,6 +345,7 @@ def train_and_evaluate(
     except NonFiniteError as error:
         raise NonFiniteError(f"{error}; the last good checkpoint is step {manager.latest_step()} in {manager.directory}") from None
     finally:
+        run.profiler.close()
         manager.wait_until_finished()
         manager.close()
         logger.close()
@@ -357,7 +362,9 @@ def _loop(run: _Run, train_fn: Callable, batch, start: int, history: list[float]
         for step in range(start + 1, config.num_steps + 1):
             if step > start + 1:
                 batch = sharding.put_batch(next(run.train_iterator), run.mesh)
+            run.profiler.before(step)
             run.state, metrics = train_fn(run.state, batch)
+            run.profiler.after(step, run.state)
             metrics_window.flush()  # the previous window, now that this step is dispatched
             metrics_window.add(metrics)
             if step % config.log_every == 0 or step == config.num_steps:

@@ -48,7 +48,7 @@ def test_remat_policies_give_the_same_loss_and_gradients(gpt_by_policy):
 
 def test_remat_policies_keep_fewer_activations(gpt_by_policy):
     kept = {policy: result[2] for policy, result in gpt_by_policy.items()}
-    # Measured for this model: none 5.8 MiB, dots 2.4, dots_no_batch 1.8, full 0.8 (0.4 of it the parameters).
+    # Ordered by what each policy lets the backward pass keep (README: 546, 197, 137, 41 MiB for a larger GPT).
     assert kept["full"] < kept["dots_no_batch"] < kept["dots"] < 0.5 * kept["none"]
     assert kept["full"] < 0.2 * kept["none"]
 

@@ -23,7 +23,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from research.models.transformer import remat_block
+from research.models.attention import dot_product_attention
+from research.models.transformer import flat_dot_general, remat_block
 
 INIT_STD = 0.02
 
@@ -68,14 +69,15 @@ class GPT(nn.Module):
                 kernel_init=init,
                 output_kernel_init=nn.initializers.normal(INIT_STD / math.sqrt(2 * self.num_layers)),
                 decode=self.decode,
+                attention_fn=dot_product_attention,  # closed-form backward: ~20% faster attention on CPU
                 name=f"block_{layer}",
                 **types,
             )(x_BxLxD, causal_Bx1xLxL, deterministic)
         x_BxLxD = nn.LayerNorm(epsilon=1e-5, use_bias=self.use_bias, name="final_norm", **types)(x_BxLxD)
-        if self.tie_embeddings:
-            logits_BxLxV = token_embedding.attend(x_BxLxD)
+        if self.tie_embeddings:  # on (B*L) x D: see transformer.flat_dot_general for why
+            logits_BxLxV = token_embedding.attend(x_BxLxD.reshape(-1, self.width)).reshape(*x_BxLxD.shape[:-1], self.vocab_size)
         else:
-            logits_BxLxV = nn.Dense(self.vocab_size, use_bias=False, kernel_init=init, name="head", **types)(x_BxLxD)
+            logits_BxLxV = nn.Dense(self.vocab_size, use_bias=False, kernel_init=init, name="head", dot_general=flat_dot_general, **types)(x_BxLxD)
         return logits_BxLxV.astype(jnp.float32)
 
     def _positions_and_mask(self, tokens_BxL: jax.Array) -> tuple[jax.Array, jax.Array | None]:

@@ -9,6 +9,7 @@ pass recomputes what the policy does not save, trading compute for activation me
 Legend: B batch, L sequence length, D model width, H heads.
 """
 
+import math
 from typing import Any
 
 import flax.linen as nn
@@ -29,6 +30,25 @@ REMAT_POLICIES = {
 }
 
 
+def flat_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
+    """lax.dot_general for a dense layer, with the input's leading (batch, position) axes merged into one.
+
+    The weight gradient is then one 2-D matmul. With a B x L x D input, XLA's CPU backend first
+    transposes the B x L x F gradient inside the elementwise fusion before it: on this 2-core CPU
+    that made a GPT MLP's forward + backward ~3x slower (benchmarks/README.md). Same FLOPs, same result."""
+    (lhs_contracting, rhs_contracting), (lhs_batch, rhs_batch) = dimension_numbers
+    count, leading = len(lhs_contracting), lhs.ndim - len(lhs_contracting)
+    plain = tuple(lhs_contracting) == tuple(range(leading, lhs.ndim)) and tuple(rhs_contracting) == tuple(range(count))
+    if lhs_batch or rhs_batch or not plain or leading < 2:
+        return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision, preferred_element_type=preferred_element_type)
+    contracted = math.prod(rhs.shape[:count])
+    out = jax.lax.dot_general(
+        lhs.reshape(-1, contracted), rhs.reshape(contracted, -1), (((1,), (0,)), ((), ())),
+        precision=precision, preferred_element_type=preferred_element_type,
+    )
+    return out.reshape(*lhs.shape[:leading], *rhs.shape[count:])
+
+
 class MLPBlock(nn.Module):
     """Dense(hidden) - GELU - Dense(back to the input width)."""
 
@@ -42,7 +62,7 @@ class MLPBlock(nn.Module):
     @nn.compact
     def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
         width = x_BxLxD.shape[-1]
-        dense = dict(use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype)
+        dense = dict(use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype, dot_general=flat_dot_general)
         hidden = nn.Dense(self.hidden_dim, kernel_init=self.kernel_init, name="fc_in", **dense)(x_BxLxD)
         return nn.Dense(width, kernel_init=self.output_kernel_init, name="fc_out", **dense)(nn.gelu(hidden))
 
@@ -62,6 +82,7 @@ class TransformerBlock(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     decode: bool = False  # one position per call, keys and values kept in the "cache" collection (GPT generation)
+    attention_fn: Any = nn.dot_product_attention  # flax's signature; research.models.attention has a faster backward
 
     @nn.compact
     def __call__(self, x_BxLxD: jax.Array, mask_Bx1xLxL: jax.Array | None, deterministic: bool) -> jax.Array:
@@ -76,6 +97,9 @@ class TransformerBlock(nn.Module):
             out_kernel_init=self.output_kernel_init,
             use_bias=self.use_bias,
             decode=self.decode,
+            attention_fn=self.attention_fn,
+            qkv_dot_general=flat_dot_general,
+            out_dot_general=flat_dot_general,
             name="attention",
             **types,
         )

@@ -1,0 +1,134 @@
+"""Model FLOPs and the machine's peak: what throughput and MFU (model FLOPs utilisation) are measured against.
+
+Training FLOPs are 3x the forward pass's (the backward pass multiplies twice: by the weights for
+the input gradient and by the activations for the weight gradient; Kaplan et al. 2020). Only
+matrix multiplies and convolutions are counted; elementwise work is not "model FLOPs".
+benchmarks/train_speed.py checks each count against XLA's cost analysis of the compiled step.
+"""
+
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from research.config import ConfigError
+from research.logger import Throughput
+
+PEAK_MATMUL_SIZE = 1024  # float32 1024^2 matmuls: ~2 GFLOP each, big enough to reach the BLAS peak on a CPU
+
+
+def gpt_training_flops_per_token(parameters: int, num_layers: int, width: int, length: int) -> float:
+    """6 N (Kaplan et al. 2020) plus attention's scores and weighted sum: 3 x 2 x 2 x L x D per layer.
+
+    The attention term counts the full L x L product as XLA computes it (causal masking saves no FLOPs)."""
+    return 6.0 * parameters + 12.0 * num_layers * length * width
+
+
+def conv_flops(height: int, width: int, kernel: int, in_channels: int, out_channels: int) -> float:
+    """Forward FLOPs of one convolution producing a height x width map (2 per multiply-add)."""
+    return 2.0 * height * width * kernel * kernel * in_channels * out_channels
+
+
+def cnn_training_flops_per_example(image_size: int, in_channels: int, conv_features: Sequence[int], dense_features: int, classes: int) -> float:
+    """research.models.cnn.CNN: 3x3 SAME convolutions each followed by a 2x2 pool, then two dense layers."""
+    forward, size, channels = 0.0, image_size, in_channels
+    for features in conv_features:
+        forward += conv_flops(size, size, 3, channels, features)
+        size, channels = size // 2, features
+    forward += 2.0 * size * size * channels * dense_features + 2.0 * dense_features * classes
+    return 3.0 * forward
+
+
+def resnet_training_flops_per_example(depth: int, width: int, classes: int, image_size: int = 32) -> float:
+    """research.models.resnet.CifarResNet: stem, three stages of (depth - 2) / 6 basic blocks, classifier."""
+    blocks = (depth - 2) // 6
+    forward = conv_flops(image_size, image_size, 3, 3, width)
+    channels = width
+    for stage in range(3):
+        features, size = width * 2**stage, image_size // 2**stage
+        for _ in range(blocks):
+            forward += conv_flops(size, size, 3, channels, features) + conv_flops(size, size, 3, features, features)
+            channels = features
+    forward += 2.0 * channels * classes
+    return 3.0 * forward
+
+
+def measure_peak_flops(size: int = PEAK_MATMUL_SIZE, repeats: int = 10) -> float:
+    """float32 FLOP/s of a jitted square matmul on the default device: the best of `repeats` timed chains."""
+    a = jax.random.normal(jax.random.PRNGKey(0), (size, size), jnp.float32)
+    matmul = jax.jit(lambda x, y: x @ y)
+    jax.block_until_ready(matmul(a, a))  # compile
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(matmul(a, a))
+        best = min(best, time.perf_counter() - start)
+    return 2.0 * size**3 / best
+
+
+def machine_peak_flops(peak_tflops: float = 0.0) -> float:
+    """FLOP/s of all local devices: `peak_tflops` per device if given, else measured (CPU devices share one peak)."""
+    per_device = peak_tflops * 1e12 if peak_tflops else measure_peak_flops()
+    devices = jax.local_devices()
+    # Fake CPU devices (--xla_force_host_platform_device_count) split the same cores: one peak in all.
+    return per_device if devices[0].platform == "cpu" else per_device * len(devices)
+
+
+def xla_flops(compiled) -> float:
+    """FLOPs of a compiled function by XLA's cost analysis (per device for an SPMD program)."""
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    return float(cost.get("flops", 0.0)) if cost else float("nan")
+
+
+def median(values: Sequence[float]) -> float:
+    return float(np.median(np.asarray(values, np.float64)))
+
+
+def throughput_of(config: ml_collections.ConfigDict, experiment: Any) -> Throughput:
+    """Tokens and training FLOPs per example from the experiment's optional `tokens_per_example` and
+    `flops_per_example`; the peak is `config.peak_tflops` per device, or measured (~0.3 s) when 0."""
+    tokens, flops = getattr(experiment, "tokens_per_example", None), getattr(experiment, "flops_per_example", None)
+    return Throughput(
+        tokens_per_example=tokens(config) if tokens else 0,
+        flops_per_example=flops(config) if flops else 0.0,
+        peak_flops=machine_peak_flops(config.peak_tflops) if flops else 0.0,
+    )
+
+
+class StepProfiler:
+    """Traces steps FIRST..LAST of config.profile_steps ("FIRST,LAST", "" off) with jax.profiler into `directory`."""
+
+    def __init__(self, steps: str, directory: str | Path):
+        self.first = self.last = None
+        self.directory, self.tracing = str(directory), False
+        if not steps:
+            return
+        try:
+            self.first, self.last = (int(part) for part in steps.split(","))
+        except ValueError:
+            raise ConfigError(f"profile_steps must be 'FIRST,LAST' (two step numbers, e.g. '10,20'), not {steps!r}") from None
+        if not 1 <= self.first <= self.last:
+            raise ConfigError(f"profile_steps {steps!r}: need 1 <= FIRST <= LAST")
+
+    def before(self, step: int) -> None:
+        """Starts the trace before step FIRST is dispatched."""
+        if step == self.first:
+            jax.profiler.start_trace(self.directory)
+            self.tracing = True
+
+    def after(self, step: int, state: Any) -> None:
+        """Stops the trace once step LAST has finished on the device (the one host sync, only then)."""
+        if step == self.last and self.tracing:
+            jax.block_until_ready(state)
+            self.close()
+
+    def close(self) -> None:
+        """Ends a trace still open (a run that stopped inside the range)."""
+        if self.tracing:
+            jax.profiler.stop_trace()
+            self.tracing = False
