@@ -80,10 +80,11 @@ def tokenizer(vocab_size: int, data_dir: str) -> text.SubwordTokenizer:
     return text.SubwordTokenizer.train(corpus, vocab_size)
 
 
-def special_ids(config: ml_collections.ConfigDict) -> dict[str, int]:
-    """[MASK] and [CLS] ids after sentencepiece's, and the vocabulary size with them."""
-    size = tokenizer(config.tokenizer.vocab_size, config.data_dir).vocab_size
-    return {"mask": size, "cls": size + 1, "vocab_size": size + 2}
+def special_ids(config: ml_collections.ConfigDict) -> dict:
+    """[MASK] and [CLS] ids after sentencepiece's, the vocabulary size with them, and sentencepiece's reserved ids."""
+    pieces = tokenizer(config.tokenizer.vocab_size, config.data_dir)
+    size = pieces.vocab_size
+    return {"mask": size, "cls": size + 1, "vocab_size": size + 2, "reserved": pieces.reserved_ids}
 
 
 def encode(config: ml_collections.ConfigDict, characters: str) -> np.ndarray:
@@ -113,7 +114,7 @@ def masked_windows(tokens: np.ndarray, starts_B: np.ndarray, *, length: int, see
     for start in starts_B:
         window = np.concatenate([[ids["cls"]], tokens[start : start + length - 1]]).astype(np.int32)
         examples.append(text.mask_tokens(window, np.random.default_rng([seed, int(start)]), mask_id=ids["mask"],
-                                         vocab_size=ids["mask"], rate=MASK_RATE, special_ids=(text.PAD_ID, ids["cls"])))
+                                         vocab_size=ids["mask"], rate=MASK_RATE, special_ids=(*ids["reserved"], ids["cls"])))
     return {key: np.stack([example[key] for example in examples]) for key in examples[0]}
 
 
