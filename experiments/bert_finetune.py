@@ -30,6 +30,7 @@ import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
+import optax
 
 from experiments import bert_pretrain
 from research import metrics
@@ -43,14 +44,24 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config = bert_pretrain.get_config(arg)  # the same encoder, variant for variant
     config.data = ml_collections.ConfigDict({"name": "shakespeare_speakers", "max_train_examples": 0})  # 0: all 1,032
     config.model.classifier_dropout_rate = 0.1
-    config.optimizer.kwargs = ml_collections.ConfigDict()  # Adam's defaults (beta2 0.999), not pre-training's 0.99
-    config.update_from_flattened_dict({"optimizer.name": "adam", "optimizer.learning_rate": 1e-4, "optimizer.weight_decay": 0.01})
+    config.model.pooling = "mean"  # or "cls": the [CLS] state, which MLM pre-training never trains
+    # Adam's defaults (beta2 0.999), not pre-training's 0.99; the encoder's steps scaled by encoder_scale.
+    config.optimizer.kwargs = ml_collections.ConfigDict({"encoder_scale": 1.0})
+    config.update_from_flattened_dict({
+        "optimizer.name": "experiments.bert_finetune:adam_encoder_scaled", "optimizer.learning_rate": 1e-4,
+        "optimizer.weight_decay": 0.01,
+    })
+    config.update_from_flattened_dict({"optimizer.schedule.name": "constant", "optimizer.schedule.warmup_steps": 0})
     config.init_from.include = r"^encoder/"
     config.update_from_flattened_dict({
         "num_steps": 1000, "batch_size": 32, "eval_batch_size": 64, "eval_every": 200, "log_every": 20,
         "checkpoint.every_steps": 500,
     })
-    cpu = {"num_steps": 400, "eval_every": 100, "optimizer.learning_rate": 3e-4}
+    cpu = {  # warm-up, then cosine decay; every evaluation saved, the best by validation accuracy kept
+        "num_steps": 250, "eval_every": 25, "optimizer.learning_rate": 3e-4,
+        "optimizer.schedule.name": "warmup_cosine", "optimizer.schedule.warmup_steps": 25,
+        "optimizer.schedule.final_fraction": 0.1, "checkpoint.best_metric": "eval/accuracy",
+    }
     smoke = {  # 64 speeches, 15 passes over them: the loss must fall as the model fits them
         "data.max_train_examples": 64, "num_steps": 60, "batch_size": 16, "eval_every": 0, "log_every": 10,
         "optimizer.learning_rate": 3e-3,
@@ -85,7 +96,15 @@ def make_data(config: ml_collections.ConfigDict, split: str):
 def make_model(config: ml_collections.ConfigDict) -> nn.Module:
     """The configured model."""
     return BertClassifier(encoder=bert_pretrain.make_encoder(config), num_classes=len(shakespeare_speakers.SPEAKER_NAMES),
-                          dropout_rate=config.model.classifier_dropout_rate)
+                          dropout_rate=config.model.classifier_dropout_rate, pooling=config.model.pooling)
+
+
+def adam_encoder_scaled(learning_rate: optax.ScalarOrSchedule, encoder_scale: float = 1.0, b1: float = 0.9,
+                        b2: float = 0.999, eps: float = 1e-8) -> optax.GradientTransformation:
+    """Adam whose steps on params["encoder"] are scaled by encoder_scale: a lower learning rate for the
+    pre-trained layers than for the new head (Howard & Ruder 2018's discriminative fine-tuning)."""
+    in_encoder = lambda params: {key: key == "encoder" for key in params}
+    return optax.chain(optax.adam(learning_rate, b1=b1, b2=b2, eps=eps), optax.masked(optax.scale(encoder_scale), in_encoder))
 
 
 def loss_fn(params, batch, rng, *, model):

@@ -95,6 +95,22 @@ def test_mlm_pretraining_masks_never_insert_padding_or_special_tokens(data_dir):
     assert (batch["inputs"] == text.PAD_ID).sum() == 0 and (batch["inputs"][:, 0] == ids["cls"]).all()
 
 
+def test_bert_finetune_optimizer_scales_only_the_encoders_steps():
+    config = bert_finetune.get_config("cpu")
+    config.optimizer.kwargs.encoder_scale = 0.1
+    config.optimizer.weight_decay = 0.0
+    tx = train.make_tx(config)
+    params = {"encoder": {"kernel": np.ones(3, np.float32)}, "classifier": {"kernel": np.ones(3, np.float32)}}
+    grads = {"encoder": {"kernel": np.array([1.0, -2.0, 3.0], np.float32)}, "classifier": {"kernel": np.array([-1.0, 5.0, 0.5], np.float32)}}
+    # Adam's step is -lr * sign(g) while the gradient is constant; warm-up's first rate is 0, so take the second.
+    _, state = tx.update(grads, tx.init(params), params)
+    updates, _ = tx.update(grads, state, params)
+    ratio = np.asarray(updates["encoder"]["kernel"]) / np.sign(grads["encoder"]["kernel"])
+    head = np.asarray(updates["classifier"]["kernel"]) / np.sign(grads["classifier"]["kernel"])
+    np.testing.assert_allclose(ratio, 0.1 * head, rtol=1e-5)
+    assert head[0] < 0 and abs(head[0]) == pytest.approx(3e-4 / 25, rel=1e-4)  # warm-up: step 1 of 25 to 3e-4
+
+
 def test_bert_finetune_smoke_starts_from_the_pretrained_encoder(pretrained, data_dir, tmp_path, capsys):
     _, pretrain_dir = pretrained
     smoke_run(bert_finetune, data_dir, tmp_path, **{"init_from.workdir": str(pretrain_dir)})
