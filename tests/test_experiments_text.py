@@ -108,7 +108,8 @@ def test_bert_finetune_optimizer_scales_only_the_encoders_steps():
     ratio = np.asarray(updates["encoder"]["kernel"]) / np.sign(grads["encoder"]["kernel"])
     head = np.asarray(updates["classifier"]["kernel"]) / np.sign(grads["classifier"]["kernel"])
     np.testing.assert_allclose(ratio, 0.1 * head, rtol=1e-5)
-    assert head[0] < 0 and abs(head[0]) == pytest.approx(3e-4 / 25, rel=1e-4)  # warm-up: step 1 of 25 to 3e-4
+    assert config.optimizer.schedule.warmup_steps == 25
+    assert head[0] < 0 and abs(head[0]) == pytest.approx(config.optimizer.learning_rate / 25, rel=1e-4)  # warm-up's step 1 of 25
 
 
 def test_bert_finetune_smoke_starts_from_the_pretrained_encoder(pretrained, data_dir, tmp_path, capsys):
