@@ -87,6 +87,9 @@ def optimizer_config() -> ml_collections.ConfigDict:
             "step_every": 1000,  # step decay: multiply by step_factor every step_every steps
             "step_factor": 0.1,
             "decay_fraction": 0.2,  # warmup-stable-decay: the share of the run spent decaying
+            # piecewise: from step boundaries[i] on, the rate is multiplied by factors[i] (cumulative)
+            "boundaries": (),
+            "factors": (),
         }),
         "clip_global_norm": 0.0,  # 0: no clipping
         "weight_decay": 0.0,  # decoupled (Loshchilov & Hutter, 2019): p -= lr_t * weight_decay * p

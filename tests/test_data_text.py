@@ -68,6 +68,17 @@ def test_mlm_masking_picks_15_percent_and_splits_them_80_10_10():
     assert np.array_equal(again["inputs"], masked["inputs"])
 
 
+def test_mlm_random_replacements_are_real_tokens():
+    special = (text.PAD_ID, 1, 2, 3, 9)  # padding, sentencepiece's unk/bos/eos, a [CLS]
+    tokens = np.full(20000, 5, np.int32)
+    tokens[::100] = 9
+    masked = text.mask_tokens(tokens, np.random.default_rng(0), mask_id=10, vocab_size=10, special_ids=special)
+    replaced = masked["inputs"][(masked["weights"] == 1) & (masked["inputs"] != 10) & (masked["inputs"] != 5)]
+    assert len(replaced) > 200  # ~10% of the 2,970 chosen, less the 1/5 drawn as the token itself
+    assert sorted(set(replaced.tolist())) == [4, 6, 7, 8]  # never 0-3, 9 or the mask id 10
+    assert not masked["weights"][::100].any()
+
+
 def test_mlm_masking_in_a_pipeline_is_deterministic_and_resumes():
     source = pipeline.array_source(tokens=np.random.default_rng(0).integers(5, 100, size=(32, 64)).astype(np.int32))
     mask = lambda record, rng: text.mask_tokens(record["tokens"], rng, mask_id=4, vocab_size=100)

@@ -83,6 +83,35 @@ def test_pretraining_text_holds_no_held_out_speech(data_dir):
     assert sum(speech in kept for speech in long_ones) == 0
 
 
+def test_mlm_pretraining_masks_never_insert_padding_or_special_tokens(data_dir):
+    config = bert_pretrain.get_config("smoke")
+    config.data_dir = data_dir
+    ids = bert_pretrain.special_ids(config)
+    assert ids["reserved"] == (0, 1, 2, 3) and (ids["mask"], ids["cls"], ids["vocab_size"]) == (300, 301, 302)
+    tokens = bert_pretrain.split_tokens(config, "train")
+    batch = bert_pretrain.masked_windows(tokens, np.arange(0, 64000, 100), length=32, seed=0, ids=ids)
+    changed = batch["inputs"][(batch["inputs"] != batch["targets"]) & (batch["inputs"] != ids["mask"])]
+    assert len(changed) > 100 and changed.min() >= 4 and changed.max() < 300
+    assert (batch["inputs"] == text.PAD_ID).sum() == 0 and (batch["inputs"][:, 0] == ids["cls"]).all()
+
+
+def test_bert_finetune_optimizer_scales_only_the_encoders_steps():
+    config = bert_finetune.get_config("cpu")
+    config.optimizer.kwargs.encoder_scale = 0.1
+    config.optimizer.weight_decay = 0.0
+    tx = train.make_tx(config)
+    params = {"encoder": {"kernel": np.ones(3, np.float32)}, "classifier": {"kernel": np.ones(3, np.float32)}}
+    grads = {"encoder": {"kernel": np.array([1.0, -2.0, 3.0], np.float32)}, "classifier": {"kernel": np.array([-1.0, 5.0, 0.5], np.float32)}}
+    # Adam's step is -lr * sign(g) while the gradient is constant; warm-up's first rate is 0, so take the second.
+    _, state = tx.update(grads, tx.init(params), params)
+    updates, _ = tx.update(grads, state, params)
+    ratio = np.asarray(updates["encoder"]["kernel"]) / np.sign(grads["encoder"]["kernel"])
+    head = np.asarray(updates["classifier"]["kernel"]) / np.sign(grads["classifier"]["kernel"])
+    np.testing.assert_allclose(ratio, 0.1 * head, rtol=1e-5)
+    assert config.optimizer.schedule.warmup_steps == 25
+    assert head[0] < 0 and abs(head[0]) == pytest.approx(config.optimizer.learning_rate / 25, rel=1e-4)  # warm-up's step 1 of 25
+
+
 def test_bert_finetune_smoke_starts_from_the_pretrained_encoder(pretrained, data_dir, tmp_path, capsys):
     _, pretrain_dir = pretrained
     smoke_run(bert_finetune, data_dir, tmp_path, **{"init_from.workdir": str(pretrain_dir)})

@@ -339,6 +339,22 @@ def test_bert_padding_mask_and_bidirectional_attention():
     assert np.abs(apply(changed_BxL, mask_BxL)[1, 0] - logits_BxLxV[1, 0]).max() > 0, "the first token sees the last"
 
 
+def test_bert_classifier_mean_pooling_averages_the_real_tokens():
+    encoder = BertEncoder(**TINY_BERT, num_segments=0, pre_layer_norm=True)
+    tokens_BxL = np.random.default_rng(2).integers(1, 50, size=(2, 16)).astype(np.int32)
+    mask_BxL = (np.arange(16) < np.array([[5], [16]])).astype(np.int32)
+    model = BertClassifier(encoder, num_classes=3, pooling="mean")
+    variables = init_variables(model, tokens_BxL, mask_BxL)
+    states_BxLxD = model.apply(variables, tokens_BxL, mask_BxL, method=lambda bound, tokens, mask: bound.encoder(tokens, mask))
+    head = variables["params"]
+    mean_BxD = np.stack([states_BxLxD[0, :5].mean(0), states_BxLxD[1].mean(0)])
+    pooled_BxD = np.tanh(mean_BxD @ head["pooler"]["kernel"] + head["pooler"]["bias"])
+    expected_BxK = pooled_BxD @ head["classifier"]["kernel"] + head["classifier"]["bias"]
+    np.testing.assert_allclose(model.apply(variables, tokens_BxL, mask_BxL), expected_BxK, atol=1e-5)
+    with pytest.raises(ValueError, match="pooling must be 'cls' or 'mean', not 'max'"):
+        BertClassifier(encoder, num_classes=3, pooling="max").init(key(0), tokens_BxL)
+
+
 # ViT --------------------------------------------------------------------------------------------
 
 

@@ -3,6 +3,9 @@
 import functools
 import json
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -11,9 +14,9 @@ import optax
 import pytest
 
 from conftest import assert_trees_close
-from experiments import digits_mlp, linear_regression
+from experiments import cifar10_resnet, digits_mlp, linear_regression
 from research import sharding, train
-from research.config import optimizer_config
+from research.config import ConfigError, optimizer_config
 from research.optim import accumulation, make_optimizer, regularizers
 from research.optim.schedules import SCHEDULES
 
@@ -34,12 +37,38 @@ def schedule(name: str, **keys) -> optax.Schedule:
         ("step", {"step_every": 10, "step_factor": 0.1}, {9: 0.1, 10: 0.01, 25: 0.001}),
         ("inverse_sqrt", {"warmup_steps": 4}, {2: 0.05, 4: 0.1, 16: 0.05}),
         ("warmup_stable_decay", {"warmup_steps": 10, "decay_fraction": 0.2}, {5: 0.05, 50: 0.1, 80: 0.1, 90: 0.05, 100: 0.0}),
+        ("piecewise", {"boundaries": (30, 60), "factors": (0.1, 0.5)}, {0: 0.1, 29: 0.1, 30: 0.01, 59: 0.01, 60: 0.005}),
     ],
 )
 def test_schedules_by_hand(name, keys, values):
     function = schedule(name, **keys)
     for step, value in values.items():
         assert float(function(step)) == pytest.approx(value, abs=1e-7), (name, step)
+
+
+def test_cifar10_resnet_uses_he_et_al_2016_learning_rates():
+    config = cifar10_resnet.get_config()
+    learning_rate = SCHEDULES[config.optimizer.schedule.name](config.optimizer.schedule, config.optimizer.learning_rate, config.num_steps)
+    expected = {0: 0.1, 31999: 0.1, 32000: 0.01, 47999: 0.01, 48000: 0.001, 63999: 0.001}
+    assert {step: float(learning_rate(step)) for step in expected} == pytest.approx(expected, rel=1e-6)  # float32
+    assert (config.num_steps, config.batch_size, config.optimizer.kwargs.momentum, config.optimizer.l2_penalty) == (64000, 128, 0.9, 1e-4)
+
+
+@pytest.mark.parametrize("boundaries, factors", [((30,), (0.1, 0.1)), ((60, 30), (0.1, 0.1)), ((0,), (0.1,))])
+def test_piecewise_schedule_rejects_bad_boundaries(boundaries, factors):
+    with pytest.raises(ConfigError, match="piecewise schedule: boundaries"):
+        schedule("piecewise", boundaries=boundaries, factors=factors)
+
+
+def test_piecewise_boundaries_from_the_command_line(tmp_path):
+    command = [sys.executable, "launch.py", "--config", "experiments/linear_regression.py:smoke", "--workdir", str(tmp_path),
+               "--config.num_steps=6", "--config.log_every=1", "--config.optimizer.schedule.name=piecewise",
+               "--config.optimizer.schedule.boundaries=(2,4)", "--config.optimizer.schedule.factors=(0.5,0.1)"]
+    subprocess.run(command, check=True, capture_output=True, cwd=Path(__file__).parent.parent)
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    rates = [record["train/learning_rate"] for record in records if "train/learning_rate" in record]
+    peak = rates[0]
+    assert rates == pytest.approx([peak, peak, peak / 2, peak / 2, peak / 20, peak / 20])
 
 
 def test_learning_rate_is_logged_every_logging_step(tmp_path):

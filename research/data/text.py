@@ -74,6 +74,12 @@ class SubwordTokenizer:
     def vocab_size(self) -> int:
         return self._processor.get_piece_size()
 
+    @property
+    def reserved_ids(self) -> tuple[int, ...]:
+        """Ids that never stand for text: padding, unknown, begin and end of sentence."""
+        processor = self._processor
+        return tuple(i for i in range(self.vocab_size) if processor.is_control(i) or processor.is_unknown(i))
+
     def encode(self, text: str) -> np.ndarray:
         return np.array(self._processor.encode(text), dtype=np.int32)
 
@@ -168,6 +174,8 @@ def mask_tokens(
     """BERT masking (Devlin et al., 2019): pick `rate` of the non-special tokens to predict;
     of those 80% become `mask_id`, 10% a random token, 10% stay as they are.
 
+    A random token is drawn uniformly from the ids below `vocab_size` that are neither special
+    nor `mask_id`: padding there would be hidden from attention, a [CLS] or [MASK] would say "predict me".
     Returns `inputs`, `targets` (the original tokens) and `weights` (1 where a prediction counts).
     """
     candidates = np.flatnonzero(~np.isin(tokens_L, special_ids))
@@ -177,7 +185,11 @@ def mask_tokens(
     inputs = tokens_L.copy()
     inputs[chosen[action < 0.8]] = mask_id
     randomized = chosen[(action >= 0.8) & (action < 0.9)]
-    inputs[randomized] = rng.integers(0, vocab_size, size=len(randomized))
+    replacements = np.setdiff1d(np.arange(vocab_size), [*special_ids, mask_id])
+    if len(randomized) and not len(replacements):
+        raise ValueError(f"no token below vocab_size {vocab_size} is free to be a random replacement")
+    if len(randomized):
+        inputs[randomized] = rng.choice(replacements, size=len(randomized))
     weights = np.zeros(tokens_L.shape, np.float32)
     weights[chosen] = 1.0
     return {"inputs": inputs.astype(np.int32), "targets": tokens_L.astype(np.int32), "weights": weights}

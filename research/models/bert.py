@@ -13,9 +13,11 @@ both trees: a pre-trained `BertForMaskedLM`'s params["encoder"] drops into a
 the encoder by that key.
   `BertForMaskedLM`: dense - GELU - LayerNorm transform, then logits from the token embedding
   transposed (tied, as BERT) plus an output bias.
-  `BertClassifier`: the first ([CLS]) token's state through a dense tanh "pooler" (BERT's
-  pooler, here part of the head because we pre-train without next-sentence prediction),
-  dropout, and a dense layer to the classes.
+  `BertClassifier`: the first ([CLS]) token's state, or with `pooling="mean"` the mean of the
+  real tokens' states, through a dense tanh "pooler" (BERT's pooler, here part of the head
+  because we pre-train without next-sentence prediction), dropout, and a dense layer to the
+  classes. Mean pooling suits an encoder pre-trained by MLM alone, whose [CLS] state was never
+  trained to summarise anything (Reimers & Gurevych 2019 found the mean better than [CLS]).
 
 Inputs: tokens_BxL (int), mask_BxL (1 for real tokens, 0 for padding; None: all real),
 segments_BxL (int segment ids; None: all 0). Logits are float32.
@@ -122,16 +124,24 @@ class BertForMaskedLM(nn.Module):
 
 
 class BertClassifier(nn.Module):
-    """Classifies each sequence from its first ([CLS]) token: logits_BxK."""
+    """Classifies each sequence from its first ([CLS]) token or its tokens' mean: logits_BxK."""
 
     encoder: BertEncoder
     num_classes: int
     dropout_rate: float = 0.1
+    pooling: str = "cls"  # or "mean": over the tokens the mask calls real
 
     @nn.compact
     def __call__(self, tokens_BxL, mask_BxL=None, segments_BxL=None, *, deterministic: bool = True) -> jax.Array:
         types = dict(dtype=self.encoder.dtype, param_dtype=self.encoder.param_dtype)
         x_BxLxD = self.encoder(tokens_BxL, mask_BxL, segments_BxL, deterministic=deterministic)
-        pooled_BxD = nn.tanh(nn.Dense(self.encoder.width, kernel_init=INIT, name="pooler", **types)(x_BxLxD[:, 0]))
+        if self.pooling == "cls":
+            summary_BxD = x_BxLxD[:, 0]
+        elif self.pooling == "mean":
+            weights_BxL = jnp.ones(tokens_BxL.shape, x_BxLxD.dtype) if mask_BxL is None else (mask_BxL > 0).astype(x_BxLxD.dtype)
+            summary_BxD = jnp.einsum("bld,bl->bd", x_BxLxD, weights_BxL) / jnp.maximum(weights_BxL.sum(-1, keepdims=True), 1)
+        else:
+            raise ValueError(f"pooling must be 'cls' or 'mean', not {self.pooling!r}")
+        pooled_BxD = nn.tanh(nn.Dense(self.encoder.width, kernel_init=INIT, name="pooler", **types)(summary_BxD))
         pooled_BxD = nn.Dropout(self.dropout_rate, deterministic=deterministic)(pooled_BxD)
         return nn.Dense(self.num_classes, kernel_init=INIT, name="classifier", **types)(pooled_BxD).astype(jnp.float32)

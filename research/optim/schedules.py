@@ -1,14 +1,16 @@
 """Learning-rate schedules by name: each maps (schedule config, peak, run length) to an optax schedule.
 
 The config's `optimizer.schedule.name` picks one; its other keys (warmup_steps, decay_steps,
-final_fraction, step_every, step_factor, decay_fraction) are shared by all, each schedule reading
-the ones it needs. `decay_steps` 0 means the whole run.
+final_fraction, step_every, step_factor, decay_fraction, boundaries, factors) are shared by all,
+each schedule reading the ones it needs. `decay_steps` 0 means the whole run.
 """
 
 from typing import Any, Callable, Mapping
 
 import jax.numpy as jnp
 import optax
+
+from research.config import ConfigError
 
 Config = Mapping[str, Any]
 
@@ -45,6 +47,14 @@ def step_decay(config: Config, peak: float, total_steps: int) -> optax.Schedule:
     return optax.exponential_decay(peak, int(config["step_every"]), config["step_factor"], staircase=True)
 
 
+def piecewise(config: Config, peak: float, total_steps: int) -> optax.Schedule:
+    """The peak, multiplied by factors[i] from step boundaries[i] on: He et al. (2016)'s 0.1 / 10 at 32k and 48k."""
+    boundaries, factors = tuple(config["boundaries"]), tuple(config["factors"])
+    if len(boundaries) != len(factors) or list(boundaries) != sorted(set(boundaries)) or any(b <= 0 for b in boundaries):
+        raise ConfigError(f"piecewise schedule: boundaries {boundaries} must be increasing positive steps, one per factor in {factors}")
+    return optax.piecewise_constant_schedule(peak, {int(step): float(factor) for step, factor in zip(boundaries, factors)})
+
+
 def inverse_sqrt(config: Config, peak: float, total_steps: int) -> optax.Schedule:
     """Linear warmup to the peak, then peak * sqrt(warmup / step) (Vaswani et al., 2017)."""
     warmup = max(int(config["warmup_steps"]), 1)
@@ -76,6 +86,7 @@ SCHEDULES: dict[str, Callable[[Config, float, int], optax.Schedule]] = {
     "cosine": cosine,
     "warmup_cosine": warmup_cosine,
     "step": step_decay,
+    "piecewise": piecewise,
     "inverse_sqrt": inverse_sqrt,
     "warmup_stable_decay": warmup_stable_decay,
 }
