@@ -102,9 +102,16 @@ def test_bfloat16_compute_keeps_parameters_and_optimizer_in_float32(data_dir, tm
 
 @pytest.mark.slow
 def test_bfloat16_char_gpt_reaches_the_float32_validation_loss(data_dir, tmp_path):
+    """nanoGPT's CPU recipe at 2 layers x 64, batch 16 (8 devices), 600 steps (measured: 2.4263 float32,
+    2.4267 bfloat16; the full `:cpu` run on one device: 1.8858 and 1.8863)."""
     losses = {}
     for dtype in ("float32", "bfloat16"):
-        final = train.train_and_evaluate(char_gpt_config(data_dir, dtype, 400), shakespeare_gpt, tmp_path / dtype)
-        losses[dtype] = final["eval/loss"]
-    assert losses["float32"] < 2.7  # the run learned (ln 66 = 4.19)
+        config = shakespeare_gpt.get_config("cpu")
+        config.update_from_flattened_dict({
+            "data_dir": data_dir, "model.dtype": dtype, "num_steps": 600, "batch_size": 16, "eval_every": 0, "log_every": 100,
+            "model.num_layers": 2, "model.num_heads": 2, "model.width": 64, "data.max_eval_windows": 512,
+            "optimizer.schedule.warmup_steps": 50,
+        })
+        losses[dtype] = train.train_and_evaluate(config, shakespeare_gpt, tmp_path / dtype)["eval/loss"]
+    assert losses["float32"] < 2.6  # the run learned (ln 66 = 4.19)
     assert abs(losses["bfloat16"] - losses["float32"]) <= 0.02 * losses["float32"]
