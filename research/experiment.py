@@ -21,14 +21,20 @@ def name_of(path: str | Path) -> str:
     return Path(path).stem
 
 
+def import_file(path: Path, module_name: str) -> ModuleType:
+    """Executes a Python file as the module `module_name` (not entered in sys.modules)."""
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def load(path: str | Path) -> ModuleType:
     """Imports an experiment module from its file and checks it exports the contract's functions."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"no experiment file {str(path)!r}: pass --config experiments/NAME.py (see --list)")
-    spec = importlib.util.spec_from_file_location(f"experiments.{name_of(path)}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = import_file(path, f"experiments.{name_of(path)}")
     missing = [name for name in REQUIRED if not callable(getattr(module, name, None))]
     if missing:
         raise ConfigError(f"{path} is not an experiment: it lacks {', '.join(missing)}")

@@ -20,7 +20,6 @@ resumes from its checkpoints (launch.py does that). Runs are subprocesses of lau
 
 import copy
 import dataclasses
-import importlib.util
 import itertools
 import json
 import os
@@ -35,7 +34,7 @@ from typing import Any, Callable, Mapping, Sequence
 import ml_collections
 
 from research.config import OPEN_SECTIONS, ConfigError
-from research.experiment import unknown_key_message
+from research.experiment import import_file, unknown_key_message
 
 Overrides = dict[str, Any]
 LOG_FILE = "sweep.log"  # a run's launch.py output, inside its workdir
@@ -105,9 +104,7 @@ def load_sweep(path: str | Path) -> list[Run]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"no sweep file {str(path)!r}: pass --sweep sweeps/NAME.py")
-    spec = importlib.util.spec_from_file_location(f"sweeps.{path.stem}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = import_file(path, f"sweeps.{path.stem}")
     if not callable(getattr(module, "get_sweep", None)):
         raise ConfigError(f"{path} is not a sweep: it has no get_sweep()")
     return make_runs(module.get_sweep())
