@@ -22,8 +22,8 @@ the official 10,000 test images. MEASURED (2-core CPU shared with other jobs, 20
 import flax.linen as nn
 import ml_collections
 
-from experiments.mnist_mlp import cpu_and_smoke, eval_fn, loss_fn, make_data  # noqa: F401  (the contract)
-from research.config import choose, trainer_config
+from experiments.mnist_mlp import adam_paper_config, cpu_and_smoke, eval_fn, loss_fn, make_data  # noqa: F401  (the contract)
+from research.config import choose
 from research.models.mlp import MLP
 from research.reproduce import Reference
 
@@ -38,19 +38,8 @@ REFERENCES = (
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    config = trainer_config()
-    config.data = ml_collections.ConfigDict({
-        "name": "mnist",  # the full official split, or the shipped 5k subset offline (said once)
-        "splits": {"train": "train[:90%]", "validation": "train[90%:]", "test": "test"},
-    })
+    config = adam_paper_config(num_steps=18990, eval_every=4220)  # 45 epochs of 54,000 images at batch 128
     config.model = ml_collections.ConfigDict({"num_classes": 10})
-    config.update_from_flattened_dict({
-        "num_steps": 18990,  # 45 epochs of 54,000 images at batch 128
-        "batch_size": 128,
-        "eval_every": 4220,
-        "optimizer.name": "adam",
-        "optimizer.learning_rate": 1e-3,
-    })
     config.update_from_flattened_dict(choose(arg, {None: {}, **cpu_and_smoke(num_steps=1575, eval_every=525)}))
     return config
 

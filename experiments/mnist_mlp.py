@@ -43,20 +43,23 @@ REFERENCES = (
 )
 
 
-def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+def adam_paper_config(num_steps: int, eval_every: int) -> ml_collections.ConfigDict:
+    """The Adam paper's MNIST setting without a model: data, Adam at 1e-3, batch 128 (shared with mnist_logreg)."""
     config = trainer_config()
     config.data = ml_collections.ConfigDict({
         "name": "mnist",  # the full official split, or the shipped 5k subset offline (said once)
         "splits": {"train": "train[:90%]", "validation": "train[90%:]", "test": "test"},
     })
-    config.model = ml_collections.ConfigDict({"features": (1000, 1000, 10), "dropout_rate": 0.5, "input_dropout_rate": 0.2})
     config.update_from_flattened_dict({
-        "num_steps": 8440,  # 20 epochs of 54,000 images at batch 128
-        "batch_size": 128,
-        "eval_every": 2110,
-        "optimizer.name": "adam",
-        "optimizer.learning_rate": 1e-3,
+        "num_steps": num_steps, "batch_size": 128, "eval_every": eval_every,
+        "optimizer.name": "adam", "optimizer.learning_rate": 1e-3,
     })
+    return config
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    config = adam_paper_config(num_steps=8440, eval_every=2110)  # 20 epochs of 54,000 images at batch 128
+    config.model = ml_collections.ConfigDict({"features": (1000, 1000, 10), "dropout_rate": 0.5, "input_dropout_rate": 0.2})
     variants = cpu_and_smoke(num_steps=2100, eval_every=525)
     variants["smoke"]["model.features"] = (128, 128, 10)  # compiles in a fraction of the time
     config.update_from_flattened_dict(choose(arg, {None: {}, **variants}))

@@ -21,3 +21,16 @@ def assert_trees_close(actual, expected, atol: float = 1e-6, rtol: float = 0.0) 
 def data_dir(tmp_path_factory) -> str:
     """One tfds data directory for the whole session, so each builder prepares once."""
     return str(tmp_path_factory.mktemp("tensorflow_datasets"))
+
+
+def train_as_launch(name: str, data_dir: str, workdir, overrides: dict) -> dict:
+    """Trains experiments/NAME.py :smoke with `overrides` into `workdir` as launch.py would (the
+    workdir claimed, checkpoints written synchronously); returns the final metrics."""
+    from research import experiment, train
+
+    module = experiment.load(f"experiments/{name}.py")
+    config = module.get_config("smoke")
+    config.data_dir = data_dir
+    config.update_from_flattened_dict(overrides | {"checkpoint.asynchronous": False})
+    experiment.claim_workdir(workdir, name, config)
+    return train.train_and_evaluate(config, module, workdir)

@@ -8,7 +8,8 @@ import textwrap
 import numpy as np
 import pytest
 
-from research import experiment, export, predict, quantize, train
+from conftest import train_as_launch
+from research import export, predict, quantize
 from research.config import ConfigError
 from research.generate import Sampling
 
@@ -17,12 +18,7 @@ from research.generate import Sampling
 def trained(data_dir, tmp_path_factory):
     """(workdir, final metrics) of digits_mlp :smoke trained as launch.py would."""
     workdir = tmp_path_factory.mktemp("digits")
-    module = experiment.load("experiments/digits_mlp.py")
-    config = module.get_config("smoke")
-    config.data_dir = data_dir
-    config.update_from_flattened_dict({"eval_every": 0, "log_every": 100, "checkpoint.asynchronous": False})
-    experiment.claim_workdir(workdir, "digits_mlp", config)
-    return workdir, train.train_and_evaluate(config, module, workdir)
+    return workdir, train_as_launch("digits_mlp", data_dir, workdir, {"eval_every": 0, "log_every": 100})
 
 
 @pytest.fixture(scope="module")
@@ -35,13 +31,8 @@ def ranked(data_dir, tmp_path_factory):
     """The workdir of digits_mlp :smoke evaluated every 50 steps, keeping the checkpoint with the
     highest validation loss: that is step 50, never the newest, so "best" and "latest" differ."""
     workdir = tmp_path_factory.mktemp("ranked")
-    module = experiment.load("experiments/digits_mlp.py")
-    config = module.get_config("smoke")
-    config.data_dir = data_dir
-    config.update_from_flattened_dict({"eval_every": 50, "log_every": 50, "checkpoint.asynchronous": False, "checkpoint.keep": 1,
-                                       "checkpoint.best_metric": "eval/loss", "checkpoint.best_mode": "max"})
-    experiment.claim_workdir(workdir, "digits_mlp", config)
-    train.train_and_evaluate(config, module, workdir)
+    train_as_launch("digits_mlp", data_dir, workdir, {"eval_every": 50, "log_every": 50, "checkpoint.keep": 1,
+                                                      "checkpoint.best_metric": "eval/loss", "checkpoint.best_mode": "max"})
     return workdir
 
 

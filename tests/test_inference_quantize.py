@@ -4,19 +4,15 @@ the accuracy it costs and the bytes it saves (mnist_cnn :smoke, trained here).""
 import numpy as np
 import pytest
 
-from research import experiment, predict, quantize, train
+from conftest import train_as_launch
+from research import predict, quantize
 
 
 @pytest.fixture(scope="module")
 def cnn_run(data_dir, tmp_path_factory):
     """mnist_cnn :smoke (conv 8, 16; dense 32) trained 100 steps, tested on 2,000 official test images."""
     workdir = tmp_path_factory.mktemp("cnn")
-    module = experiment.load("experiments/mnist_cnn.py")
-    config = module.get_config("smoke")
-    config.data_dir = data_dir
-    config.update_from_flattened_dict({"num_steps": 100, "log_every": 50, "data.splits.test": "test[:2000]", "checkpoint.asynchronous": False})
-    experiment.claim_workdir(workdir, "mnist_cnn", config)
-    train.train_and_evaluate(config, module, workdir)
+    train_as_launch("mnist_cnn", data_dir, workdir, {"num_steps": 100, "log_every": 50, "data.splits.test": "test[:2000]"})
     return predict.load_run(workdir)
 
 
