@@ -7,22 +7,34 @@ become [MASK], 10% a random token (a real piece, never padding or a special id),
 language modeling?"): on a CPU budget the run is starved of predictions, not of context. BERT
 publishes no number for this corpus; the result is the MLM curve (eval/accuracy: the masked
 pieces recovered) and bert_finetune's gain.
-MEASURED `:cpu` (2 layers, 128 wide, 2,000 pieces, 0.68M parameters of which 0.66M encoder;
-64-piece windows, batch 32, 1,600 steps, lr 2e-3 after 100 warm-up steps, cosine to 5%; 12.5 min
-on this 2-core CPU shared with other jobs): val MLM accuracy 0.251, loss 4.635 (0.183 / 5.521
-at step 800); test 0.254 / 4.701. Shorter runs on the same windows, for the record (all measured 2026-11-23):
-  15% masked, 1,200 steps:   val 0.131 / 5.870 (test 0.134 / 5.912)
-  40% masked,   800 steps:   val 0.173 / 5.573 (test 0.183 / 5.615)
-  15% masked, 1,500 steps of 16 x 128 pieces, lr 1e-3 constant (the previous `:cpu`): val 0.172 / 5.611
+MEASURED `:cpu` (2 layers, 128 wide, 2,000 pieces, 0.68M parameters of which 0.66M encoder, an
+untied MLM output matrix of 0.26M more; 64-piece windows, batch 32, 6,400 steps, lr 2e-3 after 100
+warm-up steps, cosine to 5%; 2026-11-24, TIME_PLACEHOLDER): val MLM accuracy 0.277 / 0.338 / 0.359 / 0.369
+at steps 1,600 / 3,200 / 4,800 / 6,400 (loss 4.10 / 3.67 / 3.48 / 3.43); test 0.343 / 3.71 at the end.
+Same settings, 1,600 steps (the previous `:cpu`, 7 min): tied embeddings val 0.248 / 4.62, untied
+0.274 / 4.16 (test 0.274 / 4.31); untied with whole-word masking (`data.whole_word_masking`, a
+harder task: whole names to recall) 0.263 / 4.47; untied with next-sentence prediction
+(`model.next_sentence`) 0.118 / 5.87 MLM and 0.62 next-sentence accuracy: at this budget the
+half-length contexts and the second loss cost the MLM most of what it learns.
+Earlier, tied, 2026-11-23: 15% masked, 1,200 steps val 0.131 / 5.870; 40% masked, 800 steps 0.173 /
+5.573; 15% masked, 1,500 steps of 16 x 128 pieces, lr 1e-3 constant 0.172 / 5.611.
 For scale: always guessing the most frequent piece is right 0.10 of the time, and the piece
 frequencies alone score 6.02 nats (uniform: 7.60). The MLM sits near those for the first few
-hundred steps and only then learns to read the context; bert_finetune gains only from an encoder
-well past that point. The default config (4 x 256, 10,000 steps of 64) is for a GPU; not run here.
+hundred steps and only then learns to read the context. What bert_finetune gains from it (its
+docstring): on shakespeare_acceptability the fine-tuned encoder is right on 0.60 / 0.62 (val /
+test, 3 seeds) against 0.49 / 0.46 from scratch, and more pre-training helps (0.54 / 0.60 after
+1,600 steps); on shakespeare_speakers it does not beat scratch. The default config (4 x 256,
+10,000 steps of 64) is for a GPU; not run here.
 `:smoke` (1 layer, 32 wide, 300 pieces) runs in seconds; its loss falls from ~5.6 to ~5.2.
+Untied output embeddings (Chung et al. 2021) are `:cpu`'s choice: with BERT's tied ones every
+masked position pushes every other piece's input embedding away as a wrong answer; untied, a
+piece's input embedding is trained only where the piece is read, and the MLM was better (0.274
+against 0.248 at 1,600 steps), and so was transfer to the speakers (val/test 0.378/0.346 against
+0.349/0.297, 3 seeds).
 
 Tokens: a sentencepiece BPE vocabulary (`tokenizer.vocab_size` pieces) trained, deterministically,
-on the pre-training text, plus [MASK] and [CLS]; every example is [CLS] followed by
-`max_length - 1` pieces, the layout bert_finetune's classifier reads. (Characters were tried
+on the pre-training text, plus [MASK] and [CLS] (and [SEP] with next-sentence pairs); every example
+is [CLS] followed by `max_length - 1` pieces, the layout bert_finetune's classifier reads. (Characters were tried
 first: a 2-layer MLM on characters sat at the unigram loss for 700 steps, ~3.1 nats, since a
 masked character is guessed only once attention has learnt to read its neighbours.)
 No leak into bert_finetune: every speech that shakespeare_speakers holds out for validation or
@@ -30,7 +42,7 @@ test (with its speaker's name line) is cut from the pre-training text.
 What the pre-training sees: the `train` split of tiny_shakespeare (its first 90%) minus every
 held-out speech, so about 90% of bert_finetune's 1,032 training speeches, unlabelled, and none of
 its validation or test speeches; tiny_shakespeare's own validation split stays unseen, for the
-MLM numbers above.
+MLM numbers above, and for shakespeare_acceptability's lines, which are cut from it.
 The encoder is pre-LayerNorm (Xiong et al. 2020), which trains stably even without warm-up.
 Training windows start at every piece offset, shuffled; each window's mask is drawn from
 (seed, offset), so a resumed run sees the same masks. Evaluation: the non-overlapping windows of
@@ -50,7 +62,7 @@ from research import metrics
 from research.config import choose, trainer_config
 from research.data import pipeline, text
 from research.models import compute_dtype
-from research.models.bert import BertEncoder, BertForMaskedLM
+from research.models.bert import BertEncoder, BertForMaskedLM, BertForPreTraining
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     """A 4-layer, 256-wide encoder (GPU); `:cpu` 2 layers of 128; `:smoke` 1 of 32."""
@@ -59,11 +71,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         "name": "tiny_shakespeare",
         "max_eval_windows": 0,  # 0: every window
         "mask_rate": 0.15,  # the share of each window's pieces to predict (BERT's 15%)
+        "whole_word_masking": False,  # True: predict every piece of the chosen words (text.mask_tokens)
     })
     config.tokenizer = ml_collections.ConfigDict({"vocab_size": 2000})  # sentencepiece BPE pieces
     config.model = ml_collections.ConfigDict({
         "max_length": 128, "num_layers": 4, "num_heads": 4, "width": 256, "dropout_rate": 0.1, "dtype": "float32",
         "remat": "none",  # transformer.REMAT_POLICIES
+        "tie_embeddings": True,  # False: the MLM head has its own output matrix (not transferred)
+        # True: BERT's next-sentence prediction too: [CLS] A [SEP] B [SEP], B the text after A or a
+        # line from elsewhere, half and half; segment embeddings; the pooler transfers to bert_finetune
+        "next_sentence": False,
     })
     config.optimizer.kwargs.b2 = 0.99
     config.update_from_flattened_dict({"optimizer.name": "adam", "optimizer.learning_rate": 1e-3, "optimizer.weight_decay": 0.01})
@@ -77,7 +94,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 # Shared with bert_finetune, whose encoder must have the same shapes.
 CPU = {  # 64-piece windows: half the attention, and [CLS] + 63 pieces hold 73% of the speeches whole
     "model.max_length": 64, "model.num_layers": 2, "model.width": 128, "model.dropout_rate": 0.0,
-    "num_steps": 1600, "batch_size": 32, "eval_every": 800,
+    "model.tie_embeddings": False,  # see the docstring
+    "num_steps": 6400, "batch_size": 32, "eval_every": 1600, "checkpoint.every_steps": 1600,
     "optimizer.learning_rate": 2e-3, "optimizer.schedule.name": "warmup_cosine", "optimizer.schedule.warmup_steps": 100,
     "optimizer.schedule.final_fraction": 0.05,
     "data.mask_rate": 0.4,  # 2.7x the predictions per step of 15% (Wettig et al. 2023): see the docstring
@@ -98,10 +116,12 @@ def tokenizer(vocab_size: int, data_dir: str) -> text.SubwordTokenizer:
 
 
 def special_ids(config: ml_collections.ConfigDict) -> dict:
-    """[MASK] and [CLS] ids after sentencepiece's, the vocabulary size with them, and sentencepiece's reserved ids."""
+    """[MASK], [CLS] (and for next-sentence pairs [SEP]) ids after sentencepiece's, the vocabulary size
+    with them, and sentencepiece's reserved ids."""
     pieces = tokenizer(config.tokenizer.vocab_size, config.data_dir)
     size = pieces.vocab_size
-    return {"mask": size, "cls": size + 1, "vocab_size": size + 2, "reserved": pieces.reserved_ids}
+    ids = {"mask": size, "cls": size + 1, "vocab_size": size + 2, "reserved": pieces.reserved_ids}
+    return ids | ({"sep": size + 2, "vocab_size": size + 3} if config.model.next_sentence else {})
 
 
 def encode(config: ml_collections.ConfigDict, characters: str) -> np.ndarray:
@@ -126,13 +146,48 @@ def split_tokens(config: ml_collections.ConfigDict, split: str) -> np.ndarray:
 
 
 def masked_windows(tokens: np.ndarray, starts_B: np.ndarray, *, length: int, seed: int, ids: dict,
-                   rate: float = 0.15) -> dict[str, np.ndarray]:
+                   rate: float = 0.15, word_kinds: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """[CLS] + tokens[start : start + length - 1] for each start, BERT-masked from (seed, start)."""
     examples = []
     for start in starts_B:
         window = np.concatenate([[ids["cls"]], tokens[start : start + length - 1]]).astype(np.int32)
         examples.append(text.mask_tokens(window, np.random.default_rng([seed, int(start)]), mask_id=ids["mask"],
-                                         vocab_size=ids["mask"], rate=rate, special_ids=(*ids["reserved"], ids["cls"])))
+                                         vocab_size=ids["mask"], rate=rate, special_ids=(*ids["reserved"], ids["cls"]),
+                                         word_kinds=word_kinds))
+    return {key: np.stack([example[key] for example in examples]) for key in examples[0]}
+
+
+NEXT_SENTENCE_MIN_DISTANCE = 2000  # pieces: a random B comes from at least this far away (another scene)
+
+
+def sentence_pairs(tokens: np.ndarray, starts_B: np.ndarray, *, length: int, seed: int, ids: dict, newline: int,
+                   rate: float = 0.15, word_kinds: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """[CLS] A [SEP] B [SEP] from each start, BERT-masked, with `segments` and `next_label` (1: B follows A).
+
+    A is at most half the window from `start`, cut after its last newline; B fills the rest and
+    begins at a line start in both cases (the text right after A, or a line at least
+    NEXT_SENTENCE_MIN_DISTANCE pieces away), so only what the lines say tells the two apart."""
+    line_starts = np.flatnonzero(tokens[:-length] == newline) + 1
+    examples = []
+    for start in starts_B:
+        rng = np.random.default_rng([seed, int(start)])
+        half = (length - 3) // 2
+        newlines = np.flatnonzero(tokens[start : start + half] == newline)
+        a_end = start + newlines[-1] + 1 if len(newlines) else start + half
+        is_next = rng.random() < 0.5
+        if is_next:
+            b_start = a_end
+        else:  # a line start, or where A could not end a line (one line longer than A) anywhere
+            candidates = line_starts if len(newlines) else np.arange(len(tokens) - length)
+            far = candidates[np.abs(candidates - start) >= NEXT_SENTENCE_MIN_DISTANCE]
+            b_start = far[rng.integers(len(far))]
+        b_length = length - 3 - (a_end - start)
+        pair = np.concatenate([[ids["cls"]], tokens[start:a_end], [ids["sep"]], tokens[b_start : b_start + b_length], [ids["sep"]]])
+        example = text.mask_tokens(pair.astype(np.int32), rng, mask_id=ids["mask"], vocab_size=ids["mask"], rate=rate,
+                                   special_ids=(*ids["reserved"], ids["cls"], ids["sep"]), word_kinds=word_kinds)
+        segments = np.zeros(length, np.int32)
+        segments[a_end - start + 2 :] = 1
+        examples.append(example | {"segments": segments, "next_label": np.asarray(int(is_next), np.int32)})
     return {key: np.stack([example[key] for example in examples]) for key in examples[0]}
 
 
@@ -140,8 +195,12 @@ def make_data(config: ml_collections.ConfigDict, split: str):
     """Training: masked windows at every offset, shuffled, endless. Evaluation: non-overlapping windows, once."""
     tokens = split_tokens(config, split)
     length = config.model.max_length
+    word_kinds = tokenizer(config.tokenizer.vocab_size, config.data_dir).word_kinds if config.data.whole_word_masking else None
     mask = functools.partial(masked_windows, tokens, length=length, seed=config.seed, ids=special_ids(config),
-                             rate=config.data.mask_rate)
+                             rate=config.data.mask_rate, word_kinds=word_kinds)
+    if config.model.next_sentence:
+        mask = functools.partial(sentence_pairs, tokens, length=length, seed=config.seed, ids=special_ids(config),
+                                 newline=int(encode(config, "\n")[0]), rate=config.data.mask_rate, word_kinds=word_kinds)
     if split == "train":
         starts = np.arange(len(tokens) - length + 2)
         return pipeline.array_batches({"start": starts}, batch_size=config.batch_size, seed=config.seed,
@@ -153,43 +212,55 @@ def make_data(config: ml_collections.ConfigDict, split: str):
 
 
 def make_encoder(config: ml_collections.ConfigDict) -> BertEncoder:
-    """The configured encoder: pre-LayerNorm, no segment embedding (one text per example)."""
+    """The configured encoder: pre-LayerNorm; segment embeddings only for next-sentence pairs."""
     model = config.model
     return BertEncoder(vocab_size=special_ids(config)["vocab_size"], max_length=model.max_length,
-                       num_layers=model.num_layers, num_heads=model.num_heads, width=model.width, num_segments=0,
+                       num_layers=model.num_layers, num_heads=model.num_heads, width=model.width,
+                       num_segments=2 if model.next_sentence else 0,
                        dropout_rate=model.dropout_rate, pre_layer_norm=True, dtype=compute_dtype(model.dtype),
                        remat=model.remat)
 
 
 def make_model(config: ml_collections.ConfigDict) -> nn.Module:
     """The configured model."""
-    return BertForMaskedLM(encoder=make_encoder(config))
+    head = BertForPreTraining if config.model.next_sentence else BertForMaskedLM
+    return head(encoder=make_encoder(config), tie_embeddings=config.model.tie_embeddings)
 
 
 def apply(params, batch, rng, *, model) -> jax.Array:
     """Model outputs; dropout only in training (rng given). Padding (id 0) is masked out of attention."""
     rngs = None if rng is None else {"dropout": rng}
-    return model.apply({"params": params}, batch["inputs"], batch["inputs"] != text.PAD_ID,
+    return model.apply({"params": params}, batch["inputs"], batch["inputs"] != text.PAD_ID, batch.get("segments"),
                        deterministic=rng is None, rngs=rngs)
 
 
 def loss_fn(params, batch, rng, *, model):
-    """Cross-entropy over the masked positions of the real examples; their accuracy."""
-    logits_BxLxV = apply(params, batch, rng, model=model)
+    """Cross-entropy over the masked positions of the real examples; their accuracy. With next-sentence
+    pairs, plus the next-sentence cross-entropy (BERT's sum of the two)."""
+    outputs = apply(params, batch, rng, model=model)
+    logits_BxLxV = outputs[0] if isinstance(outputs, tuple) else outputs
     weights_BxL = batch["weights"] * batch["mask"][:, None]
     nll_BxL = optax.softmax_cross_entropy_with_integer_labels(logits_BxLxV, batch["targets"])
     correct_BxL = (jnp.argmax(logits_BxLxV, -1) == batch["targets"]).astype(jnp.float32)
-    return metrics.masked_mean(nll_BxL, weights_BxL), {"accuracy": metrics.masked_mean(correct_BxL, weights_BxL)}
+    loss, aux = metrics.masked_mean(nll_BxL, weights_BxL), {"accuracy": metrics.masked_mean(correct_BxL, weights_BxL)}
+    if isinstance(outputs, tuple):
+        next_loss, next_aux = metrics.classification_loss(outputs[1], batch["next_label"], batch["mask"])
+        loss, aux = loss + next_loss, aux | {"mlm_loss": loss, "next_sentence_accuracy": next_aux["accuracy"]}
+    return loss, aux
 
 
 def eval_fn(params, batch, *, model) -> dict[str, metrics.Metric]:
-    """MLM loss and accuracy pooled over every masked position."""
-    logits_BxLxV = apply(params, batch, None, model=model)
+    """MLM loss and accuracy pooled over every masked position (and next-sentence accuracy over the pairs)."""
+    outputs = apply(params, batch, None, model=model)
+    logits_BxLxV = outputs[0] if isinstance(outputs, tuple) else outputs
     weights_BxL = batch["weights"] * batch["mask"][:, None]
-    return {
+    results = {
         "loss": metrics.CrossEntropy.from_logits(logits_BxLxV, batch["targets"], weights_BxL),
         "accuracy": metrics.Accuracy.from_logits(logits_BxLxV, batch["targets"], weights_BxL),
     }
+    if isinstance(outputs, tuple):
+        results["next_sentence_accuracy"] = metrics.Accuracy.from_logits(outputs[1], batch["next_label"], batch["mask"])
+    return results
 
 
 def init_variables(model: nn.Module, rng: jax.Array, batch) -> dict:

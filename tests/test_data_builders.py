@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from research.data import catalog, cifar10, files, mnist, shakespeare_speakers, tiny_shakespeare
+from research.data import catalog, cifar10, files, mnist, shakespeare_acceptability, shakespeare_speakers, tiny_shakespeare
 
 ROOT = Path(__file__).resolve().parents[1]
 # From research/data/bundled/mnist/PROVENANCE.md.
@@ -145,6 +145,33 @@ def test_shakespeare_speakers_labels_the_most_frequent_speakers(data_dir):
     assert test_labels == set(range(8))
     first = min((sources["train"][index] for index in range(len(sources["train"]))), key=lambda record: record["index"])
     assert first["text"].decode().startswith(examples[0][0][:40])
+
+
+def test_shakespeare_acceptability_corrupts_half_the_held_out_lines_by_word_order_or_one_word(data_dir):
+    text = tiny_shakespeare.read_text()
+    held_out = tiny_shakespeare.split_text(text)
+    lines = shakespeare_acceptability.candidate_lines(held_out["validation"] + held_out["test"])
+    examples = shakespeare_acceptability.labelled_lines(text)
+    assert len(examples) == len(lines) == 2097 and sum(label for _, label in examples) == 1045
+    swaps = replacements = 0
+    for (line, label), original in zip(examples, lines):
+        words, before = line.split(), original.split()
+        assert len(words) == len(before) >= shakespeare_acceptability.MIN_WORDS and words[0] == before[0]
+        changed = [i for i in range(len(words)) if words[i] != before[i]]
+        if label == 1:
+            assert changed == []
+        elif sorted(words) == sorted(before):  # two different words swapped places
+            assert len(changed) == 2 and words[changed[0]] == before[changed[1]]
+            swaps += 1
+        else:
+            assert len(changed) == 1
+            replacements += 1
+    assert swaps + replacements == 1052 and abs(swaps - replacements) < 100
+    assert not any(line in held_out["train"] for line in lines[:50] if len(line) > 40)  # none from pre-training's text
+    sources = {split: catalog.source("shakespeare_acceptability", split, data_dir) for split in shakespeare_acceptability.SPLIT_SIZES}
+    assert {split: len(source) for split, source in sources.items()} == shakespeare_acceptability.SPLIT_SIZES
+    test_labels = [sources["test"][index]["label"] for index in range(len(sources["test"]))]
+    assert 0.4 < np.mean(test_labels) < 0.6
 
 
 def test_unknown_dataset_name_is_one_line():

@@ -68,6 +68,32 @@ def test_mlm_masking_picks_15_percent_and_splits_them_80_10_10():
     assert np.array_equal(again["inputs"], masked["inputs"])
 
 
+def test_whole_word_masking_predicts_every_piece_of_the_chosen_words():
+    # ids 10-19 begin a word, 20-29 continue one, 4 (a newline) is a word alone; 0-3 are special
+    kinds = np.zeros(30, np.int8)
+    kinds[10:20], kinds[4] = text.WORD_BEGINS, text.WORD_ALONE
+    rng = np.random.default_rng(0)
+    words = [[rng.integers(10, 20), *rng.integers(20, 30, size=rng.integers(0, 4))] for _ in range(3000)]
+    words[::7] = [[4]] * len(words[::7])
+    words[::11] = [[20, 21]] * len(words[::11])  # a word that starts without a beginning piece: after a newline
+    tokens = np.array([token for word in words for token in word], np.int32)
+    tokens[:3] = 0  # padding splits the first word, whose tail then counts as a word of its own
+    masked = text.mask_tokens(tokens, np.random.default_rng(1), mask_id=3, vocab_size=30, rate=0.4,
+                              special_ids=(0, 1, 2, 3), word_kinds=kinds)
+    chosen = masked["weights"] == 1
+    # the budget: at most 40% of the non-special tokens, short of it by less than one word
+    assert 0.4 * 0.99 * (len(tokens) - 3) < chosen.sum() <= round(0.4 * (len(tokens) - 3))
+    starts = np.cumsum([0] + [len(word) for word in words])
+    for first, end in zip(starts[:-1], starts[1:]):
+        first = max(first, 3)
+        if first < end:  # each word is predicted whole or not at all
+            assert chosen[first:end].all() or not chosen[first:end].any(), tokens[first:end]
+    assert not chosen[:3].any() and np.array_equal(np.unique(masked["inputs"][chosen] == 3), [False, True])
+    plain = text.mask_tokens(tokens, np.random.default_rng(1), mask_id=3, vocab_size=30, rate=0.4, special_ids=(0, 1, 2, 3))
+    split = sum(0 < plain["weights"][max(a, 3):b].sum() < b - max(a, 3) for a, b in zip(starts[:-1], starts[1:]))
+    assert split > 1000  # per-piece masking, for contrast, predicts part of many words
+
+
 def test_mlm_random_replacements_are_real_tokens():
     special = (text.PAD_ID, 1, 2, 3, 9)  # padding, sentencepiece's unk/bos/eos, a [CLS]
     tokens = np.full(20000, 5, np.int32)

@@ -14,6 +14,7 @@ import pytest
 from conftest import assert_trees_close
 from experiments import bert_finetune, bert_pretrain, shakespeare_gpt, shakespeare_lstm
 from research import checkpoint, train
+from research.config import ConfigError
 from research.data import pipeline, text
 
 UNIGRAM_ENTROPY = 3.31
@@ -95,6 +96,29 @@ def test_mlm_pretraining_masks_never_insert_padding_or_special_tokens(data_dir):
     assert (batch["inputs"] == text.PAD_ID).sum() == 0 and (batch["inputs"][:, 0] == ids["cls"]).all()
 
 
+def test_next_sentence_pairs_differ_only_in_what_b_says(data_dir):
+    config = bert_pretrain.get_config("smoke")
+    config.data_dir, config.model.next_sentence = data_dir, True
+    ids = bert_pretrain.special_ids(config)
+    assert (ids["sep"], ids["vocab_size"]) == (302, 303)
+    tokens = bert_pretrain.split_tokens(config, "train")
+    newline = int(bert_pretrain.encode(config, "\n")[0])
+    starts = np.arange(0, 60000, 97)
+    pairs = bert_pretrain.sentence_pairs(tokens, starts, length=32, seed=0, ids=ids, newline=newline, rate=0.15)
+    assert 0.45 < pairs["next_label"].mean() < 0.55 and pairs["targets"].shape == (len(starts), 32)
+    for start, targets, segments, label in zip(starts, pairs["targets"], pairs["segments"], pairs["next_label"]):
+        seps = np.flatnonzero(targets == ids["sep"])
+        assert targets[0] == ids["cls"] and seps[-1] == 31 and len(seps) == 2
+        a, b = targets[1 : seps[0]], targets[seps[0] + 1 : 31]
+        assert np.array_equal(a, tokens[start : start + len(a)]) and (segments == (np.arange(32) > seps[0])).all()
+        b_start = start + len(a) if label else next(
+            i for i in np.flatnonzero(tokens == b[0]) if np.array_equal(tokens[i : i + len(b)], b))
+        assert np.array_equal(tokens[b_start : b_start + len(b)], b)
+        assert tokens[b_start - 1] == newline or newline not in a  # B starts a line in both cases, if A ends one
+        assert label or abs(b_start - start) >= bert_pretrain.NEXT_SENTENCE_MIN_DISTANCE
+    assert (pairs["weights"][pairs["targets"] == ids["sep"]] == 0).all() and (pairs["weights"].sum(1) == round(0.15 * 29)).all()
+
+
 def test_bert_finetune_optimizer_scales_only_the_encoders_steps():
     config = bert_finetune.get_config("cpu")
     config.optimizer.kwargs.encoder_scale = 0.1
@@ -118,6 +142,28 @@ def test_bert_finetune_smoke_starts_from_the_pretrained_encoder(pretrained, data
     assert "left at random init: classifier/bias, classifier/kernel, pooler/bias, pooler/kernel\n" in capsys.readouterr().out
     losses = train_losses(tmp_path)
     assert losses[0] > math.log(8) - 0.1 and losses[-1] < losses[0] - 0.3  # measured: 2.08 -> 1.56 on its 64 speeches
+
+
+def test_bert_finetune_cloze_head_starts_from_the_whole_pretrained_model(pretrained, data_dir, tmp_path, capsys):
+    _, pretrain_dir = pretrained
+    smoke_run(bert_finetune, data_dir, tmp_path, **{"init_from.workdir": str(pretrain_dir), "model.head": "cloze"})
+    assert "left at random init: none\n" in capsys.readouterr().out  # no layer of the classifier is new
+    losses = train_losses(tmp_path)
+    assert losses[0] > math.log(8) - 0.3 and losses[-1] < losses[0] - 0.3
+
+
+def test_bert_finetune_reads_the_acceptability_lines(data_dir):
+    config = bert_finetune.get_config("smoke")
+    config.data_dir, config.data.name = data_dir, "shakespeare_acceptability"
+    assert bert_finetune.class_names(config) == ["corrupted", "original"]
+    batch = next(iter(bert_finetune.make_data(config, "validation")))
+    ids = bert_pretrain.special_ids(config)
+    assert (batch["inputs"][:, 0] == ids["cls"]).all() and set(batch["labels"].tolist()) == {0, 1}
+    lengths = (batch["inputs"] != text.PAD_ID).sum(1)
+    assert 6 <= lengths.min() and lengths.max() <= config.model.max_length  # [CLS] + a line of at least 5 words
+    config.model.head = "cloze"
+    with pytest.raises(ConfigError, match="model.head=cloze reads a speaker's name"):
+        bert_finetune.make_model(config)
 
 
 def test_bert_finetune_frozen_encoder_keeps_the_pretrained_weights(pretrained, data_dir, tmp_path):

@@ -12,7 +12,7 @@ from conftest import assert_trees_close
 
 from research import sharding
 from research.models import param_count
-from research.models.bert import BertClassifier, BertEncoder, BertForMaskedLM
+from research.models.bert import BertClassifier, BertClozeClassifier, BertEncoder, BertForMaskedLM, BertForPreTraining
 from research.models.cnn import CNN
 from research.models.gpt import GPT
 from research.models.resnet import CifarResNet, zero_padded_shortcut
@@ -289,6 +289,10 @@ def test_bert_base_param_counts():
     assert param_count(classifier) - param_count(classifier["encoder"]) == (768 * 768 + 768) + (768 * 2 + 2)
     # The output layer is the tied token embedding: only the transform, its LayerNorm and a bias are new.
     assert param_count(masked_lm) - param_count(masked_lm["encoder"]) == (768 * 768 + 768) + 2 * 768 + 30522
+    # Untied, the head has its own 768 x 30,522 output matrix; the encoder (what transfers) is unchanged.
+    untied = init_params(BertForMaskedLM(encoder, tie_embeddings=False), tokens_BxL)
+    assert param_count(untied) - param_count(masked_lm) == 768 * 30522
+    assert untied["mlm_output"]["kernel"].shape == (768, 30522) and param_count(untied["encoder"]) == 108_891_648
     pre_norm = init_params(BertClassifier(BertEncoder(**BERT_BASE, pre_layer_norm=True), num_classes=2), tokens_BxL)
     assert param_count(pre_norm) == param_count(classifier)
     assert "final_norm" in pre_norm["encoder"] and "embedding_norm" not in pre_norm["encoder"]
@@ -319,6 +323,29 @@ def test_bert_encoder_restores_from_masked_lm_into_classifier():
     restored_BxLxD, pretrained_BxLxD, logits_BxK = outputs(restored, pretrained)
     np.testing.assert_array_equal(restored_BxLxD, pretrained_BxLxD)
     assert logits_BxK.shape == (2, 3)
+
+
+@pytest.mark.parametrize("tie_embeddings", [True, False])
+def test_bert_pretraining_and_cloze_heads_share_the_masked_lm_tree(tie_embeddings):
+    encoder = BertEncoder(**TINY_BERT, pre_layer_norm=True)
+    tokens_BxL = np.random.default_rng(3).integers(1, 50, size=(2, 16)).astype(np.int32)
+    segments_BxL = (np.arange(16) >= 7).astype(np.int32)[None].repeat(2, 0)
+    masked_lm = init_variables(BertForMaskedLM(encoder, tie_embeddings), tokens_BxL)["params"]
+    pretraining = BertForPreTraining(encoder, tie_embeddings)
+    both = init_variables(pretraining, tokens_BxL)["params"]
+    assert set(both) == set(masked_lm) | {"pooler", "next_sentence"} and ("mlm_output" in both) != tie_embeddings
+    classifier = init_params(BertClassifier(encoder, num_classes=3, pooling="cls"), tokens_BxL)
+    assert jax.tree.map(jnp.shape, classifier["pooler"]) == jax.tree.map(jnp.shape, both["pooler"])  # transfers by name
+    logits_BxLxV, next_Bx2 = pretraining.apply({"params": both}, tokens_BxL, None, segments_BxL)
+    np.testing.assert_allclose(logits_BxLxV, BertForMaskedLM(encoder, tie_embeddings).apply(
+        {"params": {key: value for key, value in both.items() if key in masked_lm}}, tokens_BxL, None, segments_BxL), atol=1e-6)
+    assert next_Bx2.shape == (2, 2)
+    # The cloze classifier is the masked LM read at one position, for the label words only.
+    label_ids = (7, 3, 41)
+    cloze = BertClozeClassifier(encoder, tie_embeddings, position=4, label_ids=label_ids)
+    assert jax.tree.map(jnp.shape, init_params(cloze, tokens_BxL)) == jax.tree.map(jnp.shape, masked_lm)
+    full_BxLxV = BertForMaskedLM(encoder, tie_embeddings).apply({"params": masked_lm}, tokens_BxL)
+    np.testing.assert_allclose(cloze.apply({"params": masked_lm}, tokens_BxL), full_BxLxV[:, 4][:, label_ids], atol=1e-6)
 
 
 def test_bert_padding_mask_and_bidirectional_attention():

@@ -13,7 +13,7 @@ from typing import Any, Mapping, Sequence
 
 import tensorflow_datasets as tfds
 
-from research.data import cifar10, files, mnist, optdigits, shakespeare_speakers, tiny_shakespeare
+from research.data import cifar10, files, mnist, optdigits, shakespeare_acceptability, shakespeare_speakers, tiny_shakespeare
 
 OFFICIAL_PREFIX = "tfds:"
 
@@ -32,6 +32,8 @@ DATASETS = {
     "cifar10": Dataset("research_cifar10", "CIFAR-10 32x32x3 (binary archive or internet)", cifar10.SPLIT_SIZES),
     "tiny_shakespeare": Dataset("research_tiny_shakespeare", "Tiny Shakespeare, one text per split (shipped)", {"train": 1, "validation": 1, "test": 1}),
     "shakespeare_speakers": Dataset("research_shakespeare_speakers", shakespeare_speakers.DESCRIPTION, shakespeare_speakers.SPLIT_SIZES),
+    "shakespeare_acceptability": Dataset("research_shakespeare_acceptability", shakespeare_acceptability.DESCRIPTION,
+                                         shakespeare_acceptability.SPLIT_SIZES),
 }
 
 

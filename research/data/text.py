@@ -40,6 +40,9 @@ class CharTokenizer:
         return "".join(self.characters[index - 1] for index in ids if index != PAD_ID)
 
 
+WORD_CONTINUES, WORD_BEGINS, WORD_ALONE = 0, 1, 2  # SubwordTokenizer.word_kinds
+
+
 class SubwordTokenizer:
     """A sentencepiece BPE model trained from text, kept as its serialized bytes (Kudo & Richardson, 2018).
 
@@ -79,6 +82,20 @@ class SubwordTokenizer:
         """Ids that never stand for text: padding, unknown, begin and end of sentence."""
         processor = self._processor
         return tuple(i for i in range(self.vocab_size) if processor.is_control(i) or processor.is_unknown(i))
+
+    @property
+    def word_kinds(self) -> np.ndarray:
+        """Per id, for whole-word masking: WORD_BEGINS (the piece starts with whitespace), WORD_ALONE
+        (newline, reserved ids: a word of their own, the next piece begins another) or WORD_CONTINUES."""
+        processor = self._processor
+
+        def kind(i: int) -> int:
+            piece = processor.id_to_piece(i)
+            if piece == "\n" or processor.is_control(i) or processor.is_unknown(i):
+                return WORD_ALONE
+            return WORD_BEGINS if piece.startswith("\u2581") else WORD_CONTINUES
+
+        return np.array([kind(i) for i in range(self.vocab_size)], np.int8)
 
     def encode(self, text: str) -> np.ndarray:
         return np.array(self._processor.encode(text), dtype=np.int32)
@@ -170,18 +187,34 @@ def mask_tokens(
     vocab_size: int,
     rate: float = 0.15,
     special_ids: Sequence[int] = (PAD_ID,),
+    word_kinds: np.ndarray | None = None,
 ) -> dict[str, np.ndarray]:
     """BERT masking (Devlin et al., 2019): pick `rate` of the non-special tokens to predict;
     of those 80% become `mask_id`, 10% a random token, 10% stay as they are.
 
+    With `word_kinds` (per token id: WORD_CONTINUES, WORD_BEGINS or WORD_ALONE, see
+    `SubwordTokenizer.word_kinds`) whole words are picked
+    (BERT's whole-word masking; Cui et al. 2021): every piece of a chosen word is predicted, so
+    a name cut into pieces must be recalled from its context, not completed from its own first
+    piece. Words are taken in random order while they fit in the `rate` budget (at least one).
     A random token is drawn uniformly from the ids below `vocab_size` that are neither special
     nor `mask_id`: padding there would be hidden from attention, a [CLS] or [MASK] would say "predict me".
     Returns `inputs`, `targets` (the original tokens) and `weights` (1 where a prediction counts).
     """
     candidates = np.flatnonzero(~np.isin(tokens_L, special_ids))
     count = min(len(candidates), max(1, round(rate * len(candidates)))) if len(candidates) else 0
-    chosen = rng.permutation(candidates)[:count]
-    action = rng.random(count)
+    if word_kinds is None or not count:
+        chosen = rng.permutation(candidates)[:count]
+    else:  # a word starts at a word-beginning piece, after a word-alone piece, or after a gap (a special token, the edge)
+        kinds = word_kinds[tokens_L[candidates]]
+        after_alone = np.concatenate([[False], kinds[:-1] == WORD_ALONE])
+        starts = (kinds != WORD_CONTINUES) | after_alone | (np.diff(candidates, prepend=-2) != 1)
+        words = np.split(candidates, np.flatnonzero(starts)[1:])
+        order = rng.permutation(len(words))
+        lengths = np.array([len(words[i]) for i in order])
+        taken = max(1, int(np.searchsorted(np.cumsum(lengths), count, side="right")))
+        chosen = np.concatenate([words[i] for i in order[:taken]])
+    action = rng.random(len(chosen))
     inputs = tokens_L.copy()
     inputs[chosen[action < 0.8]] = mask_id
     randomized = chosen[(action >= 0.8) & (action < 0.9)]

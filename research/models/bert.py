@@ -7,15 +7,22 @@ Post-LayerNorm as in BERT (LayerNorm on the summed embeddings and after every re
 or `pre_layer_norm=True` (Xiong et al. 2020: LayerNorm on each branch's input, one final
 LayerNorm), which trains more stably without warm-up. Weights start from N(0, 0.02).
 
-Both task models take the encoder as a field, so its parameters sit under the key "encoder" in
-both trees: a pre-trained `BertForMaskedLM`'s params["encoder"] drops into a
+Every task model takes the encoder as a field, so its parameters sit under the key "encoder" in
+every tree: a pre-trained `BertForMaskedLM`'s params["encoder"] drops into a
 `BertClassifier`'s params["encoder"] unchanged (partial restore), and an optimizer can freeze
 the encoder by that key.
   `BertForMaskedLM`: dense - GELU - LayerNorm transform, then logits from the token embedding
-  transposed (tied, as BERT) plus an output bias.
+  transposed (tied, as BERT) plus an output bias, or with `tie_embeddings=False` from an output
+  matrix of the head's own (Chung et al. 2021, "Rethinking embedding coupling in pre-trained
+  language models": decoupled embeddings transfer better). Untied, the input embedding of a piece
+  is trained only where the piece is read, never pushed about as a wrong answer to every masked
+  position; the output matrix stays with the MLM head and is not transferred.
+  `BertForPreTraining`: the masked LM plus BERT's next-sentence head (pooler on [CLS], 2 logits).
+  `BertClozeClassifier`: the masked LM read at one [MASK] slot over K label words: a classifier
+  with no new layer (prompt-based fine-tuning).
   `BertClassifier`: the first ([CLS]) token's state, or with `pooling="mean"` the mean of the
-  real tokens' states, through a dense tanh "pooler" (BERT's pooler, here part of the head
-  because we pre-train without next-sentence prediction), dropout, and a dense layer to the
+  real tokens' states, through a dense tanh "pooler" (BERT's pooler: new unless the encoder
+  was pre-trained with next-sentence prediction, whose pooler has the same name), dropout, and a dense layer to the
   classes. Mean pooling suits an encoder pre-trained by MLM alone, whose [CLS] state was never
   trained to summarise anything (Reimers & Gurevych 2019 found the mean better than [CLS]).
 
@@ -112,15 +119,57 @@ class BertForMaskedLM(nn.Module):
     """Predicts every position's token (the loss keeps only the masked ones): logits_BxLxV."""
 
     encoder: BertEncoder
+    tie_embeddings: bool = True  # False: the head's own D x V output matrix ("mlm_output")
 
-    @nn.compact
-    def __call__(self, tokens_BxL, mask_BxL=None, segments_BxL=None, *, deterministic: bool = True) -> jax.Array:
+    def setup(self) -> None:
+        """The MLM head; its attribute names are the parameter tree's keys."""
         types = dict(dtype=self.encoder.dtype, param_dtype=self.encoder.param_dtype)
+        self.mlm_transform = nn.Dense(self.encoder.width, kernel_init=INIT, **types)
+        self.mlm_norm = nn.LayerNorm(epsilon=LAYER_NORM_EPSILON, **types)
+        self.mlm_bias = self.param("mlm_bias", nn.initializers.zeros, (self.encoder.vocab_size,), self.encoder.param_dtype)
+        if not self.tie_embeddings:
+            self.mlm_output = nn.Dense(self.encoder.vocab_size, use_bias=False, kernel_init=INIT, **types)
+
+    def predict(self, x_BxLxD: jax.Array) -> jax.Array:
+        """Vocabulary logits (float32) from encoder states of any leading shape."""
+        x_BxLxD = self.mlm_norm(nn.gelu(self.mlm_transform(x_BxLxD)))
+        logits_BxLxV = self.encoder.attend(x_BxLxD) if self.tie_embeddings else self.mlm_output(x_BxLxD)
+        return (logits_BxLxV + self.mlm_bias).astype(jnp.float32)
+
+    def __call__(self, tokens_BxL, mask_BxL=None, segments_BxL=None, *, deterministic: bool = True) -> jax.Array:
+        return self.predict(self.encoder(tokens_BxL, mask_BxL, segments_BxL, deterministic=deterministic))
+
+
+class BertForPreTraining(BertForMaskedLM):
+    """BERT's two pre-training heads: the masked-LM logits_BxLxV and next-sentence logits_Bx2 from
+    the [CLS] state through the pooler (dense, tanh), which BertClassifier shares by name."""
+
+    def setup(self) -> None:
+        super().setup()
+        types = dict(dtype=self.encoder.dtype, param_dtype=self.encoder.param_dtype)
+        self.pooler = nn.Dense(self.encoder.width, kernel_init=INIT, **types)
+        self.next_sentence = nn.Dense(2, kernel_init=INIT, **types)
+
+    def __call__(self, tokens_BxL, mask_BxL=None, segments_BxL=None, *, deterministic: bool = True):
         x_BxLxD = self.encoder(tokens_BxL, mask_BxL, segments_BxL, deterministic=deterministic)
-        x_BxLxD = nn.gelu(nn.Dense(self.encoder.width, kernel_init=INIT, name="mlm_transform", **types)(x_BxLxD))
-        x_BxLxD = nn.LayerNorm(epsilon=LAYER_NORM_EPSILON, name="mlm_norm", **types)(x_BxLxD)
-        bias_V = self.param("mlm_bias", nn.initializers.zeros, (self.encoder.vocab_size,), self.encoder.param_dtype)
-        return (self.encoder.attend(x_BxLxD) + bias_V).astype(jnp.float32)
+        next_Bx2 = self.next_sentence(nn.tanh(self.pooler(x_BxLxD[:, 0]))).astype(jnp.float32)
+        return self.predict(x_BxLxD), next_Bx2
+
+
+class BertClozeClassifier(BertForMaskedLM):
+    """Classifies by the masked-LM head's guess at one [MASK] slot: logits_BxK are its logits for
+    the K label words (prompt-based fine-tuning, as PET and LM-BFF: Schick & Schuetze 2021, Gao et
+    al. 2021). The parameter tree is BertForMaskedLM's, so a pre-trained MLM is restored whole,
+    head included, and no layer starts at random."""
+
+    position: int = 1  # where the inputs hold the [MASK] slot
+    label_ids: tuple[int, ...] = ()  # the vocabulary id standing for each class
+
+    def __call__(self, tokens_BxL, mask_BxL=None, segments_BxL=None, *, deterministic: bool = True) -> jax.Array:
+        if not self.label_ids:
+            raise ValueError("BertClozeClassifier needs label_ids: one vocabulary id per class")
+        x_BxLxD = self.encoder(tokens_BxL, mask_BxL, segments_BxL, deterministic=deterministic)
+        return self.predict(x_BxLxD[:, self.position])[:, jnp.asarray(self.label_ids)]
 
 
 class BertClassifier(nn.Module):
