@@ -11,25 +11,28 @@ the same network trained from scratch on the labelled data alone.
 Protocol (`:cpu`, 0.68M parameters, [CLS] + up to 63 pieces, mean-pooled, 250 steps of 32 with 25
 warm-up steps and cosine decay to 10%, evaluated every 25 steps): both arms train the same model
 on the same examples for the same steps, the fine-tuned arm from bert_pretrain's `:cpu` checkpoint
-(untied embeddings, 6,400 steps, val MLM accuracy 0.369). Each arm's peak lr was picked from
-{1e-4, 3e-4, 1e-3} by seed 0's validation accuracy; the test split chose nothing. Entries: the
+(untied embeddings, 6,400 steps, val MLM accuracy 0.371). Each arm's peak lr was picked from
+{1e-4, 3e-4, 1e-3} (speakers: {3e-4, 1e-3, 3e-3}) by seed 0's validation accuracy; the test
+split chose nothing. Entries: the
 final step's val / test accuracy. Each run ~1.5 min on one core of this 2-core CPU. MEASURED 2026-11-24:
 
 shakespeare_acceptability (1,679 / 209 / 209 lines, half corrupted by a word swap or a
 replaced word; chance 0.5; a bag of words cannot tell the classes apart):
   arm (lr)                                   seed 0     seed 1     seed 2     mean val / test
   scratch (3e-4)                             .502/.474  .469/.431  .502/.469  .491/.458
-  fine-tuned (3e-4)                          .636/.660  .569/.612  .589/.589  .598/.620
-  fine-tuned from the 1,600-step MLM (3e-4)  .536/.608  .579/.603  .531/.579  .549/.597
-TRANSFER WINS: +0.11 val / +0.16 test over scratch, in every seed; a longer pre-training (MLM 0.274
--> 0.369) adds +0.05 val. Scratch at 1e-4 / 1e-3 (seed 0): .498/.512, .488/.469: 1,679 lines do not
-teach a fresh model word order; fine-tuned at 1e-4 / 1e-3 (1,600-step MLM): .498/.550, .517/.526;
-from the 6,400-step MLM at 1e-3: .598/.560.
+  fine-tuned (3e-4)                          .589/.632  .569/.598  .598/.617  .585/.616
+  fine-tuned, a second 6,400-step MLM (0.369) .636/.660  .569/.612  .589/.589  .598/.620
+  fine-tuned from a 1,600-step MLM (0.274)   .536/.608  .579/.603  .531/.579  .549/.597
+TRANSFER WINS: +0.09 val / +0.16 test over scratch, in every seed; a longer pre-training adds
++0.04-0.05 val. Scratch at 1e-4 / 1e-3 (seed 0): .498/.512, .488/.469: 1,679 lines do not teach a
+fresh model word order. Fine-tuned at 1e-4 / 1e-3 (seed 0, 1,600-step MLM): .498/.550, .517/.526;
+from the second 6,400-step MLM at 1e-3: .598/.560. (The two 6,400-step MLMs are the same config;
+XLA sums floats in a different order on one core than on two, and the fine-tuned runs inherit it.)
 
 shakespeare_speakers (8 speakers, 1,032 / 128 / 128 speeches; chance 0.125):
   arm (lr)                                   seed 0     seed 1     seed 2     mean val / test
   scratch (3e-4)                             .391/.352  .359/.406  .406/.438  .385/.399
-  fine-tuned, 6,400-step untied MLM (1e-3)   .383/.344  .398/.375  .344/.313  .375/.344
+  fine-tuned, the second 6,400-step MLM (1e-3) .383/.344  .398/.375  .344/.313  .375/.344
   fine-tuned, 1,600-step untied MLM (1e-3)   .367/.336  .359/.352  .406/.352  .378/.346
   fine-tuned, 1,600-step tied MLM (3e-3)     .430/.312  .281/.273  .336/.305  .349/.297
 TRANSFER DOES NOT WIN HERE: validation is a tie, test favours scratch (128 speeches: +-0.04 is

@@ -9,8 +9,10 @@ publishes no number for this corpus; the result is the MLM curve (eval/accuracy:
 pieces recovered) and bert_finetune's gain.
 MEASURED `:cpu` (2 layers, 128 wide, 2,000 pieces, 0.68M parameters of which 0.66M encoder, an
 untied MLM output matrix of 0.26M more; 64-piece windows, batch 32, 6,400 steps, lr 2e-3 after 100
-warm-up steps, cosine to 5%; 2026-11-24, TIME_PLACEHOLDER): val MLM accuracy 0.277 / 0.338 / 0.359 / 0.369
-at steps 1,600 / 3,200 / 4,800 / 6,400 (loss 4.10 / 3.67 / 3.48 / 3.43); test 0.343 / 3.71 at the end.
+warm-up steps, cosine to 5%; 2026-11-24, 18 min 28 s on this quiet 2-core CPU): val MLM accuracy
+0.279 / 0.336 / 0.363 / 0.371 at steps 1,600 / 3,200 / 4,800 / 6,400 (loss 4.09 / 3.66 / 3.47 / 3.42);
+test 0.341 / 3.72 at the end. (A second run of the same config pinned to one core, whose float
+sums XLA orders differently: 0.369 / 3.43 at the end.)
 Same settings, 1,600 steps (the previous `:cpu`, 7 min): tied embeddings val 0.248 / 4.62, untied
 0.274 / 4.16 (test 0.274 / 4.31); untied with whole-word masking (`data.whole_word_masking`, a
 harder task: whole names to recall) 0.263 / 4.47; untied with next-sentence prediction
@@ -21,7 +23,7 @@ Earlier, tied, 2026-11-23: 15% masked, 1,200 steps val 0.131 / 5.870; 40% masked
 For scale: always guessing the most frequent piece is right 0.10 of the time, and the piece
 frequencies alone score 6.02 nats (uniform: 7.60). The MLM sits near those for the first few
 hundred steps and only then learns to read the context. What bert_finetune gains from it (its
-docstring): on shakespeare_acceptability the fine-tuned encoder is right on 0.60 / 0.62 (val /
+docstring): on shakespeare_acceptability the fine-tuned encoder is right on 0.59 / 0.62 (val /
 test, 3 seeds) against 0.49 / 0.46 from scratch, and more pre-training helps (0.54 / 0.60 after
 1,600 steps); on shakespeare_speakers it does not beat scratch. The default config (4 x 256,
 10,000 steps of 64) is for a GPU; not run here.
