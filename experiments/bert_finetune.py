@@ -108,7 +108,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 def prompt(config: ml_collections.ConfigDict) -> np.ndarray:
     """What comes between [CLS] and the speech: nothing, or for the cloze head the corpus's own
     name line with the name masked ("\\n\\n[MASK]:\\n")."""
-    if config.model.head == "pooler":
+    if config.model.head != "cloze":
         return np.zeros(0, np.int32)
     ids = bert_pretrain.special_ids(config)
     return np.concatenate([bert_pretrain.encode(config, "\n\n"), [ids["mask"]], bert_pretrain.encode(config, ":\n")]).astype(np.int32)
@@ -162,9 +162,10 @@ def make_data(config: ml_collections.ConfigDict, split: str):
 
 def make_model(config: ml_collections.ConfigDict) -> nn.Module:
     """The configured model."""
-    if config.model.head == "cloze":  # the [MASK] slot is the prompt's last-but-two piece
+    if config.model.head == "cloze":  # the [MASK] slot's position: after [CLS], where the prompt has it
+        slot = 1 + int(np.flatnonzero(prompt(config) == bert_pretrain.special_ids(config)["mask"])[0])
         return BertClozeClassifier(encoder=bert_pretrain.make_encoder(config), tie_embeddings=config.model.tie_embeddings,
-                                   position=len(prompt(config)) - 2, label_ids=label_ids(config))
+                                   position=slot, label_ids=label_ids(config))
     if config.model.head != "pooler":
         raise ConfigError(f"model.head must be 'pooler' or 'cloze', not {config.model.head!r}")
     return BertClassifier(encoder=bert_pretrain.make_encoder(config), num_classes=len(class_names(config)),
