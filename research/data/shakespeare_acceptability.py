@@ -63,37 +63,14 @@ def labelled_lines(text: str) -> list[tuple[str, int]]:
     return examples
 
 
-def split_of(position: int) -> str:
-    """The split of the j-th line."""
-    return {8: "validation", 9: "test"}.get(position % 10, "train")
-
-
-class ResearchShakespeareAcceptability(tfds.core.GeneratorBasedBuilder):
+class ResearchShakespeareAcceptability(tiny_shakespeare.DerivedTextBuilder):
     """Original vs corrupted Tiny Shakespeare lines, prepared as array_record."""
 
     name = "research_shakespeare_acceptability"
     VERSION = tfds.core.Version("1.0.0")
     RELEASE_NOTES = {"1.0.0": "Validation + test lines of Tiny Shakespeare; swap / replace corruptions; 8/1/1 split."}
+    DESCRIPTION = DESCRIPTION
+    LABEL_NAMES = LABEL_NAMES
 
-    def _info(self) -> tfds.core.DatasetInfo:
-        return tfds.core.DatasetInfo(
-            builder=self,
-            description=DESCRIPTION,
-            features=tfds.features.FeaturesDict({
-                "text": tfds.features.Text(),
-                "label": tfds.features.ClassLabel(names=LABEL_NAMES),
-                "index": tfds.features.Scalar(dtype=np.int64),
-            }),
-            supervised_keys=("text", "label"),
-            homepage="https://github.com/karpathy/char-rnn",
-        )
-
-    def _split_generators(self, dl_manager):
-        del dl_manager  # derived from the shipped text
-        examples = labelled_lines(tiny_shakespeare.read_text())
-        return {split: self._generate_examples(examples, split) for split in SPLIT_SIZES}
-
-    def _generate_examples(self, examples: list[tuple[str, int]], split: str):
-        for position, (line, label) in enumerate(examples):
-            if split_of(position) == split:
-                yield position, {"text": line, "label": label, "index": position}
+    def examples(self, text: str) -> list[tuple[str, int]]:
+        return labelled_lines(text)

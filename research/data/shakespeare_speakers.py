@@ -11,7 +11,6 @@ validation, 9 test. It is an offline stand-in for `tfds:glue/sst2` or `tfds:imdb
 
 import collections
 
-import numpy as np
 import tensorflow_datasets as tfds
 
 from research.data import tiny_shakespeare
@@ -42,37 +41,14 @@ def labelled_speeches(text: str) -> tuple[list[str], list[tuple[str, int]]]:
     return names, [(speech, label_of[speaker]) for speaker, speech in all_speeches if speaker in label_of]
 
 
-def split_of(position: int) -> str:
-    """The split of the j-th labelled speech."""
-    return {8: "validation", 9: "test"}.get(position % 10, "train")
-
-
-class ResearchShakespeareSpeakers(tfds.core.GeneratorBasedBuilder):
+class ResearchShakespeareSpeakers(tiny_shakespeare.DerivedTextBuilder):
     """Speaker identification over Tiny Shakespeare speeches, prepared as array_record."""
 
     name = "research_shakespeare_speakers"
     VERSION = tfds.core.Version("1.0.0")
     RELEASE_NOTES = {"1.0.0": "8 most frequent speakers, interleaved 8/1/1 split."}
+    DESCRIPTION = DESCRIPTION
+    LABEL_NAMES = SPEAKER_NAMES
 
-    def _info(self) -> tfds.core.DatasetInfo:
-        return tfds.core.DatasetInfo(
-            builder=self,
-            description=DESCRIPTION,
-            features=tfds.features.FeaturesDict({
-                "text": tfds.features.Text(),
-                "label": tfds.features.ClassLabel(names=SPEAKER_NAMES),
-                "index": tfds.features.Scalar(dtype=np.int64),
-            }),
-            supervised_keys=("text", "label"),
-            homepage="https://github.com/karpathy/char-rnn",
-        )
-
-    def _split_generators(self, dl_manager):
-        del dl_manager  # derived from the shipped text
-        _, examples = labelled_speeches(tiny_shakespeare.read_text())
-        return {split: self._generate_examples(examples, split) for split in SPLIT_SIZES}
-
-    def _generate_examples(self, examples: list[tuple[str, int]], split: str):
-        for position, (speech, label) in enumerate(examples):
-            if split_of(position) == split:
-                yield position, {"text": speech, "label": label, "index": position}
+    def examples(self, text: str) -> list[tuple[str, int]]:
+        return labelled_speeches(text)[1]

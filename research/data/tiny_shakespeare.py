@@ -8,7 +8,9 @@ change without preparing the data again.
 """
 
 from pathlib import Path
+from typing import Sequence
 
+import numpy as np
 import tensorflow_datasets as tfds
 
 BUNDLED_DIR = Path(__file__).parent / "bundled" / "tiny_shakespeare"
@@ -48,3 +50,44 @@ class ResearchTinyShakespeare(tfds.core.GeneratorBasedBuilder):
 
     def _generate_examples(self, text: str):
         yield 0, {"text": text}
+
+
+def derived_split(position: int) -> str:
+    """The split of a derived task's j-th example, interleaved so that every part of the corpus
+    is in every split: j % 10 in 0..7 train, 8 validation, 9 test."""
+    return {8: "validation", 9: "test"}.get(position % 10, "train")
+
+
+class DerivedTextBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+    """A labelled-text task derived from the shipped corpus (shakespeare_speakers, ...): a subclass
+    gives its `name`, VERSION, RELEASE_NOTES, DESCRIPTION, LABEL_NAMES and `examples`."""
+
+    DESCRIPTION = ""
+    LABEL_NAMES: Sequence[str] = ()
+
+    def examples(self, text: str) -> list[tuple[str, int]]:
+        """(text, label) of every example of the corpus `text`, in order; `derived_split` splits them."""
+        raise NotImplementedError
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        return tfds.core.DatasetInfo(
+            builder=self,
+            description=self.DESCRIPTION,
+            features=tfds.features.FeaturesDict({
+                "text": tfds.features.Text(),
+                "label": tfds.features.ClassLabel(names=list(self.LABEL_NAMES)),
+                "index": tfds.features.Scalar(dtype=np.int64),
+            }),
+            supervised_keys=("text", "label"),
+            homepage="https://github.com/karpathy/char-rnn",
+        )
+
+    def _split_generators(self, dl_manager):
+        del dl_manager  # derived from the shipped text
+        examples = self.examples(read_text())
+        return {split: self._generate_examples(examples, split) for split in ("train", "validation", "test")}
+
+    def _generate_examples(self, examples: list[tuple[str, int]], split: str):
+        for position, (text, label) in enumerate(examples):
+            if derived_split(position) == split:
+                yield position, {"text": text, "label": label, "index": position}
