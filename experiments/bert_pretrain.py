@@ -198,11 +198,11 @@ def make_data(config: ml_collections.ConfigDict, split: str):
     tokens = split_tokens(config, split)
     length = config.model.max_length
     word_kinds = tokenizer(config.tokenizer.vocab_size, config.data_dir).word_kinds if config.data.whole_word_masking else None
-    mask = functools.partial(masked_windows, tokens, length=length, seed=config.seed, ids=special_ids(config),
-                             rate=config.data.mask_rate, word_kinds=word_kinds)
+    masking = dict(length=length, seed=config.seed, ids=special_ids(config), rate=config.data.mask_rate, word_kinds=word_kinds)
     if config.model.next_sentence:
-        mask = functools.partial(sentence_pairs, tokens, length=length, seed=config.seed, ids=special_ids(config),
-                                 newline=int(encode(config, "\n")[0]), rate=config.data.mask_rate, word_kinds=word_kinds)
+        mask = functools.partial(sentence_pairs, tokens, newline=int(encode(config, "\n")[0]), **masking)
+    else:
+        mask = functools.partial(masked_windows, tokens, **masking)
     if split == "train":
         starts = np.arange(len(tokens) - length + 2)
         return pipeline.array_batches({"start": starts}, batch_size=config.batch_size, seed=config.seed,

@@ -6,10 +6,11 @@ the lines are kept (label 1, "original"); the other half are corrupted (label 0)
 their words swap places, or one word is replaced by a word drawn from all the lines' words (by
 frequency). The first word, capitalised in verse, is never moved or replaced, and replacements
 come from the other positions, so capitals do not give a corrupted line away. Neither corruption
-changes which words are frequent, and a swap keeps the very same words, so a bag of words cannot tell the classes apart: the task asks about word order and
-fit, what a masked language model learns (in the spirit of CoLA, Warstadt et al. 2019, with
-corruptions in place of a linguist's judgements). Split by position among the lines:
-j % 10 in 0..7 train, 8 validation, 9 test. Every choice is drawn from (SEED, j).
+changes which words are frequent, and a swap keeps the very same words, so a bag of words cannot
+tell the classes apart: the task asks about word order and fit, what a masked language model
+learns (in the spirit of CoLA, Warstadt et al. 2019, with corruptions in place of a linguist's
+judgements). Split by position among the lines as `tiny_shakespeare.derived_split` (8/1/1,
+interleaved). Every choice for line j is drawn from (SEED, j).
 """
 
 import numpy as np

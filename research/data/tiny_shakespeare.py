@@ -7,6 +7,7 @@ training windows by index (`research.data.text.WindowSource`), so the window len
 change without preparing the data again.
 """
 
+import abc
 from pathlib import Path
 from typing import Sequence
 
@@ -58,16 +59,16 @@ def derived_split(position: int) -> str:
     return {8: "validation", 9: "test"}.get(position % 10, "train")
 
 
-class DerivedTextBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+class DerivedTextBuilder(tfds.core.GeneratorBasedBuilder):
     """A labelled-text task derived from the shipped corpus (shakespeare_speakers, ...): a subclass
     gives its `name`, VERSION, RELEASE_NOTES, DESCRIPTION, LABEL_NAMES and `examples`."""
 
     DESCRIPTION = ""
     LABEL_NAMES: Sequence[str] = ()
 
+    @abc.abstractmethod  # abstract: tfds registers only the subclasses, and a subclass must say what its examples are
     def examples(self, text: str) -> list[tuple[str, int]]:
         """(text, label) of every example of the corpus `text`, in order; `derived_split` splits them."""
-        raise NotImplementedError
 
     def _info(self) -> tfds.core.DatasetInfo:
         return tfds.core.DatasetInfo(

@@ -22,8 +22,8 @@ the encoder by that key.
   with no new layer (prompt-based fine-tuning).
   `BertClassifier`: the first ([CLS]) token's state, or with `pooling="mean"` the mean of the
   real tokens' states, through a dense tanh "pooler" (BERT's pooler: new unless the encoder
-  was pre-trained with next-sentence prediction, whose pooler has the same name), dropout, and a dense layer to the
-  classes. Mean pooling suits an encoder pre-trained by MLM alone, whose [CLS] state was never
+  was pre-trained with next-sentence prediction, whose pooler has the same name), dropout, and
+  a dense layer to the classes. Mean pooling suits an encoder pre-trained by MLM alone, whose [CLS] state was never
   trained to summarise anything (Reimers & Gurevych 2019 found the mean better than [CLS]).
 
 Inputs: tokens_BxL (int), mask_BxL (1 for real tokens, 0 for padding; None: all real),
