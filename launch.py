@@ -25,6 +25,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+from research import runtime
+
+runtime.use_fast_allocator()  # re-executes this process once, before JAX starts: see research/runtime.py
+
 
 def _fake_devices(argv: list[str]) -> int:
     """CPU devices to fake before JAX starts: 8 for the optimizer kit, --dry_run_devices for a dry run."""
@@ -303,7 +307,8 @@ def main(argv: list[str]) -> None:
         if _DRY_RUN.value:
             return run_dry(module)
         if jax.process_index() == 0:
-            print(f"experiment {name} on {jax.process_count()} process(es), {jax.device_count()} device(s)\n{_CONFIG.value}")
+            print(f"experiment {name} on {jax.process_count()} process(es), {jax.device_count()} device(s), "
+                  f"allocator {runtime.allocator_in_use()}\n{_CONFIG.value}")
             experiment.claim_workdir(_WORKDIR.value, name, _CONFIG.value)
         results = train.train_and_evaluate(
             _CONFIG.value, module, _WORKDIR.value, allow_config_change=_ALLOW_CONFIG_CHANGE.value

@@ -12,14 +12,22 @@ of XLA's. Findings are in benchmarks/README.md.
 """
 
 import argparse
+import sys
 import time
+from pathlib import Path
 from typing import Callable
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-import torch
-from jax import lax
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from research import runtime  # noqa: E402
+
+runtime.use_fast_allocator()  # the allocator launch.py trains with (research/runtime.py), before JAX starts
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from jax import lax  # noqa: E402
 
 SHAPES = (  # (height = width, input channels, output channels, where)
     (32, 16, 16, "ResNet-20 stage 1"),

@@ -15,6 +15,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from research import runtime  # noqa: E402
+
+runtime.use_fast_allocator()  # the allocator launch.py trains with (research/runtime.py), before JAX starts
+
 import jax  # noqa: E402
 
 from experiments import digits_mlp, shakespeare_gpt  # noqa: E402

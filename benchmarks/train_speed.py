@@ -27,6 +27,10 @@ from typing import Callable
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from research import runtime  # noqa: E402
+
+runtime.use_fast_allocator()  # the allocator launch.py trains with (research/runtime.py), before JAX starts
+
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
@@ -256,7 +260,8 @@ def main() -> None:
     torch.set_num_threads(os.cpu_count())
     impls = args.impls.split(",")
     print(f"jax {jax.__version__} on {jax.devices()[0].device_kind} x{jax.device_count()}, torch {torch.__version__} "
-          f"({torch.get_num_threads()} threads), {os.cpu_count()} CPUs; load average before: {os.getloadavg()}")
+          f"({torch.get_num_threads()} threads), {os.cpu_count()} CPUs, allocator {runtime.allocator_in_use()}; "
+          f"load average before: {os.getloadavg()}")
     peak = perf.measure_peak_flops()
     print(f"float32 matmul peak (jax, {perf.PEAK_MATMUL_SIZE}^2): {peak / 1e9:.0f} GFLOP/s")
     rows = []

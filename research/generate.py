@@ -80,10 +80,6 @@ def _check_keep(model: GPT, keep: int | None) -> int:
     return keep
 
 
-def _is_key_or_value(module: nn.Module, method_name: str) -> bool:
-    return module.name in ("key", "value") and method_name == "__call__"
-
-
 def _gpt_cached(model: GPT, batch: int, total: int, keep: int) -> tuple[Callable, Callable]:
     """(init_state(params) -> empty caches, step(params, caches, buffer_BxT, t) -> (logits_BxV, caches)).
 
@@ -97,17 +93,17 @@ def _gpt_cached(model: GPT, batch: int, total: int, keep: int) -> tuple[Callable
     block_size = model.block_size
     decoder = model.clone(decode=True)
     cache_shapes = jax.eval_shape(decoder.init, jax.random.PRNGKey(0), jnp.zeros((batch, min(total, block_size)), jnp.int32))["cache"]
-    sources = {"cached_key": "key", "cached_value": "value"}
+    sources = {"cached_key": "projected_key", "cached_value": "projected_value"}  # sown by attention.SelfAttention
 
     def prefill(params, buffer_BxT, start):
         window_BxK = jax.lax.dynamic_slice_in_dim(buffer_BxT, start, keep, axis=1)
-        _, captured = model.apply({"params": params}, window_BxK, capture_intermediates=_is_key_or_value, mutable=["intermediates"])
+        _, captured = model.apply({"params": params}, window_BxK, mutable=["intermediates"])
 
         def refill(path, shape):
             names = [entry.key for entry in path]
             if names[-1] not in sources:  # every layer's cache_index and the model's position
                 return jnp.full(shape.shape, keep, shape.dtype)
-            (projected_BxKxHxDh,) = captured["intermediates"][names[0]][names[1]][sources[names[-1]]]["__call__"]
+            (projected_BxKxHxDh,) = captured["intermediates"][names[0]][names[1]][sources[names[-1]]]
             return jnp.zeros(shape.shape, shape.dtype).at[:, :keep].set(projected_BxKxHxDh.astype(shape.dtype))
 
         return jax.tree_util.tree_map_with_path(refill, cache_shapes)

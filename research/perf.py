@@ -24,7 +24,9 @@ PEAK_MATMUL_SIZE = 1024  # float32 1024^2 matmuls: ~2 GFLOP each, big enough to 
 def gpt_training_flops_per_token(parameters: int, num_layers: int, width: int, length: int) -> float:
     """6 N (Kaplan et al. 2020) plus attention's scores and weighted sum: 3 x 2 x 2 x L x D per layer.
 
-    The attention term counts the full L x L product as XLA computes it (causal masking saves no FLOPs)."""
+    The attention term counts the full L x L products, the usual convention (Chowdhery et al. 2022,
+    appendix B); research.models.attention skips most of the causally masked blocks, so XLA counts
+    ~4% fewer FLOPs for the benchmarked GPTs (benchmarks/train_speed.py prints the ratio)."""
     return 6.0 * parameters + 12.0 * num_layers * length * width
 
 

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from research import runtime
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -73,3 +75,58 @@ def test_run_writes_its_files_then_guards_the_workdir(tmp_path):
     assert other.stderr.strip().splitlines()[-1] == (
         f"error: workdir '{workdir}' holds a run of experiment 'linear_regression', not 'digits_mlp': choose another --workdir"
     )
+
+
+def test_allocator_environment_for_each_choice():
+    applied = runtime.APPLIED
+    tcmalloc = runtime.allocator_environment({"LD_PRELOAD": "libother.so"}, "linux", tcmalloc="libtcmalloc_minimal.so.4")
+    assert tcmalloc["LD_PRELOAD"] == "libtcmalloc_minimal.so.4:libother.so" and tcmalloc[applied] == "tcmalloc"
+    huge = runtime.allocator_environment({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0:glibc.cpu.x=1"}, "linux", tcmalloc=None)
+    assert huge["GLIBC_TUNABLES"] == "glibc.cpu.x=1:glibc.malloc.hugetlb=1" and huge[applied] == "hugepages"
+    assert runtime.allocator_environment({"RESEARCH_ALLOCATOR": "hugepages"}, "linux", tcmalloc="libtcmalloc.so.4")[applied] == "hugepages"
+    assert runtime.allocator_environment({"RESEARCH_ALLOCATOR": "system"}, "linux", tcmalloc="libtcmalloc.so.4") is None
+    assert runtime.allocator_environment({applied: "tcmalloc"}, "linux", tcmalloc="libtcmalloc.so.4") is None  # re-executed once only
+    assert runtime.allocator_environment({}, "darwin", tcmalloc=None) is None
+    with pytest.raises(ValueError, match="no tcmalloc library is installed: install libtcmalloc-minimal4"):
+        runtime.allocator_environment({"RESEARCH_ALLOCATOR": "tcmalloc"}, "linux", tcmalloc=None)
+
+
+def test_unknown_allocator_fails_in_one_line():
+    result = subprocess.run([sys.executable, "launch.py", "--list"], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                            env=dict(os.environ, RESEARCH_ALLOCATOR="jemalloc"))
+    assert result.returncode == 2
+    assert result.stderr.strip() == "error: RESEARCH_ALLOCATOR='jemalloc' is not an allocator: use one of auto, tcmalloc, hugepages, system"
+
+
+_FAULTS_PER_CALL = """
+import resource
+from research import runtime
+runtime.use_fast_allocator()
+import jax, jax.numpy as jnp
+step = jax.jit(lambda x: jnp.sin(x) * 2.0 + 1.0)
+x = jnp.ones((16 * 1024 * 1024,))  # a fresh 64 MiB result every call, as a train step's temporaries
+for _ in range(3):  # warm-up: compilation, and the allocator's pool reaching its steady size
+    jax.block_until_ready(step(x))
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(5):
+    jax.block_until_ready(step(x))
+print(runtime.allocator_in_use(), (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 5)
+"""
+
+
+def test_fast_allocator_stops_refaulting_memory_every_call():
+    huge_pages = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    if not sys.platform.startswith("linux") or (runtime.find_tcmalloc() is None and "[never]" in huge_pages.read_text()):
+        pytest.skip("needs Linux with tcmalloc or transparent huge pages")
+    faults = {}
+    for choice in ("system", "auto"):
+        environment = {key: value for key, value in os.environ.items() if not key.startswith("RESEARCH_ALLOCATOR")}
+        result = subprocess.run([sys.executable, "-c", _FAULTS_PER_CALL], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                                env=dict(environment, RESEARCH_ALLOCATOR=choice))
+        assert result.returncode == 0, result.stderr
+        name, count = result.stdout.split()
+        faults[name] = float(count)
+    assert set(faults) == {"system", "tcmalloc" if runtime.find_tcmalloc() else "hugepages"}
+    (fast,) = set(faults) - {"system"}
+    assert faults["system"] > 8_000  # 64 MiB faulted back in, 4 KiB pages: 16,384 a call
+    assert faults[fast] < faults["system"] / 10

@@ -21,39 +21,68 @@ from research.models import attention
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _attention_loss(attention_fn, mask):
-    """A scalar of every output element, so every gradient entry matters."""
-    return lambda q, k, v: jnp.sum(jnp.sin(attention_fn(q, k, v, mask=mask, deterministic=True)) * jnp.arange(q.shape[-1]))
+def _heads(batch, length, heads, width, seed=0):
+    keys = jax.random.split(jax.random.PRNGKey(seed), 3)
+    return [jax.random.normal(key, (batch, heads, length, width)) for key in keys]
 
 
-@pytest.mark.parametrize("masked", ["causal", "padding", "none"])
-def test_attention_equals_flax_in_value_and_gradient(masked):
-    batch, length, heads, width = 3, 24, 4, 16
-    keys = jax.random.split(jax.random.PRNGKey(0), 4)
-    q, k, v = (jax.random.normal(key, (batch, length, heads, width)) for key in keys[:3])
-    masks = {
-        "causal": nn.make_causal_mask(jnp.zeros((batch, length))),
-        "padding": nn.make_attention_mask(jnp.ones((batch, length)), jax.random.bernoulli(keys[3], 0.7, (batch, length))),
-        "none": None,
-    }
-    expected = jax.value_and_grad(_attention_loss(nn.dot_product_attention, masks[masked]), argnums=(0, 1, 2))(q, k, v)
-    actual = jax.jit(jax.value_and_grad(_attention_loss(attention.dot_product_attention, masks[masked]), argnums=(0, 1, 2)))(q, k, v)
-    np.testing.assert_allclose(actual[0], expected[0], rtol=1e-6)  # a sum of ~1e3: float32 rounding is ~1e-4 absolute
-    assert_trees_close(actual[1], expected[1], atol=1e-5)
-    assert float(jnp.abs(expected[0])) > 1.0  # the loss is not trivially zero
+@pytest.mark.parametrize("masked", ["causal", "causal+padding", "padding", "none", "causal+dropout"])
+def test_attention_backward_equals_autodiff_of_the_plain_function(masked):
+    # L = 150: causal blocks of 64, 64 and 22 queries (the last one partial).
+    batch, length, heads, width = 2, 150, 3, 8
+    q, k, v = _heads(batch, length, heads, width)
+    padding = jax.random.bernoulli(jax.random.PRNGKey(5), 0.7, (batch, 1, 1, length))
+    mask = padding if "padding" in masked else None
+    keep = None
+    if "dropout" in masked:  # dropout's multiplier: 0 or 1 / 0.8
+        keep = jax.random.bernoulli(jax.random.PRNGKey(6), 0.8, (batch, heads, length, length)) / 0.8
+    causal = "causal" in masked
+    weights = jnp.cos(jnp.arange(width))  # every output element matters, differently
+
+    def loss(attention_fn):
+        return lambda q, k, v: jnp.sum(jnp.sin(attention_fn(q, k, v, mask, keep, causal)) * weights)
+
+    expected = jax.value_and_grad(loss(attention.reference_attention_heads), argnums=(0, 1, 2))(q, k, v)
+    actual = jax.jit(jax.value_and_grad(loss(attention.attention_heads), argnums=(0, 1, 2)))(q, k, v)
+    np.testing.assert_allclose(actual[0], expected[0], rtol=1e-5)
+    assert_trees_close(actual[1], expected[1], atol=2e-5)
+    assert min(float(jnp.max(jnp.abs(g))) for g in expected[1]) > 0.05  # every gradient is far from zero
+    assert len(attention.query_blocks(length, causal)) == (3 if causal else 1)
 
 
-def test_gpt_with_our_attention_equals_flax_attention(monkeypatch):
-    config = shakespeare_gpt.get_config("smoke")
-    config.model.num_layers = 2
-    model = shakespeare_gpt.make_model(config)
-    tokens = jax.random.randint(jax.random.PRNGKey(1), (4, config.data.block_size), 0, 60)
-    params = model.init(jax.random.PRNGKey(0), tokens)["params"]
-    loss = lambda params: jnp.mean(jax.nn.log_softmax(model.apply({"params": params}, tokens))[..., 0])
-    ours = jax.value_and_grad(loss)(params)
-    monkeypatch.setattr("research.models.gpt.dot_product_attention", nn.dot_product_attention)
-    flax = jax.value_and_grad(loss)(params)
-    assert_trees_close(ours, flax, atol=1e-5)
+@pytest.mark.parametrize("masked", ["causal", "padding"])
+def test_self_attention_equals_flax_multi_head_attention(masked):
+    batch, length, width, heads = 2, 70, 24, 3
+    x = jax.random.normal(jax.random.PRNGKey(0), (batch, length, width))
+    options = dict(num_heads=heads, use_bias=True, kernel_init=nn.initializers.normal(0.5), out_kernel_init=nn.initializers.normal(0.3))
+    ours = attention.SelfAttention(causal=masked == "causal", **options)
+    flax = nn.MultiHeadDotProductAttention(**options)
+    if masked == "causal":
+        our_mask, flax_mask = None, nn.make_causal_mask(jnp.zeros((batch, length)))
+    else:
+        our_mask = flax_mask = nn.make_attention_mask(jnp.ones((batch, length)), jax.random.bernoulli(jax.random.PRNGKey(3), 0.6, (batch, length)))
+    params = ours.init(jax.random.PRNGKey(1), x, our_mask)["params"]
+    flax_params = flax.init(jax.random.PRNGKey(1), x, mask=flax_mask)["params"]
+    assert_trees_close(params, flax_params, atol=0.0)  # same names, shapes and initial values
+    params = jax.tree.map(lambda p: p + 0.1, params)  # non-zero biases
+    loss = lambda module, mask: lambda params, x: jnp.sum(jnp.sin(module.apply({"params": params}, x, mask=mask)))
+    expected = jax.value_and_grad(loss(flax, flax_mask), argnums=(0, 1))(params, x)
+    actual = jax.jit(jax.value_and_grad(loss(ours, our_mask), argnums=(0, 1)))(params, x)
+    np.testing.assert_allclose(actual[0], expected[0], rtol=1e-5)
+    assert_trees_close(actual[1], expected[1], atol=5e-4, rtol=1e-5)  # kernel gradients reach ~60: float32 sums
+
+
+def test_attention_dropout_drops_the_expected_fraction_and_keeps_the_mean():
+    batch, length, width = 4, 64, 16
+    x = jax.random.normal(jax.random.PRNGKey(0), (batch, length, width))
+    module = attention.SelfAttention(num_heads=2, causal=True, dropout_rate=0.5)
+    params = module.init(jax.random.PRNGKey(1), x)["params"]
+    clean = module.apply({"params": params}, x, deterministic=True)
+    runs = [module.apply({"params": params}, x, deterministic=False, rngs={"dropout": jax.random.PRNGKey(s)}) for s in range(64)]
+    assert float(jnp.max(jnp.abs(runs[0] - clean))) > 1e-3 and float(jnp.max(jnp.abs(runs[0] - runs[1]))) > 1e-3
+    # Inverted dropout: the mean over masks is the deterministic output; 64 masks leave ~1/8 of one mask's error.
+    one_mask = float(jnp.mean(jnp.abs(runs[0] - clean)))
+    assert float(jnp.mean(jnp.abs(jnp.mean(jnp.stack(runs), 0) - clean))) < 0.25 * one_mask
 
 
 def test_flops_per_example_match_hand_counts():

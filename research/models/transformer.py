@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from research.config import ConfigError
+from research.models.attention import SelfAttention
 
 Initializer = Any
 Dtype = Any
@@ -68,7 +69,7 @@ class MLPBlock(nn.Module):
 
 
 class TransformerBlock(nn.Module):
-    """One pre- or post-LayerNorm block; `mask_Bx1xLxL` is True where a query may attend to a key."""
+    """One pre- or post-LayerNorm block; `mask_Bx1xLxL` (or None) is True where a query may attend to a key."""
 
     num_heads: int
     mlp_dim: int
@@ -82,33 +83,30 @@ class TransformerBlock(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     decode: bool = False  # one position per call, keys and values kept in the "cache" collection (GPT generation)
-    attention_fn: Any = nn.dot_product_attention  # flax's signature; research.models.attention has a faster backward
+    causal: bool = False  # each position attends only to itself and earlier ones (GPT), besides the mask
 
     @nn.compact
     def __call__(self, x_BxLxD: jax.Array, mask_Bx1xLxL: jax.Array | None, deterministic: bool) -> jax.Array:
         types = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         norm = dict(epsilon=self.layer_norm_epsilon, use_bias=self.use_bias, **types)
-        attention = nn.MultiHeadDotProductAttention(
-            num_heads=self.num_heads,
-            dropout_rate=self.dropout_rate,
-            broadcast_dropout=False,  # an independent mask per example and head, as GPT-2 and BERT
-            force_fp32_for_softmax=True,  # bfloat16 logits lose the small differences softmax depends on
-            kernel_init=self.kernel_init,
-            out_kernel_init=self.output_kernel_init,
-            use_bias=self.use_bias,
-            decode=self.decode,
-            attention_fn=self.attention_fn,
-            qkv_dot_general=flat_dot_general,
-            out_dot_general=flat_dot_general,
-            name="attention",
-            **types,
+        attention_options = dict(
+            num_heads=self.num_heads, dropout_rate=self.dropout_rate, kernel_init=self.kernel_init,
+            out_kernel_init=self.output_kernel_init, use_bias=self.use_bias, name="attention", **types,
         )
+        if self.decode:  # flax's module keeps the key/value cache; the parameters are the same as SelfAttention's
+            flax_attention = nn.MultiHeadDotProductAttention(
+                broadcast_dropout=False, force_fp32_for_softmax=True, decode=True, qkv_dot_general=flat_dot_general,
+                out_dot_general=flat_dot_general, **attention_options,
+            )
+            attention = lambda inputs, mask, deterministic: flax_attention(inputs, mask=mask, deterministic=deterministic)
+        else:
+            attention = SelfAttention(causal=self.causal, **attention_options)
         mlp = MLPBlock(self.mlp_dim, self.use_bias, self.kernel_init, self.output_kernel_init, name="mlp", **types)
         attention_norm, mlp_norm = nn.LayerNorm(name="attention_norm", **norm), nn.LayerNorm(name="mlp_norm", **norm)
         dropout = nn.Dropout(self.dropout_rate, deterministic=deterministic)
 
         def attend(inputs_BxLxD):
-            return attention(inputs_BxLxD, mask=mask_Bx1xLxL, deterministic=deterministic)
+            return attention(inputs_BxLxD, mask_Bx1xLxL, deterministic)
 
         if self.pre_layer_norm:
             x_BxLxD = x_BxLxD + dropout(attend(attention_norm(x_BxLxD)))
