@@ -16,6 +16,10 @@ import sys
 
 from absl import app, flags, logging
 
+from research import runtime
+
+runtime.use_fast_allocator()  # as launch.py: re-executes once, before JAX starts (research/runtime.py)
+
 _WORKDIR = flags.DEFINE_string("workdir", None, "the run's directory (config.json and checkpoints/)")
 _CHECKPOINT = flags.DEFINE_string("checkpoint", "latest", "which checkpoint: latest, best (by the run's checkpoint.best_metric) or a step number")
 _EXPERIMENTS = flags.DEFINE_string("experiments_dir", "experiments", "where the run's experiment module lives")

@@ -4,16 +4,23 @@ XLA:CPU allocates a compiled step's temporary buffers afresh on every call. glib
 blocks that large with mmap and unmaps them when they are freed, so every training step faults its
 whole working set back in, 4 KiB at a time, and the kernel zeroes each page: on our 2-core machine
 ~300,000 page faults and 0.65 s of kernel time per GPT 6L/384d step (14% of the CPU time), 75,000
-per ResNet-20 step (benchmarks/README.md). Two cures, tried in this order by `auto`:
-  tcmalloc   preloaded when installed (Debian: libtcmalloc-minimal4): it keeps freed memory for the
-             next step; ~100 faults per step, no kernel time;
-  hugepages  glibc's own malloc asked for transparent huge pages (GLIBC_TUNABLES glibc.malloc.hugetlb=1,
-             glibc >= 2.35): 2 MiB faults instead of 4 KiB ones, ~1,000 per step.
-Both are set by re-executing the process with the variables in its environment (the dynamic loader
-reads them only at start), as PyTorch's CPU launcher does. RESEARCH_ALLOCATOR=system keeps the
-process as it is; tcmalloc or hugepages insist on one.
+per ResNet-20 step. tcmalloc keeps freed memory for the next step (~100 faults, no kernel time);
+with it our GPT steps ran 1.1-1.4x faster, PyTorch's within run-to-run noise (benchmarks/README.md).
 
-Standard library only: launch.py and the benchmarks call `use_fast_allocator()` before importing JAX.
+RESEARCH_ALLOCATOR picks, in launch.py, predict.py and the benchmarks:
+  auto       (default) tcmalloc when it is installed (Debian/Ubuntu: apt install libtcmalloc-minimal4),
+             else glibc's malloc as it is;
+  tcmalloc   tcmalloc, or a one-line error when it is not installed;
+  hugepages  glibc's malloc asked for transparent huge pages (GLIBC_TUNABLES glibc.malloc.hugetlb=1,
+             glibc >= 2.35): 2 MiB faults instead of 4 KiB ones (~1,000 a step), but each is a 2 MiB
+             page to zero and, with the kernel's default THP defrag, sometimes to compact: measured
+             between 0.9x and 1.1x of glibc's default, so only on request;
+  system     glibc's malloc as it is.
+Preloading a library or setting a glibc tunable only works from the process's start (the dynamic
+loader reads them), so the process re-executes itself once with them in its environment, as
+PyTorch's CPU launcher does.
+
+Standard library only: the entry points call `use_fast_allocator()` before importing JAX.
 """
 
 import ctypes.util
@@ -47,6 +54,8 @@ def allocator_environment(environ: dict[str, str], platform: str = sys.platform,
         return dict(environ, LD_PRELOAD=":".join(preload), **{APPLIED: "tcmalloc"})
     if choice == "tcmalloc":
         raise ValueError(f"{VARIABLE}=tcmalloc but no tcmalloc library is installed: install libtcmalloc-minimal4, or use {VARIABLE}=hugepages")
+    if choice == "auto":
+        return None
     tunables = [part for part in environ.get("GLIBC_TUNABLES", "").split(":") if part and not part.startswith("glibc.malloc.hugetlb=")]
     return dict(environ, GLIBC_TUNABLES=":".join([*tunables, HUGEPAGES_TUNABLE]), **{APPLIED: "hugepages"})
 
@@ -67,5 +76,10 @@ def use_fast_allocator() -> None:
 
 
 def allocator_in_use() -> str:
-    """What this process's allocator is: tcmalloc, hugepages or system."""
-    return os.environ.get(APPLIED, "system")
+    """What this process's allocator is: tcmalloc, hugepages or system (with a hint when tcmalloc would help)."""
+    applied = os.environ.get(APPLIED)
+    if applied:
+        return applied
+    if os.environ.get(VARIABLE) == "system" or not sys.platform.startswith("linux"):
+        return "system"
+    return "system (apt install libtcmalloc-minimal4 for faster CPU steps: research/runtime.py)"
