@@ -7,14 +7,14 @@ change, but computes them differently:
   * the attention itself runs heads-major (B x H x L x K) with a hand-written backward pass, the
     closed form FlashAttention uses (Dao et al. 2022, appendix B.2): with P the attention weights,
     O the output, dO its cotangent and Z the dropout multiplier (1 without dropout),
-      dV = (P Z)^T dO,   dP = (dO V^T) Z,   dS = P * (dP - rowsum(dO * O)),   dQ = dS K,   dK = dS^T Q,
+      dV = (P * Z)^T dO,   dP = (dO V^T) * Z,   dS = P * (dP - rowsum(dO * O)),   dQ = dS K,   dK = dS^T Q,
     four matmuls and one elementwise pass; P is kept from the forward pass (recomputing it costs a
     fifth matmul, which on a compute-bound CPU is slower);
   * causal attention runs in blocks of QUERY_BLOCK queries, each against only the keys at or
     before its last query, which skips most of the masked half of the work.
-On this 2-core CPU, GPT 6L/384d's attention forward + backward took 57 ms per layer against 109 ms
-for flax's function with the same backward and 56 ms for PyTorch's fused kernel
-(benchmarks/README.md). Decoding with a key/value cache uses flax's module (same parameters).
+On this 2-core CPU, GPT 6L/384d's attention forward + backward took 57 ms per layer, against 109 ms
+for the same backward in flax's B x L x H x K layout without blocks and 56 ms for PyTorch's fused
+kernel (benchmarks/README.md). Decoding with a key/value cache uses flax's module (same parameters).
 
 Legend: B batch, L query length, S key length, H heads, K head width, D model width, N = B * L.
 """
@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-QUERY_BLOCK = 64  # queries per causal block: 64 and 128 took the same time at L = 256; 256 (one block) 1.4x longer
+QUERY_BLOCK = 64  # queries per causal block; at L = 256 the core took 57 ms (64), 62 ms (128), 80 ms (one block)
 
 
 def query_blocks(length: int, causal: bool) -> list[tuple[int, int, int]]:
