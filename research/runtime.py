@@ -49,15 +49,15 @@ def allocator_environment(environ: dict[str, str], platform: str = sys.platform,
         raise ValueError(f"{VARIABLE}={choice!r} is not an allocator: use one of {', '.join(CHOICES)}")
     if APPLIED in environ or choice == "system" or not platform.startswith("linux"):
         return None
-    if choice in ("auto", "tcmalloc") and tcmalloc:
+    if choice == "hugepages":
+        tunables = [part for part in environ.get("GLIBC_TUNABLES", "").split(":") if part and not part.startswith("glibc.malloc.hugetlb=")]
+        return dict(environ, GLIBC_TUNABLES=":".join([*tunables, HUGEPAGES_TUNABLE]), **{APPLIED: "hugepages"})
+    if tcmalloc:
         preload = [tcmalloc, *filter(None, environ.get("LD_PRELOAD", "").split(":"))]
         return dict(environ, LD_PRELOAD=":".join(preload), **{APPLIED: "tcmalloc"})
     if choice == "tcmalloc":
         raise ValueError(f"{VARIABLE}=tcmalloc but no tcmalloc library is installed: install libtcmalloc-minimal4, or use {VARIABLE}=hugepages")
-    if choice == "auto":
-        return None
-    tunables = [part for part in environ.get("GLIBC_TUNABLES", "").split(":") if part and not part.startswith("glibc.malloc.hugetlb=")]
-    return dict(environ, GLIBC_TUNABLES=":".join([*tunables, HUGEPAGES_TUNABLE]), **{APPLIED: "hugepages"})
+    return None  # auto without tcmalloc: glibc's malloc as it is
 
 
 def use_fast_allocator() -> None:

@@ -82,11 +82,13 @@ def test_allocator_environment_for_each_choice():
     tcmalloc = runtime.allocator_environment({"LD_PRELOAD": "libother.so"}, "linux", tcmalloc="libtcmalloc_minimal.so.4")
     assert tcmalloc["LD_PRELOAD"] == "libtcmalloc_minimal.so.4:libother.so" and tcmalloc[applied] == "tcmalloc"
     assert runtime.allocator_environment({}, "linux", tcmalloc=None) is None  # auto without tcmalloc: glibc as it is
-    huge = runtime.allocator_environment({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0:glibc.cpu.x=1", "RESEARCH_ALLOCATOR": "hugepages"}, "linux", tcmalloc=None)
+    asked = {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0:glibc.cpu.x=1", "RESEARCH_ALLOCATOR": "hugepages"}
+    huge = runtime.allocator_environment(asked, "linux", tcmalloc=None)
     assert huge["GLIBC_TUNABLES"] == "glibc.cpu.x=1:glibc.malloc.hugetlb=1" and huge[applied] == "hugepages"
     assert runtime.allocator_environment({"RESEARCH_ALLOCATOR": "hugepages"}, "linux", tcmalloc="libtcmalloc.so.4")[applied] == "hugepages"
     assert runtime.allocator_environment({"RESEARCH_ALLOCATOR": "system"}, "linux", tcmalloc="libtcmalloc.so.4") is None
-    assert runtime.allocator_environment({applied: "tcmalloc"}, "linux", tcmalloc="libtcmalloc.so.4") is None  # re-executed once only
+    # Re-executed once only.
+    assert runtime.allocator_environment({applied: "tcmalloc"}, "linux", tcmalloc="libtcmalloc.so.4") is None
     assert runtime.allocator_environment({}, "darwin", tcmalloc=None) is None
     with pytest.raises(ValueError, match="no tcmalloc library is installed: install libtcmalloc-minimal4"):
         runtime.allocator_environment({"RESEARCH_ALLOCATOR": "tcmalloc"}, "linux", tcmalloc=None)

@@ -166,7 +166,8 @@ class SelfAttention(nn.Module):
         projection = dict(use_bias=self.use_bias, param_dtype=self.param_dtype)
         qkv = [_Projection((width, heads, head_width), 2, kernel_init=self.kernel_init, name=name, **projection)()
                for name in ("query", "key", "value")]
-        out_kernel_HxKxD, out_bias_D = _Projection((heads, head_width, width), 1, kernel_init=self.out_kernel_init or self.kernel_init, name="out", **projection)()
+        out_init = self.out_kernel_init or self.kernel_init
+        out_kernel_HxKxD, out_bias_D = _Projection((heads, head_width, width), 1, kernel_init=out_init, name="out", **projection)()
         kernel_Dx3xHxK = jnp.stack([kernel for kernel, _ in qkv], axis=1)
         bias_3xHxK = jnp.stack([bias for _, bias in qkv]) if self.use_bias else None
         x_NxD, kernel_Dx3xHxK, bias_3xHxK, out_kernel_HxKxD, out_bias_D = nn.dtypes.promote_dtype(
