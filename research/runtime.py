@@ -14,7 +14,7 @@ RESEARCH_ALLOCATOR picks, in launch.py, predict.py and the benchmarks:
   hugepages  glibc's malloc asked for transparent huge pages (GLIBC_TUNABLES glibc.malloc.hugetlb=1,
              glibc >= 2.35): 2 MiB faults instead of 4 KiB ones (~1,000 a step), but each is a 2 MiB
              page to zero and, with the kernel's default THP defrag, sometimes to compact: measured
-             between 0.9x and 1.1x of glibc's default, so only on request;
+             between 0.8x and 1.1x of glibc's default, so only on request;
   system     glibc's malloc as it is.
 Preloading a library or setting a glibc tunable only works from the process's start (the dynamic
 loader reads them), so the process re-executes itself once with them in its environment, as
@@ -63,7 +63,7 @@ def allocator_environment(environ: dict[str, str], platform: str = sys.platform,
 def use_fast_allocator() -> None:
     """Re-execute this process (same interpreter and arguments) with the allocator's environment, once."""
     if APPLIED in os.environ or os.environ.get(VARIABLE) == "system":
-        return
+        return  # allocator_environment would say so too; this skips find_tcmalloc's ldconfig call
     try:
         environment = allocator_environment(dict(os.environ), tcmalloc=find_tcmalloc())
     except ValueError as error:
