@@ -115,3 +115,29 @@ def put_batch(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Arra
     """Places this process's slice of the global batch on the mesh as one global array per key."""
     sharding = batch_sharding(mesh)
     return {key: jax.make_array_from_process_local_data(sharding, np.asarray(value)) for key, value in batch.items()}
+
+
+class DispatchWindow:
+    """Keeps the host at most `depth` dispatched steps ahead of the devices.
+
+    JAX dispatches asynchronously, so a loop that never reads a result can enqueue hundreds of
+    steps. XLA:CPU admits at most 32 in-flight computations per device and launches each device's
+    share of a program from a shared thread pool; once a loop runs that far ahead, the devices'
+    launches of one program can be admitted out of step, and a collective (the gradient all-reduce)
+    waits for a participant that is queued behind it: the process aborts after 40 s ("Termination
+    timeout for all reduce ... only 7 of them arrived"). Measured on 8 host devices: 500 steps of
+    a one-all-reduce program deadlocked 3 runs of 3 without a window, 0 of 3 with one.
+    `add(x)` after each step waits for the step `depth` steps back, which leaves the devices the
+    current step and the next to run while the host prepares the one after.
+    """
+
+    def __init__(self, depth: int = 2):
+        if depth < 1:
+            raise ValueError(f"DispatchWindow depth {depth}: must be at least 1")
+        self.depth, self.pending = depth, []
+
+    def add(self, step_output: PyTree) -> None:
+        """Records a dispatched step by (any of) its outputs; blocks on the one `depth` steps back."""
+        self.pending.append(jax.tree.leaves(step_output)[0])
+        while len(self.pending) > self.depth:
+            self.pending.pop(0).block_until_ready()

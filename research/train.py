@@ -123,9 +123,10 @@ def eval_step(state: TrainState, batch: Batch, *, eval_fn: Callable) -> dict[str
 
 def evaluate(state: TrainState, dataset: Iterable, *, step_fn: Callable, mesh: Mesh) -> dict[str, float]:
     """One pass over `dataset`; accumulators merge on device, numbers reach the host once."""
-    accumulated = None
+    accumulated, window = None, sharding.DispatchWindow()
     for batch in dataset:
         accumulated = metrics_lib.merge(accumulated, step_fn(state, sharding.put_batch(batch, mesh)))
+        window.add(accumulated)
     if accumulated is None:
         raise ValueError("the evaluation split yielded no batches")
     return metrics_lib.compute(accumulated)
@@ -357,13 +358,14 @@ def train_and_evaluate(
 
 def _loop(run: _Run, train_fn: Callable, batch, start: int, history: list[float], stop_at_step: int | None) -> int | None:
     """Steps from `start` to the end; returns the last step trained, or None after a preemption's save."""
-    config, metrics_window = run.config, run.train_metrics
+    config, metrics_window, dispatched = run.config, run.train_metrics, sharding.DispatchWindow()
     with checkpoint.PreemptionWatcher() as watcher:
         for step in range(start + 1, config.num_steps + 1):
             if step > start + 1:
                 batch = sharding.put_batch(next(run.train_iterator), run.mesh)
             run.profiler.before(step)
             run.state, metrics = train_fn(run.state, batch)
+            dispatched.add(metrics)
             run.profiler.after(step, run.state)
             metrics_window.flush()  # the previous window, now that this step is dispatched
             metrics_window.add(metrics)

@@ -1,6 +1,11 @@
 """Parameter sharding rules, and sharded training equal to one device for every kind of mesh."""
 
 import functools
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -12,6 +17,7 @@ from research import metrics, sharding, train
 from research.config import DEFAULT_PARAM_RULES
 from research.models import bert, cnn, gpt, mlp, resnet, rnn
 
+ROOT = Path(__file__).resolve().parents[1]
 CATCH_ALL = len(DEFAULT_PARAM_RULES) - 1
 MODELS = {
     "gpt": (gpt.GPT(vocab_size=65, block_size=16, num_layers=2, num_heads=4, width=32), jnp.zeros((2, 16), jnp.int32)),
@@ -106,3 +112,60 @@ def test_every_mesh_gives_the_one_device_losses(name):
     # The GPT exercises every kind of mesh; the ResNet (BatchNorm statistics, convolutions) the two extremes.
     for mesh_axes in MESHES if name == "gpt" else (MESHES[0], MESHES[2]):
         np.testing.assert_allclose(losses_on(mesh_axes, name), reference, atol=1e-5, err_msg=str(mesh_axes))
+
+
+WINDOW_SCRIPT = """
+import os, sys
+os.environ["XLA_FLAGS"] = ("--xla_force_host_platform_device_count=8 --xla_cpu_collective_call_terminate_timeout_seconds=5"
+                           " --xla_cpu_collective_call_warn_stuck_timeout_seconds=2")
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+from research import sharding
+
+def step(w, x):  # a gradient-like mean over the batch: one all-reduce when x is split over devices
+    w = w - 0.01 * (jnp.mean(jnp.tanh(x @ w), axis=0)[None, :] - 0.3)
+    return w, jnp.sum(w)
+
+def run(devices, window):
+    mesh = jax.make_mesh((len(devices),), ("data",), devices=devices)
+    w = jax.device_put(jnp.full((16, 16), 0.5), NamedSharding(mesh, P()))
+    x = jax.device_put(jnp.linspace(0.0, 1.0, 16 * 16).reshape(16, 16), NamedSharding(mesh, P("data")))
+    jitted = jax.jit(step)
+    for _ in range(int(sys.argv[1])):
+        w, loss = jitted(w, x)
+        if window:
+            window.add(loss)
+    return float(loss)
+
+paced = run(jax.devices(), sharding.DispatchWindow() if sys.argv[2] == "window" else None)
+print(paced, run(jax.devices()[:1], None))
+"""
+
+
+def test_dispatch_window_keeps_collectives_from_deadlocking(tmp_path):
+    """Without the window, 1,000 un-read steps of a program with an all-reduce abort XLA:CPU (8
+    host devices, the rendezvous timed out); with it they finish and give the one-device loss."""
+    script = tmp_path / "window.py"
+    script.write_text(WINDOW_SCRIPT)
+    environment = {key: value for key, value in os.environ.items() if key != "XLA_FLAGS"} | {"PYTHONPATH": str(ROOT)}
+
+    def run(steps: int, choice: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, str(script), str(steps), choice], capture_output=True, text=True, env=environment, timeout=120)
+
+    paced = run(1000, "window")
+    assert paced.returncode == 0, paced.stderr[-1500:]
+    sharded, single = map(float, paced.stdout.split())
+    np.testing.assert_allclose(sharded, single, rtol=1e-5)
+    unpaced = run(1000, "none")
+    assert unpaced.returncode == -signal.SIGABRT, "XLA:CPU no longer deadlocks without the window: DispatchWindow may be unneeded"
+    assert "Termination timeout for `all reduce" in unpaced.stderr
+
+
+def test_dispatch_window_blocks_on_the_step_depth_back():
+    window = sharding.DispatchWindow(depth=2)
+    outputs = [jnp.arange(4.0) * step for step in range(4)]
+    for output in outputs:
+        window.add({"loss": output})
+    assert [len(window.pending), window.pending[0] is outputs[2]] == [2, True]
+    with pytest.raises(ValueError, match="depth 0: must be at least 1"):
+        sharding.DispatchWindow(depth=0)
