@@ -27,7 +27,7 @@ from pathlib import Path
 
 from research import runtime
 
-runtime.use_fast_allocator()  # re-executes this process once, before JAX starts: see research/runtime.py
+runtime.configure_process()  # XLA flags, then the allocator (may re-execute once), before JAX starts: research/runtime.py
 
 
 def _fake_devices(argv: list[str]) -> int:

@@ -18,7 +18,7 @@ from absl import app, flags, logging
 
 from research import runtime
 
-runtime.use_fast_allocator()  # as launch.py: re-executes once, before JAX starts (research/runtime.py)
+runtime.configure_process()  # as launch.py: XLA flags and allocator, before JAX starts (research/runtime.py)
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "the run's directory (config.json and checkpoints/)")
 _CHECKPOINT = flags.DEFINE_string("checkpoint", "latest", "which checkpoint: latest, best (by the run's checkpoint.best_metric) or a step number")

@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from research import runtime  # noqa: E402
 
-runtime.use_fast_allocator()  # the allocator launch.py trains with (research/runtime.py), before JAX starts
+runtime.configure_process()  # the XLA flags and allocator launch.py trains with (research/runtime.py), before JAX starts
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402

@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 
 from research import runtime  # noqa: E402
 
-runtime.use_fast_allocator()  # the allocator launch.py trains with (research/runtime.py), before JAX starts
+runtime.configure_process()  # the XLA flags and allocator launch.py trains with (research/runtime.py), before JAX starts
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
@@ -124,11 +124,12 @@ def trainer_runner(model: Model, config, batches) -> Runner:
     compiled = train_fn.lower(state, batch).compile()
     compile_seconds = time.perf_counter() - start
     window = TrainMetrics(_SilentLogger(), config.batch_size, 0, skip_nonfinite=False)
-    holder = {"state": state}
+    holder, dispatched = {"state": state}, sharding.DispatchWindow()
 
     def step(index: int) -> None:
         placed = sharding.put_batch(batches[index % len(batches)], mesh)
         holder["state"], metrics = compiled(holder["state"], placed)
+        dispatched.add(metrics)
         window.flush()
         window.add(metrics)
         if (index + 1) % config.log_every == 0:

@@ -1,4 +1,18 @@
-"""Process set-up that has to happen before JAX starts: which memory allocator serves XLA's buffers.
+"""Process set-up that has to happen before JAX starts: XLA:CPU flags, and which memory allocator
+serves XLA's buffers. The entry points (launch.py, predict.py, the benchmarks) call
+`configure_process()` before they import JAX.
+
+XLA flags. This jaxlib (0.10) hands 2-D convolutions with more than 16 channels to YNNPACK, whose
+kernels ran 1.4-1.8x slower here than XLA's own (Eigen) convolutions on the MNIST CNN's and
+ResNet-20's shapes (benchmarks/conv_kernels.py, 2026-11-24: MNIST conv 2 forward + input
+gradient + weight gradient 112 -> 60 ms, PyTorch 51); the MNIST CNN's whole training step went
+from 0.65x to 0.88-0.95x PyTorch's speed. `xla_flags` adds
+--xla_cpu_experimental_ynn_fusion_type=-LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION to XLA_FLAGS
+for the jaxlib versions it was measured on (an XLA that does not know a flag aborts, and the
+flag is experimental), unless XLA_FLAGS already sets it. Dots stay with YNNPACK: without it the
+CNN step was slower (0.80x).
+
+Allocator.
 
 XLA:CPU allocates a compiled step's temporary buffers afresh on every call. glibc's malloc serves
 blocks that large with mmap and unmaps them when they are freed, so every training step faults its
@@ -20,10 +34,11 @@ Preloading a library or setting a glibc tunable only works from the process's st
 loader reads them), so the process re-executes itself once with them in its environment, as
 PyTorch's CPU launcher does.
 
-Standard library only: the entry points call `use_fast_allocator()` before importing JAX.
+Standard library only, so that it runs before JAX is imported.
 """
 
 import ctypes.util
+import importlib.metadata
 import os
 import sys
 
@@ -31,6 +46,30 @@ CHOICES = ("auto", "tcmalloc", "hugepages", "system")
 VARIABLE = "RESEARCH_ALLOCATOR"
 APPLIED = "RESEARCH_ALLOCATOR_APPLIED"  # set in the re-executed process: what it runs with
 HUGEPAGES_TUNABLE = "glibc.malloc.hugetlb=1"
+XLA_CPU_FLAGS = {"xla_cpu_experimental_ynn_fusion_type": "-LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION"}
+XLA_CPU_FLAGS_MEASURED_ON = ("0.10.",)  # jaxlib version prefixes whose XLA has these flags and was measured with them
+
+
+def xla_flags(current: str, jaxlib_version: str | None) -> str:
+    """XLA_FLAGS with XLA_CPU_FLAGS added: each flag only when `current` does not set it already,
+    and none for a jaxlib outside XLA_CPU_FLAGS_MEASURED_ON (or none installed)."""
+    if jaxlib_version is None or not jaxlib_version.startswith(XLA_CPU_FLAGS_MEASURED_ON):
+        return current
+    added = [f"--{name}={value}" for name, value in XLA_CPU_FLAGS.items() if f"--{name}=" not in current]
+    return " ".join([*current.split(), *added])
+
+
+def installed_jaxlib() -> str | None:
+    try:
+        return importlib.metadata.version("jaxlib")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def configure_process() -> None:
+    """The XLA flags into this process's environment, then the allocator (which may re-execute it)."""
+    os.environ["XLA_FLAGS"] = xla_flags(os.environ.get("XLA_FLAGS", ""), installed_jaxlib())
+    use_fast_allocator()
 
 
 def find_tcmalloc() -> str | None:

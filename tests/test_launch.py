@@ -94,6 +94,41 @@ def test_allocator_environment_for_each_choice():
         runtime.allocator_environment({"RESEARCH_ALLOCATOR": "tcmalloc"}, "linux", tcmalloc=None)
 
 
+def test_xla_flags_add_ours_unless_set_or_unmeasured():
+    ours = "--xla_cpu_experimental_ynn_fusion_type=-LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION"
+    devices = "--xla_force_host_platform_device_count=8"
+    assert runtime.xla_flags(devices, "0.10.2") == f"{devices} {ours}"
+    assert runtime.xla_flags("", "0.10.0") == ours
+    own = "--xla_cpu_experimental_ynn_fusion_type=+LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION"
+    assert runtime.xla_flags(own, "0.10.2") == own  # the user's setting wins
+    assert runtime.xla_flags(devices, "0.11.0") == devices  # a jaxlib we have not measured: its XLA may not know the flag
+    assert runtime.xla_flags(devices, None) == devices
+
+
+_CONVOLUTION_BACKEND = """
+from research import runtime
+runtime.configure_process()
+import jax, jax.numpy as jnp
+convolve = lambda x, w: jax.lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+program = jax.jit(convolve).lower(jnp.ones((8, 14, 14, 64)), jnp.ones((3, 3, 64, 128))).compile().as_text()
+print(sum("__ynn_fusion" in line for line in program.splitlines()), sum(" convolution(" in line for line in program.splitlines()))
+"""
+
+
+def test_configured_process_runs_convolutions_on_xla_not_ynnpack():
+    """The flag does what runtime says on the installed jaxlib: the MNIST CNN's second convolution
+    compiles to XLA's own convolution, and to a YNNPACK fusion when XLA_FLAGS asks for that."""
+    if not runtime.installed_jaxlib().startswith(runtime.XLA_CPU_FLAGS_MEASURED_ON):
+        pytest.skip("the XLA flags apply to the jaxlib versions they were measured on only")
+    counts = {}
+    for name, flags in (("ours", ""), ("ynnpack", "--xla_cpu_experimental_ynn_fusion_type=+LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION")):
+        result = subprocess.run([sys.executable, "-c", _CONVOLUTION_BACKEND], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                                env=dict(os.environ, XLA_FLAGS=flags, RESEARCH_ALLOCATOR="system"))
+        assert result.returncode == 0, result.stderr[-1500:]
+        counts[name] = tuple(map(int, result.stdout.split()))
+    assert counts == {"ours": (0, 1), "ynnpack": (1, 1)}  # (YNNPACK fusions, convolutions: inside the fusion for YNNPACK)
+
+
 def test_unknown_allocator_fails_in_one_line():
     result = subprocess.run([sys.executable, "launch.py", "--list"], cwd=ROOT, capture_output=True, text=True, timeout=60,
                             env=dict(os.environ, RESEARCH_ALLOCATOR="jemalloc"))
