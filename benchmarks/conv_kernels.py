@@ -5,7 +5,9 @@ XLA:CPU (through JAX) against PyTorch (oneDNN), on the shapes of ResNet-20 and t
   python benchmarks/conv_kernels.py --batch=64
 
 Each row is one 3x3 'SAME' convolution, stride 1, float32, timed alone (best of 3 repeats of 10
-calls, after a warm-up). JAX runs NHWC (Flax's layout) with HWIO kernels; PyTorch runs NCHW, its
+calls, after a warm-up). JAX's convolutions run on the kernels launch.py trains with: XLA's own
+(research/runtime.py takes them away from YNNPACK); to time YNNPACK's instead, run with
+XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=+LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION. JAX runs NHWC (Flax's layout) with HWIO kernels; PyTorch runs NCHW, its
 default, and the forward also channels-last. `dw via matmuls` is the weight gradient written as
 nine shifted (B*H*W x C)^T (B*H*W x O) matmuls, the formulation a custom VJP could use instead
 of XLA's. Findings are in benchmarks/README.md.

@@ -3,10 +3,10 @@ serves XLA's buffers. The entry points (launch.py, predict.py, the benchmarks) c
 `configure_process()` before they import JAX.
 
 XLA flags. This jaxlib (0.10) hands 2-D convolutions with more than 16 channels to YNNPACK, whose
-kernels ran 1.4-1.8x slower here than XLA's own (Eigen) convolutions on the MNIST CNN's and
+kernels ran 1.9-2.2x slower here than XLA's own (Eigen) convolutions on the MNIST CNN's and
 ResNet-20's shapes (benchmarks/conv_kernels.py, 2026-11-24: MNIST conv 2 forward + input
-gradient + weight gradient 112 -> 60 ms, PyTorch 51); the MNIST CNN's whole training step went
-from 0.65x to 0.88-0.95x PyTorch's speed. `xla_flags` adds
+gradient + weight gradient 113.6 -> 60.7 ms, PyTorch 53.5); the MNIST CNN's whole training step
+went from 0.65x to 0.88-0.95x PyTorch's speed. `xla_flags` adds
 --xla_cpu_experimental_ynn_fusion_type=-LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION to XLA_FLAGS
 for the jaxlib versions it was measured on (an XLA that does not know a flag aborts, and the
 flag is experimental), unless XLA_FLAGS already sets it. Dots stay with YNNPACK: without it the
