@@ -140,4 +140,4 @@ class DispatchWindow:
         """Records a dispatched step by (any of) its outputs; blocks on the one `depth` steps back."""
         self.pending.append(jax.tree.leaves(step_output)[0])
         while len(self.pending) > self.depth:
-            self.pending.pop(0).block_until_ready()
+            jax.block_until_ready(self.pending.pop(0))
