@@ -150,7 +150,8 @@ def test_dispatch_window_keeps_collectives_from_deadlocking(tmp_path):
     environment = {key: value for key, value in os.environ.items() if key != "XLA_FLAGS"} | {"PYTHONPATH": str(ROOT)}
 
     def run(steps: int, choice: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, str(script), str(steps), choice], capture_output=True, text=True, env=environment, timeout=120)
+        command = [sys.executable, str(script), str(steps), choice]
+        return subprocess.run(command, capture_output=True, text=True, env=environment, timeout=120)
 
     paced = run(1000, "window")
     assert paced.returncode == 0, paced.stderr[-1500:]
