@@ -60,6 +60,7 @@ def xla_flags(current: str, jaxlib_version: str | None) -> str:
 
 
 def installed_jaxlib() -> str | None:
+    """The installed jaxlib's version, read from its package metadata (no import), or None."""
     try:
         return importlib.metadata.version("jaxlib")
     except importlib.metadata.PackageNotFoundError:
