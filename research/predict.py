@@ -126,10 +126,7 @@ def evaluate(run: Run, split: str) -> dict[str, Any]:
         raise ConfigError(f"unknown split {split!r}: use one of {sorted(run.config.data.splits)}")
     eval_fn = jax.jit(train.bind(run.module, run.model)["eval_fn"])
     bound = (lambda params, batch: eval_fn(params, batch, **run.model_state)) if run.model_state else eval_fn
-    accumulated, window = None, sharding.DispatchWindow()
-    for batch in run.module.make_data(run.config, split):
-        accumulated = metrics_lib.merge(accumulated, bound(run.params, batch))
-        window.add(accumulated)
+    accumulated = train.accumulate(bound(run.params, batch) for batch in run.module.make_data(run.config, split))
     if accumulated is None:
         raise ConfigError(f"split {split!r} yielded no batches: check config.data for it")
     results: dict[str, Any] = metrics_lib.compute(accumulated)

@@ -121,12 +121,19 @@ def eval_step(state: TrainState, batch: Batch, *, eval_fn: Callable) -> dict[str
     return _with_model_state(eval_fn, state.model_state)(state.params, batch)
 
 
+def accumulate(step_outputs: Iterable[Mapping[str, metrics_lib.Metric]]) -> dict[str, metrics_lib.Metric] | None:
+    """Merges the metric accumulators of dispatched eval steps on device, the host staying at most
+    two steps ahead (sharding.DispatchWindow); None when there were no steps."""
+    accumulated, window = None, sharding.DispatchWindow()
+    for output in step_outputs:
+        accumulated = metrics_lib.merge(accumulated, output)
+        window.add(accumulated)
+    return accumulated
+
+
 def evaluate(state: TrainState, dataset: Iterable, *, step_fn: Callable, mesh: Mesh) -> dict[str, float]:
     """One pass over `dataset`; accumulators merge on device, numbers reach the host once."""
-    accumulated, window = None, sharding.DispatchWindow()
-    for batch in dataset:
-        accumulated = metrics_lib.merge(accumulated, step_fn(state, sharding.put_batch(batch, mesh)))
-        window.add(accumulated)
+    accumulated = accumulate(step_fn(state, sharding.put_batch(batch, mesh)) for batch in dataset)
     if accumulated is None:
         raise ValueError("the evaluation split yielded no batches")
     return metrics_lib.compute(accumulated)
