@@ -5,13 +5,11 @@
   python predict.py --workdir runs/digits --evaluate test [--quantize]
   python predict.py --workdir runs/digits --export exported/digits [--quantize]
 
-Reads WORKDIR/config.json and a checkpoint (--checkpoint latest, best or a step number). This
-is a second entry point beside launch.py rather than a --predict mode of it because prediction has its own dozen flags
-(sampling, inputs, export) that training never reads; like launch.py it defines flags and calls
-the library (research/predict.py, generate.py, export.py, quantize.py), nothing else.
+Reads WORKDIR/config.json and a checkpoint (--checkpoint latest, best or a step number). An
+entry point beside launch.py because prediction has its own flags (sampling, inputs, export) that
+training never reads; like launch.py it defines flags and calls research/inference/, nothing else.
 """
 
-import dataclasses
 import sys
 
 from absl import app, flags, logging
@@ -45,11 +43,11 @@ def fail(message: str) -> None:
 
 def run_action(run) -> None:
     """The one action the flags ask for, printed."""
-    from research import export, predict, quantize
-    from research.generate import Sampling
+    from research.inference import export, predict, quantize
+    from research.inference.generate import Sampling
 
     if _QUANTIZE.value and (_GENERATE.value is not None or _CLASSIFY.value is not None):  # predict with the int8 weights
-        run = dataclasses.replace(run, params=quantize.dequantize(quantize.quantize(run.params)))
+        run = run.with_params(quantize.dequantize(quantize.quantize(run.params)))
     if _GENERATE.value is not None:
         sampling = Sampling(_TEMPERATURE.value, _TOP_K.value, _TOP_P.value, _SEED.value)
         result = predict.generate_text(run, _GENERATE.value, _NUM_TOKENS.value, sampling, keep=_KEEP.value)
@@ -82,8 +80,8 @@ def main(argv: list[str]) -> None:
     if _WORKDIR.value is None:
         fail("pass --workdir DIR of a trained run")
     logging.set_verbosity(logging.ERROR)  # orbax warns that a read-only checkpoint directory is read-only
-    from research import predict
     from research.config import ConfigError
+    from research.inference import predict
 
     try:
         run_action(predict.load_run(_WORKDIR.value, _EXPERIMENTS.value, _CHECKPOINT.value))

@@ -24,7 +24,8 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from experiments import digits_mlp  # noqa: E402
-from research import checkpoint, sharding, train  # noqa: E402
+from research import checkpoint  # noqa: E402
+from research.steps import build  # noqa: E402
 
 SAVES = 5
 
@@ -33,11 +34,8 @@ def build_state(width: int, data_dir: str):
     config = digits_mlp.get_config("smoke")
     config.data_dir = data_dir
     config.model.features = (width, width, width, 10)
-    mesh = sharding.make_mesh(config.mesh)
-    functions = train.bind(digits_mlp, digits_mlp.make_model(config))
     iterator = iter(digits_mlp.make_data(config, "train"))
-    batch = sharding.put_batch(next(iterator), mesh)
-    state, _ = train.init_state(jax.random.PRNGKey(0), batch, init_variables=functions["init_variables"], tx=train.make_tx(config), mesh=mesh)
+    state = build(config, digits_mlp, batch=next(iterator)).init_state(jax.random.PRNGKey(0))
     return config, state, iterator
 
 

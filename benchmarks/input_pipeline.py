@@ -6,6 +6,7 @@ train step consumes them, and a missing dataset fails in under 5 s. Data is prep
 temporary tfds directory first (a few seconds), so preparation is not timed.
 """
 
+import functools
 import subprocess
 import sys
 import tempfile
@@ -22,8 +23,9 @@ runtime.configure_process()  # the XLA flags and allocator launch.py trains with
 import jax  # noqa: E402
 
 from experiments import digits_mlp, shakespeare_gpt  # noqa: E402
-from research import sharding, train  # noqa: E402
-from research.data import files, pipeline, text  # noqa: E402
+from research import sharding  # noqa: E402
+from research.data import augment, files, pipeline, text  # noqa: E402
+from research.steps import build  # noqa: E402
 
 WARMUP, BATCHES, STEPS = 20, 1000, 1000
 CHAR_BATCH, CHAR_LENGTH = 64, 256
@@ -42,13 +44,10 @@ def batches_per_second(batches, count: int = BATCHES) -> float:
 
 def steps_per_second(experiment, config, batches) -> dict[str, float]:
     """An experiment's train steps per second: the jitted step alone, and with `put_batch` as the loop does."""
-    mesh = sharding.make_mesh(config.mesh)
-    functions = train.bind(experiment, experiment.make_model(config))
-    tx = train.make_tx(config)
     host_batch = next(iter(batches))
+    setup = build(config, experiment, batch=host_batch)
+    mesh, train_fn, state = setup.mesh, setup.train_step, setup.init_state(jax.random.PRNGKey(0))
     batch = sharding.put_batch(host_batch, mesh)
-    state, state_shardings = train.init_state(jax.random.PRNGKey(0), batch, init_variables=functions["init_variables"], tx=tx, mesh=mesh)
-    train_fn, _ = train.compile_steps(functions, tx, state_shardings, mesh)
     rates = {}
     for name, place in (("step alone", lambda: batch), ("step + put_batch", lambda: sharding.put_batch(host_batch, mesh))):
         for _ in range(WARMUP):
@@ -65,7 +64,8 @@ def steps_per_second(experiment, config, batches) -> dict[str, float]:
 def digits_per_example_batches(config):
     """The general path for comparison: tfds records through a per-example grain map."""
     source = pipeline.tfds_source(config.data.name, config.data.splits["train"], data_dir=config.data_dir)
-    return pipeline.train_batches(source, batch_size=config.batch_size, seed=config.seed, transform=digits_mlp.preprocess)
+    preprocess = functools.partial(augment.pixels, scale=digits_mlp.MAX_PIXEL, flat=True)
+    return pipeline.train_batches(source, batch_size=config.batch_size, seed=config.seed, transform=preprocess)
 
 
 def char_lm_batches(data_dir: str, *, in_memory: bool):

@@ -6,14 +6,14 @@
 
 For each model (the char-GPT at two sizes, the MNIST CNN, ResNet-20) three implementations of the
 same training step (same architecture, parameter count, batch and optimizer) run in one process:
-  trainer  research.train's jitted step, fed as train._loop feeds it (put_batch, metrics one step late)
+  trainer  the Setup's jitted step (research.steps.build), fed as the training loop feeds it (put_batch, metrics one step late)
   jax      the same Flax model and optax optimizer in a minimal jax.jit loop (no framework)
   torch    a plain PyTorch eager reference (benchmarks/torch_models.py)
 They alternate: each repeat times `steps` steps of each in turn (who goes first rotates), and the table shows medians
 over repeats, so the ratios stay fair on a machine shared with other jobs. MFU is the analytic
 training FLOPs (research/perf.py, checked here against XLA's cost analysis) per second over the
 float32 matmul peak measured by the same JAX at the start of every run. Needs torch (the `bench`
-extra); findings are in benchmarks/README.md.
+extra); findings are in docs/performance.md.
 """
 
 import argparse
@@ -38,8 +38,10 @@ import torch  # noqa: E402
 
 from benchmarks import torch_models  # noqa: E402
 from experiments import cifar10_resnet, mnist_cnn, shakespeare_gpt  # noqa: E402
-from research import perf, sharding, train  # noqa: E402
+from research import perf, sharding  # noqa: E402
 from research.logger import TrainMetrics  # noqa: E402
+from research.steps import build  # noqa: E402
+from research.train import DispatchWindow  # noqa: E402
 
 IMPLS = ("trainer", "jax", "torch")
 HOST_BATCHES = 4  # distinct synthetic batches, cycled
@@ -111,20 +113,15 @@ class Runner:
 
 
 def trainer_runner(model: Model, config, batches) -> Runner:
-    """research.train's step, fed as train._loop feeds it."""
-    mesh = sharding.make_mesh(config.mesh)
-    functions = train.regularize(train.bind(model.experiment, model.experiment.make_model(config)), config.optimizer)
-    tx = train.make_tx(config)
+    """The Setup's train step, fed as the training loop (research/train.py) feeds it."""
+    setup = build(config, model.experiment, batch=batches[0])
+    mesh, state = setup.mesh, setup.init_state(jax.random.PRNGKey(0))
     batch = sharding.put_batch(batches[0], mesh)
-    state, shardings = train.init_state(
-        jax.random.PRNGKey(0), batch, init_variables=functions["init_variables"], tx=tx, mesh=mesh, rules=config.param_rules
-    )
-    train_fn, _ = train.compile_steps(functions, tx, shardings, mesh, config.optimizer.accumulate_steps)
     start = time.perf_counter()
-    compiled = train_fn.lower(state, batch).compile()
+    compiled = setup.train_step.lower(state, batch).compile()
     compile_seconds = time.perf_counter() - start
     window = TrainMetrics(_SilentLogger(), config.batch_size, 0, skip_nonfinite=False)
-    holder, dispatched = {"state": state}, sharding.DispatchWindow()
+    holder, dispatched = {"state": state}, DispatchWindow()
 
     def step(index: int) -> None:
         placed = sharding.put_batch(batches[index % len(batches)], mesh)

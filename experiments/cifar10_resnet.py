@@ -5,21 +5,15 @@
   python launch.py --config experiments/cifar10_resnet.py:cpu --workdir runs/resnet20_cpu
 Needs cifar-10-binary.tar.gz in DATA_DIR/downloads/manual/ (or internet access).
 Source: He et al. 2016, "Deep residual learning for image recognition", sec. 4.2 and Table 6:
-test accuracy 91.25% (ResNet-20), 92.49% (ResNet-32), 93.03% (ResNet-56). Their recipe: 45k/5k
-train/validation split, 4-pixel padding + random 32x32 crop + horizontal flip, per-channel
-normalization, SGD with momentum 0.9, weight decay 1e-4, batch 128, 64k iterations, learning rate
-0.1 divided by 10 at 32k and 48k. Our default config follows it: the `piecewise` schedule
-gives 0.1 up to step 31,999, 0.01 from 32,000 and 0.001 from 48,000 to the end at 64,000; weight
-decay is `optimizer.l2_penalty` (the L2 term Torch's SGD adds to the gradient), sparing biases
-and BatchNorm scales.
-BatchNorm statistics live in `TrainState.model_state`; evaluation uses the running averages.
-`:cpu` is ResNet-20 for 700 steps at batch 64, one epoch of the 45k images: measured at
-52 examples/s on synthetic data on this 2-core CPU (shared with other jobs), so ~15 minutes.
-Its accuracy is not measured: CIFAR-10 cannot be had offline here. One epoch of a 182-epoch
-recipe: expect far below the paper; it checks the pipeline end to end on real data.
-`:smoke` runs anywhere: ResNet-8 on synthetic CIFAR-shaped images whose class sets the mean
-colour, through the same per-example crop + flip pipeline. tests/test_experiments_vision.py also
-runs the whole pipeline on a generated binary archive in the official layout.
+test accuracy 91.25% (ResNet-20), 92.49% (ResNet-32), 93.03% (ResNet-56). Their recipe, our
+default config: 45k/5k split, 4-pixel padding + random 32x32 crop + flip, per-channel
+normalization, SGD + momentum 0.9, weight decay 1e-4 (`optimizer.l2_penalty`, the L2 term
+Torch's SGD adds to the gradient, sparing biases and BatchNorm scales), batch 128, 64k steps, lr
+0.1 divided by 10 at 32k and 48k (the `piecewise` schedule). BatchNorm statistics live in
+`TrainState.model_state`; evaluation uses the running averages. `:cpu` is ResNet-20 for one epoch
+(700 steps of 64, ~15 minutes on a 2-core CPU): a pipeline check on real data, far below the
+paper; not measured here (no CIFAR-10 offline). `:smoke` runs anywhere: ResNet-8 on synthetic
+CIFAR-shaped images whose class sets the mean colour, through the same crop + flip pipeline.
 """
 
 import flax.linen as nn
@@ -32,7 +26,7 @@ from research.config import choose, trainer_config
 from research.data import augment, pipeline
 from research.models import compute_dtype
 from research.models.resnet import CifarResNet
-from research.reproduce import Reference
+from research.experiment import Reference
 
 SYNTHETIC = "synthetic"  # data.name of the smoke config: generated in memory, no files needed
 
@@ -101,11 +95,8 @@ def make_data(config: ml_collections.ConfigDict, split: str):
         source = synthetic_source(config.data.synthetic_size, split)
     else:
         source = pipeline.tfds_source(config.data.name, config.data.splits[split], data_dir=config.data_dir)
-    if split == "train":
-        return pipeline.train_batches(
-            source, batch_size=config.batch_size, seed=config.seed, random_transform=augment.cifar_train_transform
-        )
-    return pipeline.eval_batches(source, batch_size=config.eval_batch_size, transform=augment.cifar_eval_transform)
+    return pipeline.labelled_batches(source, split, batch_size=config.batch_size, eval_batch_size=config.eval_batch_size, seed=config.seed,
+                                     transform=augment.cifar_eval_transform, random_transform=augment.cifar_train_transform)
 
 
 def make_model(config: ml_collections.ConfigDict) -> nn.Module:

@@ -7,7 +7,6 @@ Optimizer arguments go under optimizer.kwargs: `--config.optimizer.kwargs.moment
 """
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -15,7 +14,7 @@ import numpy as np
 from research import metrics
 from research.config import choose, trainer_config
 from research.data import pipeline
-from research.reproduce import Reference
+from research.experiment import Reference, Workload
 
 SPLIT_SEEDS = {"train": 0, "validation": 1, "test": 2}
 
@@ -25,6 +24,9 @@ REFERENCES = tuple(
     for config, tolerance in ((None, 0.01), ("smoke", 0.05))
     for name, value in (("slope", 3.0), ("intercept", 2.0))
 )
+# A workload of the optimizer benchmark (--bench_optimizer): steps to a validation MSE near the noise variance.
+BENCHMARK = Workload(metric="mse", target=0.0125, mode="min", eval_every=10, budget=500,
+                     baseline_learning_rates=(("adamw", 0.1), ("momentum", 0.05)))
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

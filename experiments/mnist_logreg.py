@@ -4,46 +4,60 @@
   python launch.py --config experiments/mnist_logreg.py:cpu --workdir runs/mnist_logreg_cpu
 Source: the Adam paper's logistic regression experiment: 784-pixel inputs, minibatch 128, Adam
 with learning rate 1e-3 and b1 0.9, b2 0.999, eps 1e-8. The paper plots training cost against
-epochs (Fig. 1, left) and reports no test accuracy; a softmax regression on MNIST usually
-reaches ~92-93% test accuracy. Two differences from the paper: the learning rate is constant
-(the paper decays it as 1/sqrt(t); `optimizer.schedule.name=inverse_sqrt` with warmup_steps=1
-does that per step) and there is no L2 penalty (`optimizer.l2_penalty`; the paper gives no value).
-Default: 45 epochs of 54,000 images (6,000 held out).
-`:cpu` trains on 4,500 images of the shipped 5k subset (500 held out) for 45 epochs and tests on
-the official 10,000 test images. MEASURED (2-core CPU shared with other jobs, 2026-11-23):
-
-  config   steps            validation (500)   test (10,000)                 wall time
-  :cpu     1,575 (45 ep.)   0.916              accuracy 0.9074, loss 0.3229  8 s
-  (on main's optimizer config, after the merge: test accuracy 0.9079, loss 0.3232)
-
-`:smoke` (30 steps, tests): test accuracy ~0.80 on 256 test images.
+epochs (Fig. 1, left; sweeps/adam_paper_mnist.py recreates it) and reports no test accuracy; a
+softmax regression on MNIST usually reaches ~92-93%. Two differences from the paper: the
+learning rate is constant (the paper decays it as 1/sqrt(t): `optimizer.schedule.name=inverse_sqrt`
+with warmup_steps=1) and there is no L2 penalty (`optimizer.l2_penalty`; the paper gives no value).
+Default: 45 epochs of 54,000 images. `:cpu`: 45 epochs of the shipped 4,500-image subset, tested
+on the official 10,000: expected test accuracy ~0.907 in seconds (docs/results.md). `:smoke`
+(30 steps): ~0.80 on 256 test images.
 """
 
 import flax.linen as nn
 import ml_collections
 
-from experiments.mnist_mlp import adam_paper_config, cpu_and_smoke, eval_fn, loss_fn, make_data  # noqa: F401  (the contract)
-from research.config import choose
+from research import metrics
+from research.config import choose, trainer_config
+from research.data import augment, mnist, pipeline
+from research.experiment import Reference
 from research.models.mlp import MLP
-from research.reproduce import Reference
 
-# The paper reports curves, not accuracies (its figure is recreated by sweeps/adam_paper_mnist.py):
-# these are this repository's measured numbers, guards against regressions.
+# The paper reports curves, not accuracies: these are this repository's measured numbers, regression guards.
 REFERENCES = (
     Reference(config="cpu", metric="test/accuracy", published=0.907, tolerance=0.01, better="max",
-              source="this repository, :cpu measured 2026-11-23 (docstring)"),
+              source="this repository, :cpu measured 2026-11-23 (docs/results.md)"),
     Reference(config="smoke", metric="test/accuracy", published=0.80, tolerance=0.05, better="max",
               source="this repository's smoke run (a regression guard)"),
 )
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    config = adam_paper_config(num_steps=18990, eval_every=4220)  # 45 epochs of 54,000 images at batch 128
+    config = trainer_config()
+    config.data = ml_collections.ConfigDict({"name": "mnist", "splits": mnist.SPLITS})  # the full official split
     config.model = ml_collections.ConfigDict({"num_classes": 10})
-    config.update_from_flattened_dict(choose(arg, {None: {}, **cpu_and_smoke(num_steps=1575, eval_every=525)}))
+    config.update_from_flattened_dict({  # the paper's minibatch and Adam; 45 epochs of 54,000 images
+        "num_steps": 18990, "batch_size": 128, "eval_every": 4220, "optimizer.name": "adam", "optimizer.learning_rate": 1e-3,
+    })
+    cpu = mnist.OFFLINE | {"num_steps": 1575, "eval_every": 525, "log_every": 35}  # 45 epochs of 4,500 images
+    smoke = mnist.SMOKE | {"num_steps": 30, "batch_size": 32, "eval_every": 0, "log_every": 5, "optimizer.learning_rate": 3e-3}
+    config.update_from_flattened_dict(choose(arg, {None: {}, "cpu": cpu, "smoke": smoke}))
     return config
+
+
+def make_data(config: ml_collections.ConfigDict, split: str):
+    source = pipeline.tfds_source(config.data.name, config.data.splits[split], data_dir=config.data_dir)
+    return pipeline.labelled_batches(source, split, batch_size=config.batch_size, eval_batch_size=config.eval_batch_size,
+                                     seed=config.seed, transform=lambda record: augment.pixels(record, scale=mnist.MAX_PIXEL, flat=True))
 
 
 def make_model(config: ml_collections.ConfigDict) -> nn.Module:
     """An MLP without hidden layers is one affine map: softmax regression on the logits."""
     return MLP(features=(config.model.num_classes,))
+
+
+def loss_fn(params, batch, rng, *, model):
+    return metrics.classification_loss(model.apply({"params": params}, batch["inputs"]), batch["labels"], batch["mask"])
+
+
+def eval_fn(params, batch, *, model) -> dict[str, metrics.Metric]:
+    return metrics.classification_metrics(model.apply({"params": params}, batch["inputs"]), batch["labels"], batch["mask"])

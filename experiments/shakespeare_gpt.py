@@ -3,45 +3,31 @@
   python launch.py --config experiments/shakespeare_gpt.py:cpu --workdir runs/gpt_cpu
   python launch.py --config experiments/shakespeare_gpt.py --workdir runs/gpt      # one GPU
 Expected (nanoGPT's README, github.com/karpathy/nanoGPT): the default config (6 layers, 6 heads,
-384 wide, block 256, batch 64, dropout 0.2, 5,000 iterations) reaches val loss 1.47; its CPU
-config (`:cpu` here: 4 layers, 4 heads, 128 wide, block 64, batch 12, 2,000 iterations,
-lr 1e-3, dropout 0) ~1.88.
-MEASURED `:cpu` (0.80M parameters, 2,000 steps, 4 min 31 s on this 2-core CPU): val loss 1.886
-(perplexity 6.59, next-character accuracy 0.439), test loss 1.925. With a constant lr 1e-3 and
-no clipping (before the trainer had schedules) it was 1.916 in the same budget.
-`:smoke` (1 layer, 64 wide, 150 steps, seconds) falls from ln(66) ~ 4.2 to val loss ~2.9.
-
-Data: the 66-symbol character vocabulary (65 characters + padding) of the whole corpus; training
-windows start at every character offset of the train split, drawn in shuffled order (nanoGPT
-draws random offsets). Evaluation reads the validation (test) text once, cut into
-non-overlapping windows of `block_size`: deterministic, every character scored exactly once, and
-each position sees the same mix of context lengths (0..block_size-1) as a random window does, so
-the number is comparable with nanoGPT's estimate from 20 (CPU) or 200 random batches.
-`eval/perplexity` is exp(eval/loss), per character.
-
-Optimizer: nanoGPT's: AdamW (beta2 0.99, decoupled weight decay 0.1 on weights and embeddings),
-lr 1e-3 after a 100-step warm-up, cosine decay to 1e-4 at the last step, gradients clipped to a
-global norm of 1.0.
+384 wide, block 256, batch 64, dropout 0.2, 5,000 iterations) reaches val loss 1.47; `:cpu` (4
+layers, 4 heads, 128 wide, block 64, batch 12, 2,000 iterations, dropout 0) ~1.88: measured 1.886
+in ~4.5 min on a 2-core CPU (docs/results.md). `:smoke` (1 layer, 64 wide, 150 steps, seconds)
+falls from ln(66) ~ 4.2 to val loss ~2.9.
+Data: the 66-symbol character vocabulary of the whole corpus (65 characters + padding); training
+windows start at every offset of the train split, shuffled (nanoGPT draws random offsets);
+evaluation reads the validation (test) text once in non-overlapping windows, every character
+scored once. Optimizer: nanoGPT's AdamW (beta2 0.99, decoupled weight decay 0.1 on weights and
+embeddings), lr 1e-3 after a 100-step warm-up, cosine to 1e-4, gradients clipped at norm 1.0.
 """
-
-import functools
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 
 from research import metrics, perf
 from research.config import choose, trainer_config
-from research.data import pipeline, text
-from research.models import compute_dtype
+from research.data import text
+from research.experiment import Reference
+from research.models import compute_dtype, param_count
 from research.models.gpt import GPT
-from research.reproduce import Reference
 
 NANOGPT = "nanoGPT README (github.com/karpathy/nanoGPT), shakespeare_char"
-# Measured vs published by `python launch.py --reproduce shakespeare_gpt[:cpu|:smoke]`.
 REFERENCES = (
     Reference(config=None, metric="eval/loss", published=1.47, tolerance=0.03, better="min", source=NANOGPT + ", one GPU"),
     Reference(config="cpu", metric="eval/loss", published=1.88, tolerance=0.05, better="min", source=NANOGPT + ", CPU run (~1.88)"),
@@ -64,18 +50,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     })
     config.optimizer.kwargs.b2 = 0.99
     config.update_from_flattened_dict({  # nanoGPT's optimizer: AdamW, warm-up then cosine to lr/10, clipping
-        "optimizer.name": "adam",
-        "optimizer.learning_rate": 1e-3,
+        "optimizer.name": "adam", "optimizer.learning_rate": 1e-3,
         "optimizer.weight_decay": 0.1,  # decoupled, on weights and embeddings, not biases or norms
         "optimizer.clip_global_norm": 1.0,
-        "optimizer.schedule.name": "warmup_cosine",
-        "optimizer.schedule.warmup_steps": 100,
-        "optimizer.schedule.final_fraction": 0.1,
-        "num_steps": 5000,
-        "batch_size": 64,
-        "eval_batch_size": 64,
-        "log_every": 50,
-        "eval_every": 250,
+        "optimizer.schedule.name": "warmup_cosine", "optimizer.schedule.warmup_steps": 100, "optimizer.schedule.final_fraction": 0.1,
+        "num_steps": 5000, "batch_size": 64, "eval_batch_size": 64, "log_every": 50, "eval_every": 250,
         "checkpoint.every_steps": 1000,
     })
     cpu = {  # nanoGPT's README CPU run
@@ -91,64 +70,45 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     return config
 
 
-@functools.lru_cache(maxsize=4)  # three splits, read and encoded once per process
-def corpus(name: str, data_dir: str) -> tuple[text.CharTokenizer, dict[str, np.ndarray]]:
-    """The character tokenizer of the whole corpus and each split's token ids."""
-    splits = {split: text.split_text(name, split, data_dir) for split in ("train", "validation", "test")}
-    tokenizer = text.CharTokenizer.from_text("".join(splits.values()))
-    return tokenizer, {split: tokenizer.encode(characters) for split, characters in splits.items()}
-
-
 def vocab_size(config: ml_collections.ConfigDict) -> int:
     """Characters of the corpus plus padding (66 for Tiny Shakespeare)."""
-    return corpus(config.data.name, config.data_dir)[0].vocab_size
+    return text.char_corpus(config.data.name, config.data_dir)[0].vocab_size
 
 
 def make_data(config: ml_collections.ConfigDict, split: str):
-    """Training: windows at every offset, shuffled, endless. Evaluation: non-overlapping windows, once."""
-    tokens = corpus(config.data.name, config.data_dir)[1][split]
-    length = config.data.block_size
-    if split == "train":
-        starts, gather = text.window_columns(tokens, length, stride=1)
-        return pipeline.array_batches(starts, batch_size=config.batch_size, seed=config.seed, transform=gather)
-    windows = text.WindowSource(tokens, length)
-    if config.data.max_eval_windows:
-        windows = pipeline.subset(windows, range(min(config.data.max_eval_windows, len(windows))))
-    return pipeline.eval_batches(windows, batch_size=config.eval_batch_size)
+    tokens = text.char_corpus(config.data.name, config.data_dir)[1][split]
+    return text.window_batches(tokens, split, length=config.data.block_size, batch_size=config.batch_size,
+                               eval_batch_size=config.eval_batch_size, seed=config.seed, max_eval_windows=config.data.max_eval_windows)
 
 
 def encode_text(config: ml_collections.ConfigDict, prompt: str) -> np.ndarray:
-    """A prompt as token ids, for predict.py's --generate."""
-    return corpus(config.data.name, config.data_dir)[0].encode(prompt)
+    return text.char_corpus(config.data.name, config.data_dir)[0].encode(prompt)
 
 
 def decode_tokens(config: ml_collections.ConfigDict, ids) -> str:
-    """Token ids as text, for predict.py's --generate."""
-    return corpus(config.data.name, config.data_dir)[0].decode(ids)
+    return text.char_corpus(config.data.name, config.data_dir)[0].decode(ids)
 
 
 def make_model(config: ml_collections.ConfigDict) -> nn.Module:
-    """The configured model."""
     return GPT(vocab_size=vocab_size(config), block_size=config.data.block_size, dtype=compute_dtype(config.model.dtype),
                num_layers=config.model.num_layers, num_heads=config.model.num_heads, width=config.model.width,
                dropout_rate=config.model.dropout_rate, use_bias=config.model.use_bias, remat=config.model.remat)
 
 
 def parameter_count(config: ml_collections.ConfigDict) -> int:
-    """Number of parameters of the configured model (shapes only, nothing allocated)."""
-    model, tokens = make_model(config), jnp.zeros((1, config.data.block_size), jnp.int32)
-    shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), tokens)
-    return sum(leaf.size for leaf in jax.tree.leaves(shapes))
+    """Parameters of the configured model (shapes only, nothing allocated)."""
+    tokens = jnp.zeros((1, config.data.block_size), jnp.int32)
+    return param_count(jax.eval_shape(make_model(config).init, jax.random.PRNGKey(0), tokens))
 
 
 def tokens_per_example(config: ml_collections.ConfigDict) -> int:
-    """Characters a training window scores: throughput is logged in tokens per second."""
     return config.data.block_size
 
 
 def flops_per_example(config: ml_collections.ConfigDict) -> float:
-    """Training FLOPs of one window: 6 N per token plus attention (research/perf.py), for the logged MFU."""
-    per_token = perf.gpt_training_flops_per_token(parameter_count(config), config.model.num_layers, config.model.width, config.data.block_size)
+    """Training FLOPs of one window: 6 N per token plus attention (research/perf.py)."""
+    model = config.model
+    per_token = perf.gpt_training_flops_per_token(parameter_count(config), model.num_layers, model.width, config.data.block_size)
     return config.data.block_size * per_token
 
 
@@ -159,18 +119,8 @@ def apply(params, batch, rng, *, model) -> jax.Array:
 
 
 def loss_fn(params, batch, rng, *, model):
-    """Mean next-character cross-entropy (nats) over the real windows' positions."""
-    logits_BxLxV = apply(params, batch, rng, model=model)
-    nll_BxL = optax.softmax_cross_entropy_with_integer_labels(logits_BxLxV, batch["targets"])
-    return metrics.masked_mean(nll_BxL, batch["mask"][:, None]), {}
+    return metrics.next_token_loss(apply(params, batch, rng, model=model), batch["targets"], batch["mask"])
 
 
 def eval_fn(params, batch, *, model) -> dict[str, metrics.Metric]:
-    """Per-character loss, perplexity and next-character accuracy, pooled over every scored position."""
-    logits_BxLxV = apply(params, batch, None, model=model)
-    targets_BxL, mask_BxL = batch["targets"], jnp.broadcast_to(batch["mask"][:, None], batch["targets"].shape)
-    return {
-        "loss": metrics.CrossEntropy.from_logits(logits_BxLxV, targets_BxL, mask_BxL),
-        "perplexity": metrics.Perplexity.from_logits(logits_BxLxV, targets_BxL, mask_BxL),
-        "accuracy": metrics.Accuracy.from_logits(logits_BxLxV, targets_BxL, mask_BxL),
-    }
+    return metrics.next_token_metrics(apply(params, batch, None, model=model), batch["targets"], batch["mask"])

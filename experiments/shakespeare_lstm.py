@@ -1,45 +1,44 @@
 """Character-level LSTM (or GRU) language model on Tiny Shakespeare, next to shakespeare_gpt.
 
   python launch.py --config experiments/shakespeare_lstm.py:cpu --workdir runs/lstm_cpu
-  python launch.py --config experiments/shakespeare_lstm.py:cpu --config.model.cell=gru --workdir runs/gru_cpu
-Reference: char-rnn (Karpathy 2015) trains 2-3 layer LSTMs of 128-512 units on this corpus;
-it publishes no validation number for Tiny Shakespeare, so the comparison here is with
-shakespeare_gpt at the same parameter count and budget.
-`:cpu` is shakespeare_gpt's `:cpu` run in every respect but the model: the same windows
-(64 characters, state reset per window), batch 12, 2,000 steps, AdamW (beta2 0.99, weight
-decay 0.1), evaluated on the same non-overlapping validation windows; a 2-layer LSTM of 220
-units, 0.81M parameters against the GPT's 0.80M. Its lr is 2e-3 (char-rnn's default) instead
-of the GPT's 1e-3.
-The default config matches shakespeare_gpt's default (10.7M parameters: 2 x 816 units, block
-256, batch 64, dropout 0.2, 5,000 steps).
-MEASURED `:cpu` with the GPT's optimizer (warm-up, cosine decay, clipping; 0.81M parameters,
-2,000 steps, 3 min 36 s on this 2-core CPU): val loss 1.670 (perplexity 5.31, accuracy 0.501),
-test loss 1.733; val 1.952 / 1.785 / 1.702 / 1.670 at steps 500 / 1,000 / 1,500 / 2,000. The
-GPT's `:cpu` run, same budget: val 1.886. (With a constant lr the LSTM reached 1.640.) At this
-small budget the LSTM learns faster per step; the GPT's advantage (nanoGPT: 1.47 for the 10.7M
-GPT) shows at larger scale and longer contexts, not measured here.
-GRU at a matched count: `--config.model.cell=gru --config.model.width=254` (0.81M parameters).
-`:smoke` (a 1-layer LSTM of 64 units, 100 steps) falls from ln(66) ~ 4.2 to val loss ~2.45.
+  python launch.py --config experiments/shakespeare_lstm.py:cpu --config.model.cell=gru --config.model.width=254 --workdir runs/gru_cpu
+Reference: char-rnn (Karpathy 2015) trains 2-3 layer LSTMs of 128-512 units on this corpus and
+publishes no validation number for it, so the comparison is shakespeare_gpt at the same parameter
+count and budget. `:cpu` is shakespeare_gpt's `:cpu` in every respect but the model (64-character
+windows, state reset per window, batch 12, 2,000 steps, the GPT's AdamW and schedule) and the lr
+(2e-3, char-rnn's default): a 2-layer LSTM of 220 units, 0.81M parameters against the GPT's
+0.80M. Expected: val loss ~1.67 against the GPT's 1.886, ~3.5 min on a 2-core CPU (docs/results.md).
+The default config matches shakespeare_gpt's default (10.7M parameters: 2 x 816 units). The GRU
+at a matched count: width 254. `:smoke` (1 layer of 64, 100 steps) reaches val loss ~2.45.
 """
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
-from experiments import shakespeare_gpt
-from experiments.shakespeare_gpt import decode_tokens, encode_text, eval_fn, loss_fn, make_data  # noqa: F401  (the GPT's data, loss, metrics and tokens)
-from research.config import choose
-from research.models import compute_dtype
+from research import metrics
+from research.config import choose, trainer_config
+from research.data import text
+from research.models import compute_dtype, param_count
 from research.models.rnn import RecurrentLM
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    """shakespeare_gpt's config with a recurrent model of the same parameter count."""
-    config = shakespeare_gpt.get_config(None)  # the GPT's data, optimizer and schedule of evaluations
+    """shakespeare_gpt's data, optimizer and evaluation schedule with a recurrent model of the GPT's size."""
+    config = trainer_config()
+    config.data = ml_collections.ConfigDict({"name": "tiny_shakespeare", "block_size": 256, "max_eval_windows": 0})
     config.model = ml_collections.ConfigDict({
         "cell": "lstm",  # or "gru"
         "num_layers": 2, "width": 816, "embedding_dim": 0, "dropout_rate": 0.2, "dtype": "float32",  # embedding_dim 0: width
+    })
+    config.optimizer.kwargs.b2 = 0.99
+    config.update_from_flattened_dict({  # shakespeare_gpt's (nanoGPT's) optimizer and schedule
+        "optimizer.name": "adam", "optimizer.learning_rate": 1e-3, "optimizer.weight_decay": 0.1, "optimizer.clip_global_norm": 1.0,
+        "optimizer.schedule.name": "warmup_cosine", "optimizer.schedule.warmup_steps": 100, "optimizer.schedule.final_fraction": 0.1,
+        "num_steps": 5000, "batch_size": 64, "eval_batch_size": 64, "log_every": 50, "eval_every": 250,
+        "checkpoint.every_steps": 1000,
     })
     cpu = {
         "data.block_size": 64, "model.width": 220, "model.dropout_rate": 0.0, "num_steps": 2000,
@@ -54,16 +53,43 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     return config
 
 
+def make_data(config: ml_collections.ConfigDict, split: str):
+    tokens = text.char_corpus(config.data.name, config.data_dir)[1][split]
+    return text.window_batches(tokens, split, length=config.data.block_size, batch_size=config.batch_size,
+                               eval_batch_size=config.eval_batch_size, seed=config.seed, max_eval_windows=config.data.max_eval_windows)
+
+
+def encode_text(config: ml_collections.ConfigDict, prompt: str) -> np.ndarray:
+    return text.char_corpus(config.data.name, config.data_dir)[0].encode(prompt)
+
+
+def decode_tokens(config: ml_collections.ConfigDict, ids) -> str:
+    return text.char_corpus(config.data.name, config.data_dir)[0].decode(ids)
+
+
 def make_model(config: ml_collections.ConfigDict) -> nn.Module:
-    """The configured model."""
     return RecurrentLM(
-        vocab_size=shakespeare_gpt.vocab_size(config), width=config.model.width, num_layers=config.model.num_layers,
-        cell=config.model.cell, embedding_dim=config.model.embedding_dim or None,
+        vocab_size=text.char_corpus(config.data.name, config.data_dir)[0].vocab_size, width=config.model.width,
+        num_layers=config.model.num_layers, cell=config.model.cell, embedding_dim=config.model.embedding_dim or None,
         dropout_rate=config.model.dropout_rate, dtype=compute_dtype(config.model.dtype),
     )
 
 
 def parameter_count(config: ml_collections.ConfigDict) -> int:
-    """Number of parameters of the configured model (shapes only, nothing allocated)."""
-    model, tokens = make_model(config), jnp.zeros((1, config.data.block_size), jnp.int32)
-    return sum(leaf.size for leaf in jax.tree.leaves(jax.eval_shape(model.init, jax.random.PRNGKey(0), tokens)))
+    """Parameters of the configured model (shapes only, nothing allocated)."""
+    tokens = jnp.zeros((1, config.data.block_size), jnp.int32)
+    return param_count(jax.eval_shape(make_model(config).init, jax.random.PRNGKey(0), tokens))
+
+
+def apply(params, batch, rng, *, model) -> jax.Array:
+    """Next-token logits_BxLxV; dropout only in training (rng given)."""
+    rngs = None if rng is None else {"dropout": rng}
+    return model.apply({"params": params}, batch["inputs"], deterministic=rng is None, rngs=rngs)
+
+
+def loss_fn(params, batch, rng, *, model):
+    return metrics.next_token_loss(apply(params, batch, rng, model=model), batch["targets"], batch["mask"])
+
+
+def eval_fn(params, batch, *, model) -> dict[str, metrics.Metric]:
+    return metrics.next_token_metrics(apply(params, batch, None, model=model), batch["targets"], batch["mask"])

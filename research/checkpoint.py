@@ -1,4 +1,5 @@
-"""Orbax checkpoints of a run: train state, data-iterator state and config, saved asynchronously.
+"""Orbax checkpoints of a run: train state, data-iterator state and config, saved asynchronously;
+and checkpoint surgery: `init_from` starts a run from another run's parameters.
 
 Layout: `WORKDIR/checkpoints/<step>/{state,data,config}`. Orbax writes each step into a
 temporary directory and renames it when complete, so a crash mid-save never leaves a step
@@ -7,6 +8,7 @@ to `WORKDIR/checkpoints_unreadable/` and the previous one is used.
 """
 
 import json
+import re
 import shutil
 import signal
 import threading
@@ -21,6 +23,7 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
 from research.config import ConfigError
+from research.tree import named_leaves, path_name
 
 PyTree = Any
 CHECKPOINT_DIR = "checkpoints"
@@ -197,3 +200,32 @@ def load_params(workdir: str | Path, step: int = 0) -> tuple[PyTree, int]:
             raise ConfigError(f"init_from: no step {step} in {directory}; it has {list(manager.all_steps())}")
         restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
     return restored["state"]["params"], step
+
+
+def init_from(state: PyTree, shardings: PyTree, tx, init_from_config: ml_collections.ConfigDict) -> PyTree:
+    """A fresh train state with the parameters that `init_from.include` selects (and `.exclude` does
+    not) copied from another run's checkpoint; the optimizer state is made anew for them."""
+    source, step = load_params(init_from_config.workdir, init_from_config.step)
+    source = named_leaves(source)
+    include = re.compile(init_from_config.include)
+    exclude = re.compile(init_from_config.exclude) if init_from_config.exclude else None
+    loaded, kept, mismatched = [], [], []
+
+    def take(path, target, where):
+        name = path_name(path)
+        if name not in source or not include.search(name) or (exclude and exclude.search(name)):
+            kept.append(name)
+            return target
+        if source[name].shape != target.shape:
+            mismatched.append(f"{name} {tuple(source[name].shape)} vs {tuple(target.shape)}")
+            return target
+        loaded.append(name)
+        return jax.device_put(np.asarray(source[name], target.dtype), where)
+
+    params = jax.tree_util.tree_map_with_path(take, state.params, shardings.params)
+    if mismatched:
+        raise ConfigError(f"init_from: shapes differ for {', '.join(mismatched)}")
+    print(f"init_from {init_from_config.workdir} step {step}: loaded {len(loaded)} arrays; "
+          f"left at random init: {', '.join(kept) or 'none'}")
+    opt_state = jax.jit(tx.init, out_shardings=shardings.opt_state)(params)
+    return state.replace(params=params, opt_state=opt_state)

@@ -1,19 +1,131 @@
-"""Finding and loading experiment modules, and guarding a workdir against mixing runs."""
+"""The experiment contract, and finding, loading and checking experiment modules.
+
+An experiment is a module of plain functions (experiments/NAME.py; the module's name is the
+experiment's). `Experiment` lists what every one defines. `Hooks` lists what one may define:
+each is read, through `hook(module, name)`, only by the code that needs it, so an experiment
+leaves out what does not apply. Two hooks are data: `REFERENCES`, published numbers that
+`--reproduce` trains and compares, and `BENCHMARK`, the experiment as a workload of
+`--bench_optimizer`.
+"""
 
 import ast
+import copy
+import dataclasses
 import difflib
 import importlib.util
 import json
+import math
 from pathlib import Path
 from types import ModuleType
-from typing import Iterable
+from typing import Any, Iterable, Mapping, Protocol
 
+import flax.linen as nn
+import jax
 import ml_collections
+import numpy as np
+from absl import flags
 
-from research.config import ConfigError
+from research.config import OPEN_SECTIONS, ConfigError
 
-REQUIRED = ("get_config", "make_data", "make_model", "loss_fn")
 RUN_FILE = "config.json"
+Batch = Mapping[str, np.ndarray]
+
+
+class Experiment(Protocol):
+    """What every experiment module defines."""
+
+    def get_config(self, arg: str | None = None) -> ml_collections.ConfigDict:
+        """trainer_config() plus `data` and `model` sections; `arg` names a variant (every experiment has "smoke")."""
+
+    def make_data(self, config: ml_collections.ConfigDict, split: str) -> Iterable[Batch]:
+        """Numpy batches with a `mask`: endless and shuffled for "train", one padded pass for "validation" and "test"."""
+
+    def make_model(self, config: ml_collections.ConfigDict) -> nn.Module:
+        """The configured Flax module."""
+
+    def loss_fn(self, params, batch: Batch, rng: jax.Array | None, *, model: nn.Module) -> tuple[jax.Array, dict]:
+        """(mean loss, auxiliary metrics); rng is None in evaluation (no dropout)."""
+
+
+class Hooks(Protocol):
+    """What an experiment module may define; the code that needs one reads it with `hook(module, name)`."""
+
+    def eval_fn(self, params, batch: Batch, *, model: nn.Module) -> dict:
+        """Metric accumulators (research.metrics) of one batch; without it, the loss_fn's values as means."""
+
+    def init_variables(self, model: nn.Module, rng: jax.Array, batch: Batch) -> dict:
+        """The model's variables ({"params": ..., other collections}); without it, model.init(rng, batch["inputs"])."""
+
+    def flops_per_example(self, config: ml_collections.ConfigDict) -> float:
+        """Training FLOPs of one example: the log then has perf/mfu."""
+
+    def tokens_per_example(self, config: ml_collections.ConfigDict) -> int:
+        """Tokens one example trains on: the log then has perf/tokens_per_second."""
+
+    def encode_text(self, config: ml_collections.ConfigDict, text: str) -> np.ndarray:
+        """A language model's token ids of a prompt; with decode_tokens, predict.py generates and reports perplexity."""
+
+    def decode_tokens(self, config: ml_collections.ConfigDict, ids) -> str:
+        """A language model's text of token ids (also the vocabulary an export carries)."""
+
+    def class_names(self, config: ml_collections.ConfigDict) -> list[str]:
+        """A classifier's class names, printed and exported instead of indices."""
+
+    def logits_fn(self, variables: dict, inputs: jax.Array, *, model: nn.Module) -> jax.Array:
+        """The prediction, when model.apply(variables, inputs) is not it."""
+
+    REFERENCES: tuple["Reference", ...]  # published numbers that --reproduce trains and compares
+    BENCHMARK: "Workload"  # this experiment as a workload of --bench_optimizer
+
+
+HOOKS = frozenset(name for name in vars(Hooks) if not name.startswith("_")) | frozenset(Hooks.__annotations__)
+
+
+def hook(module: Any, name: str, default: Any = None) -> Any:
+    """The experiment's hook `name` (one of `Hooks`), or `default` when the module does not define it."""
+    if name not in HOOKS:
+        raise KeyError(f"{name!r} is not an experiment hook; the hooks are {sorted(HOOKS)}")
+    return getattr(module, name, default)
+
+
+@dataclasses.dataclass(frozen=True)
+class Reference:
+    """A published number an experiment's config should reproduce (`--reproduce`).
+
+    A result passes when |measured - published| <= tolerance; with better="min" (a loss)
+    anything lower passes too, with better="max" (an accuracy) anything higher."""
+
+    config: str | None  # the get_config argument: "cpu", "smoke", or None for the default config
+    metric: str  # a key of the final results: "eval/loss", "test/accuracy", ...
+    published: float
+    tolerance: float
+    source: str  # the paper, table or README the number comes from
+    better: str = ""  # "", "min" or "max"
+    overrides: tuple[tuple[str, Any], ...] = ()  # dotted config keys set on top of the config
+
+    def __post_init__(self):
+        if self.better not in ("", "min", "max") or not self.tolerance >= 0:
+            raise ConfigError(f"Reference {self.metric}: better must be '', 'min' or 'max' and tolerance >= 0")
+
+    def passes(self, measured: float | None) -> bool:
+        """Whether `measured` reproduces this reference."""
+        if measured is None or not math.isfinite(measured):
+            return False
+        if (self.better == "min" and measured <= self.published) or (self.better == "max" and measured >= self.published):
+            return True
+        return abs(measured - self.published) <= self.tolerance + 1e-12
+
+
+@dataclasses.dataclass(frozen=True)
+class Workload:
+    """The experiment's default config as an optimizer-benchmark workload: steps until a validation target."""
+
+    metric: str  # an evaluation metric, e.g. "accuracy"
+    target: float
+    mode: str  # "min" or "max": the side of the target that counts as reached
+    eval_every: int
+    budget: int  # steps before the run counts as not reaching the target
+    baseline_learning_rates: tuple[tuple[str, float], ...]  # (baseline optimizer, its learning rate on this workload)
 
 
 def name_of(path: str | Path) -> str:
@@ -30,12 +142,12 @@ def import_file(path: Path, module_name: str) -> ModuleType:
 
 
 def load(path: str | Path) -> ModuleType:
-    """Imports an experiment module from its file and checks it exports the contract's functions."""
+    """Imports an experiment module from its file and checks that it defines the contract's functions."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"no experiment file {str(path)!r}: pass --config experiments/NAME.py (see --list)")
     module = import_file(path, f"experiments.{name_of(path)}")
-    missing = [name for name in REQUIRED if not callable(getattr(module, name, None))]
+    missing = [name for name in ("get_config", "make_data", "make_model", "loss_fn") if not callable(getattr(module, name, None))]
     if missing:
         raise ConfigError(f"{path} is not an experiment: it lacks {', '.join(missing)}")
     return module
@@ -44,17 +156,18 @@ def load(path: str | Path) -> ModuleType:
 def describe(directory: str | Path) -> list[tuple[str, str]]:
     """(name, first docstring line) of every experiment module in `directory`, read without importing."""
     entries = []
-    for path in sorted(Path(directory).glob("*.py")):
-        if path.name.startswith("_"):
-            continue
-        docstring = ast.get_docstring(ast.parse(path.read_text(encoding="utf-8"))) or ""
-        entries.append((path.stem, docstring.strip().splitlines()[0] if docstring.strip() else ""))
+    for path in sorted(Path(directory).glob("[!_]*.py")):
+        docstring = (ast.get_docstring(ast.parse(path.read_text(encoding="utf-8"))) or "").strip()
+        entries.append((path.stem, docstring.splitlines()[0] if docstring else ""))
     return entries
 
 
 def unknown_key_message(config: ml_collections.ConfigDict, overrides: Iterable[str]) -> str | None:
-    """For the first dotted override key not in `config`, a one-line error naming the nearest valid key."""
+    """For the first dotted key of `overrides` that `config` lacks (open sections excepted), a
+    one-line error naming the nearest valid key."""
     for key in overrides:
+        if key.startswith(tuple(section + "." for section in OPEN_SECTIONS)):
+            continue
         node, nearest = config, []
         for part in key.split("."):
             if not isinstance(node, ml_collections.ConfigDict):
@@ -72,6 +185,29 @@ def unknown_key_message(config: ml_collections.ConfigDict, overrides: Iterable[s
     return None
 
 
+class ConfigFileParser(flags.ArgumentParser):
+    """The parser behind launch.py's `config_flags.DEFINE_config_file` flag: loads the experiment module
+    once (with our one-line errors) and keeps it, its unmodified config (to check override keys
+    against) and any error, which launch.py reports once parsing ends."""
+
+    def __init__(self):
+        self.module = self.base_config = self.error = None
+
+    def flag_type(self) -> str:
+        return "config object"
+
+    def parse(self, argument: str) -> ml_collections.ConfigDict:
+        path, _, variant = argument.partition(":")
+        try:
+            self.module = load(path)
+            config = self.module.get_config(variant or None)
+        except Exception as error:  # reported in one line once parsing ends (launch.py)
+            self.error = error
+            return ml_collections.ConfigDict()
+        self.base_config = copy.deepcopy(config)
+        return config
+
+
 def claim_workdir(workdir: str | Path, experiment: str, config: ml_collections.ConfigDict) -> None:
     """Records the experiment and config in `workdir`; refuses a workdir that holds another experiment's run."""
     workdir = Path(workdir)
@@ -84,4 +220,6 @@ def claim_workdir(workdir: str | Path, experiment: str, config: ml_collections.C
             )
     workdir.mkdir(parents=True, exist_ok=True)
     record = {"experiment": experiment, "config": json.loads(config.to_json_best_effort())}
-    run_file.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    written = run_file.with_name(run_file.name + ".tmp")
+    written.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    written.replace(run_file)  # a reader never sees half a file

@@ -161,3 +161,19 @@ def classification_metrics(logits_BxC: jax.Array, labels_B: jax.Array, mask_B: j
     if confusion:
         results["confusion"] = ConfusionMatrix.from_logits(logits_BxC, labels_B, mask_B)
     return results
+
+
+def next_token_loss(logits_BxLxV: jax.Array, targets_BxL: jax.Array, mask_B: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """A language model's loss_fn result: mean next-token cross-entropy (nats) over the real sequences' positions."""
+    nll_BxL = optax.softmax_cross_entropy_with_integer_labels(logits_BxLxV, targets_BxL)
+    return masked_mean(nll_BxL, mask_B[:, None]), {}
+
+
+def next_token_metrics(logits_BxLxV: jax.Array, targets_BxL: jax.Array, mask_B: jax.Array) -> dict[str, Metric]:
+    """Per-token loss, perplexity and next-token accuracy, pooled over every scored position."""
+    mask_BxL = jnp.broadcast_to(mask_B[:, None], targets_BxL.shape)
+    return {
+        "loss": CrossEntropy.from_logits(logits_BxLxV, targets_BxL, mask_BxL),
+        "perplexity": Perplexity.from_logits(logits_BxLxV, targets_BxL, mask_BxL),
+        "accuracy": Accuracy.from_logits(logits_BxLxV, targets_BxL, mask_BxL),
+    }

@@ -16,6 +16,7 @@ import ml_collections
 import numpy as np
 
 from research.config import ConfigError
+from research.experiment import hook
 from research.logger import Throughput
 
 PEAK_MATMUL_SIZE = 1024  # float32 1024^2 matmuls: ~2 GFLOP each, big enough to reach the BLAS peak on a CPU
@@ -94,7 +95,7 @@ def median(values: Sequence[float]) -> float:
 def throughput_of(config: ml_collections.ConfigDict, experiment: Any) -> Throughput:
     """Tokens and training FLOPs per example from the experiment's optional `tokens_per_example` and
     `flops_per_example`; the peak is `config.peak_tflops` per device, or measured (~0.3 s) when 0."""
-    tokens, flops = getattr(experiment, "tokens_per_example", None), getattr(experiment, "flops_per_example", None)
+    tokens, flops = hook(experiment, "tokens_per_example"), hook(experiment, "flops_per_example")
     return Throughput(
         tokens_per_example=tokens(config) if tokens else 0,
         flops_per_example=flops(config) if flops else 0.0,

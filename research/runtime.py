@@ -1,46 +1,28 @@
-"""Process set-up that has to happen before JAX starts: XLA:CPU flags, and which memory allocator
-serves XLA's buffers. The entry points (launch.py, predict.py, the benchmarks) call
-`configure_process()` before they import JAX.
+"""Process set-up for the entry points (launch.py, predict.py, the benchmarks): what must happen
+before JAX starts, XLA:CPU flags and the memory allocator (`configure_process`, standard library
+only), and what comes right after: fake CPU devices, jax.distributed and the compilation cache.
 
-XLA flags. This jaxlib (0.10) hands 2-D convolutions with more than 16 channels to YNNPACK, whose
-kernels ran 1.9-2.2x slower here than XLA's own (Eigen) convolutions on the MNIST CNN's and
-ResNet-20's shapes (benchmarks/conv_kernels.py, 2026-11-24: MNIST conv 2 forward + input
-gradient + weight gradient 113.6 -> 60.7 ms, PyTorch 53.5); the MNIST CNN's whole training step
-went from 0.65x to 0.88-0.95x PyTorch's speed. `xla_flags` adds
---xla_cpu_experimental_ynn_fusion_type=-LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION to XLA_FLAGS
-for the jaxlib versions it was measured on (an XLA that does not know a flag aborts, and the
-flag is experimental), unless XLA_FLAGS already sets it. Dots stay with YNNPACK: without it the
-CNN step was slower (0.80x).
+XLA flags: on the jaxlib versions measured (XLA_CPU_FLAGS_MEASURED_ON), 2-D convolutions run on
+XLA's own kernels instead of YNNPACK's, which were slower on our CNNs (docs/performance.md); an
+XLA_FLAGS that sets the flag itself wins, and an unmeasured jaxlib keeps its own choice (an XLA
+that does not know a flag aborts).
 
-Allocator.
-
-XLA:CPU allocates a compiled step's temporary buffers afresh on every call. glibc's malloc serves
-blocks that large with mmap and unmaps them when they are freed, so every training step faults its
-whole working set back in, 4 KiB at a time, and the kernel zeroes each page: on our 2-core machine
-~300,000 page faults and 0.65 s of kernel time per GPT 6L/384d step (14% of the CPU time), 75,000
-per ResNet-20 step. tcmalloc keeps freed memory for the next step (~100 faults, no kernel time);
-with it our GPT steps ran 1.1-1.4x faster, PyTorch's within run-to-run noise (benchmarks/README.md).
-
-RESEARCH_ALLOCATOR picks, in launch.py, predict.py and the benchmarks:
-  auto       (default) tcmalloc when it is installed (Debian/Ubuntu: apt install libtcmalloc-minimal4),
-             else glibc's malloc as it is;
-  tcmalloc   tcmalloc, or a one-line error when it is not installed;
-  hugepages  glibc's malloc asked for transparent huge pages (GLIBC_TUNABLES glibc.malloc.hugetlb=1,
-             glibc >= 2.35): 2 MiB faults instead of 4 KiB ones (~1,000 a step), but each is a 2 MiB
-             page to zero and, with the kernel's default THP defrag, sometimes to compact: measured
-             between 0.8x and 1.1x of glibc's default, so only on request;
-  system     glibc's malloc as it is.
-Preloading a library or setting a glibc tunable only works from the process's start (the dynamic
-loader reads them), so the process re-executes itself once with them in its environment, as
-PyTorch's CPU launcher does.
-
-Standard library only, so that it runs before JAX is imported.
+Allocator: XLA:CPU allocates a step's temporaries afresh on every call, and glibc's malloc hands
+such large blocks back to the kernel, so each step faults its working set in again.
+RESEARCH_ALLOCATOR picks: `auto` (default: tcmalloc when installed, e.g. apt install
+libtcmalloc-minimal4, else glibc's malloc as it is), `tcmalloc` (or a one-line error), `hugepages`
+(glibc with transparent huge pages, GLIBC_TUNABLES glibc.malloc.hugetlb=1) or `system`. A preload
+or tunable only works from a process's start, so the process re-executes itself once with it.
 """
 
 import ctypes.util
 import importlib.metadata
 import os
+import signal
+import socket
+import subprocess
 import sys
+from pathlib import Path
 
 CHOICES = ("auto", "tcmalloc", "hugepages", "system")
 VARIABLE = "RESEARCH_ALLOCATOR"
@@ -123,3 +105,69 @@ def allocator_in_use() -> str:
     if os.environ.get(VARIABLE) == "system" or not sys.platform.startswith("linux"):
         return "system"
     return "system (apt install libtcmalloc-minimal4 for faster CPU steps: research/runtime.py)"
+
+
+def use_fake_devices(count: int) -> None:
+    """`count` CPU devices instead of one (before anything asks JAX for its devices): the dry run and the optimizer kit."""
+    import jax
+
+    if count:
+        jax.config.update("jax_num_cpu_devices", count)
+
+
+def cluster_detected() -> bool:
+    """Whether the environment describes several processes that jax.distributed can find on its own."""
+    counts = (os.environ.get("SLURM_NTASKS"), os.environ.get("OMPI_COMM_WORLD_SIZE"))
+    several_tpu_hosts = "," in os.environ.get("TPU_WORKER_HOSTNAMES", "")
+    return any(count and int(count) > 1 for count in counts) or several_tpu_hosts
+
+
+def start_distributed(coordinator: str | None, num_processes: int | None, process_id: int | None) -> None:
+    """Joins the other processes: explicitly (a coordinator address) or as the cluster (SLURM,
+    Open MPI, a TPU pod) describes them; a single process does nothing."""
+    import jax
+
+    if coordinator is None and not cluster_detected():
+        return
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU collectives across processes
+    if coordinator is None:
+        jax.distributed.initialize()
+    elif num_processes is None or process_id is None:
+        from research.config import ConfigError
+
+        raise ConfigError("--coordinator_address needs --num_processes and --process_id")
+    else:
+        jax.distributed.initialize(coordinator, num_processes=num_processes, process_id=process_id)
+
+
+def use_compilation_cache(directory: str) -> None:
+    """Compiled executables are kept in `directory` ('' turns the cache off), keyed by program, devices and flags."""
+    import jax
+
+    if not directory:
+        return
+    jax.config.update("jax_compilation_cache_dir", str(Path(directory).expanduser()))
+    # Every compile, not only those over a second: a small config's steps compile in less.
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_compilation_cache_max_size", 4 * 2**30)  # least recently used entries go first
+
+
+def run_local_processes(count: int, argv: list[str], workdir: str | Path) -> int:
+    """Runs launch.py's command line `argv` as `count` processes on 127.0.0.1 that train together;
+    process 0 prints, the others log to WORKDIR/process_logs. Returns the first failure's exit code."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    logs = Path(workdir) / "process_logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    children = []
+    for index in range(count):
+        coordinates = [f"--coordinator_address=127.0.0.1:{port}", f"--num_processes={count}", f"--process_id={index}"]
+        command = [sys.executable, *argv, "--local_processes=0", *coordinates]  # the last value of a flag wins
+        output = None if index == 0 else open(logs / f"process_{index}.log", "w")
+        children.append(subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT if output else None))
+    forward = lambda number, frame: [child.send_signal(number) for child in children]
+    for number in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(number, forward)
+    codes = [child.wait() for child in children]
+    return next((code for code in codes if code), 0)

@@ -17,6 +17,7 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from research.config import ConfigError
+from research.tree import path_name
 
 PyTree = Any
 BATCH_AXES = ("data", "fsdp")
@@ -52,11 +53,6 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 def batch_divisor(mesh: Mesh) -> int:
     """The global batch size must be a multiple of this number."""
     return int(np.prod([mesh.shape[axis] for axis in BATCH_AXES if axis in mesh.axis_names]))
-
-
-def path_name(path) -> str:
-    """'encoder/layer_0/kernel' for a pytree key path."""
-    return "/".join(str(getattr(key, "key", getattr(key, "name", getattr(key, "idx", key)))) for key in path)
 
 
 def match_rule(name: str, rules: Sequence[tuple[str, tuple]]) -> tuple[int, tuple]:
@@ -116,28 +112,3 @@ def put_batch(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Arra
     sharding = batch_sharding(mesh)
     return {key: jax.make_array_from_process_local_data(sharding, np.asarray(value)) for key, value in batch.items()}
 
-
-class DispatchWindow:
-    """Keeps the host at most `depth` dispatched steps ahead of the devices.
-
-    JAX dispatches asynchronously, so a loop that never reads a result can enqueue hundreds of
-    steps. XLA:CPU admits at most 32 in-flight computations per device and launches each device's
-    share of a program from a shared thread pool; once a loop runs that far ahead, the devices'
-    launches of one program can be admitted out of step, and a collective (the gradient all-reduce)
-    waits for a participant that is queued behind it: the process aborts after 40 s ("Termination
-    timeout for all reduce ... only 7 of them arrived"). Measured on 8 host devices: 500 steps of
-    a one-all-reduce program deadlocked 3 runs of 3 without a window, 0 of 3 with one.
-    `add(x)` after each step waits for the step `depth` steps back, which leaves the devices the
-    current step and the next to run while the host prepares the one after.
-    """
-
-    def __init__(self, depth: int = 2):
-        if depth < 1:
-            raise ValueError(f"DispatchWindow depth {depth}: must be at least 1")
-        self.depth, self.pending = depth, []
-
-    def add(self, step_output: PyTree) -> None:
-        """Records a dispatched step by (any of) its outputs; blocks on the one `depth` steps back."""
-        self.pending.append(jax.tree.leaves(step_output)[0])
-        while len(self.pending) > self.depth:
-            jax.block_until_ready(self.pending.pop(0))

@@ -2,8 +2,8 @@
 
   python launch.py --config experiments/mnist_logreg.py:cpu --sweep sweeps/adam_paper_mnist.py --sweep_parallel 2
   python launch.py --config experiments/mnist_mlp.py:cpu --sweep sweeps/adam_paper_mnist.py --sweep_parallel 2
-  python -m research.report runs/adam_paper_mnist/mnist_logreg_cpu --metric train/loss --best_per optimizer.name
-  python -m research.report runs/adam_paper_mnist/mnist_mlp_cpu --metric train/loss --best_per optimizer.name
+  python -m research.tools.report runs/adam_paper_mnist/mnist_logreg_cpu --metric train/loss --best_per optimizer.name
+  python -m research.tools.report runs/adam_paper_mnist/mnist_mlp_cpu --metric train/loss --best_per optimizer.name
 Fig. 1 (left) is logistic regression, fig. 2 (left) the 1000-1000 ReLU MLP with dropout; both
 plot the training cost against epochs, minibatch 128. The paper tunes each method's learning
 rate (and momentum) by a dense grid search and shows the best; here each method gets a

@@ -2,7 +2,7 @@
 
   python launch.py --config experiments/shakespeare_gpt.py:cpu --sweep sweeps/nanogpt_shakespeare.py --sweep_parallel 2
   python launch.py --config experiments/shakespeare_gpt.py --sweep sweeps/nanogpt_shakespeare.py     # one GPU
-  python -m research.report runs/nanogpt_shakespeare/shakespeare_gpt_cpu --metric eval/loss
+  python -m research.tools.report runs/nanogpt_shakespeare/shakespeare_gpt_cpu --metric eval/loss
 Published: val loss ~1.88 for the CPU run (4 layers, 128 wide, 2,000 iterations), 1.47 for the
 GPU run (6 layers, 384 wide, 5,000 iterations). `--reproduce shakespeare_gpt:cpu` checks one seed
 against the number; this sweep gives the seed spread. One `:cpu` run is ~4.5 min on a quiet

@@ -1,6 +1,5 @@
 """Checkpoints: exact resume for every experiment, fallbacks, non-finite steps, topology, init_from."""
 
-import functools
 import json
 import types
 
@@ -10,10 +9,11 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from conftest import assert_trees_close
+from conftest import assert_trees_close, smoke_config
 from research import checkpoint, sharding, train
 from research.config import ConfigError
 from research.experiment import describe, load
+from research.steps import build
 
 EXPERIMENTS = [name for name, _ in describe("experiments")]
 
@@ -38,15 +38,17 @@ def losses_by_step(workdir):
 
 
 @pytest.mark.parametrize("name", EXPERIMENTS)
-def test_resume_is_bitwise_exact(name, data_dir, tmp_path):
-    module, config = smoke(name, data_dir, num_steps=12)
-    straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
-    final = train.train_and_evaluate(config, module, straight)
-    assert train.train_and_evaluate(config, module, interrupted, stop_at_step=5) == {}
-    assert sorted(checkpoint_steps(interrupted)) == [5]
-    resumed_final = train.train_and_evaluate(config, module, interrupted)
-    assert_trees_close(saved_state(interrupted, 12), saved_state(straight, 12), atol=0.0)
-    assert losses_by_step(interrupted) == losses_by_step(straight)  # every step's loss, before and after
+def test_resume_is_bitwise_exact(name, data_dir, tmp_path, smoke_runs):
+    """The :smoke run stopped at a logging step near its middle, as a preemption would, then resumed:
+    every logged loss, the final state and the final metrics are those of the session's uninterrupted run."""
+    straight, final = smoke_runs[name]
+    module, config = smoke_config(name, data_dir)
+    stop = max(config.num_steps // 2 // config.log_every, 1) * config.log_every
+    assert train.train_and_evaluate(config, module, tmp_path, stop_at_step=stop) == {}
+    assert sorted(checkpoint_steps(tmp_path)) == [stop]
+    resumed_final = train.train_and_evaluate(config, module, tmp_path)
+    assert_trees_close(saved_state(tmp_path, config.num_steps), saved_state(straight, config.num_steps), atol=0.0)
+    assert losses_by_step(tmp_path) == losses_by_step(straight)  # every logged loss, before and after the stop
     assert resumed_final == final
 
 
@@ -107,17 +109,12 @@ def test_skip_mode_skips_non_finite_updates_and_counts_them(data_dir, tmp_path):
 def test_checkpoint_from_8_devices_restores_on_1(data_dir, tmp_path):
     module, config = smoke("digits_mlp", data_dir, num_steps=3)
     train.train_and_evaluate(config, module, tmp_path)
-    model = module.make_model(config)
-    functions = train.bind(module, model)
-    tx = train.make_tx(config)
     restored = {}
     for devices in (jax.devices()[:1], jax.devices()):
-        mesh = sharding.make_mesh(config.mesh, devices)
         iterator = iter(module.make_data(config, "train"))
-        batch = sharding.put_batch(next(iterator), mesh)
-        _, abstract = train.state_initializer(jax.random.PRNGKey(0), batch, init_variables=functions["init_variables"], tx=tx, mesh=mesh)
+        setup = build(config, module, sharding.make_mesh(config.mesh, devices), batch=next(iterator))
         manager = checkpoint.make_manager(tmp_path, config.checkpoint)
-        state, _ = checkpoint.restore(manager, 3, abstract, iterator)
+        state, _ = checkpoint.restore(manager, 3, setup.abstract_state, iterator)
         manager.close()
         assert {leaf.sharding.mesh.size for leaf in jax.tree.leaves(state)} == {len(devices)}
         restored[len(devices)] = jax.device_get(state)

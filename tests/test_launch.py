@@ -1,21 +1,10 @@
 """launch.py as a user runs it: a subprocess, one-line errors, and a run that leaves its files."""
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-from research import runtime
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def launch(*args: str) -> subprocess.CompletedProcess:
-    environment = {key: value for key, value in os.environ.items() if key != "XLA_FLAGS"}
-    return subprocess.run([sys.executable, "launch.py", *args], cwd=ROOT, capture_output=True, text=True, env=environment, timeout=300)
+from conftest import ROOT, launch
 
 
 def test_list_names_every_experiment_with_its_description():
@@ -75,98 +64,3 @@ def test_run_writes_its_files_then_guards_the_workdir(tmp_path):
     assert other.stderr.strip().splitlines()[-1] == (
         f"error: workdir '{workdir}' holds a run of experiment 'linear_regression', not 'digits_mlp': choose another --workdir"
     )
-
-
-def test_allocator_environment_for_each_choice():
-    applied = runtime.APPLIED
-    tcmalloc = runtime.allocator_environment({"LD_PRELOAD": "libother.so"}, "linux", tcmalloc="libtcmalloc_minimal.so.4")
-    assert tcmalloc["LD_PRELOAD"] == "libtcmalloc_minimal.so.4:libother.so" and tcmalloc[applied] == "tcmalloc"
-    assert runtime.allocator_environment({}, "linux", tcmalloc=None) is None  # auto without tcmalloc: glibc as it is
-    asked = {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0:glibc.cpu.x=1", "RESEARCH_ALLOCATOR": "hugepages"}
-    huge = runtime.allocator_environment(asked, "linux", tcmalloc=None)
-    assert huge["GLIBC_TUNABLES"] == "glibc.cpu.x=1:glibc.malloc.hugetlb=1" and huge[applied] == "hugepages"
-    assert runtime.allocator_environment({"RESEARCH_ALLOCATOR": "hugepages"}, "linux", tcmalloc="libtcmalloc.so.4")[applied] == "hugepages"
-    assert runtime.allocator_environment({"RESEARCH_ALLOCATOR": "system"}, "linux", tcmalloc="libtcmalloc.so.4") is None
-    # Re-executed once only.
-    assert runtime.allocator_environment({applied: "tcmalloc"}, "linux", tcmalloc="libtcmalloc.so.4") is None
-    assert runtime.allocator_environment({}, "darwin", tcmalloc=None) is None
-    with pytest.raises(ValueError, match="no tcmalloc library is installed: install libtcmalloc-minimal4"):
-        runtime.allocator_environment({"RESEARCH_ALLOCATOR": "tcmalloc"}, "linux", tcmalloc=None)
-
-
-def test_xla_flags_add_ours_unless_set_or_unmeasured():
-    ours = "--xla_cpu_experimental_ynn_fusion_type=-LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION"
-    devices = "--xla_force_host_platform_device_count=8"
-    assert runtime.xla_flags(devices, "0.10.2") == f"{devices} {ours}"
-    assert runtime.xla_flags("", "0.10.0") == ours
-    own = "--xla_cpu_experimental_ynn_fusion_type=+LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION"
-    assert runtime.xla_flags(own, "0.10.2") == own  # the user's setting wins
-    assert runtime.xla_flags(devices, "0.11.0") == devices  # a jaxlib we have not measured: its XLA may not know the flag
-    assert runtime.xla_flags(devices, None) == devices
-
-
-_CONVOLUTION_BACKEND = """
-from research import runtime
-runtime.configure_process()
-import jax, jax.numpy as jnp
-convolve = lambda x, w: jax.lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
-program = jax.jit(convolve).lower(jnp.ones((8, 14, 14, 64)), jnp.ones((3, 3, 64, 128))).compile().as_text()
-print(sum("__ynn_fusion" in line for line in program.splitlines()), sum(" convolution(" in line for line in program.splitlines()))
-"""
-
-
-def test_configured_process_runs_convolutions_on_xla_not_ynnpack():
-    """The flag does what runtime says on the installed jaxlib: the MNIST CNN's second convolution
-    compiles to XLA's own convolution, and to a YNNPACK fusion when XLA_FLAGS asks for that."""
-    version, devices = runtime.installed_jaxlib(), "--xla_force_host_platform_device_count=8"
-    if not version.startswith(runtime.XLA_CPU_FLAGS_MEASURED_ON):  # an XLA we have not measured keeps its own choice
-        assert runtime.xla_flags(devices, version) == devices
-        return
-    counts = {}
-    for name, flags in (("ours", ""), ("ynnpack", "--xla_cpu_experimental_ynn_fusion_type=+LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION")):
-        result = subprocess.run([sys.executable, "-c", _CONVOLUTION_BACKEND], cwd=ROOT, capture_output=True, text=True, timeout=120,
-                                env=dict(os.environ, XLA_FLAGS=flags, RESEARCH_ALLOCATOR="system"))
-        assert result.returncode == 0, result.stderr[-1500:]
-        counts[name] = tuple(map(int, result.stdout.split()))
-    assert counts == {"ours": (0, 1), "ynnpack": (1, 1)}  # (YNNPACK fusions, convolutions: inside the fusion for YNNPACK)
-
-
-def test_unknown_allocator_fails_in_one_line():
-    result = subprocess.run([sys.executable, "launch.py", "--list"], cwd=ROOT, capture_output=True, text=True, timeout=60,
-                            env=dict(os.environ, RESEARCH_ALLOCATOR="jemalloc"))
-    assert result.returncode == 2
-    assert result.stderr.strip() == "error: RESEARCH_ALLOCATOR='jemalloc' is not an allocator: use one of auto, tcmalloc, hugepages, system"
-
-
-_FAULTS_PER_CALL = """
-import resource
-from research import runtime
-runtime.use_fast_allocator()
-import jax, jax.numpy as jnp
-step = jax.jit(lambda x: jnp.sin(x) * 2.0 + 1.0)
-x = jnp.ones((16 * 1024 * 1024,))  # a fresh 64 MiB result every call, as a train step's temporaries
-for _ in range(3):  # warm-up: compilation, and the allocator's pool reaching its steady size
-    jax.block_until_ready(step(x))
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(5):
-    jax.block_until_ready(step(x))
-print(runtime.allocator_in_use(), (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 5)
-"""
-
-
-def test_fast_allocator_stops_refaulting_memory_every_call():
-    tcmalloc = runtime.find_tcmalloc()
-    huge_pages = Path("/sys/kernel/mm/transparent_hugepage/enabled")
-    if not sys.platform.startswith("linux") or (tcmalloc is None and "[never]" in huge_pages.read_text()):
-        pytest.skip("needs Linux with tcmalloc or transparent huge pages")
-    faults = {}
-    for choice in ("system", "tcmalloc" if tcmalloc else "hugepages"):
-        environment = {key: value for key, value in os.environ.items() if not key.startswith("RESEARCH_ALLOCATOR")}
-        result = subprocess.run([sys.executable, "-c", _FAULTS_PER_CALL], cwd=ROOT, capture_output=True, text=True, timeout=120,
-                                env=dict(environment, RESEARCH_ALLOCATOR=choice))
-        assert result.returncode == 0, result.stderr
-        name, count = result.stdout.split()
-        faults[name] = float(count)
-    (fast,) = set(faults) - {"system"}
-    assert faults["system"] > 8_000  # 64 MiB faulted back in, 4 KiB pages: 16,384 a call
-    assert faults[fast] < faults["system"] / 10

@@ -8,9 +8,10 @@ import sys
 from pathlib import Path
 
 import numpy as np
+
+from conftest import ROOT
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
 

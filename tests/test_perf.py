@@ -4,7 +4,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import flax.linen as nn
 import jax
@@ -12,13 +11,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import assert_trees_close
+from conftest import ROOT, assert_trees_close
 from experiments import cifar10_resnet, mnist_cnn, shakespeare_gpt
 from research import perf, train
 from research.config import ConfigError
 from research.models import attention
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _heads(batch, length, heads, width, seed=0):

@@ -12,15 +12,14 @@ from pathlib import Path
 import orbax.checkpoint as ocp
 import pytest
 
-from conftest import assert_trees_close
+from conftest import ROOT, assert_trees_close
 from research import checkpoint
 
-ROOT = Path(__file__).resolve().parents[1]
-NUM_STEPS = 600
+NUM_STEPS = 300
 COMMAND = [
     sys.executable, "launch.py", "--config", "experiments/linear_regression.py:smoke",
     f"--config.num_steps={NUM_STEPS}", "--config.log_every=1", "--config.eval_every=0",
-    "--config.checkpoint.every_steps=10",
+    "--config.checkpoint.every_steps=25",
 ]
 pytestmark = pytest.mark.slow
 
@@ -67,7 +66,7 @@ def reference(tmp_path_factory):
 
 @pytest.mark.parametrize("trial", range(3))
 def test_sigkill_at_a_random_step_then_resume_matches(reference, tmp_path, trial):
-    kill_step = random.Random(trial).randrange(50, NUM_STEPS - 100)
+    kill_step = random.Random(trial).randrange(50, NUM_STEPS - 80)
     process = start(tmp_path)
     wait_for_step(tmp_path, process, kill_step)
     process.send_signal(signal.SIGKILL)

@@ -1,11 +1,10 @@
 """Parameter sharding rules, and sharded training equal to one device for every kind of mesh."""
 
-import functools
 import os
 import signal
 import subprocess
 import sys
-from pathlib import Path
+import types
 
 import jax
 import jax.numpy as jnp
@@ -13,11 +12,12 @@ import numpy as np
 import optax
 import pytest
 
-from research import metrics, sharding, train
-from research.config import DEFAULT_PARAM_RULES
+from conftest import ROOT
+from research import metrics, sharding, steps, train
+from research.config import DEFAULT_PARAM_RULES, trainer_config
 from research.models import bert, cnn, gpt, mlp, resnet, rnn
+from research.tree import path_name
 
-ROOT = Path(__file__).resolve().parents[1]
 CATCH_ALL = len(DEFAULT_PARAM_RULES) - 1
 MODELS = {
     "gpt": (gpt.GPT(vocab_size=65, block_size=16, num_layers=2, num_heads=4, width=32), jnp.zeros((2, 16), jnp.int32)),
@@ -35,27 +35,32 @@ def test_every_weight_matrix_matches_a_rule_before_the_catch_all(name):
     model, inputs = MODELS[name]
     params = jax.eval_shape(model.init, jax.random.PRNGKey(0), inputs)["params"]
     unmatched = [
-        sharding.path_name(path)
+        path_name(path)
         for path, leaf in jax.tree_util.tree_leaves_with_path(params)
-        if leaf.ndim >= 2 and sharding.match_rule(sharding.path_name(path), DEFAULT_PARAM_RULES)[0] == CATCH_ALL
+        if leaf.ndim >= 2 and sharding.match_rule(path_name(path), DEFAULT_PARAM_RULES)[0] == CATCH_ALL
     ]
     assert unmatched == []
 
 
+def adam_setup(model, loss_fn, mesh_axes: dict, batch: dict, learning_rate: float = 1e-3) -> steps.Setup:
+    """build() for a bare model and loss: Adam, the default sharding rules, a mesh of those axes on the first devices."""
+    config = trainer_config()
+    config.update_from_flattened_dict({"batch_size": len(batch["inputs"]), "optimizer.name": "adam", "optimizer.learning_rate": learning_rate})
+    config.mesh.update(mesh_axes)
+    experiment = types.SimpleNamespace(make_model=lambda config: model, loss_fn=loss_fn)
+    mesh = sharding.make_mesh(mesh_axes, jax.devices()[: int(np.prod(list(mesh_axes.values())))])
+    return steps.build(config, experiment, mesh, batch=batch)
+
+
 def test_fsdp_and_tensor_shard_weights_and_adam_moments_follow():
     model, inputs = MODELS["gpt"]
-    mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
-    tx = optax.adam(1e-3)
-    _, abstract = train.state_initializer(
-        jax.random.PRNGKey(0), {"inputs": inputs}, init_variables=lambda rng, batch: model.init(rng, batch["inputs"]),
-        tx=tx, mesh=mesh, rules=DEFAULT_PARAM_RULES,
-    )
+    abstract = adam_setup(model, gpt_loss, {"data": 2, "fsdp": 2, "tensor": 2}, {"inputs": np.zeros((8, 16), np.int32)}).abstract_state
     block = abstract.params["block_0"]
     assert block["attention"]["query"]["kernel"].sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor", None)
     assert block["attention"]["out"]["kernel"].sharding.spec == jax.sharding.PartitionSpec("tensor", None, "fsdp")
     assert block["mlp"]["fc_out"]["kernel"].sharding.spec == jax.sharding.PartitionSpec("tensor", "fsdp")
     assert abstract.params["token_embedding"]["embedding"].sharding.spec == jax.sharding.PartitionSpec(None, "fsdp")
-    adam = abstract.opt_state[0]
+    adam = abstract.opt_state[0].inner_state[0]  # chain(inject_hyperparams(adam)): adam's own state
     assert adam.mu["block_0"]["mlp"]["fc_in"]["kernel"].sharding == block["mlp"]["fc_in"]["kernel"].sharding
     assert adam.nu["block_0"]["attention"]["out"]["kernel"].sharding == block["attention"]["out"]["kernel"].sharding
     assert adam.count.sharding.spec == jax.sharding.PartitionSpec()
@@ -81,8 +86,6 @@ def resnet_loss(params, batch, rng, *, model, model_state):
 
 def losses_on(mesh_axes, name, steps=5):
     """Per-step losses of a few Adam steps on fixed random batches, on a mesh with those axes."""
-    devices = jax.devices()[: int(np.prod(list(mesh_axes.values())))]
-    mesh = sharding.make_mesh(mesh_axes, devices)
     rng = np.random.default_rng(0)
     if name == "gpt":
         model, loss_fn = gpt.GPT(vocab_size=64, block_size=16, num_layers=2, num_heads=4, width=32), gpt_loss
@@ -91,15 +94,10 @@ def losses_on(mesh_axes, name, steps=5):
     else:
         model, loss_fn = resnet.CifarResNet(depth=8), resnet_loss
         batches = [{"inputs": rng.normal(size=(16, 16, 16, 3)).astype(np.float32), "labels": rng.integers(0, 10, 16).astype(np.int32)} for _ in range(steps)]
-    tx = optax.adam(3e-3)
-    init_variables = lambda rng, batch: model.init(rng, batch["inputs"])
-    first = sharding.put_batch(batches[0], mesh)
-    state, shardings = train.init_state(jax.random.PRNGKey(0), first, init_variables=init_variables, tx=tx, mesh=mesh, rules=DEFAULT_PARAM_RULES)
-    functions = {"loss_fn": functools.partial(loss_fn, model=model), "eval_fn": None}
-    step_fn, _ = train.compile_steps(functions, tx, shardings, mesh)
-    losses = []
+    setup = adam_setup(model, loss_fn, mesh_axes, batches[0], learning_rate=3e-3)
+    state, losses = setup.init_state(jax.random.PRNGKey(0)), []
     for batch in batches:
-        state, step_metrics = step_fn(state, sharding.put_batch(batch, mesh))
+        state, step_metrics = setup.train_step(state, sharding.put_batch(batch, setup.mesh))
         losses.append(float(step_metrics["loss"]))
     return np.array(losses)
 
@@ -120,7 +118,7 @@ os.environ["XLA_FLAGS"] = ("--xla_force_host_platform_device_count=8 --xla_cpu_c
                            " --xla_cpu_collective_call_warn_stuck_timeout_seconds=2")
 import jax, jax.numpy as jnp, numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
-from research import sharding
+from research import train
 
 def step(w, x):  # a gradient-like mean over the batch: one all-reduce when x is split over devices
     w = w - 0.01 * (jnp.mean(jnp.tanh(x @ w), axis=0)[None, :] - 0.3)
@@ -137,11 +135,12 @@ def run(devices, window):
             window.add(loss)
     return float(loss)
 
-paced = run(jax.devices(), sharding.DispatchWindow() if sys.argv[2] == "window" else None)
+paced = run(jax.devices(), train.DispatchWindow() if sys.argv[2] == "window" else None)
 print(paced, run(jax.devices()[:1], None))
 """
 
 
+@pytest.mark.slow  # two processes of 1,000 steps; the second waits out XLA's collective timeout
 def test_dispatch_window_keeps_collectives_from_deadlocking(tmp_path):
     """Without the window, 1,000 un-read steps of a program with an all-reduce abort XLA:CPU (8
     host devices, the rendezvous timed out); with it they finish and give the one-device loss."""
@@ -163,10 +162,10 @@ def test_dispatch_window_keeps_collectives_from_deadlocking(tmp_path):
 
 
 def test_dispatch_window_blocks_on_the_step_depth_back():
-    window = sharding.DispatchWindow(depth=2)
+    window = train.DispatchWindow(depth=2)
     outputs = [jnp.arange(4.0) * step for step in range(4)]
     for output in outputs:
         window.add({"loss": output})
     assert [len(window.pending), window.pending[0] is outputs[2]] == [2, True]
     with pytest.raises(ValueError, match="depth 0: must be at least 1"):
-        sharding.DispatchWindow(depth=0)
+        train.DispatchWindow(depth=0)

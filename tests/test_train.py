@@ -1,5 +1,4 @@
 import functools
-import json
 import types
 
 import flax.linen as nn
@@ -9,11 +8,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from conftest import assert_trees_close
+from conftest import assert_trees_close, read_metrics
 from experiments import digits_mlp, linear_regression
-from research import metrics, sharding, train
+from research import metrics, sharding, steps, train
 from research.config import ConfigError
-from research.optim import make_optimizer
 
 
 def smoke_config(data_dir, **overrides):
@@ -23,20 +21,16 @@ def smoke_config(data_dir, **overrides):
     return config
 
 
-def first_batch_and_state(config, mesh):
-    model = digits_mlp.make_model(config)
-    functions = train.bind(digits_mlp, model)
-    tx = make_optimizer(config.optimizer)
-    batch = sharding.put_batch(next(iter(digits_mlp.make_data(config, "train"))), mesh)
-    state, _ = train.init_state(jax.random.PRNGKey(0), batch, init_variables=functions["init_variables"], tx=tx, mesh=mesh)
-    return state, batch, functions, tx
+def first_batch_and_state(config):
+    """(setup, fresh state, first batch on the mesh) of digits_mlp under `config`."""
+    setup = steps.build(config, digits_mlp)
+    batch = sharding.put_batch(next(iter(digits_mlp.make_data(config, "train"))), setup.mesh)
+    return setup, setup.init_state(jax.random.PRNGKey(0)), batch
 
 
 def test_train_step_is_pure(data_dir):
-    config = smoke_config(data_dir)
-    mesh = sharding.make_mesh(config.mesh)
-    state, batch, functions, tx = first_batch_and_state(config, mesh)
-    step = jax.jit(functools.partial(train.train_step, loss_fn=functions["loss_fn"], tx=tx))
+    setup, state, batch = first_batch_and_state(smoke_config(data_dir))
+    step = jax.jit(functools.partial(steps.train_step, loss_fn=setup.loss_fn, tx=setup.tx))  # the same step, state not donated
     first_state, first_metrics = step(state, batch)
     second_state, second_metrics = step(state, batch)
     assert_trees_close(first_state, second_state, atol=0.0)
@@ -44,10 +38,6 @@ def test_train_step_is_pure(data_dir):
     assert int(state.step) == 0 and int(first_state.step) == 1
     moved = jax.tree.map(lambda a, b: float(np.abs(np.asarray(a) - np.asarray(b)).max()), first_state.params, state.params)
     assert min(jax.tree.leaves(moved)) > 0.0, "every parameter should move after one Adam step"
-
-
-def read_metrics(workdir):
-    return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_data_parallel_over_8_devices_matches_1_device(data_dir, tmp_path):
@@ -67,9 +57,8 @@ def test_data_parallel_over_8_devices_matches_1_device(data_dir, tmp_path):
 
 def test_eval_counts_every_example_once_whatever_the_batch_size(data_dir):
     config = smoke_config(data_dir)
-    mesh = sharding.make_mesh(config.mesh)
-    state, _, functions, _ = first_batch_and_state(config, mesh)
-    step_fn = jax.jit(functools.partial(train.eval_step, eval_fn=functions["eval_fn"]))
+    setup, state, _ = first_batch_and_state(config)
+    mesh, step_fn = setup.mesh, setup.eval_step
     results = {}
     for eval_batch_size in (64, 1800):  # 1797 test images: 29 batches with 5 padded rows, or 1 with 3
         config.eval_batch_size = eval_batch_size
@@ -87,7 +76,7 @@ def test_eval_counts_every_example_once_whatever_the_batch_size(data_dir):
 def test_loss_as_eval_fn_weights_by_real_examples(data_dir):
     config = linear_regression.get_config("smoke")
     model = linear_regression.make_model(config)
-    eval_fn = train.loss_as_eval_fn(functools.partial(linear_regression.loss_fn, model=model))
+    eval_fn = steps.loss_as_eval_fn(functools.partial(linear_regression.loss_fn, model=model))
     params = {"kernel": np.array([[1.0]], np.float32), "bias": np.array([0.0], np.float32)}
     batch = {
         "inputs": np.array([[1.0], [2.0], [9.0]], np.float32),
@@ -145,3 +134,10 @@ def test_model_state_is_updated_in_training_and_used_in_evaluation(tmp_path):
     assert final["test/mse"] < 0.5
     state = ocp.CheckpointManager(tmp_path / "checkpoints").restore(100, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
     assert float(state["model_state"]["batch_stats"]["BatchNorm_0"]["mean"][0]) == pytest.approx(5.0, abs=0.1)
+
+
+def test_should_stop_after_patience_evaluations_without_improvement():
+    assert train.should_stop([1.0, 0.9, 0.95, 0.93], mode="min", patience=2)
+    assert not train.should_stop([1.0, 0.9, 0.95, 0.85], mode="min", patience=2)
+    assert not train.should_stop([1.0, 0.9, 0.95], mode="min", patience=2)
+    assert train.should_stop([0.5, 0.7, 0.6], mode="max", patience=1)

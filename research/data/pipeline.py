@@ -7,7 +7,6 @@ so `research.sharding.put_batch` can assemble global arrays on the mesh. Every b
 
 import collections
 import dataclasses
-import functools
 import math
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
@@ -141,6 +140,21 @@ def train_batches(
     if num_workers:
         iterable = iterable.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
     return iterable
+
+
+def labelled_batches(
+    source: Sequence[Record], split: str, *, batch_size: int, eval_batch_size: int, seed: int, transform: Transform,
+    random_transform: RandomTransform | None = None, keys: Sequence[str] = ("image", "label"),
+):
+    """A labelled dataset's batches. Training: with a `random_transform` (augmentation, which also
+    preprocesses) one example at a time; without, the `keys` columns held in memory and gathered a
+    batch at a time, then `transform`ed. Evaluation: one padded pass, each example `transform`ed."""
+    if split != "train":
+        return eval_batches(source, batch_size=eval_batch_size, transform=transform)
+    if random_transform is not None:
+        return train_batches(source, batch_size=batch_size, seed=seed, random_transform=random_transform)
+    columns = load_columns(source)
+    return array_batches({key: columns[key] for key in keys}, batch_size=batch_size, seed=seed, transform=transform)
 
 
 def load_columns(source: Sequence[Record]) -> dict[str, np.ndarray]:

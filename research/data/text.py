@@ -1,10 +1,12 @@
-"""Text for language models: tokenizers, training windows, sequence packing and MLM masking.
+"""Text for language models: tokenizers, a character corpus, training windows and their batches,
+sequence packing and MLM masking.
 
 Legend: L sequence length. Token ids are int32. Both tokenizers reserve id 0 for padding so
 packed and masked batches can use 0 as "nothing here".
 """
 
 import dataclasses
+import functools
 import io
 from typing import Callable, Sequence
 
@@ -233,3 +235,27 @@ def split_text(name: str, split: str, data_dir: str | None = None) -> str:
     from research.data import catalog  # imported here: catalog imports every builder, text needs none
 
     return catalog.source(name, split, data_dir)[0]["text"].decode("utf-8")
+
+
+@functools.lru_cache(maxsize=4)  # three splits, read and encoded once per process
+def char_corpus(name: str, data_dir: str) -> tuple[CharTokenizer, dict[str, np.ndarray]]:
+    """The character tokenizer of a one-text-per-split dataset (all its splits) and each split's token ids."""
+    splits = {split: split_text(name, split, data_dir) for split in ("train", "validation", "test")}
+    tokenizer = CharTokenizer.from_text("".join(splits.values()))
+    return tokenizer, {split: tokenizer.encode(characters) for split, characters in splits.items()}
+
+
+def window_batches(tokens: np.ndarray, split: str, *, length: int, batch_size: int, eval_batch_size: int, seed: int,
+                   max_eval_windows: int = 0):
+    """Language-model batches of `inputs` and `targets` (the next tokens). Training: windows at every
+    offset, shuffled, endless. Evaluation: non-overlapping windows, once (the first `max_eval_windows`
+    when > 0), so every token is scored exactly once."""
+    from research.data import pipeline  # pipeline imports every dataset builder; the tokenizers above need none
+
+    if split == "train":
+        starts, gather = window_columns(tokens, length, stride=1)
+        return pipeline.array_batches(starts, batch_size=batch_size, seed=seed, transform=gather)
+    windows = WindowSource(tokens, length)
+    if max_eval_windows:
+        windows = pipeline.subset(windows, range(min(max_eval_windows, len(windows))))
+    return pipeline.eval_batches(windows, batch_size=eval_batch_size)

@@ -9,15 +9,17 @@ from N(0, 0.02), the residual output projections from N(0, 0.02 / sqrt(2 * num_l
 `decode=True` (set with `model.clone(decode=True)`) is the generation path: each call takes one
 position, tokens_Bx1, and every attention layer keeps its keys and values in the "cache"
 collection (flax's autoregressive cache), so a new token costs one position, not the whole prefix.
-The parameter tree is the same in both modes. See research/generate.py.
+The parameter tree is the same in both modes. `make_decoder` gives research/inference/generate.py
+the per-position step, with the cache or without it (a full pass over the window, the baseline).
 Compute runs in `dtype` (bfloat16 on accelerators); parameters stay in `param_dtype`; logits are float32.
 `remat` names a rematerialisation policy for every block (research/models/transformer.py).
 
-Legend: B batch, L sequence length (<= block_size), D width, V vocabulary.
+Legend: B batch, L sequence length (<= block_size), D width, V vocabulary; in generation T tokens
+in the buffer, K keep, H heads, Dh head width.
 """
 
 import math
-from typing import Any
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
@@ -94,3 +96,73 @@ class GPT(nn.Module):
         current = position.value
         position.value = current + 1
         return current[None], None
+
+    @nn.nowrap
+    def make_decoder(self, batch: int, total: int, *, cached: bool = True, keep: int | None = None) -> tuple[Callable, Callable]:
+        """(init_state(params), step(params, state, buffer_BxT, t) -> (logits_BxV, state)) to generate
+        `total` positions. Past block_size the window slides, keeping `keep` tokens of context (None:
+        half the block); the uncached step reads exactly the windows the cached one attends to."""
+        keep = self.block_size // 2 if keep is None else keep
+        if not 1 <= keep < self.block_size:
+            raise ValueError(f"keep must be between 1 and block_size - 1 = {self.block_size - 1} tokens of context, got {keep}")
+        return _cached_decoder(self, batch, total, keep) if cached else _windowed_decoder(self, total, keep)
+
+
+def window_start(t: jax.Array, block_size: int, keep: int) -> jax.Array:
+    """Where the context of position t begins in the buffer: 0 until t reaches block_size, then
+    `keep` tokens before the position at which the window last slid, every block_size - keep positions."""
+    past = t - block_size
+    return jnp.where(past < 0, 0, t - keep - past % (block_size - keep))
+
+
+def _cached_decoder(model: GPT, batch: int, total: int, keep: int) -> tuple[Callable, Callable]:
+    """One position per step from the key/value cache.
+
+    Past block_size the learned position embeddings leave no room to roll the cache: every
+    cached key and value was computed at its absolute position, and shifting the window by one
+    token changes all of them. So when the cache is full the window slides by block_size - keep
+    tokens at once: one full forward pass over the last `keep` tokens refills the cache at
+    positions 0..keep-1 (a prefill), and the next block_size - keep tokens are cached steps
+    again. keep = block_size - 1 is nanoGPT's slide by one token, at a full pass per token.
+    """
+    block_size = model.block_size
+    decoder = model.clone(decode=True)
+    cache_shapes = jax.eval_shape(decoder.init, jax.random.PRNGKey(0), jnp.zeros((batch, min(total, block_size)), jnp.int32))["cache"]
+    sources = {"cached_key": "projected_key", "cached_value": "projected_value"}  # sown by attention.SelfAttention
+
+    def prefill(params, buffer_BxT, start):
+        window_BxK = jax.lax.dynamic_slice_in_dim(buffer_BxT, start, keep, axis=1)
+        _, captured = model.apply({"params": params}, window_BxK, mutable=["intermediates"])
+
+        def refill(path, shape):
+            names = [entry.key for entry in path]
+            if names[-1] not in sources:  # every layer's cache_index and the model's position
+                return jnp.full(shape.shape, keep, shape.dtype)
+            (projected_BxKxHxDh,) = captured["intermediates"][names[0]][names[1]][sources[names[-1]]]
+            return jnp.zeros(shape.shape, shape.dtype).at[:, :keep].set(projected_BxKxHxDh.astype(shape.dtype))
+
+        return jax.tree_util.tree_map_with_path(refill, cache_shapes)
+
+    def step(params, cache, buffer_BxT, t):
+        if total > block_size:  # static: only a generation that outgrows the block ever slides
+            full = (t >= block_size) & ((t - block_size) % (block_size - keep) == 0)
+            cache = jax.lax.cond(full, lambda: prefill(params, buffer_BxT, t - keep), lambda: cache)
+        tokens_Bx1 = jax.lax.dynamic_slice_in_dim(buffer_BxT, t, 1, axis=1)
+        logits_Bx1xV, mutated = decoder.apply({"params": params, "cache": cache}, tokens_Bx1, mutable=["cache"])
+        return logits_Bx1xV[:, 0], mutated["cache"]
+
+    return lambda params: jax.tree.map(lambda leaf: jnp.zeros(leaf.shape, leaf.dtype), cache_shapes), step
+
+
+def _windowed_decoder(model: GPT, total: int, keep: int) -> tuple[Callable, Callable]:
+    """The baseline: a full forward pass per position over the window the cached path attends to
+    (the same `window_start`), so both give the same logits."""
+    length = min(total, model.block_size)
+
+    def step(params, state, buffer_BxT, t):
+        start = window_start(t, model.block_size, keep)
+        padded_BxT = jnp.pad(buffer_BxT, ((0, 0), (0, length)))  # a window never clamps at the buffer's end
+        logits_BxLxV = model.apply({"params": params}, jax.lax.dynamic_slice_in_dim(padded_BxT, start, length, axis=1))
+        return jax.lax.dynamic_index_in_dim(logits_BxLxV, t - start, axis=1, keepdims=False), state
+
+    return lambda params: None, step

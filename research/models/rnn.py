@@ -7,12 +7,13 @@ Token embedding, `num_layers` stacked LSTM (Hochreiter & Schmidhuber 1997) or GR
 cell; the LSTM is Flax's OptimizedLSTMCell, which fuses its four gates into one matmul), and a
 dense head to next-token logits. Every state starts at zero, so the model is causal: the output
 at step t reads tokens 0..t only. Generation passes each layer's state (`carries`) back in with
-`return_carries=True` and feeds one token at a time (research/generate.py).
+`return_carries=True` and feeds one token at a time (`make_decoder`, research/inference/generate.py).
 
 Legend: B batch, L sequence length, E embedding size, D width (hidden units), V vocabulary.
 """
 
-from typing import Any
+import functools
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
@@ -53,3 +54,20 @@ class RecurrentLM(nn.Module):
             x_BxLxD = dropout(x_BxLxD)
         logits_BxLxV = nn.Dense(self.vocab_size, name="head", **types)(x_BxLxD).astype(jnp.float32)
         return (logits_BxLxV, tuple(final_carries)) if return_carries else logits_BxLxV
+
+    @nn.nowrap
+    def make_decoder(self, batch: int, total: int, *, cached: bool = True, keep: int | None = None) -> tuple[Callable, Callable]:
+        """(init_state(params) -> zero carries, step(params, carries, buffer_BxT, t) -> (logits_BxV, carries)):
+        the state is the cache, so `cached` and `keep` change nothing and any length generates."""
+        del total, cached, keep
+
+        def step(params, carries, buffer_BxT, t):
+            tokens_Bx1 = jax.lax.dynamic_slice_in_dim(buffer_BxT, t, 1, axis=1)
+            logits_Bx1xV, carries = self.apply({"params": params}, tokens_Bx1, carries=carries, return_carries=True)
+            return logits_Bx1xV[:, 0], carries
+
+        def init_state(params):  # both cells start from zeros, as in training
+            shapes = jax.eval_shape(functools.partial(self.apply, return_carries=True), {"params": params}, jnp.zeros((batch, 1), jnp.int32))
+            return jax.tree.map(lambda leaf: jnp.zeros(leaf.shape, leaf.dtype), shapes[1])
+
+        return init_state, step

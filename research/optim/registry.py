@@ -1,6 +1,7 @@
 """Optimizers by name, or a user's own factory from a file or module, wrapped with the schedule,
-clipping, decoupled weight decay and parameter EMA the config asks for (gradient accumulation is
-the train step's: research/optim/accumulation.py).
+clipping, decoupled weight decay and parameter EMA the config asks for, then with frozen
+parameters and non-finite updates handled (`make_tx`; gradient accumulation is the train step's:
+research/optim/accumulation.py).
 
 A factory is `make(learning_rate, **kwargs) -> optax.GradientTransformation`. The config names it:
 `optimizer.name` is a key of OPTIMIZERS, `path/to/file.py:make` or `package.module:make`.
@@ -10,11 +11,13 @@ import difflib
 import importlib
 import importlib.util
 import inspect
+import re
 import traceback
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import optax
 import optax.contrib
@@ -22,6 +25,7 @@ import optax.contrib
 from research.config import ConfigError, optimizer_config
 from research.optim import ademamix, cautious, regularizers
 from research.optim.schedules import SCHEDULES
+from research.tree import path_name
 
 Factory = Callable[..., optax.GradientTransformation]
 
@@ -34,6 +38,17 @@ def momentum(learning_rate: optax.ScalarOrSchedule, momentum: float = 0.9) -> op
 def nesterov(learning_rate: optax.ScalarOrSchedule, momentum: float = 0.9) -> optax.GradientTransformation:
     """SGD with Nesterov momentum (Nesterov, 1983; Sutskever et al., 2013)."""
     return optax.sgd(learning_rate, momentum=momentum, nesterov=True)
+
+
+def discriminative_adam(
+    learning_rate: optax.ScalarOrSchedule, scale: float = 1.0, scaled: str = r"^encoder/", b1: float = 0.9, b2: float = 0.999,
+    eps: float = 1e-8,
+) -> optax.GradientTransformation:
+    """Adam whose steps on the parameters matching `scaled` (a regex over their paths) are multiplied by
+    `scale`: a lower rate for pre-trained layers than for a new head (Howard & Ruder 2018, discriminative fine-tuning)."""
+    pattern = re.compile(scaled)
+    in_scaled = lambda params: jax.tree_util.tree_map_with_path(lambda path, _: bool(pattern.search(path_name(path))), params)
+    return optax.chain(optax.adam(learning_rate, b1=b1, b2=b2, eps=eps), optax.masked(optax.scale(scale), in_scaled))
 
 
 OPTIMIZERS: dict[str, Factory] = {
@@ -53,6 +68,7 @@ OPTIMIZERS: dict[str, Factory] = {
     "adopt": optax.contrib.adopt,
     "ademamix": ademamix.ademamix,
     "cautious_adamw": cautious.cautious_adamw,
+    "discriminative_adam": discriminative_adam,
 }
 
 
@@ -162,6 +178,23 @@ def make_optimizer(config: Mapping[str, Any], num_steps: int = 0) -> optax.Gradi
     return optax.chain(*parts)
 
 
+def make_tx(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+    """The trainer's optimizer: `config.optimizer`, with `config.freeze` (a regex over parameter paths)
+    kept fixed and `config.nonfinite` ("stop" or "skip") handling NaN/inf updates."""
+    tx = make_optimizer(config.optimizer, config.num_steps)
+    if config.freeze:
+        pattern = re.compile(config.freeze)
+        labels = lambda params: jax.tree_util.tree_map_with_path(
+            lambda path, _: "frozen" if pattern.search(path_name(path)) else "trained", params
+        )
+        tx = optax.multi_transform({"trained": tx, "frozen": optax.set_to_zero()}, labels)
+    if config.nonfinite == "skip":
+        tx = optax.apply_if_finite(tx, max_consecutive_errors=config.nonfinite_max_skips)
+    elif config.nonfinite != "stop":
+        raise ConfigError(f"nonfinite must be 'stop' or 'skip', not {config.nonfinite!r}")
+    return tx
+
+
 def current_learning_rate(opt_state: optax.OptState) -> jax.Array | None:
     """The learning rate the schedule gave the last update (from the inject_hyperparams state)."""
     found = optax.tree_utils.tree_get_all_with_path(opt_state, "learning_rate")
@@ -173,10 +206,16 @@ def _shapes(tree) -> list[tuple[tuple[int, ...], str]]:
 
 
 def check_against_params(tx: optax.GradientTransformation, params: Any, origin: str) -> None:
-    """Traces init and one update on `params` (abstract is fine): updates must mirror the params and the state keep its structure."""
+    """Traces init and one update on `params` (abstract is fine), called as the train step calls it: updates
+    must mirror the params and the state keep its structure."""
+
+    def update(grads, state, params):
+        value_fn = lambda params: jnp.zeros((), jnp.float32)
+        return optax.with_extra_args_support(tx).update(grads, state, params, value=value_fn(params), grad=grads, value_fn=value_fn)
+
     try:
         state = jax.eval_shape(tx.init, params)
-        updates, new_state = jax.eval_shape(tx.update, params, state, params)
+        updates, new_state = jax.eval_shape(update, params, state, params)
     except Exception as error:
         raise ConfigError(f"{origin}: init/update on the model's parameters raised {_first_line(error)}") from None
     if jax.tree.structure(updates) != jax.tree.structure(params) or _shapes(updates) != _shapes(params):

@@ -1,16 +1,17 @@
-"""Regularization: L1/L2 penalties in the loss, decoupled weight decay, an EMA of the parameters,
-and early stopping. Penalties and decay skip parameters whose path matches `decay_exclude`
-(biases and normalization scales by default)."""
+"""Regularization: L1/L2 penalties in the loss, decoupled weight decay and an EMA of the parameters.
+Penalties and decay skip parameters whose path matches `decay_exclude` (biases and normalization
+scales by default). Early stopping is the training loop's (research/train.py)."""
 
 import re
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
+import ml_collections
 import optax.contrib
 
-from research.sharding import path_name
+from research.tree import path_name
 
 PyTree = Any
 
@@ -41,6 +42,13 @@ def with_penalty(loss_fn: Callable, *, l1: float, l2: float, exclude: str) -> Ca
         return loss + extra, aux | {"penalty": extra}
 
     return regularized
+
+
+def penalized(loss_fn: Callable, optimizer_config: ml_collections.ConfigDict) -> Callable:
+    """The training loss plus the config's L1/L2 penalty (`loss_fn` itself when there is none)."""
+    if not (optimizer_config.l1_penalty or optimizer_config.l2_penalty):
+        return loss_fn
+    return with_penalty(loss_fn, l1=optimizer_config.l1_penalty, l2=optimizer_config.l2_penalty, exclude=optimizer_config.decay_exclude)
 
 
 class DecoupledWeightDecayState(NamedTuple):
@@ -94,12 +102,3 @@ def eval_params(params: PyTree, opt_state: optax.OptState) -> PyTree:
     free = [node for node in jax.tree.leaves(opt_state, is_leaf=is_free) if is_free(node)]
     return optax.contrib.schedule_free_eval_params(free[0], params) if free else params
 
-
-def should_stop(history: Sequence[float], *, mode: str, patience: int) -> bool:
-    """True when the last `patience` evaluations did not beat the best one before them."""
-    if patience <= 0 or len(history) <= patience:
-        return False
-    best_before = min(history[:-patience]) if mode == "min" else max(history[:-patience])
-    recent = history[-patience:]
-    improved = min(recent) < best_before if mode == "min" else max(recent) > best_before
-    return not improved

@@ -1,0 +1,179 @@
+"""The pure train and eval steps, and `build`: everything a config compiles to, made in one place.
+
+`build(config, experiment, mesh)` binds the experiment's functions to its model, assembles the
+optimizer, sizes the train state abstractly (nothing is allocated) with its shardings, and jits
+the train and eval steps. Training, the dry run, prediction, the optimizer tools, the benchmarks
+and the tests all start from the `Setup` it returns.
+
+A model with state besides its parameters (BatchNorm statistics) keeps it in
+`TrainState.model_state`; its loss_fn and eval_fn then take `model_state=` and loss_fn returns
+the updated state as `aux["model_state"]`.
+"""
+
+import dataclasses
+import functools
+from typing import Any, Callable, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from jax.sharding import Mesh
+
+from research import metrics as metrics_lib
+from research import sharding
+from research.config import ConfigError
+from research.experiment import hook
+from research.optim import current_learning_rate, make_tx
+from research.optim.accumulation import accumulated_value_and_grad
+from research.optim.regularizers import penalized
+from research.optim.registry import check_against_params, origin_of
+from research.state import TrainState
+
+PyTree = Any
+Batch = Mapping[str, jax.Array]
+LossFn = Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
+
+
+def train_step(state: TrainState, batch: Batch, *, loss_fn: LossFn, tx: optax.GradientTransformation, accumulate_steps: int = 1):
+    """One optimizer step: gradient, update and apply, all in one jit region.
+
+    An optimizer that takes extra arguments (optax.GradientTransformationExtraArgs) gets the loss
+    `value`, its `grad` and `value_fn(params)`, the loss on this batch; others ignore them.
+    With accumulate_steps k the gradient is the mean over k micro-batches of the batch, scanned."""
+    rng = jax.random.fold_in(state.rng, state.step)
+    loss_fn = _with_model_state(loss_fn, state.model_state)
+    (loss, aux), grads = accumulated_value_and_grad(loss_fn, accumulate_steps)(state.params, batch, rng)
+    aux = dict(aux)
+    model_state = aux.pop("model_state") if state.model_state else state.model_state
+    value_fn = lambda params: loss_fn(params, batch, rng)[0]
+    updates, opt_state = optax.with_extra_args_support(tx).update(
+        grads, state.opt_state, state.params, value=loss, grad=grads, value_fn=value_fn
+    )
+    params = optax.apply_updates(state.params, updates)
+    metrics = aux | {"loss": loss, "grad_norm": optax.global_norm(grads)}
+    learning_rate = current_learning_rate(opt_state)
+    if learning_rate is not None:
+        metrics["learning_rate"] = learning_rate
+    new_state = state.replace(step=state.step + 1, params=params, model_state=model_state, opt_state=opt_state)
+    return new_state, metrics
+
+
+def eval_step(state: TrainState, batch: Batch, *, eval_fn: Callable) -> dict[str, metrics_lib.Metric]:
+    """Metric accumulators for one batch (the model in inference mode: no dropout, running statistics)."""
+    return _with_model_state(eval_fn, state.model_state)(state.params, batch)
+
+
+def _with_model_state(fn: Callable, model_state: PyTree) -> Callable:
+    """`fn` with `model_state=` bound when the model has state; `fn` itself otherwise."""
+    return functools.partial(fn, model_state=model_state) if model_state else fn
+
+
+def loss_as_eval_fn(loss_fn: LossFn) -> Callable[..., dict[str, metrics_lib.Metric]]:
+    """Evaluation by the training loss itself (rng=None: no dropout), weighted by real examples."""
+
+    def eval_fn(params, batch, **model_state):
+        loss, aux = loss_fn(params, batch, None, **model_state)
+        aux = {name: value for name, value in aux.items() if name != "model_state"}
+        weight = jnp.sum(batch["mask"])
+        return {name: metrics_lib.Mean(total=value * weight, count=weight) for name, value in (aux | {"loss": loss}).items()}
+
+    return eval_fn
+
+
+def default_init_variables(model: nn.Module, rng: jax.Array, batch: Batch) -> PyTree:
+    """All variables ({"params": ..., other collections}) of a model whose `__call__` takes `batch["inputs"]`."""
+    return model.init(rng, batch["inputs"])
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+    """A config compiled: the model, its bound functions, the optimizer, the abstract train state with
+    its shardings, and the jitted steps. Holds no arrays: `init_state` allocates a fresh state."""
+
+    config: ml_collections.ConfigDict
+    mesh: Mesh
+    model: nn.Module
+    loss_fn: LossFn  # (params, batch, rng, **model_state): the experiment's, with the config's penalties
+    eval_fn: Callable  # (params, batch, **model_state) -> metric accumulators
+    init_variables: Callable  # (rng, batch) -> variables
+    tx: optax.GradientTransformation
+    batch_spec: PyTree  # one global training batch as ShapeDtypeStructs on the batch sharding
+    abstract_state: TrainState  # ShapeDtypeStructs with their shardings
+    train_step: Callable  # jitted (state, batch) -> (state, metrics); the state is donated
+    eval_step: Callable  # jitted (state, batch) -> metric accumulators
+
+    @property
+    def state_shardings(self) -> TrainState:
+        return jax.tree.map(lambda leaf: leaf.sharding, self.abstract_state)
+
+    def init_state(self, rng: jax.Array | None = None) -> TrainState:
+        """A fresh train state made directly in its shardings, from `rng` (default PRNGKey(config.seed))."""
+        rng = jax.random.PRNGKey(self.config.seed) if rng is None else rng
+        create = functools.partial(initial_state, init_variables=self.init_variables, tx=self.tx, batch_spec=self.batch_spec)
+        return jax.jit(create, out_shardings=self.state_shardings)(rng)
+
+
+def initial_state(rng: jax.Array, *, init_variables: Callable, tx: optax.GradientTransformation, batch_spec: PyTree) -> TrainState:
+    """Step 0: the model's variables and the optimizer's state, from `rng` (split for init and training)."""
+    init_rng, train_rng = jax.random.split(rng)
+    # Initial values depend only on the batch's shapes, so a constant batch stands in for real data.
+    batch = jax.tree.map(lambda spec: jnp.ones(spec.shape, spec.dtype), batch_spec)
+    variables = dict(init_variables(init_rng, batch))
+    params = variables.pop("params")
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, model_state=variables, opt_state=tx.init(params), rng=train_rng)
+
+
+def check_batch(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
+    """The global batch must split evenly over the mesh's batch shards and the accumulation's micro-batches."""
+    shards = sharding.batch_divisor(mesh)
+    if config.batch_size % shards:
+        raise ConfigError(f"batch_size {config.batch_size} must be a multiple of the {shards} batch shards of mesh {dict(mesh.shape)}")
+    accumulate = config.optimizer.accumulate_steps
+    if accumulate < 1 or config.batch_size % (accumulate * shards):
+        raise ConfigError(f"optimizer.accumulate_steps {accumulate} must be >= 1 and divide batch_size / batch shards")
+
+
+def batch_spec_of(batch: Mapping[str, Any], mesh: Mesh) -> dict[str, jax.ShapeDtypeStruct]:
+    """The global batch that a process-local batch (numpy arrays or ShapeDtypeStructs) is a slice of."""
+    processes, where = jax.process_count(), sharding.batch_sharding(mesh)
+    spec = {}
+    for key, value in batch.items():
+        value = value if hasattr(value, "shape") else np.asarray(value)
+        spec[key] = jax.ShapeDtypeStruct((value.shape[0] * processes, *value.shape[1:]), value.dtype, sharding=where)
+    return spec
+
+
+def build(config: ml_collections.ConfigDict, experiment: Any, mesh: Mesh | None = None, batch: Mapping | None = None) -> Setup:
+    """The `Setup` of `experiment` under `config` on `mesh` (default: the config's). `batch` (numpy or
+    ShapeDtypeStructs, this process's slice) gives the training batch's shapes; default: the first
+    batch of `make_data(config, "train")`."""
+    mesh = mesh if mesh is not None else sharding.make_mesh(config.mesh)
+    check_batch(config, mesh)
+    model = experiment.make_model(config)
+    bound_loss = functools.partial(experiment.loss_fn, model=model)
+    eval_fn = hook(experiment, "eval_fn")
+    eval_fn = functools.partial(eval_fn, model=model) if eval_fn else loss_as_eval_fn(bound_loss)
+    loss_fn = penalized(bound_loss, config.optimizer)
+    init_variables = functools.partial(hook(experiment, "init_variables", default_init_variables), model)
+    tx = make_tx(config)
+    batch = next(iter(experiment.make_data(config, "train"))) if batch is None else batch
+    batch_spec = batch_spec_of(batch, mesh)
+    create = functools.partial(initial_state, init_variables=init_variables, tx=tx, batch_spec=batch_spec)
+    shapes = jax.eval_shape(create, jax.random.PRNGKey(0))
+    shardings = sharding.state_shardings(shapes, mesh, config.param_rules)
+    abstract_state = jax.tree.map(lambda leaf, where: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=where), shapes, shardings)
+    check_against_params(tx, abstract_state.params, origin_of(config.optimizer.name))
+    batch_sharding, replicated = sharding.batch_sharding(mesh), sharding.replicated(mesh)
+    jitted_train = jax.jit(
+        functools.partial(train_step, loss_fn=loss_fn, tx=tx, accumulate_steps=config.optimizer.accumulate_steps),
+        in_shardings=(shardings, batch_sharding),
+        out_shardings=(shardings, replicated),
+        donate_argnums=0,
+    )
+    jitted_eval = jax.jit(
+        functools.partial(eval_step, eval_fn=eval_fn), in_shardings=(shardings, batch_sharding), out_shardings=replicated
+    )
+    return Setup(config, mesh, model, loss_fn, eval_fn, init_variables, tx, batch_spec, abstract_state, jitted_train, jitted_eval)
