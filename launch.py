@@ -32,31 +32,29 @@ from research.logger import NonFiniteError  # noqa: E402
 
 EXPERIMENTS_DIR = Path(__file__).parent / "experiments"
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "experiment module and variant: experiments/NAME.py[:arg]", lock_config=False, accept_new_attributes=True
+    "config", None, "experiments/NAME.py[:variant]", lock_config=False, accept_new_attributes=True
 )
 flags.FLAGS["config"].parser = experiment.ConfigFileParser()  # loads the experiment once and keeps it
-_WORKDIR = flags.DEFINE_string("workdir", None, "directory for config.json, metrics.jsonl, TensorBoard events, checkpoints and results.json")
-_ALLOW_CONFIG_CHANGE = flags.DEFINE_boolean("allow_config_change", False, "resume even though the config differs from the checkpoint's")
-_LIST = flags.DEFINE_boolean("list", False, "list every experiment with its description, then exit")
-_LIST_DATASETS = flags.DEFINE_boolean("list_datasets", False, "list every dataset: prepared or not, where, splits and sizes")
-_DATA_DIR = flags.DEFINE_string("data_dir", "", "tfds data directory that --list_datasets inspects (default ~/tensorflow_datasets)")
-_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0 when this is one of several processes")
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "how many processes take part (with --coordinator_address)")
-_PROCESS_ID = flags.DEFINE_integer("process_id", None, "this process's index, 0 .. num_processes - 1 (with --coordinator_address)")
-_LOCAL_PROCESSES = flags.DEFINE_integer("local_processes", 0, "start this many processes on 127.0.0.1 that train together")
-_COMPILATION_CACHE = flags.DEFINE_string(
-    "compilation_cache_dir", "~/.cache/research/jax_compilation_cache", "persistent XLA compilation cache; '' turns it off"
-)
-_DRY_RUN = flags.DEFINE_boolean("dry_run", False, "compile the train step for the config's mesh and report memory, FLOPs and step times")
-_DRY_RUN_DEVICES = flags.DEFINE_integer("dry_run_devices", 0, "fake this many CPU devices for the dry run (0: the real devices)")
-_MFU = flags.DEFINE_float("mfu", 0.4, "model FLOPs utilisation assumed by the dry run's step times")
+_WORKDIR = flags.DEFINE_string("workdir", None, "the run's directory: config, metrics, checkpoints, results")
+_ALLOW_CONFIG_CHANGE = flags.DEFINE_boolean("allow_config_change", False, "resume although the config changed")
+_LIST = flags.DEFINE_boolean("list", False, "list every experiment with its description")
+_LIST_DATASETS = flags.DEFINE_boolean("list_datasets", False, "list every dataset: prepared or not, where, sizes")
+_DATA_DIR = flags.DEFINE_string("data_dir", "", "the tfds directory --list_datasets reads (~/tensorflow_datasets)")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0 of several processes")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "how many processes take part")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "this process's index, 0 .. num_processes - 1")
+_LOCAL_PROCESSES = flags.DEFINE_integer("local_processes", 0, "train as this many processes on 127.0.0.1")
+_COMPILATION_CACHE = flags.DEFINE_string("compilation_cache_dir", "~/.cache/research/jax_compilation_cache", "'': off")
+_DRY_RUN = flags.DEFINE_boolean("dry_run", False, "compile the train step; report memory, FLOPs and step times")
+_DRY_RUN_DEVICES = flags.DEFINE_integer("dry_run_devices", 0, "fake this many CPU devices (0: the real ones)")
+_MFU = flags.DEFINE_float("mfu", 0.4, "model FLOPs utilisation the dry run's step times assume")
 _PEAK_TFLOPS = flags.DEFINE_float("peak_tflops", 0.0, "add an accelerator of this bf16 peak to the dry run's table")
-_CHECK_OPTIMIZER = flags.DEFINE_string("check_optimizer", None, "run the conformance kit on an optimizer (name, file.py:fn or module:fn)")
-_BENCH_OPTIMIZER = flags.DEFINE_string("bench_optimizer", None, "benchmark an optimizer against adamw and momentum on the CPU workloads")
-_SWEEP = flags.DEFINE_string("sweep", None, "sweeps/NAME.py: run --config once per override set of its get_sweep(), in WORKDIR/RUN_NAME")
-_SWEEP_PARALLEL = flags.DEFINE_integer("sweep_parallel", 1, "runs of a sweep at once, each on its share of the cores (0: one per core)")
-_SWEEP_EMIT = flags.DEFINE_boolean("sweep_emit", False, "print the sweep's unfinished runs, one launch.py command a line; run nothing")
-_REPRODUCE = flags.DEFINE_string("reproduce", None, "EXPERIMENT[:config] (or all:smoke): train its references, print PASS/FAIL")
+_CHECK_OPTIMIZER = flags.DEFINE_string("check_optimizer", None, "the conformance kit on NAME, file.py:fn or module:fn")
+_BENCH_OPTIMIZER = flags.DEFINE_string("bench_optimizer", None, "steps to target against adamw and momentum")
+_SWEEP = flags.DEFINE_string("sweep", None, "sweeps/NAME.py: a run of --config per override set, in WORKDIR/NAME")
+_SWEEP_PARALLEL = flags.DEFINE_integer("sweep_parallel", 1, "runs at once, each on its share of the cores (0: a core)")
+_SWEEP_EMIT = flags.DEFINE_boolean("sweep_emit", False, "print the unfinished runs' commands; run nothing")
+_REPRODUCE = flags.DEFINE_string("reproduce", None, "EXPERIMENT[:config] or all:smoke: measured vs published")
 
 
 def fail(message: str, code: int = 2) -> None:
@@ -77,7 +75,8 @@ def parse_flags(argv: list[str]) -> list[str]:
     if parser.error is not None:
         fail(str(parser.error).splitlines()[0])
     if parser.base_config is not None:
-        unknown = experiment.unknown_key_message(parser.base_config, config_flags.get_override_values(flags.FLAGS["config"]))
+        overrides = config_flags.get_override_values(flags.FLAGS["config"])
+        unknown = experiment.unknown_key_message(parser.base_config, overrides)
         if unknown:
             fail(unknown)
         _CONFIG.value.lock()
@@ -127,8 +126,11 @@ def main(argv: list[str]) -> None:
             from research.tools import sweep
 
             overrides = config_flags.get_override_values(flags.FLAGS["config"])
-            sys.exit(0 if sweep.main(_CONFIG.value, config_argument, _SWEEP.value, _WORKDIR.value, overrides=overrides,
-                                     parallel=_SWEEP_PARALLEL.value, emit_only=_SWEEP_EMIT.value, launch=Path(__file__).resolve()) else 1)
+            options = dict(parallel=_SWEEP_PARALLEL.value, emit_only=_SWEEP_EMIT.value, launch=Path(__file__).resolve())
+            passed = sweep.main(
+                _CONFIG.value, config_argument, _SWEEP.value, _WORKDIR.value, overrides=overrides, **options
+            )
+            sys.exit(0 if passed else 1)
         if _LOCAL_PROCESSES.value:
             sys.exit(runtime.run_local_processes(_LOCAL_PROCESSES.value, sys.argv, _WORKDIR.value))
         runtime.use_fake_devices(_DRY_RUN_DEVICES.value)

@@ -19,7 +19,9 @@ from research import runtime
 runtime.configure_process()  # as launch.py: XLA flags and allocator, before JAX starts (research/runtime.py)
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "the run's directory (config.json and checkpoints/)")
-_CHECKPOINT = flags.DEFINE_string("checkpoint", "latest", "which checkpoint: latest, best (by the run's checkpoint.best_metric) or a step number")
+_CHECKPOINT = flags.DEFINE_string(
+    "checkpoint", "latest", "which checkpoint: latest, best (by the run's checkpoint.best_metric) or a step number"
+)
 _EXPERIMENTS = flags.DEFINE_string("experiments_dir", "experiments", "where the run's experiment module lives")
 _GENERATE = flags.DEFINE_string("generate", None, "generate text continuing this prompt (language models)")
 _NUM_TOKENS = flags.DEFINE_integer("num_tokens", 256, "how many tokens to generate")
@@ -27,13 +29,27 @@ _TEMPERATURE = flags.DEFINE_float("temperature", 1.0, "sampling temperature; 0 i
 _TOP_K = flags.DEFINE_integer("top_k", 0, "sample among the k most likely tokens (0: all)")
 _TOP_P = flags.DEFINE_float("top_p", 1.0, "sample among the fewest tokens whose probability reaches p (1: all)")
 _SEED = flags.DEFINE_integer("seed", 0, "sampling seed")
-_KEEP = flags.DEFINE_integer("keep", None, "GPT past its block_size: tokens of context kept when the window slides (default half the block; block_size - 1 is nanoGPT's slide by one token)")
-_UNCACHED = flags.DEFINE_boolean("uncached", False, "GPT: also generate without the key/value cache and print both rates")
-_CLASSIFY = flags.DEFINE_string("classify", None, "classify the examples in this file (.npy, or text: one per line; - for stdin)")
+_KEEP = flags.DEFINE_integer(
+    "keep",
+    None,
+    "GPT past its block_size: tokens of context kept when the window slides "
+    "(default half the block; block_size - 1 is nanoGPT's slide by one token)",
+)
+_UNCACHED = flags.DEFINE_boolean(
+    "uncached", False, "GPT: also generate without the key/value cache and print both rates"
+)
+_CLASSIFY = flags.DEFINE_string(
+    "classify", None, "classify the examples in this file (.npy, or text: one per line; - for stdin)"
+)
 _TOP = flags.DEFINE_integer("top", 3, "classes printed per example")
 _EVALUATE = flags.DEFINE_string("evaluate", None, "evaluate this split (train, validation, test) and print the metrics")
 _EXPORT = flags.DEFINE_string("export", None, "write a jax.export artifact and a manifest to this directory")
-_QUANTIZE = flags.DEFINE_boolean("quantize", False, "int8 weights (per output channel): --evaluate reports before/after; --export stores them; --generate and --classify use them")
+_QUANTIZE = flags.DEFINE_boolean(
+    "quantize",
+    False,
+    "int8 weights (per output channel): --evaluate reports before/after; --export stores them; "
+    "--generate and --classify use them",
+)
 
 
 def fail(message: str) -> None:
@@ -46,16 +62,27 @@ def run_action(run) -> None:
     from research.inference import export, predict, quantize
     from research.inference.generate import Sampling
 
-    if _QUANTIZE.value and (_GENERATE.value is not None or _CLASSIFY.value is not None):  # predict with the int8 weights
+    predicts = _GENERATE.value is not None or _CLASSIFY.value is not None
+    if _QUANTIZE.value and predicts:  # predict with the int8 weights
         run = run.with_params(quantize.dequantize(quantize.quantize(run.params)))
     if _GENERATE.value is not None:
         sampling = Sampling(_TEMPERATURE.value, _TOP_K.value, _TOP_P.value, _SEED.value)
         result = predict.generate_text(run, _GENERATE.value, _NUM_TOKENS.value, sampling, keep=_KEEP.value)
         print(_GENERATE.value + result["text"])
-        print(f"\n[{_NUM_TOKENS.value} tokens, {result['tokens_per_second']:.0f} tokens/s with the cache; {run.name} step {run.step}]", file=sys.stderr)
+        print(
+            f"\n[{_NUM_TOKENS.value} tokens, {result['tokens_per_second']:.0f} tokens/s with the cache; "
+            f"{run.name} step {run.step}]",
+            file=sys.stderr,
+        )
         if _UNCACHED.value:
-            uncached = predict.generate_text(run, _GENERATE.value, _NUM_TOKENS.value, sampling, cached=False, keep=_KEEP.value)
-            print(f"[{uncached['tokens_per_second']:.0f} tokens/s without it; same text: {uncached['text'] == result['text']}]", file=sys.stderr)
+            uncached = predict.generate_text(
+                run, _GENERATE.value, _NUM_TOKENS.value, sampling, cached=False, keep=_KEEP.value
+            )
+            print(
+                f"[{uncached['tokens_per_second']:.0f} tokens/s without it; "
+                f"same text: {uncached['text'] == result['text']}]",
+                file=sys.stderr,
+            )
     elif _CLASSIFY.value is not None:
         inputs = predict.read_inputs(_CLASSIFY.value, sys.stdin.read() if _CLASSIFY.value == "-" else None)
         for index, top in enumerate(predict.classify(run, inputs, _TOP.value)):
@@ -65,11 +92,15 @@ def run_action(run) -> None:
             print(quantize.format_report(quantize.report(run, _EVALUATE.value)))
         else:
             results = predict.evaluate(run, _EVALUATE.value)
-            names = predict.class_names(run, len(results["confusion_matrix"])) if "confusion_matrix" in results else None
+            names = (
+                predict.class_names(run, len(results["confusion_matrix"])) if "confusion_matrix" in results else None
+            )
             print(f"{run.name} step {run.step}, split {_EVALUATE.value}\n" + predict.format_metrics(results, names))
     elif _EXPORT.value is not None:
         manifest = export.export_run(run, _EXPORT.value, quantized=_QUANTIZE.value)
-        print(f"wrote {_EXPORT.value}: {manifest['artifact']} ({manifest['artifact_bytes']} bytes) and {export.MANIFEST}")
+        print(
+            f"wrote {_EXPORT.value}: {manifest['artifact']} ({manifest['artifact_bytes']} bytes) and {export.MANIFEST}"
+        )
     else:
         fail("pass one of --generate PROMPT, --classify FILE, --evaluate SPLIT or --export DIR")
 

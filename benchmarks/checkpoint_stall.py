@@ -18,7 +18,7 @@ sys.path.insert(0, str(ROOT))
 
 from research import runtime  # noqa: E402
 
-runtime.configure_process()  # the XLA flags and allocator launch.py trains with (research/runtime.py), before JAX starts
+runtime.configure_process()  # launch.py's XLA flags and allocator (research/runtime.py), before JAX starts
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
@@ -62,7 +62,10 @@ def main() -> None:
         config, state, iterator = build_state(args.width, data_dir)
         megabytes = sum(leaf.nbytes for leaf in jax.tree.leaves(state)) / 2**20
         rows = {mode: time_saves(config, state, iterator, mode == "async") for mode in ("sync", "async")}
-    print(f"train state: {megabytes:,.0f} MiB (params + Adam moments), median of {SAVES} saves, {jax.devices()[0].platform}")
+    print(
+        f"train state: {megabytes:,.0f} MiB (params + Adam moments), median of {SAVES} saves, "
+        f"{jax.devices()[0].platform}"
+    )
     print(f"{'mode':8s} {'stall (ms)':>12s} {'total (ms)':>12s}")
     for mode, row in rows.items():
         print(f"{mode:8s} {row['stall'] * 1e3:12.1f} {row['total'] * 1e3:12.1f}")

@@ -7,7 +7,8 @@ XLA:CPU (through JAX) against PyTorch (oneDNN), on the shapes of ResNet-20 and t
 Each row is one 3x3 'SAME' convolution, stride 1, float32, timed alone (best of 3 repeats of 10
 calls, after a warm-up). JAX's convolutions run on the kernels launch.py trains with: XLA's own
 (research/runtime.py takes them away from YNNPACK); to time YNNPACK's instead, run with
-XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=+LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION. JAX runs NHWC (Flax's layout) with HWIO kernels; PyTorch runs NCHW, its
+XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=+LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION.
+JAX runs NHWC (Flax's layout) with HWIO kernels; PyTorch runs NCHW, its
 default, and the forward also channels-last. `dw via matmuls` is the weight gradient written as
 nine shifted (B*H*W x C)^T (B*H*W x O) matmuls, the formulation a custom VJP could use instead
 of XLA's. Findings are in benchmarks/README.md.
@@ -23,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from research import runtime  # noqa: E402
 
-runtime.configure_process()  # the XLA flags and allocator launch.py trains with (research/runtime.py), before JAX starts
+runtime.configure_process()  # launch.py's XLA flags and allocator (research/runtime.py), before JAX starts
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -39,7 +40,9 @@ SHAPES = (  # (height = width, input channels, output channels, where)
 )
 
 
-def best_milliseconds(call: Callable[[], object], sync: Callable[[object], object], calls: int = 10, repeats: int = 3) -> float:
+def best_milliseconds(
+    call: Callable[[], object], sync: Callable[[object], object], calls: int = 10, repeats: int = 3
+) -> float:
     """The fastest of `repeats` runs of `calls` calls, per call, after one warm-up call."""
     sync(call())
     best = float("inf")
@@ -61,8 +64,9 @@ def weight_grad_by_matmuls(x_BxHxWxC, dy_BxHxWxO):
     B, H, W, C = x_BxHxWxC.shape
     padded = jnp.pad(x_BxHxWxC, ((0, 0), (1, 1), (1, 1), (0, 0)))
     dy = dy_BxHxWxO.reshape(B * H * W, -1)
-    return jnp.stack([jnp.stack([padded[:, i : i + H, j : j + W].reshape(B * H * W, C).T @ dy for j in range(3)])
-                      for i in range(3)])
+    return jnp.stack(
+        [jnp.stack([padded[:, i : i + H, j : j + W].reshape(B * H * W, C).T @ dy for j in range(3)]) for i in range(3)]
+    )
 
 
 def jax_row(batch: int, size: int, cin: int, cout: int) -> dict[str, float]:
@@ -101,14 +105,25 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=128)
     args = parser.parse_args()
-    print(f"batch {args.batch}, float32, {torch.get_num_threads()} PyTorch threads; milliseconds per call (best of 3 x 10)")
-    print("| convolution | where | fwd JAX | fwd torch (NCHW / NHWC) | dx JAX | dx torch | dw JAX | dw torch | dw via matmuls (JAX) | fwd+dx+dw JAX / torch |")
+    print(
+        f"batch {args.batch}, float32, {torch.get_num_threads()} PyTorch threads; "
+        "milliseconds per call (best of 3 x 10)"
+    )
+    print(
+        "| convolution | where | fwd JAX | fwd torch (NCHW / NHWC) | dx JAX | dx torch | dw JAX | dw torch "
+        "| dw via matmuls (JAX) | fwd+dx+dw JAX / torch |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|")
     for size, cin, cout, where in SHAPES:
         ours, theirs = jax_row(args.batch, size, cin, cout), torch_row(args.batch, size, cin, cout)
-        total = (ours["fwd"] + ours["dx"] + ours["dw"]) / (min(theirs["fwd"], theirs["fwd_last"]) + theirs["dx"] + theirs["dw"])
-        print(f"| {size}x{size}x{cin} -> {cout} | {where} | {ours['fwd']:.1f} | {theirs['fwd']:.1f} / {theirs['fwd_last']:.1f} "
-              f"| {ours['dx']:.1f} | {theirs['dx']:.1f} | {ours['dw']:.1f} | {theirs['dw']:.1f} | {ours['dw_matmuls']:.1f} | {total:.2f}x |")
+        total = (ours["fwd"] + ours["dx"] + ours["dw"]) / (
+            min(theirs["fwd"], theirs["fwd_last"]) + theirs["dx"] + theirs["dw"]
+        )
+        print(
+            f"| {size}x{size}x{cin} -> {cout} | {where} | {ours['fwd']:.1f} "
+            f"| {theirs['fwd']:.1f} / {theirs['fwd_last']:.1f} | {ours['dx']:.1f} | {theirs['dx']:.1f} "
+            f"| {ours['dw']:.1f} | {theirs['dw']:.1f} | {ours['dw_matmuls']:.1f} | {total:.2f}x |"
+        )
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ sys.path.insert(0, str(ROOT))
 
 from research import runtime  # noqa: E402
 
-runtime.configure_process()  # the XLA flags and allocator launch.py trains with (research/runtime.py), before JAX starts
+runtime.configure_process()  # launch.py's XLA flags and allocator (research/runtime.py), before JAX starts
 
 import jax  # noqa: E402
 
@@ -49,7 +49,10 @@ def steps_per_second(experiment, config, batches) -> dict[str, float]:
     mesh, train_fn, state = setup.mesh, setup.train_step, setup.init_state(jax.random.PRNGKey(0))
     batch = sharding.put_batch(host_batch, mesh)
     rates = {}
-    for name, place in (("step alone", lambda: batch), ("step + put_batch", lambda: sharding.put_batch(host_batch, mesh))):
+    for name, place in (
+        ("step alone", lambda: batch),
+        ("step + put_batch", lambda: sharding.put_batch(host_batch, mesh)),
+    ):
         for _ in range(WARMUP):
             state, metrics = train_fn(state, place())
         jax.block_until_ready(state)
@@ -89,7 +92,10 @@ def missing_error_seconds(data_dir: str) -> dict[str, float]:
             catalog.source(name, "train", data_dir)
         except files.MissingDataError:
             timings[f"missing {name}, in process"] = time.perf_counter() - start
-    script = f"from research.data import catalog\ntry:\n catalog.source('cifar10', 'train', {data_dir!r})\nexcept Exception as e:\n print(e)"
+    script = (
+        f"from research.data import catalog\ntry:\n catalog.source('cifar10', 'train', {data_dir!r})\n"
+        "except Exception as e:\n print(e)"
+    )
     start = time.perf_counter()
     subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, check=True)
     timings["missing cifar10, fresh python"] = time.perf_counter() - start
@@ -107,14 +113,36 @@ def main() -> None:
     gpt_data = shakespeare_gpt.make_data(gpt_config, "train")
     gpt_steps = steps_per_second(shakespeare_gpt, gpt_config, gpt_data)
     rows = [
-        (f"digits pipeline, in memory (digits_mlp; batch {config.batch_size})", batches_per_second(digits, 10 * BATCHES), "batches/s"),
-        (f"digits pipeline, per-example tfds records (batch {config.batch_size})", batches_per_second(digits_per_example_batches(config), 200), "batches/s"),
-        (f"char-LM pipeline, window gather ({CHAR_BATCH}x{CHAR_LENGTH})", batches_per_second(char_lm_batches(data_dir, in_memory=True), 10 * BATCHES), "batches/s"),
-        (f"char-LM pipeline, per-example windows ({CHAR_BATCH}x{CHAR_LENGTH})", batches_per_second(char_lm_batches(data_dir, in_memory=False)), "batches/s"),
+        (
+            f"digits pipeline, in memory (digits_mlp; batch {config.batch_size})",
+            batches_per_second(digits, 10 * BATCHES),
+            "batches/s",
+        ),
+        (
+            f"digits pipeline, per-example tfds records (batch {config.batch_size})",
+            batches_per_second(digits_per_example_batches(config), 200),
+            "batches/s",
+        ),
+        (
+            f"char-LM pipeline, window gather ({CHAR_BATCH}x{CHAR_LENGTH})",
+            batches_per_second(char_lm_batches(data_dir, in_memory=True), 10 * BATCHES),
+            "batches/s",
+        ),
+        (
+            f"char-LM pipeline, per-example windows ({CHAR_BATCH}x{CHAR_LENGTH})",
+            batches_per_second(char_lm_batches(data_dir, in_memory=False)),
+            "batches/s",
+        ),
     ]
     rows += [(f"digits_mlp {name} ({jax.device_count()} device(s))", rate, "steps/s") for name, rate in steps.items()]
     gpt_pipeline = batches_per_second(gpt_data, 10 * BATCHES)
-    rows.append((f"shakespeare_gpt :cpu pipeline (batch {gpt_config.batch_size}x{gpt_config.data.block_size})", gpt_pipeline, "batches/s"))
+    rows.append(
+        (
+            f"shakespeare_gpt :cpu pipeline (batch {gpt_config.batch_size}x{gpt_config.data.block_size})",
+            gpt_pipeline,
+            "batches/s",
+        )
+    )
     rows += [(f"shakespeare_gpt :cpu {name}", rate, "steps/s") for name, rate in gpt_steps.items()]
     rows += [(name, seconds, "s") for name, seconds in missing_error_seconds(data_dir).items()]
     print(f"{'measure':66s} {'value':>10s}")

@@ -58,14 +58,23 @@ class GPT(nn.Module):
 class CNN(nn.Module):
     """research.models.cnn.CNN: conv3x3-ReLU-avgpool twice, dense-ReLU, dense."""
 
-    def __init__(self, in_channels: int = 1, conv_features=(64, 128), dense_features: int = 1000, classes: int = 10, image_size: int = 28):
+    def __init__(
+        self,
+        in_channels: int = 1,
+        conv_features=(64, 128),
+        dense_features: int = 1000,
+        classes: int = 10,
+        image_size: int = 28,
+    ):
         super().__init__()
         layers, channels = [], in_channels
         for features in conv_features:
             layers += [nn.Conv2d(channels, features, 3, padding=1), nn.ReLU(), nn.AvgPool2d(2)]
             channels, image_size = features, image_size // 2
         self.features = nn.Sequential(*layers, nn.Flatten())
-        self.classifier = nn.Sequential(nn.Linear(channels * image_size**2, dense_features), nn.ReLU(), nn.Linear(dense_features, classes))
+        self.classifier = nn.Sequential(
+            nn.Linear(channels * image_size**2, dense_features), nn.ReLU(), nn.Linear(dense_features, classes)
+        )
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.features(images))
@@ -128,7 +137,7 @@ def train_step_fn(model: nn.Module, optimizer: torch.optim.Optimizer, clip_norm:
 
 
 def make_gpt(vocab_size: int, length: int, num_layers: int, num_heads: int, width: int, learning_rate: float = 1e-3):
-    """(model, step): AdamW (b2 0.99, weight decay 0.1) with clipping at global norm 1, as experiments/shakespeare_gpt.py."""
+    """(model, step): AdamW (b2 0.99, weight decay 0.1), clipping at global norm 1: experiments/shakespeare_gpt.py's."""
     model = GPT(vocab_size, length, num_layers, num_heads, width)
     for name, parameter in model.named_parameters():  # GPT-2's init, as the Flax model
         if parameter.dim() == 2:

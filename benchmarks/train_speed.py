@@ -6,7 +6,8 @@
 
 For each model (the char-GPT at two sizes, the MNIST CNN, ResNet-20) three implementations of the
 same training step (same architecture, parameter count, batch and optimizer) run in one process:
-  trainer  the Setup's jitted step (research.steps.build), fed as the training loop feeds it (put_batch, metrics one step late)
+  trainer  the Setup's jitted step (research.steps.build), fed as the training loop feeds it
+           (put_batch, metrics one step late)
   jax      the same Flax model and optax optimizer in a minimal jax.jit loop (no framework)
   torch    a plain PyTorch eager reference (benchmarks/torch_models.py)
 They alternate: each repeat times `steps` steps of each in turn (who goes first rotates), and the table shows medians
@@ -29,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 
 from research import runtime  # noqa: E402
 
-runtime.configure_process()  # the XLA flags and allocator launch.py trains with (research/runtime.py), before JAX starts
+runtime.configure_process()  # launch.py's XLA flags and allocator (research/runtime.py), before JAX starts
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
@@ -58,8 +59,14 @@ class Model:
 
 
 def gpt_overrides(layers: int, heads: int, width: int, length: int, batch: int) -> dict:
-    return {"model.num_layers": layers, "model.num_heads": heads, "model.width": width, "data.block_size": length,
-            "batch_size": batch, "model.dropout_rate": 0.0}
+    return {
+        "model.num_layers": layers,
+        "model.num_heads": heads,
+        "model.width": width,
+        "data.block_size": length,
+        "batch_size": batch,
+        "model.dropout_rate": 0.0,
+    }
 
 
 MODELS = {
@@ -77,16 +84,22 @@ def config_of(model: Model):
 
 
 def host_batches(model: Model, config, seed: int = 0) -> list[dict[str, np.ndarray]]:
-    """Synthetic numpy batches in the experiment's format (GPT: inputs/targets/mask; classifiers: inputs/labels/mask)."""
+    """Synthetic numpy batches in the experiment's format: inputs, targets and mask (GPT), inputs, labels and
+    mask (classifiers)."""
     rng, batch = np.random.default_rng(seed), config.batch_size
     batches = []
     for _ in range(HOST_BATCHES):
         if model.experiment is shakespeare_gpt:
-            tokens = rng.integers(0, shakespeare_gpt.vocab_size(config), size=(batch, config.data.block_size + 1), dtype=np.int32)
+            tokens = rng.integers(
+                0, shakespeare_gpt.vocab_size(config), size=(batch, config.data.block_size + 1), dtype=np.int32
+            )
             example = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
         else:
             shape = (28, 28, 1) if model.experiment is mnist_cnn else (32, 32, 3)
-            example = {"inputs": rng.normal(size=(batch, *shape)).astype(np.float32), "labels": rng.integers(0, 10, batch).astype(np.int32)}
+            example = {
+                "inputs": rng.normal(size=(batch, *shape)).astype(np.float32),
+                "labels": rng.integers(0, 10, batch).astype(np.int32),
+            }
         batches.append(example | {"mask": np.ones(batch, np.float32)})
     return batches
 
@@ -133,24 +146,37 @@ def trainer_runner(model: Model, config, batches) -> Runner:
             window.finish_window(index + 1)
 
     parameters = sum(leaf.size for leaf in jax.tree.leaves(state.params))
-    return Runner(step, lambda: jax.block_until_ready(holder["state"]), compile_seconds, perf.xla_flops(compiled), parameters)
+    return Runner(
+        step, lambda: jax.block_until_ready(holder["state"]), compile_seconds, perf.xla_flops(compiled), parameters
+    )
 
 
 def minimal_jax_runner(model: Model, config, batches) -> Runner:
     """The same Flax model and optimizer in the shortest correct jax.jit loop."""
     flax_model = model.experiment.make_model(config)
     gpt = model.experiment is shakespeare_gpt
-    variables = dict(flax_model.init(jax.random.PRNGKey(0), batches[0]["inputs"], **({} if gpt or model.experiment is mnist_cnn else {"train": False})))
+    variables = dict(
+        flax_model.init(
+            jax.random.PRNGKey(0),
+            batches[0]["inputs"],
+            **({} if gpt or model.experiment is mnist_cnn else {"train": False}),
+        )
+    )
     params = variables.pop("params")
     if gpt:
-        tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(optax.warmup_cosine_decay_schedule(0.0, 1e-3, 100, 5000), b2=0.99, weight_decay=0.1))
+        tx = optax.chain(
+            optax.clip_by_global_norm(1.0),
+            optax.adamw(optax.warmup_cosine_decay_schedule(0.0, 1e-3, 100, 5000), b2=0.99, weight_decay=0.1),
+        )
     else:
         decay = optax.add_decayed_weights(1e-4) if model.experiment is cifar10_resnet else optax.identity()
         tx = optax.chain(decay, optax.sgd(0.1, momentum=0.9))
 
     def loss_fn(params, model_state, batch):
         if model_state:
-            logits, updated = flax_model.apply({"params": params, **model_state}, batch["inputs"], train=True, mutable=["batch_stats"])
+            logits, updated = flax_model.apply(
+                {"params": params, **model_state}, batch["inputs"], train=True, mutable=["batch_stats"]
+            )
         else:
             logits, updated = flax_model.apply({"params": params}, batch["inputs"]), model_state
         labels = batch["targets"] if gpt else batch["labels"]
@@ -178,19 +204,38 @@ def torch_runner(model: Model, config, batches) -> Runner:
     """benchmarks/torch_models.py's reference, eager."""
     torch.manual_seed(0)
     if model.experiment is shakespeare_gpt:
-        module, step_fn = torch_models.make_gpt(shakespeare_gpt.vocab_size(config), config.data.block_size, config.model.num_layers,
-                                                 config.model.num_heads, config.model.width)
-        tensors = [{"inputs": torch.from_numpy(b["inputs"]).long(), "targets": torch.from_numpy(b["targets"]).long()} for b in batches]
+        module, step_fn = torch_models.make_gpt(
+            shakespeare_gpt.vocab_size(config),
+            config.data.block_size,
+            config.model.num_layers,
+            config.model.num_heads,
+            config.model.width,
+        )
+        tensors = [
+            {"inputs": torch.from_numpy(b["inputs"]).long(), "targets": torch.from_numpy(b["targets"]).long()}
+            for b in batches
+        ]
     else:
         if model.experiment is mnist_cnn:
             network = torch_models.CNN(1, tuple(config.model.conv_features), config.model.dense_features)
             module, step_fn = torch_models.make_classifier(network)
         else:
-            module, step_fn = torch_models.make_classifier(torch_models.CifarResNet(config.model.depth, config.model.width), weight_decay=1e-4)
-        tensors = [{"inputs": torch.from_numpy(b["inputs"]).permute(0, 3, 1, 2).contiguous(), "targets": torch.from_numpy(b["labels"]).long()}
-                   for b in batches]
+            module, step_fn = torch_models.make_classifier(
+                torch_models.CifarResNet(config.model.depth, config.model.width), weight_decay=1e-4
+            )
+        tensors = [
+            {
+                "inputs": torch.from_numpy(b["inputs"]).permute(0, 3, 1, 2).contiguous(),
+                "targets": torch.from_numpy(b["labels"]).long(),
+            }
+            for b in batches
+        ]
     module.train()
-    return Runner(lambda index: step_fn(tensors[index % len(tensors)]), lambda: None, parameters=torch_models.parameter_count(module))
+    return Runner(
+        lambda index: step_fn(tensors[index % len(tensors)]),
+        lambda: None,
+        parameters=torch_models.parameter_count(module),
+    )
 
 
 RUNNERS = {"trainer": trainer_runner, "jax": minimal_jax_runner, "torch": torch_runner}
@@ -216,18 +261,26 @@ def benchmark_model(name: str, impls: list[str], steps: int, repeats: int, peak:
         time_steps(runner, 0, 2)
     times = {impl: [] for impl in impls}
     for repeat in range(repeats):
-        order = impls[repeat % len(impls):] + impls[:repeat % len(impls)]  # each goes first in turn
+        order = impls[repeat % len(impls) :] + impls[: repeat % len(impls)]  # each goes first in turn
         for impl in order:
             times[impl].append(time_steps(runners[impl], 2 + repeat * steps, steps))
     rows = []
     for impl, runner in runners.items():
         seconds = perf.median(times[impl])
-        rows.append({
-            "model": name, "impl": impl, "parameters": runner.parameters, "step_ms": seconds * 1e3,
-            "throughput": config.batch_size * model.tokens_per_example / seconds, "unit": "tok/s" if model.tokens_per_example > 1 else "ex/s",
-            "mfu": analytic / seconds / peak, "compile_s": runner.compile_seconds,
-            "xla_over_analytic": runner.xla_flops / analytic, "spread": (max(times[impl]) - min(times[impl])) / seconds,
-        })
+        rows.append(
+            {
+                "model": name,
+                "impl": impl,
+                "parameters": runner.parameters,
+                "step_ms": seconds * 1e3,
+                "throughput": config.batch_size * model.tokens_per_example / seconds,
+                "unit": "tok/s" if model.tokens_per_example > 1 else "ex/s",
+                "mfu": analytic / seconds / peak,
+                "compile_s": runner.compile_seconds,
+                "xla_over_analytic": runner.xla_flops / analytic,
+                "spread": (max(times[impl]) - min(times[impl])) / seconds,
+            }
+        )
     by_impl = {row["impl"]: row for row in rows}
     for row in rows:
         row["vs_torch"] = by_impl["torch"]["step_ms"] / row["step_ms"] if "torch" in by_impl else float("nan")
@@ -237,11 +290,15 @@ def benchmark_model(name: str, impls: list[str], steps: int, repeats: int, peak:
 
 def format_table(rows: list[dict]) -> str:
     """Markdown: one line per (model, implementation); ratios are throughput over torch's / minimal JAX's."""
-    lines = ["| model | impl | params | step ms | throughput | MFU | compile s | x torch | x jax | XLA/analytic FLOPs | spread |",
-             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    lines = [
+        "| model | impl | params | step ms | throughput | MFU | compile s | x torch | x jax "
+        "| XLA/analytic FLOPs | spread |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
     for row in rows:
         lines.append(
-            f"| {row['model']} | {row['impl']} | {row['parameters']:,} | {row['step_ms']:.1f} | {row['throughput']:,.0f} {row['unit']} | "
+            f"| {row['model']} | {row['impl']} | {row['parameters']:,} | {row['step_ms']:.1f} "
+            f"| {row['throughput']:,.0f} {row['unit']} | "
             f"{row['mfu']:.0%} | {row['compile_s']:.1f} | {row['vs_torch']:.2f} | {row['vs_jax']:.2f} | "
             f"{row['xla_over_analytic']:.3f} | {row['spread']:.0%} |"
         )
@@ -257,15 +314,17 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count())
     impls = args.impls.split(",")
-    print(f"jax {jax.__version__} on {jax.devices()[0].device_kind} x{jax.device_count()}, torch {torch.__version__} "
-          f"({torch.get_num_threads()} threads), {os.cpu_count()} CPUs, allocator {runtime.allocator_in_use()}; "
-          f"load average before: {os.getloadavg()}")
+    print(
+        f"jax {jax.__version__} on {jax.devices()[0].device_kind} x{jax.device_count()}, torch {torch.__version__} "
+        f"({torch.get_num_threads()} threads), {os.cpu_count()} CPUs, allocator {runtime.allocator_in_use()}; "
+        f"load average before: {os.getloadavg()}"
+    )
     peak = perf.measure_peak_flops()
     print(f"float32 matmul peak (jax, {perf.PEAK_MATMUL_SIZE}^2): {peak / 1e9:.0f} GFLOP/s")
     rows = []
     for name in args.models.split(","):
         rows += benchmark_model(name, impls, args.steps or MODELS[name].steps, args.repeats, peak)
-        print("\n".join(format_table(rows).splitlines()[-len(impls):]), flush=True)
+        print("\n".join(format_table(rows).splitlines()[-len(impls) :]), flush=True)
     print(format_table(rows))
     print(f"load average after: {os.getloadavg()}; spread = (max - min) / median of the repeats' step times")
 

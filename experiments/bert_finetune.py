@@ -28,8 +28,10 @@ from research.data import mlm, pipeline, shakespeare_acceptability, shakespeare_
 from research.models.bert import BertClassifier, BertClozeClassifier
 
 init_variables = mlm.init_variables  # the contract's hook: the model initialised with its padding mask
-CLASS_NAMES = {"shakespeare_speakers": shakespeare_speakers.SPEAKER_NAMES,
-               "shakespeare_acceptability": shakespeare_acceptability.LABEL_NAMES}
+CLASS_NAMES = {
+    "shakespeare_speakers": shakespeare_speakers.SPEAKER_NAMES,
+    "shakespeare_acceptability": shakespeare_acceptability.LABEL_NAMES,
+}
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -42,19 +44,37 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.model.head = "pooler"  # BERT's pooler and a new dense layer; or "cloze" (see the docstring)
     # Adam's defaults (beta2 0.999); the encoder's steps scaled by `scale` (discriminative fine-tuning).
     config.optimizer.kwargs = ml_collections.ConfigDict({"scale": 1.0})
-    config.init_from.include = r"^(encoder|mlm_|pooler)"  # the encoder, and the heads the model shares with pre-training
-    config.update_from_flattened_dict({
-        "optimizer.name": "discriminative_adam", "optimizer.learning_rate": 1e-4, "optimizer.weight_decay": 0.01,
-        "num_steps": 1000, "batch_size": 32, "eval_batch_size": 64, "eval_every": 200, "log_every": 20,
-        "checkpoint.every_steps": 500,
-    })
+    config.init_from.include = (
+        r"^(encoder|mlm_|pooler)"  # the encoder, and the heads the model shares with pre-training
+    )
+    config.update_from_flattened_dict(
+        {
+            "optimizer.name": "discriminative_adam",
+            "optimizer.learning_rate": 1e-4,
+            "optimizer.weight_decay": 0.01,
+            "num_steps": 1000,
+            "batch_size": 32,
+            "eval_batch_size": 64,
+            "eval_every": 200,
+            "log_every": 20,
+            "checkpoint.every_steps": 500,
+        }
+    )
     cpu = {  # warm-up, then cosine decay; every evaluation saved, the best by validation accuracy kept
-        "num_steps": 250, "eval_every": 25, "optimizer.learning_rate": 3e-4,
-        "optimizer.schedule.name": "warmup_cosine", "optimizer.schedule.warmup_steps": 25,
-        "optimizer.schedule.final_fraction": 0.1, "checkpoint.best_metric": "eval/accuracy",
+        "num_steps": 250,
+        "eval_every": 25,
+        "optimizer.learning_rate": 3e-4,
+        "optimizer.schedule.name": "warmup_cosine",
+        "optimizer.schedule.warmup_steps": 25,
+        "optimizer.schedule.final_fraction": 0.1,
+        "checkpoint.best_metric": "eval/accuracy",
     }
     smoke = {  # 64 speeches, 15 passes over them: the loss must fall as the model fits them
-        "data.max_train_examples": 64, "num_steps": 60, "batch_size": 16, "eval_every": 0, "log_every": 10,
+        "data.max_train_examples": 64,
+        "num_steps": 60,
+        "batch_size": 16,
+        "eval_every": 0,
+        "log_every": 10,
         "optimizer.learning_rate": 3e-3,
     }
     config.update_from_flattened_dict(choose(arg, {None: {}, "cpu": cpu, "smoke": smoke}))
@@ -72,7 +92,9 @@ def prompt(config: ml_collections.ConfigDict) -> np.ndarray:
 
 def class_names(config: ml_collections.ConfigDict) -> list[str]:
     if config.data.name not in CLASS_NAMES:
-        raise ConfigError(f"bert_finetune has no classes for data.name={config.data.name!r}: use one of {', '.join(CLASS_NAMES)}")
+        raise ConfigError(
+            f"bert_finetune has no classes for data.name={config.data.name!r}: use one of {', '.join(CLASS_NAMES)}"
+        )
     return CLASS_NAMES[config.data.name]
 
 
@@ -82,8 +104,10 @@ def label_ids(config: ml_collections.ConfigDict) -> tuple[int, ...]:
         raise ConfigError("model.head=cloze reads a speaker's name: it needs data.name=shakespeare_speakers")
     firsts = tuple(int(mlm.encode(config, name)[0]) for name in shakespeare_speakers.SPEAKER_NAMES)
     if len(set(firsts)) != len(firsts):
-        raise ConfigError(f"speaker names share a first piece under a {config.tokenizer.vocab_size}-piece vocabulary: "
-                          "use model.head=pooler or another tokenizer.vocab_size")
+        raise ConfigError(
+            f"speaker names share a first piece under a {config.tokenizer.vocab_size}-piece vocabulary: "
+            "use model.head=pooler or another tokenizer.vocab_size"
+        )
     return firsts
 
 
@@ -99,9 +123,11 @@ def encode(record, config: ml_collections.ConfigDict) -> dict[str, np.ndarray]:
 
 
 def make_data(config: ml_collections.ConfigDict, split: str):
-    """Encoded speeches (at most 1,032, held in memory): shuffled endless batches for training, one padded pass otherwise."""
+    """Encoded speeches (at most 1,032, held in memory): shuffled endless batches for training, else one padded pass."""
     columns = pipeline.load_columns(pipeline.tfds_source(config.data.name, split, data_dir=config.data_dir))
-    examples = [encode(dict(text=value, label=label), config) for value, label in zip(columns["text"], columns["label"])]
+    examples = [
+        encode(dict(text=value, label=label), config) for value, label in zip(columns["text"], columns["label"])
+    ]
     stacked = {key: np.stack([example[key] for example in examples]) for key in examples[0]}
     if split == "train":
         stacked = {key: column[: config.data.max_train_examples or None] for key, column in stacked.items()}
@@ -112,12 +138,20 @@ def make_data(config: ml_collections.ConfigDict, split: str):
 def make_model(config: ml_collections.ConfigDict) -> nn.Module:
     if config.model.head == "cloze":  # the [MASK] slot's position: after [CLS], where the prompt has it
         slot = 1 + int(np.flatnonzero(prompt(config) == mlm.special_ids(config)["mask"])[0])
-        return BertClozeClassifier(encoder=mlm.make_encoder(config), tie_embeddings=config.model.tie_embeddings,
-                                   position=slot, label_ids=label_ids(config))
+        return BertClozeClassifier(
+            encoder=mlm.make_encoder(config),
+            tie_embeddings=config.model.tie_embeddings,
+            position=slot,
+            label_ids=label_ids(config),
+        )
     if config.model.head != "pooler":
         raise ConfigError(f"model.head must be 'pooler' or 'cloze', not {config.model.head!r}")
-    return BertClassifier(encoder=mlm.make_encoder(config), num_classes=len(class_names(config)),
-                          dropout_rate=config.model.classifier_dropout_rate, pooling=config.model.pooling)
+    return BertClassifier(
+        encoder=mlm.make_encoder(config),
+        num_classes=len(class_names(config)),
+        dropout_rate=config.model.classifier_dropout_rate,
+        pooling=config.model.pooling,
+    )
 
 
 def loss_fn(params, batch, rng, *, model):

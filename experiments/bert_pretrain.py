@@ -30,25 +30,47 @@ init_variables = mlm.init_variables  # the contract's hook: the model initialise
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     """A 4-layer, 256-wide encoder (GPU); `:cpu` 2 layers of 128; `:smoke` 1 of 32."""
     config = trainer_config()
-    config.data = ml_collections.ConfigDict({
-        "name": "tiny_shakespeare",
-        "max_eval_windows": 0,  # 0: every window
-        "mask_rate": 0.15,  # the share of each window's pieces to predict (BERT's 15%)
-        "whole_word_masking": False,  # True: predict every piece of the chosen words (text.mask_tokens)
-    })
+    config.data = ml_collections.ConfigDict(
+        {
+            "name": "tiny_shakespeare",
+            "max_eval_windows": 0,  # 0: every window
+            "mask_rate": 0.15,  # the share of each window's pieces to predict (BERT's 15%)
+            "whole_word_masking": False,  # True: predict every piece of the chosen words (text.mask_tokens)
+        }
+    )
     config.update(mlm.encoder_config(arg))  # the tokenizer and model sections, shared with bert_finetune
     config.optimizer.kwargs.b2 = 0.99
-    config.update_from_flattened_dict({
-        "optimizer.name": "adam", "optimizer.learning_rate": 1e-3, "optimizer.weight_decay": 0.01,
-        "num_steps": 10000, "batch_size": 64, "eval_batch_size": 64, "eval_every": 1000, "checkpoint.every_steps": 1000,
-    })
+    config.update_from_flattened_dict(
+        {
+            "optimizer.name": "adam",
+            "optimizer.learning_rate": 1e-3,
+            "optimizer.weight_decay": 0.01,
+            "num_steps": 10000,
+            "batch_size": 64,
+            "eval_batch_size": 64,
+            "eval_every": 1000,
+            "checkpoint.every_steps": 1000,
+        }
+    )
     cpu = {
-        "num_steps": 6400, "batch_size": 32, "eval_every": 1600, "checkpoint.every_steps": 1600,
-        "optimizer.learning_rate": 2e-3, "optimizer.schedule.name": "warmup_cosine", "optimizer.schedule.warmup_steps": 100,
+        "num_steps": 6400,
+        "batch_size": 32,
+        "eval_every": 1600,
+        "checkpoint.every_steps": 1600,
+        "optimizer.learning_rate": 2e-3,
+        "optimizer.schedule.name": "warmup_cosine",
+        "optimizer.schedule.warmup_steps": 100,
         "optimizer.schedule.final_fraction": 0.05,
         "data.mask_rate": 0.4,  # 2.7x the predictions per step of 15% (Wettig et al. 2023)
     }
-    smoke = {"data.max_eval_windows": 64, "num_steps": 100, "batch_size": 16, "eval_every": 0, "log_every": 10, "optimizer.learning_rate": 3e-3}
+    smoke = {
+        "data.max_eval_windows": 64,
+        "num_steps": 100,
+        "batch_size": 16,
+        "eval_every": 0,
+        "log_every": 10,
+        "optimizer.learning_rate": 3e-3,
+    }
     config.update_from_flattened_dict(choose(arg, {None: {}, "cpu": cpu, "smoke": smoke}))
     return config
 

@@ -24,59 +24,77 @@ import numpy as np
 from research import metrics, perf
 from research.config import choose, trainer_config
 from research.data import augment, pipeline
+from research.experiment import Reference
 from research.models import compute_dtype
 from research.models.resnet import CifarResNet
-from research.experiment import Reference
 
 SYNTHETIC = "synthetic"  # data.name of the smoke config: generated in memory, no files needed
 
 # He et al. 2016, Table 6 (test error 8.75 / 7.51 / 6.97 %); needs the data and a GPU.
 REFERENCES = tuple(
-    Reference(config=None, metric="test/accuracy", published=accuracy, tolerance=0.005, better="max",
-              source=f"He et al. 2016, Table 6, ResNet-{depth}", overrides=(("model.depth", depth),))
+    Reference(
+        config=None,
+        metric="test/accuracy",
+        published=accuracy,
+        tolerance=0.005,
+        better="max",
+        source=f"He et al. 2016, Table 6, ResNet-{depth}",
+        overrides=(("model.depth", depth),),
+    )
     for depth, accuracy in ((20, 0.9125), (32, 0.9249), (56, 0.9303))
 )
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config = trainer_config()
-    config.data = ml_collections.ConfigDict({
-        "name": "cifar10",
-        "splits": {"train": "train[:90%]", "validation": "train[90%:]", "test": "test"},  # He et al.'s 45k/5k
-        "synthetic_size": 0,  # examples per split when name is "synthetic"
-    })
-    config.model = ml_collections.ConfigDict({"depth": 20, "width": 16, "dtype": "float32"})  # compute dtype; bfloat16: mixed precision
-    config.update_from_flattened_dict({
-        "num_steps": 64000,
-        "batch_size": 128,
-        "eval_every": 2000,
-        "log_every": 100,
-        "optimizer.name": "momentum",
-        "optimizer.kwargs.momentum": 0.9,
-        "optimizer.l2_penalty": 1e-4,
-        "optimizer.schedule.name": "piecewise",
-        "optimizer.schedule.boundaries": (32000, 48000),
-        "optimizer.schedule.factors": (0.1, 0.1),
-        "optimizer.learning_rate": 0.1,
-        "checkpoint.every_minutes": 10.0,
-    })
-    config.update_from_flattened_dict(choose(arg, {
-        None: {},
-        "cpu": {"num_steps": 700, "batch_size": 64, "eval_every": 350, "log_every": 50},
-        "smoke": {
-            "data.name": SYNTHETIC,
-            "data.synthetic_size": 256,
-            "model.depth": 8,
-            "model.width": 8,
-            "num_steps": 30,
-            "batch_size": 32,
-            "eval_batch_size": 64,
-            "eval_every": 0,
-            "log_every": 5,
-            "optimizer.learning_rate": 0.05,
-            "checkpoint.every_minutes": 0.0,
-        },
-    }))
+    config.data = ml_collections.ConfigDict(
+        {
+            "name": "cifar10",
+            "splits": {"train": "train[:90%]", "validation": "train[90%:]", "test": "test"},  # He et al.'s 45k/5k
+            "synthetic_size": 0,  # examples per split when name is "synthetic"
+        }
+    )
+    config.model = ml_collections.ConfigDict(
+        {"depth": 20, "width": 16, "dtype": "float32"}
+    )  # compute dtype; bfloat16: mixed precision
+    config.update_from_flattened_dict(
+        {
+            "num_steps": 64000,
+            "batch_size": 128,
+            "eval_every": 2000,
+            "log_every": 100,
+            "optimizer.name": "momentum",
+            "optimizer.kwargs.momentum": 0.9,
+            "optimizer.l2_penalty": 1e-4,
+            "optimizer.schedule.name": "piecewise",
+            "optimizer.schedule.boundaries": (32000, 48000),
+            "optimizer.schedule.factors": (0.1, 0.1),
+            "optimizer.learning_rate": 0.1,
+            "checkpoint.every_minutes": 10.0,
+        }
+    )
+    config.update_from_flattened_dict(
+        choose(
+            arg,
+            {
+                None: {},
+                "cpu": {"num_steps": 700, "batch_size": 64, "eval_every": 350, "log_every": 50},
+                "smoke": {
+                    "data.name": SYNTHETIC,
+                    "data.synthetic_size": 256,
+                    "model.depth": 8,
+                    "model.width": 8,
+                    "num_steps": 30,
+                    "batch_size": 32,
+                    "eval_batch_size": 64,
+                    "eval_every": 0,
+                    "log_every": 5,
+                    "optimizer.learning_rate": 0.05,
+                    "checkpoint.every_minutes": 0.0,
+                },
+            },
+        )
+    )
     return config
 
 
@@ -91,12 +109,11 @@ def synthetic_source(size: int, split: str) -> list[dict[str, np.ndarray]]:
 
 
 def make_data(config: ml_collections.ConfigDict, split: str):
-    if config.data.name == SYNTHETIC:
-        source = synthetic_source(config.data.synthetic_size, split)
-    else:
-        source = pipeline.tfds_source(config.data.name, config.data.splits[split], data_dir=config.data_dir)
-    return pipeline.labelled_batches(source, split, batch_size=config.batch_size, eval_batch_size=config.eval_batch_size, seed=config.seed,
-                                     transform=augment.cifar_eval_transform, random_transform=augment.cifar_train_transform)
+    synthetic = synthetic_source(config.data.synthetic_size, split) if config.data.name == SYNTHETIC else None
+    crop_and_flip = augment.cifar_train_transform
+    return pipeline.labelled_batches(
+        config, split, transform=augment.cifar_eval_transform, random_transform=crop_and_flip, source=synthetic
+    )
 
 
 def make_model(config: ml_collections.ConfigDict) -> nn.Module:
@@ -120,7 +137,9 @@ def loss_fn(params, batch, rng, *, model, model_state) -> tuple[jax.Array, dict]
         logits_BxK, new_model_state = model.apply(variables, batch["inputs"], train=False), model_state
     else:
         logits_BxK, new_model_state = model.apply(variables, batch["inputs"], train=True, mutable=["batch_stats"])
-    cross_entropy, aux = metrics.classification_loss(logits_BxK, batch["labels"], batch["mask"])  # optimizer.l2_penalty adds the weight decay
+    cross_entropy, aux = metrics.classification_loss(
+        logits_BxK, batch["labels"], batch["mask"]
+    )  # optimizer.l2_penalty adds the weight decay
     return cross_entropy, aux | {"model_state": new_model_state}
 
 

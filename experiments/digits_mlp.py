@@ -10,6 +10,8 @@ under a minute on a 2-core CPU.
     --config.optimizer.schedule.name=warmup_cosine --config.optimizer.schedule.warmup_steps=100
 """
 
+import functools
+
 import flax.linen as nn
 import ml_collections
 
@@ -22,41 +24,63 @@ from research.models.mlp import MLP
 MAX_PIXEL = 16.0  # optdigits pixels count set bits in a 4x4 block: 0..16
 
 REFERENCES = (
-    Reference(config=None, metric="test/accuracy", published=0.96, tolerance=0.01, better="max",
-              source="this repository: 0.957 / 0.963 / 0.958 for seeds 0 / 1 / 2 (docstring)"),
-    Reference(config="smoke", metric="test/accuracy", published=0.93, tolerance=0.03, better="max",
-              source="this repository's smoke run (a regression guard)"),
+    Reference(
+        config=None,
+        metric="test/accuracy",
+        published=0.96,
+        tolerance=0.01,
+        better="max",
+        source="this repository: 0.957 / 0.963 / 0.958 for seeds 0 / 1 / 2 (docstring)",
+    ),
+    Reference(
+        config="smoke",
+        metric="test/accuracy",
+        published=0.93,
+        tolerance=0.03,
+        better="max",
+        source="this repository's smoke run (a regression guard)",
+    ),
 )
 # A workload of the optimizer benchmark (--bench_optimizer): steps to 95% validation accuracy.
-BENCHMARK = Workload(metric="accuracy", target=0.95, mode="max", eval_every=50, budget=2000,
-                     baseline_learning_rates=(("adamw", 3e-3), ("momentum", 0.05)))
+BENCHMARK = Workload(
+    metric="accuracy",
+    target=0.95,
+    mode="max",
+    eval_every=50,
+    budget=2000,
+    baseline_learning_rates=(("adamw", 3e-3), ("momentum", 0.05)),
+)
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config = trainer_config()
-    config.data = ml_collections.ConfigDict({
-        "name": "optdigits",
-        # The last 10% of the official training split is held out for periodic evaluation.
-        "splits": {"train": "train[:90%]", "validation": "train[90%:]", "test": "test"},
-    })
+    config.data = ml_collections.ConfigDict(
+        {
+            "name": "optdigits",
+            # The last 10% of the official training split is held out for periodic evaluation.
+            "splits": {"train": "train[:90%]", "validation": "train[90%:]", "test": "test"},
+        }
+    )
     config.model = ml_collections.ConfigDict({"features": (64, 32, 10)})
-    config.update_from_flattened_dict({
-        "num_steps": 2000,
-        "batch_size": 64,
-        "eval_every": 500,
-        "optimizer.name": "adam",
-        "optimizer.learning_rate": 3e-3,
-        "optimizer.schedule.name": "constant",
-    })
+    config.update_from_flattened_dict(
+        {
+            "num_steps": 2000,
+            "batch_size": 64,
+            "eval_every": 500,
+            "optimizer.name": "adam",
+            "optimizer.learning_rate": 3e-3,
+            "optimizer.schedule.name": "constant",
+        }
+    )
     config.update_from_flattened_dict(choose(arg, {None: {}, "smoke": {"num_steps": 200, "eval_every": 100}}))
     return config
 
 
 def make_data(config: ml_collections.ConfigDict, split: str):
-    """3.4k training examples held in memory and gathered a batch at a time (faster than the step); padded eval batches."""
-    source = pipeline.tfds_source(config.data.name, config.data.splits[split], data_dir=config.data_dir)
-    return pipeline.labelled_batches(source, split, batch_size=config.batch_size, eval_batch_size=config.eval_batch_size,
-                                     seed=config.seed, transform=lambda record: augment.pixels(record, scale=MAX_PIXEL, flat=True))
+    """3.4k training examples held in memory, gathered a batch at a time (faster than the step); padded eval batches."""
+    return pipeline.labelled_batches(
+        config, split, transform=functools.partial(augment.pixels, scale=MAX_PIXEL, flat=True)
+    )
 
 
 def make_model(config: ml_collections.ConfigDict) -> nn.Module:

@@ -20,32 +20,48 @@ SPLIT_SEEDS = {"train": 0, "validation": 1, "test": 2}
 
 # The data's generating line is the published truth.
 REFERENCES = tuple(
-    Reference(config=config, metric=f"test/{name}", published=value, tolerance=tolerance, source="the data: y = 3x + 2 + noise")
+    Reference(
+        config=config,
+        metric=f"test/{name}",
+        published=value,
+        tolerance=tolerance,
+        source="the data: y = 3x + 2 + noise",
+    )
     for config, tolerance in ((None, 0.01), ("smoke", 0.05))
     for name, value in (("slope", 3.0), ("intercept", 2.0))
 )
 # A workload of the optimizer benchmark (--bench_optimizer): steps to a validation MSE near the noise variance.
-BENCHMARK = Workload(metric="mse", target=0.0125, mode="min", eval_every=10, budget=500,
-                     baseline_learning_rates=(("adamw", 0.1), ("momentum", 0.05)))
+BENCHMARK = Workload(
+    metric="mse",
+    target=0.0125,
+    mode="min",
+    eval_every=10,
+    budget=500,
+    baseline_learning_rates=(("adamw", 0.1), ("momentum", 0.05)),
+)
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config = trainer_config()
-    config.data = ml_collections.ConfigDict({
-        "slope": 3.0,
-        "intercept": 2.0,
-        "noise_std": 0.1,
-        "sizes": {"train": 1000, "validation": 200, "test": 200},
-        "seed": 0,  # the samples themselves; config.seed orders them
-    })
-    config.update_from_flattened_dict({
-        "num_steps": 300,
-        "batch_size": 32,
-        "eval_every": 100,
-        "optimizer.name": "sgd",
-        "optimizer.learning_rate": 0.1,
-        "optimizer.schedule.name": "constant",
-    })
+    config.data = ml_collections.ConfigDict(
+        {
+            "slope": 3.0,
+            "intercept": 2.0,
+            "noise_std": 0.1,
+            "sizes": {"train": 1000, "validation": 200, "test": 200},
+            "seed": 0,  # the samples themselves; config.seed orders them
+        }
+    )
+    config.update_from_flattened_dict(
+        {
+            "num_steps": 300,
+            "batch_size": 32,
+            "eval_every": 100,
+            "optimizer.name": "sgd",
+            "optimizer.learning_rate": 0.1,
+            "optimizer.schedule.name": "constant",
+        }
+    )
     config.update_from_flattened_dict(choose(arg, {None: {}, "smoke": {"num_steps": 100, "log_every": 25}}))
     return config
 

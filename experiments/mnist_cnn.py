@@ -13,51 +13,67 @@ the shifts 4,500 images overfit: 0.970-0.977 by the seed). `:smoke` (a reduced m
 ~0.57 on 256 test images.
 """
 
-import functools
-
 import flax.linen as nn
 import ml_collections
 
 from research import metrics, perf
 from research.config import choose, trainer_config
-from research.data import augment, mnist, pipeline
+from research.data import mnist
 from research.models import compute_dtype
 from research.models.cnn import CNN
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config = trainer_config()
-    config.data = ml_collections.ConfigDict({
-        "name": "mnist",  # the full official split, or the shipped 5k subset offline (said once)
-        "splits": mnist.SPLITS,
-        "max_shift": 0,  # >0: training images move by up to this many pixels each way, at random
-    })
-    config.model = ml_collections.ConfigDict({"conv_features": (64, 128), "dense_features": 1000, "pooling": "avg",
-                                               "dtype": "float32"})  # compute dtype; bfloat16: mixed precision
-    config.update_from_flattened_dict({  # 10 epochs of 54,000 images at batch 128
-        "num_steps": 3800, "batch_size": 128, "eval_every": 380, "log_every": 50,
-        "optimizer.name": "momentum", "optimizer.kwargs.momentum": 0.9, "optimizer.learning_rate": 0.1,
-    })
+    config.data = ml_collections.ConfigDict(
+        {
+            "name": "mnist",  # the full official split, or the shipped 5k subset offline (said once)
+            "splits": mnist.SPLITS,
+            "max_shift": 0,  # >0: training images move by up to this many pixels each way, at random
+        }
+    )
+    config.model = ml_collections.ConfigDict(
+        {"conv_features": (64, 128), "dense_features": 1000, "pooling": "avg", "dtype": "float32"}
+    )  # compute dtype; bfloat16: mixed precision
+    config.update_from_flattened_dict(
+        {  # 10 epochs of 54,000 images at batch 128
+            "num_steps": 3800,
+            "batch_size": 128,
+            "eval_every": 380,
+            "log_every": 50,
+            "optimizer.name": "momentum",
+            "optimizer.kwargs.momentum": 0.9,
+            "optimizer.learning_rate": 0.1,
+        }
+    )
     # 4,500 images / 128 = 35 steps an epoch: 15 epochs.
     cpu = mnist.OFFLINE | {"data.max_shift": 2, "num_steps": 525, "eval_every": 175, "log_every": 35}
-    smoke = mnist.SMOKE | {"model.conv_features": (8, 16), "model.dense_features": 32, "num_steps": 30, "batch_size": 32,
-                           "eval_every": 0, "log_every": 5, "optimizer.learning_rate": 0.05}
+    smoke = mnist.SMOKE | {
+        "model.conv_features": (8, 16),
+        "model.dense_features": 32,
+        "num_steps": 30,
+        "batch_size": 32,
+        "eval_every": 0,
+        "log_every": 5,
+        "optimizer.learning_rate": 0.05,
+    }
     config.update_from_flattened_dict(choose(arg, {None: {}, "cpu": cpu, "smoke": smoke}))
     return config
 
 
 def make_data(config: ml_collections.ConfigDict, split: str):
-    """In-memory batches, or with `max_shift` per-example random shifts (a few ms a batch, well under a step)."""
-    source = pipeline.tfds_source(config.data.name, config.data.splits[split], data_dir=config.data_dir)
-    shift = functools.partial(augment.random_shift, max_shift=config.data.max_shift, scale=mnist.MAX_PIXEL) if config.data.max_shift else None
-    return pipeline.labelled_batches(source, split, batch_size=config.batch_size, eval_batch_size=config.eval_batch_size, seed=config.seed,
-                                     transform=lambda record: augment.pixels(record, scale=mnist.MAX_PIXEL, flat=False), random_transform=shift)
+    """In-memory batches, or with `data.max_shift` per-example random shifts (ms a batch, well under a step)."""
+    return mnist.batches(config, split, flat=False, max_shift=config.data.max_shift)
 
 
 def make_model(config: ml_collections.ConfigDict) -> nn.Module:
     model = config.model
-    return CNN(conv_features=tuple(model.conv_features), dense_features=model.dense_features, pooling=model.pooling,
-               dtype=compute_dtype(model.dtype))
+    return CNN(
+        conv_features=tuple(model.conv_features),
+        dense_features=model.dense_features,
+        pooling=model.pooling,
+        dtype=compute_dtype(model.dtype),
+    )
 
 
 def flops_per_example(config: ml_collections.ConfigDict) -> float:
@@ -71,4 +87,6 @@ def loss_fn(params, batch, rng, *, model):
 
 
 def eval_fn(params, batch, *, model) -> dict[str, metrics.Metric]:
-    return metrics.classification_metrics(model.apply({"params": params}, batch["inputs"]), batch["labels"], batch["mask"])
+    return metrics.classification_metrics(
+        model.apply({"params": params}, batch["inputs"]), batch["labels"], batch["mask"]
+    )

@@ -18,16 +18,28 @@ import ml_collections
 
 from research import metrics
 from research.config import choose, trainer_config
-from research.data import augment, mnist, pipeline
+from research.data import mnist
 from research.experiment import Reference
 from research.models.mlp import MLP
 
 # The paper reports curves, not accuracies: these are this repository's measured numbers, regression guards.
 REFERENCES = (
-    Reference(config="cpu", metric="test/accuracy", published=0.907, tolerance=0.01, better="max",
-              source="this repository, :cpu measured 2026-11-23 (docs/results.md)"),
-    Reference(config="smoke", metric="test/accuracy", published=0.80, tolerance=0.05, better="max",
-              source="this repository's smoke run (a regression guard)"),
+    Reference(
+        config="cpu",
+        metric="test/accuracy",
+        published=0.907,
+        tolerance=0.01,
+        better="max",
+        source="this repository, :cpu measured 2026-11-23 (docs/results.md)",
+    ),
+    Reference(
+        config="smoke",
+        metric="test/accuracy",
+        published=0.80,
+        tolerance=0.05,
+        better="max",
+        source="this repository's smoke run (a regression guard)",
+    ),
 )
 
 
@@ -35,19 +47,29 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config = trainer_config()
     config.data = ml_collections.ConfigDict({"name": "mnist", "splits": mnist.SPLITS})  # the full official split
     config.model = ml_collections.ConfigDict({"num_classes": 10})
-    config.update_from_flattened_dict({  # the paper's minibatch and Adam; 45 epochs of 54,000 images
-        "num_steps": 18990, "batch_size": 128, "eval_every": 4220, "optimizer.name": "adam", "optimizer.learning_rate": 1e-3,
-    })
+    config.update_from_flattened_dict(
+        {  # the paper's minibatch and Adam; 45 epochs of 54,000 images
+            "num_steps": 18990,
+            "batch_size": 128,
+            "eval_every": 4220,
+            "optimizer.name": "adam",
+            "optimizer.learning_rate": 1e-3,
+        }
+    )
     cpu = mnist.OFFLINE | {"num_steps": 1575, "eval_every": 525, "log_every": 35}  # 45 epochs of 4,500 images
-    smoke = mnist.SMOKE | {"num_steps": 30, "batch_size": 32, "eval_every": 0, "log_every": 5, "optimizer.learning_rate": 3e-3}
+    smoke = mnist.SMOKE | {
+        "num_steps": 30,
+        "batch_size": 32,
+        "eval_every": 0,
+        "log_every": 5,
+        "optimizer.learning_rate": 3e-3,
+    }
     config.update_from_flattened_dict(choose(arg, {None: {}, "cpu": cpu, "smoke": smoke}))
     return config
 
 
 def make_data(config: ml_collections.ConfigDict, split: str):
-    source = pipeline.tfds_source(config.data.name, config.data.splits[split], data_dir=config.data_dir)
-    return pipeline.labelled_batches(source, split, batch_size=config.batch_size, eval_batch_size=config.eval_batch_size,
-                                     seed=config.seed, transform=lambda record: augment.pixels(record, scale=mnist.MAX_PIXEL, flat=True))
+    return mnist.batches(config, split, flat=True)
 
 
 def make_model(config: ml_collections.ConfigDict) -> nn.Module:
@@ -60,4 +82,6 @@ def loss_fn(params, batch, rng, *, model):
 
 
 def eval_fn(params, batch, *, model) -> dict[str, metrics.Metric]:
-    return metrics.classification_metrics(model.apply({"params": params}, batch["inputs"]), batch["labels"], batch["mask"])
+    return metrics.classification_metrics(
+        model.apply({"params": params}, batch["inputs"]), batch["labels"], batch["mask"]
+    )

@@ -18,55 +18,104 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 
 from research import metrics, perf
 from research.config import choose, trainer_config
 from research.data import text
 from research.experiment import Reference
-from research.models import compute_dtype, param_count
+from research.models import apply_with_dropout, compute_dtype, param_count
 from research.models.gpt import GPT
 
 NANOGPT = "nanoGPT README (github.com/karpathy/nanoGPT), shakespeare_char"
 REFERENCES = (
-    Reference(config=None, metric="eval/loss", published=1.47, tolerance=0.03, better="min", source=NANOGPT + ", one GPU"),
-    Reference(config="cpu", metric="eval/loss", published=1.88, tolerance=0.05, better="min", source=NANOGPT + ", CPU run (~1.88)"),
-    Reference(config="smoke", metric="eval/loss", published=2.9, tolerance=0.15, better="min",
-              source="this repository's smoke run (a regression guard, not a paper number)"),
+    Reference(
+        config=None, metric="eval/loss", published=1.47, tolerance=0.03, better="min", source=NANOGPT + ", one GPU"
+    ),
+    Reference(
+        config="cpu",
+        metric="eval/loss",
+        published=1.88,
+        tolerance=0.05,
+        better="min",
+        source=NANOGPT + ", CPU run (~1.88)",
+    ),
+    Reference(
+        config="smoke",
+        metric="eval/loss",
+        published=2.9,
+        tolerance=0.15,
+        better="min",
+        source="this repository's smoke run (a regression guard, not a paper number)",
+    ),
 )
+
+
+CPU = {  # nanoGPT's README CPU run
+    "data.block_size": 64,
+    "model.num_layers": 4,
+    "model.num_heads": 4,
+    "model.width": 128,
+    "model.dropout_rate": 0.0,
+    "num_steps": 2000,
+    "batch_size": 12,
+    "eval_every": 500,
+}
+SMOKE = {
+    "data.block_size": 32,
+    "data.max_eval_windows": 64,
+    "model.num_layers": 1,
+    "model.num_heads": 2,
+    "model.width": 64,
+    "model.dropout_rate": 0.0,
+    "num_steps": 150,
+    "batch_size": 16,
+    "eval_every": 0,
+    "log_every": 10,
+    "optimizer.learning_rate": 1e-2,
+    "optimizer.schedule.warmup_steps": 10,
+}
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     """nanoGPT's shakespeare_char GPU config; `:cpu` its CPU run, `:smoke` a few seconds."""
     config = trainer_config()
-    config.data = ml_collections.ConfigDict({
-        "name": "tiny_shakespeare",
-        "block_size": 256,  # characters per window, the model's context
-        "max_eval_windows": 0,  # 0: the whole validation / test text; >0: only its first N windows
-    })
-    config.model = ml_collections.ConfigDict({
-        "num_layers": 6, "num_heads": 6, "width": 384, "dropout_rate": 0.2, "use_bias": False,
-        "dtype": "float32", "remat": "none",  # compute dtype (bfloat16: mixed precision); transformer.REMAT_POLICIES
-    })
+    config.data = ml_collections.ConfigDict(
+        {
+            "name": "tiny_shakespeare",
+            "block_size": 256,  # characters per window, the model's context
+            "max_eval_windows": 0,  # 0: the whole validation / test text; >0: only its first N windows
+        }
+    )
+    config.model = ml_collections.ConfigDict(
+        {
+            "num_layers": 6,
+            "num_heads": 6,
+            "width": 384,
+            "dropout_rate": 0.2,
+            "use_bias": False,
+            "dtype": "float32",
+            "remat": "none",  # compute dtype (bfloat16: mixed precision); transformer.REMAT_POLICIES
+        }
+    )
     config.optimizer.kwargs.b2 = 0.99
-    config.update_from_flattened_dict({  # nanoGPT's optimizer: AdamW, warm-up then cosine to lr/10, clipping
-        "optimizer.name": "adam", "optimizer.learning_rate": 1e-3,
-        "optimizer.weight_decay": 0.1,  # decoupled, on weights and embeddings, not biases or norms
-        "optimizer.clip_global_norm": 1.0,
-        "optimizer.schedule.name": "warmup_cosine", "optimizer.schedule.warmup_steps": 100, "optimizer.schedule.final_fraction": 0.1,
-        "num_steps": 5000, "batch_size": 64, "eval_batch_size": 64, "log_every": 50, "eval_every": 250,
-        "checkpoint.every_steps": 1000,
-    })
-    cpu = {  # nanoGPT's README CPU run
-        "data.block_size": 64, "model.num_layers": 4, "model.num_heads": 4, "model.width": 128,
-        "model.dropout_rate": 0.0, "num_steps": 2000, "batch_size": 12, "eval_every": 500,
-    }
-    smoke = {
-        "data.block_size": 32, "data.max_eval_windows": 64, "model.num_layers": 1, "model.num_heads": 2,
-        "model.width": 64, "model.dropout_rate": 0.0, "num_steps": 150, "batch_size": 16,
-        "eval_every": 0, "log_every": 10, "optimizer.learning_rate": 1e-2, "optimizer.schedule.warmup_steps": 10,
-    }
-    config.update_from_flattened_dict(choose(arg, {None: {}, "cpu": cpu, "smoke": smoke}))
+    config.update_from_flattened_dict(
+        {  # nanoGPT's optimizer: AdamW, warm-up then cosine to lr/10, clipping
+            "optimizer.name": "adam",
+            "optimizer.learning_rate": 1e-3,
+            "optimizer.weight_decay": 0.1,  # decoupled, on weights and embeddings, not biases or norms
+            "optimizer.clip_global_norm": 1.0,
+            "optimizer.schedule.name": "warmup_cosine",
+            "optimizer.schedule.warmup_steps": 100,
+            "optimizer.schedule.final_fraction": 0.1,
+            "num_steps": 5000,
+            "batch_size": 64,
+            "eval_batch_size": 64,
+            "log_every": 50,
+            "eval_every": 250,
+            "checkpoint.every_steps": 1000,
+        }
+    )
+    config.update_from_flattened_dict(choose(arg, {None: {}, "cpu": CPU, "smoke": SMOKE}))
     return config
 
 
@@ -76,23 +125,24 @@ def vocab_size(config: ml_collections.ConfigDict) -> int:
 
 
 def make_data(config: ml_collections.ConfigDict, split: str):
-    tokens = text.char_corpus(config.data.name, config.data_dir)[1][split]
-    return text.window_batches(tokens, split, length=config.data.block_size, batch_size=config.batch_size,
-                               eval_batch_size=config.eval_batch_size, seed=config.seed, max_eval_windows=config.data.max_eval_windows)
+    return text.char_lm_batches(config, split)
 
 
-def encode_text(config: ml_collections.ConfigDict, prompt: str) -> np.ndarray:
-    return text.char_corpus(config.data.name, config.data_dir)[0].encode(prompt)
-
-
-def decode_tokens(config: ml_collections.ConfigDict, ids) -> str:
-    return text.char_corpus(config.data.name, config.data_dir)[0].decode(ids)
+encode_text, decode_tokens = text.encode_chars, text.decode_chars  # the language model's hooks: characters
 
 
 def make_model(config: ml_collections.ConfigDict) -> nn.Module:
-    return GPT(vocab_size=vocab_size(config), block_size=config.data.block_size, dtype=compute_dtype(config.model.dtype),
-               num_layers=config.model.num_layers, num_heads=config.model.num_heads, width=config.model.width,
-               dropout_rate=config.model.dropout_rate, use_bias=config.model.use_bias, remat=config.model.remat)
+    return GPT(
+        vocab_size=vocab_size(config),
+        block_size=config.data.block_size,
+        dtype=compute_dtype(config.model.dtype),
+        num_layers=config.model.num_layers,
+        num_heads=config.model.num_heads,
+        width=config.model.width,
+        dropout_rate=config.model.dropout_rate,
+        use_bias=config.model.use_bias,
+        remat=config.model.remat,
+    )
 
 
 def parameter_count(config: ml_collections.ConfigDict) -> int:
@@ -108,19 +158,16 @@ def tokens_per_example(config: ml_collections.ConfigDict) -> int:
 def flops_per_example(config: ml_collections.ConfigDict) -> float:
     """Training FLOPs of one window: 6 N per token plus attention (research/perf.py)."""
     model = config.model
-    per_token = perf.gpt_training_flops_per_token(parameter_count(config), model.num_layers, model.width, config.data.block_size)
+    per_token = perf.gpt_training_flops_per_token(
+        parameter_count(config), model.num_layers, model.width, config.data.block_size
+    )
     return config.data.block_size * per_token
 
 
-def apply(params, batch, rng, *, model) -> jax.Array:
-    """Next-token logits_BxLxV; dropout only in training (rng given)."""
-    rngs = None if rng is None else {"dropout": rng}
-    return model.apply({"params": params}, batch["inputs"], deterministic=rng is None, rngs=rngs)
-
-
 def loss_fn(params, batch, rng, *, model):
-    return metrics.next_token_loss(apply(params, batch, rng, model=model), batch["targets"], batch["mask"])
+    logits_BxLxV = apply_with_dropout(model, {"params": params}, batch["inputs"], rng=rng)
+    return metrics.next_token_loss(logits_BxLxV, batch)
 
 
 def eval_fn(params, batch, *, model) -> dict[str, metrics.Metric]:
-    return metrics.next_token_metrics(apply(params, batch, None, model=model), batch["targets"], batch["mask"])
+    return metrics.next_token_metrics(model.apply({"params": params}, batch["inputs"]), batch)

@@ -1,7 +1,8 @@
 """Character-level LSTM (or GRU) language model on Tiny Shakespeare, next to shakespeare_gpt.
 
   python launch.py --config experiments/shakespeare_lstm.py:cpu --workdir runs/lstm_cpu
-  python launch.py --config experiments/shakespeare_lstm.py:cpu --config.model.cell=gru --config.model.width=254 --workdir runs/gru_cpu
+  python launch.py --config experiments/shakespeare_lstm.py:cpu --workdir runs/gru_cpu \
+      --config.model.cell=gru --config.model.width=254
 Reference: char-rnn (Karpathy 2015) trains 2-3 layer LSTMs of 128-512 units on this corpus and
 publishes no validation number for it, so the comparison is shakespeare_gpt at the same parameter
 count and budget. `:cpu` is shakespeare_gpt's `:cpu` in every respect but the model (64-character
@@ -16,12 +17,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 
 from research import metrics
 from research.config import choose, trainer_config
 from research.data import text
-from research.models import compute_dtype, param_count
+from research.models import apply_with_dropout, compute_dtype, param_count
 from research.models.rnn import RecurrentLM
 
 
@@ -29,24 +29,53 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     """shakespeare_gpt's data, optimizer and evaluation schedule with a recurrent model of the GPT's size."""
     config = trainer_config()
     config.data = ml_collections.ConfigDict({"name": "tiny_shakespeare", "block_size": 256, "max_eval_windows": 0})
-    config.model = ml_collections.ConfigDict({
-        "cell": "lstm",  # or "gru"
-        "num_layers": 2, "width": 816, "embedding_dim": 0, "dropout_rate": 0.2, "dtype": "float32",  # embedding_dim 0: width
-    })
+    config.model = ml_collections.ConfigDict(
+        {
+            "cell": "lstm",  # or "gru"
+            "num_layers": 2,
+            "width": 816,
+            "embedding_dim": 0,
+            "dropout_rate": 0.2,
+            "dtype": "float32",  # embedding_dim 0: width
+        }
+    )
     config.optimizer.kwargs.b2 = 0.99
-    config.update_from_flattened_dict({  # shakespeare_gpt's (nanoGPT's) optimizer and schedule
-        "optimizer.name": "adam", "optimizer.learning_rate": 1e-3, "optimizer.weight_decay": 0.1, "optimizer.clip_global_norm": 1.0,
-        "optimizer.schedule.name": "warmup_cosine", "optimizer.schedule.warmup_steps": 100, "optimizer.schedule.final_fraction": 0.1,
-        "num_steps": 5000, "batch_size": 64, "eval_batch_size": 64, "log_every": 50, "eval_every": 250,
-        "checkpoint.every_steps": 1000,
-    })
+    config.update_from_flattened_dict(
+        {  # shakespeare_gpt's (nanoGPT's) optimizer and schedule
+            "optimizer.name": "adam",
+            "optimizer.learning_rate": 1e-3,
+            "optimizer.weight_decay": 0.1,
+            "optimizer.clip_global_norm": 1.0,
+            "optimizer.schedule.name": "warmup_cosine",
+            "optimizer.schedule.warmup_steps": 100,
+            "optimizer.schedule.final_fraction": 0.1,
+            "num_steps": 5000,
+            "batch_size": 64,
+            "eval_batch_size": 64,
+            "log_every": 50,
+            "eval_every": 250,
+            "checkpoint.every_steps": 1000,
+        }
+    )
     cpu = {
-        "data.block_size": 64, "model.width": 220, "model.dropout_rate": 0.0, "num_steps": 2000,
-        "batch_size": 12, "eval_every": 500, "optimizer.learning_rate": 2e-3,
+        "data.block_size": 64,
+        "model.width": 220,
+        "model.dropout_rate": 0.0,
+        "num_steps": 2000,
+        "batch_size": 12,
+        "eval_every": 500,
+        "optimizer.learning_rate": 2e-3,
     }
     smoke = {
-        "data.block_size": 32, "data.max_eval_windows": 64, "model.num_layers": 1, "model.width": 64,
-        "model.dropout_rate": 0.0, "num_steps": 100, "batch_size": 16, "eval_every": 0, "log_every": 10,
+        "data.block_size": 32,
+        "data.max_eval_windows": 64,
+        "model.num_layers": 1,
+        "model.width": 64,
+        "model.dropout_rate": 0.0,
+        "num_steps": 100,
+        "batch_size": 16,
+        "eval_every": 0,
+        "log_every": 10,
         "optimizer.learning_rate": 1e-2,
     }
     config.update_from_flattened_dict(choose(arg, {None: {}, "cpu": cpu, "smoke": smoke}))
@@ -54,24 +83,21 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
 
 def make_data(config: ml_collections.ConfigDict, split: str):
-    tokens = text.char_corpus(config.data.name, config.data_dir)[1][split]
-    return text.window_batches(tokens, split, length=config.data.block_size, batch_size=config.batch_size,
-                               eval_batch_size=config.eval_batch_size, seed=config.seed, max_eval_windows=config.data.max_eval_windows)
+    return text.char_lm_batches(config, split)
 
 
-def encode_text(config: ml_collections.ConfigDict, prompt: str) -> np.ndarray:
-    return text.char_corpus(config.data.name, config.data_dir)[0].encode(prompt)
-
-
-def decode_tokens(config: ml_collections.ConfigDict, ids) -> str:
-    return text.char_corpus(config.data.name, config.data_dir)[0].decode(ids)
+encode_text, decode_tokens = text.encode_chars, text.decode_chars  # the language model's hooks: characters
 
 
 def make_model(config: ml_collections.ConfigDict) -> nn.Module:
     return RecurrentLM(
-        vocab_size=text.char_corpus(config.data.name, config.data_dir)[0].vocab_size, width=config.model.width,
-        num_layers=config.model.num_layers, cell=config.model.cell, embedding_dim=config.model.embedding_dim or None,
-        dropout_rate=config.model.dropout_rate, dtype=compute_dtype(config.model.dtype),
+        vocab_size=text.char_corpus(config.data.name, config.data_dir)[0].vocab_size,
+        width=config.model.width,
+        num_layers=config.model.num_layers,
+        cell=config.model.cell,
+        embedding_dim=config.model.embedding_dim or None,
+        dropout_rate=config.model.dropout_rate,
+        dtype=compute_dtype(config.model.dtype),
     )
 
 
@@ -81,15 +107,10 @@ def parameter_count(config: ml_collections.ConfigDict) -> int:
     return param_count(jax.eval_shape(make_model(config).init, jax.random.PRNGKey(0), tokens))
 
 
-def apply(params, batch, rng, *, model) -> jax.Array:
-    """Next-token logits_BxLxV; dropout only in training (rng given)."""
-    rngs = None if rng is None else {"dropout": rng}
-    return model.apply({"params": params}, batch["inputs"], deterministic=rng is None, rngs=rngs)
-
-
 def loss_fn(params, batch, rng, *, model):
-    return metrics.next_token_loss(apply(params, batch, rng, model=model), batch["targets"], batch["mask"])
+    logits_BxLxV = apply_with_dropout(model, {"params": params}, batch["inputs"], rng=rng)
+    return metrics.next_token_loss(logits_BxLxV, batch)
 
 
 def eval_fn(params, batch, *, model) -> dict[str, metrics.Metric]:
-    return metrics.next_token_metrics(apply(params, batch, None, model=model), batch["targets"], batch["mask"])
+    return metrics.next_token_metrics(model.apply({"params": params}, batch["inputs"]), batch)

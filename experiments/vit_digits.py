@@ -12,40 +12,59 @@ minutes on a 2-core CPU (docs/results.md). `:smoke` (one block of width 32, 30 s
 256 test images.
 """
 
-import functools
-
 import flax.linen as nn
 import ml_collections
 
 from research import metrics
 from research.config import choose, trainer_config
-from research.data import augment, mnist, pipeline
-from research.models import compute_dtype
+from research.data import mnist
+from research.models import apply_with_dropout, compute_dtype
 from research.models.vit import ViT
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config = trainer_config()
-    config.data = ml_collections.ConfigDict({"name": "mnist", "splits": mnist.SPLITS, "max_shift": 0})  # max_shift as mnist_cnn's
-    config.model = ml_collections.ConfigDict({
-        "patch_size": 7, "num_layers": 4, "num_heads": 4, "width": 64, "mlp_dim": 128, "dropout_rate": 0.1,
-        "dtype": "float32", "remat": "none",  # compute dtype (bfloat16: mixed precision); transformer.REMAT_POLICIES
-    })
-    config.update_from_flattened_dict({  # 20 epochs of 54,000 images at batch 128
-        "num_steps": 8440, "batch_size": 128, "eval_every": 2110, "optimizer.name": "adam", "optimizer.learning_rate": 1e-3,
-    })
+    config.data = ml_collections.ConfigDict(
+        {"name": "mnist", "splits": mnist.SPLITS, "max_shift": 0}
+    )  # max_shift as mnist_cnn's
+    config.model = ml_collections.ConfigDict(
+        {
+            "patch_size": 7,
+            "num_layers": 4,
+            "num_heads": 4,
+            "width": 64,
+            "mlp_dim": 128,
+            "dropout_rate": 0.1,
+            "dtype": "float32",
+            "remat": "none",  # compute dtype (bfloat16: mixed precision); transformer.REMAT_POLICIES
+        }
+    )
+    config.update_from_flattened_dict(
+        {  # 20 epochs of 54,000 images at batch 128
+            "num_steps": 8440,
+            "batch_size": 128,
+            "eval_every": 2110,
+            "optimizer.name": "adam",
+            "optimizer.learning_rate": 1e-3,
+        }
+    )
     cpu = mnist.OFFLINE | {"num_steps": 1050, "eval_every": 350, "log_every": 35}
-    smoke = mnist.SMOKE | {"model.num_layers": 1, "model.width": 32, "model.mlp_dim": 64, "num_steps": 30, "batch_size": 32,
-                           "eval_every": 0, "log_every": 5, "optimizer.learning_rate": 3e-3}
+    smoke = mnist.SMOKE | {
+        "model.num_layers": 1,
+        "model.width": 32,
+        "model.mlp_dim": 64,
+        "num_steps": 30,
+        "batch_size": 32,
+        "eval_every": 0,
+        "log_every": 5,
+        "optimizer.learning_rate": 3e-3,
+    }
     config.update_from_flattened_dict(choose(arg, {None: {}, "cpu": cpu, "smoke": smoke}))
     return config
 
 
 def make_data(config: ml_collections.ConfigDict, split: str):
-    source = pipeline.tfds_source(config.data.name, config.data.splits[split], data_dir=config.data_dir)
-    shift = functools.partial(augment.random_shift, max_shift=config.data.max_shift, scale=mnist.MAX_PIXEL) if config.data.max_shift else None
-    return pipeline.labelled_batches(source, split, batch_size=config.batch_size, eval_batch_size=config.eval_batch_size, seed=config.seed,
-                                     transform=lambda record: augment.pixels(record, scale=mnist.MAX_PIXEL, flat=False), random_transform=shift)
+    return mnist.batches(config, split, flat=False, max_shift=config.data.max_shift)
 
 
 def make_model(config: ml_collections.ConfigDict) -> nn.Module:
@@ -53,11 +72,11 @@ def make_model(config: ml_collections.ConfigDict) -> nn.Module:
 
 
 def loss_fn(params, batch, rng, *, model):
-    # rng is the step-folded key in training and None in evaluation, where dropout is off.
-    train = rng is not None
-    logits_BxK = model.apply({"params": params}, batch["inputs"], deterministic=not train, rngs={"dropout": rng} if train else None)
+    logits_BxK = apply_with_dropout(model, {"params": params}, batch["inputs"], rng=rng)
     return metrics.classification_loss(logits_BxK, batch["labels"], batch["mask"])
 
 
 def eval_fn(params, batch, *, model) -> dict[str, metrics.Metric]:
-    return metrics.classification_metrics(model.apply({"params": params}, batch["inputs"]), batch["labels"], batch["mask"])
+    return metrics.classification_metrics(
+        model.apply({"params": params}, batch["inputs"]), batch["labels"], batch["mask"]
+    )

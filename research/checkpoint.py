@@ -46,12 +46,14 @@ def make_manager(workdir: str | Path, checkpoint_config: ml_collections.ConfigDi
         save_policies.append(policies.ContinuousCheckpointingPolicy(minimum_interval_secs=seconds))
     keep = [policies.LatestN(checkpoint_config.keep)]
     if checkpoint_config.best_metric:
-        keep.append(policies.BestN(
-            get_metric_fn=lambda metrics: metrics[checkpoint_config.best_metric],
-            reverse=checkpoint_config.best_mode == "min",
-            n=1,
-            keep_checkpoints_without_metrics=False,
-        ))
+        keep.append(
+            policies.BestN(
+                get_metric_fn=lambda metrics: metrics[checkpoint_config.best_metric],
+                reverse=checkpoint_config.best_mode == "min",
+                n=1,
+                keep_checkpoints_without_metrics=False,
+            )
+        )
     options = ocp.CheckpointManagerOptions(
         save_decision_policy=policies.AnySavePolicy(save_policies),  # none: only forced saves
         preservation_policy=policies.AnyPreservationPolicy(keep),
@@ -61,7 +63,9 @@ def make_manager(workdir: str | Path, checkpoint_config: ml_collections.ConfigDi
     return ocp.CheckpointManager(Path(workdir).absolute() / CHECKPOINT_DIR, options=options)
 
 
-def save(manager: ocp.CheckpointManager, step: int, state: PyTree, iterator, config, *, metrics=None, force=False) -> bool:
+def save(
+    manager: ocp.CheckpointManager, step: int, state: PyTree, iterator, config, *, metrics=None, force=False
+) -> bool:
     """Saves if the policy (or `force`) says so; returns whether a save started."""
     items = {"state": ocp.args.StandardSave(state), "config": ocp.args.JsonSave(config_dict(config))}
     if hasattr(iterator, "get_state"):
@@ -121,8 +125,10 @@ def restore_latest(manager, abstract_state, iterator, config, *, allow_config_ch
             state, saved_config = restore(manager, step, abstract_state, iterator)
         except Exception as error:  # any unreadable file: keep it aside and try the previous step
             moved_to = set_aside(manager, step)
-            print(f"checkpoint at step {step} is unreadable ({type(error).__name__}: {str(error)[:200]}); "
-                  f"moved to {moved_to}, trying the previous one")
+            print(
+                f"checkpoint at step {step} is unreadable ({type(error).__name__}: {str(error)[:200]}); "
+                f"moved to {moved_to}, trying the previous one"
+            )
             continue
         differences = config_differences(saved_config, config_dict(config))
         if differences and not allow_config_change:
@@ -137,7 +143,11 @@ def restore_latest(manager, abstract_state, iterator, config, *, allow_config_ch
 
 
 def all_finite(tree: PyTree) -> bool:
-    return all(bool(np.all(np.isfinite(leaf))) for leaf in jax.tree.leaves(jax.device_get(tree)) if np.issubdtype(np.asarray(leaf).dtype, np.floating))
+    return all(
+        bool(np.all(np.isfinite(leaf)))
+        for leaf in jax.tree.leaves(jax.device_get(tree))
+        if np.issubdtype(np.asarray(leaf).dtype, np.floating)
+    )
 
 
 class PreemptionWatcher:
@@ -179,10 +189,15 @@ def choose_step(directory: str | Path, which: str, checkpoint_config: ml_collect
             return steps[-1]
         if which == "best":
             if not best_metric:
-                raise ConfigError(f"--checkpoint best needs a run trained with checkpoint.best_metric set (this one was not): use latest or one of the steps {steps}")
+                raise ConfigError(
+                    "--checkpoint best needs a run trained with checkpoint.best_metric set (this one was not): "
+                    f"use latest or one of the steps {steps}"
+                )
             best = manager.best_step()
             if best is None:  # only step-interval saves, which carry no metrics
-                raise ConfigError(f"no checkpoint in {directory} was saved with {best_metric}: use latest or one of the steps {steps}")
+                raise ConfigError(
+                    f"no checkpoint in {directory} was saved with {best_metric}: use latest or one of the steps {steps}"
+                )
             return best
         if not which.isdigit() or int(which) not in steps:
             raise ConfigError(f"no checkpoint {which!r} in {directory}: use latest, best or one of the steps {steps}")
@@ -225,7 +240,9 @@ def init_from(state: PyTree, shardings: PyTree, tx, init_from_config: ml_collect
     params = jax.tree_util.tree_map_with_path(take, state.params, shardings.params)
     if mismatched:
         raise ConfigError(f"init_from: shapes differ for {', '.join(mismatched)}")
-    print(f"init_from {init_from_config.workdir} step {step}: loaded {len(loaded)} arrays; "
-          f"left at random init: {', '.join(kept) or 'none'}")
+    print(
+        f"init_from {init_from_config.workdir} step {step}: loaded {len(loaded)} arrays; "
+        f"left at random init: {', '.join(kept) or 'none'}"
+    )
     opt_state = jax.jit(tx.init, out_shardings=shardings.opt_state)(params)
     return state.replace(params=params, opt_state=opt_state)

@@ -57,14 +57,16 @@ def trainer_config() -> ml_collections.ConfigDict:
     # "FIRST,LAST": a jax.profiler trace of those steps in WORKDIR/profile (TensorBoard's profile
     # plugin, or Perfetto); "" is off.
     config.profile_steps = ""
-    config.checkpoint = ml_collections.ConfigDict({
-        "every_steps": 500,  # 0: no step-based saves
-        "every_minutes": 0.0,  # 0: no time-based saves
-        "keep": 2,  # the newest K checkpoints are kept...
-        "best_metric": "",  # ...plus the best by this eval metric, e.g. "eval/accuracy" (saved at each eval)
-        "best_mode": "max",
-        "asynchronous": True,  # write in the background while training continues
-    })
+    config.checkpoint = ml_collections.ConfigDict(
+        {
+            "every_steps": 500,  # 0: no step-based saves
+            "every_minutes": 0.0,  # 0: no time-based saves
+            "keep": 2,  # the newest K checkpoints are kept...
+            "best_metric": "",  # ...plus the best by this eval metric, e.g. "eval/accuracy" (saved at each eval)
+            "best_mode": "max",
+            "asynchronous": True,  # write in the background while training continues
+        }
+    )
     return config
 
 
@@ -75,31 +77,35 @@ OPEN_SECTIONS = ("optimizer.kwargs",)
 
 def optimizer_config() -> ml_collections.ConfigDict:
     """Optimizer, schedule and regularization defaults (read by research/optim/registry.py)."""
-    return ml_collections.ConfigDict({
-        "name": "adam",  # a key of research.optim.OPTIMIZERS, or path/to/file.py:make, or package.module:make
-        "learning_rate": 1e-3,  # the peak: the schedule multiplies it
-        "kwargs": ml_collections.ConfigDict(),  # the factory's other keyword arguments
-        "schedule": ml_collections.ConfigDict({
-            "name": "constant",  # a key of research.optim.schedules.SCHEDULES
-            "warmup_steps": 0,
-            "decay_steps": 0,  # 0: until the end of the run
-            "final_fraction": 0.0,  # the last learning rate, as a fraction of the peak
-            "step_every": 1000,  # step decay: multiply by step_factor every step_every steps
-            "step_factor": 0.1,
-            "decay_fraction": 0.2,  # warmup-stable-decay: the share of the run spent decaying
-            # piecewise: from step boundaries[i] on, the rate is multiplied by factors[i] (cumulative)
-            "boundaries": (),
-            "factors": (),
-        }),
-        "clip_global_norm": 0.0,  # 0: no clipping
-        "weight_decay": 0.0,  # decoupled (Loshchilov & Hutter, 2019): p -= lr_t * weight_decay * p
-        "l2_penalty": 0.0,  # adds l2_penalty / 2 * sum(p^2) to the training loss
-        "l1_penalty": 0.0,  # adds l1_penalty * sum(|p|) to the training loss
-        # Parameters whose path ("Dense_0/bias") matches are spared by the penalties and weight_decay.
-        "decay_exclude": r"(^|/)(bias|scale)$",
-        "accumulate_steps": 1,  # k: each step averages gradients over k micro-batches of batch_size / k
-        "ema_decay": 0.0,  # >0: evaluate an exponential moving average of the parameters
-    })
+    return ml_collections.ConfigDict(
+        {
+            "name": "adam",  # a key of research.optim.OPTIMIZERS, or path/to/file.py:make, or package.module:make
+            "learning_rate": 1e-3,  # the peak: the schedule multiplies it
+            "kwargs": ml_collections.ConfigDict(),  # the factory's other keyword arguments
+            "schedule": ml_collections.ConfigDict(
+                {
+                    "name": "constant",  # a key of research.optim.schedules.SCHEDULES
+                    "warmup_steps": 0,
+                    "decay_steps": 0,  # 0: until the end of the run
+                    "final_fraction": 0.0,  # the last learning rate, as a fraction of the peak
+                    "step_every": 1000,  # step decay: multiply by step_factor every step_every steps
+                    "step_factor": 0.1,
+                    "decay_fraction": 0.2,  # warmup-stable-decay: the share of the run spent decaying
+                    # piecewise: from step boundaries[i] on, the rate is multiplied by factors[i] (cumulative)
+                    "boundaries": (),
+                    "factors": (),
+                }
+            ),
+            "clip_global_norm": 0.0,  # 0: no clipping
+            "weight_decay": 0.0,  # decoupled (Loshchilov & Hutter, 2019): p -= lr_t * weight_decay * p
+            "l2_penalty": 0.0,  # adds l2_penalty / 2 * sum(p^2) to the training loss
+            "l1_penalty": 0.0,  # adds l1_penalty * sum(|p|) to the training loss
+            # Parameters whose path ("Dense_0/bias") matches are spared by the penalties and weight_decay.
+            "decay_exclude": r"(^|/)(bias|scale)$",
+            "accumulate_steps": 1,  # k: each step averages gradients over k micro-batches of batch_size / k
+            "ema_decay": 0.0,  # >0: evaluate an exponential moving average of the parameters
+        }
+    )
 
 
 def choose(arg: str | None, variants: dict[str | None, dict]) -> dict:

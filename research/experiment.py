@@ -38,7 +38,7 @@ class Experiment(Protocol):
         """trainer_config() plus `data` and `model` sections; `arg` names a variant (every experiment has "smoke")."""
 
     def make_data(self, config: ml_collections.ConfigDict, split: str) -> Iterable[Batch]:
-        """Numpy batches with a `mask`: endless and shuffled for "train", one padded pass for "validation" and "test"."""
+        """Numpy batches with a `mask`: endless and shuffled for "train", one padded pass for "validation", "test"."""
 
     def make_model(self, config: ml_collections.ConfigDict) -> nn.Module:
         """The configured Flax module."""
@@ -111,7 +111,9 @@ class Reference:
         """Whether `measured` reproduces this reference."""
         if measured is None or not math.isfinite(measured):
             return False
-        if (self.better == "min" and measured <= self.published) or (self.better == "max" and measured >= self.published):
+        if (self.better == "min" and measured <= self.published) or (
+            self.better == "max" and measured >= self.published
+        ):
             return True
         return abs(measured - self.published) <= self.tolerance + 1e-12
 
@@ -147,7 +149,11 @@ def load(path: str | Path) -> ModuleType:
     if not path.is_file():
         raise ConfigError(f"no experiment file {str(path)!r}: pass --config experiments/NAME.py (see --list)")
     module = import_file(path, f"experiments.{name_of(path)}")
-    missing = [name for name in ("get_config", "make_data", "make_model", "loss_fn") if not callable(getattr(module, name, None))]
+    missing = [
+        name
+        for name in ("get_config", "make_data", "make_model", "loss_fn")
+        if not callable(getattr(module, name, None))
+    ]
     if missing:
         raise ConfigError(f"{path} is not an experiment: it lacks {', '.join(missing)}")
     return module
@@ -216,7 +222,8 @@ def claim_workdir(workdir: str | Path, experiment: str, config: ml_collections.C
         previous = json.loads(run_file.read_text(encoding="utf-8")).get("experiment")
         if previous != experiment:
             raise ConfigError(
-                f"workdir {str(workdir)!r} holds a run of experiment {previous!r}, not {experiment!r}: choose another --workdir"
+                f"workdir {str(workdir)!r} holds a run of experiment {previous!r}, not {experiment!r}: "
+                "choose another --workdir"
             )
     workdir.mkdir(parents=True, exist_ok=True)
     record = {"experiment": experiment, "config": json.loads(config.to_json_best_effort())}

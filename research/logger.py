@@ -104,7 +104,14 @@ class TrainMetrics:
     """Train metrics since the last log. A finished window reaches the host one step late,
     after the next step is dispatched, so the device never waits for the host."""
 
-    def __init__(self, logger: Logger, batch_size: int, start_step: int, skip_nonfinite: bool, throughput: "Throughput | None" = None):
+    def __init__(
+        self,
+        logger: Logger,
+        batch_size: int,
+        start_step: int,
+        skip_nonfinite: bool,
+        throughput: "Throughput | None" = None,
+    ):
         self.logger, self.batch_size, self.skip_nonfinite = logger, batch_size, skip_nonfinite
         self.throughput = throughput or Throughput()
         self.window, self.finished = [], None
@@ -146,7 +153,10 @@ class TrainMetrics:
             finite = np.isfinite(metrics["loss"]) and np.isfinite(metrics["grad_norm"])
             if not finite and not self.skip_nonfinite:
                 step = last_step - len(host) + 1 + offset
-                raise NonFiniteError(f"non-finite loss or gradients at step {step} (loss {metrics['loss']}, grad norm {metrics['grad_norm']})")
+                raise NonFiniteError(
+                    f"non-finite loss or gradients at step {step} "
+                    f"(loss {metrics['loss']}, grad norm {metrics['grad_norm']})"
+                )
         return host
 
 
@@ -155,7 +165,9 @@ def _open_jsonl(path: Path, start_step: int):
     step and drops the later ones, which the resumed run is about to write again."""
     kept = []
     if start_step and path.exists():
-        kept = [line for line in path.read_text(encoding="utf-8").splitlines() if json.loads(line)["step"] <= start_step]
+        kept = [
+            line for line in path.read_text(encoding="utf-8").splitlines() if json.loads(line)["step"] <= start_step
+        ]
     handle = open(path, "w", encoding="utf-8")
     handle.writelines(line + "\n" for line in kept)
     handle.flush()

@@ -148,30 +148,38 @@ def compute(accumulated: Mapping[str, Metric]) -> dict[str, float]:
     return results
 
 
-def classification_loss(logits_BxC: jax.Array, labels_B: jax.Array, mask_B: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+def classification_loss(
+    logits_BxC: jax.Array, labels_B: jax.Array, mask_B: jax.Array
+) -> tuple[jax.Array, dict[str, jax.Array]]:
     """A classifier's loss_fn result: mean cross-entropy over real examples, and their accuracy."""
     nll_B = optax.softmax_cross_entropy_with_integer_labels(logits_BxC, labels_B)
     accuracy_B = (jnp.argmax(logits_BxC, -1) == labels_B).astype(jnp.float32)
     return masked_mean(nll_B, mask_B), {"accuracy": masked_mean(accuracy_B, mask_B)}
 
 
-def classification_metrics(logits_BxC: jax.Array, labels_B: jax.Array, mask_B: jax.Array, *, confusion: bool = False) -> dict[str, Metric]:
+def classification_metrics(
+    logits_BxC: jax.Array, labels_B: jax.Array, mask_B: jax.Array, *, confusion: bool = False
+) -> dict[str, Metric]:
     """A classifier's eval_fn result: cross-entropy and accuracy, and macro precision/recall/F1 with `confusion`."""
-    results = {"loss": CrossEntropy.from_logits(logits_BxC, labels_B, mask_B), "accuracy": Accuracy.from_logits(logits_BxC, labels_B, mask_B)}
+    results = {
+        "loss": CrossEntropy.from_logits(logits_BxC, labels_B, mask_B),
+        "accuracy": Accuracy.from_logits(logits_BxC, labels_B, mask_B),
+    }
     if confusion:
         results["confusion"] = ConfusionMatrix.from_logits(logits_BxC, labels_B, mask_B)
     return results
 
 
-def next_token_loss(logits_BxLxV: jax.Array, targets_BxL: jax.Array, mask_B: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+def next_token_loss(logits_BxLxV: jax.Array, batch: Mapping[str, jax.Array]) -> tuple[jax.Array, dict[str, jax.Array]]:
     """A language model's loss_fn result: mean next-token cross-entropy (nats) over the real sequences' positions."""
-    nll_BxL = optax.softmax_cross_entropy_with_integer_labels(logits_BxLxV, targets_BxL)
-    return masked_mean(nll_BxL, mask_B[:, None]), {}
+    nll_BxL = optax.softmax_cross_entropy_with_integer_labels(logits_BxLxV, batch["targets"])
+    return masked_mean(nll_BxL, batch["mask"][:, None]), {}
 
 
-def next_token_metrics(logits_BxLxV: jax.Array, targets_BxL: jax.Array, mask_B: jax.Array) -> dict[str, Metric]:
+def next_token_metrics(logits_BxLxV: jax.Array, batch: Mapping[str, jax.Array]) -> dict[str, Metric]:
     """Per-token loss, perplexity and next-token accuracy, pooled over every scored position."""
-    mask_BxL = jnp.broadcast_to(mask_B[:, None], targets_BxL.shape)
+    targets_BxL = batch["targets"]
+    mask_BxL = jnp.broadcast_to(batch["mask"][:, None], targets_BxL.shape)
     return {
         "loss": CrossEntropy.from_logits(logits_BxLxV, targets_BxL, mask_BxL),
         "perplexity": Perplexity.from_logits(logits_BxLxV, targets_BxL, mask_BxL),

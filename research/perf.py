@@ -36,7 +36,9 @@ def conv_flops(height: int, width: int, kernel: int, in_channels: int, out_chann
     return 2.0 * height * width * kernel * kernel * in_channels * out_channels
 
 
-def cnn_training_flops_per_example(image_size: int, in_channels: int, conv_features: Sequence[int], dense_features: int, classes: int) -> float:
+def cnn_training_flops_per_example(
+    image_size: int, in_channels: int, conv_features: Sequence[int], dense_features: int, classes: int
+) -> float:
     """research.models.cnn.CNN: 3x3 SAME convolutions each followed by a 2x2 pool, then two dense layers."""
     forward, size, channels = 0.0, image_size, in_channels
     for features in conv_features:
@@ -114,7 +116,9 @@ class StepProfiler:
         try:
             self.first, self.last = (int(part) for part in steps.split(","))
         except ValueError:
-            raise ConfigError(f"profile_steps must be 'FIRST,LAST' (two step numbers, e.g. '10,20'), not {steps!r}") from None
+            raise ConfigError(
+                f"profile_steps must be 'FIRST,LAST' (two step numbers, e.g. '10,20'), not {steps!r}"
+            ) from None
         if not 1 <= self.first <= self.last:
             raise ConfigError(f"profile_steps {steps!r}: need 1 <= FIRST <= LAST")
 

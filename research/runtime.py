@@ -64,7 +64,9 @@ def find_tcmalloc() -> str | None:
     return None
 
 
-def allocator_environment(environ: dict[str, str], platform: str = sys.platform, tcmalloc: str | None = None) -> dict[str, str] | None:
+def allocator_environment(
+    environ: dict[str, str], platform: str = sys.platform, tcmalloc: str | None = None
+) -> dict[str, str] | None:
     """The environment to re-execute with for the allocator `environ` asks for, or None to run as is."""
     choice = environ.get(VARIABLE, "auto")
     if choice not in CHOICES:
@@ -72,13 +74,20 @@ def allocator_environment(environ: dict[str, str], platform: str = sys.platform,
     if APPLIED in environ or choice == "system" or not platform.startswith("linux"):
         return None
     if choice == "hugepages":
-        tunables = [part for part in environ.get("GLIBC_TUNABLES", "").split(":") if part and not part.startswith("glibc.malloc.hugetlb=")]
+        tunables = [
+            part
+            for part in environ.get("GLIBC_TUNABLES", "").split(":")
+            if part and not part.startswith("glibc.malloc.hugetlb=")
+        ]
         return dict(environ, GLIBC_TUNABLES=":".join([*tunables, HUGEPAGES_TUNABLE]), **{APPLIED: "hugepages"})
     if tcmalloc:
         preload = [tcmalloc, *filter(None, environ.get("LD_PRELOAD", "").split(":"))]
         return dict(environ, LD_PRELOAD=":".join(preload), **{APPLIED: "tcmalloc"})
     if choice == "tcmalloc":
-        raise ValueError(f"{VARIABLE}=tcmalloc but no tcmalloc library is installed: install libtcmalloc-minimal4, or use {VARIABLE}=hugepages")
+        raise ValueError(
+            f"{VARIABLE}=tcmalloc but no tcmalloc library is installed: install libtcmalloc-minimal4, "
+            f"or use {VARIABLE}=hugepages"
+        )
     return None  # auto without tcmalloc: glibc's malloc as it is
 
 
@@ -108,7 +117,8 @@ def allocator_in_use() -> str:
 
 
 def use_fake_devices(count: int) -> None:
-    """`count` CPU devices instead of one (before anything asks JAX for its devices): the dry run and the optimizer kit."""
+    """`count` CPU devices instead of one (before anything asks JAX for its devices): for the dry run and the
+    optimizer kit."""
     import jax
 
     if count:

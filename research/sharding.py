@@ -14,7 +14,8 @@ from typing import Any, Mapping, Sequence
 
 import jax
 import numpy as np
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from research.config import ConfigError
 from research.tree import path_name
@@ -90,8 +91,12 @@ def state_shardings(abstract_state: PyTree, mesh: Mesh, rules: Sequence[tuple[st
     everything else (step, rng, counters, BatchNorm statistics) is replicated.
     """
     params = param_shardings(abstract_state.params, mesh, rules)
-    by_name = {path_name(path): (leaf.shape, where) for (path, leaf), where in zip(
-        jax.tree_util.tree_leaves_with_path(abstract_state.params), jax.tree.leaves(params))}
+    by_name = {
+        path_name(path): (leaf.shape, where)
+        for (path, leaf), where in zip(
+            jax.tree_util.tree_leaves_with_path(abstract_state.params), jax.tree.leaves(params)
+        )
+    }
 
     longest_first = sorted(by_name.items(), key=lambda item: -len(item[0]))
 
@@ -111,4 +116,3 @@ def put_batch(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Arra
     """Places this process's slice of the global batch on the mesh as one global array per key."""
     sharding = batch_sharding(mesh)
     return {key: jax.make_array_from_process_local_data(sharding, np.asarray(value)) for key, value in batch.items()}
-

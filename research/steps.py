@@ -28,8 +28,8 @@ from research.config import ConfigError
 from research.experiment import hook
 from research.optim import current_learning_rate, make_tx
 from research.optim.accumulation import accumulated_value_and_grad
-from research.optim.regularizers import penalized
 from research.optim.registry import check_against_params, origin_of
+from research.optim.regularizers import penalized
 from research.state import TrainState
 
 PyTree = Any
@@ -37,7 +37,9 @@ Batch = Mapping[str, jax.Array]
 LossFn = Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
 
 
-def train_step(state: TrainState, batch: Batch, *, loss_fn: LossFn, tx: optax.GradientTransformation, accumulate_steps: int = 1):
+def train_step(
+    state: TrainState, batch: Batch, *, loss_fn: LossFn, tx: optax.GradientTransformation, accumulate_steps: int = 1
+):
     """One optimizer step: gradient, update and apply, all in one jit region.
 
     An optimizer that takes extra arguments (optax.GradientTransformationExtraArgs) gets the loss
@@ -78,7 +80,9 @@ def loss_as_eval_fn(loss_fn: LossFn) -> Callable[..., dict[str, metrics_lib.Metr
         loss, aux = loss_fn(params, batch, None, **model_state)
         aux = {name: value for name, value in aux.items() if name != "model_state"}
         weight = jnp.sum(batch["mask"])
-        return {name: metrics_lib.Mean(total=value * weight, count=weight) for name, value in (aux | {"loss": loss}).items()}
+        return {
+            name: metrics_lib.Mean(total=value * weight, count=weight) for name, value in (aux | {"loss": loss}).items()
+        }
 
     return eval_fn
 
@@ -112,25 +116,33 @@ class Setup:
     def init_state(self, rng: jax.Array | None = None) -> TrainState:
         """A fresh train state made directly in its shardings, from `rng` (default PRNGKey(config.seed))."""
         rng = jax.random.PRNGKey(self.config.seed) if rng is None else rng
-        create = functools.partial(initial_state, init_variables=self.init_variables, tx=self.tx, batch_spec=self.batch_spec)
+        create = functools.partial(
+            initial_state, init_variables=self.init_variables, tx=self.tx, batch_spec=self.batch_spec
+        )
         return jax.jit(create, out_shardings=self.state_shardings)(rng)
 
 
-def initial_state(rng: jax.Array, *, init_variables: Callable, tx: optax.GradientTransformation, batch_spec: PyTree) -> TrainState:
+def initial_state(
+    rng: jax.Array, *, init_variables: Callable, tx: optax.GradientTransformation, batch_spec: PyTree
+) -> TrainState:
     """Step 0: the model's variables and the optimizer's state, from `rng` (split for init and training)."""
     init_rng, train_rng = jax.random.split(rng)
     # Initial values depend only on the batch's shapes, so a constant batch stands in for real data.
     batch = jax.tree.map(lambda spec: jnp.ones(spec.shape, spec.dtype), batch_spec)
     variables = dict(init_variables(init_rng, batch))
     params = variables.pop("params")
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, model_state=variables, opt_state=tx.init(params), rng=train_rng)
+    return TrainState(
+        step=jnp.zeros((), jnp.int32), params=params, model_state=variables, opt_state=tx.init(params), rng=train_rng
+    )
 
 
 def check_batch(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
     """The global batch must split evenly over the mesh's batch shards and the accumulation's micro-batches."""
     shards = sharding.batch_divisor(mesh)
     if config.batch_size % shards:
-        raise ConfigError(f"batch_size {config.batch_size} must be a multiple of the {shards} batch shards of mesh {dict(mesh.shape)}")
+        raise ConfigError(
+            f"batch_size {config.batch_size} must be a multiple of the {shards} batch shards of mesh {dict(mesh.shape)}"
+        )
     accumulate = config.optimizer.accumulate_steps
     if accumulate < 1 or config.batch_size % (accumulate * shards):
         raise ConfigError(f"optimizer.accumulate_steps {accumulate} must be >= 1 and divide batch_size / batch shards")
@@ -146,7 +158,9 @@ def batch_spec_of(batch: Mapping[str, Any], mesh: Mesh) -> dict[str, jax.ShapeDt
     return spec
 
 
-def build(config: ml_collections.ConfigDict, experiment: Any, mesh: Mesh | None = None, batch: Mapping | None = None) -> Setup:
+def build(
+    config: ml_collections.ConfigDict, experiment: Any, mesh: Mesh | None = None, batch: Mapping | None = None
+) -> Setup:
     """The `Setup` of `experiment` under `config` on `mesh` (default: the config's). `batch` (numpy or
     ShapeDtypeStructs, this process's slice) gives the training batch's shapes; default: the first
     batch of `make_data(config, "train")`."""
@@ -164,7 +178,9 @@ def build(config: ml_collections.ConfigDict, experiment: Any, mesh: Mesh | None 
     create = functools.partial(initial_state, init_variables=init_variables, tx=tx, batch_spec=batch_spec)
     shapes = jax.eval_shape(create, jax.random.PRNGKey(0))
     shardings = sharding.state_shardings(shapes, mesh, config.param_rules)
-    abstract_state = jax.tree.map(lambda leaf, where: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=where), shapes, shardings)
+    abstract_state = jax.tree.map(
+        lambda leaf, where: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=where), shapes, shardings
+    )
     check_against_params(tx, abstract_state.params, origin_of(config.optimizer.name))
     batch_sharding, replicated = sharding.batch_sharding(mesh), sharding.replicated(mesh)
     jitted_train = jax.jit(
@@ -174,6 +190,10 @@ def build(config: ml_collections.ConfigDict, experiment: Any, mesh: Mesh | None 
         donate_argnums=0,
     )
     jitted_eval = jax.jit(
-        functools.partial(eval_step, eval_fn=eval_fn), in_shardings=(shardings, batch_sharding), out_shardings=replicated
+        functools.partial(eval_step, eval_fn=eval_fn),
+        in_shardings=(shardings, batch_sharding),
+        out_shardings=replicated,
     )
-    return Setup(config, mesh, model, loss_fn, eval_fn, init_variables, tx, batch_spec, abstract_state, jitted_train, jitted_eval)
+    return Setup(
+        config, mesh, model, loss_fn, eval_fn, init_variables, tx, batch_spec, abstract_state, jitted_train, jitted_eval
+    )

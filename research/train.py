@@ -15,7 +15,8 @@ import jax
 import ml_collections
 from jax.sharding import Mesh
 
-from research import checkpoint, experiment as experiments, perf, runtime, sharding
+from research import checkpoint, perf, runtime, sharding
+from research import experiment as experiments
 from research import metrics as metrics_lib
 from research.config import ConfigError
 from research.logger import Logger, NonFiniteError, TrainMetrics
@@ -85,7 +86,9 @@ def stop_early(history: list[float], results: dict[str, float], early_stopping: 
         return False
     key = f"eval/{early_stopping.metric}"
     if key not in results or early_stopping.mode not in ("min", "max"):
-        raise ConfigError(f"early_stopping: metric must be one of {sorted(name[5:] for name in results)} and mode 'min' or 'max'")
+        raise ConfigError(
+            f"early_stopping: metric must be one of {sorted(name[5:] for name in results)} and mode 'min' or 'max'"
+        )
     history.append(results[key])
     return should_stop(history, mode=early_stopping.mode, patience=early_stopping.patience)
 
@@ -114,12 +117,22 @@ def _start(setup: Setup, train_iterator, manager, allow_config_change: bool) -> 
     return step, state
 
 
-def _finished(results_file: Path, start: int, num_steps: int) -> bool:
-    """Whether the checkpoint at `start` is the end of a run that wrote its results."""
+def _finished_results(results_file: Path, start: int, num_steps: int) -> dict[str, float] | None:
+    """The final metrics, when the checkpoint at `start` is the end of a run that wrote its results; else None."""
     if not results_file.exists():
-        return False
+        return None
     results = json.loads(results_file.read_text())
-    return results["step"] == start and (start == num_steps or results.get("stopped_early", False))
+    if results["step"] != start or (start != num_steps and not results.get("stopped_early", False)):
+        return None
+    return {key: value for key, value in results.items() if key not in ("step", "stopped_early")}
+
+
+def _write_results(results_file: Path, last_step: int, final: dict[str, float], num_steps: int) -> None:
+    """results.json: the last step, whether the run stopped early, the final metrics (written whole or not at all)."""
+    summary = {"step": last_step} | ({"stopped_early": True} if last_step < num_steps else {})
+    written = results_file.with_name(results_file.name + ".tmp")
+    written.write_text(json.dumps(summary | final, indent=2) + "\n")
+    written.replace(results_file)
 
 
 @dataclasses.dataclass
@@ -147,7 +160,31 @@ class _Run:
         """Checkpoints when the policy (or `force`) says so; a non-finite state is never saved."""
         if force or self.manager.should_save(step):
             self.train_metrics.check_pending(step)
-            checkpoint.save(self.manager, step, self.state, self.train_iterator, self.setup.config, metrics=metrics, force=True)
+            checkpoint.save(
+                self.manager, step, self.state, self.train_iterator, self.setup.config, metrics=metrics, force=True
+            )
+
+    def close(self) -> None:
+        """Ends the profile, waits for the last checkpoint, closes the logs."""
+        self.profiler.close()
+        self.manager.wait_until_finished()
+        self.manager.close()
+        self.logger.close()
+
+
+def _make_run(
+    setup: Setup, state: TrainState, experiment: Any, train_iterator, manager, workdir: Path, start: int
+) -> _Run:
+    """The loop's state from `start`: evaluation data, the logger and its throughput, the profiler."""
+    config = setup.config
+    logger = Logger(workdir, total_steps=config.num_steps, start_step=start)
+    skip = config.nonfinite == "skip"
+    train_metrics = TrainMetrics(
+        logger, config.batch_size, start, skip, throughput=perf.throughput_of(config, experiment)
+    )
+    eval_data = {split: experiment.make_data(config, split) for split in ("validation", "test")}
+    profiler = perf.StepProfiler(config.profile_steps, workdir / "profile")
+    return _Run(setup, state, train_iterator, eval_data, manager, logger, train_metrics, profiler)
 
 
 def train_and_evaluate(
@@ -171,18 +208,13 @@ def train_and_evaluate(
     start, state = _start(setup, train_iterator, manager, allow_config_change)
     batch = sharding.put_batch(first_batch if start == 0 else next(train_iterator), setup.mesh)
     results_file = workdir / "results.json"
-    if _finished(results_file, start, config.num_steps):
+    finished = _finished_results(results_file, start, config.num_steps)
+    if finished is not None:
         manager.close()
         print(f"the run in {workdir} is finished; its results are in {results_file}")
-        return {key: value for key, value in json.loads(results_file.read_text()).items() if key not in ("step", "stopped_early")}
+        return finished
     history = _eval_history(workdir, config.early_stopping, start)
-    logger = Logger(workdir, total_steps=config.num_steps, start_step=start)
-    throughput = perf.throughput_of(config, experiment)
-    run = _Run(
-        setup, state, train_iterator, {split: experiment.make_data(config, split) for split in ("validation", "test")}, manager, logger,
-        TrainMetrics(logger, config.batch_size, start, skip_nonfinite=config.nonfinite == "skip", throughput=throughput),
-        perf.StepProfiler(config.profile_steps, workdir / "profile"),
-    )
+    run = _make_run(setup, state, experiment, train_iterator, manager, workdir, start)
     try:
         last_step = _loop(run, batch, start, history, stop_at_step)
         if last_step is None:
@@ -191,15 +223,12 @@ def train_and_evaluate(
         if start < last_step:
             run.save(last_step, final, force=True)
     except NonFiniteError as error:
-        raise NonFiniteError(f"{error}; the last good checkpoint is step {manager.latest_step()} in {manager.directory}") from None
+        last_good = f"the last good checkpoint is step {manager.latest_step()} in {manager.directory}"
+        raise NonFiniteError(f"{error}; {last_good}") from None
     finally:
-        run.profiler.close()
-        manager.wait_until_finished()
-        manager.close()
-        logger.close()
+        run.close()
     if jax.process_index() == 0:
-        summary = {"step": last_step} | ({"stopped_early": True} if last_step < config.num_steps else {})
-        results_file.write_text(json.dumps(summary | final, indent=2) + "\n")
+        _write_results(results_file, last_step, final, config.num_steps)
     return final
 
 
@@ -234,17 +263,29 @@ def _loop(run: _Run, batch, start: int, history: list[float], stop_at_step: int 
                 metrics_window.finish_window(step)
                 metrics_window.flush()
                 run.manager.wait_until_finished()
-                print(f"stopped at step {step} ({watcher.requested or 'stop_at_step'}); checkpoint saved in {run.manager.directory}")
+                print(
+                    f"stopped at step {step} ({watcher.requested or 'stop_at_step'}); "
+                    f"checkpoint saved in {run.manager.directory}"
+                )
                 return None
     metrics_window.flush()
     return config.num_steps
 
 
-def launch(config: ml_collections.ConfigDict, experiment: Any, name: str, workdir: str | Path, *, allow_config_change: bool = False) -> None:
+def launch(
+    config: ml_collections.ConfigDict,
+    experiment: Any,
+    name: str,
+    workdir: str | Path,
+    *,
+    allow_config_change: bool = False,
+) -> None:
     """launch.py's training mode: names the run, claims the workdir, trains, prints the final metrics."""
     if jax.process_index() == 0:
-        print(f"experiment {name} on {jax.process_count()} process(es), {jax.device_count()} device(s), "
-              f"allocator {runtime.allocator_in_use()}\n{config}")
+        print(
+            f"experiment {name} on {jax.process_count()} process(es), {jax.device_count()} device(s), "
+            f"allocator {runtime.allocator_in_use()}\n{config}"
+        )
         experiments.claim_workdir(workdir, name, config)
     results = train_and_evaluate(config, experiment, workdir, allow_config_change=allow_config_change)
     if results and jax.process_index() == 0:

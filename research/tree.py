@@ -15,4 +15,3 @@ def path_name(path: Sequence[Any]) -> str:
 def named_leaves(tree: PyTree) -> dict[str, Any]:
     """{path name: leaf} of every leaf of `tree`."""
     return {path_name(path): leaf for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
-

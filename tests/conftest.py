@@ -4,8 +4,6 @@ the fixtures and helpers shared by the tests, among them every experiment's :smo
 import os
 
 os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-if os.environ.get("PYTEST_XDIST_WORKER"):  # one pytest-xdist worker per core: each computes on one thread
-    os.environ["XLA_FLAGS"] += " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import io  # noqa: E402
@@ -26,10 +24,20 @@ EXPERIMENTS_DIR = ROOT / "experiments"
 # Tests build the same programs many times (a run, its resumed half, a prediction): compiled once per
 # test run, in a cache that pytest-xdist's workers share.
 _RUN = os.environ.get("PYTEST_XDIST_TESTRUNUID")
-_CACHE = Path(tempfile.gettempdir()) / f"research_tests_jax_cache_{_RUN}" if _RUN else Path(tempfile.mkdtemp(prefix="research_tests_jax_cache_"))
+_CACHE = (
+    Path(tempfile.gettempdir()) / f"research_tests_jax_cache_{_RUN}"
+    if _RUN
+    else Path(tempfile.mkdtemp(prefix="research_tests_jax_cache_"))
+)
 jax.config.update("jax_compilation_cache_dir", str(_CACHE))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-SHIPPED_DATASETS = ("optdigits", "mnist_subset5k", "tiny_shakespeare", "shakespeare_speakers", "shakespeare_acceptability")
+SHIPPED_DATASETS = (
+    "optdigits",
+    "mnist_subset5k",
+    "tiny_shakespeare",
+    "shakespeare_speakers",
+    "shakespeare_acceptability",
+)
 
 
 def pytest_collection_modifyitems(items):
@@ -48,10 +56,17 @@ def assert_trees_close(actual, expected, atol: float = 1e-6, rtol: float = 0.0) 
         np.testing.assert_allclose(np.asarray(a), np.asarray(e), atol=atol, rtol=rtol)
 
 
+def python(*args: str, timeout: float = 300, environment: dict | None = None) -> subprocess.CompletedProcess:
+    """`python ARGS` from the repository's root with its output captured; the environment is this one without the
+    tests' XLA_FLAGS (a fresh process finds its own devices), updated by `environment` (None removes a variable)."""
+    merged = {key: value for key, value in os.environ.items() if key != "XLA_FLAGS"} | (environment or {})
+    clean = {key: value for key, value in merged.items() if value is not None}
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, env=clean, timeout=timeout)
+
+
 def launch(*args: str, timeout: float = 300, **environment: str) -> subprocess.CompletedProcess:
-    """launch.py as a user runs it: a fresh process (its own devices: no XLA_FLAGS), output captured."""
-    clean = {key: value for key, value in os.environ.items() if key != "XLA_FLAGS"} | environment
-    return subprocess.run([sys.executable, "launch.py", *args], cwd=ROOT, capture_output=True, text=True, env=clean, timeout=timeout)
+    """launch.py as a user runs it: a fresh process, output captured."""
+    return python("launch.py", *args, timeout=timeout, environment=environment)
 
 
 def read_metrics(workdir: Path) -> list[dict]:
@@ -142,8 +157,11 @@ def smoke_runs(data_dir, tmp_path_factory) -> dict[str, tuple[Path, dict]]:
         with FileLock(str(root / f"{name}.lock")):
             if not (root / f"{name}_smoke" / "results.json").exists():
                 train_as_launch(name, data_dir, root / f"{name}_smoke", {})
-    final = lambda workdir: {key: value for key, value in json.loads((workdir / "results.json").read_text()).items()
-                             if key not in ("step", "stopped_early")}
+    final = lambda workdir: {
+        key: value
+        for key, value in json.loads((workdir / "results.json").read_text()).items()
+        if key not in ("step", "stopped_early")
+    }
     return {name: (root / f"{name}_smoke", final(root / f"{name}_smoke")) for name in names}
 
 

@@ -28,7 +28,9 @@ def smoke(name, data_dir, **overrides):
 
 def saved_state(workdir, step):
     """The train state saved at `step`, as host arrays."""
-    with ocp.CheckpointManager(workdir / checkpoint.CHECKPOINT_DIR, options=ocp.CheckpointManagerOptions(read_only=True)) as manager:
+    with ocp.CheckpointManager(
+        workdir / checkpoint.CHECKPOINT_DIR, options=ocp.CheckpointManagerOptions(read_only=True)
+    ) as manager:
         return manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
 
 
@@ -66,7 +68,9 @@ def test_changed_config_is_refused_unless_allowed(data_dir, tmp_path):
 
 
 def test_unreadable_latest_checkpoint_falls_back_and_is_kept(data_dir, tmp_path, capsys):
-    module, config = smoke("linear_regression", data_dir, num_steps=8, **{"checkpoint.every_steps": 4, "checkpoint.asynchronous": False})
+    module, config = smoke(
+        "linear_regression", data_dir, num_steps=8, **{"checkpoint.every_steps": 4, "checkpoint.asynchronous": False}
+    )
     train.train_and_evaluate(config, module, tmp_path, stop_at_step=6)  # saves 4 and 6
     for path in (tmp_path / checkpoint.CHECKPOINT_DIR / "6" / "state").rglob("*"):
         if path.is_file():
@@ -81,8 +85,12 @@ def test_unreadable_latest_checkpoint_falls_back_and_is_kept(data_dir, tmp_path,
 
 def test_non_finite_loss_stops_the_run_without_saving_it(data_dir, tmp_path):
     # SGD at learning rate 30 on this regression diverges to inf within a few dozen steps.
-    module, config = smoke("linear_regression", data_dir, num_steps=100, **{"optimizer.learning_rate": 30.0, "checkpoint.every_steps": 1})
-    with pytest.raises(train.NonFiniteError, match=r"non-finite loss or gradients at step (\d+).*last good checkpoint is step") as error:
+    module, config = smoke(
+        "linear_regression", data_dir, num_steps=100, **{"optimizer.learning_rate": 30.0, "checkpoint.every_steps": 1}
+    )
+    with pytest.raises(
+        train.NonFiniteError, match=r"non-finite loss or gradients at step (\d+).*last good checkpoint is step"
+    ) as error:
         train.train_and_evaluate(config, module, tmp_path)
     bad_step = int(error.value.args[0].split("at step ")[1].split(" ")[0])
     steps = checkpoint_steps(tmp_path)
@@ -98,7 +106,9 @@ def test_skip_mode_skips_non_finite_updates_and_counts_them(data_dir, tmp_path):
         poisoned = rng is not None and jax.random.uniform(jax.random.fold_in(rng, 7)) < 0.2
         return jnp.where(poisoned, jnp.nan, loss), aux
 
-    experiment = types.SimpleNamespace(**{name: getattr(module, name) for name in ("make_data", "make_model", "eval_fn")})
+    experiment = types.SimpleNamespace(
+        **{name: getattr(module, name) for name in ("make_data", "make_model", "eval_fn")}
+    )
     experiment.loss_fn = sometimes_nan_loss
     final = train.train_and_evaluate(config, experiment, tmp_path)
     record = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()][0]
@@ -147,9 +157,18 @@ def test_init_from_with_mismatched_shapes_is_an_error(data_dir, tmp_path):
 
 def test_keeps_the_latest_plus_the_best_by_the_chosen_metric(data_dir, tmp_path):
     # "best" = highest eval/mse, i.e. the earliest evaluation: it must survive keep=1.
-    module, config = smoke("linear_regression", data_dir, num_steps=40, eval_every=10, **{
-        "checkpoint.every_steps": 5, "checkpoint.keep": 1, "checkpoint.best_metric": "eval/mse", "checkpoint.best_mode": "max",
-    })
+    module, config = smoke(
+        "linear_regression",
+        data_dir,
+        num_steps=40,
+        eval_every=10,
+        **{
+            "checkpoint.every_steps": 5,
+            "checkpoint.keep": 1,
+            "checkpoint.best_metric": "eval/mse",
+            "checkpoint.best_mode": "max",
+        },
+    )
     train.train_and_evaluate(config, module, tmp_path)
     assert sorted(checkpoint_steps(tmp_path)) == [10, 40]
 

@@ -18,8 +18,14 @@ def test_list_names_every_experiment_with_its_description():
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--config.optimzer.lr=1"], "error: unknown config key 'optimzer.lr'; did you mean 'optimizer.learning_rate'?"),
-        (["--config.optimizer.learning_rat=1"], "error: unknown config key 'optimizer.learning_rat'; did you mean 'optimizer.learning_rate'?"),
+        (
+            ["--config.optimzer.lr=1"],
+            "error: unknown config key 'optimzer.lr'; did you mean 'optimizer.learning_rate'?",
+        ),
+        (
+            ["--config.optimizer.learning_rat=1"],
+            "error: unknown config key 'optimizer.learning_rat'; did you mean 'optimizer.learning_rate'?",
+        ),
         (["--config.num_steps=many"], "error: flag --config.num_steps=many: invalid literal for int()"),
         (["--config.optimizer.name=adm"], "error: unknown optimizer 'adm' (did you mean 'adam'?)"),
     ],
@@ -34,13 +40,19 @@ def test_bad_overrides_fail_in_one_line(tmp_path, args, message):
 def test_missing_experiment_file(tmp_path):
     result = launch("--config", "experiments/nope.py", "--workdir", str(tmp_path))
     assert result.returncode == 2
-    assert result.stderr.strip().splitlines()[-1] == "error: no experiment file 'experiments/nope.py': pass --config experiments/NAME.py (see --list)"
+    assert (
+        result.stderr.strip().splitlines()[-1]
+        == "error: no experiment file 'experiments/nope.py': pass --config experiments/NAME.py (see --list)"
+    )
 
 
 def test_bad_config_variant(tmp_path):
     result = launch("--config", "experiments/digits_mlp.py:smok", "--workdir", str(tmp_path))
     assert result.returncode == 2
-    assert result.stderr.strip().splitlines()[-1] == "error: unknown config variant 'smok': use no ':arg' or one of 'smoke'"
+    assert (
+        result.stderr.strip().splitlines()[-1]
+        == "error: unknown config variant 'smok': use no ':arg' or one of 'smoke'"
+    )
 
 
 def test_missing_workdir():
@@ -50,7 +62,9 @@ def test_missing_workdir():
 
 def test_run_writes_its_files_then_guards_the_workdir(tmp_path):
     workdir = tmp_path / "run"
-    result = launch("--config", "experiments/linear_regression.py:smoke", "--workdir", str(workdir), "--config.num_steps=60")
+    result = launch(
+        "--config", "experiments/linear_regression.py:smoke", "--workdir", str(workdir), "--config.num_steps=60"
+    )
     assert result.returncode == 0, result.stderr
     assert "num_steps: 60" in result.stdout  # the resolved config is printed
     saved = json.loads((workdir / "config.json").read_text())
@@ -62,5 +76,6 @@ def test_run_writes_its_files_then_guards_the_workdir(tmp_path):
     other = launch("--config", "experiments/digits_mlp.py:smoke", "--workdir", str(workdir))
     assert other.returncode == 2
     assert other.stderr.strip().splitlines()[-1] == (
-        f"error: workdir '{workdir}' holds a run of experiment 'linear_regression', not 'digits_mlp': choose another --workdir"
+        f"error: workdir '{workdir}' holds a run of experiment 'linear_regression', not 'digits_mlp': "
+        "choose another --workdir"
     )

@@ -6,7 +6,9 @@ import pytest
 from research import metrics
 
 # Three classes; rows are examples. Predictions (arg-max): 0, 1, 1, 2, 0, 1.
-LOGITS = jnp.array([[2.0, 0.0, 0.0], [0.0, 3.0, 1.0], [0.5, 1.0, 0.0], [0.0, 0.0, 1.0], [1.0, 0.0, 0.0], [0.0, 2.0, 0.0]])
+LOGITS = jnp.array(
+    [[2.0, 0.0, 0.0], [0.0, 3.0, 1.0], [0.5, 1.0, 0.0], [0.0, 0.0, 1.0], [1.0, 0.0, 0.0], [0.0, 2.0, 0.0]]
+)
 LABELS = jnp.array([0, 1, 2, 2, 1, 1])
 
 
@@ -67,7 +69,7 @@ def test_batches_merge_to_the_whole_and_mask_drops_padding():
 
 
 def test_metrics_are_jittable_pytrees():
-    result = jax.jit(lambda l, y: metrics.Accuracy.from_logits(l, y))(LOGITS, LABELS)
+    result = jax.jit(lambda logits, labels: metrics.Accuracy.from_logits(logits, labels))(LOGITS, LABELS)
     assert float(result.count) == 6.0 and float(result.total) == 4.0
 
 

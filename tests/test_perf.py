@@ -1,9 +1,6 @@
 """Performance features: the hand-written attention backward, FLOP counts, logged throughput and MFU."""
 
 import json
-import os
-import subprocess
-import sys
 
 import flax.linen as nn
 import jax
@@ -11,12 +8,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import ROOT, assert_trees_close
+from conftest import assert_trees_close, launch
 from experiments import cifar10_resnet, mnist_cnn, shakespeare_gpt
 from research import perf, train
 from research.config import ConfigError
 from research.models import attention
-
 
 
 def _heads(batch, length, heads, width, seed=0):
@@ -52,13 +48,20 @@ def test_attention_backward_equals_autodiff_of_the_plain_function(masked):
 def test_self_attention_equals_flax_multi_head_attention(masked):
     batch, length, width, heads = 2, 70, 24, 3
     x = jax.random.normal(jax.random.PRNGKey(0), (batch, length, width))
-    options = dict(num_heads=heads, use_bias=True, kernel_init=nn.initializers.normal(0.5), out_kernel_init=nn.initializers.normal(0.3))
+    options = dict(
+        num_heads=heads,
+        use_bias=True,
+        kernel_init=nn.initializers.normal(0.5),
+        out_kernel_init=nn.initializers.normal(0.3),
+    )
     ours = attention.SelfAttention(causal=masked == "causal", **options)
     flax = nn.MultiHeadDotProductAttention(**options)
     if masked == "causal":
         our_mask, flax_mask = None, nn.make_causal_mask(jnp.zeros((batch, length)))
     else:
-        our_mask = flax_mask = nn.make_attention_mask(jnp.ones((batch, length)), jax.random.bernoulli(jax.random.PRNGKey(3), 0.6, (batch, length)))
+        our_mask = flax_mask = nn.make_attention_mask(
+            jnp.ones((batch, length)), jax.random.bernoulli(jax.random.PRNGKey(3), 0.6, (batch, length))
+        )
     params = ours.init(jax.random.PRNGKey(1), x, our_mask)["params"]
     flax_params = flax.init(jax.random.PRNGKey(1), x, mask=flax_mask)["params"]
     assert_trees_close(params, flax_params, atol=0.0)  # same names, shapes and initial values
@@ -76,7 +79,10 @@ def test_attention_dropout_drops_the_expected_fraction_and_keeps_the_mean():
     module = attention.SelfAttention(num_heads=2, causal=True, dropout_rate=0.5)
     params = module.init(jax.random.PRNGKey(1), x)["params"]
     clean = module.apply({"params": params}, x, deterministic=True)
-    runs = [module.apply({"params": params}, x, deterministic=False, rngs={"dropout": jax.random.PRNGKey(s)}) for s in range(64)]
+    runs = [
+        module.apply({"params": params}, x, deterministic=False, rngs={"dropout": jax.random.PRNGKey(s)})
+        for s in range(64)
+    ]
     assert float(jnp.max(jnp.abs(runs[0] - clean))) > 1e-3 and float(jnp.max(jnp.abs(runs[0] - runs[1]))) > 1e-3
     # Inverted dropout: the mean over masks is the deterministic output; 64 masks leave ~1/8 of one mask's error.
     one_mask = float(jnp.mean(jnp.abs(runs[0] - clean)))
@@ -104,7 +110,9 @@ def test_measured_peak_is_positive_and_plausible():
 
 def test_training_logs_tokens_per_second_and_mfu_and_writes_a_profile(tmp_path, data_dir):
     config = shakespeare_gpt.get_config("smoke")
-    config.update_from_flattened_dict({"data_dir": data_dir, "num_steps": 6, "log_every": 2, "peak_tflops": 0.001, "profile_steps": "3,4"})
+    config.update_from_flattened_dict(
+        {"data_dir": data_dir, "num_steps": 6, "log_every": 2, "peak_tflops": 0.001, "profile_steps": "3,4"}
+    )
     train.train_and_evaluate(config, shakespeare_gpt, tmp_path)
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     logged = [record for record in records if "perf/mfu" in record]
@@ -126,12 +134,16 @@ def test_bad_profile_steps_is_a_config_error(steps):
 
 @pytest.mark.slow
 def test_second_launch_hits_the_compilation_cache(tmp_path):
-    environment = {key: value for key, value in os.environ.items() if key != "XLA_FLAGS"} | {"JAX_LOG_COMPILES": "1"}
-    logs = []
+    logs, cache = [], f"--compilation_cache_dir={tmp_path / 'cache'}"
     for run in range(2):  # two fresh processes, two workdirs, one cache
-        command = [sys.executable, "launch.py", "--config", "experiments/shakespeare_gpt.py:smoke", "--workdir", str(tmp_path / f"run{run}"),
-                   "--config.num_steps=4", f"--compilation_cache_dir={tmp_path / 'cache'}"]
-        result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=environment, timeout=300)
+        workdir = f"--workdir={tmp_path / f'run{run}'}"
+        result = launch(
+            "--config=experiments/shakespeare_gpt.py:smoke",
+            workdir,
+            "--config.num_steps=4",
+            cache,
+            JAX_LOG_COMPILES="1",
+        )
         assert result.returncode == 0, result.stderr[-2000:]
         logs.append(result.stderr)
     compiles = [log.count("Finished XLA compilation of") for log in logs]

@@ -17,8 +17,13 @@ from research import checkpoint
 
 NUM_STEPS = 300
 COMMAND = [
-    sys.executable, "launch.py", "--config", "experiments/linear_regression.py:smoke",
-    f"--config.num_steps={NUM_STEPS}", "--config.log_every=1", "--config.eval_every=0",
+    sys.executable,
+    "launch.py",
+    "--config",
+    "experiments/linear_regression.py:smoke",
+    f"--config.num_steps={NUM_STEPS}",
+    "--config.log_every=1",
+    "--config.eval_every=0",
     "--config.checkpoint.every_steps=25",
 ]
 pytestmark = pytest.mark.slow
@@ -28,8 +33,13 @@ def start(workdir: Path) -> subprocess.Popen:
     """Runs launch.py with its output going to files (a full pipe would block the run)."""
     environment = {key: value for key, value in os.environ.items() if key != "XLA_FLAGS"}
     workdir.mkdir(parents=True, exist_ok=True)
-    with open(workdir.parent / f"{workdir.name}.out", "a") as out, open(workdir.parent / f"{workdir.name}.err", "a") as err:
-        return subprocess.Popen([*COMMAND, f"--workdir={workdir}"], cwd=ROOT, env=environment, stdout=out, stderr=err, text=True)
+    with (
+        open(workdir.parent / f"{workdir.name}.out", "a") as out,
+        open(workdir.parent / f"{workdir.name}.err", "a") as err,
+    ):
+        return subprocess.Popen(
+            [*COMMAND, f"--workdir={workdir}"], cwd=ROOT, env=environment, stdout=out, stderr=err, text=True
+        )
 
 
 def finish(process: subprocess.Popen, workdir: Path) -> str:
@@ -52,7 +62,9 @@ def wait_for_step(workdir: Path, process: subprocess.Popen, step: int) -> None:
 
 
 def final_state(workdir: Path):
-    with ocp.CheckpointManager(workdir / checkpoint.CHECKPOINT_DIR, options=ocp.CheckpointManagerOptions(read_only=True)) as manager:
+    with ocp.CheckpointManager(
+        workdir / checkpoint.CHECKPOINT_DIR, options=ocp.CheckpointManagerOptions(read_only=True)
+    ) as manager:
         assert manager.latest_step() == NUM_STEPS
         return manager.restore(NUM_STEPS, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
 

@@ -1,25 +1,31 @@
 """Process set-up before JAX starts: the allocator a process re-executes with, and our XLA:CPU flags."""
 
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import ROOT
+from conftest import launch, python
 from research import runtime
 
 
 def test_allocator_environment_for_each_choice():
     applied = runtime.APPLIED
-    tcmalloc = runtime.allocator_environment({"LD_PRELOAD": "libother.so"}, "linux", tcmalloc="libtcmalloc_minimal.so.4")
+    tcmalloc = runtime.allocator_environment(
+        {"LD_PRELOAD": "libother.so"}, "linux", tcmalloc="libtcmalloc_minimal.so.4"
+    )
     assert tcmalloc["LD_PRELOAD"] == "libtcmalloc_minimal.so.4:libother.so" and tcmalloc[applied] == "tcmalloc"
     assert runtime.allocator_environment({}, "linux", tcmalloc=None) is None  # auto without tcmalloc: glibc as it is
     asked = {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0:glibc.cpu.x=1", "RESEARCH_ALLOCATOR": "hugepages"}
     huge = runtime.allocator_environment(asked, "linux", tcmalloc=None)
     assert huge["GLIBC_TUNABLES"] == "glibc.cpu.x=1:glibc.malloc.hugetlb=1" and huge[applied] == "hugepages"
-    assert runtime.allocator_environment({"RESEARCH_ALLOCATOR": "hugepages"}, "linux", tcmalloc="libtcmalloc.so.4")[applied] == "hugepages"
+    assert (
+        runtime.allocator_environment({"RESEARCH_ALLOCATOR": "hugepages"}, "linux", tcmalloc="libtcmalloc.so.4")[
+            applied
+        ]
+        == "hugepages"
+    )
     assert runtime.allocator_environment({"RESEARCH_ALLOCATOR": "system"}, "linux", tcmalloc="libtcmalloc.so.4") is None
     # Re-executed once only.
     assert runtime.allocator_environment({applied: "tcmalloc"}, "linux", tcmalloc="libtcmalloc.so.4") is None
@@ -35,7 +41,9 @@ def test_xla_flags_add_ours_unless_set_or_unmeasured():
     assert runtime.xla_flags("", "0.10.0") == ours
     own = "--xla_cpu_experimental_ynn_fusion_type=+LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION"
     assert runtime.xla_flags(own, "0.10.2") == own  # the user's setting wins
-    assert runtime.xla_flags(devices, "0.11.0") == devices  # a jaxlib we have not measured: its XLA may not know the flag
+    assert (
+        runtime.xla_flags(devices, "0.11.0") == devices
+    )  # a jaxlib we have not measured: its XLA may not know the flag
     assert runtime.xla_flags(devices, None) == devices
 
 
@@ -45,7 +53,8 @@ runtime.configure_process()
 import jax, jax.numpy as jnp
 convolve = lambda x, w: jax.lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
 program = jax.jit(convolve).lower(jnp.ones((8, 14, 14, 64)), jnp.ones((3, 3, 64, 128))).compile().as_text()
-print(sum("__ynn_fusion" in line for line in program.splitlines()), sum(" convolution(" in line for line in program.splitlines()))
+lines = program.splitlines()
+print(sum("__ynn_fusion" in line for line in lines), sum(" convolution(" in line for line in lines))
 """
 
 
@@ -57,19 +66,28 @@ def test_configured_process_runs_convolutions_on_xla_not_ynnpack():
         assert runtime.xla_flags(devices, version) == devices
         return
     counts = {}
-    for name, flags in (("ours", ""), ("ynnpack", "--xla_cpu_experimental_ynn_fusion_type=+LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION")):
-        result = subprocess.run([sys.executable, "-c", _CONVOLUTION_BACKEND], cwd=ROOT, capture_output=True, text=True, timeout=120,
-                                env=dict(os.environ, XLA_FLAGS=flags, RESEARCH_ALLOCATOR="system"))
+    for name, flags in (
+        ("ours", ""),
+        ("ynnpack", "--xla_cpu_experimental_ynn_fusion_type=+LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION"),
+    ):
+        result = python(
+            "-c", _CONVOLUTION_BACKEND, timeout=120, environment={"XLA_FLAGS": flags, "RESEARCH_ALLOCATOR": "system"}
+        )
         assert result.returncode == 0, result.stderr[-1500:]
         counts[name] = tuple(map(int, result.stdout.split()))
-    assert counts == {"ours": (0, 1), "ynnpack": (1, 1)}  # (YNNPACK fusions, convolutions: inside the fusion for YNNPACK)
+    assert counts == {
+        "ours": (0, 1),
+        "ynnpack": (1, 1),
+    }  # (YNNPACK fusions, convolutions: inside the fusion for YNNPACK)
 
 
 def test_unknown_allocator_fails_in_one_line():
-    result = subprocess.run([sys.executable, "launch.py", "--list"], cwd=ROOT, capture_output=True, text=True, timeout=60,
-                            env=dict(os.environ, RESEARCH_ALLOCATOR="jemalloc"))
+    result = launch("--list", timeout=60, RESEARCH_ALLOCATOR="jemalloc")
     assert result.returncode == 2
-    assert result.stderr.strip() == "error: RESEARCH_ALLOCATOR='jemalloc' is not an allocator: use one of auto, tcmalloc, hugepages, system"
+    assert (
+        result.stderr.strip()
+        == "error: RESEARCH_ALLOCATOR='jemalloc' is not an allocator: use one of auto, tcmalloc, hugepages, system"
+    )
 
 
 _FAULTS_PER_CALL = """
@@ -95,9 +113,8 @@ def test_fast_allocator_stops_refaulting_memory_every_call():
         pytest.skip("needs Linux with tcmalloc or transparent huge pages")
     faults = {}
     for choice in ("system", "tcmalloc" if tcmalloc else "hugepages"):
-        environment = {key: value for key, value in os.environ.items() if not key.startswith("RESEARCH_ALLOCATOR")}
-        result = subprocess.run([sys.executable, "-c", _FAULTS_PER_CALL], cwd=ROOT, capture_output=True, text=True, timeout=120,
-                                env=dict(environment, RESEARCH_ALLOCATOR=choice))
+        environment = {key: None for key in os.environ if key.startswith("RESEARCH_ALLOCATOR")}
+        result = python("-c", _FAULTS_PER_CALL, timeout=120, environment=environment | {"RESEARCH_ALLOCATOR": choice})
         assert result.returncode == 0, result.stderr
         name, count = result.stdout.split()
         faults[name] = float(count)

@@ -21,13 +21,23 @@ from research.tree import path_name
 CATCH_ALL = len(DEFAULT_PARAM_RULES) - 1
 MODELS = {
     "gpt": (gpt.GPT(vocab_size=65, block_size=16, num_layers=2, num_heads=4, width=32), jnp.zeros((2, 16), jnp.int32)),
-    "bert": (bert.BertForMaskedLM(bert.BertEncoder(vocab_size=40, max_length=16, num_layers=1, num_heads=2, width=32, mlp_dim=64)), jnp.zeros((2, 16), jnp.int32)),
+    "bert": (
+        bert.BertForMaskedLM(
+            bert.BertEncoder(vocab_size=40, max_length=16, num_layers=1, num_heads=2, width=32, mlp_dim=64)
+        ),
+        jnp.zeros((2, 16), jnp.int32),
+    ),
     "resnet": (resnet.CifarResNet(depth=8), jnp.zeros((2, 32, 32, 3))),
     "cnn": (cnn.CNN(num_classes=10), jnp.zeros((2, 28, 28, 1))),
     "mlp": (mlp.MLP(features=(64, 32, 10)), jnp.zeros((2, 64))),
     "rnn": (rnn.RecurrentLM(vocab_size=65, width=32), jnp.zeros((2, 16), jnp.int32)),
 }
-MESHES = [{"data": 8, "fsdp": 1, "tensor": 1}, {"data": 1, "fsdp": 8, "tensor": 1}, {"data": 2, "fsdp": 2, "tensor": 2}, {"data": 4, "fsdp": 1, "tensor": 2}]
+MESHES = [
+    {"data": 8, "fsdp": 1, "tensor": 1},
+    {"data": 1, "fsdp": 8, "tensor": 1},
+    {"data": 2, "fsdp": 2, "tensor": 2},
+    {"data": 4, "fsdp": 1, "tensor": 2},
+]
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
@@ -43,9 +53,12 @@ def test_every_weight_matrix_matches_a_rule_before_the_catch_all(name):
 
 
 def adam_setup(model, loss_fn, mesh_axes: dict, batch: dict, learning_rate: float = 1e-3) -> steps.Setup:
-    """build() for a bare model and loss: Adam, the default sharding rules, a mesh of those axes on the first devices."""
+    """build() for a bare model and loss: Adam, the default sharding rules, a mesh of those axes on the first
+    devices."""
     config = trainer_config()
-    config.update_from_flattened_dict({"batch_size": len(batch["inputs"]), "optimizer.name": "adam", "optimizer.learning_rate": learning_rate})
+    config.update_from_flattened_dict(
+        {"batch_size": len(batch["inputs"]), "optimizer.name": "adam", "optimizer.learning_rate": learning_rate}
+    )
     config.mesh.update(mesh_axes)
     experiment = types.SimpleNamespace(make_model=lambda config: model, loss_fn=loss_fn)
     mesh = sharding.make_mesh(mesh_axes, jax.devices()[: int(np.prod(list(mesh_axes.values())))])
@@ -54,7 +67,9 @@ def adam_setup(model, loss_fn, mesh_axes: dict, batch: dict, learning_rate: floa
 
 def test_fsdp_and_tensor_shard_weights_and_adam_moments_follow():
     model, inputs = MODELS["gpt"]
-    abstract = adam_setup(model, gpt_loss, {"data": 2, "fsdp": 2, "tensor": 2}, {"inputs": np.zeros((8, 16), np.int32)}).abstract_state
+    abstract = adam_setup(
+        model, gpt_loss, {"data": 2, "fsdp": 2, "tensor": 2}, {"inputs": np.zeros((8, 16), np.int32)}
+    ).abstract_state
     block = abstract.params["block_0"]
     assert block["attention"]["query"]["kernel"].sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor", None)
     assert block["attention"]["out"]["kernel"].sharding.spec == jax.sharding.PartitionSpec("tensor", None, "fsdp")
@@ -79,7 +94,9 @@ def gpt_loss(params, batch, rng, *, model):
 
 
 def resnet_loss(params, batch, rng, *, model, model_state):
-    logits, updated = model.apply({"params": params, **model_state}, batch["inputs"], train=True, mutable=["batch_stats"])
+    logits, updated = model.apply(
+        {"params": params, **model_state}, batch["inputs"], train=True, mutable=["batch_stats"]
+    )
     nll = optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"])
     return metrics.masked_mean(nll), {"model_state": updated}
 
@@ -90,10 +107,18 @@ def losses_on(mesh_axes, name, steps=5):
     if name == "gpt":
         model, loss_fn = gpt.GPT(vocab_size=64, block_size=16, num_layers=2, num_heads=4, width=32), gpt_loss
         # Counting sequences (start, start + 1, ...) mod 64: learnable, so the loss has to fall.
-        batches = [{"inputs": ((rng.integers(0, 64, (16, 1)) + np.arange(16)) % 64).astype(np.int32)} for _ in range(steps)]
+        batches = [
+            {"inputs": ((rng.integers(0, 64, (16, 1)) + np.arange(16)) % 64).astype(np.int32)} for _ in range(steps)
+        ]
     else:
         model, loss_fn = resnet.CifarResNet(depth=8), resnet_loss
-        batches = [{"inputs": rng.normal(size=(16, 16, 16, 3)).astype(np.float32), "labels": rng.integers(0, 10, 16).astype(np.int32)} for _ in range(steps)]
+        batches = [
+            {
+                "inputs": rng.normal(size=(16, 16, 16, 3)).astype(np.float32),
+                "labels": rng.integers(0, 10, 16).astype(np.int32),
+            }
+            for _ in range(steps)
+        ]
     setup = adam_setup(model, loss_fn, mesh_axes, batches[0], learning_rate=3e-3)
     state, losses = setup.init_state(jax.random.PRNGKey(0)), []
     for batch in batches:
@@ -114,7 +139,8 @@ def test_every_mesh_gives_the_one_device_losses(name):
 
 WINDOW_SCRIPT = """
 import os, sys
-os.environ["XLA_FLAGS"] = ("--xla_force_host_platform_device_count=8 --xla_cpu_collective_call_terminate_timeout_seconds=5"
+os.environ["XLA_FLAGS"] = ("--xla_force_host_platform_device_count=8"
+                           " --xla_cpu_collective_call_terminate_timeout_seconds=5"
                            " --xla_cpu_collective_call_warn_stuck_timeout_seconds=2")
 import jax, jax.numpy as jnp, numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
@@ -157,7 +183,9 @@ def test_dispatch_window_keeps_collectives_from_deadlocking(tmp_path):
     sharded, single = map(float, paced.stdout.split())
     np.testing.assert_allclose(sharded, single, rtol=1e-5)
     unpaced = run(1000, "none")
-    assert unpaced.returncode == -signal.SIGABRT, "XLA:CPU no longer deadlocks without the window: DispatchWindow may be unneeded"
+    assert unpaced.returncode == -signal.SIGABRT, (
+        "XLA:CPU no longer deadlocks without the window: DispatchWindow may be unneeded"
+    )
     assert "Termination timeout for `all reduce" in unpaced.stderr
 
 

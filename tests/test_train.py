@@ -30,13 +30,17 @@ def first_batch_and_state(config):
 
 def test_train_step_is_pure(data_dir):
     setup, state, batch = first_batch_and_state(smoke_config(data_dir))
-    step = jax.jit(functools.partial(steps.train_step, loss_fn=setup.loss_fn, tx=setup.tx))  # the same step, state not donated
+    step = jax.jit(
+        functools.partial(steps.train_step, loss_fn=setup.loss_fn, tx=setup.tx)
+    )  # the same step, state not donated
     first_state, first_metrics = step(state, batch)
     second_state, second_metrics = step(state, batch)
     assert_trees_close(first_state, second_state, atol=0.0)
     assert_trees_close(first_metrics, second_metrics, atol=0.0)
     assert int(state.step) == 0 and int(first_state.step) == 1
-    moved = jax.tree.map(lambda a, b: float(np.abs(np.asarray(a) - np.asarray(b)).max()), first_state.params, state.params)
+    moved = jax.tree.map(
+        lambda a, b: float(np.abs(np.asarray(a) - np.asarray(b)).max()), first_state.params, state.params
+    )
     assert min(jax.tree.leaves(moved)) > 0.0, "every parameter should move after one Adam step"
 
 
@@ -89,7 +93,11 @@ def test_loss_as_eval_fn_weights_by_real_examples(data_dir):
 
 @pytest.mark.parametrize(
     "axes, message",
-    [({"data": -1, "fsdp": -1}, "at most one axis"), ({"data": 3, "fsdp": -1}, "do not divide"), ({"data": 4}, "needs 4 devices")],
+    [
+        ({"data": -1, "fsdp": -1}, "at most one axis"),
+        ({"data": 3, "fsdp": -1}, "do not divide"),
+        ({"data": 4}, "needs 4 devices"),
+    ],
 )
 def test_bad_mesh_is_a_config_error(axes, message):
     with pytest.raises(ConfigError, match=message):
@@ -118,21 +126,30 @@ def test_model_state_is_updated_in_training_and_used_in_evaluation(tmp_path):
         return (dict(batch, inputs=batch["inputs"] + 5.0) for batch in linear_regression.make_data(config, split))
 
     def loss_fn(params, batch, rng, *, model, model_state):
-        predictions, updated = model.apply({"params": params, **model_state}, batch["inputs"], train=True, mutable=["batch_stats"])
-        return metrics.masked_mean(jnp.square(predictions - batch["targets"]), batch["mask"][:, None]), {"model_state": updated}
+        predictions, updated = model.apply(
+            {"params": params, **model_state}, batch["inputs"], train=True, mutable=["batch_stats"]
+        )
+        return metrics.masked_mean(jnp.square(predictions - batch["targets"]), batch["mask"][:, None]), {
+            "model_state": updated
+        }
 
     def eval_fn(params, batch, *, model, model_state):
         predictions = model.apply({"params": params, **model_state}, batch["inputs"], train=False)
         return {"mse": metrics.MeanSquaredError.from_predictions(predictions, batch["targets"], batch["mask"][:, None])}
 
     experiment = types.SimpleNamespace(
-        make_data=make_data, make_model=lambda config: ShiftedBatchNormRegression(), loss_fn=loss_fn, eval_fn=eval_fn,
+        make_data=make_data,
+        make_model=lambda config: ShiftedBatchNormRegression(),
+        loss_fn=loss_fn,
+        eval_fn=eval_fn,
         init_variables=lambda model, rng, batch: model.init(rng, batch["inputs"], train=False),
     )
     final = train.train_and_evaluate(config, experiment, tmp_path)
     # With the initial statistics (mean 0, variance 1) the shift alone would cost an MSE near 75.
     assert final["test/mse"] < 0.5
-    state = ocp.CheckpointManager(tmp_path / "checkpoints").restore(100, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+    state = ocp.CheckpointManager(tmp_path / "checkpoints").restore(
+        100, args=ocp.args.Composite(state=ocp.args.StandardRestore())
+    )["state"]
     assert float(state["model_state"]["batch_stats"]["BatchNorm_0"]["mean"][0]) == pytest.approx(5.0, abs=0.1)
 
 

@@ -6,6 +6,9 @@ element's position, so the same seed gives the same augmented batches, also afte
 Legend: H height, W width, C channels.
 """
 
+import functools
+from typing import Callable
+
 import numpy as np
 
 # Per-channel mean and standard deviation of the CIFAR-10 training images, on the 0..1 scale.
@@ -13,7 +16,9 @@ CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 
 
-def normalize(image_HxWxC: np.ndarray, mean: tuple[float, ...], std: tuple[float, ...], scale: float = 255.0) -> np.ndarray:
+def normalize(
+    image_HxWxC: np.ndarray, mean: tuple[float, ...], std: tuple[float, ...], scale: float = 255.0
+) -> np.ndarray:
     """float32 (image / scale - mean) / std, per channel."""
     image = image_HxWxC.astype(np.float32) / scale
     return (image - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
@@ -47,10 +52,17 @@ def pixels(record, *, scale: float, flat: bool) -> dict[str, np.ndarray]:
     return {"inputs": inputs, "labels": np.asarray(record["label"], np.int32)}
 
 
-def random_shift(record, rng: np.random.Generator, *, max_shift: int, scale: float, flat: bool = False) -> dict[str, np.ndarray]:
+def random_shift(
+    record, rng: np.random.Generator, *, max_shift: int, scale: float, flat: bool = False
+) -> dict[str, np.ndarray]:
     """`pixels` of the image moved by up to `max_shift` pixels along each axis, the uncovered border black."""
     image_HxW = np.asarray(record["image"])
     height, width = image_HxW.shape
     top, left = rng.integers(0, 2 * max_shift + 1, size=2)
     shifted = np.pad(image_HxW, max_shift)[top : top + height, left : left + width]
     return pixels({"image": shifted, "label": record["label"]}, scale=scale, flat=flat)
+
+
+def random_shifts(max_shift: int, scale: float, flat: bool = False) -> Callable | None:
+    """`random_shift` with these settings as a pipeline's random transform; None (no augmentation) for 0."""
+    return functools.partial(random_shift, max_shift=max_shift, scale=scale, flat=flat) if max_shift else None

@@ -13,7 +13,14 @@ from typing import Any, Mapping, Sequence
 
 import tensorflow_datasets as tfds
 
-from research.data import cifar10, files, mnist, optdigits, shakespeare_acceptability, shakespeare_speakers, tiny_shakespeare  # noqa: F401  (registers every builder)
+from research.data import (
+    cifar10,
+    files,
+    mnist,
+    optdigits,
+    shakespeare_acceptability,
+    shakespeare_speakers,
+)  # noqa: F401  (registers every builder)
 
 OFFICIAL_PREFIX = "tfds:"
 
@@ -27,13 +34,26 @@ class Dataset:
 
 DATASETS = {
     "optdigits": Dataset("optdigits", "UCI handwritten digits 8x8 (shipped)", optdigits.SPLIT_SIZES),
-    "mnist": Dataset("research_mnist/full", "MNIST 28x28, official split (four IDX files or internet)", mnist.SPLIT_SIZES["full"]),
-    "mnist_subset5k": Dataset("research_mnist/subset5k", "MNIST, shipped: official test + 5k train", mnist.SPLIT_SIZES["subset5k"]),
+    "mnist": Dataset(
+        "research_mnist/full", "MNIST 28x28, official split (four IDX files or internet)", mnist.SPLIT_SIZES["full"]
+    ),
+    "mnist_subset5k": Dataset(
+        "research_mnist/subset5k", "MNIST, shipped: official test + 5k train", mnist.SPLIT_SIZES["subset5k"]
+    ),
     "cifar10": Dataset("research_cifar10", "CIFAR-10 32x32x3 (binary archive or internet)", cifar10.SPLIT_SIZES),
-    "tiny_shakespeare": Dataset("research_tiny_shakespeare", "Tiny Shakespeare, one text per split (shipped)", {"train": 1, "validation": 1, "test": 1}),
-    "shakespeare_speakers": Dataset("research_shakespeare_speakers", shakespeare_speakers.DESCRIPTION, shakespeare_speakers.SPLIT_SIZES),
-    "shakespeare_acceptability": Dataset("research_shakespeare_acceptability", shakespeare_acceptability.DESCRIPTION,
-                                         shakespeare_acceptability.SPLIT_SIZES),
+    "tiny_shakespeare": Dataset(
+        "research_tiny_shakespeare",
+        "Tiny Shakespeare, one text per split (shipped)",
+        {"train": 1, "validation": 1, "test": 1},
+    ),
+    "shakespeare_speakers": Dataset(
+        "research_shakespeare_speakers", shakespeare_speakers.DESCRIPTION, shakespeare_speakers.SPLIT_SIZES
+    ),
+    "shakespeare_acceptability": Dataset(
+        "research_shakespeare_acceptability",
+        shakespeare_acceptability.DESCRIPTION,
+        shakespeare_acceptability.SPLIT_SIZES,
+    ),
 }
 
 
@@ -50,7 +70,9 @@ def resolve(name: str, data_dir: str | None = None) -> str:
         return _mnist_builder(data_dir or "")
     if name not in DATASETS:
         known = ", ".join(DATASETS)
-        raise files.MissingDataError(f"unknown dataset {name!r}: use one of {known}, or tfds:NAME for an official tfds dataset")
+        raise files.MissingDataError(
+            f"unknown dataset {name!r}: use one of {known}, or tfds:NAME for an official tfds dataset"
+        )
     return DATASETS[name].builder
 
 
@@ -83,13 +105,17 @@ def prepare(dataset_builder: tfds.core.DatasetBuilder, name: str) -> None:
         try:
             import tensorflow  # noqa: F401  (only to find out whether it is there)
         except ImportError:
-            raise files.MissingDataError(f"preparing the official tfds dataset {name!r} needs TensorFlow: pip install tensorflow, or prepare it elsewhere as array_record into this data_dir") from None
+            raise files.MissingDataError(
+                f"preparing the official tfds dataset {name!r} needs TensorFlow: pip install tensorflow, "
+                "or prepare it elsewhere as array_record into this data_dir"
+            ) from None
         _check_official_files(dataset_builder, name)
     dataset_builder.download_and_prepare()
 
 
 def _check_official_files(dataset_builder: tfds.core.DatasetBuilder, name: str) -> None:
-    """Offline, tfds would retry each download for minutes: fail at once unless every file is in the manual directory."""
+    """Offline, tfds would retry each download for minutes: fail at once unless every file is in the manual
+    directory."""
     url_infos = dataset_builder.url_infos or {}
     if not url_infos or files.online(next(iter(url_infos))):
         return
@@ -105,15 +131,21 @@ def describe(data_dir: str | None = None) -> list[dict[str, Any]]:
     for name, dataset in DATASETS.items():
         dataset_builder = tfds.builder(dataset.builder, data_dir=data_dir or None, file_format="array_record")
         prepared = dataset_builder.is_prepared()
-        sizes = {split: info.num_examples for split, info in dataset_builder.info.splits.items()} if prepared else dict(dataset.split_sizes)
-        rows.append({
-            "name": name,
-            "builder": dataset.builder,
-            "prepared": prepared,
-            "path": str(dataset_builder.data_path),
-            "splits": sizes,
-            "description": dataset.description,
-        })
+        sizes = (
+            {split: info.num_examples for split, info in dataset_builder.info.splits.items()}
+            if prepared
+            else dict(dataset.split_sizes)
+        )
+        rows.append(
+            {
+                "name": name,
+                "builder": dataset.builder,
+                "prepared": prepared,
+                "path": str(dataset_builder.data_path),
+                "splits": sizes,
+                "description": dataset.description,
+            }
+        )
     return rows
 
 

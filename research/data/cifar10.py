@@ -56,11 +56,13 @@ class ResearchCifar10(tfds.core.GeneratorBasedBuilder):
         return tfds.core.DatasetInfo(
             builder=self,
             description="32x32 colour images in 10 classes; `id` is the record's file and position in the archive.",
-            features=tfds.features.FeaturesDict({
-                "image": tfds.features.Tensor(shape=(32, 32, 3), dtype=np.uint8),
-                "label": tfds.features.ClassLabel(names=LABEL_NAMES),
-                "id": tfds.features.Scalar(dtype=np.int64),
-            }),
+            features=tfds.features.FeaturesDict(
+                {
+                    "image": tfds.features.Tensor(shape=(32, 32, 3), dtype=np.uint8),
+                    "label": tfds.features.ClassLabel(names=LABEL_NAMES),
+                    "id": tfds.features.Scalar(dtype=np.int64),
+                }
+            ),
             supervised_keys=("image", "label"),
             homepage="https://www.cs.toronto.edu/~kriz/cifar.html",
         )

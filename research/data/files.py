@@ -68,4 +68,6 @@ def find_files(directory: Path | None, names: list[str]) -> dict[str, Path] | No
 def missing(dataset: str, names: list[str], directory: Path, hint: str = "") -> MissingDataError:
     """The one-line error for files that are neither in `directory` nor downloadable now."""
     listed = ", ".join(names)
-    return MissingDataError(f"dataset {dataset!r} is not available offline: put {listed} in {directory} (or connect to the internet){hint}")
+    return MissingDataError(
+        f"dataset {dataset!r} is not available offline: put {listed} in {directory} (or connect to the internet){hint}"
+    )

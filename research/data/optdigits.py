@@ -32,10 +32,12 @@ class Optdigits(tfds.core.GeneratorBasedBuilder):
         return tfds.core.DatasetInfo(
             builder=self,
             description="UCI optical recognition of handwritten digits, 8x8 counts in 0..16.",
-            features=tfds.features.FeaturesDict({
-                "image": tfds.features.Tensor(shape=(8, 8), dtype=np.uint8),
-                "label": tfds.features.ClassLabel(num_classes=10),
-            }),
+            features=tfds.features.FeaturesDict(
+                {
+                    "image": tfds.features.Tensor(shape=(8, 8), dtype=np.uint8),
+                    "label": tfds.features.ClassLabel(num_classes=10),
+                }
+            ),
             supervised_keys=("image", "label"),
             homepage="https://archive.ics.uci.edu/dataset/80",
             license="CC BY 4.0",

@@ -12,6 +12,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import grain
 import jax
+import ml_collections
 import numpy as np
 from jax.sharding import Mesh
 
@@ -142,19 +143,31 @@ def train_batches(
     return iterable
 
 
+def split_source(config: ml_collections.ConfigDict, split: str) -> Sequence[Record]:
+    """The records of `config.data.name`'s split that `config.data.splits[split]` names ("train[:90%]", say)."""
+    return tfds_source(config.data.name, config.data.splits[split], data_dir=config.data_dir)
+
+
 def labelled_batches(
-    source: Sequence[Record], split: str, *, batch_size: int, eval_batch_size: int, seed: int, transform: Transform,
-    random_transform: RandomTransform | None = None, keys: Sequence[str] = ("image", "label"),
+    config: ml_collections.ConfigDict,
+    split: str,
+    *,
+    transform: Transform,
+    random_transform: RandomTransform | None = None,
+    source: Sequence[Record] | None = None,
+    keys: Sequence[str] = ("image", "label"),
 ):
-    """A labelled dataset's batches. Training: with a `random_transform` (augmentation, which also
-    preprocesses) one example at a time; without, the `keys` columns held in memory and gathered a
-    batch at a time, then `transform`ed. Evaluation: one padded pass, each example `transform`ed."""
+    """A labelled dataset's batches, sized and seeded by the config (`source` defaults to `split_source`).
+    Training: with a `random_transform` (augmentation, which also preprocesses) one example at a time;
+    without, the `keys` columns held in memory, gathered a batch at a time and `transform`ed.
+    Evaluation: one padded pass, each example `transform`ed."""
+    source = split_source(config, split) if source is None else source
     if split != "train":
-        return eval_batches(source, batch_size=eval_batch_size, transform=transform)
+        return eval_batches(source, batch_size=config.eval_batch_size, transform=transform)
     if random_transform is not None:
-        return train_batches(source, batch_size=batch_size, seed=seed, random_transform=random_transform)
-    columns = load_columns(source)
-    return array_batches({key: columns[key] for key in keys}, batch_size=batch_size, seed=seed, transform=transform)
+        return train_batches(source, batch_size=config.batch_size, seed=config.seed, random_transform=random_transform)
+    columns = {key: column for key, column in load_columns(source).items() if key in keys}
+    return array_batches(columns, batch_size=config.batch_size, seed=config.seed, transform=transform)
 
 
 def load_columns(source: Sequence[Record]) -> dict[str, np.ndarray]:
@@ -229,7 +242,9 @@ def eval_batches(
     return grain.MapDataset.range(num_batches * local).map(load).batch(local)
 
 
-def prefetch_to_mesh(batches: Iterable[Mapping[str, np.ndarray]], mesh: Mesh, size: int = 2) -> Iterator[dict[str, jax.Array]]:
+def prefetch_to_mesh(
+    batches: Iterable[Mapping[str, np.ndarray]], mesh: Mesh, size: int = 2
+) -> Iterator[dict[str, jax.Array]]:
     """Global arrays on the mesh, `size` batches ahead, so host-to-device copies overlap the step.
 
     The grain iterator underneath is then `size` batches ahead of the step: a checkpoint must

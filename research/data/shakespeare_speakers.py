@@ -17,7 +17,16 @@ from research.data import tiny_shakespeare
 
 NUM_SPEAKERS = 8
 # What labelled_speeches() finds in the shipped text (a test checks it), so the label names need no parsing at import.
-SPEAKER_NAMES = ["GLOUCESTER", "DUKE VINCENTIO", "MENENIUS", "ROMEO", "PETRUCHIO", "CORIOLANUS", "KING RICHARD III", "ISABELLA"]
+SPEAKER_NAMES = [
+    "GLOUCESTER",
+    "DUKE VINCENTIO",
+    "MENENIUS",
+    "ROMEO",
+    "PETRUCHIO",
+    "CORIOLANUS",
+    "KING RICHARD III",
+    "ISABELLA",
+]
 SPLIT_SIZES = {"train": 1032, "validation": 128, "test": 128}
 DESCRIPTION = "Tiny Shakespeare speeches labelled with 1 of 8 speakers (shipped)"
 

@@ -10,6 +10,7 @@ import functools
 import io
 from typing import Callable, Sequence
 
+import ml_collections
 import numpy as np
 import sentencepiece
 
@@ -69,7 +70,10 @@ class SubwordTokenizer:
             remove_extra_whitespaces=False,
             add_dummy_prefix=False,
             user_defined_symbols=["\n"],
-            pad_id=PAD_ID, unk_id=1, bos_id=2, eos_id=3,
+            pad_id=PAD_ID,
+            unk_id=1,
+            bos_id=2,
+            eos_id=3,
             num_threads=1,
             minloglevel=2,
         )
@@ -207,7 +211,7 @@ def mask_tokens(
     count = min(len(candidates), max(1, round(rate * len(candidates)))) if len(candidates) else 0
     if word_kinds is None or not count:
         chosen = rng.permutation(candidates)[:count]
-    else:  # a word starts at a word-beginning piece, after a word-alone piece, or after a gap (a special token, the edge)
+    else:  # a word starts at a word-beginning piece, after a word-alone piece or after a gap (a special token, an edge)
         kinds = word_kinds[tokens_L[candidates]]
         after_alone = np.concatenate([[False], kinds[:-1] == WORD_ALONE])
         starts = (kinds != WORD_CONTINUES) | after_alone | (np.diff(candidates, prepend=-2) != 1)
@@ -245,17 +249,28 @@ def char_corpus(name: str, data_dir: str) -> tuple[CharTokenizer, dict[str, np.n
     return tokenizer, {split: tokenizer.encode(characters) for split, characters in splits.items()}
 
 
-def window_batches(tokens: np.ndarray, split: str, *, length: int, batch_size: int, eval_batch_size: int, seed: int,
-                   max_eval_windows: int = 0):
-    """Language-model batches of `inputs` and `targets` (the next tokens). Training: windows at every
-    offset, shuffled, endless. Evaluation: non-overlapping windows, once (the first `max_eval_windows`
-    when > 0), so every token is scored exactly once."""
+def char_lm_batches(config: ml_collections.ConfigDict, split: str):
+    """Language-model batches of `inputs` and `targets` (the next characters) of `config.data.name`'s split,
+    windows of `config.data.block_size`. Training: windows at every offset, shuffled, endless. Evaluation:
+    non-overlapping windows, once (the first `config.data.max_eval_windows` when > 0): every character
+    scored exactly once."""
     from research.data import pipeline  # pipeline imports every dataset builder; the tokenizers above need none
 
+    tokens, length = char_corpus(config.data.name, config.data_dir)[1][split], config.data.block_size
     if split == "train":
         starts, gather = window_columns(tokens, length, stride=1)
-        return pipeline.array_batches(starts, batch_size=batch_size, seed=seed, transform=gather)
+        return pipeline.array_batches(starts, batch_size=config.batch_size, seed=config.seed, transform=gather)
     windows = WindowSource(tokens, length)
-    if max_eval_windows:
-        windows = pipeline.subset(windows, range(min(max_eval_windows, len(windows))))
-    return pipeline.eval_batches(windows, batch_size=eval_batch_size)
+    if config.data.max_eval_windows:
+        windows = pipeline.subset(windows, range(min(config.data.max_eval_windows, len(windows))))
+    return pipeline.eval_batches(windows, batch_size=config.eval_batch_size)
+
+
+def encode_chars(config: ml_collections.ConfigDict, prompt: str) -> np.ndarray:
+    """A prompt as ids of `config.data.name`'s character vocabulary (a language model's encode_text hook)."""
+    return char_corpus(config.data.name, config.data_dir)[0].encode(prompt)
+
+
+def decode_chars(config: ml_collections.ConfigDict, ids) -> str:
+    """Ids of `config.data.name`'s character vocabulary as text (a language model's decode_tokens hook)."""
+    return char_corpus(config.data.name, config.data_dir)[0].decode(ids)

@@ -74,11 +74,13 @@ class DerivedTextBuilder(tfds.core.GeneratorBasedBuilder):
         return tfds.core.DatasetInfo(
             builder=self,
             description=self.DESCRIPTION,
-            features=tfds.features.FeaturesDict({
-                "text": tfds.features.Text(),
-                "label": tfds.features.ClassLabel(names=list(self.LABEL_NAMES)),
-                "index": tfds.features.Scalar(dtype=np.int64),
-            }),
+            features=tfds.features.FeaturesDict(
+                {
+                    "text": tfds.features.Text(),
+                    "label": tfds.features.ClassLabel(names=list(self.LABEL_NAMES)),
+                    "index": tfds.features.Scalar(dtype=np.int64),
+                }
+            ),
             supervised_keys=("text", "label"),
             homepage="https://github.com/karpathy/char-rnn",
         )

@@ -5,7 +5,7 @@ parameters baked in, serialized by `jax.export` (StableHLO), plus a JSON manifes
   DIR/manifest.json     input shape (batch is symbolic: any size) and dtype, output meaning,
                         class names or vocabulary, the experiment and its step
 
-Loading needs only jax and numpy (see README, "Using a trained model"). With `quantized=True`
+Loading needs only jax and numpy (docs/inference.md). With `quantized=True`
 the artifact holds int8 kernels and their scales and dequantizes inside the function.
 """
 
@@ -64,7 +64,11 @@ def export_run(run, directory: str | Path, *, quantized: bool = False) -> dict[s
         "platforms": list(exported.platforms),
         "quantized_int8": quantized,
         "inputs": {"shape": ["batch", *example.shape], "dtype": str(np.dtype(example.dtype))},
-        "outputs": {"shape": ["batch", *output.shape[1:]], "dtype": str(output.dtype), "meaning": "logits (softmax gives probabilities)"},
+        "outputs": {
+            "shape": ["batch", *output.shape[1:]],
+            "dtype": str(output.dtype),
+            "meaning": "logits (softmax gives probabilities)",
+        },
     } | _labels(run, output.shape[-1])
     (directory / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
     return manifest

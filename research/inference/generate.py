@@ -76,28 +76,54 @@ def _fill(params: PyTree, prompt_BxP: jax.Array, *, num_tokens: int, sampling: S
     return buffer_BxT[:, prompt_length:]
 
 
-def generator(model: nn.Module, prompt_shape: tuple[int, int], num_tokens: int, sampling: Sampling, *, cached: bool = True, keep: int | None = None) -> Callable:
+def generator(
+    model: nn.Module,
+    prompt_shape: tuple[int, int],
+    num_tokens: int,
+    sampling: Sampling,
+    *,
+    cached: bool = True,
+    keep: int | None = None,
+) -> Callable:
     """A jitted `fn(params, prompt_BxP) -> new tokens_BxN` for a model with `make_decoder`; a GPT
     generates past its block_size by sliding its window, keeping `keep` tokens of context."""
     batch, prompt_length = prompt_shape
     if prompt_length < 1 or num_tokens < 1:
-        raise ValueError(f"generation needs a prompt of at least one token and num_tokens >= 1, got {prompt_length} and {num_tokens}")
+        raise ValueError(
+            f"generation needs a prompt of at least one token and num_tokens >= 1, got {prompt_length} and {num_tokens}"
+        )
     if not callable(getattr(model, "make_decoder", None)):
-        raise ValueError(f"a {type(model).__name__} does not generate text: it has no make_decoder (research/models/gpt.py has one)")
+        raise ValueError(
+            f"a {type(model).__name__} does not generate text: it has no make_decoder (research/models/gpt.py has one)"
+        )
     init_state, step = model.make_decoder(batch, prompt_length + num_tokens, cached=cached, keep=keep)
     return jax.jit(functools.partial(_fill, num_tokens=num_tokens, sampling=sampling, init_state=init_state, step=step))
 
 
-def generate(model: nn.Module, params: PyTree, prompt_BxP: np.ndarray, num_tokens: int, sampling: Sampling = Sampling(), *, cached: bool = True, keep: int | None = None) -> np.ndarray:
-    """New tokens_BxN continuing each prompt row (all rows the same length)."""
+def generate(
+    model: nn.Module,
+    params: PyTree,
+    prompt_BxP: np.ndarray,
+    num_tokens: int,
+    sampling: Sampling = Sampling(),
+    **options,
+) -> np.ndarray:
+    """New tokens_BxN continuing each prompt row (all rows the same length); `options`: `generator`'s cached, keep."""
     prompt_BxP = np.atleast_2d(np.asarray(prompt_BxP, np.int32))
-    return np.asarray(generator(model, prompt_BxP.shape, num_tokens, sampling, cached=cached, keep=keep)(params, prompt_BxP))
+    return np.asarray(generator(model, prompt_BxP.shape, num_tokens, sampling, **options)(params, prompt_BxP))
 
 
-def timed_generate(model: nn.Module, params: PyTree, prompt_BxP: np.ndarray, num_tokens: int, sampling: Sampling = Sampling(), *, cached: bool = True, keep: int | None = None) -> tuple[np.ndarray, float]:
+def timed_generate(
+    model: nn.Module,
+    params: PyTree,
+    prompt_BxP: np.ndarray,
+    num_tokens: int,
+    sampling: Sampling = Sampling(),
+    **options,
+) -> tuple[np.ndarray, float]:
     """(new tokens_BxN, new tokens per second), compiled first so the rate excludes compilation."""
     prompt_BxP = np.atleast_2d(np.asarray(prompt_BxP, np.int32))
-    fill = generator(model, prompt_BxP.shape, num_tokens, sampling, cached=cached, keep=keep)
+    fill = generator(model, prompt_BxP.shape, num_tokens, sampling, **options)
     compiled = fill.lower(params, prompt_BxP).compile()
     start = time.perf_counter()
     tokens = np.asarray(compiled(params, prompt_BxP))  # np.asarray waits for the device

@@ -90,7 +90,7 @@ def _read_record(workdir: Path) -> dict:
 
 
 def load_run(workdir: str | Path, experiments_dir: str | Path = "experiments", which: str = "latest") -> Run:
-    """The run in `workdir` at the checkpoint `which` names ("latest", "best" or a step number), restored onto one device."""
+    """The run in `workdir` at the checkpoint `which` names ("latest", "best" or a step number), on one device."""
     workdir = Path(workdir)
     record = _read_record(workdir)
     module = experiment.load(Path(experiments_dir) / f"{record['experiment']}.py")
@@ -98,7 +98,10 @@ def load_run(workdir: str | Path, experiments_dir: str | Path = "experiments", w
     directory = workdir.absolute() / checkpoint.CHECKPOINT_DIR
     steps = sorted(int(path.name) for path in directory.iterdir() if path.name.isdigit()) if directory.is_dir() else []
     if not steps:
-        raise ConfigError(f"no checkpoints in {directory}: train first (python launch.py --config experiments/{record['experiment']}.py --workdir {workdir})")
+        raise ConfigError(
+            f"no checkpoints in {directory}: train first "
+            f"(python launch.py --config experiments/{record['experiment']}.py --workdir {workdir})"
+        )
     step = checkpoint.choose_step(directory, which, config.checkpoint)
     batch = next(iter(module.make_data(config, "train")))  # the shapes of the abstract state
     setup = build(config, module, sharding.make_mesh({"data": 1}, jax.devices()[:1]), batch=batch)
@@ -120,11 +123,14 @@ def classify(run: Run, inputs: np.ndarray, top: int = 3) -> list[list[tuple[str,
     probabilities_BxC = np.asarray(jax.nn.softmax(jax.jit(run.logits)(inputs), axis=-1))
     names = class_names(run, probabilities_BxC.shape[-1])
     order_BxK = np.argsort(-probabilities_BxC, axis=-1)[:, :top]
-    return [[(names[index], float(row[index])) for index in indices] for row, indices in zip(probabilities_BxC, order_BxK)]
+    return [
+        [(names[index], float(row[index])) for index in indices] for row, indices in zip(probabilities_BxC, order_BxK)
+    ]
 
 
 def read_inputs(path: str, text: str | None = None) -> np.ndarray:
-    """Examples from a .npy file, or from text (a file, or stdin when `path` is "-"): one per line, numbers split by spaces or commas."""
+    """Examples from a .npy file, or from text (a file, or stdin when `path` is "-"): one per line, numbers split
+    by spaces or commas."""
     if path.endswith(".npy"):
         return np.load(path)
     text = text if text is not None else Path(path).read_text()
@@ -137,7 +143,9 @@ def read_inputs(path: str, text: str | None = None) -> np.ndarray:
 def evaluate(run: Run, split: str) -> dict[str, Any]:
     """The experiment's metrics on `split` (perplexity added for language models) and, for
     classifiers, the confusion matrix (rows: true class, columns: predicted)."""
-    if "splits" in run.config.data and split not in run.config.data.splits:  # other experiments name splits in make_data
+    if (
+        "splits" in run.config.data and split not in run.config.data.splits
+    ):  # other experiments name splits in make_data
         raise ConfigError(f"unknown split {split!r}: use one of {sorted(run.config.data.splits)}")
     batches = (sharding.put_batch(batch, run.setup.mesh) for batch in run.module.make_data(run.config, split))
     accumulated = accumulate(run.setup.eval_step(run.state, batch) for batch in batches)
@@ -159,17 +167,27 @@ def format_metrics(results: dict[str, Any], names: list[str] | None = None) -> s
     if matrix is not None:
         names = names or [str(index) for index in range(len(matrix))]
         width = max(6, max(len(name) for name in names) + 1)
-        lines += ["", "confusion (rows true, columns predicted)", " " * width + "".join(f"{name:>{width}s}" for name in names)]
-        lines += [f"{name:>{width}s}" + "".join(f"{count:>{width}d}" for count in row) for name, row in zip(names, matrix)]
+        lines += [
+            "",
+            "confusion (rows true, columns predicted)",
+            " " * width + "".join(f"{name:>{width}s}" for name in names),
+        ]
+        lines += [
+            f"{name:>{width}s}" + "".join(f"{count:>{width}d}" for count in row) for name, row in zip(names, matrix)
+        ]
     return "\n".join(lines)
 
 
-def generate_text(run: Run, prompt: str, num_tokens: int, sampling: Sampling, *, cached: bool = True, keep: int | None = None) -> dict[str, Any]:
+def generate_text(
+    run: Run, prompt: str, num_tokens: int, sampling: Sampling, *, cached: bool = True, keep: int | None = None
+) -> dict[str, Any]:
     """{"text": the continuation, "tokens_per_second": the generation rate} for one prompt
     (`keep`: a GPT's context when its window slides, see research/models/gpt.py)."""
     if not run.is_language_model:
-        raise ConfigError(f"experiment {run.name} trains a {type(run.model).__name__}, which does not generate text "
-                          "(no encode_text and decode_tokens hooks): use --classify or --evaluate")
+        raise ConfigError(
+            f"experiment {run.name} trains a {type(run.model).__name__}, which does not generate text "
+            "(no encode_text and decode_tokens hooks): use --classify or --evaluate"
+        )
     ids = np.asarray(hook(run.module, "encode_text")(run.config, prompt), np.int32)
     if ids.size == 0:
         raise ConfigError("the prompt encodes to no tokens: give at least one character")

@@ -48,7 +48,9 @@ def quantize_kernel(kernel: jax.Array) -> QuantizedKernel:
 
 def quantize(params: PyTree) -> PyTree:
     """The parameters with every Dense/Conv kernel (a `kernel` of rank >= 2) quantized."""
-    return jax.tree_util.tree_map_with_path(lambda path, leaf: quantize_kernel(leaf) if _is_kernel(path, leaf) else leaf, params)
+    return jax.tree_util.tree_map_with_path(
+        lambda path, leaf: quantize_kernel(leaf) if _is_kernel(path, leaf) else leaf, params
+    )
 
 
 def _is_quantized(node) -> bool:
@@ -100,5 +102,8 @@ def format_report(result: dict[str, Any]) -> str:
         f"{'kernel bytes':20s} {kernels[0]:>10d} {kernels[1]:>10d}   ({kernels[0] / kernels[1]:.2f}x smaller)",
         f"{'all parameter bytes':20s} {total[0]:>10d} {total[1]:>10d}   ({total[0] / total[1]:.2f}x smaller)",
     ]
-    lines += [f"{result['split'] + '/' + name:20s} {old:>10.4f} {new:>10.4f}" for name, (old, new) in sorted(result["metrics"].items())]
+    lines += [
+        f"{result['split'] + '/' + name:20s} {old:>10.4f} {new:>10.4f}"
+        for name, (old, new) in sorted(result["metrics"].items())
+    ]
     return "\n".join(lines)

@@ -22,3 +22,10 @@ def compute_dtype(name: str) -> jnp.dtype:
     if name not in COMPUTE_DTYPES:
         raise ConfigError(f"model.dtype {name!r} is not a compute dtype: use one of {', '.join(COMPUTE_DTYPES)}")
     return jnp.dtype(name)
+
+
+def apply_with_dropout(model, variables: dict, *inputs: Any, rng: jax.Array | None) -> Any:
+    """`model.apply` for the models whose `__call__` takes `deterministic`: dropout on, drawn from `rng`, when
+    `rng` is given (training); off when it is None (evaluation, as the trainer calls loss_fn there)."""
+    rngs = None if rng is None else {"dropout": rng}
+    return model.apply(variables, *inputs, deterministic=rng is None, rngs=rngs)

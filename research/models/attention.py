@@ -12,9 +12,8 @@ change, but computes them differently:
     fifth matmul, which on a compute-bound CPU is slower);
   * causal attention runs in blocks of QUERY_BLOCK queries, each against only the keys at or
     before its last query, which skips most of the masked half of the work.
-On this 2-core CPU, GPT 6L/384d's attention forward + backward took 57 ms per layer, against 109 ms
-for the same backward in flax's B x L x H x K layout without blocks and 56 ms for PyTorch's fused
-kernel (benchmarks/README.md). Decoding with a key/value cache uses flax's module (same parameters).
+Together they about halve the attention's CPU time against flax's layout (docs/performance.md has the
+measurements). Decoding with a key/value cache uses flax's module (same parameters).
 
 Legend: B batch, L query length, S key length, H heads, K head width, D model width, N = B * L.
 """
@@ -26,14 +25,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-QUERY_BLOCK = 64  # queries per causal block; at L = 256 the core took 57 ms (64), 62 ms (128), 80 ms (one block)
+QUERY_BLOCK = 64  # queries per causal block (64 was fastest of 64, 128 and one block: docs/performance.md)
 
 
 def query_blocks(length: int, causal: bool) -> list[tuple[int, int, int]]:
     """(first query, end query, keys seen) per block; without causality one block sees every key."""
     if not causal or length <= QUERY_BLOCK:
         return [(0, length, length)]
-    return [(start, min(start + QUERY_BLOCK, length), min(start + QUERY_BLOCK, length)) for start in range(0, length, QUERY_BLOCK)]
+    return [
+        (start, min(start + QUERY_BLOCK, length), min(start + QUERY_BLOCK, length))
+        for start in range(0, length, QUERY_BLOCK)
+    ]
 
 
 def _rows(array, start: int, end: int, keys: int):
@@ -47,7 +49,10 @@ def _rows(array, start: int, end: int, keys: int):
 def _block_weights(query, key, mask, causal: bool, start: int, end: int, keys: int):
     """Softmax weights (float32) of queries start:end over keys :keys."""
     scale = 1.0 / np.sqrt(query.shape[-1])
-    scores = jnp.einsum("bhlk,bhsk->bhls", query[:, :, start:end], key[:, :, :keys], preferred_element_type=jnp.float32) * scale
+    scores = (
+        jnp.einsum("bhlk,bhsk->bhls", query[:, :, start:end], key[:, :, :keys], preferred_element_type=jnp.float32)
+        * scale
+    )
     allowed = _rows(mask, start, end, keys)
     if causal:
         lower = jnp.asarray(np.tril(np.ones((end - start, keys), bool), k=start))
@@ -164,10 +169,14 @@ class SelfAttention(nn.Module):
             raise ValueError(f"width {width} is not divisible by num_heads {self.num_heads}")
         heads, head_width = self.num_heads, width // self.num_heads
         projection = dict(use_bias=self.use_bias, param_dtype=self.param_dtype)
-        qkv = [_Projection((width, heads, head_width), 2, kernel_init=self.kernel_init, name=name, **projection)()
-               for name in ("query", "key", "value")]
+        qkv = [
+            _Projection((width, heads, head_width), 2, kernel_init=self.kernel_init, name=name, **projection)()
+            for name in ("query", "key", "value")
+        ]
         out_init = self.out_kernel_init or self.kernel_init
-        out_kernel_HxKxD, out_bias_D = _Projection((heads, head_width, width), 1, kernel_init=out_init, name="out", **projection)()
+        out_kernel_HxKxD, out_bias_D = _Projection(
+            (heads, head_width, width), 1, kernel_init=out_init, name="out", **projection
+        )()
         kernel_Dx3xHxK = jnp.stack([kernel for kernel, _ in qkv], axis=1)
         bias_3xHxK = jnp.stack([bias for _, bias in qkv]) if self.use_bias else None
         x_NxD, kernel_Dx3xHxK, bias_3xHxK, out_kernel_HxKxD, out_bias_D = nn.dtypes.promote_dtype(
@@ -184,7 +193,9 @@ class SelfAttention(nn.Module):
         query, key, value = jnp.transpose(qkv_BxLx3xHxK, (2, 0, 3, 1, 4))
         keep = None
         if self.dropout_rate > 0.0 and not deterministic:
-            kept = jax.random.bernoulli(self.make_rng("dropout"), 1.0 - self.dropout_rate, (batch, heads, length, length))
+            kept = jax.random.bernoulli(
+                self.make_rng("dropout"), 1.0 - self.dropout_rate, (batch, heads, length, length)
+            )
             keep = kept.astype(jnp.float32) / (1.0 - self.dropout_rate)
         output_BxHxLxK = attention_heads(query, key, value, mask, keep, self.causal)
         output_NxHxK = jnp.transpose(output_BxHxLxK, (0, 2, 1, 3)).reshape(-1, heads, head_width)

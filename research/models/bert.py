@@ -1,34 +1,20 @@
-"""BERT-style bidirectional encoder with a masked-LM head and a classification head (Devlin et al.
-2019, "BERT: Pre-training of deep bidirectional transformers for language understanding").
+"""BERT-style bidirectional encoder with masked-LM, next-sentence, cloze and classification heads
+(Devlin et al. 2019, "BERT: Pre-training of deep bidirectional transformers for language understanding").
 
-`BertEncoder`: token + learned position (+ optional segment) embeddings, `num_layers`
-Transformer blocks (research/models/transformer.py) with GELU MLPs and a padding mask.
-Post-LayerNorm as in BERT (LayerNorm on the summed embeddings and after every residual sum),
-or `pre_layer_norm=True` (Xiong et al. 2020: LayerNorm on each branch's input, one final
-LayerNorm), which trains more stably without warm-up. Weights start from N(0, 0.02).
-
-Every task model takes the encoder as a field, so its parameters sit under the key "encoder" in
-every tree: a pre-trained `BertForMaskedLM`'s params["encoder"] drops into a
-`BertClassifier`'s params["encoder"] unchanged (partial restore), and an optimizer can freeze
-the encoder by that key.
-  `BertForMaskedLM`: dense - GELU - LayerNorm transform, then logits from the token embedding
-  transposed (tied, as BERT) plus an output bias, or with `tie_embeddings=False` from an output
-  matrix of the head's own (Chung et al. 2021, "Rethinking embedding coupling in pre-trained
-  language models": decoupled embeddings transfer better). Untied, the input embedding of a piece
-  is trained only where the piece is read, never pushed about as a wrong answer to every masked
-  position; the output matrix stays with the MLM head and is not transferred.
+`BertEncoder`: token + learned position (+ optional segment) embeddings, `num_layers` Transformer
+blocks (research/models/transformer.py) with GELU MLPs and a padding mask; post-LayerNorm as in
+BERT, or `pre_layer_norm=True` (Xiong et al. 2020), which trains stably without warm-up. Every task
+model takes the encoder as a field, so its parameters sit under "encoder" in every tree: a
+pre-trained `BertForMaskedLM`'s params["encoder"] drops into a `BertClassifier` unchanged.
+  `BertForMaskedLM`: dense - GELU - LayerNorm, then logits from the token embedding transposed
+  (tied, as BERT) or, with `tie_embeddings=False`, from an output matrix of its own (Chung et al.
+  2021: decoupled embeddings transfer better; the input embedding is then trained only where read).
   `BertForPreTraining`: the masked LM plus BERT's next-sentence head (pooler on [CLS], 2 logits).
-  `BertClozeClassifier`: the masked LM read at one [MASK] slot over K label words: a classifier
-  with no new layer (prompt-based fine-tuning).
-  `BertClassifier`: the first ([CLS]) token's state, or with `pooling="mean"` the mean of the
-  real tokens' states, through a dense tanh "pooler" (BERT's pooler: new unless the encoder
-  was pre-trained with next-sentence prediction, whose pooler has the same name), dropout, and
-  a dense layer to the classes. Mean pooling suits an encoder pre-trained by MLM alone, whose [CLS] state was never
-  trained to summarise anything (Reimers & Gurevych 2019 found the mean better than [CLS]).
-
-Inputs: tokens_BxL (int), mask_BxL (1 for real tokens, 0 for padding; None: all real),
-segments_BxL (int segment ids; None: all 0). Logits are float32.
-Legend: B batch, L sequence length, D width, V vocabulary, K classes.
+  `BertClozeClassifier`: the masked LM read at one [MASK] slot over K label words (prompt-based).
+  `BertClassifier`: the [CLS] state or (`pooling="mean"`) the mean of the real tokens' states
+  (Reimers & Gurevych 2019), through BERT's dense tanh pooler, dropout and a dense layer.
+Inputs: tokens_BxL (int), mask_BxL (1 for real tokens; None: all real), segments_BxL (None: all 0).
+Logits are float32. Legend: B batch, L sequence length, D width, V vocabulary, K classes.
 """
 
 from typing import Any
@@ -126,7 +112,9 @@ class BertForMaskedLM(nn.Module):
         types = dict(dtype=self.encoder.dtype, param_dtype=self.encoder.param_dtype)
         self.mlm_transform = nn.Dense(self.encoder.width, kernel_init=INIT, **types)
         self.mlm_norm = nn.LayerNorm(epsilon=LAYER_NORM_EPSILON, **types)
-        self.mlm_bias = self.param("mlm_bias", nn.initializers.zeros, (self.encoder.vocab_size,), self.encoder.param_dtype)
+        self.mlm_bias = self.param(
+            "mlm_bias", nn.initializers.zeros, (self.encoder.vocab_size,), self.encoder.param_dtype
+        )
         if not self.tie_embeddings:
             self.mlm_output = nn.Dense(self.encoder.vocab_size, use_bias=False, kernel_init=INIT, **types)
 
@@ -187,8 +175,12 @@ class BertClassifier(nn.Module):
         if self.pooling == "cls":
             summary_BxD = x_BxLxD[:, 0]
         elif self.pooling == "mean":
-            weights_BxL = jnp.ones(tokens_BxL.shape, x_BxLxD.dtype) if mask_BxL is None else (mask_BxL > 0).astype(x_BxLxD.dtype)
-            summary_BxD = jnp.einsum("bld,bl->bd", x_BxLxD, weights_BxL) / jnp.maximum(weights_BxL.sum(-1, keepdims=True), 1)
+            weights_BxL = (
+                jnp.ones(tokens_BxL.shape, x_BxLxD.dtype) if mask_BxL is None else (mask_BxL > 0).astype(x_BxLxD.dtype)
+            )
+            summary_BxD = jnp.einsum("bld,bl->bd", x_BxLxD, weights_BxL) / jnp.maximum(
+                weights_BxL.sum(-1, keepdims=True), 1
+            )
         else:
             raise ValueError(f"pooling must be 'cls' or 'mean', not {self.pooling!r}")
         pooled_BxD = nn.tanh(nn.Dense(self.encoder.width, kernel_init=INIT, name="pooler", **types)(summary_BxD))

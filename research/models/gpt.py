@@ -76,9 +76,13 @@ class GPT(nn.Module):
             )(x_BxLxD, mask_Bx1xLxL, deterministic)
         x_BxLxD = nn.LayerNorm(epsilon=1e-5, use_bias=self.use_bias, name="final_norm", **types)(x_BxLxD)
         if self.tie_embeddings:  # on (B*L) x D: see transformer.flat_dot_general for why
-            logits_BxLxV = token_embedding.attend(x_BxLxD.reshape(-1, self.width)).reshape(*x_BxLxD.shape[:-1], self.vocab_size)
+            logits_BxLxV = token_embedding.attend(x_BxLxD.reshape(-1, self.width)).reshape(
+                *x_BxLxD.shape[:-1], self.vocab_size
+            )
         else:
-            logits_BxLxV = nn.Dense(self.vocab_size, use_bias=False, kernel_init=init, name="head", dot_general=flat_dot_general, **types)(x_BxLxD)
+            logits_BxLxV = nn.Dense(
+                self.vocab_size, use_bias=False, kernel_init=init, name="head", dot_general=flat_dot_general, **types
+            )(x_BxLxD)
         return logits_BxLxV.astype(jnp.float32)
 
     def _positions_and_mask(self, tokens_BxL: jax.Array) -> tuple[jax.Array, jax.Array | None]:
@@ -98,13 +102,17 @@ class GPT(nn.Module):
         return current[None], None
 
     @nn.nowrap
-    def make_decoder(self, batch: int, total: int, *, cached: bool = True, keep: int | None = None) -> tuple[Callable, Callable]:
+    def make_decoder(
+        self, batch: int, total: int, *, cached: bool = True, keep: int | None = None
+    ) -> tuple[Callable, Callable]:
         """(init_state(params), step(params, state, buffer_BxT, t) -> (logits_BxV, state)) to generate
         `total` positions. Past block_size the window slides, keeping `keep` tokens of context (None:
         half the block); the uncached step reads exactly the windows the cached one attends to."""
         keep = self.block_size // 2 if keep is None else keep
         if not 1 <= keep < self.block_size:
-            raise ValueError(f"keep must be between 1 and block_size - 1 = {self.block_size - 1} tokens of context, got {keep}")
+            raise ValueError(
+                f"keep must be between 1 and block_size - 1 = {self.block_size - 1} tokens of context, got {keep}"
+            )
         return _cached_decoder(self, batch, total, keep) if cached else _windowed_decoder(self, total, keep)
 
 
@@ -127,7 +135,9 @@ def _cached_decoder(model: GPT, batch: int, total: int, keep: int) -> tuple[Call
     """
     block_size = model.block_size
     decoder = model.clone(decode=True)
-    cache_shapes = jax.eval_shape(decoder.init, jax.random.PRNGKey(0), jnp.zeros((batch, min(total, block_size)), jnp.int32))["cache"]
+    cache_shapes = jax.eval_shape(
+        decoder.init, jax.random.PRNGKey(0), jnp.zeros((batch, min(total, block_size)), jnp.int32)
+    )["cache"]
     sources = {"cached_key": "projected_key", "cached_value": "projected_value"}  # sown by attention.SelfAttention
 
     def prefill(params, buffer_BxT, start):

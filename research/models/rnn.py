@@ -36,7 +36,12 @@ class RecurrentLM(nn.Module):
 
     @nn.compact
     def __call__(
-        self, tokens_BxL: jax.Array, *, deterministic: bool = True, carries: tuple | None = None, return_carries: bool = False
+        self,
+        tokens_BxL: jax.Array,
+        *,
+        deterministic: bool = True,
+        carries: tuple | None = None,
+        return_carries: bool = False,
     ) -> jax.Array | tuple[jax.Array, tuple]:
         """Logits; with `return_carries`, (logits, every layer's final state), which `carries` continues from."""
         if self.cell not in CELLS:
@@ -56,7 +61,9 @@ class RecurrentLM(nn.Module):
         return (logits_BxLxV, tuple(final_carries)) if return_carries else logits_BxLxV
 
     @nn.nowrap
-    def make_decoder(self, batch: int, total: int, *, cached: bool = True, keep: int | None = None) -> tuple[Callable, Callable]:
+    def make_decoder(
+        self, batch: int, total: int, *, cached: bool = True, keep: int | None = None
+    ) -> tuple[Callable, Callable]:
         """(init_state(params) -> zero carries, step(params, carries, buffer_BxT, t) -> (logits_BxV, carries)):
         the state is the cache, so `cached` and `keep` change nothing and any length generates."""
         del total, cached, keep
@@ -67,7 +74,9 @@ class RecurrentLM(nn.Module):
             return logits_Bx1xV[:, 0], carries
 
         def init_state(params):  # both cells start from zeros, as in training
-            shapes = jax.eval_shape(functools.partial(self.apply, return_carries=True), {"params": params}, jnp.zeros((batch, 1), jnp.int32))
+            shapes = jax.eval_shape(
+                functools.partial(self.apply, return_carries=True), {"params": params}, jnp.zeros((batch, 1), jnp.int32)
+            )
             return jax.tree.map(lambda leaf: jnp.zeros(leaf.shape, leaf.dtype), shapes[1])
 
         return init_state, step

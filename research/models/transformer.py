@@ -36,16 +36,21 @@ def flat_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_elem
 
     The weight gradient is then one 2-D matmul. With a B x L x D input, XLA's CPU backend first
     transposes the B x L x F gradient inside the elementwise fusion before it: on this 2-core CPU
-    that made a GPT MLP's forward + backward ~3x slower (benchmarks/README.md). Same FLOPs, same result."""
+    that made a GPT MLP's forward + backward several times slower (docs/performance.md). Same FLOPs, same result."""
     (lhs_contracting, rhs_contracting), (lhs_batch, rhs_batch) = dimension_numbers
     count, leading = len(lhs_contracting), lhs.ndim - len(lhs_contracting)
     plain = tuple(lhs_contracting) == tuple(range(leading, lhs.ndim)) and tuple(rhs_contracting) == tuple(range(count))
     if lhs_batch or rhs_batch or not plain or leading < 2:
-        return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision, preferred_element_type=preferred_element_type)
+        return jax.lax.dot_general(
+            lhs, rhs, dimension_numbers, precision=precision, preferred_element_type=preferred_element_type
+        )
     contracted = math.prod(rhs.shape[:count])
     out = jax.lax.dot_general(
-        lhs.reshape(-1, contracted), rhs.reshape(contracted, -1), (((1,), (0,)), ((), ())),
-        precision=precision, preferred_element_type=preferred_element_type,
+        lhs.reshape(-1, contracted),
+        rhs.reshape(contracted, -1),
+        (((1,), (0,)), ((), ())),
+        precision=precision,
+        preferred_element_type=preferred_element_type,
     )
     return out.reshape(*lhs.shape[:leading], *rhs.shape[count:])
 
@@ -63,7 +68,9 @@ class MLPBlock(nn.Module):
     @nn.compact
     def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
         width = x_BxLxD.shape[-1]
-        dense = dict(use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype, dot_general=flat_dot_general)
+        dense = dict(
+            use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype, dot_general=flat_dot_general
+        )
         hidden = nn.Dense(self.hidden_dim, kernel_init=self.kernel_init, name="fc_in", **dense)(x_BxLxD)
         return nn.Dense(width, kernel_init=self.output_kernel_init, name="fc_out", **dense)(nn.gelu(hidden))
 
@@ -90,15 +97,26 @@ class TransformerBlock(nn.Module):
         types = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         norm = dict(epsilon=self.layer_norm_epsilon, use_bias=self.use_bias, **types)
         attention_options = dict(
-            num_heads=self.num_heads, dropout_rate=self.dropout_rate, kernel_init=self.kernel_init,
-            out_kernel_init=self.output_kernel_init, use_bias=self.use_bias, name="attention", **types,
+            num_heads=self.num_heads,
+            dropout_rate=self.dropout_rate,
+            kernel_init=self.kernel_init,
+            out_kernel_init=self.output_kernel_init,
+            use_bias=self.use_bias,
+            name="attention",
+            **types,
         )
         if self.decode:  # flax's module keeps the key/value cache; the parameters are the same as SelfAttention's
             flax_attention = nn.MultiHeadDotProductAttention(
-                broadcast_dropout=False, force_fp32_for_softmax=True, decode=True, qkv_dot_general=flat_dot_general,
-                out_dot_general=flat_dot_general, **attention_options,
+                broadcast_dropout=False,
+                force_fp32_for_softmax=True,
+                decode=True,
+                qkv_dot_general=flat_dot_general,
+                out_dot_general=flat_dot_general,
+                **attention_options,
             )
-            attention = lambda inputs, mask, deterministic: flax_attention(inputs, mask=mask, deterministic=deterministic)
+            attention = lambda inputs, mask, deterministic: flax_attention(
+                inputs, mask=mask, deterministic=deterministic
+            )
         else:
             attention = SelfAttention(causal=self.causal, **attention_options)
         mlp = MLPBlock(self.mlp_dim, self.use_bias, self.kernel_init, self.output_kernel_init, name="mlp", **types)
@@ -118,7 +136,9 @@ class TransformerBlock(nn.Module):
 def remat_block(policy: str) -> type[TransformerBlock]:
     """TransformerBlock, rematerialised under REMAT_POLICIES[policy] unless it is "none"; same parameters."""
     if policy not in REMAT_POLICIES:
-        raise ConfigError(f"model.remat {policy!r} is not a rematerialisation policy: use one of {', '.join(REMAT_POLICIES)}")
+        raise ConfigError(
+            f"model.remat {policy!r} is not a rematerialisation policy: use one of {', '.join(REMAT_POLICIES)}"
+        )
     if policy == "none":
         return TransformerBlock
     # Argument 3 (self, x, mask, deterministic) is a Python bool that selects dropout: static, not traced.

@@ -39,8 +39,13 @@ def b3_at(step: jax.Array, b1: float, b3: float, warmup: int) -> jax.Array:
 
 
 def scale_by_ademamix(
-    b1: float = 0.9, b2: float = 0.999, b3: float = 0.9999, alpha: float = 5.0, eps: float = 1e-8,
-    alpha_warmup: int = 0, b3_warmup: int = 0,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    b3: float = 0.9999,
+    alpha: float = 5.0,
+    eps: float = 1e-8,
+    alpha_warmup: int = 0,
+    b3_warmup: int = 0,
 ) -> optax.GradientTransformation:
     """The AdEMAMix direction (Pagliardini et al., 2024), before the learning rate and weight decay."""
 
@@ -59,8 +64,13 @@ def scale_by_ademamix(
         mix = alpha_at(step, alpha, alpha_warmup)
         fast_correction, nu_correction = 1.0 - b1**step, 1.0 - b2**step
         direction = jax.tree.map(
-            lambda m1, m2, v, g: ((m1 / fast_correction + mix * m2) / (jnp.sqrt(v / nu_correction) + eps)).astype(g.dtype),
-            fast, slow, nu, updates,
+            lambda m1, m2, v, g: ((m1 / fast_correction + mix * m2) / (jnp.sqrt(v / nu_correction) + eps)).astype(
+                g.dtype
+            ),
+            fast,
+            slow,
+            nu,
+            updates,
         )
         return direction, ScaleByAdemamixState(count=count, fast=fast, slow=slow, nu=nu)
 
@@ -68,8 +78,15 @@ def scale_by_ademamix(
 
 
 def ademamix(
-    learning_rate: optax.ScalarOrSchedule, b1: float = 0.9, b2: float = 0.999, b3: float = 0.9999,
-    alpha: float = 5.0, eps: float = 1e-8, weight_decay: float = 0.0, alpha_warmup: int = 0, b3_warmup: int = 0,
+    learning_rate: optax.ScalarOrSchedule,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    b3: float = 0.9999,
+    alpha: float = 5.0,
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    alpha_warmup: int = 0,
+    b3_warmup: int = 0,
 ) -> optax.GradientTransformation:
     """AdEMAMix (Pagliardini, Ablin & Grangier, 2024) with AdamW-style weight decay inside the learning rate."""
     return optax.chain(

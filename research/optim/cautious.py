@@ -22,7 +22,10 @@ def cautious_mask(direction: jax.Array, gradient: jax.Array) -> jax.Array:
 
 
 def cautious_adamw(
-    learning_rate: optax.ScalarOrSchedule, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
+    learning_rate: optax.ScalarOrSchedule,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
     weight_decay: float = 1e-4,
 ) -> optax.GradientTransformation:
     """C-AdamW (Liang et al., 2024): AdamW with the cautious sign mask on the Adam direction."""

@@ -41,13 +41,20 @@ def nesterov(learning_rate: optax.ScalarOrSchedule, momentum: float = 0.9) -> op
 
 
 def discriminative_adam(
-    learning_rate: optax.ScalarOrSchedule, scale: float = 1.0, scaled: str = r"^encoder/", b1: float = 0.9, b2: float = 0.999,
+    learning_rate: optax.ScalarOrSchedule,
+    scale: float = 1.0,
+    scaled: str = r"^encoder/",
+    b1: float = 0.9,
+    b2: float = 0.999,
     eps: float = 1e-8,
 ) -> optax.GradientTransformation:
     """Adam whose steps on the parameters matching `scaled` (a regex over their paths) are multiplied by
-    `scale`: a lower rate for pre-trained layers than for a new head (Howard & Ruder 2018, discriminative fine-tuning)."""
+    `scale`: a lower rate for pre-trained layers than for a new head (Howard & Ruder 2018, discriminative
+    fine-tuning)."""
     pattern = re.compile(scaled)
-    in_scaled = lambda params: jax.tree_util.tree_map_with_path(lambda path, _: bool(pattern.search(path_name(path))), params)
+    in_scaled = lambda params: jax.tree_util.tree_map_with_path(
+        lambda path, _: bool(pattern.search(path_name(path))), params
+    )
     return optax.chain(optax.adam(learning_rate, b1=b1, b2=b2, eps=eps), optax.masked(optax.scale(scale), in_scaled))
 
 
@@ -78,7 +85,9 @@ def _first_line(error: BaseException) -> str:
 
 def _where(error: BaseException, path: Path) -> str:
     """' (line N)' for the deepest traceback frame inside the user's file."""
-    lines = [frame.lineno for frame in traceback.extract_tb(error.__traceback__) if Path(frame.filename) == path.resolve()]
+    lines = [
+        frame.lineno for frame in traceback.extract_tb(error.__traceback__) if Path(frame.filename) == path.resolve()
+    ]
     if isinstance(error, SyntaxError) and error.lineno:
         lines.append(error.lineno)
     return f" (line {lines[-1]})" if lines else ""
@@ -95,7 +104,9 @@ def _import(source: str) -> Any:
         try:
             spec.loader.exec_module(module)
         except Exception as error:
-            raise ConfigError(f"optimizer file {source}{_where(error, path)}: importing it raised {_first_line(error)}") from None
+            raise ConfigError(
+                f"optimizer file {source}{_where(error, path)}: importing it raised {_first_line(error)}"
+            ) from None
         return module
     try:
         return importlib.import_module(source)
@@ -117,7 +128,9 @@ def load_factory(name: str) -> tuple[Factory, str]:
     module = _import(source)
     factory = getattr(module, attribute, None)
     if not callable(factory):
-        defined = sorted(key for key, value in vars(module).items() if inspect.isfunction(value) and not key.startswith("_"))
+        defined = sorted(
+            key for key, value in vars(module).items() if inspect.isfunction(value) and not key.startswith("_")
+        )
         raise ConfigError(f"optimizer {source}: no function {attribute!r} in it; it defines {defined}")
     return factory, source
 
@@ -149,7 +162,8 @@ def _build(factory: Factory, origin: str, learning_rate: float, kwargs: dict) ->
         raise ConfigError(f"{origin}: calling it raised {_first_line(error)}") from None
     if not isinstance(tx, optax.GradientTransformation):
         raise ConfigError(
-            f"{origin}: it returned {type(tx).__name__}, not an optax.GradientTransformation (init and update functions)"
+            f"{origin}: it returned {type(tx).__name__}, "
+            "not an optax.GradientTransformation (init and update functions)"
         )
 
 
@@ -165,7 +179,9 @@ def make_optimizer(config: Mapping[str, Any], num_steps: int = 0) -> optax.Gradi
     # Floats become state arrays (sweepable without recompiling); ints, bools, strings stay static.
     bound = inspect.signature(factory).bind(learning_rate=learning_rate, **kwargs)
     bound.apply_defaults()
-    static = [name for name, value in bound.arguments.items() if name != "learning_rate" and not isinstance(value, float)]
+    static = [
+        name for name, value in bound.arguments.items() if name != "learning_rate" and not isinstance(value, float)
+    ]
     parts = []
     if settings.clip_global_norm > 0:
         parts.append(optax.clip_by_global_norm(settings.clip_global_norm))
@@ -211,7 +227,9 @@ def check_against_params(tx: optax.GradientTransformation, params: Any, origin: 
 
     def update(grads, state, params):
         value_fn = lambda params: jnp.zeros((), jnp.float32)
-        return optax.with_extra_args_support(tx).update(grads, state, params, value=value_fn(params), grad=grads, value_fn=value_fn)
+        return optax.with_extra_args_support(tx).update(
+            grads, state, params, value=value_fn(params), grad=grads, value_fn=value_fn
+        )
 
     try:
         state = jax.eval_shape(tx.init, params)
@@ -219,7 +237,9 @@ def check_against_params(tx: optax.GradientTransformation, params: Any, origin: 
     except Exception as error:
         raise ConfigError(f"{origin}: init/update on the model's parameters raised {_first_line(error)}") from None
     if jax.tree.structure(updates) != jax.tree.structure(params) or _shapes(updates) != _shapes(params):
-        raise ConfigError(f"{origin}: update returned updates that do not match the params (structure, shapes or dtypes)")
+        raise ConfigError(
+            f"{origin}: update returned updates that do not match the params (structure, shapes or dtypes)"
+        )
     if jax.tree.structure(new_state) != jax.tree.structure(state) or _shapes(new_state) != _shapes(state):
         raise ConfigError(f"{origin}: update returned a state whose structure, shapes or dtypes differ from init's")
 

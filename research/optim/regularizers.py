@@ -7,8 +7,8 @@ from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import optax
 import ml_collections
+import optax
 import optax.contrib
 
 from research.tree import path_name
@@ -48,7 +48,9 @@ def penalized(loss_fn: Callable, optimizer_config: ml_collections.ConfigDict) ->
     """The training loss plus the config's L1/L2 penalty (`loss_fn` itself when there is none)."""
     if not (optimizer_config.l1_penalty or optimizer_config.l2_penalty):
         return loss_fn
-    return with_penalty(loss_fn, l1=optimizer_config.l1_penalty, l2=optimizer_config.l2_penalty, exclude=optimizer_config.decay_exclude)
+    return with_penalty(
+        loss_fn, l1=optimizer_config.l1_penalty, l2=optimizer_config.l2_penalty, exclude=optimizer_config.decay_exclude
+    )
 
 
 class DecoupledWeightDecayState(NamedTuple):
@@ -77,7 +79,8 @@ class EmaParamsState(NamedTuple):
 
 
 def ema_of_params(decay: float) -> optax.GradientTransformation:
-    """Keeps ema <- decay * ema + (1 - decay) * new params in its state; updates pass unchanged (Polyak & Juditsky, 1992)."""
+    """Keeps ema <- decay * ema + (1 - decay) * new params in its state; updates pass unchanged (Polyak & Juditsky,
+    1992)."""
 
     def init_fn(params):
         return EmaParamsState(ema_params=jax.tree.map(jnp.asarray, params))
@@ -101,4 +104,3 @@ def eval_params(params: PyTree, opt_state: optax.OptState) -> PyTree:
     is_free = lambda node: isinstance(node, optax.contrib.ScheduleFreeState)
     free = [node for node in jax.tree.leaves(opt_state, is_leaf=is_free) if is_free(node)]
     return optax.contrib.schedule_free_eval_params(free[0], params) if free else params
-

@@ -50,9 +50,18 @@ def step_decay(config: Config, peak: float, total_steps: int) -> optax.Schedule:
 def piecewise(config: Config, peak: float, total_steps: int) -> optax.Schedule:
     """The peak, multiplied by factors[i] from step boundaries[i] on: He et al. (2016)'s 0.1 / 10 at 32k and 48k."""
     boundaries, factors = tuple(config["boundaries"]), tuple(config["factors"])
-    if len(boundaries) != len(factors) or list(boundaries) != sorted(set(boundaries)) or any(b <= 0 for b in boundaries):
-        raise ConfigError(f"piecewise schedule: boundaries {boundaries} must be increasing positive steps, one per factor in {factors}")
-    return optax.piecewise_constant_schedule(peak, {int(step): float(factor) for step, factor in zip(boundaries, factors)})
+    if (
+        len(boundaries) != len(factors)
+        or list(boundaries) != sorted(set(boundaries))
+        or any(b <= 0 for b in boundaries)
+    ):
+        raise ConfigError(
+            f"piecewise schedule: boundaries {boundaries} must be increasing positive steps, "
+            f"one per factor in {factors}"
+        )
+    return optax.piecewise_constant_schedule(
+        peak, {int(step): float(factor) for step, factor in zip(boundaries, factors)}
+    )
 
 
 def inverse_sqrt(config: Config, peak: float, total_steps: int) -> optax.Schedule:

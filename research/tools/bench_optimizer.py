@@ -49,11 +49,18 @@ def _reached(value: float, workload: Workload) -> bool:
 
 
 def run_workload(
-    module: Any, workload: Workload, optimizer: str, learning_rate: float | None = None, data_dir: str = "", name: str = ""
+    module: Any,
+    workload: Workload,
+    optimizer: str,
+    learning_rate: float | None = None,
+    data_dir: str = "",
+    name: str = "",
 ) -> BenchResult:
     """Trains the workload with `optimizer` until its target or its step budget, evaluating every few steps."""
     config = module.get_config()
-    config.update_from_flattened_dict({"data_dir": data_dir or config.data_dir, "optimizer.name": optimizer, "num_steps": workload.budget})
+    config.update_from_flattened_dict(
+        {"data_dir": data_dir or config.data_dir, "optimizer.name": optimizer, "num_steps": workload.budget}
+    )
     config.optimizer.kwargs = ml_collections.ConfigDict()  # the experiment's arguments are for its own optimizer
     if learning_rate is not None:
         config.optimizer.learning_rate = learning_rate
@@ -78,7 +85,7 @@ def run_workload(
 
 
 def run_benchmark(candidate: str, declared: dict[str, tuple[Any, Workload]], data_dir: str = "") -> list[BenchResult]:
-    """The candidate (at each experiment's learning rate) and the baselines on every workload of `declared` (see `workloads`)."""
+    """The candidate (at each experiment's learning rate) and the baselines on every workload of `declared`."""
     results = []
     for name, (module, workload) in declared.items():
         rates = dict(workload.baseline_learning_rates)
@@ -97,7 +104,10 @@ def format_table(results: Sequence[BenchResult], declared: dict[str, tuple[Any, 
         goal = f"{workload.metric} {'<=' if workload.mode == 'min' else '>='} {workload.target:g}"
         steps = str(result.steps) if result.steps else "-"
         seconds = f"{result.seconds:.2f}" if result.seconds is not None else "-"
-        lines.append(f"{result.workload:18s} {result.optimizer[-24:]:24s} {goal:>14s} {steps:>6s} {seconds:>8s} {result.best:8.4f}")
+        lines.append(
+            f"{result.workload:18s} {result.optimizer[-24:]:24s} {goal:>14s} {steps:>6s} {seconds:>8s} "
+            f"{result.best:8.4f}"
+        )
     return "\n".join(lines)
 
 

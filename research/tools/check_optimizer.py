@@ -15,7 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from research.config import ConfigError
 from research.optim.registry import make_optimizer
@@ -61,13 +62,17 @@ def compiled(tx: optax.GradientTransformation) -> tuple[Callable, Callable]:
 
     def step(params, state, grads, value):
         value_fn = lambda p: mlp_loss(p, inputs.astype(p["Dense_0"]["kernel"].dtype), targets)
-        updates, state = optax.with_extra_args_support(tx).update(grads, state, params, value=value, grad=grads, value_fn=value_fn)
+        updates, state = optax.with_extra_args_support(tx).update(
+            grads, state, params, value=value, grad=grads, value_fn=value_fn
+        )
         return optax.apply_updates(params, updates), state, updates
 
     return tx.init, jax.jit(step)  # init runs eagerly: its few ops compile once for every optimizer
 
 
-def run_steps(tx: optax.GradientTransformation, params: PyTree, batches: list, state=None) -> tuple[PyTree, Any, PyTree]:
+def run_steps(
+    tx: optax.GradientTransformation, params: PyTree, batches: list, state=None
+) -> tuple[PyTree, Any, PyTree]:
     """(params, state, last updates) after one jitted step per batch."""
     init, step = compiled(tx)
     state = init(params) if state is None else state
@@ -83,7 +88,9 @@ def _signature(tree: PyTree) -> tuple:
 
 
 def _all_finite(tree: PyTree) -> bool:
-    return all(bool(jnp.all(jnp.isfinite(leaf))) for leaf in jax.tree.leaves(tree) if jnp.issubdtype(leaf.dtype, jnp.inexact))
+    return all(
+        bool(jnp.all(jnp.isfinite(leaf))) for leaf in jax.tree.leaves(tree) if jnp.issubdtype(leaf.dtype, jnp.inexact)
+    )
 
 
 def check_eval_shape(make: Callable) -> str:
@@ -93,7 +100,9 @@ def check_eval_shape(make: Callable) -> str:
 
 def check_finite(make: Callable) -> str:
     tx = make()
-    params, state, updates = run_steps(tx, mlp_params(), [mlp_batch(8, seed=s) for s in range(3)], jax.jit(tx.init)(mlp_params()))
+    params, state, updates = run_steps(
+        tx, mlp_params(), [mlp_batch(8, seed=s) for s in range(3)], jax.jit(tx.init)(mlp_params())
+    )
     for name, tree in (("params", params), ("updates", updates), ("state", state)):
         if not _all_finite(tree):
             raise AssertionError(f"non-finite {name} after 3 jitted steps")
@@ -145,7 +154,9 @@ def check_sharded(make: Callable) -> str:
         lambda p: NamedSharding(mesh, P("fsdp") if p.ndim and p.shape[0] % len(devices) == 0 else P()), params
     )
     tx = make()
-    state_shardings = mirror_shardings(jax.eval_shape(tx.init, params), params, param_shardings, NamedSharding(mesh, P()))
+    state_shardings = mirror_shardings(
+        jax.eval_shape(tx.init, params), params, param_shardings, NamedSharding(mesh, P())
+    )
     sharded_params = jax.device_put(params, param_shardings)
     state = jax.jit(tx.init, out_shardings=state_shardings)(sharded_params)
     batches = [mlp_batch(8, seed=s) for s in range(2)]
@@ -201,7 +212,9 @@ def check_converges(make: Callable) -> str:
     @jax.jit
     def step(params, state):
         value, grads = jax.value_and_grad(loss)(params)
-        updates, state = optax.with_extra_args_support(tx).update(grads, state, params, value=value, grad=grads, value_fn=loss)
+        updates, state = optax.with_extra_args_support(tx).update(
+            grads, state, params, value=value, grad=grads, value_fn=loss
+        )
         return optax.apply_updates(params, updates), state
 
     state, first = tx.init(params), float(loss(params))

@@ -1,6 +1,7 @@
 """A dry run: lower and compile the train step for the configured mesh without running it.
 
-  python launch.py --config experiments/digits_mlp.py --workdir runs/dry --dry_run --dry_run_devices=8 --config.mesh.fsdp=2
+  python launch.py --config experiments/digits_mlp.py --workdir runs/dry --dry_run --dry_run_devices=8 \
+      --config.mesh.fsdp=2
 
 Reports the parameter count, per-device memory from XLA's compiled memory analysis, FLOPs per
 step from XLA's cost analysis beside the analytic 6·N·T (Kaplan et al. 2020: forward 2·N·T,
@@ -54,7 +55,9 @@ def tokens_in(batch: dict[str, np.ndarray]) -> int:
 def dry_run(config: ml_collections.ConfigDict, experiment, mesh=None) -> DryRun:
     """Compiles (but never runs) the train step of `experiment` under `config` on `mesh`, from abstract arrays."""
     host_batch = next(iter(experiment.make_data(config, "train")))
-    abstract_batch = {key: jax.ShapeDtypeStruct(np.shape(value), np.asarray(value).dtype) for key, value in host_batch.items()}
+    abstract_batch = {
+        key: jax.ShapeDtypeStruct(np.shape(value), np.asarray(value).dtype) for key, value in host_batch.items()
+    }
     setup = build(config, experiment, mesh, batch=abstract_batch)
     compiled = setup.train_step.lower(setup.abstract_state, setup.batch_spec).compile()
     memory = compiled.memory_analysis()
@@ -82,12 +85,17 @@ def main(config: ml_collections.ConfigDict, experiment, mfu: float, peak_tflops:
     print(format_report(dry_run(config, experiment, mesh), dict(mesh.shape), mfu, accelerators))
 
 
-def format_report(result: DryRun, mesh_shape: dict[str, int], mfu: float, accelerators: dict[str, float] = PEAK_TFLOPS) -> str:
+def format_report(
+    result: DryRun, mesh_shape: dict[str, int], mfu: float, accelerators: dict[str, float] = PEAK_TFLOPS
+) -> str:
     """The dry run as a few lines and a table of step times per accelerator."""
     lines = [
-        f"mesh {mesh_shape} on {result.devices} devices; {result.parameters:,} parameters; {result.tokens_per_step:,} tokens per step",
-        "per-device memory: " + ", ".join(f"{name} {size / 2**20:,.1f} MiB" for name, size in result.memory_bytes.items()),
-        f"FLOPs per step: XLA {result.xla_flops:.4g}, analytic 6·N·T {result.analytic_flops:.4g} (ratio {result.xla_flops / max(result.analytic_flops, 1):.3f})",
+        f"mesh {mesh_shape} on {result.devices} devices; {result.parameters:,} parameters; "
+        f"{result.tokens_per_step:,} tokens per step",
+        "per-device memory: "
+        + ", ".join(f"{name} {size / 2**20:,.1f} MiB" for name, size in result.memory_bytes.items()),
+        f"FLOPs per step: XLA {result.xla_flops:.4g}, analytic 6·N·T {result.analytic_flops:.4g} "
+        f"(ratio {result.xla_flops / max(result.analytic_flops, 1):.3f})",
         f"{'accelerator':12s} {'peak TFLOP/s':>13s} {'step (ms) at MFU ' + format(mfu, '.0%'):>22s}",
     ]
     for name, peak in accelerators.items():

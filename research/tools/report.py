@@ -160,11 +160,18 @@ def _cell(mean: float, std: float, runs: int) -> str:
 def format_markdown(rows: Sequence[dict[str, Any]], keys: Sequence[str]) -> str:
     """A Markdown table: group, seeds, steps, wall time, then each key's final and best (test keys, logged
     once, only final; groups.csv has every column)."""
-    columns = [(key, kind) for key in keys for kind in ("final", "best") if kind == "final" or not key.startswith("test/")]
+    columns = [
+        (key, kind) for key in keys for kind in ("final", "best") if kind == "final" or not key.startswith("test/")
+    ]
     header = ["group", "seeds", "steps", "wall time (s)"] + [f"{key} {kind}" for key, kind in columns]
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     for row in rows:
-        cells = [row["group"], str(row["runs"]), str(row["steps"]), _cell(row["wall_s"], row["wall_s_std"], row["runs"])]
+        cells = [
+            row["group"],
+            str(row["runs"]),
+            str(row["steps"]),
+            _cell(row["wall_s"], row["wall_s_std"], row["runs"]),
+        ]
         cells += [_cell(row[f"{key} {kind}"], row[f"{key} {kind}_std"], row["runs"]) for key, kind in columns]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -208,7 +215,13 @@ def seed_curves(runs: Sequence[RunRecord], key: str) -> dict[str, np.ndarray] | 
         steps = np.intersect1d(steps, other_steps)
     values = np.stack([values[np.searchsorted(run_steps, steps)] for run_steps, values in series])
     times = np.stack([np.interp(steps, *run.elapsed()) for run in runs if len(run.series(key)[0])])
-    return {"steps": steps, "mean": values.mean(0), "low": values.min(0), "high": values.max(0), "seconds": times.mean(0)}
+    return {
+        "steps": steps,
+        "mean": values.mean(0),
+        "low": values.min(0),
+        "high": values.max(0),
+        "seconds": times.mean(0),
+    }
 
 
 def plot_curves(groups: dict[tuple, list[RunRecord]], key: str, path: Path, title: str = "") -> Path:
@@ -230,7 +243,9 @@ def plot_curves(groups: dict[tuple, list[RunRecord]], key: str, path: Path, titl
         for axis, x in zip(axes, (curve["steps"], curve["seconds"])):
             axis.plot(x, curve["mean"], color=colors[index % len(colors)], linewidth=1.6, label=label(group) + seeds)
             if len(runs) > 1:
-                axis.fill_between(x, curve["low"], curve["high"], color=colors[index % len(colors)], alpha=0.2, linewidth=0)
+                axis.fill_between(
+                    x, curve["low"], curve["high"], color=colors[index % len(colors)], alpha=0.2, linewidth=0
+                )
     for axis, xlabel in zip(axes, ("step", "wall time (s)")):
         axis.set_xlabel(xlabel)
         axis.grid(True, which="both", alpha=0.3)
@@ -244,7 +259,9 @@ def plot_curves(groups: dict[tuple, list[RunRecord]], key: str, path: Path, titl
     return path
 
 
-def report(root: str | Path, out: str | Path | None = None, metric: str = "", best_key: str = "", plot_keys: Sequence[str] = ()) -> str:
+def report(
+    root: str | Path, out: str | Path | None = None, metric: str = "", best_key: str = "", plot_keys: Sequence[str] = ()
+) -> str:
     """Writes report.md, groups.csv, runs.csv and the curves' PNGs for the runs under `root`; returns report.md."""
     runs = collect(root)
     if not runs:
@@ -280,8 +297,12 @@ def main(argv: Sequence[str]) -> None:
     parser.add_argument("runs_dir", help="a sweep's root or any directory of run workdirs")
     parser.add_argument("--out", default=None, help="where report.md, the CSVs and PNGs go (default RUNS_DIR)")
     parser.add_argument("--metric", default="", help="key that ranks the groups (default eval/loss)")
-    parser.add_argument("--best_per", default="", help="config key: plot and tabulate only the best group of each of its values")
-    parser.add_argument("--plot", default="", help="comma-separated keys to plot (default train/loss and every eval/ key)")
+    parser.add_argument(
+        "--best_per", default="", help="config key: plot and tabulate only the best group of each of its values"
+    )
+    parser.add_argument(
+        "--plot", default="", help="comma-separated keys to plot (default train/loss and every eval/ key)"
+    )
     args = parser.parse_args(argv)
     if not Path(args.runs_dir).is_dir():
         raise SystemExit(f"error: no directory {args.runs_dir}")

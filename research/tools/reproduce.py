@@ -55,7 +55,9 @@ def references_of(module: ModuleType) -> tuple[Reference, ...]:
     return tuple(references)
 
 
-def select(target: str, load: Callable[[str], ModuleType], names: Sequence[str]) -> list[tuple[str, ModuleType, list[Reference]]]:
+def select(
+    target: str, load: Callable[[str], ModuleType], names: Sequence[str]
+) -> list[tuple[str, ModuleType, list[Reference]]]:
     """(experiment, module, its references for the target's config) for each experiment the target names."""
     name, config = parse_target(target)
     if name != "all" and name not in names:
@@ -67,8 +69,15 @@ def select(target: str, load: Callable[[str], ModuleType], names: Sequence[str])
         if references:
             chosen.append((experiment, module, references))
         elif name != "all":
-            declared = sorted({experiment + (f":{reference.config}" if reference.config else "") for reference in references_of(module)})
-            raise ConfigError(f"--reproduce: {experiment} has no reference for config {config!r}; try {', '.join(declared) or 'none'}")
+            declared = sorted(
+                {
+                    experiment + (f":{reference.config}" if reference.config else "")
+                    for reference in references_of(module)
+                }
+            )
+            raise ConfigError(
+                f"--reproduce: {experiment} has no reference for config {config!r}; try {', '.join(declared) or 'none'}"
+            )
     if not chosen:
         raise ConfigError(f"--reproduce: no experiment has a reference for config {config!r}")
     return chosen
@@ -103,8 +112,13 @@ def train_reference(config: ml_collections.ConfigDict, module: ModuleType, workd
 
 
 def reproduce(
-    target: str, root: str | Path, *, load: Callable[[str], ModuleType], names: Sequence[str],
-    train: Callable[..., dict[str, float]] = train_reference, extra: dict[str, Any] | None = None,
+    target: str,
+    root: str | Path,
+    *,
+    load: Callable[[str], ModuleType],
+    names: Sequence[str],
+    train: Callable[..., dict[str, float]] = train_reference,
+    extra: dict[str, Any] | None = None,
 ) -> list[Outcome]:
     """Trains (or finds finished) the run of every selected reference and compares its final metrics."""
     outcomes = []
@@ -116,21 +130,27 @@ def reproduce(
             results = train(config, module, run_directory(root, experiment, group[0]))
             for reference in group:
                 if reference.metric not in results:
-                    raise ConfigError(f"{experiment}: reference metric {reference.metric!r} is not among {sorted(results)}")
+                    raise ConfigError(
+                        f"{experiment}: reference metric {reference.metric!r} is not among {sorted(results)}"
+                    )
                 outcomes.append(Outcome(experiment, reference, results[reference.metric]))
     return outcomes
 
 
 def format_table(outcomes: Sequence[Outcome]) -> str:
     """Measured next to published, PASS or FAIL, one Markdown row per reference."""
-    lines = ["| experiment | config | metric | published | tolerance | measured | result | source |", "|" + " --- |" * 8]
+    lines = [
+        "| experiment | config | metric | published | tolerance | measured | result | source |",
+        "|" + " --- |" * 8,
+    ]
     for outcome in outcomes:
         reference = outcome.reference
         config = (reference.config or "default") + "".join(f" {key}={value}" for key, value in reference.overrides)
         bound = {"": "±", "min": "lower or ±", "max": "higher or ±"}[reference.better]
         measured = "n/a" if outcome.measured is None else f"{outcome.measured:.4f}"
         lines.append(
-            f"| {outcome.experiment} | {config} | {reference.metric} | {reference.published:.4f} | {bound}{reference.tolerance:g} "
+            f"| {outcome.experiment} | {config} | {reference.metric} | {reference.published:.4f} "
+            f"| {bound}{reference.tolerance:g} "
             f"| {measured} | {'PASS' if outcome.passed else 'FAIL'} | {reference.source} |"
         )
     return "\n".join(lines)

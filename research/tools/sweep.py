@@ -125,10 +125,19 @@ def check_overrides(config: ml_collections.ConfigDict, runs: Sequence[Run]) -> N
             raise ConfigError(f"sweep run {run.name}: {str(error).splitlines()[0]}") from None
 
 
-def command(run: Run, config_argument: str, root: str | Path, launch: str | Path = "launch.py", extra: Sequence[str] = ()) -> list[str]:
+def command(
+    run: Run, config_argument: str, root: str | Path, launch: str | Path = "launch.py", extra: Sequence[str] = ()
+) -> list[str]:
     """The launch.py command line of one run; `extra` flags (the sweep command's own overrides) come first."""
     overrides = [f"--config.{key}={format_value(value)}" for key, value in run.overrides]
-    return [sys.executable, str(launch), f"--config={config_argument}", f"--workdir={Path(root) / run.name}", *extra, *overrides]
+    return [
+        sys.executable,
+        str(launch),
+        f"--config={config_argument}",
+        f"--workdir={Path(root) / run.name}",
+        *extra,
+        *overrides,
+    ]
 
 
 def is_finished(workdir: str | Path) -> bool:
@@ -139,15 +148,23 @@ def is_finished(workdir: str | Path) -> bool:
         return False
     results = json.loads(results_file.read_text())
     num_steps = json.loads(config_file.read_text())["config"]["num_steps"]
-    return results.get("stopped_early", False) or results["step"] == num_steps  # train.py writes the flag only when True
+    return (
+        results.get("stopped_early", False) or results["step"] == num_steps
+    )  # train.py writes the flag only when True
 
 
 def emit(
-    runs: Sequence[Run], config_argument: str, root: str | Path, launch: str | Path = "launch.py", extra: Sequence[str] = ()
+    runs: Sequence[Run],
+    config_argument: str,
+    root: str | Path,
+    launch: str | Path = "launch.py",
+    extra: Sequence[str] = (),
 ) -> list[str]:
     """One shell command per unfinished run, for a cluster scheduler (a job array, GNU parallel)."""
     return [
-        shlex.join(command(run, config_argument, root, launch, extra)) for run in runs if not is_finished(Path(root) / run.name)
+        shlex.join(command(run, config_argument, root, launch, extra))
+        for run in runs
+        if not is_finished(Path(root) / run.name)
     ]
 
 
@@ -184,18 +201,30 @@ def _start(run: Run, argv: list[str], workdir: Path, cores: set[int] | None) -> 
 def write_manifest(root: Path, config_argument: str, runs: Sequence[Run]) -> None:
     """ROOT/sweep.json: the base config and each run's overrides (research.tools.report labels runs by them)."""
     root.mkdir(parents=True, exist_ok=True)
-    manifest = {"config": config_argument, "runs": [{"name": run.name, "overrides": dict(run.overrides)} for run in runs]}
+    manifest = {
+        "config": config_argument,
+        "runs": [{"name": run.name, "overrides": dict(run.overrides)} for run in runs],
+    }
     (root / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str) + "\n")
 
 
 def run_sweep(
-    runs: Sequence[Run], config_argument: str, root: str | Path, *, parallel: int = 1,
-    launch: str | Path = "launch.py", extra: Sequence[str] = (), echo: Callable[[str], None] = print,
+    runs: Sequence[Run],
+    config_argument: str,
+    root: str | Path,
+    *,
+    parallel: int = 1,
+    launch: str | Path = "launch.py",
+    extra: Sequence[str] = (),
+    echo: Callable[[str], None] = print,
 ) -> dict[str, int]:
     """Runs every unfinished run, `parallel` at a time; returns {name: exit code} of those started."""
     root = Path(root)
     pending = [run for run in runs if not is_finished(root / run.name)]
-    echo(f"sweep: {len(runs)} runs in {root}, {len(runs) - len(pending)} finished already, {len(pending)} to run, {parallel} at a time")
+    echo(
+        f"sweep: {len(runs)} runs in {root}, {len(runs) - len(pending)} finished already, {len(pending)} to run, "
+        f"{parallel} at a time"
+    )
     slots = core_slots(parallel, sorted(os.sched_getaffinity(0))) if parallel > 1 else [None]
     free, running, codes = list(range(len(slots))), {}, {}
     write_manifest(root, config_argument, runs)
@@ -225,7 +254,10 @@ def run_sweep(
                 if process.returncode == 0:  # a run stopped by a signal saves, exits 0 and resumes next time
                     outcome = "done" if is_finished(root / name) else "stopped, resumable"
                 seconds, cpu = time.perf_counter() - started, usage.ru_utime + usage.ru_stime
-                echo(f"[{len(codes)}/{len(codes) + len(running) + len(pending)}] {name}: {outcome} in {seconds:.0f} s (CPU {cpu:.0f} s)")
+                echo(
+                    f"[{len(codes)}/{len(codes) + len(running) + len(pending)}] {name}: {outcome} "
+                    f"in {seconds:.0f} s (CPU {cpu:.0f} s)"
+                )
     finally:
         for number, handler in previous.items():
             signal.signal(number, handler)
@@ -233,8 +265,15 @@ def run_sweep(
 
 
 def main(
-    config: ml_collections.ConfigDict, config_argument: str, sweep_file: str, workdir: str | None, *,
-    overrides: Mapping[str, Any], parallel: int, emit_only: bool, launch: str | Path,
+    config: ml_collections.ConfigDict,
+    config_argument: str,
+    sweep_file: str,
+    workdir: str | None,
+    *,
+    overrides: Mapping[str, Any],
+    parallel: int,
+    emit_only: bool,
+    launch: str | Path,
 ) -> bool:
     """launch.py --sweep: checks every run's overrides, then prints the unfinished runs' commands
     (`emit_only`, absolute paths for a scheduler) or runs them; True when none failed."""
@@ -249,7 +288,9 @@ def main(
         for line in emit(runs, absolute, Path(root).resolve(), launch, extra):
             print(line)
         return True
-    codes = run_sweep(runs, config_argument, root, parallel=parallel or len(os.sched_getaffinity(0)), launch=launch, extra=extra)
+    codes = run_sweep(
+        runs, config_argument, root, parallel=parallel or len(os.sched_getaffinity(0)), launch=launch, extra=extra
+    )
     failed = sorted(name for name, code in codes.items() if code)
     print(f"sweep finished in {root}: {len(codes) - len(failed)} ran, {len(failed)} failed {failed or ''}".rstrip())
     print(f"tables and figures: python -m research.tools.report {root}")

@@ -3,9 +3,6 @@
 import collections
 import gzip
 import hashlib
-import os
-import subprocess
-import sys
 import tarfile
 import time
 
@@ -13,8 +10,16 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from conftest import ROOT, write_cifar_archive
-from research.data import catalog, cifar10, files, mnist, shakespeare_acceptability, shakespeare_speakers, tiny_shakespeare
+from conftest import launch, write_cifar_archive
+from research.data import (
+    catalog,
+    cifar10,
+    files,
+    mnist,
+    shakespeare_acceptability,
+    shakespeare_speakers,
+    tiny_shakespeare,
+)
 
 # From research/data/bundled/mnist/PROVENANCE.md.
 MNIST_TEST_COUNTS = [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
@@ -54,7 +59,10 @@ def test_mnist_offline_prepares_the_shipped_subset_and_says_so_once(data_dir, of
     # The test split is the official file, image for image.
     official_test = mnist.read_idx(mnist.BUNDLED_DIR / "t10k-images-idx3-ubyte.gz")
     by_index = sorted(test_records, key=lambda record: record["index"])
-    assert hashlib.sha256(np.stack([record["image"] for record in by_index]).tobytes()).hexdigest() == hashlib.sha256(official_test.tobytes()).hexdigest()
+    assert (
+        hashlib.sha256(np.stack([record["image"] for record in by_index]).tobytes()).hexdigest()
+        == hashlib.sha256(official_test.tobytes()).hexdigest()
+    )
 
 
 def test_mnist_full_offline_without_files_fails_fast_in_one_line(tmp_path, offline):
@@ -63,7 +71,11 @@ def test_mnist_full_offline_without_files_fails_fast_in_one_line(tmp_path, offli
         tfds.builder("research_mnist/full", data_dir=str(tmp_path), file_format="array_record").download_and_prepare()
     assert time.perf_counter() - start < 5
     message = str(error.value)
-    assert "\n" not in message and "train-images-idx3-ubyte.gz" in message and str(tmp_path / "downloads" / "manual") in message
+    assert (
+        "\n" not in message
+        and "train-images-idx3-ubyte.gz" in message
+        and str(tmp_path / "downloads" / "manual") in message
+    )
 
 
 def test_read_idx_parses_generated_files(tmp_path):
@@ -108,7 +120,9 @@ def test_parse_batch_rejects_a_truncated_file():
 
 def test_tiny_shakespeare_has_the_official_character_split(data_dir):
     text = tiny_shakespeare.read_text()
-    assert hashlib.sha256(text.encode()).hexdigest() == "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
+    assert (
+        hashlib.sha256(text.encode()).hexdigest() == "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
+    )
     splits = {split: catalog.source("tiny_shakespeare", split, data_dir) for split in tiny_shakespeare.SPLIT_CHARACTERS}
     assert {split: len(source) for split, source in splits.items()} == {"train": 1, "validation": 1, "test": 1}
     texts = {split: source[0]["text"].decode() for split, source in splits.items()}
@@ -121,7 +135,9 @@ def test_shakespeare_speakers_labels_the_most_frequent_speakers(data_dir):
     assert names == shakespeare_speakers.SPEAKER_NAMES and len(examples) == 1288
     counts = collections.Counter(label for _, label in examples)
     assert [counts[label] for label in range(8)] == [211, 189, 161, 160, 155, 148, 137, 127]
-    sources = {split: catalog.source("shakespeare_speakers", split, data_dir) for split in shakespeare_speakers.SPLIT_SIZES}
+    sources = {
+        split: catalog.source("shakespeare_speakers", split, data_dir) for split in shakespeare_speakers.SPLIT_SIZES
+    }
     assert {split: len(source) for split, source in sources.items()} == shakespeare_speakers.SPLIT_SIZES
     test_labels = {record["label"] for record in (sources["test"][index] for index in range(128))}
     assert test_labels == set(range(8))
@@ -150,7 +166,10 @@ def test_shakespeare_acceptability_corrupts_half_the_held_out_lines_by_word_orde
             replacements += 1
     assert swaps + replacements == 1052 and abs(swaps - replacements) < 100
     assert not any(line in held_out["train"] for line in lines[:50] if len(line) > 40)  # none from pre-training's text
-    sources = {split: catalog.source("shakespeare_acceptability", split, data_dir) for split in shakespeare_acceptability.SPLIT_SIZES}
+    sources = {
+        split: catalog.source("shakespeare_acceptability", split, data_dir)
+        for split in shakespeare_acceptability.SPLIT_SIZES
+    }
     assert {split: len(source) for split, source in sources.items()} == shakespeare_acceptability.SPLIT_SIZES
     test_labels = [sources["test"][index]["label"] for index in range(len(sources["test"]))]
     assert 0.4 < np.mean(test_labels) < 0.6
@@ -168,8 +187,7 @@ def test_list_datasets_shows_what_is_prepared_where_with_split_sizes(data_dir):
     assert rows["optdigits"]["prepared"] and rows["optdigits"]["splits"] == {"train": 3823, "test": 1797}
     assert rows["optdigits"]["path"].startswith(data_dir)
     assert not rows["cifar10"]["prepared"] and rows["cifar10"]["splits"] == {"train": 50000, "test": 10000}
-    environment = {key: value for key, value in os.environ.items() if key != "XLA_FLAGS"}
-    result = subprocess.run([sys.executable, "launch.py", "--list_datasets", f"--data_dir={data_dir}"], cwd=ROOT, capture_output=True, text=True, env=environment, timeout=120)
+    result = launch("--list_datasets", f"--data_dir={data_dir}", timeout=120)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert len(lines) == 1 + 2 * len(catalog.DATASETS)
@@ -179,7 +197,10 @@ def test_list_datasets_shows_what_is_prepared_where_with_split_sizes(data_dir):
 
 def test_official_tfds_dataset_without_tensorflow_fails_fast_in_one_line(tmp_path, offline):
     start = time.perf_counter()
-    with pytest.raises(files.MissingDataError, match=r"^preparing the official tfds dataset 'tfds:mnist' needs TensorFlow: pip install tensorflow"):
+    with pytest.raises(
+        files.MissingDataError,
+        match=r"^preparing the official tfds dataset 'tfds:mnist' needs TensorFlow: pip install tensorflow",
+    ):
         catalog.source("tfds:mnist", "train", str(tmp_path))
     assert time.perf_counter() - start < 5
 
@@ -187,8 +208,12 @@ def test_official_tfds_dataset_without_tensorflow_fails_fast_in_one_line(tmp_pat
 def test_official_builder_offline_needs_its_files_in_the_manual_directory(tmp_path, offline):
     from types import SimpleNamespace
 
-    stub = SimpleNamespace(url_infos={"https://example.org/a.gz": SimpleNamespace(filename="a.gz")}, data_dir_root=tmp_path)
-    with pytest.raises(files.MissingDataError, match=r"^dataset 'tfds:x' is not available offline: put a.gz in .*downloads/manual"):
+    stub = SimpleNamespace(
+        url_infos={"https://example.org/a.gz": SimpleNamespace(filename="a.gz")}, data_dir_root=tmp_path
+    )
+    with pytest.raises(
+        files.MissingDataError, match=r"^dataset 'tfds:x' is not available offline: put a.gz in .*downloads/manual"
+    ):
         catalog._check_official_files(stub, "tfds:x")
     files.manual_dir(str(tmp_path)).mkdir(parents=True)
     (files.manual_dir(str(tmp_path)) / "a.gz").write_bytes(b"")
@@ -204,7 +229,10 @@ def test_mnist_uses_the_full_files_from_the_manual_directory(tmp_path, offline, 
     manual = files.manual_dir(str(tmp_path))
     manual.mkdir(parents=True)
     rng = np.random.default_rng(0)
-    arrays = {"train": (rng.integers(0, 256, (7, 28, 28)), np.arange(7) % 10), "test": (rng.integers(0, 256, (3, 28, 28)), np.array([9, 8, 7]))}
+    arrays = {
+        "train": (rng.integers(0, 256, (7, 28, 28)), np.arange(7) % 10),
+        "test": (rng.integers(0, 256, (3, 28, 28)), np.array([9, 8, 7])),
+    }
     for split, (images, labels) in arrays.items():
         write_idx(manual / mnist.FILES[split][0], images)
         write_idx(manual / mnist.FILES[split][1], labels)
@@ -223,5 +251,7 @@ def test_mnist_rejects_a_manual_file_that_is_not_the_official_one(tmp_path, offl
     manual.mkdir(parents=True)
     for name in mnist.OFFICIAL_SHA256:
         write_idx(manual / name, np.zeros((1, 28, 28) if "images" in name else (1,)))
-    with pytest.raises(files.MissingDataError, match=r"is not the official train-images-idx3-ubyte.gz \(sha256 differs\)"):
+    with pytest.raises(
+        files.MissingDataError, match=r"is not the official train-images-idx3-ubyte.gz \(sha256 differs\)"
+    ):
         tfds.builder("research_mnist/full", data_dir=str(tmp_path), file_format="array_record").download_and_prepare()

@@ -11,7 +11,10 @@ TEST_COUNTS = [178, 182, 177, 183, 181, 182, 181, 179, 174, 180]
 
 
 def test_bundled_files_are_the_documented_ones():
-    digests = {name: hashlib.sha256((optdigits.BUNDLED_DIR / name).read_bytes()).hexdigest() for name in ("optdigits.tra", "optdigits.tes")}
+    digests = {
+        name: hashlib.sha256((optdigits.BUNDLED_DIR / name).read_bytes()).hexdigest()
+        for name in ("optdigits.tra", "optdigits.tes")
+    }
     assert digests == {
         "optdigits.tra": "e1b683cc211604fe8fd8c4417e6a69f31380e0c61d4af22e93cc21e9257ffedd",
         "optdigits.tes": "6ebb3d2fee246a4e99363262ddf8a00a3c41bee6014c373ed9d9216ba7f651b8",
@@ -40,13 +43,18 @@ def first_batches(dataset, count):
 
 def test_train_batches_are_deterministic_under_a_seed_and_reshuffle_each_epoch():
     source = pipeline.array_source(x=np.arange(20, dtype=np.int32))
-    batches = lambda seed: [batch["x"].tolist() for batch in first_batches(pipeline.train_batches(source, batch_size=5, seed=seed), 8)]
+    batches = lambda seed: [
+        batch["x"].tolist() for batch in first_batches(pipeline.train_batches(source, batch_size=5, seed=seed), 8)
+    ]
     assert batches(0) == batches(0)
     assert batches(0) != batches(1)
     epochs = [sum(batches(0)[4 * epoch : 4 * epoch + 4], []) for epoch in (0, 1)]
     assert sorted(epochs[0]) == sorted(epochs[1]) == list(range(20)), "each epoch sees every example once"
     assert epochs[0] != epochs[1], "the order changes between epochs"
-    assert all(batch["mask"].tolist() == [1.0] * 5 for batch in first_batches(pipeline.train_batches(source, batch_size=5, seed=0), 2))
+    assert all(
+        batch["mask"].tolist() == [1.0] * 5
+        for batch in first_batches(pipeline.train_batches(source, batch_size=5, seed=0), 2)
+    )
 
 
 def test_eval_batches_cover_each_example_once_then_pad_with_mask():

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 
-
 ROOT = Path(__file__).resolve().parents[2]  # run as a script too, where conftest is not importable
 EXAMPLES, GLOBAL_BATCH, STEPS = 48, 8, 6  # six global batches: exactly one epoch
 
@@ -27,7 +26,14 @@ def test_two_processes_read_disjoint_shards_into_global_batches():
     port = free_port()
     environment = {key: value for key, value in os.environ.items() if key != "XLA_FLAGS"}
     workers = [
-        subprocess.Popen([sys.executable, __file__, str(port), str(index)], cwd=ROOT, env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        subprocess.Popen(
+            [sys.executable, __file__, str(port), str(index)],
+            cwd=ROOT,
+            env=environment,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         for index in range(2)
     ]
     outputs = [worker.communicate(timeout=120) for worker in workers]
@@ -35,15 +41,24 @@ def test_two_processes_read_disjoint_shards_into_global_batches():
     reports = [json.loads(out.strip().splitlines()[-1]) for out, _ in outputs]
     assert [report["devices"] for report in reports] == [4, 4]
     assert reports[0]["global"] == reports[1]["global"], "every process sees the same global batches"
-    assert sorted(reports[0]["global"]) == list(range(EXAMPLES)), "one epoch of global batches covers every example once"
+    assert sorted(reports[0]["global"]) == list(range(EXAMPLES)), (
+        "one epoch of global batches covers every example once"
+    )
     local = [set(report["local"]) for report in reports]
     assert not local[0] & local[1] and local[0] | local[1] == set(range(EXAMPLES))
     sys.path.insert(0, str(ROOT))
     from research.data import pipeline
 
-    one_process = pipeline.train_batches(pipeline.array_source(x=np.arange(EXAMPLES, dtype=np.int32)), batch_size=GLOBAL_BATCH, seed=0, process=pipeline.Process(0, 1))
+    one_process = pipeline.train_batches(
+        pipeline.array_source(x=np.arange(EXAMPLES, dtype=np.int32)),
+        batch_size=GLOBAL_BATCH,
+        seed=0,
+        process=pipeline.Process(0, 1),
+    )
     iterator = iter(one_process)
-    assert reports[0]["global"] == sum((next(iterator)["x"].tolist() for _ in range(STEPS)), []), "the same batches as one process"
+    assert reports[0]["global"] == sum((next(iterator)["x"].tolist() for _ in range(STEPS)), []), (
+        "the same batches as one process"
+    )
 
 
 def worker(port: str, process_id: int) -> None:
@@ -62,7 +77,11 @@ def worker(port: str, process_id: int) -> None:
     from research.data import pipeline
 
     mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
-    iterator = iter(pipeline.train_batches(pipeline.array_source(x=np.arange(EXAMPLES, dtype=np.int32)), batch_size=GLOBAL_BATCH, seed=0))
+    iterator = iter(
+        pipeline.train_batches(
+            pipeline.array_source(x=np.arange(EXAMPLES, dtype=np.int32)), batch_size=GLOBAL_BATCH, seed=0
+        )
+    )
     local, seen = [], []
     for _ in range(STEPS):
         host_batch = next(iterator)

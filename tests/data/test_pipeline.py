@@ -16,16 +16,23 @@ def take(iterator, count):
 
 def images_source(size: int = 40):
     rng = np.random.default_rng(0)
-    return pipeline.array_source(image=rng.integers(0, 256, size=(size, 32, 32, 3), dtype=np.uint8), label=np.arange(size) % 10)
+    return pipeline.array_source(
+        image=rng.integers(0, 256, size=(size, 32, 32, 3), dtype=np.uint8), label=np.arange(size) % 10
+    )
 
 
 def cifar_batches(seed: int):
-    return pipeline.train_batches(images_source(), batch_size=8, seed=seed, random_transform=augment.cifar_train_transform)
+    return pipeline.train_batches(
+        images_source(), batch_size=8, seed=seed, random_transform=augment.cifar_train_transform
+    )
 
 
 def test_augmented_batches_are_deterministic_under_a_seed():
     first, again, other = (take(iter(cifar_batches(seed)), 6) for seed in (0, 0, 1))
-    assert all(np.array_equal(a["inputs"], b["inputs"]) and np.array_equal(a["labels"], b["labels"]) for a, b in zip(first, again))
+    assert all(
+        np.array_equal(a["inputs"], b["inputs"]) and np.array_equal(a["labels"], b["labels"])
+        for a, b in zip(first, again)
+    )
     assert not np.array_equal(np.stack([b["inputs"] for b in first]), np.stack([b["inputs"] for b in other]))
     assert first[0]["inputs"].shape == (8, 32, 32, 3) and first[0]["inputs"].dtype == np.float32
 
@@ -48,19 +55,30 @@ def test_process_shards_are_disjoint_and_cover_the_data(count):
     epoch_batches = 48 // count // (global_batch // count)
     shards = []
     for index in range(count):
-        batches = pipeline.train_batches(source, batch_size=global_batch, seed=0, process=pipeline.Process(index, count))
+        batches = pipeline.train_batches(
+            source, batch_size=global_batch, seed=0, process=pipeline.Process(index, count)
+        )
         shards.append(np.concatenate([batch["x"] for batch in take(iter(batches), epoch_batches)]).tolist())
     assert all(len(shard) == 48 // count for shard in shards)
     assert sorted(sum(shards, [])) == list(range(48)), "disjoint and covering"
     # Global batch b is the processes' slices side by side: the same as one process reads.
-    single = np.concatenate([batch["x"] for batch in take(iter(pipeline.train_batches(source, batch_size=global_batch, seed=0)), 48 // global_batch)])
+    single = np.concatenate(
+        [
+            batch["x"]
+            for batch in take(iter(pipeline.train_batches(source, batch_size=global_batch, seed=0)), 48 // global_batch)
+        ]
+    )
     local = global_batch // count
-    stitched = [shards[index][step * local : (step + 1) * local] for step in range(48 // global_batch) for index in range(count)]
+    stitched = [
+        shards[index][step * local : (step + 1) * local] for step in range(48 // global_batch) for index in range(count)
+    ]
     assert sum(stitched, []) == single.tolist()
     # Evaluation: each example once over all processes, padding masked.
     seen = []
     for index in range(count):
-        for batch in pipeline.eval_batches(pipeline.array_source(x=np.arange(45)), batch_size=global_batch, process=pipeline.Process(index, count)):
+        for batch in pipeline.eval_batches(
+            pipeline.array_source(x=np.arange(45)), batch_size=global_batch, process=pipeline.Process(index, count)
+        ):
             seen += batch["x"][batch["mask"] == 1].tolist()
     assert sorted(seen) == list(range(45))
 
@@ -86,7 +104,9 @@ def test_random_crop_flip_is_a_shifted_window_of_the_padded_image():
         top, left = replay.integers(0, 5, size=2)
         window = np.pad(image, ((2, 2), (2, 2), (0, 0)))[top : top + 6, left : left + 5]
         assert np.array_equal(out, window[:, ::-1] if replay.random() < 0.5 else window)
-    assert np.allclose(augment.normalize(np.full((1, 1, 3), 255, np.uint8), (0.5, 0.5, 0.5), (0.5, 0.25, 0.5)), [[[1.0, 2.0, 1.0]]])
+    assert np.allclose(
+        augment.normalize(np.full((1, 1, 3), 255, np.uint8), (0.5, 0.5, 0.5), (0.5, 0.25, 0.5)), [[[1.0, 2.0, 1.0]]]
+    )
 
 
 def test_k_folds_partition_the_training_split(data_dir):
@@ -94,8 +114,14 @@ def test_k_folds_partition_the_training_split(data_dir):
     bounds = folds.fold_bounds(size, k)
     assert [end - start for start, end in bounds] == [765, 764, 765, 764, 765]
     assert folds.kfold_splits("train", size=size, k=k, fold=0) == {"train": "train[765:]", "validation": "train[0:765]"}
-    assert folds.kfold_splits("train", size=size, k=k, fold=2) == {"train": "train[:1529]+train[2294:]", "validation": "train[1529:2294]"}
-    rows = lambda split: [record["image"].tobytes() + bytes([record["label"]]) for record in pipeline.tfds_source("optdigits", split, data_dir=data_dir)]
+    assert folds.kfold_splits("train", size=size, k=k, fold=2) == {
+        "train": "train[:1529]+train[2294:]",
+        "validation": "train[1529:2294]",
+    }
+    rows = lambda split: [
+        record["image"].tobytes() + bytes([record["label"]])
+        for record in pipeline.tfds_source("optdigits", split, data_dir=data_dir)
+    ]
     everything = sorted(rows("train"))
     validation_union = []
     for fold in range(k):
@@ -116,7 +142,12 @@ def test_subset_reads_records_at_the_given_indices():
 def test_array_batches_are_seeded_epoch_permutations_of_disjoint_shards():
     columns = {"x": np.arange(48, dtype=np.int32), "y": np.arange(48) * 2}
     double = lambda batch: batch | {"x": batch["x"] * 10}
-    run = lambda seed, process: [batch for batch in take(iter(pipeline.array_batches(columns, batch_size=8, seed=seed, transform=double, process=process)), 12)]
+    run = lambda seed, process: [
+        batch
+        for batch in take(
+            iter(pipeline.array_batches(columns, batch_size=8, seed=seed, transform=double, process=process)), 12
+        )
+    ]
     single = run(0, pipeline.Process(0, 1))
     assert [b["x"].tolist() for b in single] == [b["x"].tolist() for b in run(0, pipeline.Process(0, 1))]
     assert [b["x"].tolist() for b in single] != [b["x"].tolist() for b in run(1, pipeline.Process(0, 1))]
@@ -156,5 +187,8 @@ def test_worker_processes_give_the_same_batches():
 
     flags.FLAGS.mark_as_parsed()  # grain's workers read absl flags, which launch.py parses
     source = pipeline.array_source(x=np.arange(32, dtype=np.int32))
-    batches = lambda workers: [batch["x"].tolist() for batch in take(iter(pipeline.train_batches(source, batch_size=4, seed=0, num_workers=workers)), 6)]
+    batches = lambda workers: [
+        batch["x"].tolist()
+        for batch in take(iter(pipeline.train_batches(source, batch_size=4, seed=0, num_workers=workers)), 6)
+    ]
     assert batches(1) == batches(0)

@@ -28,7 +28,10 @@ def test_subword_tokenizer_trains_deterministically_and_round_trips(corpus):
     ids = tokenizer.encode(corpus["validation"])
     assert tokenizer.decode(ids) == corpus["validation"], "whitespace and newlines survive"
     assert len(ids) < 0.6 * len(corpus["validation"]), "256 subwords: about 1.75 characters per token"
-    assert text.SubwordTokenizer(tokenizer.model_proto).encode("ROMEO:\n").tolist() == tokenizer.encode("ROMEO:\n").tolist()
+    assert (
+        text.SubwordTokenizer(tokenizer.model_proto).encode("ROMEO:\n").tolist()
+        == tokenizer.encode("ROMEO:\n").tolist()
+    )
 
 
 def test_windows_give_next_token_targets_and_batch_through_the_pipeline(corpus):
@@ -48,9 +51,24 @@ def test_windows_give_next_token_targets_and_batch_through_the_pipeline(corpus):
 def test_pack_fills_rows_in_order_with_segments_and_positions():
     documents = [np.array([1, 2, 3]), np.array([4, 5, 6, 7, 8]), np.array([9, 10]), np.arange(11, 20)]
     packed = text.pack(documents, length=6)
-    assert packed["tokens"].tolist() == [[1, 2, 3, 4, 5, 6], [7, 8, 9, 10, 11, 12], [13, 14, 15, 16, 17, 18], [19, 0, 0, 0, 0, 0]]
-    assert packed["segment_ids"].tolist() == [[1, 1, 1, 2, 2, 2], [1, 1, 2, 2, 3, 3], [1, 1, 1, 1, 1, 1], [1, 0, 0, 0, 0, 0]]
-    assert packed["positions"].tolist() == [[0, 1, 2, 0, 1, 2], [0, 1, 0, 1, 0, 1], [0, 1, 2, 3, 4, 5], [0, 0, 0, 0, 0, 0]]
+    assert packed["tokens"].tolist() == [
+        [1, 2, 3, 4, 5, 6],
+        [7, 8, 9, 10, 11, 12],
+        [13, 14, 15, 16, 17, 18],
+        [19, 0, 0, 0, 0, 0],
+    ]
+    assert packed["segment_ids"].tolist() == [
+        [1, 1, 1, 2, 2, 2],
+        [1, 1, 2, 2, 3, 3],
+        [1, 1, 1, 1, 1, 1],
+        [1, 0, 0, 0, 0, 0],
+    ]
+    assert packed["positions"].tolist() == [
+        [0, 1, 2, 0, 1, 2],
+        [0, 1, 0, 1, 0, 1],
+        [0, 1, 2, 3, 4, 5],
+        [0, 0, 0, 0, 0, 0],
+    ]
 
 
 def test_mlm_masking_picks_15_percent_and_splits_them_80_10_10():
@@ -78,8 +96,9 @@ def test_whole_word_masking_predicts_every_piece_of_the_chosen_words():
     words[::11] = [[20, 21]] * len(words[::11])  # a word that starts without a beginning piece: after a newline
     tokens = np.array([token for word in words for token in word], np.int32)
     tokens[:3] = 0  # padding splits the first word, whose tail then counts as a word of its own
-    masked = text.mask_tokens(tokens, np.random.default_rng(1), mask_id=3, vocab_size=30, rate=0.4,
-                              special_ids=(0, 1, 2, 3), word_kinds=kinds)
+    masked = text.mask_tokens(
+        tokens, np.random.default_rng(1), mask_id=3, vocab_size=30, rate=0.4, special_ids=(0, 1, 2, 3), word_kinds=kinds
+    )
     chosen = masked["weights"] == 1
     # the budget: at most 40% of the non-special tokens, short of it by less than one word
     assert 0.4 * 0.99 * (len(tokens) - 3) < chosen.sum() <= round(0.4 * (len(tokens) - 3))
@@ -89,8 +108,10 @@ def test_whole_word_masking_predicts_every_piece_of_the_chosen_words():
         if first < end:  # each word is predicted whole or not at all
             assert chosen[first:end].all() or not chosen[first:end].any(), tokens[first:end]
     assert not chosen[:3].any() and np.array_equal(np.unique(masked["inputs"][chosen] == 3), [False, True])
-    plain = text.mask_tokens(tokens, np.random.default_rng(1), mask_id=3, vocab_size=30, rate=0.4, special_ids=(0, 1, 2, 3))
-    split = sum(0 < plain["weights"][max(a, 3):b].sum() < b - max(a, 3) for a, b in zip(starts[:-1], starts[1:]))
+    plain = text.mask_tokens(
+        tokens, np.random.default_rng(1), mask_id=3, vocab_size=30, rate=0.4, special_ids=(0, 1, 2, 3)
+    )
+    split = sum(0 < plain["weights"][max(a, 3) : b].sum() < b - max(a, 3) for a, b in zip(starts[:-1], starts[1:]))
     assert split > 1000  # per-piece masking, for contrast, predicts part of many words
 
 

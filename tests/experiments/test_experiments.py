@@ -36,7 +36,9 @@ def test_every_experiment_has_a_golden_first_loss():
 QUICK = ("digits_mlp", "linear_regression", "mnist_logreg")  # the others compile for seconds each: slow
 
 
-@pytest.mark.parametrize("name", [name if name in QUICK else pytest.param(name, marks=pytest.mark.slow) for name in sorted(FIRST_STEP_LOSS)])
+@pytest.mark.parametrize(
+    "name", [name if name in QUICK else pytest.param(name, marks=pytest.mark.slow) for name in sorted(FIRST_STEP_LOSS)]
+)
 def test_first_step_loss_is_the_recorded_one(name, data_dir):
     module, config = smoke_config(name, data_dir)
     batch = next(iter(module.make_data(config, "train")))

@@ -73,8 +73,11 @@ def test_bert_pretrain_smoke_loss_falls(pretrained):
 def test_pretraining_text_holds_no_held_out_speech(data_dir):
     corpus = "".join(text.split_text("tiny_shakespeare", split, data_dir) for split in ("train", "validation", "test"))
     kept = mlm.without_held_out_speeches(corpus, data_dir)
-    held_out = [record["text"].decode() for split in ("validation", "test")
-                for record in pipeline.tfds_source("shakespeare_speakers", split, data_dir=data_dir)]
+    held_out = [
+        record["text"].decode()
+        for split in ("validation", "test")
+        for record in pipeline.tfds_source("shakespeare_speakers", split, data_dir=data_dir)
+    ]
     long_ones = [speech for speech in held_out if len(speech) > 200]  # long enough not to recur by chance
     assert 0.95 * len(corpus) < len(kept) < 0.98 * len(corpus)
     assert sum(speech in corpus for speech in long_ones) == len(long_ones) > 50
@@ -108,12 +111,17 @@ def test_next_sentence_pairs_differ_only_in_what_b_says(data_dir):
         assert targets[0] == ids["cls"] and seps[-1] == 31 and len(seps) == 2
         a, b = targets[1 : seps[0]], targets[seps[0] + 1 : 31]
         assert np.array_equal(a, tokens[start : start + len(a)]) and (segments == (np.arange(32) > seps[0])).all()
-        b_start = start + len(a) if label else next(
-            i for i in np.flatnonzero(tokens == b[0]) if np.array_equal(tokens[i : i + len(b)], b))
+        b_start = (
+            start + len(a)
+            if label
+            else next(i for i in np.flatnonzero(tokens == b[0]) if np.array_equal(tokens[i : i + len(b)], b))
+        )
         assert np.array_equal(tokens[b_start : b_start + len(b)], b)
         assert tokens[b_start - 1] == newline or newline not in a  # B starts a line in both cases, if A ends one
         assert label or abs(b_start - start) >= mlm.NEXT_SENTENCE_MIN_DISTANCE
-    assert (pairs["weights"][pairs["targets"] == ids["sep"]] == 0).all() and (pairs["weights"].sum(1) == round(0.15 * 29)).all()
+    assert (pairs["weights"][pairs["targets"] == ids["sep"]] == 0).all() and (
+        pairs["weights"].sum(1) == round(0.15 * 29)
+    ).all()
 
 
 def test_bert_finetune_optimizer_scales_only_the_encoders_steps():
@@ -122,7 +130,10 @@ def test_bert_finetune_optimizer_scales_only_the_encoders_steps():
     config.optimizer.weight_decay = 0.0
     tx = make_tx(config)
     params = {"encoder": {"kernel": np.ones(3, np.float32)}, "classifier": {"kernel": np.ones(3, np.float32)}}
-    grads = {"encoder": {"kernel": np.array([1.0, -2.0, 3.0], np.float32)}, "classifier": {"kernel": np.array([-1.0, 5.0, 0.5], np.float32)}}
+    grads = {
+        "encoder": {"kernel": np.array([1.0, -2.0, 3.0], np.float32)},
+        "classifier": {"kernel": np.array([-1.0, 5.0, 0.5], np.float32)},
+    }
     # Adam's step is -lr * sign(g) while the gradient is constant; warm-up's first rate is 0, so take the second.
     _, state = tx.update(grads, tx.init(params), params)
     updates, _ = tx.update(grads, state, params)
@@ -130,13 +141,18 @@ def test_bert_finetune_optimizer_scales_only_the_encoders_steps():
     head = np.asarray(updates["classifier"]["kernel"]) / np.sign(grads["classifier"]["kernel"])
     np.testing.assert_allclose(ratio, 0.1 * head, rtol=1e-5)
     assert config.optimizer.schedule.warmup_steps == 25
-    assert head[0] < 0 and abs(head[0]) == pytest.approx(config.optimizer.learning_rate / 25, rel=1e-4)  # warm-up's step 1 of 25
+    assert head[0] < 0 and abs(head[0]) == pytest.approx(
+        config.optimizer.learning_rate / 25, rel=1e-4
+    )  # warm-up's step 1 of 25
 
 
 def test_bert_finetune_smoke_starts_from_the_pretrained_encoder(pretrained, data_dir, tmp_path, capsys):
     _, pretrain_dir = pretrained
     smoke_run(bert_finetune, data_dir, tmp_path, **{"init_from.workdir": str(pretrain_dir)})
-    assert "left at random init: classifier/bias, classifier/kernel, pooler/bias, pooler/kernel\n" in capsys.readouterr().out
+    assert (
+        "left at random init: classifier/bias, classifier/kernel, pooler/bias, pooler/kernel\n"
+        in capsys.readouterr().out
+    )
     losses = train_losses(tmp_path)
     assert losses[0] > math.log(8) - 0.1 and losses[-1] < losses[0] - 0.3  # measured: 2.08 -> 1.56 on its 64 speeches
 

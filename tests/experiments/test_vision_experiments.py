@@ -1,7 +1,6 @@
 """Vision experiments: each smoke config learns, configs build the stated models, and the CIFAR-10
 experiment runs its whole pipeline (tfds builder, crop + flip, BatchNorm state) on a generated archive."""
 
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,7 +13,6 @@ from research import checkpoint, train
 from research.data import augment, cifar10, files, mnist
 from research.models.mlp import MLP
 from research.steps import default_init_variables
-
 
 # (last logged loss at most this fraction of the first, test accuracy at least): measured, the
 # last losses were 0.55, 0.66, 0.42, 0.24 and 0.83 of the first, the test accuracies 0.57,
@@ -43,7 +41,9 @@ def parameter_count(module, arg: str | None = None, **overrides) -> int:
     config = module.get_config(arg)
     config.update_from_flattened_dict(overrides)
     model = module.make_model(config)
-    shape = {cifar10_resnet: (1, 32, 32, 3), mnist_cnn: (1, 28, 28, 1), vit_digits: (1, 28, 28, 1)}.get(module, (1, 784))
+    shape = {cifar10_resnet: (1, 32, 32, 3), mnist_cnn: (1, 28, 28, 1), vit_digits: (1, 28, 28, 1)}.get(
+        module, (1, 784)
+    )
     init = getattr(module, "init_variables", default_init_variables)
     variables = jax.eval_shape(lambda rng: init(model, rng, {"inputs": jnp.zeros(shape)}), jax.random.PRNGKey(0))
     return sum(leaf.size for leaf in jax.tree.leaves(variables["params"]))
@@ -67,7 +67,10 @@ def test_mlp_dropout_only_in_training():
     model = MLP(features=(64, 10), dropout_rate=0.5, input_dropout_rate=0.2)
     inputs = jnp.ones((4, 16))
     params = model.init(jax.random.PRNGKey(0), inputs)["params"]
-    first, second = (model.apply({"params": params}, inputs, train=True, rngs={"dropout": jax.random.PRNGKey(seed)}) for seed in (1, 2))
+    first, second = (
+        model.apply({"params": params}, inputs, train=True, rngs={"dropout": jax.random.PRNGKey(seed)})
+        for seed in (1, 2)
+    )
     assert float(jnp.max(jnp.abs(first - second))) > 1e-3
     np.testing.assert_array_equal(model.apply({"params": params}, inputs), model.apply({"params": params}, inputs))
 
@@ -77,9 +80,13 @@ def test_cifar10_resnet_full_pipeline_on_a_generated_archive(tmp_path, monkeypat
     data_dir = tmp_path / "data"
     manual = files.manual_dir(str(data_dir))
     manual.mkdir(parents=True)
-    write_cifar_archive(manual / cifar10.ARCHIVE, {f"data_batch_{number}.bin": 40 for number in range(1, 6)} | {"test_batch.bin": 40})
+    write_cifar_archive(
+        manual / cifar10.ARCHIVE, {f"data_batch_{number}.bin": 40 for number in range(1, 6)} | {"test_batch.bin": 40}
+    )
     config = cifar10_resnet.get_config("smoke")
-    config.update_from_flattened_dict({"data.name": "cifar10", "data_dir": str(data_dir), "num_steps": 6, "log_every": 3})
+    config.update_from_flattened_dict(
+        {"data.name": "cifar10", "data_dir": str(data_dir), "num_steps": 6, "log_every": 3}
+    )
 
     train_batch = next(iter(cifar10_resnet.make_data(config, "train")))
     assert train_batch["inputs"].shape == (32, 32, 32, 3) and train_batch["inputs"].dtype == np.float32
@@ -103,9 +110,15 @@ def test_cifar10_resnet_full_pipeline_on_a_generated_archive(tmp_path, monkeypat
 def test_mnist_random_shift_moves_the_digit_and_keeps_its_ink():
     image = np.zeros((28, 28), np.uint8)
     image[10:14, 10:14] = 255
-    shifted = [augment.random_shift({"image": image, "label": 3}, np.random.default_rng(seed), max_shift=2, scale=mnist.MAX_PIXEL)
-               for seed in range(60)]
-    assert {example["inputs"].shape for example in shifted} == {(28, 28, 1)} and {int(example["labels"]) for example in shifted} == {3}
+    shifted = [
+        augment.random_shift(
+            {"image": image, "label": 3}, np.random.default_rng(seed), max_shift=2, scale=mnist.MAX_PIXEL
+        )
+        for seed in range(60)
+    ]
+    assert {example["inputs"].shape for example in shifted} == {(28, 28, 1)} and {
+        int(example["labels"]) for example in shifted
+    } == {3}
     assert {float(example["inputs"].sum()) for example in shifted} == {16.0}
     corners = {tuple(int(i) for i in np.argwhere(example["inputs"][..., 0])[0]) for example in shifted}
     assert all(8 <= row <= 12 and 8 <= column <= 12 for row, column in corners) and len(corners) >= 15

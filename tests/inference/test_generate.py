@@ -25,6 +25,16 @@ def small_gpt():
     return model, params
 
 
+def decode_every_position(decoder, params, tokens_BxT) -> np.ndarray:
+    """logits_BxTxV of a decoder's step run over every position of `tokens_BxT` (the input already known)."""
+    init_state, step = decoder
+    step, state, logits = jax.jit(step), init_state(params), []
+    for t in range(tokens_BxT.shape[1]):
+        step_logits, state = step(params, state, tokens_BxT, t)
+        logits.append(step_logits)
+    return np.stack(logits, axis=1)
+
+
 def test_decode_path_keeps_the_parameter_tree():
     model, params = small_gpt()
     decoding = jax.eval_shape(model.clone(decode=True).init, jax.random.PRNGKey(0), jnp.zeros((1, 24), jnp.int32))
@@ -46,13 +56,9 @@ def test_cached_logits_equal_the_full_forward_pass():
     model, params = small_gpt()
     tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 24), 0, 17)
     full = jax.jit(model.apply)({"params": params}, tokens)
-    init_state, step = model.make_decoder(2, 24, keep=12)
-    step = jax.jit(step)
-    cache, logits = init_state(params), []
-    for t in range(24):
-        step_logits, cache = step(params, cache, tokens, t)
-        logits.append(step_logits)
-    np.testing.assert_allclose(np.stack(logits, axis=1), full, atol=1e-5)
+    np.testing.assert_allclose(
+        decode_every_position(model.make_decoder(2, 24, keep=12), params, tokens), full, atol=1e-5
+    )
 
 
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
@@ -61,13 +67,7 @@ def test_recurrent_state_carried_token_by_token_matches_the_full_run(cell):
     tokens = jax.random.randint(jax.random.PRNGKey(2), (2, 9), 0, 11)
     params = jax.jit(model.init)(jax.random.PRNGKey(0), tokens)["params"]
     full = jax.jit(model.apply)({"params": params}, tokens)
-    init_state, step = model.make_decoder(2, 9)
-    step = jax.jit(step)
-    carries, logits = init_state(params), []
-    for t in range(9):
-        step_logits, carries = step(params, carries, tokens, t)
-        logits.append(step_logits)
-    np.testing.assert_allclose(np.stack(logits, axis=1), full, atol=1e-5)
+    np.testing.assert_allclose(decode_every_position(model.make_decoder(2, 9), params, tokens), full, atol=1e-5)
     greedy = generate.generate(model, params, tokens[:1, :3], 6, Sampling(temperature=0.0))
     np.testing.assert_array_equal(greedy[0, 0], np.argmax(model.apply({"params": params}, tokens[:1, :3])[0, -1]))
 

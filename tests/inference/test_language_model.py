@@ -44,8 +44,8 @@ TINY_LM = textwrap.dedent('''
         return pipeline.eval_batches(records, batch_size=config.eval_batch_size)
 
     def make_model(config):
-        return GPT(vocab_size=TOKENIZER.vocab_size, block_size=config.model.block_size, num_layers=config.model.num_layers,
-                   num_heads=2, width=config.model.width)
+        return GPT(vocab_size=TOKENIZER.vocab_size, block_size=config.model.block_size,
+                   num_layers=config.model.num_layers, num_heads=2, width=config.model.width)
 
     def loss_fn(params, batch, rng, *, model):
         logits = model.apply({"params": params}, batch["inputs"])
@@ -75,8 +75,16 @@ def lm_run(tmp_path_factory):
 def test_one_command_generates_text_and_prints_both_rates(lm_run):
     run, _ = lm_run
     root = run.module.__file__.rsplit("/experiments/", 1)[0]
-    command = [sys.executable, "predict.py", f"--workdir={root}/run", f"--experiments_dir={root}/experiments",
-               "--generate=to be or", "--num_tokens=24", "--temperature=0", "--uncached"]
+    command = [
+        sys.executable,
+        "predict.py",
+        f"--workdir={root}/run",
+        f"--experiments_dir={root}/experiments",
+        "--generate=to be or",
+        "--num_tokens=24",
+        "--temperature=0",
+        "--uncached",
+    ]
     result = subprocess.run(command, capture_output=True, text=True, check=True, cwd=ROOT)
     assert result.stdout.strip() == "to be or not to be, that is the"
     cached_rate = float(result.stderr.split("24 tokens, ")[1].split(" tokens/s")[0])
@@ -88,7 +96,10 @@ def test_generates_the_memorized_continuation_with_and_without_the_cache(lm_run)
     greedy = predict.generate_text(run, "to be or", 24, Sampling(temperature=0.0))  # within the 32 trained positions
     assert greedy["text"] == " not to be, that is the "
     assert greedy["tokens_per_second"] > 0
-    sampled = [predict.generate_text(run, "to be", 27, Sampling(0.7, 5, 0.95, seed=1), cached=cached)["text"] for cached in (True, False)]
+    sampled = [
+        predict.generate_text(run, "to be", 27, Sampling(0.7, 5, 0.95, seed=1), cached=cached)["text"]
+        for cached in (True, False)
+    ]
     assert sampled[0] == sampled[1]
 
 
@@ -96,8 +107,14 @@ def test_generates_past_the_block_size_with_a_sliding_window(lm_run):
     run, _ = lm_run
     assert run.model.block_size == 64
     greedy, sampled = (
-        [predict.generate_text(run, "to be or", 150, sampling, cached=cached, keep=40)["text"] for cached in (True, False)]
-        for sampling in (Sampling(temperature=0.0), Sampling(0.9, 0, 1.0, seed=2))  # 158 positions: the window slides 4 times
+        [
+            predict.generate_text(run, "to be or", 150, sampling, cached=cached, keep=40)["text"]
+            for cached in (True, False)
+        ]
+        for sampling in (
+            Sampling(temperature=0.0),
+            Sampling(0.9, 0, 1.0, seed=2),
+        )  # 158 positions: the window slides 4 times
     )
     assert len(greedy[0]) == len(sampled[0]) == 150 and greedy[0] == greedy[1] and sampled[0] == sampled[1]
     assert greedy[0][:24] == " not to be, that is the "  # within the trained positions: the memorized sentence
@@ -106,7 +123,9 @@ def test_generates_past_the_block_size_with_a_sliding_window(lm_run):
 def test_evaluate_reports_perplexity_and_export_carries_the_vocabulary(lm_run, tmp_path):
     run, final = lm_run
     results = predict.evaluate(run, "test")
-    assert results["perplexity"] == pytest.approx(np.exp(results["loss"])) and results["loss"] == pytest.approx(final["test/loss"], abs=1e-5)
+    assert results["perplexity"] == pytest.approx(np.exp(results["loss"])) and results["loss"] == pytest.approx(
+        final["test/loss"], abs=1e-5
+    )
     assert results["perplexity"] < 1.5  # memorized: far below the 15-character vocabulary
     manifest = export.export_run(run, tmp_path)
     assert manifest["inputs"] == {"shape": ["batch", 32], "dtype": "int32"}

@@ -30,8 +30,18 @@ def ranked(data_dir, tmp_path_factory):
     """The workdir of digits_mlp :smoke evaluated every 50 steps, keeping the checkpoint with the
     highest validation loss: that is step 50, never the newest, so "best" and "latest" differ."""
     workdir = tmp_path_factory.mktemp("ranked")
-    train_as_launch("digits_mlp", data_dir, workdir, {"eval_every": 50, "log_every": 50, "checkpoint.keep": 1,
-                                                      "checkpoint.best_metric": "eval/loss", "checkpoint.best_mode": "max"})
+    train_as_launch(
+        "digits_mlp",
+        data_dir,
+        workdir,
+        {
+            "eval_every": 50,
+            "log_every": 50,
+            "checkpoint.keep": 1,
+            "checkpoint.best_metric": "eval/loss",
+            "checkpoint.best_mode": "max",
+        },
+    )
     return workdir
 
 
@@ -81,14 +91,23 @@ def test_checkpoint_best_loads_the_step_the_best_metric_ranks_first(ranked):
 
 
 def test_checkpoint_choice_errors_name_the_steps_that_exist(trained):
-    with pytest.raises(ConfigError, match=r"--checkpoint best needs a run trained with checkpoint.best_metric set \(this one was not\): use latest or one of the steps \[200\]"):
+    with pytest.raises(
+        ConfigError,
+        match=r"--checkpoint best needs a run trained with checkpoint.best_metric set \(this one was not\): "
+        r"use latest or one of the steps \[200\]",
+    ):
         predict.load_run(trained[0], which="best")
     for which in ("150", "last"):
-        with pytest.raises(ConfigError, match=rf"no checkpoint '{which}' in .*checkpoints: use latest, best or one of the steps \[200\]"):
+        with pytest.raises(
+            ConfigError,
+            match=rf"no checkpoint '{which}' in .*checkpoints: use latest, best or one of the steps \[200\]",
+        ):
             predict.load_run(trained[0], which=which)
     command = [sys.executable, "predict.py", f"--workdir={trained[0]}", "--checkpoint=150", "--evaluate=test"]
     result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
-    assert result.returncode == 2 and result.stderr.strip().splitlines()[-1].endswith("use latest, best or one of the steps [200]")
+    assert result.returncode == 2 and result.stderr.strip().splitlines()[-1].endswith(
+        "use latest, best or one of the steps [200]"
+    )
 
 
 LOADER = textwrap.dedent("""

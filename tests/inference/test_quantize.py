@@ -12,7 +12,9 @@ from research.inference import predict, quantize
 def cnn_run(data_dir, tmp_path_factory):
     """mnist_cnn :smoke (conv 8, 16; dense 32) trained 100 steps, tested on 2,000 official test images."""
     workdir = tmp_path_factory.mktemp("cnn")
-    train_as_launch("mnist_cnn", data_dir, workdir, {"num_steps": 100, "log_every": 50, "data.splits.test": "test[:2000]"})
+    train_as_launch(
+        "mnist_cnn", data_dir, workdir, {"num_steps": 100, "log_every": 50, "data.splits.test": "test[:2000]"}
+    )
     return predict.load_run(workdir)
 
 

@@ -8,8 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import assert_trees_close
 
+from conftest import assert_trees_close
 from research import sharding
 from research.models import param_count
 from research.models.bert import BertClassifier, BertClozeClassifier, BertEncoder, BertForMaskedLM, BertForPreTraining
@@ -337,15 +337,22 @@ def test_bert_pretraining_and_cloze_heads_share_the_masked_lm_tree(tie_embedding
     classifier = init_params(BertClassifier(encoder, num_classes=3, pooling="cls"), tokens_BxL)
     assert jax.tree.map(jnp.shape, classifier["pooler"]) == jax.tree.map(jnp.shape, both["pooler"])  # transfers by name
     logits_BxLxV, next_Bx2 = pretraining.apply({"params": both}, tokens_BxL, None, segments_BxL)
-    np.testing.assert_allclose(logits_BxLxV, BertForMaskedLM(encoder, tie_embeddings).apply(
-        {"params": {key: value for key, value in both.items() if key in masked_lm}}, tokens_BxL, None, segments_BxL), atol=1e-6)
+    np.testing.assert_allclose(
+        logits_BxLxV,
+        BertForMaskedLM(encoder, tie_embeddings).apply(
+            {"params": {key: value for key, value in both.items() if key in masked_lm}}, tokens_BxL, None, segments_BxL
+        ),
+        atol=1e-6,
+    )
     assert next_Bx2.shape == (2, 2)
     # The cloze classifier is the masked LM read at one position, for the label words only.
     label_ids = (7, 3, 41)
     cloze = BertClozeClassifier(encoder, tie_embeddings, position=4, label_ids=label_ids)
     assert jax.tree.map(jnp.shape, init_params(cloze, tokens_BxL)) == jax.tree.map(jnp.shape, masked_lm)
     full_BxLxV = BertForMaskedLM(encoder, tie_embeddings).apply({"params": masked_lm}, tokens_BxL)
-    np.testing.assert_allclose(cloze.apply({"params": masked_lm}, tokens_BxL), full_BxLxV[:, 4][:, label_ids], atol=1e-6)
+    np.testing.assert_allclose(
+        cloze.apply({"params": masked_lm}, tokens_BxL), full_BxLxV[:, 4][:, label_ids], atol=1e-6
+    )
 
 
 def test_bert_padding_mask_and_bidirectional_attention():
@@ -372,7 +379,9 @@ def test_bert_classifier_mean_pooling_averages_the_real_tokens():
     mask_BxL = (np.arange(16) < np.array([[5], [16]])).astype(np.int32)
     model = BertClassifier(encoder, num_classes=3, pooling="mean")
     variables = init_variables(model, tokens_BxL, mask_BxL)
-    states_BxLxD = model.apply(variables, tokens_BxL, mask_BxL, method=lambda bound, tokens, mask: bound.encoder(tokens, mask))
+    states_BxLxD = model.apply(
+        variables, tokens_BxL, mask_BxL, method=lambda bound, tokens, mask: bound.encoder(tokens, mask)
+    )
     head = variables["params"]
     mean_BxD = np.stack([states_BxLxD[0, :5].mean(0), states_BxLxD[1].mean(0)])
     pooled_BxD = np.tanh(mean_BxD @ head["pooler"]["kernel"] + head["pooler"]["bias"])

@@ -36,7 +36,9 @@ def gpt_loss_and_vjp(policy: str, params):
 
 @pytest.fixture(scope="module")
 def gpt_by_policy():
-    params = jax.jit(GPT(vocab_size=66, block_size=64, num_layers=3, num_heads=4, width=64).init)(jax.random.PRNGKey(0), TOKENS)["params"]
+    params = jax.jit(GPT(vocab_size=66, block_size=64, num_layers=3, num_heads=4, width=64).init)(
+        jax.random.PRNGKey(0), TOKENS
+    )["params"]
     return {policy: gpt_loss_and_vjp(policy, params) for policy in REMAT_POLICIES}
 
 
@@ -63,8 +65,11 @@ def test_bert_and_vit_blocks_remat_with_dropout():
     for policy in ("none", "full"):
         encoder = BertEncoder(vocab_size=50, max_length=16, num_layers=2, num_heads=2, width=32, remat=policy)
         variables = jax.jit(encoder.init)(jax.random.PRNGKey(0), tokens, jnp.ones((4, 16)))
-        apply = jax.jit(lambda variables, tokens, encoder=encoder: encoder.apply(
-            variables, tokens, jnp.ones((4, 16)), deterministic=False, rngs={"dropout": jax.random.PRNGKey(3)}))
+        apply = jax.jit(
+            lambda variables, tokens, encoder=encoder: encoder.apply(
+                variables, tokens, jnp.ones((4, 16)), deterministic=False, rngs={"dropout": jax.random.PRNGKey(3)}
+            )
+        )
         outputs = apply(variables, tokens)
         if policy == "none":
             expected, expected_variables = outputs, variables
@@ -72,7 +77,10 @@ def test_bert_and_vit_blocks_remat_with_dropout():
             assert jax.tree.structure(variables) == jax.tree.structure(expected_variables)
             assert_trees_close(outputs, expected, atol=1e-6)
     images = jnp.ones((2, 8, 8, 1))
-    vits = [ViT(num_classes=3, patch_size=4, num_layers=2, num_heads=2, width=16, remat=policy) for policy in ("none", "dots")]
+    vits = [
+        ViT(num_classes=3, patch_size=4, num_layers=2, num_heads=2, width=16, remat=policy)
+        for policy in ("none", "dots")
+    ]
     variables = jax.jit(vits[0].init)(jax.random.PRNGKey(0), images)
     grads = [jax.jit(jax.grad(lambda v, model=model: model.apply(v, images).sum()))(variables) for model in vits]
     assert_trees_close(grads[1], grads[0], atol=1e-6)
@@ -87,8 +95,12 @@ def test_unknown_policy_or_dtype_is_a_one_line_error():
 
 
 def restored_state(workdir):
-    with ocp.CheckpointManager(workdir / CHECKPOINT_DIR, options=ocp.CheckpointManagerOptions(read_only=True)) as manager:
-        return manager.restore(manager.latest_step(), args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+    with ocp.CheckpointManager(
+        workdir / CHECKPOINT_DIR, options=ocp.CheckpointManagerOptions(read_only=True)
+    ) as manager:
+        return manager.restore(manager.latest_step(), args=ocp.args.Composite(state=ocp.args.StandardRestore()))[
+            "state"
+        ]
 
 
 def char_gpt_config(data_dir, dtype: str, num_steps: int):
@@ -102,8 +114,11 @@ def test_bfloat16_compute_keeps_parameters_and_optimizer_in_float32(data_dir, tm
     final = train.train_and_evaluate(char_gpt_config(data_dir, "bfloat16", 60), shakespeare_gpt, tmp_path)
     assert final["eval/loss"] < 3.4  # from ln(66) = 4.19
     state = restored_state(tmp_path)
-    dtypes = {leaf.dtype for leaf in jax.tree.leaves(state["params"]) + jax.tree.leaves(state["opt_state"])
-              if np.issubdtype(leaf.dtype, np.floating)}
+    dtypes = {
+        leaf.dtype
+        for leaf in jax.tree.leaves(state["params"]) + jax.tree.leaves(state["opt_state"])
+        if np.issubdtype(leaf.dtype, np.floating)
+    }
     assert dtypes == {np.dtype("float32")}
 
 
@@ -114,11 +129,21 @@ def test_bfloat16_char_gpt_reaches_the_float32_validation_loss(data_dir, tmp_pat
     losses = {}
     for dtype in ("float32", "bfloat16"):
         config = shakespeare_gpt.get_config("cpu")
-        config.update_from_flattened_dict({
-            "data_dir": data_dir, "model.dtype": dtype, "num_steps": 600, "batch_size": 16, "eval_every": 0, "log_every": 100,
-            "model.num_layers": 2, "model.num_heads": 2, "model.width": 64, "data.max_eval_windows": 512,
-            "optimizer.schedule.warmup_steps": 50,
-        })
+        config.update_from_flattened_dict(
+            {
+                "data_dir": data_dir,
+                "model.dtype": dtype,
+                "num_steps": 600,
+                "batch_size": 16,
+                "eval_every": 0,
+                "log_every": 100,
+                "model.num_layers": 2,
+                "model.num_heads": 2,
+                "model.width": 64,
+                "data.max_eval_windows": 512,
+                "optimizer.schedule.warmup_steps": 50,
+            }
+        )
         mesh = sharding.make_mesh({"data": 1}, jax.devices()[:1])
         losses[dtype] = train.train_and_evaluate(config, shakespeare_gpt, tmp_path / dtype, mesh=mesh)["eval/loss"]
     assert losses["float32"] < 2.6  # the run learned (ln 66 = 4.19)

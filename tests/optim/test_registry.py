@@ -11,7 +11,6 @@ from research.optim import OPTIMIZERS, make_optimizer
 from research.tools import check_optimizer as conformance
 
 
-
 def build(name: str) -> tuple[optax.GradientTransformation, optax.GradientTransformation]:
     config = {"name": name, "learning_rate": 0.05}
     tx = make_optimizer(config)
@@ -34,7 +33,9 @@ def test_every_registered_optimizer_conforms(name):
 def test_every_registered_optimizer_state_checkpoints_bitwise(tmp_path):
     """All the optimizers' states after 2 steps in one orbax checkpoint: restored bit for bit."""
     states = {
-        name: conformance.run_steps(tx, conformance.mlp_params(), [conformance.mlp_batch(8, seed=s) for s in range(2)])[1]
+        name: conformance.run_steps(tx, conformance.mlp_params(), [conformance.mlp_batch(8, seed=s) for s in range(2)])[
+            1
+        ]
         for name, (tx, _) in OPTIMIZERS_BUILT.items()
     }
     with ocp.StandardCheckpointer() as checkpointer:

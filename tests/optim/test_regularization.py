@@ -30,11 +30,23 @@ def schedule(name: str, **keys) -> optax.Schedule:
         ("constant", {}, {0: 0.1, 99: 0.1}),
         ("linear_warmup", {"warmup_steps": 10}, {5: 0.05, 20: 0.1}),
         ("cosine", {"final_fraction": 0.1}, {0: 0.1, 50: 0.055, 100: 0.01}),
-        ("warmup_cosine", {"warmup_steps": 10, "decay_steps": 110, "final_fraction": 0.1}, {5: 0.05, 10: 0.1, 60: 0.055}),
+        (
+            "warmup_cosine",
+            {"warmup_steps": 10, "decay_steps": 110, "final_fraction": 0.1},
+            {5: 0.05, 10: 0.1, 60: 0.055},
+        ),
         ("step", {"step_every": 10, "step_factor": 0.1}, {9: 0.1, 10: 0.01, 25: 0.001}),
         ("inverse_sqrt", {"warmup_steps": 4}, {2: 0.05, 4: 0.1, 16: 0.05}),
-        ("warmup_stable_decay", {"warmup_steps": 10, "decay_fraction": 0.2}, {5: 0.05, 50: 0.1, 80: 0.1, 90: 0.05, 100: 0.0}),
-        ("piecewise", {"boundaries": (30, 60), "factors": (0.1, 0.5)}, {0: 0.1, 29: 0.1, 30: 0.01, 59: 0.01, 60: 0.005}),
+        (
+            "warmup_stable_decay",
+            {"warmup_steps": 10, "decay_fraction": 0.2},
+            {5: 0.05, 50: 0.1, 80: 0.1, 90: 0.05, 100: 0.0},
+        ),
+        (
+            "piecewise",
+            {"boundaries": (30, 60), "factors": (0.1, 0.5)},
+            {0: 0.1, 29: 0.1, 30: 0.01, 59: 0.01, 60: 0.005},
+        ),
     ],
 )
 def test_schedules_by_hand(name, keys, values):
@@ -45,10 +57,17 @@ def test_schedules_by_hand(name, keys, values):
 
 def test_cifar10_resnet_uses_he_et_al_2016_learning_rates():
     config = cifar10_resnet.get_config()
-    learning_rate = SCHEDULES[config.optimizer.schedule.name](config.optimizer.schedule, config.optimizer.learning_rate, config.num_steps)
+    learning_rate = SCHEDULES[config.optimizer.schedule.name](
+        config.optimizer.schedule, config.optimizer.learning_rate, config.num_steps
+    )
     expected = {0: 0.1, 31999: 0.1, 32000: 0.01, 47999: 0.01, 48000: 0.001, 63999: 0.001}
     assert {step: float(learning_rate(step)) for step in expected} == pytest.approx(expected, rel=1e-6)  # float32
-    assert (config.num_steps, config.batch_size, config.optimizer.kwargs.momentum, config.optimizer.l2_penalty) == (64000, 128, 0.9, 1e-4)
+    assert (config.num_steps, config.batch_size, config.optimizer.kwargs.momentum, config.optimizer.l2_penalty) == (
+        64000,
+        128,
+        0.9,
+        1e-4,
+    )
 
 
 @pytest.mark.parametrize("boundaries, factors", [((30,), (0.1, 0.1)), ((60, 30), (0.1, 0.1)), ((0,), (0.1,))])
@@ -58,9 +77,17 @@ def test_piecewise_schedule_rejects_bad_boundaries(boundaries, factors):
 
 
 def test_piecewise_boundaries_from_the_command_line(tmp_path):
-    result = launch("--config", "experiments/linear_regression.py:smoke", "--workdir", str(tmp_path),
-                    "--config.num_steps=6", "--config.log_every=1", "--config.optimizer.schedule.name=piecewise",
-                    "--config.optimizer.schedule.boundaries=(2,4)", "--config.optimizer.schedule.factors=(0.5,0.1)")
+    result = launch(
+        "--config",
+        "experiments/linear_regression.py:smoke",
+        "--workdir",
+        str(tmp_path),
+        "--config.num_steps=6",
+        "--config.log_every=1",
+        "--config.optimizer.schedule.name=piecewise",
+        "--config.optimizer.schedule.boundaries=(2,4)",
+        "--config.optimizer.schedule.factors=(0.5,0.1)",
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     rates = [record["train/learning_rate"] for record in records if "train/learning_rate" in record]
@@ -72,11 +99,15 @@ def test_learning_rate_is_logged_every_logging_step(tmp_path):
     config = linear_regression.get_config("smoke")
     config.update_from_flattened_dict({"num_steps": 12, "log_every": 1, "eval_every": 0})
     config.optimizer.schedule.update({"name": "warmup_cosine", "warmup_steps": 4})
-    train.train_and_evaluate(config, linear_regression, tmp_path, mesh=sharding.make_mesh({"data": 1}, jax.devices()[:1]))
+    train.train_and_evaluate(
+        config, linear_regression, tmp_path, mesh=sharding.make_mesh({"data": 1}, jax.devices()[:1])
+    )
     logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     rates = [record["train/learning_rate"] for record in logged if "train/learning_rate" in record]
     expected = SCHEDULES["warmup_cosine"](config.optimizer.schedule, 0.1, 12)
-    np.testing.assert_allclose(rates, [float(expected(step)) for step in range(12)], atol=1e-7)  # update k uses count k-1
+    np.testing.assert_allclose(
+        rates, [float(expected(step)) for step in range(12)], atol=1e-7
+    )  # update k uses count k-1
 
 
 PARAMS = {
@@ -164,8 +195,18 @@ def test_micro_batches_interleave_rows():
 def test_early_stopping_ends_the_run(tmp_path):
     config = linear_regression.get_config("smoke")
     # In "max" mode a falling mse never improves: the run stops after 1 + patience evaluations.
-    config.update_from_flattened_dict({"num_steps": 100, "eval_every": 10, "early_stopping.metric": "mse", "early_stopping.mode": "max", "early_stopping.patience": 2})
-    train.train_and_evaluate(config, linear_regression, tmp_path, mesh=sharding.make_mesh({"data": 1}, jax.devices()[:1]))
+    config.update_from_flattened_dict(
+        {
+            "num_steps": 100,
+            "eval_every": 10,
+            "early_stopping.metric": "mse",
+            "early_stopping.mode": "max",
+            "early_stopping.patience": 2,
+        }
+    )
+    train.train_and_evaluate(
+        config, linear_regression, tmp_path, mesh=sharding.make_mesh({"data": 1}, jax.devices()[:1])
+    )
     assert json.loads((tmp_path / "results.json").read_text())["step"] == 30
 
 
@@ -177,12 +218,25 @@ def train_digits(data_dir, l1: float, num_steps: int):
     iterator = iter(digits_mlp.make_data(config, "train"))
     batch = next(iterator)
     setup = steps.build(config, digits_mlp, mesh, batch=batch)
-    state, batch, step_fn, eval_fn = setup.init_state(jax.random.PRNGKey(0)), sharding.put_batch(batch, mesh), setup.train_step, setup.eval_step
-    initial = [np.abs(np.asarray(leaf)).ravel() for path, leaf in jax.tree_util.tree_leaves_with_path(state.params) if "kernel" in str(path)]
+    state, batch, step_fn, eval_fn = (
+        setup.init_state(jax.random.PRNGKey(0)),
+        sharding.put_batch(batch, mesh),
+        setup.train_step,
+        setup.eval_step,
+    )
+    initial = [
+        np.abs(np.asarray(leaf)).ravel()
+        for path, leaf in jax.tree_util.tree_leaves_with_path(state.params)
+        if "kernel" in str(path)
+    ]
     for _ in range(num_steps):
         state, _ = step_fn(state, batch)
         batch = sharding.put_batch(next(iterator), mesh)
-    kernels = [np.abs(np.asarray(leaf)).ravel() for path, leaf in jax.tree_util.tree_leaves_with_path(state.params) if "kernel" in str(path)]
+    kernels = [
+        np.abs(np.asarray(leaf)).ravel()
+        for path, leaf in jax.tree_util.tree_leaves_with_path(state.params)
+        if "kernel" in str(path)
+    ]
     accuracy = train.evaluate(state, digits_mlp.make_data(config, "test"), step_fn=eval_fn, mesh=mesh)["accuracy"]
     return np.concatenate(initial), np.concatenate(kernels), accuracy
 
@@ -191,7 +245,10 @@ def test_l1_drives_digits_mlp_weights_to_zero(data_dir):
     """Measured after 200 steps with l1 1e-3: 38% of kernel weights below 1e-3 (0.8% at init, 0.5%
     after 300 steps without L1), test accuracy 0.91 (0.94 without)."""
     initial, sparse, accuracy = train_digits(data_dir, 1e-3, num_steps=200)
-    print(f"kernel weights below 1e-3: {np.mean(initial < 1e-3):.3f} at init, {np.mean(sparse < 1e-3):.3f} after; accuracy {accuracy:.3f}")
+    print(
+        f"kernel weights below 1e-3: {np.mean(initial < 1e-3):.3f} at init, {np.mean(sparse < 1e-3):.3f} after; "
+        f"accuracy {accuracy:.3f}"
+    )
     assert np.mean(initial < 1e-3) < 0.02
     assert np.mean(sparse < 1e-3) > 0.25
     assert accuracy > 0.88

@@ -67,7 +67,8 @@ def test_cautious_adamw_matches_the_masked_update():
         kept.append(int(phi.sum()))
         theta = theta - lr * (u * phi * phi.size / max(phi.sum(), 1) + wd * theta)
         expected.append(theta.copy())
-    # Step 2: m[0] = 0.9 * 0.05 + 0.1 * -0.3 = 0.015 > 0 but g[0] = -0.3: coordinate 0 is masked, the others scale by 3/2.
+    # Step 2: m[0] = 0.9 * 0.05 + 0.1 * -0.3 = 0.015 > 0 but g[0] = -0.3: coordinate 0 is masked,
+    # the others scale by 3/2.
     assert kept == [3, 2]
     got = run(cautious.cautious_adamw(lr, b1=b1, b2=b2, eps=eps, weight_decay=wd))
     np.testing.assert_allclose(got, expected, atol=1e-6)

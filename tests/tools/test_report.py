@@ -25,7 +25,12 @@ def fabricate(root: Path) -> Path:
     for (name, seed), (losses, speeds, evals) in RUNS.items():
         workdir = root / f"name={name},seed={seed}"
         workdir.mkdir(parents=True)
-        config = {"seed": seed, "batch_size": BATCH, "optimizer": {"name": name, "learning_rate": 0.1}, "model": {"features": [4, 2]}}
+        config = {
+            "seed": seed,
+            "batch_size": BATCH,
+            "optimizer": {"name": name, "learning_rate": 0.1},
+            "model": {"features": [4, 2]},
+        }
         (workdir / "config.json").write_text(json.dumps({"experiment": "x", "config": config}))
         records = []
         for index, step in enumerate((10, 20, 30)):
@@ -62,12 +67,19 @@ def test_wall_time_from_the_logged_throughput(runs):
 
 
 def test_group_rows_hold_exact_means_and_sample_stds(runs):
-    rows = {row["group"]: row for row in report.summarize(report.group_runs(runs), ["train/loss", "eval/loss", "eval/accuracy"])}
+    rows = {
+        row["group"]: row
+        for row in report.summarize(report.group_runs(runs), ["train/loss", "eval/loss", "eval/accuracy"])
+    }
     adam, sgd = rows["name=adam"], rows["name=sgd"]
     assert adam["runs"] == 2 and adam["steps"] == 30
-    assert adam["train/loss final"] == pytest.approx(0.3) and adam["train/loss final_std"] == pytest.approx(math.sqrt(0.02))
+    assert adam["train/loss final"] == pytest.approx(0.3) and adam["train/loss final_std"] == pytest.approx(
+        math.sqrt(0.02)
+    )
     assert adam["train/loss best"] == pytest.approx(0.3)  # the minimum is the last value in both runs
-    assert adam["eval/loss final"] == pytest.approx(0.55) and adam["eval/loss final_std"] == pytest.approx(0.15 * math.sqrt(2))
+    assert adam["eval/loss final"] == pytest.approx(0.55) and adam["eval/loss final_std"] == pytest.approx(
+        0.15 * math.sqrt(2)
+    )
     assert adam["eval/loss best"] == pytest.approx((0.6 + 0.4) / 2)  # each run's minimum
     assert adam["eval/accuracy best"] == pytest.approx((0.85 + 0.90) / 2)  # each run's maximum
     assert adam["eval/accuracy final"] == pytest.approx((0.85 + 0.88) / 2)
@@ -82,7 +94,9 @@ def test_rank_best_per_and_markdown(runs):
     assert len(report.best_per(rows, "optimizer.name", "eval/loss")) == 2
     table = report.format_markdown(report.rank(rows, "eval/loss"), ["eval/loss", "test/accuracy"])
     lines = table.splitlines()
-    assert lines[0] == "| group | seeds | steps | wall time (s) | eval/loss final | eval/loss best | test/accuracy final |"
+    assert (
+        lines[0] == "| group | seeds | steps | wall time (s) | eval/loss final | eval/loss best | test/accuracy final |"
+    )
     assert lines[2] == "| name=adam | 2 | 30 | 5.5 ± 2.1 | 0.55 ± 0.21 | 0.5 ± 0.14 | 0.855 ± 0.021 |"
     assert lines[3] == "| name=sgd | 1 | 30 | 3 | 1.3 | 1.3 | 0.64 |"
 
@@ -111,7 +125,9 @@ def test_report_writes_tables_csvs_and_pngs(tmp_path, capsys):
     with open(root / "runs.csv") as handle:
         per_run = list(csv.DictReader(handle))
     assert [row["run"] for row in per_run] == ["name=adam,seed=0", "name=adam,seed=1", "name=sgd,seed=0"]
-    assert float(per_run[1]["wall_s"]) == pytest.approx(7.0) and float(per_run[2]["train/loss best"]) == pytest.approx(1.2)
+    assert float(per_run[1]["wall_s"]) == pytest.approx(7.0) and float(per_run[2]["train/loss best"]) == pytest.approx(
+        1.2
+    )
     for name in ("train_loss.png", "eval_loss.png", "eval_accuracy.png"):
         assert (root / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         image = matplotlib.image.imread(root / name)
@@ -123,5 +139,7 @@ def test_report_errors_are_one_line(tmp_path):
     with pytest.raises(SystemExit, match="no runs"):
         report.report(tmp_path)
     root = fabricate(tmp_path / "sweep")
-    with pytest.raises(SystemExit, match=r"--metric 'eval/f1' was never logged; choose one of \['train/loss', 'eval/accuracy'"):
+    with pytest.raises(
+        SystemExit, match=r"--metric 'eval/f1' was never logged; choose one of \['train/loss', 'eval/accuracy'"
+    ):
         report.report(root, metric="eval/f1")

@@ -15,12 +15,23 @@ NAMES = experiment_names()
 load = load_experiment
 
 
-@pytest.mark.parametrize("better, measured, passed", [
-    ("", 1.93, True), ("", 1.83, True), ("", 1.94, False), ("", 1.82, False),
-    ("min", 1.50, True), ("min", 1.93, True), ("min", 1.94, False),
-    ("max", 2.50, True), ("max", 1.83, True), ("max", 1.82, False),
-    ("", math.nan, False), ("", None, False),
-])
+@pytest.mark.parametrize(
+    "better, measured, passed",
+    [
+        ("", 1.93, True),
+        ("", 1.83, True),
+        ("", 1.94, False),
+        ("", 1.82, False),
+        ("min", 1.50, True),
+        ("min", 1.93, True),
+        ("min", 1.94, False),
+        ("max", 2.50, True),
+        ("max", 1.83, True),
+        ("max", 1.82, False),
+        ("", math.nan, False),
+        ("", None, False),
+    ],
+)
 def test_pass_and_fail_within_the_tolerance_and_on_the_better_side(better, measured, passed):
     reference = Reference(config="cpu", metric="eval/loss", published=1.88, tolerance=0.05, source="s", better=better)
     assert reference.passes(measured) is passed
@@ -45,7 +56,14 @@ def test_reproduce_trains_once_per_config_and_compares_every_metric(tmp_path):
     references = (
         Reference(config="cpu", metric="eval/loss", published=1.88, tolerance=0.05, source="nanoGPT", better="min"),
         Reference(config="cpu", metric="eval/accuracy", published=0.50, tolerance=0.01, source="made up", better="max"),
-        Reference(config=None, metric="test/accuracy", published=0.9125, tolerance=0.005, source="He", overrides=(("depth", 56),)),
+        Reference(
+            config=None,
+            metric="test/accuracy",
+            published=0.9125,
+            tolerance=0.005,
+            source="He",
+            overrides=(("depth", 56),),
+        ),
     )
     trained = []
 
@@ -53,12 +71,22 @@ def test_reproduce_trains_once_per_config_and_compares_every_metric(tmp_path):
         trained.append((config.variant, config.depth, config.data_dir, str(Path(workdir).relative_to(tmp_path))))
         return {"eval/loss": 1.886, "eval/accuracy": 0.439, "test/accuracy": 0.93}
 
-    outcomes = reproduce.reproduce("fake:cpu", tmp_path, load=lambda name: fake_module(*references), names=["fake"],
-                                   train=train, extra={"data_dir": "/data"})
+    outcomes = reproduce.reproduce(
+        "fake:cpu",
+        tmp_path,
+        load=lambda name: fake_module(*references),
+        names=["fake"],
+        train=train,
+        extra={"data_dir": "/data"},
+    )
     assert trained == [("cpu", 20, "/data", "fake_cpu")]
     assert [(outcome.reference.metric, outcome.measured, outcome.passed) for outcome in outcomes] == [
-        ("eval/loss", 1.886, True), ("eval/accuracy", 0.439, False)]
-    outcomes = reproduce.reproduce("fake", tmp_path, load=lambda name: fake_module(*references), names=["fake"], train=train)
+        ("eval/loss", 1.886, True),
+        ("eval/accuracy", 0.439, False),
+    ]
+    outcomes = reproduce.reproduce(
+        "fake", tmp_path, load=lambda name: fake_module(*references), names=["fake"], train=train
+    )
     assert trained[-1] == ("", 56, "", "fake/depth=56") and not outcomes[0].passed  # two-sided: 0.0175 away
     table = reproduce.format_table(outcomes).splitlines()
     assert table[0] == "| experiment | config | metric | published | tolerance | measured | result | source |"
@@ -94,8 +122,14 @@ def test_every_smoke_reproduction_passes(smoke_runs, data_dir, capsys):
     outcomes = reproduce.reproduce("all:smoke", root, load=load, names=NAMES, extra={"data_dir": data_dir})
     table = reproduce.format_table(outcomes)
     print(table)
-    assert {outcome.experiment for outcome in outcomes} >= {"mnist_logreg", "mnist_mlp", "shakespeare_gpt", "linear_regression"}
+    assert {outcome.experiment for outcome in outcomes} >= {
+        "mnist_logreg",
+        "mnist_mlp",
+        "shakespeare_gpt",
+        "linear_regression",
+    }
     assert all(outcome.passed for outcome in outcomes), table
     assert [outcome.measured for outcome in outcomes] == pytest.approx(
-        [smoke_runs[outcome.experiment][1][outcome.reference.metric] for outcome in outcomes])
+        [smoke_runs[outcome.experiment][1][outcome.reference.metric] for outcome in outcomes]
+    )
     assert "is finished; its results are in" in capsys.readouterr().out

@@ -2,18 +2,16 @@
 
 import json
 import os
-import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, launch, python
 from experiments import mnist_mlp
-from research.tools import sweep
 from research.config import ConfigError
-
+from research.tools import sweep
 
 
 def test_a_grid_is_the_cartesian_product_in_order():
@@ -24,11 +22,13 @@ def test_a_grid_is_the_cartesian_product_in_order():
 
 
 def test_a_list_of_grids_is_their_union_without_duplicates_and_tuples_are_single_values():
-    runs = sweep.expand([
-        {"optimizer.name": "adam", "optimizer.learning_rate": [1e-3, 3e-4]},
-        {"optimizer.name": "adam", "optimizer.learning_rate": 1e-3},  # a duplicate: dropped
-        {"model.features": (128, 10)},
-    ])
+    runs = sweep.expand(
+        [
+            {"optimizer.name": "adam", "optimizer.learning_rate": [1e-3, 3e-4]},
+            {"optimizer.name": "adam", "optimizer.learning_rate": 1e-3},  # a duplicate: dropped
+            {"model.features": (128, 10)},
+        ]
+    )
     assert runs == [
         {"optimizer.name": "adam", "optimizer.learning_rate": 1e-3},
         {"optimizer.name": "adam", "optimizer.learning_rate": 3e-4},
@@ -43,20 +43,27 @@ def test_the_shipped_adam_sweep_has_four_optimizers_four_rates_two_seeds():
     assert len({run.name for run in runs}) == 32
 
 
-@pytest.mark.parametrize("spec, message", [
-    ({"seed": []}, "sweep key 'seed' has an empty list of values"),
-    ([{}], "a sweep is a dict of config overrides or a list of them"),
-    ({"data.name": ["a/b", "a_b"]}, "two runs of the sweep would share the workdir 'name=a_b'"),
-])
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ({"seed": []}, "sweep key 'seed' has an empty list of values"),
+        ([{}], "a sweep is a dict of config overrides or a list of them"),
+        ({"data.name": ["a/b", "a_b"]}, "two runs of the sweep would share the workdir 'name=a_b'"),
+    ],
+)
 def test_bad_sweeps_are_one_line_errors(spec, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
         sweep.make_runs(spec)
 
 
 def test_run_names_are_sorted_short_and_stable():
-    assert sweep.run_name({"seed": 1, "optimizer.name": "adam", "optimizer.learning_rate": 0.001}) == "learning_rate=0.001,name=adam,seed=1"
+    assert (
+        sweep.run_name({"seed": 1, "optimizer.name": "adam", "optimizer.learning_rate": 0.001})
+        == "learning_rate=0.001,name=adam,seed=1"
+    )
     assert sweep.run_name({"optimizer.learning_rate": 0.1, "optimizer.name": "adam"}) == sweep.run_name(
-        {"optimizer.name": "adam", "optimizer.learning_rate": 0.1})
+        {"optimizer.name": "adam", "optimizer.learning_rate": 0.1}
+    )
     # two keys ending alike keep their full paths; slashes cannot make subdirectories
     assert sweep.run_name({"data.name": "a/b", "optimizer.name": "sgd"}) == "data.name=a_b,optimizer.name=sgd"
     assert sweep.run_name({"model.features": (128, 10)}) == "features=(128,10)"
@@ -64,11 +71,19 @@ def test_run_names_are_sorted_short_and_stable():
 
 
 def test_command_line_of_a_run():
-    run = sweep.Run("learning_rate=0.001,seed=1", (("optimizer.learning_rate", 1e-3), ("seed", 1), ("model.features", (64,))))
+    run = sweep.Run(
+        "learning_rate=0.001,seed=1", (("optimizer.learning_rate", 1e-3), ("seed", 1), ("model.features", (64,)))
+    )
     argv = sweep.command(run, "experiments/mnist_mlp.py:cpu", "runs/s", "launch.py", extra=["--config.num_steps=5"])
     assert argv == [
-        sys.executable, "launch.py", "--config=experiments/mnist_mlp.py:cpu", "--workdir=runs/s/learning_rate=0.001,seed=1",
-        "--config.num_steps=5", "--config.optimizer.learning_rate=0.001", "--config.seed=1", "--config.model.features=(64,)",
+        sys.executable,
+        "launch.py",
+        "--config=experiments/mnist_mlp.py:cpu",
+        "--workdir=runs/s/learning_rate=0.001,seed=1",
+        "--config.num_steps=5",
+        "--config.optimizer.learning_rate=0.001",
+        "--config.seed=1",
+        "--config.model.features=(64,)",
     ]
 
 
@@ -76,7 +91,9 @@ def test_overrides_are_checked_against_the_config_before_anything_runs():
     config = mnist_mlp.get_config("smoke")
     good = sweep.make_runs({"optimizer.learning_rate": [0.1, 0.01], "optimizer.kwargs.momentum": 0.8})
     sweep.check_overrides(config, good)  # optimizer.kwargs is open: no error
-    with pytest.raises(ConfigError, match="sweep: unknown config key 'optimizer.learning_rat'; did you mean 'optimizer.learning_rate'"):
+    with pytest.raises(
+        ConfigError, match="sweep: unknown config key 'optimizer.learning_rat'; did you mean 'optimizer.learning_rate'"
+    ):
         sweep.check_overrides(config, sweep.make_runs({"optimizer.learning_rat": 0.1}))
     with pytest.raises(ConfigError, match="sweep run num_steps=many"):
         sweep.check_overrides(config, sweep.make_runs({"num_steps": "many"}))
@@ -95,7 +112,9 @@ def finished_run(workdir: Path, num_steps: int, step: int, stopped_early: bool =
     """A workdir as launch.py leaves it (only the files the runner reads)."""
     workdir.mkdir(parents=True)
     (workdir / "config.json").write_text(json.dumps({"experiment": "x", "config": {"num_steps": num_steps}}))
-    (workdir / "results.json").write_text(json.dumps({"step": step} | ({"stopped_early": True} if stopped_early else {})))
+    (workdir / "results.json").write_text(
+        json.dumps({"step": step} | ({"stopped_early": True} if stopped_early else {}))
+    )
 
 
 def test_finished_runs_are_skipped_and_others_emitted(tmp_path):
@@ -156,23 +175,22 @@ def test_launch_sweep_end_to_end_resumes_and_skips(tmp_path):
     from its checkpoint, then a third invocation skips both."""
     spec = tmp_path / "two_seeds.py"
     spec.write_text("def get_sweep():\n    return {'seed': [0, 1], 'num_steps': 40}\n")
-    environment = {key: value for key, value in os.environ.items() if key != "XLA_FLAGS"}
-    base = [sys.executable, "launch.py", "--config", "experiments/linear_regression.py:smoke", "--sweep", str(spec),
-            "--workdir", str(tmp_path / "runs"), "--config.checkpoint.every_steps=20", "--config.log_every=10"]
+    config, runs = "experiments/linear_regression.py:smoke", str(tmp_path / "runs")
+    base = ["--config", config, "--sweep", str(spec), "--workdir", runs, "--config.checkpoint.every_steps=20"]
     # seed 0 alone, stopped at step 20 as a preemption would: its checkpoint is there, its results not
-    partial = subprocess.run(
-        [sys.executable, "-c", PARTIAL_RUN, str(tmp_path / "runs" / "num_steps=40,seed=0")],
-        cwd=ROOT, capture_output=True, text=True, env=environment, timeout=300,
-    )
+    partial = python("-c", PARTIAL_RUN, str(tmp_path / "runs" / "num_steps=40,seed=0"))
     assert partial.returncode == 0, partial.stderr
-    first = subprocess.run(base, cwd=ROOT, capture_output=True, text=True, env=environment, timeout=300)
+    first = launch(*base, "--config.log_every=10")
     assert first.returncode == 0, first.stdout + first.stderr
     assert "2 runs in" in first.stdout and "0 finished already, 2 to run" in first.stdout
     log = (tmp_path / "runs" / "num_steps=40,seed=0" / sweep.LOG_FILE).read_text()
     assert "resuming from the checkpoint at step 20" in log
-    records = [json.loads(line) for line in (tmp_path / "runs" / "num_steps=40,seed=0" / "metrics.jsonl").read_text().splitlines()]
+    records = [
+        json.loads(line)
+        for line in (tmp_path / "runs" / "num_steps=40,seed=0" / "metrics.jsonl").read_text().splitlines()
+    ]
     assert [record["step"] for record in records if "train/loss" in record] == [10, 20, 30, 40]
-    again = subprocess.run(base, cwd=ROOT, capture_output=True, text=True, env=environment, timeout=300)
+    again = launch(*base, "--config.log_every=10")
     assert again.returncode == 0 and "2 finished already, 0 to run" in again.stdout
 
 
