@@ -6,6 +6,7 @@ matrix multiplies and convolutions are counted; elementwise work is not "model F
 benchmarks/train_speed.py checks each count against XLA's cost analysis of the compiled step.
 """
 
+import functools
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -62,6 +63,7 @@ def resnet_training_flops_per_example(depth: int, width: int, classes: int, imag
     return 3.0 * forward
 
 
+@functools.cache  # a property of the machine: measured once per process
 def measure_peak_flops(size: int = PEAK_MATMUL_SIZE, repeats: int = 10) -> float:
     """float32 FLOP/s of a jitted square matmul on the default device: the best of `repeats` timed chains."""
     a = jax.random.normal(jax.random.PRNGKey(0), (size, size), jnp.float32)

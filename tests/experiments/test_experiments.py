@@ -4,6 +4,7 @@ experiments stand alone; end-to-end runs of the small ones and the numbers they 
 import ast
 import json
 
+import jax
 import pytest
 
 from conftest import EXPERIMENTS_DIR, experiment_names, read_metrics, smoke_config, train_losses
@@ -39,7 +40,9 @@ QUICK = ("digits_mlp", "linear_regression", "mnist_logreg")  # the others compil
 @pytest.mark.parametrize(
     "name", [name if name in QUICK else pytest.param(name, marks=pytest.mark.slow) for name in sorted(FIRST_STEP_LOSS)]
 )
-def test_first_step_loss_is_the_recorded_one(name, data_dir):
+def test_first_step_loss_is_the_recorded_one(name, data_dir, request):
+    if name not in QUICK:  # the session's smoke runs compile the same programs: after them, cached
+        request.getfixturevalue("smoke_runs")
     module, config = smoke_config(name, data_dir)
     batch = next(iter(module.make_data(config, "train")))
     setup = build(config, module, batch=batch)
@@ -105,5 +108,6 @@ def test_digits_run_writes_jsonl_tensorboard_and_results(smoke_runs):
 def test_digits_default_config_reaches_95_percent(data_dir, tmp_path):
     config = digits_mlp.get_config()
     config.data_dir = data_dir
-    final = train.train_and_evaluate(config, digits_mlp, tmp_path)
+    mesh = sharding.make_mesh({"data": 1}, jax.devices()[:1])
+    final = train.train_and_evaluate(config, digits_mlp, tmp_path, mesh=mesh)
     assert final["test/accuracy"] >= 0.95

@@ -7,12 +7,13 @@ most frequent character (space) is right 15.3% of the time.
 
 import math
 
+import jax
 import numpy as np
 import pytest
 
 from conftest import assert_trees_close, train_losses
 from experiments import bert_finetune, bert_pretrain, shakespeare_gpt, shakespeare_lstm
-from research import checkpoint, train
+from research import checkpoint, sharding, train
 from research.config import ConfigError
 from research.data import mlm, pipeline, text
 from research.optim import make_tx
@@ -25,7 +26,8 @@ def smoke_run(module, data_dir, workdir, **overrides):
     config = module.get_config("smoke")
     config.data_dir = data_dir
     config.update_from_flattened_dict(overrides)
-    return train.train_and_evaluate(config, module, workdir)
+    mesh = sharding.make_mesh({"data": 1}, jax.devices()[:1])  # what is tested does not depend on the mesh
+    return train.train_and_evaluate(config, module, workdir, mesh=mesh)
 
 
 @pytest.mark.parametrize("name", ["shakespeare_gpt", "shakespeare_lstm"])

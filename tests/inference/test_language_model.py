@@ -5,11 +5,12 @@ import subprocess
 import sys
 import textwrap
 
+import jax
 import numpy as np
 import pytest
 
 from conftest import ROOT
-from research import experiment, train
+from research import experiment, sharding, train
 from research.inference import export, predict
 from research.inference.generate import Sampling
 
@@ -68,7 +69,8 @@ def lm_run(tmp_path_factory):
     module = experiment.load(root / "experiments" / "tiny_lm.py")
     config = module.get_config()
     experiment.claim_workdir(root / "run", "tiny_lm", config)
-    final = train.train_and_evaluate(config, module, root / "run")
+    mesh = sharding.make_mesh({"data": 1}, jax.devices()[:1])
+    final = train.train_and_evaluate(config, module, root / "run", mesh=mesh)
     return predict.load_run(root / "run", root / "experiments"), final
 
 
