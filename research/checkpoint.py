@@ -21,6 +21,8 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
+from orbax.checkpoint._src.metadata import array_metadata_store
+from orbax.checkpoint._src.serialization import type_handler_registry
 
 from research.config import ConfigError
 from research.tree import named_leaves, path_name
@@ -28,6 +30,19 @@ from research.tree import named_leaves, path_name
 PyTree = Any
 CHECKPOINT_DIR = "checkpoints"
 UNREADABLE_DIR = "checkpoints_unreadable"
+
+# Orbax splits the writing of a replicated array over its replicas; each replica's slice is one eager
+# slicing program, compiled per shape and offset. Below 1 MiB a slice is not worth a compilation: one
+# replica writes the whole array (large arrays are still split). Orbax's default handler otherwise.
+MIN_REPLICA_SLICE_BYTES = 1 << 20
+type_handler_registry.GLOBAL_TYPE_HANDLER_REGISTRY.add(
+    jax.Array,
+    ocp.type_handlers.ArrayHandler(
+        min_slice_bytes_for_replica_parallel=MIN_REPLICA_SLICE_BYTES, array_metadata_store=array_metadata_store.Store()
+    ),
+    override=True,
+    ignore_warnings=True,
+)
 
 
 def _ranking(checkpoint_config: ml_collections.ConfigDict) -> dict[str, Any]:

@@ -132,6 +132,25 @@ def test_checkpoint_from_8_devices_restores_on_1(data_dir, tmp_path):
     assert_trees_close(restored[1].params, saved_state(tmp_path, 3)["params"], atol=0.0)
 
 
+def test_saving_a_small_replicated_state_compiles_nothing(tmp_path):
+    """Orbax would write each replica's slice of a replicated array, one eager slicing program per
+    shape and offset; below MIN_REPLICA_SLICE_BYTES one replica writes the whole array instead."""
+    mesh = sharding.make_mesh({"data": 8})
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    state = {name: jax.device_put(jnp.full(shape, 0.5), replicated) for name, shape in (("w", (64, 48)), ("b", (48,)))}
+    compiled = []
+    listener = lambda event, duration, **kwargs: compiled.append(event)
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        with ocp.CheckpointManager(tmp_path / checkpoint.CHECKPOINT_DIR) as manager:
+            manager.save(0, args=ocp.args.Composite(state=ocp.args.StandardSave(state)))
+            manager.wait_until_finished()
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    assert compiled.count("/jax/core/compile/jaxpr_trace_duration") == 0
+    assert_trees_close(saved_state(tmp_path, 0), jax.device_get(state), atol=0.0)
+
+
 def test_init_from_loads_matching_parameters_and_freeze_keeps_them(data_dir, tmp_path, capsys):
     module, config = smoke("digits_mlp", data_dir, num_steps=20)
     train.train_and_evaluate(config, module, tmp_path / "pretrained")

@@ -22,8 +22,8 @@ TOKENS = jax.random.randint(jax.random.PRNGKey(1), (4, 64), 0, 66)
 
 def gpt_loss_and_vjp(policy: str, params):
     """Loss, gradients and the bytes of the residuals the backward pass keeps (traced, not run), for a
-    3-layer GPT with dropout on."""
-    model = GPT(vocab_size=66, block_size=64, num_layers=3, num_heads=4, width=64, dropout_rate=0.1, remat=policy)
+    2-layer GPT with dropout on."""
+    model = GPT(vocab_size=66, block_size=64, num_layers=2, num_heads=4, width=64, dropout_rate=0.1, remat=policy)
 
     def loss(params):
         logits = model.apply({"params": params}, TOKENS, deterministic=False, rngs={"dropout": jax.random.PRNGKey(2)})
@@ -36,13 +36,13 @@ def gpt_loss_and_vjp(policy: str, params):
 
 @pytest.fixture(scope="module")
 def gpt_by_policy():
-    params = jax.jit(GPT(vocab_size=66, block_size=64, num_layers=3, num_heads=4, width=64).init)(
+    params = jax.jit(GPT(vocab_size=66, block_size=64, num_layers=2, num_heads=4, width=64).init)(
         jax.random.PRNGKey(0), TOKENS
     )["params"]
     return {policy: gpt_loss_and_vjp(policy, params) for policy in REMAT_POLICIES}
 
 
-@pytest.mark.slow  # four compiled backward passes of a 3-layer GPT
+@pytest.mark.slow  # four compiled backward passes of a 2-layer GPT
 def test_remat_policies_give_the_same_loss_and_gradients(gpt_by_policy):
     loss, grads, _ = gpt_by_policy["none"]
     for policy in ("full", "dots", "dots_no_batch"):
