@@ -1,6 +1,6 @@
 """Training speed: our trainer against a minimal hand-written JAX loop and PyTorch eager, one table.
 
-  python benchmarks/train_speed.py                                  # every model, ~10 minutes on 2 cores
+  python benchmarks/train_speed.py                                  # every model, ~5 minutes on 2 cores
   python benchmarks/train_speed.py --models=gpt_small --repeats=5   # one model
   python benchmarks/train_speed.py --impls=trainer,jax --steps=5
 

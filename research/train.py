@@ -16,7 +16,7 @@ import ml_collections
 from jax.sharding import Mesh
 
 from research import checkpoint, perf, runtime, sharding
-from research import experiment as experiments
+from research import experiment as experiment_lib
 from research import metrics as metrics_lib
 from research.config import ConfigError
 from research.logger import Logger, NonFiniteError, TrainMetrics
@@ -286,7 +286,7 @@ def launch(
             f"experiment {name} on {jax.process_count()} process(es), {jax.device_count()} device(s), "
             f"allocator {runtime.allocator_in_use()}\n{config}"
         )
-        experiments.claim_workdir(workdir, name, config)
+        experiment_lib.claim_workdir(workdir, name, config)
     results = train_and_evaluate(config, experiment, workdir, allow_config_change=allow_config_change)
     if results and jax.process_index() == 0:
         print("final: " + "  ".join(f"{key} {value:.4f}" for key, value in results.items()))

@@ -16,7 +16,7 @@ from typing import Any, NamedTuple, Sequence
 import jax
 import ml_collections
 
-from research import experiment as experiments
+from research import experiment as experiment_lib
 from research import sharding
 from research.experiment import Workload, hook
 from research.steps import build
@@ -36,8 +36,8 @@ class BenchResult(NamedTuple):
 def workloads(experiments_dir: str | Path) -> dict[str, tuple[Any, Workload]]:
     """{experiment name: (module, its Workload)} for every experiment in the directory that declares one."""
     found = {}
-    for name, _ in experiments.describe(experiments_dir):
-        module = experiments.load(Path(experiments_dir) / f"{name}.py")
+    for name, _ in experiment_lib.describe(experiments_dir):
+        module = experiment_lib.load(Path(experiments_dir) / f"{name}.py")
         workload = hook(module, "BENCHMARK")
         if workload is not None:
             found[name] = (module, workload)

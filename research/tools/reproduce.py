@@ -21,7 +21,7 @@ from typing import Any, Callable, Sequence
 
 import ml_collections
 
-from research import experiment as experiments
+from research import experiment as experiment_lib
 from research.config import ConfigError
 from research.experiment import Reference, hook
 
@@ -107,7 +107,7 @@ def train_reference(config: ml_collections.ConfigDict, module: ModuleType, workd
     from research import train
 
     print(f"reproduce: {module.__name__} in {workdir}")
-    experiments.claim_workdir(workdir, module.__name__.rpartition(".")[2], config)
+    experiment_lib.claim_workdir(workdir, module.__name__.rpartition(".")[2], config)
     return train.train_and_evaluate(config, module, workdir)
 
 
@@ -158,8 +158,8 @@ def format_table(outcomes: Sequence[Outcome]) -> str:
 
 def main(target: str, workdir: str, experiments_dir: str | Path) -> bool:
     """launch.py --reproduce: trains (or finds) each selected reference's run, prints the table; True if all pass."""
-    names = [name for name, _ in experiments.describe(experiments_dir)]
-    load = lambda name: experiments.load(Path(experiments_dir) / f"{name}.py")
+    names = [name for name, _ in experiment_lib.describe(experiments_dir)]
+    load = lambda name: experiment_lib.load(Path(experiments_dir) / f"{name}.py")
     outcomes = reproduce(target, workdir or "runs/reproduce", load=load, names=names)
     print(format_table(outcomes))
     return all(outcome.passed for outcome in outcomes)
