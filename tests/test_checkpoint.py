@@ -151,6 +151,7 @@ def test_saving_a_small_replicated_state_compiles_nothing(tmp_path):
     assert_trees_close(saved_state(tmp_path, 0), jax.device_get(state), atol=0.0)
 
 
+@pytest.mark.slow
 def test_init_from_loads_matching_parameters_and_freeze_keeps_them(data_dir, tmp_path, capsys):
     module, config = smoke("digits_mlp", data_dir, num_steps=20)
     train.train_and_evaluate(config, module, tmp_path / "pretrained")
@@ -165,6 +166,7 @@ def test_init_from_loads_matching_parameters_and_freeze_keeps_them(data_dir, tmp
     assert not np.allclose(finetuned["Dense_1"]["kernel"], pretrained["Dense_1"]["kernel"])  # loaded, then trained
 
 
+@pytest.mark.slow
 def test_init_from_with_mismatched_shapes_is_an_error(data_dir, tmp_path):
     module, config = smoke("digits_mlp", data_dir, num_steps=2)
     train.train_and_evaluate(config, module, tmp_path / "source")

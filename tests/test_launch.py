@@ -60,6 +60,7 @@ def test_missing_workdir():
     assert result.returncode == 2 and "pass --config experiments/NAME.py[:arg] and --workdir DIR" in result.stderr
 
 
+@pytest.mark.slow
 def test_run_writes_its_files_then_guards_the_workdir(tmp_path):
     workdir = tmp_path / "run"
     result = launch(

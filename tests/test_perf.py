@@ -20,6 +20,7 @@ def _heads(batch, length, heads, width, seed=0):
     return [jax.random.normal(key, (batch, heads, length, width)) for key in keys]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("masked", ["causal", "causal+padding", "padding", "none", "causal+dropout"])
 def test_attention_backward_equals_autodiff_of_the_plain_function(masked):
     # L = 150: causal blocks of 64, 64 and 22 queries (the last one partial).
@@ -44,6 +45,7 @@ def test_attention_backward_equals_autodiff_of_the_plain_function(masked):
     assert len(attention.query_blocks(length, causal)) == (3 if causal else 1)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("masked", ["causal", "padding"])
 def test_self_attention_equals_flax_multi_head_attention(masked):
     batch, length, width, heads = 2, 70, 24, 3
@@ -73,6 +75,7 @@ def test_self_attention_equals_flax_multi_head_attention(masked):
     assert_trees_close(actual[1], expected[1], atol=5e-4, rtol=1e-5)  # kernel gradients reach ~60: float32 sums
 
 
+@pytest.mark.slow
 def test_attention_dropout_drops_the_expected_fraction_and_keeps_the_mean():
     batch, length, width = 4, 64, 16
     x = jax.random.normal(jax.random.PRNGKey(0), (batch, length, width))
@@ -108,6 +111,7 @@ def test_measured_peak_is_positive_and_plausible():
     assert 1e8 < peak < 1e16
 
 
+@pytest.mark.slow
 def test_training_logs_tokens_per_second_and_mfu_and_writes_a_profile(tmp_path, data_dir):
     config = shakespeare_gpt.get_config("smoke")
     config.update_from_flattened_dict(

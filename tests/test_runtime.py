@@ -106,6 +106,7 @@ print(runtime.allocator_in_use(), (resource.getrusage(resource.RUSAGE_SELF).ru_m
 """
 
 
+@pytest.mark.slow
 def test_fast_allocator_stops_refaulting_memory_every_call():
     tcmalloc = runtime.find_tcmalloc()
     huge_pages = Path("/sys/kernel/mm/transparent_hugepage/enabled")

@@ -44,6 +44,7 @@ def test_train_step_is_pure(data_dir):
     assert min(jax.tree.leaves(moved)) > 0.0, "every parameter should move after one Adam step"
 
 
+@pytest.mark.slow
 def test_data_parallel_over_8_devices_matches_1_device(data_dir, tmp_path):
     assert jax.device_count() == 8
     config = smoke_config(data_dir, num_steps=8, log_every=1, eval_every=0)

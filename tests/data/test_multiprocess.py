@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 ROOT = Path(__file__).resolve().parents[2]  # run as a script too, where conftest is not importable
 EXAMPLES, GLOBAL_BATCH, STEPS = 48, 8, 6  # six global batches: exactly one epoch
@@ -22,6 +23,7 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_processes_read_disjoint_shards_into_global_batches():
     port = free_port()
     environment = {key: value for key, value in os.environ.items() if key != "XLA_FLAGS"}

@@ -98,6 +98,7 @@ def test_mlm_pretraining_masks_never_insert_padding_or_special_tokens(data_dir):
     assert (batch["inputs"] == text.PAD_ID).sum() == 0 and (batch["inputs"][:, 0] == ids["cls"]).all()
 
 
+@pytest.mark.slow
 def test_next_sentence_pairs_differ_only_in_what_b_says(data_dir):
     config = bert_pretrain.get_config("smoke")
     config.data_dir, config.model.next_sentence = data_dir, True

@@ -61,6 +61,7 @@ def test_cached_logits_equal_the_full_forward_pass():
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
 def test_recurrent_state_carried_token_by_token_matches_the_full_run(cell):
     model = RecurrentLM(vocab_size=11, width=12, num_layers=2, cell=cell)
@@ -72,6 +73,7 @@ def test_recurrent_state_carried_token_by_token_matches_the_full_run(cell):
     np.testing.assert_array_equal(greedy[0, 0], np.argmax(model.apply({"params": params}, tokens[:1, :3])[0, -1]))
 
 
+@pytest.mark.slow
 def test_greedy_continues_with_the_arg_max_of_the_full_pass():
     model, params = small_gpt()
     prompt = np.array([[1, 2, 3]], np.int32)
@@ -91,6 +93,7 @@ def test_top_k_and_top_p_keep_only_the_likely_tokens():
     assert set(np.unique(np.asarray(generate.sample_logits(logits, keys, Sampling(temperature=0.0))))) == {0}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("keep", [1, 12, 23])
 @pytest.mark.parametrize("sampling", SAMPLINGS)
 def test_cached_and_uncached_gpt_agree_far_past_the_block(sampling, keep):
@@ -108,6 +111,7 @@ def test_window_start_slides_by_block_size_minus_keep():
     assert [int(gpt.window_start(t, 8, 7)) for t in range(7, 12)] == [0, 1, 2, 3, 4]  # nanoGPT: the last 8 tokens
 
 
+@pytest.mark.slow
 def test_keep_block_minus_one_is_nanogpts_sliding_window():
     model, params = small_gpt()
     sampling = Sampling(temperature=0.8, top_k=5, seed=3)

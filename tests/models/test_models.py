@@ -120,6 +120,7 @@ def test_gpt_dropout_and_bfloat16(small_gpt):
     assert 0.0 < np.abs(reduced - evaluate).max() < 0.1, "bfloat16 compute should differ from float32, slightly"
 
 
+@pytest.mark.slow
 def test_gpt_gradients_reach_every_parameter_and_sharded_equals_unsharded(small_gpt):
     model, variables, _, _ = small_gpt
     tokens_BxL = np.random.default_rng(2).integers(0, 65, size=(8, 16)).astype(np.int32)
@@ -325,6 +326,7 @@ def test_bert_encoder_restores_from_masked_lm_into_classifier():
     assert logits_BxK.shape == (2, 3)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tie_embeddings", [True, False])
 def test_bert_pretraining_and_cloze_heads_share_the_masked_lm_tree(tie_embeddings):
     encoder = BertEncoder(**TINY_BERT, pre_layer_norm=True)
@@ -373,6 +375,7 @@ def test_bert_padding_mask_and_bidirectional_attention():
     assert np.abs(apply(changed_BxL, mask_BxL)[1, 0] - logits_BxLxV[1, 0]).max() > 0, "the first token sees the last"
 
 
+@pytest.mark.slow
 def test_bert_classifier_mean_pooling_averages_the_real_tokens():
     encoder = BertEncoder(**TINY_BERT, num_segments=0, pre_layer_norm=True)
     tokens_BxL = np.random.default_rng(2).integers(1, 50, size=(2, 16)).astype(np.int32)

@@ -110,6 +110,7 @@ def char_gpt_config(data_dir, dtype: str, num_steps: int):
     return config
 
 
+@pytest.mark.slow
 def test_bfloat16_compute_keeps_parameters_and_optimizer_in_float32(data_dir, tmp_path):
     mesh = sharding.make_mesh({"data": 1}, jax.devices()[:1])  # dtypes do not depend on the mesh; one device is faster
     final = train.train_and_evaluate(char_gpt_config(data_dir, "bfloat16", 60), shakespeare_gpt, tmp_path, mesh=mesh)

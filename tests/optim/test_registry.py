@@ -21,7 +21,13 @@ def build(name: str) -> tuple[optax.GradientTransformation, optax.GradientTransf
 OPTIMIZERS_BUILT = {name: build(name) for name in sorted(OPTIMIZERS)}
 
 
-@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+SLOW_TO_COMPILE = ("adafactor", "muon")
+
+
+@pytest.mark.parametrize(
+    "name",
+    [pytest.param(name, marks=pytest.mark.slow) if name in SLOW_TO_COMPILE else name for name in sorted(OPTIMIZERS)],
+)
 def test_every_registered_optimizer_conforms(name):
     """Finite jitted steps, f32/bf16 kept, and under optax.MultiSteps k micro-batches = one large batch (to 1e-5)."""
     tx, accumulating = OPTIMIZERS_BUILT[name]

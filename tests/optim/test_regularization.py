@@ -163,6 +163,7 @@ def test_schedule_free_evaluates_its_averaged_sequence():
     assert_trees_close(regularizers.eval_params(params, state), expected)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["adamw", "momentum"])
 def test_accumulating_k_micro_batches_equals_the_large_batch_step(name, data_dir):
     """The train step's scan over 4 micro-batches of 16 gives the 64-example step, 3 steps running."""
@@ -241,6 +242,7 @@ def train_digits(data_dir, l1: float, num_steps: int):
     return np.concatenate(initial), np.concatenate(kernels), accuracy
 
 
+@pytest.mark.slow
 def test_l1_drives_digits_mlp_weights_to_zero(data_dir):
     """Measured after 200 steps with l1 1e-3: 38% of kernel weights below 1e-3 (0.8% at init, 0.5%
     after 300 steps without L1), test accuracy 0.91 (0.94 without)."""

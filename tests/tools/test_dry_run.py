@@ -33,6 +33,7 @@ def gpt_experiment(width: int, layers: int):
     return types.SimpleNamespace(make_data=make_data, make_model=lambda config: model, loss_fn=loss_fn)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mesh_axes", [{"data": 8, "fsdp": 1, "tensor": 1}, {"data": 2, "fsdp": 2, "tensor": 2}])
 def test_gpt_flops_agree_with_the_analytic_count(mesh_axes):
     config = trainer_config()
@@ -50,6 +51,7 @@ def test_gpt_flops_agree_with_the_analytic_count(mesh_axes):
     assert "h100" in report and "6·N·T" in report
 
 
+@pytest.mark.slow
 def test_fsdp_divides_the_per_device_state():
     sizes = {}
     for fsdp in (1, 8):
