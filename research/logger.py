@@ -7,6 +7,7 @@ Only process 0 writes; other processes get a logger that stays silent. Each reco
 import dataclasses
 import json
 import math
+import sys
 import time
 from pathlib import Path
 from typing import Mapping
@@ -15,7 +16,24 @@ import jax
 import numpy as np
 import rich.console
 import rich.progress
-import tensorboardX
+
+
+def _import_tensorboardx():
+    """tensorboardX, imported without PyTorch: its writer imports torch when it can (2 s per process)
+    only to accept torch tensors, and we log Python floats. Torch stays importable afterwards."""
+    if "torch" in sys.modules:
+        import tensorboardX
+
+        return tensorboardX
+    sys.modules["torch"] = None  # makes `import torch` raise ImportError, which tensorboardX handles
+    try:
+        import tensorboardX
+    finally:
+        del sys.modules["torch"]
+    return tensorboardX
+
+
+tensorboardX = _import_tensorboardx()
 
 
 def _format(value: float) -> str:

@@ -122,3 +122,11 @@ def test_fast_allocator_stops_refaulting_memory_every_call():
     (fast,) = set(faults) - {"system"}
     assert faults["system"] > 8_000  # 64 MiB faulted back in, 4 KiB pages: 16,384 a call
     assert faults[fast] < faults["system"] / 10
+
+
+def test_training_never_imports_torch():
+    """tensorboardX imports PyTorch when it is installed (2 s per process); the logger keeps it out."""
+    pytest.importorskip("torch")
+    result = python("-c", "import sys, research.train, research.logger; print('torch' in sys.modules)")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "False"
