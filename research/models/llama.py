@@ -14,7 +14,7 @@ parameters stacked on a leading layer axis ("layers"); False gives one subtree p
 Compute runs in `dtype`; parameters stay in `param_dtype`; logits are float32.
 
 Legend: B batch, L sequence length, D width, V vocabulary, H query heads, K key/value heads,
-Dh head width, F MLP hidden width.
+Dh head width.
 """
 
 from typing import Any
@@ -23,6 +23,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from research.config import ConfigError
 from research.models.transformer import REMAT_POLICIES, flat_dot_general
 
 Dtype = Any
@@ -47,7 +48,7 @@ SIZES = {
     ),
     "llama2-70b": dict(vocab_size=32000, num_layers=80, num_heads=64, num_kv_heads=8, width=8192, mlp_dim=28672),
 }
-PUBLISHED_PARAMETERS = {  # the safetensors index's total size / 2 (bfloat16) of each release
+PUBLISHED_PARAMETERS = {  # of each released checkpoint, as transformers' num_parameters() counts them
     "llama-3.2-1b": 1_235_814_400,
     "llama2-7b": 6_738_415_616,
     "llama3-8b": 8_030_261_248,
@@ -135,7 +136,10 @@ class Llama(nn.Module):
     @nn.compact
     def __call__(self, tokens_BxL: jax.Array) -> jax.Array:
         if self.num_heads % self.num_kv_heads:
-            raise ValueError(f"num_kv_heads {self.num_kv_heads} must divide num_heads {self.num_heads}")
+            raise ConfigError(
+                f"model.num_kv_heads {self.num_kv_heads} does not divide model.num_heads {self.num_heads}: "
+                "each key/value head serves a whole group of query heads"
+            )
         embed = nn.Embed(
             self.vocab_size,
             self.width,
@@ -146,8 +150,10 @@ class Llama(nn.Module):
         )
         x_BxLxD = embed(tokens_BxL)
         positions_L = jnp.arange(tokens_BxL.shape[1])
+        if self.remat not in REMAT_POLICIES:
+            raise ConfigError(f"model.remat {self.remat!r} is not a policy: use one of {', '.join(REMAT_POLICIES)}")
         block = LlamaBlock
-        if REMAT_POLICIES.get(self.remat) is not None:
+        if REMAT_POLICIES[self.remat] is not None:
             block = nn.remat(LlamaBlock, policy=REMAT_POLICIES[self.remat], prevent_cse=not self.scan_layers)
         options = dict(
             num_heads=self.num_heads,

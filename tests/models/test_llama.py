@@ -7,6 +7,7 @@ import jax
 import numpy as np
 import pytest
 
+from conftest import assert_trees_close
 from research.config import ConfigError
 from research.models import param_count
 from research.models.llama import PUBLISHED_PARAMETERS, SIZES, Llama
@@ -91,3 +92,26 @@ def test_published_sizes_have_the_published_parameter_counts(name):
     model = Llama(scan_layers=True, **SIZES[name])
     shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), np.zeros((1, 8), np.int32))["params"]
     assert param_count(shapes) == PUBLISHED_PARAMETERS[name]
+
+
+def test_rematerialised_scanned_layers_give_the_same_loss_and_gradients():
+    kwargs = dict(vocab_size=96, num_layers=2, num_heads=4, num_kv_heads=2, width=32, mlp_dim=64, scan_layers=True)
+    params = Llama(**kwargs).init(jax.random.PRNGKey(0), TOKENS)["params"]
+    results = {}
+    for policy in ("none", "full"):
+        model = Llama(remat=policy, **kwargs)
+        loss = lambda params, model=model: -jax.nn.log_softmax(model.apply({"params": params}, TOKENS))[..., 3].mean()
+        results[policy] = jax.value_and_grad(loss)(params)
+    assert float(results["full"][0]) == pytest.approx(float(results["none"][0]), abs=1e-6)
+    assert_trees_close(results["full"][1], results["none"][1], atol=1e-6)
+
+
+def test_bad_head_counts_or_policy_are_one_line_errors():
+    with pytest.raises(ConfigError, match="model.num_kv_heads 3 does not divide model.num_heads 4"):
+        Llama(vocab_size=8, num_layers=1, num_heads=4, num_kv_heads=3, width=16, mlp_dim=16).init(
+            jax.random.PRNGKey(0), TOKENS
+        )
+    with pytest.raises(ConfigError, match="model.remat 'most' is not a policy"):
+        Llama(vocab_size=96, num_layers=1, num_heads=4, num_kv_heads=2, width=16, mlp_dim=16, remat="most").init(
+            jax.random.PRNGKey(0), TOKENS
+        )
