@@ -113,13 +113,17 @@ class Setup:
     def state_shardings(self) -> TrainState:
         return jax.tree.map(lambda leaf: leaf.sharding, self.abstract_state)
 
-    def init_state(self, rng: jax.Array | None = None) -> TrainState:
-        """A fresh train state made directly in its shardings, from `rng` (default PRNGKey(config.seed))."""
-        rng = jax.random.PRNGKey(self.config.seed) if rng is None else rng
+    @functools.cached_property
+    def _jitted_initial_state(self) -> Callable:
+        """initial_state for this setup, jitted once (traced on the first init_state) into the state's shardings."""
         create = functools.partial(
             initial_state, init_variables=self.init_variables, tx=self.tx, batch_spec=self.batch_spec
         )
-        return jax.jit(create, out_shardings=self.state_shardings)(rng)
+        return jax.jit(create, out_shardings=self.state_shardings)
+
+    def init_state(self, rng: jax.Array | None = None) -> TrainState:
+        """A fresh train state made directly in its shardings, from `rng` (default PRNGKey(config.seed))."""
+        return self._jitted_initial_state(jax.random.PRNGKey(self.config.seed) if rng is None else rng)
 
 
 def initial_state(

@@ -206,13 +206,13 @@ def train_and_evaluate(
     setup = build(config, experiment, mesh, batch=first_batch)
     manager = checkpoint.make_manager(workdir, config.checkpoint)
     start, state = _start(setup, train_iterator, manager, allow_config_change)
-    batch = sharding.put_batch(first_batch if start == 0 else next(train_iterator), setup.mesh)
     results_file = workdir / "results.json"
     finished = _finished_results(results_file, start, config.num_steps)
     if finished is not None:
         manager.close()
         print(f"the run in {workdir} is finished; its results are in {results_file}")
         return finished
+    batch = sharding.put_batch(first_batch if start == 0 else next(train_iterator), setup.mesh)
     history = _eval_history(workdir, config.early_stopping, start)
     run = _make_run(setup, state, experiment, train_iterator, manager, workdir, start)
     try:

@@ -6,15 +6,14 @@ import json
 import jax
 import numpy as np
 import pytest
+import torch  # the reference implementation (the test extra)
+import transformers
 
 from conftest import assert_trees_close
 from research.config import ConfigError
 from research.models import param_count
 from research.models.llama import PUBLISHED_PARAMETERS, SIZES, Llama
 from research.tools import hf
-
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
 
 TOKENS = np.random.default_rng(0).integers(0, 96, size=(2, 24))
 
