@@ -176,6 +176,34 @@ def next_token_loss(logits_BxLxV: jax.Array, batch: Mapping[str, jax.Array]) -> 
     return masked_mean(nll_BxL, batch["mask"][:, None]), {}
 
 
+def chunked_next_token_loss(
+    features_BxLxD: jax.Array, head_DxV: jax.Array, batch: Mapping[str, jax.Array], chunk: int
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """next_token_loss without the batch's B x L x V logits: the head (features @ head_DxV, float32
+    logits) runs on `chunk` positions at a time in a scan whose body is rematerialised, so neither
+    pass holds more than chunk x V logits (a large-vocabulary model's largest activation otherwise)."""
+    width = features_BxLxD.shape[-1]
+    features_NxD = features_BxLxD.reshape(-1, width)
+    targets_N = batch["targets"].reshape(-1)
+    weights_N = jnp.broadcast_to(batch["mask"][:, None], batch["targets"].shape).reshape(-1).astype(jnp.float32)
+    padding = -features_NxD.shape[0] % chunk
+    if padding:  # padded positions weigh 0
+        features_NxD = jnp.pad(features_NxD, ((0, padding), (0, 0)))
+        targets_N, weights_N = jnp.pad(targets_N, (0, padding)), jnp.pad(weights_N, (0, padding))
+    head_DxV = head_DxV.astype(features_NxD.dtype)
+
+    @jax.checkpoint
+    def add_chunk(total, chunk_inputs):
+        features_CxD, targets_C, weights_C = chunk_inputs
+        logits_CxV = jnp.dot(features_CxD, head_DxV, preferred_element_type=jnp.float32)
+        nll_C = optax.softmax_cross_entropy_with_integer_labels(logits_CxV, targets_C)
+        return total + jnp.sum(nll_C * weights_C), None
+
+    inputs = (features_NxD.reshape(-1, chunk, width), targets_N.reshape(-1, chunk), weights_N.reshape(-1, chunk))
+    total, _ = jax.lax.scan(add_chunk, jnp.zeros((), jnp.float32), inputs)
+    return total / jnp.maximum(jnp.sum(weights_N), 1.0), {}
+
+
 def next_token_metrics(logits_BxLxV: jax.Array, batch: Mapping[str, jax.Array]) -> dict[str, Metric]:
     """Per-token loss, perplexity and next-token accuracy, pooled over every scored position."""
     targets_BxL = batch["targets"]

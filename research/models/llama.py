@@ -17,17 +17,22 @@ Legend: B batch, L sequence length, D width, V vocabulary, H query heads, K key/
 Dh head width.
 """
 
-from typing import Any
+import functools
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from research.config import ConfigError
+from research.models import exchange
 from research.models.transformer import REMAT_POLICIES, flat_dot_general
 
 Dtype = Any
 INIT_STD = 0.02
+ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP = ("gate_proj", "up_proj", "down_proj")
+NORMS = ("input_layernorm", "post_attention_layernorm")
 
 # Published shapes (each model's config.json on the Hugging Face hub) and parameter counts.
 SIZES = {
@@ -82,12 +87,15 @@ class LlamaBlock(nn.Module):
     mlp_dim: int
     rope_theta: float = 10000.0
     norm_epsilon: float = 1e-5
+    attention_window: int = 0  # >0: each position attends to at most this many (itself included)
     output_init_std: float = INIT_STD
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x_BxLxD: jax.Array, positions_L: jax.Array) -> tuple[jax.Array, None]:
+    def __call__(
+        self, x_BxLxD: jax.Array, positions_L: jax.Array, cache: dict | None = None
+    ) -> tuple[jax.Array, dict | None]:
         batch, length, width = x_BxLxD.shape
         dense = dict(use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype, dot_general=flat_dot_general)
         init, output_init = nn.initializers.normal(INIT_STD), nn.initializers.normal(self.output_init_std)
@@ -103,7 +111,13 @@ class LlamaBlock(nn.Module):
         cos, sin = rotary_angles(positions_L, self.head_dim, self.rope_theta)
         query_BxLxHxDh, key_BxLxKxDh = apply_rotary(query_BxLxHxDh, cos, sin), apply_rotary(key_BxLxKxDh, cos, sin)
         # Query head h reads key/value head h // (H / K), as Hugging Face's repeat_kv.
-        attended_BxLxHxDh = jax.nn.dot_product_attention(query_BxLxHxDh, key_BxLxKxDh, value_BxLxKxDh, is_causal=True)
+        if cache is None:
+            window = (self.attention_window - 1, 0) if 0 < self.attention_window < length else None
+            attended_BxLxHxDh = jax.nn.dot_product_attention(
+                query_BxLxHxDh, key_BxLxKxDh, value_BxLxKxDh, is_causal=True, local_window_size=window
+            )
+        else:
+            cache, attended_BxLxHxDh = _attend_cached(cache, positions_L, query_BxLxHxDh, key_BxLxKxDh, value_BxLxKxDh)
         attended = attended_BxLxHxDh.reshape(batch, length, self.num_heads * self.head_dim)
         x_BxLxD = x_BxLxD + nn.Dense(width, kernel_init=output_init, name="o_proj", **dense)(attended)
 
@@ -111,12 +125,37 @@ class LlamaBlock(nn.Module):
         gate = nn.Dense(self.mlp_dim, kernel_init=init, name="gate_proj", **dense)(h_BxLxD)
         up = nn.Dense(self.mlp_dim, kernel_init=init, name="up_proj", **dense)(h_BxLxD)
         down = nn.Dense(width, kernel_init=output_init, name="down_proj", **dense)(nn.silu(gate) * up)
-        return x_BxLxD + down, None
+        return x_BxLxD + down, cache
+
+
+def _attend_cached(cache: dict, positions_1: jax.Array, query_Bx1xHxDh, key_Bx1xKxDh, value_Bx1xKxDh):
+    """(updated cache, attention output) of one new position t against a rolling cache of S slots.
+
+    Position t is written to slot t % S, over the position t - S it replaces. The keys were rotated at
+    their own positions and rotary scores depend only on the distance between query and key, so the
+    slots need no reordering and no re-prefill when the window moves: a slot counts once it is written."""
+    slots = cache["key"].shape[1]
+    if query_Bx1xHxDh.shape[1] != 1:
+        raise ValueError(f"decoding takes one position per call, got {query_Bx1xHxDh.shape[1]}")
+    position = positions_1[0]
+    slot = position % slots
+    key_BxSxKxDh = jax.lax.dynamic_update_slice_in_dim(cache["key"], key_Bx1xKxDh.astype(cache["key"].dtype), slot, 1)
+    value_BxSxKxDh = jax.lax.dynamic_update_slice_in_dim(
+        cache["value"], value_Bx1xKxDh.astype(cache["value"].dtype), slot, 1
+    )
+    written_1x1x1xS = (jnp.arange(slots) <= position)[None, None, None, :]
+    attended = jax.nn.dot_product_attention(
+        query_Bx1xHxDh,
+        key_BxSxKxDh.astype(query_Bx1xHxDh.dtype),
+        value_BxSxKxDh.astype(query_Bx1xHxDh.dtype),
+        mask=written_1x1x1xS,
+    )
+    return {"key": key_BxSxKxDh, "value": value_BxSxKxDh}, attended
 
 
 class Llama(nn.Module):
     """tokens_BxL -> logits_BxLxV (float32). `num_kv_heads` divides `num_heads`; head width is width / num_heads
-    unless `head_dim` is set."""
+    unless `head_dim` is set. `block_size` is the context trained on and the size of the generation cache."""
 
     vocab_size: int
     num_layers: int
@@ -125,8 +164,10 @@ class Llama(nn.Module):
     width: int
     mlp_dim: int
     head_dim: int = 0  # 0: width // num_heads
+    block_size: int = 2048
     rope_theta: float = 10000.0
     norm_epsilon: float = 1e-5
+    attention_window: int = 0  # >0: sliding-window attention over this many positions (as Mistral); 0: all
     tie_embeddings: bool = False
     scan_layers: bool = False
     remat: str = "none"
@@ -134,12 +175,23 @@ class Llama(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, tokens_BxL: jax.Array) -> jax.Array:
+    def __call__(
+        self,
+        tokens_BxL: jax.Array,
+        *,
+        positions_L: jax.Array | None = None,
+        cache: dict | None = None,
+        return_hidden: bool = False,
+    ):
+        """logits_BxLxV; with `cache` (decoding one position) (logits, cache); with `return_hidden` the
+        normalised features_BxLxD the head would read (for a chunked loss, `head_kernel`)."""
         if self.num_heads % self.num_kv_heads:
             raise ConfigError(
                 f"model.num_kv_heads {self.num_kv_heads} does not divide model.num_heads {self.num_heads}: "
                 "each key/value head serves a whole group of query heads"
             )
+        if self.remat not in REMAT_POLICIES:
+            raise ConfigError(f"model.remat {self.remat!r} is not a policy: use one of {', '.join(REMAT_POLICIES)}")
         embed = nn.Embed(
             self.vocab_size,
             self.width,
@@ -149,11 +201,9 @@ class Llama(nn.Module):
             name="embed_tokens",
         )
         x_BxLxD = embed(tokens_BxL)
-        positions_L = jnp.arange(tokens_BxL.shape[1])
-        if self.remat not in REMAT_POLICIES:
-            raise ConfigError(f"model.remat {self.remat!r} is not a policy: use one of {', '.join(REMAT_POLICIES)}")
+        positions_L = jnp.arange(tokens_BxL.shape[1]) if positions_L is None else positions_L
         block = LlamaBlock
-        if REMAT_POLICIES[self.remat] is not None:
+        if REMAT_POLICIES[self.remat] is not None and cache is None:  # generation takes no gradients
             block = nn.remat(LlamaBlock, policy=REMAT_POLICIES[self.remat], prevent_cse=not self.scan_layers)
         options = dict(
             num_heads=self.num_heads,
@@ -162,34 +212,151 @@ class Llama(nn.Module):
             mlp_dim=self.mlp_dim,
             rope_theta=self.rope_theta,
             norm_epsilon=self.norm_epsilon,
+            attention_window=self.attention_window,
             output_init_std=INIT_STD / (2 * self.num_layers) ** 0.5,
             dtype=self.dtype,
             param_dtype=self.param_dtype,
         )
-        if self.scan_layers:
+        if self.scan_layers:  # the cache, like the parameters, has a leading layer axis
             stack = nn.scan(
                 block,
                 variable_axes={"params": 0},
                 split_rngs={"params": True},
-                in_axes=nn.broadcast,
+                in_axes=(nn.broadcast, 0),
                 length=self.num_layers,
             )
-            x_BxLxD, _ = stack(name="layers", **options)(x_BxLxD, positions_L)
+            x_BxLxD, cache = stack(name="layers", **options)(x_BxLxD, positions_L, cache)
         else:
+            caches = []
             for index in range(self.num_layers):
-                x_BxLxD, _ = block(name=f"layers_{index}", **options)(x_BxLxD, positions_L)
+                layer_cache = None if cache is None else jax.tree.map(lambda leaf: leaf[index], cache)
+                x_BxLxD, layer_cache = block(name=f"layers_{index}", **options)(x_BxLxD, positions_L, layer_cache)
+                caches.append(layer_cache)
+            cache = None if cache is None else jax.tree.map(lambda *leaves: jnp.stack(leaves), *caches)
         x_BxLxD = nn.RMSNorm(epsilon=self.norm_epsilon, dtype=self.dtype, param_dtype=self.param_dtype, name="norm")(
             x_BxLxD
         )
+        if return_hidden:
+            return x_BxLxD
         if self.tie_embeddings:
-            return embed.attend(x_BxLxD).astype(jnp.float32)
-        head = nn.Dense(
-            self.vocab_size,
-            use_bias=False,
-            kernel_init=nn.initializers.normal(INIT_STD),
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-            dot_general=flat_dot_general,
-            name="lm_head",
-        )
-        return head(x_BxLxD).astype(jnp.float32)
+            logits_BxLxV = embed.attend(x_BxLxD)
+        else:
+            logits_BxLxV = nn.Dense(
+                self.vocab_size,
+                use_bias=False,
+                kernel_init=nn.initializers.normal(INIT_STD),
+                dtype=self.dtype,
+                param_dtype=self.param_dtype,
+                dot_general=flat_dot_general,
+                name="lm_head",
+            )(x_BxLxD)
+        logits_BxLxV = logits_BxLxV.astype(jnp.float32)
+        return logits_BxLxV if cache is None else (logits_BxLxV, cache)
+
+    @nn.nowrap
+    def head_kernel(self, params: dict) -> jax.Array:
+        """The output head as a D x V matrix: lm_head's kernel, or the embedding transposed when tied."""
+        return params["embed_tokens"]["embedding"].T if self.tie_embeddings else params["lm_head"]["kernel"]
+
+    @nn.nowrap
+    def hf_config(self) -> dict:
+        """The config.json of the same model as transformers' LlamaForCausalLM."""
+        return {
+            "architectures": ["LlamaForCausalLM"],
+            "model_type": "llama",
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.width,
+            "intermediate_size": self.mlp_dim,
+            "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_heads,
+            "num_key_value_heads": self.num_kv_heads,
+            "head_dim": self.head_dim or self.width // self.num_heads,
+            "max_position_embeddings": self.block_size,
+            "rms_norm_eps": self.norm_epsilon,
+            "rope_theta": self.rope_theta,
+            "rope_parameters": {"rope_type": "default", "rope_theta": self.rope_theta},
+            "tie_word_embeddings": self.tie_embeddings,
+            "hidden_act": "silu",
+            "attention_bias": False,
+            "mlp_bias": False,
+            "dtype": jnp.dtype(self.param_dtype).name,
+        }
+
+    @nn.nowrap
+    def hf_tensors(self) -> list[exchange.Tensor]:
+        """Every LlamaForCausalLM tensor and the parameter it holds (one subtree per layer: exchange.unrolled)."""
+        tensors = [
+            exchange.same("model.embed_tokens.weight", "embed_tokens/embedding"),
+            exchange.same("model.norm.weight", "norm/scale"),
+        ]
+        for index in range(self.num_layers):
+            hf, ours = f"model.layers.{index}.", f"layers_{index}/"
+            tensors += [exchange.linear(f"{hf}self_attn.{name}.weight", f"{ours}{name}/kernel") for name in ATTENTION]
+            tensors += [exchange.linear(f"{hf}mlp.{name}.weight", f"{ours}{name}/kernel") for name in MLP]
+            tensors += [exchange.same(f"{hf}{name}.weight", f"{ours}{name}/scale") for name in NORMS]
+        if not self.tie_embeddings:
+            tensors.append(exchange.linear("lm_head.weight", "lm_head/kernel"))
+        return tensors
+
+    @nn.nowrap
+    def make_decoder(
+        self, batch: int, total: int, *, cached: bool = True, keep: int | None = None
+    ) -> tuple[Callable, Callable]:
+        """(init_state(params), step(params, state, buffer_BxT, t) -> (logits_BxV, state)) for generate.py.
+
+        Cached: a rolling cache of S = min(total, block_size) positions per layer (attention_window when
+        set), num_kv_heads wide, so a generation of any length costs one position per step and
+        never re-prefills. Each layer attends to the last S positions, so past S tokens this is
+        sliding-window attention (a deeper layer sees further back through the layers below it, as
+        in Mistral). Uncached (the baseline): the same function recomputed from the whole buffer
+        each step, sliding-window attention over S. `keep` is the GPT's (its window jumps; this
+        one rolls) and is ignored."""
+        del keep
+        slots = min(total, self.attention_window or self.block_size)
+        head_dim = self.head_dim or self.width // self.num_heads
+        if not cached:
+            return lambda params: None, functools.partial(_full_pass_step, self.clone(attention_window=slots))
+        shape = (self.num_layers, batch, slots, self.num_kv_heads, head_dim)
+
+        def init_state(params):
+            return {"key": jnp.zeros(shape, self.dtype), "value": jnp.zeros(shape, self.dtype)}
+
+        def step(params, cache, buffer_BxT, t):
+            tokens_Bx1 = jax.lax.dynamic_slice_in_dim(buffer_BxT, t, 1, axis=1)
+            logits_Bx1xV, cache = self.apply({"params": params}, tokens_Bx1, positions_L=t[None], cache=cache)
+            return logits_Bx1xV[:, 0], cache
+
+        return init_state, step
+
+
+def _full_pass_step(model: Llama, params, state, buffer_BxT, t):
+    """Position t's logits from a full pass over the buffer (causal: the tokens after t change nothing)."""
+    logits_BxTxV = model.apply({"params": params}, buffer_BxT)
+    return jax.lax.dynamic_index_in_dim(logits_BxTxV, t, axis=1, keepdims=False), state
+
+
+def from_hf_config(config: dict, **overrides) -> Llama:
+    """The Llama a LlamaForCausalLM config.json describes (`overrides`: scan_layers, dtype, ...)."""
+    exchange.require(config, "llama", "LlamaForCausalLM")
+    for flag in ("attention_bias", "mlp_bias"):
+        if config.get(flag):
+            raise ConfigError(f"config.json sets {flag}: this Llama has no biases")
+    if config.get("hidden_act", "silu") != "silu":
+        raise ConfigError(f"hidden_act {config['hidden_act']!r}: this Llama's MLP is SwiGLU (silu)")
+    exchange.check_scaling(config)
+    width, heads = config["hidden_size"], config["num_attention_heads"]
+    theta = (config.get("rope_parameters") or {}).get("rope_theta", config.get("rope_theta", 10000.0))
+    return Llama(
+        vocab_size=config["vocab_size"],
+        num_layers=config["num_hidden_layers"],
+        num_heads=heads,
+        num_kv_heads=config.get("num_key_value_heads") or heads,
+        width=width,
+        mlp_dim=config["intermediate_size"],
+        head_dim=config.get("head_dim") or width // heads,
+        block_size=config.get("max_position_embeddings", 2048),
+        rope_theta=float(theta),
+        norm_epsilon=config.get("rms_norm_eps", 1e-6),
+        tie_embeddings=bool(config.get("tie_word_embeddings", False)),
+        **overrides,
+    )

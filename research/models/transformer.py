@@ -64,6 +64,7 @@ class MLPBlock(nn.Module):
     output_kernel_init: Initializer = nn.initializers.normal(0.02)
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    approximate_gelu: bool = True  # tanh approximation (GPT-2); False: the exact erf form (BERT)
 
     @nn.compact
     def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
@@ -72,7 +73,9 @@ class MLPBlock(nn.Module):
             use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype, dot_general=flat_dot_general
         )
         hidden = nn.Dense(self.hidden_dim, kernel_init=self.kernel_init, name="fc_in", **dense)(x_BxLxD)
-        return nn.Dense(width, kernel_init=self.output_kernel_init, name="fc_out", **dense)(nn.gelu(hidden))
+        return nn.Dense(width, kernel_init=self.output_kernel_init, name="fc_out", **dense)(
+            nn.gelu(hidden, approximate=self.approximate_gelu)
+        )
 
 
 class TransformerBlock(nn.Module):
@@ -91,6 +94,7 @@ class TransformerBlock(nn.Module):
     param_dtype: Dtype = jnp.float32
     decode: bool = False  # one position per call, keys and values kept in the "cache" collection (GPT generation)
     causal: bool = False  # each position attends only to itself and earlier ones (GPT), besides the mask
+    approximate_gelu: bool = True  # the MLP's GELU: tanh approximation, or exact (False)
 
     @nn.compact
     def __call__(self, x_BxLxD: jax.Array, mask_Bx1xLxL: jax.Array | None, deterministic: bool) -> jax.Array:
@@ -119,7 +123,15 @@ class TransformerBlock(nn.Module):
             )
         else:
             attention = SelfAttention(causal=self.causal, **attention_options)
-        mlp = MLPBlock(self.mlp_dim, self.use_bias, self.kernel_init, self.output_kernel_init, name="mlp", **types)
+        mlp = MLPBlock(
+            self.mlp_dim,
+            self.use_bias,
+            self.kernel_init,
+            self.output_kernel_init,
+            approximate_gelu=self.approximate_gelu,
+            name="mlp",
+            **types,
+        )
         attention_norm, mlp_norm = nn.LayerNorm(name="attention_norm", **norm), nn.LayerNorm(name="mlp_norm", **norm)
         dropout = nn.Dropout(self.dropout_rate, deterministic=deterministic)
 

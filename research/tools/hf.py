@@ -1,28 +1,41 @@
 """Hugging Face checkpoints in and out: `config.json` + safetensors in the layout `transformers` loads.
 
-Llama (LlamaForCausalLM) to research.models.llama.Llama so far: `llama_from_hf(directory)` reads the
-config and the weights (one `model.safetensors` or shards with `model.safetensors.index.json`) and
-returns the model and its parameters. Hugging Face keeps a linear layer's weight as out x in; a
-flax Dense kernel is in x out, so kernels are transposed; everything else is renamed one to one.
-A file that does not fit (another architecture, a missing tensor, a wrong shape, a rope scaling
-this model does not implement) is a one-line ConfigError that names what is wrong.
+  python -m research.tools.hf import HF_DIR WORKDIR [--scan_layers] [--experiment experiments/lm.py:cpu]
+  python -m research.tools.hf export WORKDIR HF_DIR [--checkpoint latest] [--max_shard_size 5GB]
+
+Architectures: LlamaForCausalLM, GPT2LMHeadModel (research/models/llama.py, gpt.py; as runs of
+experiments/lm.py) and BertForMaskedLM (bert.py; export from bert_pretrain runs, import as functions).
+Each model states its own layout (`hf_config`, `hf_tensors`: research/models/exchange.py); this module
+reads and writes the files and checks them: a file that does not fit (another architecture, a missing
+tensor, a wrong shape, a rope scaling not implemented) is a one-line ConfigError naming the tensor.
+`import` writes a step-0 run (an Orbax checkpoint of the train state and config.json, with the
+checkpoint's tokenizer.json when it has one) that `init_from.workdir` fine-tunes, predict.py
+generates from, and launch.py trains on. Large models are written as shards with
+`model.safetensors.index.json`, as `save_pretrained` does.
 """
 
+import argparse
 import json
+import re
+import shutil
+import sys
 from pathlib import Path
 from typing import Any, Mapping
 
+import jax
+import jax.numpy as jnp
 import numpy as np
-from safetensors.numpy import load_file
+from safetensors.numpy import load_file, save_file
 
 from research.config import ConfigError
-from research.models.llama import Llama
+from research.models import bert, exchange, gpt, llama
+from research.tree import named_leaves
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
-ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
-MLP = ("gate_proj", "up_proj", "down_proj")
-NORMS = ("input_layernorm", "post_attention_layernorm")
+TOKENIZER = "tokenizer.json"
+FROM_HF = {"llama": llama.from_hf_config, "gpt2": gpt.from_hf_config, "bert": bert.from_hf_config}
+PyTree = Any
 
 
 def read_checkpoint(directory: str | Path) -> tuple[dict, dict[str, np.ndarray]]:
@@ -43,101 +56,184 @@ def read_checkpoint(directory: str | Path) -> tuple[dict, dict[str, np.ndarray]]
     return config, tensors
 
 
-def _rope_theta(config: Mapping[str, Any]) -> float:
-    """The rotary base of a Llama config (transformers 5's `rope_parameters` or 4's `rope_theta`/`rope_scaling`)."""
-    parameters = config.get("rope_parameters") or {}
-    scaling = config.get("rope_scaling") or {}
-    kind = parameters.get("rope_type", scaling.get("rope_type", scaling.get("type", "default")))
-    if kind != "default":
-        raise ConfigError(f"rope scaling {kind!r} is not implemented: only the default rotary embedding is")
-    return float(parameters.get("rope_theta", config.get("rope_theta", 10000.0)))
+def model_from_config(config: Mapping[str, Any], **overrides):
+    """The module a config.json describes (`overrides`: scan_layers, dtype, ...)."""
+    kind = config.get("model_type")
+    if kind not in FROM_HF:
+        found = (config.get("architectures") or [kind or "an unknown model"])[0]
+        raise ConfigError(f"config.json describes {found}: only {', '.join(sorted(FROM_HF))} models are converted")
+    return FROM_HF[kind](dict(config), **overrides)
 
 
-def llama_model(config: Mapping[str, Any], **overrides) -> Llama:
-    """The Llama module a LlamaForCausalLM config.json describes (`overrides`: scan_layers, dtype, ...)."""
-    architectures = config.get("architectures") or [config.get("model_type", "?")]
-    if config.get("model_type") != "llama":
-        raise ConfigError(f"config.json describes {architectures[0]}, not a LlamaForCausalLM")
-    for flag in ("attention_bias", "mlp_bias"):
-        if config.get(flag):
-            raise ConfigError(f"config.json sets {flag}: this Llama has no biases")
-    if config.get("hidden_act", "silu") != "silu":
-        raise ConfigError(f"hidden_act {config['hidden_act']!r}: this Llama's MLP is SwiGLU (silu)")
-    width, heads = config["hidden_size"], config["num_attention_heads"]
-    return Llama(
-        vocab_size=config["vocab_size"],
-        num_layers=config["num_hidden_layers"],
-        num_heads=heads,
-        num_kv_heads=config.get("num_key_value_heads") or heads,
-        width=width,
-        mlp_dim=config["intermediate_size"],
-        head_dim=config.get("head_dim") or width // heads,
-        rope_theta=_rope_theta(config),
-        norm_epsilon=config.get("rms_norm_eps", 1e-6),
-        tie_embeddings=bool(config.get("tie_word_embeddings", False)),
-        **overrides,
-    )
+def _abstract_params(model) -> dict[str, jax.ShapeDtypeStruct]:
+    """{path: shape} of the model's unrolled parameters, sized without allocating them."""
+    tokens = jnp.zeros((1, 8), jnp.int32)
+    shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), tokens)["params"])
+    return named_leaves(exchange.unrolled(shapes))
 
 
-def _expected_shapes(model: Llama) -> dict[str, tuple[int, ...]]:
-    """Every tensor a LlamaForCausalLM of this shape has, with its shape (out x in for linear layers)."""
-    head_dim = model.head_dim or model.width // model.num_heads
-    q, kv = model.num_heads * head_dim, model.num_kv_heads * head_dim
-    per_layer = {
-        "self_attn.q_proj.weight": (q, model.width),
-        "self_attn.k_proj.weight": (kv, model.width),
-        "self_attn.v_proj.weight": (kv, model.width),
-        "self_attn.o_proj.weight": (model.width, q),
-        "mlp.gate_proj.weight": (model.mlp_dim, model.width),
-        "mlp.up_proj.weight": (model.mlp_dim, model.width),
-        "mlp.down_proj.weight": (model.width, model.mlp_dim),
-        "input_layernorm.weight": (model.width,),
-        "post_attention_layernorm.weight": (model.width,),
+def _nest(flat: Mapping[str, Any]) -> dict:
+    tree: dict = {}
+    for path, leaf in flat.items():
+        *parents, name = path.split("/")
+        node = tree
+        for parent in parents:
+            node = node.setdefault(parent, {})
+        node[name] = leaf
+    return tree
+
+
+def params_from_tensors(model, tensors: Mapping[str, np.ndarray]) -> PyTree:
+    """The model's parameter tree from a checkpoint's tensors, every one checked by name and shape."""
+    abstract = _abstract_params(model)
+    dtype = jnp.dtype(getattr(model, "param_dtype", None) or model.encoder.param_dtype)
+    flat = {}
+    for tensor in model.hf_tensors():
+        expected = jax.eval_shape(tensor.to_hf, *[abstract[path] for path in tensor.paths]).shape
+        if tensor.name not in tensors:
+            raise ConfigError(f"the checkpoint has no tensor {tensor.name} (a model of this config.json needs it)")
+        found = tuple(tensors[tensor.name].shape)
+        if found != tuple(expected):
+            raise ConfigError(f"tensor {tensor.name} has shape {found}, config.json implies {tuple(expected)}")
+        parts = tensor.to_ours(np.asarray(tensors[tensor.name], np.float32))
+        flat |= {path: np.asarray(part, dtype) for path, part in zip(tensor.paths, parts)}
+    missing = sorted(set(abstract) - set(flat))
+    if missing:  # a layout that forgot a parameter would otherwise start it from nothing
+        raise ConfigError(f"the layout sets no value for {', '.join(missing)}")
+    params = _nest(flat)
+    return exchange.rolled(params) if getattr(model, "scan_layers", False) else params
+
+
+def tensors_from_params(model, params: PyTree) -> dict[str, np.ndarray]:
+    """{checkpoint name: array} of the model's parameters, in the checkpoint's layout."""
+    flat = named_leaves(exchange.unrolled(jax.device_get(params)))
+    return {
+        tensor.name: np.ascontiguousarray(np.asarray(tensor.to_hf(*[flat[path] for path in tensor.paths])))
+        for tensor in model.hf_tensors()
     }
-    shapes = {"model.embed_tokens.weight": (model.vocab_size, model.width), "model.norm.weight": (model.width,)}
-    for index in range(model.num_layers):
-        shapes.update({f"model.layers.{index}.{name}": shape for name, shape in per_layer.items()})
-    if not model.tie_embeddings:
-        shapes["lm_head.weight"] = (model.vocab_size, model.width)
-    return shapes
 
 
-def llama_params(model: Llama, tensors: Mapping[str, np.ndarray]) -> dict:
-    """The Llama's parameter tree from a LlamaForCausalLM state dict (float32 unless the model's param_dtype says)."""
-    for name, shape in _expected_shapes(model).items():
-        if name not in tensors:
-            raise ConfigError(f"the checkpoint has no tensor {name} (a LlamaForCausalLM of this config.json needs it)")
-        if tuple(tensors[name].shape) != shape:
-            raise ConfigError(f"tensor {name} has shape {tuple(tensors[name].shape)}, config.json implies {shape}")
-    dtype = np.dtype(model.param_dtype)
-    get = lambda name: np.asarray(tensors[name], dtype=dtype)
-
-    def layer(index: int) -> dict:
-        prefix = f"model.layers.{index}."
-        params = {name: {"kernel": get(f"{prefix}self_attn.{name}.weight").T} for name in ATTENTION}
-        params |= {name: {"kernel": get(f"{prefix}mlp.{name}.weight").T} for name in MLP}
-        params |= {name: {"scale": get(f"{prefix}{name}.weight")} for name in NORMS}
-        return params
-
-    layers = [layer(index) for index in range(model.num_layers)]
-    params = {
-        "embed_tokens": {"embedding": get("model.embed_tokens.weight")},
-        "norm": {"scale": get("model.norm.weight")},
-    }
-    if model.scan_layers:  # one subtree, every leaf stacked over the layers
-        params["layers"] = {
-            module: {leaf: np.stack([layer[module][leaf] for layer in layers]) for leaf in layers[0][module]}
-            for module in layers[0]
-        }
-    else:
-        params |= {f"layers_{index}": layer for index, layer in enumerate(layers)}
-    if not model.tie_embeddings:
-        params["lm_head"] = {"kernel": get("lm_head.weight").T}
-    return params
-
-
-def llama_from_hf(directory: str | Path, **overrides) -> tuple[Llama, dict]:
-    """(model, params) of a LlamaForCausalLM saved by `save_pretrained` (or downloaded) into `directory`."""
+def from_hf(directory: str | Path, **overrides) -> tuple[Any, PyTree]:
+    """(model, params) of a checkpoint that `save_pretrained` wrote (or that was downloaded) into `directory`."""
     config, tensors = read_checkpoint(directory)
-    model = llama_model(config, **overrides)
-    return model, llama_params(model, tensors)
+    model = model_from_config(config, **overrides)
+    return model, params_from_tensors(model, tensors)
+
+
+def parse_size(text: str) -> int:
+    """Bytes of "5GB", "200MB", "10KB" or a plain number (as save_pretrained's max_shard_size)."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(KB|MB|GB|B)?\s*", text.upper())
+    if not match:
+        raise ConfigError(f"max_shard_size {text!r}: give bytes or a size like 5GB, 200MB")
+    return int(float(match[1]) * {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9}[match[2] or "B"])
+
+
+def write_checkpoint(directory: str | Path, config: dict, tensors: Mapping[str, np.ndarray], max_shard_bytes: int):
+    """config.json and model.safetensors, or shards model-0000K-of-0000N.safetensors and their index."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    shards: list[dict[str, np.ndarray]] = [{}]
+    size = 0
+    for name, array in tensors.items():
+        if shards[-1] and size + array.nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = array
+        size += array.nbytes
+    metadata = {"format": "pt"}  # transformers reads safetensors files marked as torch's
+    if len(shards) == 1:
+        save_file(shards[0], str(directory / SINGLE), metadata=metadata)
+    else:
+        weight_map = {}
+        for number, shard in enumerate(shards, 1):
+            file = f"model-{number:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, str(directory / file), metadata=metadata)
+            weight_map |= {name: file for name in shard}
+        total = sum(array.nbytes for array in tensors.values())
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (directory / INDEX).write_text(json.dumps(index, indent=2) + "\n")
+    (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+
+def to_hf(model, params: PyTree, directory: str | Path, max_shard_bytes: int = 5 * 10**9) -> None:
+    """Writes the model as a Hugging Face checkpoint `from_pretrained` loads."""
+    if not callable(getattr(model, "hf_tensors", None)):
+        raise ConfigError(f"a {type(model).__name__} has no Hugging Face layout (Llama, GPT and BertForMaskedLM do)")
+    write_checkpoint(directory, model.hf_config(), tensors_from_params(model, params), max_shard_bytes)
+
+
+def import_run(source: str | Path, workdir: str | Path, experiment_spec: str, scan_layers: bool) -> str:
+    """Writes a step-0 run of the experiment (experiments/lm.py) holding the checkpoint's parameters."""
+    from research import checkpoint, sharding, steps
+    from research import experiment as experiment_lib
+
+    config_json, tensors = read_checkpoint(source)
+    if config_json.get("model_type") not in ("llama", "gpt2"):
+        raise ConfigError("import makes runs of decoder language models (llama, gpt2); use hf.from_hf for BERT")
+    model = model_from_config(config_json, scan_layers=scan_layers) if "llama" == config_json["model_type"] else None
+    model = model or model_from_config(config_json)
+    params = params_from_tensors(model, tensors)
+    path, _, variant = experiment_spec.partition(":")
+    module = experiment_lib.load(path)
+    config = module.get_config(variant or None)
+    config.model.family = "llama" if config_json["model_type"] == "llama" else "gpt"
+    for field in config.model.keys():  # the experiment names its model settings as the module's fields
+        if hasattr(model, field) and field != "dtype":
+            value = getattr(model, field)
+            config.model[field] = jnp.dtype(value).name if field == "param_dtype" else value
+    workdir = Path(workdir)
+    if (Path(source) / TOKENIZER).exists():
+        workdir.mkdir(parents=True, exist_ok=True)
+        shutil.copy(Path(source) / TOKENIZER, workdir / TOKENIZER)
+        config.data.tokenizer = str((workdir / TOKENIZER).absolute())
+    config.init_from.workdir = ""
+    experiment_lib.claim_workdir(workdir, experiment_lib.name_of(path), config)
+    setup = steps.build(config, module, sharding.make_mesh({"data": 1}, jax.devices()[:1]))
+    state = setup.init_state()
+    state = state.replace(params=jax.tree.map(lambda new, old: jnp.asarray(new, old.dtype), params, state.params))
+    with checkpoint.make_manager(workdir, config.checkpoint) as manager:
+        checkpoint.save(manager, 0, state, None, config, force=True)
+        manager.wait_until_finished()
+    return f"imported {source} ({config_json['model_type']}, {len(tensors)} tensors) into {workdir} as step 0"
+
+
+def export_run(workdir: str | Path, directory: str | Path, which: str, max_shard_bytes: int) -> str:
+    """Writes a trained run's model (its evaluation parameters) as a Hugging Face checkpoint."""
+    from research.inference.predict import load_run
+
+    run = load_run(workdir, which=which)
+    to_hf(run.model, run.params, directory, max_shard_bytes)
+    tokenizer = Path(workdir) / TOKENIZER
+    if tokenizer.exists():
+        shutil.copy(tokenizer, Path(directory) / TOKENIZER)
+    return f"exported {workdir} step {run.step} ({type(run.model).__name__}) to {directory}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m research.tools.hf", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    importing = commands.add_parser("import", help="a Hugging Face directory -> a step-0 run (WORKDIR)")
+    importing.add_argument("source")
+    importing.add_argument("workdir")
+    importing.add_argument("--experiment", default="experiments/lm.py:cpu", help="the run's experiment[:config]")
+    importing.add_argument("--scan_layers", action="store_true", help="stack a Llama's layers under nn.scan")
+    exporting = commands.add_parser("export", help="a run (WORKDIR) -> a Hugging Face directory")
+    exporting.add_argument("workdir")
+    exporting.add_argument("directory")
+    exporting.add_argument("--checkpoint", default="latest", help="latest, best or a step")
+    exporting.add_argument("--max_shard_size", default="5GB", help="shard the safetensors above this size")
+    arguments = parser.parse_args(argv)
+    try:
+        if arguments.command == "import":
+            print(import_run(arguments.source, arguments.workdir, arguments.experiment, arguments.scan_layers))
+        else:
+            size = parse_size(arguments.max_shard_size)
+            print(export_run(arguments.workdir, arguments.directory, arguments.checkpoint, size))
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
