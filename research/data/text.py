@@ -13,6 +13,7 @@ from typing import Callable, Sequence
 import ml_collections
 import numpy as np
 import sentencepiece
+import tokenizers
 
 PAD_ID = 0
 
@@ -108,6 +109,47 @@ class SubwordTokenizer:
 
     def decode(self, ids: Sequence[int]) -> str:
         return self._processor.decode([int(index) for index in ids if index != PAD_ID])
+
+
+class ByteLevelTokenizer:
+    """A Hugging Face `tokenizers` tokenizer: a model's tokenizer.json, or a byte-level BPE (GPT-2's
+    scheme, Radford et al. 2019) trained here from text. Every byte has an id, so any text encodes."""
+
+    def __init__(self, tokenizer: tokenizers.Tokenizer):
+        self.tokenizer = tokenizer
+
+    @classmethod
+    def from_file(cls, path: str) -> "ByteLevelTokenizer":
+        return cls(tokenizers.Tokenizer.from_file(path))
+
+    @classmethod
+    def train(cls, text: str, vocab_size: int) -> "ByteLevelTokenizer":
+        """A byte-level BPE of `vocab_size` ids learned from `text` (deterministic); id 0 is <pad>."""
+        tokenizer = tokenizers.Tokenizer(tokenizers.models.BPE())
+        tokenizer.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tokenizer.decoder = tokenizers.decoders.ByteLevel()
+        trainer = tokenizers.trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            special_tokens=["<pad>"],
+            initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        )
+        tokenizer.train_from_iterator(text.splitlines(keepends=True), trainer=trainer)
+        return cls(tokenizer)
+
+    def save(self, path: str) -> None:
+        """Writes tokenizer.json (what `tokenizers` and transformers' PreTrainedTokenizerFast load)."""
+        self.tokenizer.save(path)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.get_vocab_size()
+
+    def encode(self, text: str) -> np.ndarray:
+        return np.array(self.tokenizer.encode(text, add_special_tokens=False).ids, dtype=np.int32)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode([int(index) for index in ids])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -249,14 +291,41 @@ def char_corpus(name: str, data_dir: str) -> tuple[CharTokenizer, dict[str, np.n
     return tokenizer, {split: tokenizer.encode(characters) for split, characters in splits.items()}
 
 
+@functools.cache
+def token_corpus(name: str, data_dir: str, tokenizer: str) -> tuple[object, dict[str, np.ndarray]]:
+    """The tokenizer `tokenizer` names and each split's ids: "chars" (char_corpus), "bpe:N" (a byte-level
+    BPE of N ids trained on the train split) or the path of a tokenizer.json."""
+    if tokenizer == "chars":
+        return char_corpus(name, data_dir)
+    splits = {split: split_text(name, split, data_dir) for split in ("train", "validation", "test")}
+    if tokenizer.startswith("bpe:"):
+        count = tokenizer.removeprefix("bpe:")
+        if not count.isdigit() or int(count) < 257:
+            raise ValueError(f"data.tokenizer {tokenizer!r}: give bpe:N with N > 256 (every byte has an id)")
+        made = ByteLevelTokenizer.train(splits["train"], int(count))
+    elif tokenizer.endswith(".json"):
+        try:
+            made = ByteLevelTokenizer.from_file(tokenizer)
+        except Exception as error:  # tokenizers raises its own Exception type
+            raise ValueError(f"data.tokenizer {tokenizer!r} is not a readable tokenizer.json: {error}") from None
+    else:
+        raise ValueError(f"data.tokenizer {tokenizer!r}: use chars, bpe:N or the path of a tokenizer.json")
+    return made, {split: made.encode(text) for split, text in splits.items()}
+
+
 def char_lm_batches(config: ml_collections.ConfigDict, split: str):
     """Language-model batches of `inputs` and `targets` (the next characters) of `config.data.name`'s split,
     windows of `config.data.block_size`. Training: windows at every offset, shuffled, endless. Evaluation:
     non-overlapping windows, once (the first `config.data.max_eval_windows` when > 0): every character
     scored exactly once."""
+    tokens = char_corpus(config.data.name, config.data_dir)[1][split]
+    return window_batches(tokens, config.data.block_size, config, split)
+
+
+def window_batches(tokens: np.ndarray, length: int, config: ml_collections.ConfigDict, split: str):
+    """Batches of `length`-token windows of `tokens` (char_lm_batches's windows, any tokenizer)."""
     from research.data import pipeline  # pipeline imports every dataset builder; the tokenizers above need none
 
-    tokens, length = char_corpus(config.data.name, config.data_dir)[1][split], config.data.block_size
     if split == "train":
         starts, gather = window_columns(tokens, length, stride=1)
         return pipeline.array_batches(starts, batch_size=config.batch_size, seed=config.seed, transform=gather)

@@ -24,8 +24,8 @@ def compute_dtype(name: str) -> jnp.dtype:
     return jnp.dtype(name)
 
 
-def apply_with_dropout(model, variables: dict, *inputs: Any, rng: jax.Array | None) -> Any:
+def apply_with_dropout(model, variables: dict, *inputs: Any, rng: jax.Array | None, **options) -> Any:
     """`model.apply` for the models whose `__call__` takes `deterministic`: dropout on, drawn from `rng`, when
     `rng` is given (training); off when it is None (evaluation, as the trainer calls loss_fn there)."""
     rngs = None if rng is None else {"dropout": rng}
-    return model.apply(variables, *inputs, deterministic=rng is None, rngs=rngs)
+    return model.apply(variables, *inputs, deterministic=rng is None, rngs=rngs, **options)

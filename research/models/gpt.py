@@ -47,6 +47,7 @@ class GPT(nn.Module):
     param_dtype: Any = jnp.float32
     decode: bool = False
     remat: str = "none"  # a transformer.REMAT_POLICIES name: what each block's backward pass recomputes
+    loss_chunk: int = 0  # read by a chunked training loss (metrics.chunked_next_token_loss), not by __call__
 
     @nn.compact
     def __call__(self, tokens_BxL: jax.Array, *, deterministic: bool = True, return_hidden: bool = False) -> jax.Array:

@@ -171,6 +171,7 @@ class Llama(nn.Module):
     tie_embeddings: bool = False
     scan_layers: bool = False
     remat: str = "none"
+    loss_chunk: int = 0  # read by a chunked training loss (metrics.chunked_next_token_loss), not by __call__
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 

@@ -68,8 +68,7 @@ def model_from_config(config: Mapping[str, Any], **overrides):
 def _abstract_params(model) -> dict[str, jax.ShapeDtypeStruct]:
     """{path: shape} of the model's unrolled parameters, sized without allocating them."""
     tokens = jnp.zeros((1, 8), jnp.int32)
-    shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), tokens)["params"])
-    return named_leaves(exchange.unrolled(shapes))
+    return named_leaves(jax.eval_shape(lambda: exchange.unrolled(model.init(jax.random.PRNGKey(0), tokens)["params"])))
 
 
 def _nest(flat: Mapping[str, Any]) -> dict:

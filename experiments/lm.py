@@ -1,0 +1,277 @@
+"""Decoder language models at published sizes: the Llama family (RoPE, RMSNorm, SwiGLU, grouped-query
+attention) and GPT-2, as named configs; Hugging Face checkpoints in and out (research/tools/hf.py).
+
+  python launch.py --config experiments/lm.py:cpu --workdir runs/lm_cpu
+  python launch.py --config experiments/lm.py:llama3-8b --dry_run --dry_run_devices 8    # plan a size
+  python -m research.tools.hf import HF_DIR runs/imported; predict.py --workdir runs/imported --generate "..."
+Expected: `:cpu` is shakespeare_gpt:cpu's budget (nanoGPT's CPU run: 2,000 steps of 12 x 64 characters,
+its schedule) for a Llama of its size (0.805M vs 0.804M parameters: 4 layers of 128, 4 heads sharing
+2 key/value heads, SwiGLU 390 wide, tied embeddings): val loss 1.80 vs the GPT's 1.886 in ~4 min on
+a 2-core CPU (docs/results.md). `:smoke` (1 layer of 64, 150 steps) falls from ln(66) ~ 4.2 to ~3.1.
+Named sizes (`gpt2-124m` ... `llama2-70b`) have the published shapes and parameter counts (tests);
+they train on the shipped corpus with a byte-level BPE unless data.tokenizer names a tokenizer.json.
+Data: Tiny Shakespeare windows of model.block_size tokens (training: every offset, shuffled;
+evaluation: non-overlapping windows, every token scored once). model.loss_chunk > 0 computes the
+loss that many positions at a time, never the whole batch's logits (research/metrics.py).
+"""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from research import metrics, perf
+from research.config import ConfigError, choose, trainer_config
+from research.data import text
+from research.experiment import Reference
+from research.models import apply_with_dropout, compute_dtype, param_count
+from research.models.gpt import GPT
+from research.models.llama import SIZES as LLAMA_SIZES
+from research.models.llama import Llama
+
+REFERENCES = (
+    Reference(
+        config="cpu",
+        metric="eval/loss",
+        published=1.88,
+        tolerance=0.05,
+        better="min",
+        source="nanoGPT README (github.com/karpathy/nanoGPT), shakespeare_char CPU run (~1.88), the GPT's number; "
+        "same budget, a Llama-style model",
+    ),
+    Reference(
+        config="smoke",
+        metric="eval/loss",
+        published=3.09,
+        tolerance=0.15,
+        better="min",
+        source="this repository's smoke run (a regression guard, not a paper number)",
+    ),
+)
+
+# Vocabulary dimensions are split too: over `tensor` (the head's output, the embedding's rows).
+# Scanned layers ("layers/...") carry a leading layer axis, which stays whole.
+PARAM_RULES = (
+    (r"layers/(q_proj|k_proj|v_proj|gate_proj|up_proj)/kernel$", (None, "fsdp", "tensor")),  # L x D x F
+    (r"layers/(o_proj|down_proj)/kernel$", (None, "tensor", "fsdp")),  # L x F x D
+    (r"layers_\d+/(q_proj|k_proj|v_proj|gate_proj|up_proj)/kernel$", ("fsdp", "tensor")),  # column-parallel
+    (r"layers_\d+/(o_proj|down_proj)/kernel$", ("tensor", "fsdp")),  # row-parallel
+    (r"attention/(query|key|value)/kernel$", ("fsdp", "tensor", None)),  # GPT: D x H x Dh, heads split
+    (r"attention/(query|key|value)/bias$", ("tensor", None)),
+    (r"attention/out/kernel$", ("tensor", None, "fsdp")),
+    (r"fc_in/kernel$", ("fsdp", "tensor")),
+    (r"fc_in/bias$", ("tensor",)),
+    (r"fc_out/kernel$", ("tensor", "fsdp")),
+    (r"(embed_tokens|token_embedding)/embedding$", ("tensor", "fsdp")),  # V x D
+    (r"(lm_head|head)/kernel$", ("fsdp", "tensor")),  # D x V
+    (r"position_embedding/embedding$", (None, "fsdp")),
+    (r".*", ()),  # norms and biases: replicated
+)
+
+GPT2 = dict(family="gpt", vocab_size=50257, block_size=1024, use_bias=True, tie_embeddings=True)
+LARGE = {"scan_layers": True, "remat": "full", "dtype": "bfloat16", "loss_chunk": 1024}
+SIZES = {  # published shapes: GPT-2 (Radford et al. 2019, the released checkpoints), Llama (config.json on the hub)
+    "gpt2-124m": GPT2 | dict(num_layers=12, num_heads=12, width=768),
+    "gpt2-350m": GPT2 | dict(num_layers=24, num_heads=16, width=1024),
+    "gpt2-774m": GPT2 | dict(num_layers=36, num_heads=20, width=1280),
+    "gpt2-1.5b": GPT2 | dict(num_layers=48, num_heads=25, width=1600),
+    "llama-1b": dict(tie_embeddings=False) | LLAMA_SIZES["llama-3.2-1b"] | dict(block_size=8192),
+    "llama2-7b": dict(tie_embeddings=False) | LLAMA_SIZES["llama2-7b"] | dict(block_size=4096),
+    "llama3-8b": dict(tie_embeddings=False) | LLAMA_SIZES["llama3-8b"] | dict(block_size=8192),
+    "llama2-70b": dict(tie_embeddings=False) | LLAMA_SIZES["llama2-70b"] | dict(block_size=4096),
+}
+PUBLISHED_PARAMETERS = {  # transformers' num_parameters() of each released checkpoint
+    "gpt2-124m": 124_439_808,
+    "gpt2-350m": 354_823_168,
+    "gpt2-774m": 774_030_080,
+    "gpt2-1.5b": 1_557_611_200,
+    "llama-1b": 1_235_814_400,
+    "llama2-7b": 6_738_415_616,
+    "llama3-8b": 8_030_261_248,
+    "llama2-70b": 68_976_648_192,
+}
+
+CPU = {  # shakespeare_gpt:cpu's data, budget and optimizer; a Llama of the GPT's parameter count
+    "model.block_size": 64,
+    "model.num_layers": 4,
+    "model.num_heads": 4,
+    "model.num_kv_heads": 2,
+    "model.width": 128,
+    "model.mlp_dim": 390,
+    "num_steps": 2000,
+    "batch_size": 12,
+    "eval_every": 500,
+}
+SMOKE = {
+    "model.block_size": 32,
+    "model.num_layers": 1,
+    "model.num_heads": 2,
+    "model.num_kv_heads": 1,
+    "model.width": 64,
+    "model.mlp_dim": 176,
+    "data.max_eval_windows": 64,
+    "num_steps": 150,
+    "batch_size": 16,
+    "eval_every": 0,
+    "log_every": 10,
+    "optimizer.learning_rate": 1e-2,
+    "optimizer.schedule.warmup_steps": 10,
+}
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    """`:cpu` (the default), `:smoke`, or a published size (SIZES: gpt2-124m ... llama2-70b)."""
+    config = trainer_config()
+    config.data = ml_collections.ConfigDict(
+        {
+            "name": "tiny_shakespeare",
+            "tokenizer": "chars",  # chars, bpe:N (byte-level BPE trained here) or the path of a tokenizer.json
+            "max_eval_windows": 0,  # 0: the whole validation text; >0: only its first N windows
+        }
+    )
+    config.model = ml_collections.ConfigDict(
+        {  # the keys are the model modules' field names (research/tools/hf.py fills them from a config.json)
+            "family": "llama",  # llama or gpt
+            "vocab_size": 0,  # 0: the tokenizer's
+            "block_size": 64,  # context: the training window and the generation cache
+            "num_layers": 4,
+            "num_heads": 4,
+            "num_kv_heads": 2,  # llama: key/value heads shared by num_heads / num_kv_heads query heads each
+            "width": 128,
+            "mlp_dim": 390,  # llama: SwiGLU units (gpt: always 4 x width)
+            "head_dim": 0,  # llama: 0 means width / num_heads
+            "rope_theta": 10000.0,
+            "norm_epsilon": 1e-5,
+            "tie_embeddings": True,
+            "scan_layers": False,  # llama: one compiled block under nn.scan, whatever the depth
+            "remat": "none",  # research/models/transformer.py's REMAT_POLICIES
+            "dtype": "float32",  # compute dtype (bfloat16: mixed precision)
+            "param_dtype": "float32",  # bfloat16 halves parameter memory; the optimizer's moments follow it
+            "dropout_rate": 0.0,  # gpt only
+            "use_bias": False,  # gpt only (GPT-2's checkpoints have biases)
+            "loss_chunk": 0,  # >0: the loss's head runs on this many positions at a time
+        }
+    )
+    config.param_rules = PARAM_RULES
+    config.optimizer.kwargs.b2 = 0.99
+    config.update_from_flattened_dict(
+        {  # nanoGPT's optimizer: AdamW, warm-up then cosine to lr/10, clipping
+            "optimizer.name": "adam",
+            "optimizer.learning_rate": 1e-3,
+            "optimizer.weight_decay": 0.1,
+            "optimizer.clip_global_norm": 1.0,
+            "optimizer.schedule.name": "warmup_cosine",
+            "optimizer.schedule.warmup_steps": 100,
+            "optimizer.schedule.final_fraction": 0.1,
+            "eval_batch_size": 64,
+            "log_every": 50,
+            "checkpoint.every_steps": 1000,
+        }
+    )
+    config.update_from_flattened_dict(CPU)
+    if arg in SIZES:
+        config.model.update(SIZES[arg] | (LARGE if arg.startswith("llama") else {}))
+        config.data.tokenizer = "bpe:8192"
+        config.mesh.update({"data": 1, "fsdp": -1})
+        config.update_from_flattened_dict({"batch_size": 32, "num_steps": 10000, "eval_every": 1000})
+        config.update_from_flattened_dict({"data.max_eval_windows": 64, "optimizer.learning_rate": 3e-4})
+        return config
+    config.update_from_flattened_dict(choose(arg, {None: {}, "cpu": {}, "smoke": SMOKE}))
+    return config
+
+
+def tokenizer_and_splits(config: ml_collections.ConfigDict):
+    try:
+        return text.token_corpus(config.data.name, config.data_dir, config.data.tokenizer)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+
+
+def vocab_size(config: ml_collections.ConfigDict) -> int:
+    """model.vocab_size, or the tokenizer's when it is 0 (66 for Tiny Shakespeare's characters)."""
+    return config.model.vocab_size or tokenizer_and_splits(config)[0].vocab_size
+
+
+def make_data(config: ml_collections.ConfigDict, split: str):
+    tokenizer, splits = tokenizer_and_splits(config)
+    if tokenizer.vocab_size > vocab_size(config):
+        raise ConfigError(
+            f"data.tokenizer has {tokenizer.vocab_size} ids but the model's vocabulary {vocab_size(config)}"
+        )
+    return text.window_batches(splits[split], config.model.block_size, config, split)
+
+
+def encode_text(config: ml_collections.ConfigDict, prompt: str):
+    return tokenizer_and_splits(config)[0].encode(prompt)
+
+
+def decode_tokens(config: ml_collections.ConfigDict, ids) -> str:
+    return tokenizer_and_splits(config)[0].decode(ids)
+
+
+def make_model(config: ml_collections.ConfigDict) -> nn.Module:
+    model = config.model
+    types = dict(dtype=compute_dtype(model.dtype), param_dtype=jnp.dtype(model.param_dtype))
+    shared = dict(
+        vocab_size=vocab_size(config),
+        block_size=model.block_size,
+        num_layers=model.num_layers,
+        num_heads=model.num_heads,
+        width=model.width,
+        tie_embeddings=model.tie_embeddings,
+        remat=model.remat,
+        loss_chunk=model.loss_chunk,
+        **types,
+    )
+    if model.family == "gpt":
+        return GPT(dropout_rate=model.dropout_rate, use_bias=model.use_bias, **shared)
+    if model.family != "llama":
+        raise ConfigError(f"model.family {model.family!r}: use llama or gpt")
+    return Llama(
+        num_kv_heads=model.num_kv_heads,
+        mlp_dim=model.mlp_dim,
+        head_dim=model.head_dim,
+        rope_theta=model.rope_theta,
+        norm_epsilon=model.norm_epsilon,
+        scan_layers=model.scan_layers,
+        **shared,
+    )
+
+
+def parameter_count(config: ml_collections.ConfigDict) -> int:
+    """Parameters of the configured model (shapes only, nothing allocated)."""
+    tokens = jnp.zeros((1, 8), jnp.int32)
+    return param_count(jax.eval_shape(make_model(config).init, jax.random.PRNGKey(0), tokens))
+
+
+def tokens_per_example(config: ml_collections.ConfigDict) -> int:
+    return config.model.block_size
+
+
+def flops_per_example(config: ml_collections.ConfigDict) -> float:
+    """Training FLOPs of one window: 6 N per token plus attention (research/perf.py)."""
+    model = config.model
+    per_token = perf.gpt_training_flops_per_token(
+        parameter_count(config),
+        model.num_layers,
+        model.num_heads * (model.head_dim or model.width // model.num_heads),
+        model.block_size,
+    )
+    return model.block_size * per_token
+
+
+def _features_or_logits(params, batch, rng, model, hidden: bool):
+    if isinstance(model, GPT):
+        return apply_with_dropout(model, {"params": params}, batch["inputs"], rng=rng, return_hidden=hidden)
+    return model.apply({"params": params}, batch["inputs"], return_hidden=hidden)
+
+
+def loss_fn(params, batch, rng, *, model):
+    if model.loss_chunk:
+        features_BxLxD = _features_or_logits(params, batch, rng, model, hidden=True)
+        return metrics.chunked_next_token_loss(features_BxLxD, model.head_kernel(params), batch, model.loss_chunk)
+    return metrics.next_token_loss(_features_or_logits(params, batch, rng, model, hidden=False), batch)
+
+
+def eval_fn(params, batch, *, model) -> dict[str, metrics.Metric]:
+    return metrics.next_token_metrics(model.apply({"params": params}, batch["inputs"]), batch)
