@@ -6,7 +6,7 @@ attention) and GPT-2, as named configs; Hugging Face checkpoints in and out (res
   python -m research.tools.hf import HF_DIR runs/imported; predict.py --workdir runs/imported --generate "..."
 Expected: `:cpu` is shakespeare_gpt:cpu's budget (nanoGPT's CPU run: 2,000 steps of 12 x 64 characters,
 its schedule) for a Llama of its size (0.805M vs 0.804M parameters: 4 layers of 128, 4 heads sharing
-2 key/value heads, SwiGLU 390 wide, tied embeddings): val loss 1.80 vs the GPT's 1.886 in ~4 min on
+2 key/value heads, SwiGLU 390 wide, tied embeddings): val loss 1.657 vs the GPT's 1.886 in ~3 min on
 a 2-core CPU (docs/results.md). `:smoke` (1 layer of 64, 150 steps) falls from ln(66) ~ 4.2 to ~3.1.
 Named sizes (`gpt2-124m` ... `llama2-70b`) have the published shapes and parameter counts (tests);
 they train on the shipped corpus with a byte-level BPE unless data.tokenizer names a tokenizer.json.
@@ -21,32 +21,20 @@ import jax.numpy as jnp
 import ml_collections
 
 from research import metrics, perf
-from research.config import ConfigError, choose, trainer_config
+from research.config import DEFAULT_PARAM_RULES, ConfigError, choose, trainer_config
 from research.data import text
 from research.experiment import Reference
-from research.models import apply_with_dropout, compute_dtype, param_count
+from research.models import apply_with_dropout, compute_dtype, gpt, llama, param_count
 from research.models.gpt import GPT
-from research.models.llama import SIZES as LLAMA_SIZES
 from research.models.llama import Llama
 
+NANOGPT = (
+    "nanoGPT README (github.com/karpathy/nanoGPT), shakespeare_char CPU run (~1.88): the GPT's number, same budget"
+)
+SMOKE_SOURCE = "this repository's smoke run (a regression guard, not a paper number)"
 REFERENCES = (
-    Reference(
-        config="cpu",
-        metric="eval/loss",
-        published=1.88,
-        tolerance=0.05,
-        better="min",
-        source="nanoGPT README (github.com/karpathy/nanoGPT), shakespeare_char CPU run (~1.88), the GPT's number; "
-        "same budget, a Llama-style model",
-    ),
-    Reference(
-        config="smoke",
-        metric="eval/loss",
-        published=3.09,
-        tolerance=0.15,
-        better="min",
-        source="this repository's smoke run (a regression guard, not a paper number)",
-    ),
+    Reference(config="cpu", metric="eval/loss", published=1.88, tolerance=0.05, better="min", source=NANOGPT),
+    Reference(config="smoke", metric="eval/loss", published=3.09, tolerance=0.15, better="min", source=SMOKE_SOURCE),
 )
 
 # Vocabulary dimensions are split too: over `tensor` (the head's output, the embedding's rows).
@@ -56,40 +44,17 @@ PARAM_RULES = (
     (r"layers/(o_proj|down_proj)/kernel$", (None, "tensor", "fsdp")),  # L x F x D
     (r"layers_\d+/(q_proj|k_proj|v_proj|gate_proj|up_proj)/kernel$", ("fsdp", "tensor")),  # column-parallel
     (r"layers_\d+/(o_proj|down_proj)/kernel$", ("tensor", "fsdp")),  # row-parallel
-    (r"attention/(query|key|value)/kernel$", ("fsdp", "tensor", None)),  # GPT: D x H x Dh, heads split
-    (r"attention/(query|key|value)/bias$", ("tensor", None)),
-    (r"attention/out/kernel$", ("tensor", None, "fsdp")),
-    (r"fc_in/kernel$", ("fsdp", "tensor")),
-    (r"fc_in/bias$", ("tensor",)),
-    (r"fc_out/kernel$", ("tensor", "fsdp")),
     (r"(embed_tokens|token_embedding)/embedding$", ("tensor", "fsdp")),  # V x D
     (r"(lm_head|head)/kernel$", ("fsdp", "tensor")),  # D x V
-    (r"position_embedding/embedding$", (None, "fsdp")),
-    (r".*", ()),  # norms and biases: replicated
-)
+) + DEFAULT_PARAM_RULES  # the GPT's attention and MLP, position embeddings, the replicated rest
 
 GPT2 = dict(family="gpt", vocab_size=50257, block_size=1024, use_bias=True, tie_embeddings=True)
-LARGE = {"scan_layers": True, "remat": "full", "dtype": "bfloat16", "loss_chunk": 1024}
-SIZES = {  # published shapes: GPT-2 (Radford et al. 2019, the released checkpoints), Llama (config.json on the hub)
-    "gpt2-124m": GPT2 | dict(num_layers=12, num_heads=12, width=768),
-    "gpt2-350m": GPT2 | dict(num_layers=24, num_heads=16, width=1024),
-    "gpt2-774m": GPT2 | dict(num_layers=36, num_heads=20, width=1280),
-    "gpt2-1.5b": GPT2 | dict(num_layers=48, num_heads=25, width=1600),
-    "llama-1b": dict(tie_embeddings=False) | LLAMA_SIZES["llama-3.2-1b"] | dict(block_size=8192),
-    "llama2-7b": dict(tie_embeddings=False) | LLAMA_SIZES["llama2-7b"] | dict(block_size=4096),
-    "llama3-8b": dict(tie_embeddings=False) | LLAMA_SIZES["llama3-8b"] | dict(block_size=8192),
-    "llama2-70b": dict(tie_embeddings=False) | LLAMA_SIZES["llama2-70b"] | dict(block_size=4096),
+LLAMA = dict(family="llama", tie_embeddings=False, scan_layers=True, remat="full", dtype="bfloat16", loss_chunk=1024)
+CONTEXT = {"llama-3.2-1b": 8192, "llama2-7b": 4096, "llama3-8b": 8192, "llama2-70b": 4096}  # training windows
+SIZES = {name: GPT2 | size for name, size in gpt.SIZES.items()} | {
+    name: LLAMA | size | dict(block_size=CONTEXT[name]) for name, size in llama.SIZES.items()
 }
-PUBLISHED_PARAMETERS = {  # transformers' num_parameters() of each released checkpoint
-    "gpt2-124m": 124_439_808,
-    "gpt2-350m": 354_823_168,
-    "gpt2-774m": 774_030_080,
-    "gpt2-1.5b": 1_557_611_200,
-    "llama-1b": 1_235_814_400,
-    "llama2-7b": 6_738_415_616,
-    "llama3-8b": 8_030_261_248,
-    "llama2-70b": 68_976_648_192,
-}
+PUBLISHED_PARAMETERS = gpt.PUBLISHED_PARAMETERS | llama.PUBLISHED_PARAMETERS
 
 CPU = {  # shakespeare_gpt:cpu's data, budget and optimizer; a Llama of the GPT's parameter count
     "model.block_size": 64,
@@ -120,7 +85,7 @@ SMOKE = {
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    """`:cpu` (the default), `:smoke`, or a published size (SIZES: gpt2-124m ... llama2-70b)."""
+    """`:cpu` (the default), `:smoke`, or a published size (SIZES: gpt2-124m ... llama2-70b, research/models)."""
     config = trainer_config()
     config.data = ml_collections.ConfigDict(
         {
@@ -170,7 +135,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     )
     config.update_from_flattened_dict(CPU)
     if arg in SIZES:
-        config.model.update(SIZES[arg] | (LARGE if arg.startswith("llama") else {}))
+        config.model.update(SIZES[arg])
         config.data.tokenizer = "bpe:8192"
         config.mesh.update({"data": 1, "fsdp": -1})
         config.update_from_flattened_dict({"batch_size": 32, "num_steps": 10000, "eval_every": 1000})

@@ -31,6 +31,20 @@ from research.models.transformer import flat_dot_general, remat_block
 
 INIT_STD = 0.02
 
+# GPT-2's released sizes (Radford et al. 2019): vocabulary 50,257, context 1,024, biases, tied embeddings.
+SIZES = {
+    "gpt2-124m": dict(num_layers=12, num_heads=12, width=768),
+    "gpt2-350m": dict(num_layers=24, num_heads=16, width=1024),
+    "gpt2-774m": dict(num_layers=36, num_heads=20, width=1280),
+    "gpt2-1.5b": dict(num_layers=48, num_heads=25, width=1600),
+}
+PUBLISHED_PARAMETERS = {  # of each released checkpoint, as transformers' num_parameters() counts them
+    "gpt2-124m": 124_439_808,
+    "gpt2-350m": 354_823_168,
+    "gpt2-774m": 774_030_080,
+    "gpt2-1.5b": 1_557_611_200,
+}
+
 
 class GPT(nn.Module):
     """Causal language model: tokens_BxL (int) -> next-token logits_BxLxV (float32)."""

@@ -21,6 +21,7 @@ FIRST_STEP_LOSS = {
     "cifar10_resnet": 2.704991579055786,
     "digits_mlp": 2.3671998977661133,
     "linear_regression": 4.961414337158203,
+    "lm": 4.2081828117370605,
     "mnist_cnn": 2.305858612060547,
     "mnist_logreg": 2.387629747390747,
     "mnist_mlp": 2.3798818588256836,

@@ -1,57 +1,17 @@
-"""The Llama family against Hugging Face's LlamaForCausalLM (transformers, random weights, no download):
-the same checkpoint gives the same logits, and a file that does not fit is a one-line error."""
-
-import json
+"""The Llama family: published sizes, scanned and unrolled layers, rematerialisation, the rolling
+key/value cache (its comparison with transformers is in tests/tools/test_hf.py)."""
 
 import jax
 import numpy as np
 import pytest
-import torch  # the reference implementation (the test extra)
-import transformers
 
 from conftest import assert_trees_close
 from research.config import ConfigError
+from research.inference.generate import Sampling, generate
 from research.models import param_count
 from research.models.llama import PUBLISHED_PARAMETERS, SIZES, Llama
-from research.tools import hf
 
 TOKENS = np.random.default_rng(0).integers(0, 96, size=(2, 24))
-
-
-def save_hf_llama(directory, *, tie: bool, kv_heads: int = 2, **config):
-    """A randomly initialised LlamaForCausalLM saved with save_pretrained; returns the torch model."""
-    torch.manual_seed(0)
-    options = dict(
-        vocab_size=96,
-        hidden_size=64,
-        intermediate_size=160,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=kv_heads,
-        max_position_embeddings=64,
-        rope_theta=500000.0,
-        tie_word_embeddings=tie,
-    )
-    reference = transformers.LlamaForCausalLM(transformers.LlamaConfig(**(options | config))).eval()
-    reference.save_pretrained(directory)
-    return reference
-
-
-def reference_logits(reference) -> np.ndarray:
-    with torch.no_grad():
-        return reference(torch.tensor(TOKENS)).logits.numpy()
-
-
-@pytest.mark.parametrize(
-    "tie, kv_heads, scan", [(False, 2, False), (True, 2, True), (False, 4, True), (True, 1, False)]
-)
-def test_imported_llama_gives_transformers_logits(tmp_path, tie, kv_heads, scan):
-    """Grouped-query (2 of 4 heads), multi-query (1) and plain multi-head (4), tied and untied, scanned or not."""
-    reference = save_hf_llama(tmp_path, tie=tie, kv_heads=kv_heads)
-    model, params = hf.llama_from_hf(tmp_path, scan_layers=scan)
-    assert param_count(params) == sum(p.numel() for p in reference.parameters())
-    logits = jax.jit(model.apply)({"params": params}, TOKENS)
-    np.testing.assert_allclose(np.asarray(logits), reference_logits(reference), atol=1e-4, rtol=0)
 
 
 def test_scanned_and_unrolled_layers_hold_the_same_parameters():
@@ -63,26 +23,6 @@ def test_scanned_and_unrolled_layers_hold_the_same_parameters():
     assert param_count(shapes[False]) == param_count(shapes[True])
     assert shapes[True]["layers"]["q_proj"]["kernel"].shape == (3, 64, 64)
     assert shapes[True]["layers"]["k_proj"]["kernel"].shape == (3, 64, 32)
-
-
-def test_a_checkpoint_that_does_not_fit_is_a_one_line_error(tmp_path):
-    save_hf_llama(tmp_path, tie=False)
-    model = hf.llama_model(json.loads((tmp_path / "config.json").read_text()))
-    _, tensors = hf.read_checkpoint(tmp_path)
-    missing = {name: value for name, value in tensors.items() if name != "model.layers.1.mlp.up_proj.weight"}
-    with pytest.raises(ConfigError, match=r"^the checkpoint has no tensor model\.layers\.1\.mlp\.up_proj\.weight"):
-        hf.llama_params(model, missing)
-    wrong = tensors | {"model.norm.weight": np.ones(63, np.float32)}
-    with pytest.raises(
-        ConfigError, match=r"^tensor model\.norm\.weight has shape \(63,\), config.json implies \(64,\)"
-    ):
-        hf.llama_params(model, wrong)
-    config = json.loads((tmp_path / "config.json").read_text())
-    scaled = config | {"rope_parameters": {"rope_type": "llama3", "factor": 8.0, "rope_theta": 500000.0}}
-    with pytest.raises(ConfigError, match="rope scaling 'llama3' is not implemented"):
-        hf.llama_model(scaled)
-    with pytest.raises(ConfigError, match="config.json describes GPT2LMHeadModel, not a LlamaForCausalLM"):
-        hf.llama_model({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]})
 
 
 @pytest.mark.parametrize("name", sorted(SIZES))
@@ -114,3 +54,24 @@ def test_bad_head_counts_or_policy_are_one_line_errors():
         Llama(vocab_size=96, num_layers=1, num_heads=4, num_kv_heads=2, width=16, mlp_dim=16, remat="most").init(
             jax.random.PRNGKey(0), TOKENS
         )
+
+
+def test_rolling_cache_equals_the_full_pass_far_past_the_block():
+    """40 tokens past a block of 16: the cache rolls (16 slots of the 2 key/value heads, not the 4 query
+    heads) and gives the full pass's sliding-window logits, so sampled tokens agree too."""
+    model = Llama(vocab_size=50, num_layers=2, num_heads=4, num_kv_heads=2, width=32, mlp_dim=64, block_size=16)
+    params = model.init(jax.random.PRNGKey(0), TOKENS[:, :8])["params"]
+    init_state, step = model.make_decoder(2, 40)
+    assert init_state(params)["key"].shape == (2, 2, 16, 2, 8)  # layers x batch x slots x kv heads x head width
+    _, full_step = model.make_decoder(2, 40, cached=False)
+    buffer = jax.numpy.asarray(np.random.default_rng(1).integers(0, 50, (2, 40)))
+    cache, worst = init_state(params), 0.0
+    for t in range(40):
+        logits, cache = step(params, cache, buffer, jax.numpy.int32(t))
+        expected, _ = full_step(params, None, buffer, jax.numpy.int32(t))
+        worst = max(worst, float(np.abs(np.asarray(logits - expected)).max()))
+    assert worst <= 1e-5
+    prompt = np.random.default_rng(2).integers(0, 50, (2, 5))
+    for sampling in (Sampling(temperature=0.0), Sampling(temperature=1.0, seed=3)):
+        cached = generate(model, params, prompt, 40, sampling)
+        np.testing.assert_array_equal(cached, generate(model, params, prompt, 40, sampling, cached=False))
