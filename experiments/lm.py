@@ -106,6 +106,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             "mlp_dim": 390,  # llama: SwiGLU units (gpt: always 4 x width)
             "head_dim": 0,  # llama: 0 means width / num_heads
             "rope_theta": 10000.0,
+            "rope_scaling": (),  # llama: () or Llama 3.1's (factor, low, high frequency factors, original context)
             "norm_epsilon": 1e-5,
             "tie_embeddings": True,
             "scan_layers": False,  # llama: one compiled block under nn.scan, whatever the depth
@@ -197,6 +198,7 @@ def make_model(config: ml_collections.ConfigDict) -> nn.Module:
         mlp_dim=model.mlp_dim,
         head_dim=model.head_dim,
         rope_theta=model.rope_theta,
+        rope_scaling=tuple(model.rope_scaling),
         norm_epsilon=model.norm_epsilon,
         scan_layers=model.scan_layers,
         **shared,

@@ -67,15 +67,6 @@ def rolled(params: PyTree, stack: str = "layers") -> PyTree:
     return rest | {stack: jax.tree.map(lambda *leaves: jnp.stack(leaves), *[params[key] for _, key in layers])}
 
 
-def check_scaling(config: dict) -> None:
-    """Rejects a rotary scaling (Llama 3.1's "llama3", YaRN, ...) this code does not implement."""
-    parameters = config.get("rope_parameters") or {}
-    scaling = config.get("rope_scaling") or {}
-    kind = parameters.get("rope_type", scaling.get("rope_type", scaling.get("type", "default")))
-    if kind != "default":
-        raise ConfigError(f"rope scaling {kind!r} is not implemented: only the default rotary embedding is")
-
-
 def require(config: dict, model_type: str, architecture: str) -> None:
     """A one-line error unless config.json describes `model_type`."""
     if config.get("model_type") != model_type:

@@ -61,9 +61,25 @@ PUBLISHED_PARAMETERS = {  # of each released checkpoint, as transformers' num_pa
 }
 
 
-def rotary_angles(positions_L: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
-    """(cos, sin), each L x Dh, of the rotary embedding at these positions (the two halves of Dh repeat)."""
+def rotary_angles(
+    positions_L: jax.Array, head_dim: int, theta: float, scaling: tuple = ()
+) -> tuple[jax.Array, jax.Array]:
+    """(cos, sin), each L x Dh, of the rotary embedding at these positions (the two halves of Dh repeat).
+
+    `scaling` (factor, low_frequency_factor, high_frequency_factor, original_context) is Llama 3.1's
+    context extension: wavelengths longer than original_context / low_frequency_factor are slowed by
+    `factor`, shorter than original_context / high_frequency_factor kept, and those between blended."""
     inverse_frequencies = 1.0 / theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
+    if scaling:
+        factor, low, high, context = scaling
+        wavelengths = 2 * jnp.pi / inverse_frequencies
+        blend = (context / wavelengths - low) / (high - low)
+        blended = (1 - blend) * inverse_frequencies / factor + blend * inverse_frequencies
+        inverse_frequencies = jnp.where(
+            wavelengths > context / low,
+            inverse_frequencies / factor,
+            jnp.where(wavelengths < context / high, inverse_frequencies, blended),
+        )
     angles_LxHalf = positions_L.astype(jnp.float32)[:, None] * inverse_frequencies[None, :]
     angles_LxDh = jnp.concatenate([angles_LxHalf, angles_LxHalf], axis=-1)
     return jnp.cos(angles_LxDh), jnp.sin(angles_LxDh)
@@ -86,6 +102,7 @@ class LlamaBlock(nn.Module):
     head_dim: int
     mlp_dim: int
     rope_theta: float = 10000.0
+    rope_scaling: tuple = ()  # () or Llama 3.1's (factor, low_frequency_factor, high_frequency_factor, context)
     norm_epsilon: float = 1e-5
     attention_window: int = 0  # >0: each position attends to at most this many (itself included)
     output_init_std: float = INIT_STD
@@ -108,7 +125,7 @@ class LlamaBlock(nn.Module):
         query_BxLxHxDh = query.reshape(batch, length, self.num_heads, self.head_dim)
         key_BxLxKxDh = key.reshape(batch, length, self.num_kv_heads, self.head_dim)
         value_BxLxKxDh = value.reshape(batch, length, self.num_kv_heads, self.head_dim)
-        cos, sin = rotary_angles(positions_L, self.head_dim, self.rope_theta)
+        cos, sin = rotary_angles(positions_L, self.head_dim, self.rope_theta, self.rope_scaling)
         query_BxLxHxDh, key_BxLxKxDh = apply_rotary(query_BxLxHxDh, cos, sin), apply_rotary(key_BxLxKxDh, cos, sin)
         # Query head h reads key/value head h // (H / K), as Hugging Face's repeat_kv.
         if cache is None:
@@ -166,6 +183,7 @@ class Llama(nn.Module):
     head_dim: int = 0  # 0: width // num_heads
     block_size: int = 2048
     rope_theta: float = 10000.0
+    rope_scaling: tuple = ()  # () or (factor, low_frequency_factor, high_frequency_factor, context): rotary_angles
     norm_epsilon: float = 1e-5
     attention_window: int = 0  # >0: sliding-window attention over this many positions (as Mistral); 0: all
     tie_embeddings: bool = False
@@ -212,6 +230,7 @@ class Llama(nn.Module):
             head_dim=self.head_dim or self.width // self.num_heads,
             mlp_dim=self.mlp_dim,
             rope_theta=self.rope_theta,
+            rope_scaling=tuple(self.rope_scaling),
             norm_epsilon=self.norm_epsilon,
             attention_window=self.attention_window,
             output_init_std=INIT_STD / (2 * self.num_layers) ** 0.5,
@@ -275,7 +294,7 @@ class Llama(nn.Module):
             "max_position_embeddings": self.block_size,
             "rms_norm_eps": self.norm_epsilon,
             "rope_theta": self.rope_theta,
-            "rope_parameters": {"rope_type": "default", "rope_theta": self.rope_theta},
+            "rope_parameters": {"rope_type": "default", "rope_theta": self.rope_theta} | _scaling_parameters(self),
             "tie_word_embeddings": self.tie_embeddings,
             "hidden_act": "silu",
             "attention_bias": False,
@@ -336,6 +355,14 @@ def _full_pass_step(model: Llama, params, state, buffer_BxT, t):
     return jax.lax.dynamic_index_in_dim(logits_BxTxV, t, axis=1, keepdims=False), state
 
 
+def _scaling_parameters(model: Llama) -> dict:
+    if not model.rope_scaling:
+        return {}
+    factor, low, high, context = model.rope_scaling
+    names = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+    return {"rope_type": "llama3"} | dict(zip(names, (factor, low, high, int(context))))
+
+
 def from_hf_config(config: dict, **overrides) -> Llama:
     """The Llama a LlamaForCausalLM config.json describes (`overrides`: scan_layers, dtype, ...)."""
     exchange.require(config, "llama", "LlamaForCausalLM")
@@ -344,9 +371,18 @@ def from_hf_config(config: dict, **overrides) -> Llama:
             raise ConfigError(f"config.json sets {flag}: this Llama has no biases")
     if config.get("hidden_act", "silu") != "silu":
         raise ConfigError(f"hidden_act {config['hidden_act']!r}: this Llama's MLP is SwiGLU (silu)")
-    exchange.check_scaling(config)
+    rope = (config.get("rope_parameters") or config.get("rope_scaling") or {}) | {}
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind not in ("default", "llama3"):
+        raise ConfigError(
+            f"rope scaling {kind!r} is not implemented: only the default and llama3 rotary embeddings are"
+        )
+    scaling = ()
+    if kind == "llama3":
+        names = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+        scaling = tuple(float(rope[name]) for name in names)
     width, heads = config["hidden_size"], config["num_attention_heads"]
-    theta = (config.get("rope_parameters") or {}).get("rope_theta", config.get("rope_theta", 10000.0))
+    theta = rope.get("rope_theta", config.get("rope_theta", 10000.0))
     return Llama(
         vocab_size=config["vocab_size"],
         num_layers=config["num_hidden_layers"],
@@ -357,6 +393,7 @@ def from_hf_config(config: dict, **overrides) -> Llama:
         head_dim=config.get("head_dim") or width // heads,
         block_size=config.get("max_position_embeddings", 2048),
         rope_theta=float(theta),
+        rope_scaling=scaling,
         norm_epsilon=config.get("rms_norm_eps", 1e-6),
         tie_embeddings=bool(config.get("tie_word_embeddings", False)),
         **overrides,

@@ -24,7 +24,11 @@ TOKENS = np.random.default_rng(0).integers(0, VOCAB, size=(2, 24))
 NO_SPECIAL = dict(bos_token_id=None, eos_token_id=None, pad_token_id=None)  # greedy runs never stop early
 
 
-def hf_llama(tie: bool, kv_heads: int, vocab: int = VOCAB):
+LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0}
+LLAMA3_SCALING |= {"original_max_position_embeddings": 16, "rope_theta": 500000.0}  # 24 tokens pass the 16
+
+
+def hf_llama(tie: bool, kv_heads: int, vocab: int = VOCAB, **options):
     config = transformers.LlamaConfig(
         vocab_size=vocab,
         hidden_size=64,
@@ -36,6 +40,7 @@ def hf_llama(tie: bool, kv_heads: int, vocab: int = VOCAB):
         rope_theta=500000.0,
         tie_word_embeddings=tie,
         **NO_SPECIAL,
+        **options,
     )
     return transformers.LlamaForCausalLM(config)
 
@@ -64,6 +69,7 @@ REFERENCES = {
     "llama gqa tied": lambda: hf_llama(True, 2),
     "llama mqa tied": lambda: hf_llama(True, 1),
     "llama mha untied": lambda: hf_llama(False, 4),
+    "llama3 rope scaling": lambda: hf_llama(False, 2, rope_parameters=dict(LLAMA3_SCALING)),
     "llama 320": lambda: hf_llama(False, 2, vocab=320),  # room for a byte-level BPE's 256 bytes and some merges
     "gpt2": hf_gpt2,
     "gpt2 untied": lambda: hf_gpt2(False),
@@ -107,6 +113,8 @@ OURS = {
         block_size=64,
         tie_embeddings=True,
         scan_layers=True,
+        rope_theta=500000.0,
+        rope_scaling=(8.0, 1.0, 4.0, 16.0),
     ),
     "gpt": lambda: GPT(vocab_size=VOCAB, block_size=64, num_layers=2, num_heads=4, width=32),
     "bert": lambda: BertForMaskedLM(
@@ -173,8 +181,8 @@ def test_a_checkpoint_that_does_not_fit_is_a_one_line_error(tmp_path):
         ConfigError, match=r"^tensor model\.norm\.weight has shape \(63,\), config.json implies \(64,\)"
     ):
         hf.params_from_tensors(model, wrong)
-    scaled = config | {"rope_parameters": {"rope_type": "llama3", "factor": 8.0, "rope_theta": 500000.0}}
-    with pytest.raises(ConfigError, match="rope scaling 'llama3' is not implemented"):
+    scaled = config | {"rope_parameters": {"rope_type": "yarn", "factor": 8.0, "rope_theta": 500000.0}}
+    with pytest.raises(ConfigError, match="rope scaling 'yarn' is not implemented"):
         hf.model_from_config(scaled)
     with pytest.raises(ConfigError, match="config.json describes MistralForCausalLM: only bert, gpt2, llama"):
         hf.model_from_config({"model_type": "mistral", "architectures": ["MistralForCausalLM"]})
