@@ -93,6 +93,23 @@ def default_init_variables(model: nn.Module, rng: jax.Array, batch: Batch) -> Py
 
 
 @dataclasses.dataclass(frozen=True)
+class OnMesh:
+    """A jitted function traced, lowered and run with its mesh set (`jax.set_mesh`), so that a model can
+    pin its activations' layout by mesh axis name (research/models: `shard_batch`)."""
+
+    function: Callable
+    mesh: Mesh
+
+    def __call__(self, *args):
+        with jax.set_mesh(self.mesh):
+            return self.function(*args)
+
+    def lower(self, *args):
+        with jax.set_mesh(self.mesh):
+            return self.function.lower(*args)
+
+
+@dataclasses.dataclass(frozen=True)
 class Setup:
     """A config compiled: the model, its bound functions, the optimizer, the abstract train state with
     its shardings, and the jitted steps. Holds no arrays: `init_state` allocates a fresh state."""
@@ -198,6 +215,5 @@ def build(
         in_shardings=(shardings, batch_sharding),
         out_shardings=replicated,
     )
-    return Setup(
-        config, mesh, model, loss_fn, eval_fn, init_variables, tx, batch_spec, abstract_state, jitted_train, jitted_eval
-    )
+    train, evaluate = OnMesh(jitted_train, mesh), OnMesh(jitted_eval, mesh)
+    return Setup(config, mesh, model, loss_fn, eval_fn, init_variables, tx, batch_spec, abstract_state, train, evaluate)

@@ -24,6 +24,19 @@ def compute_dtype(name: str) -> jnp.dtype:
     return jnp.dtype(name)
 
 
+def shard_batch(x: jax.Array) -> jax.Array:
+    """x with its leading (batch) dimension split over the mesh's data and fsdp axes, when a mesh is set
+    (research/steps.py runs the steps under theirs). Without it, an activation may take the layout of a
+    weight it meets (an embedding table split over its width by fsdp) and keep the whole batch on every
+    device: the 70B train step's activations grew with the global batch until the residual stream was pinned."""
+    mesh = jax.sharding.get_abstract_mesh()
+    axes = tuple(axis for axis in ("data", "fsdp") if not mesh.empty and axis in mesh.axis_names)
+    size = int(np.prod([mesh.shape[axis] for axis in axes])) if axes else 1
+    if size == 1 or x.shape[0] % size:
+        return x
+    return jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec(axes))
+
+
 def apply_with_dropout(model, variables: dict, *inputs: Any, rng: jax.Array | None, **options) -> Any:
     """`model.apply` for the models whose `__call__` takes `deterministic`: dropout on, drawn from `rng`, when
     `rng` is given (training); off when it is None (evaluation, as the trainer calls loss_fn there)."""

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from research.config import ConfigError
-from research.models import exchange
+from research.models import exchange, shard_batch
 from research.models.transformer import REMAT_POLICIES, flat_dot_general
 
 Dtype = Any
@@ -113,6 +113,7 @@ class LlamaBlock(nn.Module):
     def __call__(
         self, x_BxLxD: jax.Array, positions_L: jax.Array, cache: dict | None = None
     ) -> tuple[jax.Array, dict | None]:
+        x_BxLxD = shard_batch(x_BxLxD)  # the residual stream stays split by batch, whatever the weights' layout
         batch, length, width = x_BxLxD.shape
         dense = dict(use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype, dot_general=flat_dot_general)
         init, output_init = nn.initializers.normal(INIT_STD), nn.initializers.normal(self.output_init_std)
