@@ -4,7 +4,8 @@
   python -m research.tools.hf export WORKDIR HF_DIR [--checkpoint latest] [--max_shard_size 5GB]
 
 Architectures: LlamaForCausalLM, GPT2LMHeadModel (research/models/llama.py, gpt.py; as runs of
-experiments/lm.py) and BertForMaskedLM (bert.py; export from bert_pretrain runs, import as functions).
+experiments/lm.py) and BertForMaskedLM (bert.py's post-LayerNorm encoder, BERT as published: the
+functions from_hf / to_hf; bert_pretrain's pre-LayerNorm encoder has no transformers equivalent).
 Each model states its own layout (`hf_config`, `hf_tensors`: research/models/exchange.py); this module
 reads and writes the files and checks them: a file that does not fit (another architecture, a missing
 tensor, a wrong shape, a rope scaling not implemented) is a one-line ConfigError naming the tensor.
@@ -169,8 +170,9 @@ def import_run(source: str | Path, workdir: str | Path, experiment_spec: str, sc
     config_json, tensors = read_checkpoint(source)
     if config_json.get("model_type") not in ("llama", "gpt2"):
         raise ConfigError("import makes runs of decoder language models (llama, gpt2); use hf.from_hf for BERT")
-    model = model_from_config(config_json, scan_layers=scan_layers) if "llama" == config_json["model_type"] else None
-    model = model or model_from_config(config_json)
+    model = model_from_config(
+        config_json, **({"scan_layers": scan_layers} if config_json["model_type"] == "llama" else {})
+    )
     params = params_from_tensors(model, tensors)
     path, _, variant = experiment_spec.partition(":")
     module = experiment_lib.load(path)
