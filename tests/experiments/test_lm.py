@@ -37,9 +37,9 @@ def test_chunked_loss_equals_the_loss_and_its_gradients(data_dir, family):
     batch = next(iter(module.make_data(config, "train")))
     model = module.make_model(config)
     params = model.init(jax.random.PRNGKey(0), batch["inputs"])["params"]
-    whole = jax.value_and_grad(lambda p: module.loss_fn(p, batch, None, model=model)[0])(params)
+    whole = jax.jit(jax.value_and_grad(lambda p: module.loss_fn(p, batch, None, model=model)[0]))(params)
     chunked_model = model.clone(loss_chunk=100)
-    chunked = jax.value_and_grad(lambda p: module.loss_fn(p, batch, None, model=chunked_model)[0])(params)
+    chunked = jax.jit(jax.value_and_grad(lambda p: module.loss_fn(p, batch, None, model=chunked_model)[0]))(params)
     assert float(chunked[0]) == pytest.approx(float(whole[0]), abs=1e-6)
     assert_trees_close(chunked[1], whole[1], atol=1e-6)
 

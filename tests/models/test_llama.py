@@ -40,7 +40,7 @@ def test_rematerialised_scanned_layers_give_the_same_loss_and_gradients():
     for policy in ("none", "full"):
         model = Llama(remat=policy, **kwargs)
         loss = lambda params, model=model: -jax.nn.log_softmax(model.apply({"params": params}, TOKENS))[..., 3].mean()
-        results[policy] = jax.value_and_grad(loss)(params)
+        results[policy] = jax.jit(jax.value_and_grad(loss))(params)
     assert float(results["full"][0]) == pytest.approx(float(results["none"][0]), abs=1e-6)
     assert_trees_close(results["full"][1], results["none"][1], atol=1e-6)
 
@@ -62,8 +62,9 @@ def test_rolling_cache_equals_the_full_pass_far_past_the_block():
     model = Llama(vocab_size=50, num_layers=2, num_heads=4, num_kv_heads=2, width=32, mlp_dim=64, block_size=16)
     params = model.init(jax.random.PRNGKey(0), TOKENS[:, :8])["params"]
     init_state, step = model.make_decoder(2, 40)
+    step = jax.jit(step)
     assert init_state(params)["key"].shape == (2, 2, 16, 2, 8)  # layers x batch x slots x kv heads x head width
-    _, full_step = model.make_decoder(2, 40, cached=False)
+    full_step = jax.jit(model.make_decoder(2, 40, cached=False)[1])
     buffer = jax.numpy.asarray(np.random.default_rng(1).integers(0, 50, (2, 40)))
     cache, worst = init_state(params), 0.0
     for t in range(40):
