@@ -28,7 +28,7 @@ def shard_batch(x: jax.Array) -> jax.Array:
     """x with its leading (batch) dimension split over the mesh's data and fsdp axes, when a mesh is set
     (research/steps.py runs the steps under theirs). Without it, an activation may take the layout of a
     weight it meets (an embedding table split over its width by fsdp) and keep the whole batch on every
-    device: the 70B train step's activations grew with the global batch until the residual stream was pinned."""
+    device, so that activation memory grows with the global batch instead of the per-device one."""
     mesh = jax.sharding.get_abstract_mesh()
     axes = tuple(axis for axis in ("data", "fsdp") if not mesh.empty and axis in mesh.axis_names)
     size = int(np.prod([mesh.shape[axis] for axis in axes])) if axes else 1
