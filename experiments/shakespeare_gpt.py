@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from research import metrics, perf
-from research.config import choose, trainer_config
+from research.config import NANOGPT_OPTIMIZER, choose, trainer_config
 from research.data import text
 from research.experiment import Reference
 from research.models import apply_with_dropout, compute_dtype, param_count
@@ -99,14 +99,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     )
     config.optimizer.kwargs.b2 = 0.99
     config.update_from_flattened_dict(
-        {  # nanoGPT's optimizer: AdamW, warm-up then cosine to lr/10, clipping
-            "optimizer.name": "adam",
-            "optimizer.learning_rate": 1e-3,
-            "optimizer.weight_decay": 0.1,  # decoupled, on weights and embeddings, not biases or norms
-            "optimizer.clip_global_norm": 1.0,
-            "optimizer.schedule.name": "warmup_cosine",
-            "optimizer.schedule.warmup_steps": 100,
-            "optimizer.schedule.final_fraction": 0.1,
+        NANOGPT_OPTIMIZER  # weight decay on weights and embeddings, not biases or norms
+        | {
             "num_steps": 5000,
             "batch_size": 64,
             "eval_batch_size": 64,

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from research import metrics
-from research.config import choose, trainer_config
+from research.config import NANOGPT_OPTIMIZER, choose, trainer_config
 from research.data import text
 from research.models import apply_with_dropout, compute_dtype, param_count
 from research.models.rnn import RecurrentLM
@@ -41,14 +41,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     )
     config.optimizer.kwargs.b2 = 0.99
     config.update_from_flattened_dict(
-        {  # shakespeare_gpt's (nanoGPT's) optimizer and schedule
-            "optimizer.name": "adam",
-            "optimizer.learning_rate": 1e-3,
-            "optimizer.weight_decay": 0.1,
-            "optimizer.clip_global_norm": 1.0,
-            "optimizer.schedule.name": "warmup_cosine",
-            "optimizer.schedule.warmup_steps": 100,
-            "optimizer.schedule.final_fraction": 0.1,
+        NANOGPT_OPTIMIZER
+        | {
             "num_steps": 5000,
             "batch_size": 64,
             "eval_batch_size": 64,

@@ -70,6 +70,19 @@ def trainer_config() -> ml_collections.ConfigDict:
     return config
 
 
+# nanoGPT's optimizer (github.com/karpathy/nanoGPT, train.py): AdamW with decoupled weight decay 0.1, lr 1e-3
+# after a 100-step warm-up, cosine to lr/10, gradients clipped at norm 1.0 (beta2 0.99 goes in optimizer.kwargs).
+NANOGPT_OPTIMIZER = {
+    "optimizer.name": "adam",
+    "optimizer.learning_rate": 1e-3,
+    "optimizer.weight_decay": 0.1,
+    "optimizer.clip_global_norm": 1.0,
+    "optimizer.schedule.name": "warmup_cosine",
+    "optimizer.schedule.warmup_steps": 100,
+    "optimizer.schedule.final_fraction": 0.1,
+}
+
+
 # Sections whose keys are open: `--config.optimizer.kwargs.b1=0.95` may add a key the file did not
 # declare, because each optimizer has its own arguments; make_optimizer checks them by signature.
 OPEN_SECTIONS = ("optimizer.kwargs",)

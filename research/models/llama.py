@@ -157,18 +157,14 @@ def _attend_cached(cache: dict, positions_1: jax.Array, query_Bx1xHxDh, key_Bx1x
         raise ValueError(f"decoding takes one position per call, got {query_Bx1xHxDh.shape[1]}")
     position = positions_1[0]
     slot = position % slots
-    key_BxSxKxDh = jax.lax.dynamic_update_slice_in_dim(cache["key"], key_Bx1xKxDh.astype(cache["key"].dtype), slot, 1)
-    value_BxSxKxDh = jax.lax.dynamic_update_slice_in_dim(
-        cache["value"], value_Bx1xKxDh.astype(cache["value"].dtype), slot, 1
-    )
+    new = {"key": key_Bx1xKxDh, "value": value_Bx1xKxDh}
+    cache = {  # B x S x K x Dh each
+        name: jax.lax.dynamic_update_slice_in_dim(cache[name], new[name].astype(cache[name].dtype), slot, 1)
+        for name in new
+    }
     written_1x1x1xS = (jnp.arange(slots) <= position)[None, None, None, :]
-    attended = jax.nn.dot_product_attention(
-        query_Bx1xHxDh,
-        key_BxSxKxDh.astype(query_Bx1xHxDh.dtype),
-        value_BxSxKxDh.astype(query_Bx1xHxDh.dtype),
-        mask=written_1x1x1xS,
-    )
-    return {"key": key_BxSxKxDh, "value": value_BxSxKxDh}, attended
+    key, value = (cache[name].astype(query_Bx1xHxDh.dtype) for name in new)
+    return cache, jax.nn.dot_product_attention(query_Bx1xHxDh, key, value, mask=written_1x1x1xS)
 
 
 class Llama(nn.Module):
@@ -231,7 +227,7 @@ class Llama(nn.Module):
             head_dim=self.head_dim or self.width // self.num_heads,
             mlp_dim=self.mlp_dim,
             rope_theta=self.rope_theta,
-            rope_scaling=tuple(self.rope_scaling),
+            rope_scaling=self.rope_scaling,
             norm_epsilon=self.norm_epsilon,
             attention_window=self.attention_window,
             output_init_std=INIT_STD / (2 * self.num_layers) ** 0.5,
@@ -356,12 +352,15 @@ def _full_pass_step(model: Llama, params, state, buffer_BxT, t):
     return jax.lax.dynamic_index_in_dim(logits_BxTxV, t, axis=1, keepdims=False), state
 
 
+# config.json's names of Llama.rope_scaling's four numbers (rope_type "llama3")
+LLAMA3_SCALING = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+
+
 def _scaling_parameters(model: Llama) -> dict:
     if not model.rope_scaling:
         return {}
-    factor, low, high, context = model.rope_scaling
-    names = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
-    return {"rope_type": "llama3"} | dict(zip(names, (factor, low, high, int(context))))
+    *factors, context = model.rope_scaling
+    return {"rope_type": "llama3"} | dict(zip(LLAMA3_SCALING, (*factors, int(context))))
 
 
 def from_hf_config(config: dict, **overrides) -> Llama:
@@ -378,10 +377,7 @@ def from_hf_config(config: dict, **overrides) -> Llama:
         raise ConfigError(
             f"rope scaling {kind!r} is not implemented: only the default and llama3 rotary embeddings are"
         )
-    scaling = ()
-    if kind == "llama3":
-        names = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
-        scaling = tuple(float(rope[name]) for name in names)
+    scaling = tuple(float(rope[name]) for name in LLAMA3_SCALING) if kind == "llama3" else ()
     width, heads = config["hidden_size"], config["num_attention_heads"]
     theta = rope.get("rope_theta", config.get("rope_theta", 10000.0))
     return Llama(

@@ -26,6 +26,7 @@ from typing import Any, Mapping
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import traverse_util
 from safetensors.numpy import load_file, save_file
 
 from research.config import ConfigError
@@ -72,21 +73,9 @@ def _abstract_params(model) -> dict[str, jax.ShapeDtypeStruct]:
     return named_leaves(jax.eval_shape(lambda: exchange.unrolled(model.init(jax.random.PRNGKey(0), tokens)["params"])))
 
 
-def _nest(flat: Mapping[str, Any]) -> dict:
-    tree: dict = {}
-    for path, leaf in flat.items():
-        *parents, name = path.split("/")
-        node = tree
-        for parent in parents:
-            node = node.setdefault(parent, {})
-        node[name] = leaf
-    return tree
-
-
 def params_from_tensors(model, tensors: Mapping[str, np.ndarray]) -> PyTree:
     """The model's parameter tree from a checkpoint's tensors, every one checked by name and shape."""
     abstract = _abstract_params(model)
-    dtype = jnp.dtype(getattr(model, "param_dtype", None) or model.encoder.param_dtype)
     flat = {}
     for tensor in model.hf_tensors():
         expected = jax.eval_shape(tensor.to_hf, *[abstract[path] for path in tensor.paths]).shape
@@ -96,11 +85,11 @@ def params_from_tensors(model, tensors: Mapping[str, np.ndarray]) -> PyTree:
         if found != tuple(expected):
             raise ConfigError(f"tensor {tensor.name} has shape {found}, config.json implies {tuple(expected)}")
         parts = tensor.to_ours(np.asarray(tensors[tensor.name], np.float32))
-        flat |= {path: np.asarray(part, dtype) for path, part in zip(tensor.paths, parts)}
+        flat |= {path: np.asarray(part, abstract[path].dtype) for path, part in zip(tensor.paths, parts)}
     missing = sorted(set(abstract) - set(flat))
     if missing:  # a layout that forgot a parameter would otherwise start it from nothing
         raise ConfigError(f"the layout sets no value for {', '.join(missing)}")
-    params = _nest(flat)
+    params = traverse_util.unflatten_dict(flat, sep="/")
     return exchange.rolled(params) if getattr(model, "scan_layers", False) else params
 
 
@@ -166,6 +155,7 @@ def import_run(source: str | Path, workdir: str | Path, experiment_spec: str, sc
     """Writes a step-0 run of the experiment (experiments/lm.py) holding the checkpoint's parameters."""
     from research import checkpoint, sharding, steps
     from research import experiment as experiment_lib
+    from research.state import TrainState
 
     config_json, tensors = read_checkpoint(source)
     if config_json.get("model_type") not in ("llama", "gpt2"):
@@ -190,8 +180,9 @@ def import_run(source: str | Path, workdir: str | Path, experiment_spec: str, sc
     config.init_from.workdir = ""
     experiment_lib.claim_workdir(workdir, experiment_lib.name_of(path), config)
     setup = steps.build(config, module, sharding.make_mesh({"data": 1}, jax.devices()[:1]))
-    state = setup.init_state()
-    state = state.replace(params=jax.tree.map(lambda new, old: jnp.asarray(new, old.dtype), params, state.params))
+    params = jax.tree.map(jnp.asarray, params)  # already in the model's param_dtype; no random init to discard
+    train_rng = jax.random.split(jax.random.PRNGKey(config.seed))[1]  # as steps.initial_state splits it
+    state = TrainState(jnp.zeros((), jnp.int32), params, {}, setup.tx.init(params), train_rng)
     with checkpoint.make_manager(workdir, config.checkpoint) as manager:
         checkpoint.save(manager, 0, state, None, config, force=True)
         manager.wait_until_finished()
