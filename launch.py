@@ -5,7 +5,8 @@
   python launch.py --list                                         # the experiments
   python launch.py --list_datasets [--data_dir DIR]
   python launch.py --config ... --workdir ... --local_processes 2      # 2 processes on this machine
-  python launch.py --config ... --workdir ... --dry_run --dry_run_devices 8
+  python launch.py --config experiments/lm.py:llama3-8b --dry_run --target gpu:h100:8   # compile for it, fit or not
+  python launch.py --config experiments/lm.py:llama3-8b --plan --target tpu:v5p-64      # search meshes and remat
   python launch.py --check_optimizer path/to/my_opt.py:make     # the optimizer conformance kit
   python launch.py --bench_optimizer adamw                       # steps/seconds to target vs baselines
   python launch.py --config experiments/mnist_mlp.py:cpu --sweep sweeps/adam_paper_mnist.py --sweep_parallel 2
@@ -45,10 +46,12 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "how many processes
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "this process's index, 0 .. num_processes - 1")
 _LOCAL_PROCESSES = flags.DEFINE_integer("local_processes", 0, "train as this many processes on 127.0.0.1")
 _COMPILATION_CACHE = flags.DEFINE_string("compilation_cache_dir", "~/.cache/research/jax_compilation_cache", "'': off")
-_DRY_RUN = flags.DEFINE_boolean("dry_run", False, "compile the train step; report memory, FLOPs and step times")
-_DRY_RUN_DEVICES = flags.DEFINE_integer("dry_run_devices", 0, "fake this many CPU devices (0: the real ones)")
+_DRY_RUN = flags.DEFINE_boolean("dry_run", False, "compile the train step for --target: memory, fit, FLOPs, step time")
+_PLAN = flags.DEFINE_boolean("plan", False, "search meshes, remat, micro-batches for --target; rank what fits")
+_TARGET = flags.DEFINE_string("target", "", "tpu:v5p-512, tpu:v5e-256x2, gpu:h100:8, gpu:h200:4x8, cpu:8 ('': here)")
 _MFU = flags.DEFINE_float("mfu", 0.4, "model FLOPs utilisation the dry run's step times assume")
-_PEAK_TFLOPS = flags.DEFINE_float("peak_tflops", 0.0, "add an accelerator of this bf16 peak to the dry run's table")
+_TOKEN_BUDGET = flags.DEFINE_float("token_budget", 0.0, "tokens the dry run gives days for (0: num_steps' worth)")
+_PLAN_WORKERS = flags.DEFINE_integer("plan_workers", 2, "candidate compiles at once")
 _CHECK_OPTIMIZER = flags.DEFINE_string("check_optimizer", None, "the conformance kit on NAME, file.py:fn or module:fn")
 _BENCH_OPTIMIZER = flags.DEFINE_string("bench_optimizer", None, "steps to target against adamw and momentum")
 _SWEEP = flags.DEFINE_string("sweep", None, "sweeps/NAME.py: a run of --config per override set, in WORKDIR/NAME")
@@ -111,6 +114,21 @@ def tool_mode() -> bool:
     return True
 
 
+def compile_only(module, config_argument: str) -> None:
+    """--dry_run and --plan: compile for --target (its own compiler, on this CPU) and report; exit 1 if nothing fits."""
+    if module is None:
+        fail("pass --config experiments/NAME.py[:arg] with --dry_run or --plan")
+    runtime.use_compile_target(_TARGET.value)
+    from research.tools import dry_run, plan, targets
+
+    target = _TARGET.value or targets.local_target()
+    if _PLAN.value:
+        overrides = config_flags.get_override_values(flags.FLAGS["config"])
+        options = dict(mfu=_MFU.value, workers=_PLAN_WORKERS.value)
+        sys.exit(0 if plan.main(_CONFIG.value, module, config_argument, overrides, target, **options) else 1)
+    sys.exit(0 if dry_run.main(_CONFIG.value, module, target, _MFU.value, _TOKEN_BUDGET.value) else 1)
+
+
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         fail(f"unexpected arguments {argv[1:]}: flags take the form --name=value")
@@ -119,6 +137,8 @@ def main(argv: list[str]) -> None:
         if tool_mode():
             return
         module = flags.FLAGS["config"].parser.module
+        if _DRY_RUN.value or _PLAN.value:
+            return compile_only(module, config_flags.get_config_filename(flags.FLAGS["config"]))
         if module is None or _WORKDIR.value is None and not _SWEEP.value:
             fail("pass --config experiments/NAME.py[:arg] and --workdir DIR (or --list to see the experiments)")
         config_argument = config_flags.get_config_filename(flags.FLAGS["config"])
@@ -133,14 +153,10 @@ def main(argv: list[str]) -> None:
             sys.exit(0 if passed else 1)
         if _LOCAL_PROCESSES.value:
             sys.exit(runtime.run_local_processes(_LOCAL_PROCESSES.value, sys.argv, _WORKDIR.value))
-        runtime.use_fake_devices(_DRY_RUN_DEVICES.value)
         runtime.start_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
         runtime.use_compilation_cache(_COMPILATION_CACHE.value)
         from research import train
-        from research.tools import dry_run
 
-        if _DRY_RUN.value:
-            return dry_run.main(_CONFIG.value, module, _MFU.value, _PEAK_TFLOPS.value)
         name = experiment.name_of(config_argument.partition(":")[0])
         train.launch(_CONFIG.value, module, name, _WORKDIR.value, allow_config_change=_ALLOW_CONFIG_CHANGE.value)
     except ConfigError as error:

@@ -2,7 +2,7 @@
 attention) and GPT-2, as named configs; Hugging Face checkpoints in and out (research/tools/hf.py).
 
   python launch.py --config experiments/lm.py:cpu --workdir runs/lm_cpu
-  python launch.py --config experiments/lm.py:llama3-8b --dry_run --dry_run_devices 8    # plan a size
+  python launch.py --config experiments/lm.py:llama3-8b --dry_run --target gpu:h100:8 --config.batch_size=16
   python -m research.tools.hf import HF_DIR runs/imported; predict.py --workdir runs/imported --generate "..."
 Expected: `:cpu` is shakespeare_gpt:cpu's budget (nanoGPT's CPU run: 2,000 steps of 12 x 64 characters,
 its schedule) for a Llama of its size (0.805M vs 0.804M parameters: 4 layers of 128, 4 heads sharing
@@ -116,6 +116,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             "dropout_rate": 0.0,  # gpt only
             "use_bias": False,  # gpt only (GPT-2's checkpoints have biases)
             "loss_chunk": 0,  # >0: the loss's head runs on this many positions at a time
+            "attention": "auto",  # llama: research/models/kernels.py (cuDNN on GPUs, splash on TPUs, else XLA)
         }
     )
     config.param_rules = PARAM_RULES
@@ -172,31 +173,14 @@ def decode_tokens(config: ml_collections.ConfigDict, ids) -> str:
 def make_model(config: ml_collections.ConfigDict) -> nn.Module:
     model = config.model
     types = dict(dtype=compute_dtype(model.dtype), param_dtype=jnp.dtype(model.param_dtype))
-    shared = dict(
-        vocab_size=vocab_size(config),
-        block_size=model.block_size,
-        num_layers=model.num_layers,
-        num_heads=model.num_heads,
-        width=model.width,
-        tie_embeddings=model.tie_embeddings,
-        remat=model.remat,
-        loss_chunk=model.loss_chunk,
-        **types,
-    )
+    shared = {name: model[name] for name in ("block_size", "num_layers", "num_heads", "width", "tie_embeddings")}
+    shared |= dict(vocab_size=vocab_size(config), remat=model.remat, loss_chunk=model.loss_chunk, **types)
     if model.family == "gpt":
         return GPT(dropout_rate=model.dropout_rate, use_bias=model.use_bias, **shared)
     if model.family != "llama":
         raise ConfigError(f"model.family {model.family!r}: use llama or gpt")
-    return Llama(
-        num_kv_heads=model.num_kv_heads,
-        mlp_dim=model.mlp_dim,
-        head_dim=model.head_dim,
-        rope_theta=model.rope_theta,
-        rope_scaling=tuple(model.rope_scaling),
-        norm_epsilon=model.norm_epsilon,
-        scan_layers=model.scan_layers,
-        **shared,
-    )
+    llama_only = ("num_kv_heads", "mlp_dim", "head_dim", "rope_theta", "norm_epsilon", "scan_layers", "attention")
+    return Llama(rope_scaling=tuple(model.rope_scaling), **{name: model[name] for name in llama_only}, **shared)
 
 
 def parameter_count(config: ml_collections.ConfigDict) -> int:
@@ -221,10 +205,31 @@ def flops_per_example(config: ml_collections.ConfigDict) -> float:
     return model.block_size * per_token
 
 
+def activation_bytes_per_example(config: ml_collections.ConfigDict, mesh_shape: dict) -> float:
+    """Training activation memory of one window, for the dry run's analytic count (research/perf.py)."""
+    model, heads = config.model, config.model.num_heads
+    return perf.decoder_activation_bytes(
+        length=model.block_size,
+        width=model.width,
+        layers=model.num_layers,
+        heads=heads,
+        kv_heads=model.num_kv_heads if model.family == "llama" else heads,
+        head_dim=model.head_dim or model.width // heads,
+        mlp_dim=model.mlp_dim if model.family == "llama" else 4 * model.width,
+        vocab=vocab_size(config),
+        remat=model.remat,
+        dtype_bytes=jnp.dtype(model.dtype).itemsize,
+        fused_attention=model.family == "llama" and model.attention != "xla" and model.dtype != "float32",
+        loss_chunk=model.loss_chunk,
+        tensor=mesh_shape.get("tensor", 1),
+    )
+
+
 def _features_or_logits(params, batch, rng, model, hidden: bool):
     if isinstance(model, GPT):
         return apply_with_dropout(model, {"params": params}, batch["inputs"], rng=rng, return_hidden=hidden)
-    return model.apply({"params": params}, batch["inputs"], return_hidden=hidden)
+    segments = batch.get("segment_ids")  # documents packed into a window, where the data marks them
+    return model.apply({"params": params}, batch["inputs"], segment_ids_BxL=segments, return_hidden=hidden)
 
 
 def loss_fn(params, batch, rng, *, model):

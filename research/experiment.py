@@ -62,6 +62,9 @@ class Hooks(Protocol):
     def tokens_per_example(self, config: ml_collections.ConfigDict) -> int:
         """Tokens one example trains on: the log then has perf/tokens_per_second."""
 
+    def activation_bytes_per_example(self, config: ml_collections.ConfigDict, mesh_shape: dict) -> float:
+        """Activation memory of one training example on a mesh of this shape: the dry run's analytic count."""
+
     def encode_text(self, config: ml_collections.ConfigDict, text: str) -> np.ndarray:
         """A language model's token ids of a prompt; with decode_tokens, predict.py generates and reports perplexity."""
 

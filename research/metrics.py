@@ -17,6 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from research.models import laid_out, shard_batch
+
 
 def _weights(values: jax.Array, mask: jax.Array | None) -> jax.Array:
     if mask is None:
@@ -180,28 +182,34 @@ def chunked_next_token_loss(
     features_BxLxD: jax.Array, head_DxV: jax.Array, batch: Mapping[str, jax.Array], chunk: int
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """next_token_loss without the batch's B x L x V logits: the head (features @ head_DxV, float32
-    logits) runs on `chunk` positions at a time in a scan whose body is rematerialised, so neither
-    pass holds more than chunk x V logits (a large-vocabulary model's largest activation otherwise)."""
-    width = features_BxLxD.shape[-1]
-    features_NxD = features_BxLxD.reshape(-1, width)
-    targets_N = batch["targets"].reshape(-1)
-    weights_N = jnp.broadcast_to(batch["mask"][:, None], batch["targets"].shape).reshape(-1).astype(jnp.float32)
-    padding = -features_NxD.shape[0] % chunk
+    logits) runs on `chunk` positions of every sequence at a time in a scan whose body is
+    rematerialised, so neither pass holds more than B x chunk x V logits (a large-vocabulary model's
+    largest activation otherwise). The batch axis stays whole in each chunk, so a batch split over
+    devices stays split: each device computes its own sequences' logits."""
+    batch_size, length, width = features_BxLxD.shape
+    weights_BxL = jnp.broadcast_to(batch["mask"][:, None], batch["targets"].shape).astype(jnp.float32)
+    targets_BxL = batch["targets"]
+    padding = -length % chunk
     if padding:  # padded positions weigh 0
-        features_NxD = jnp.pad(features_NxD, ((0, padding), (0, 0)))
-        targets_N, weights_N = jnp.pad(targets_N, (0, padding)), jnp.pad(weights_N, (0, padding))
-    head_DxV = head_DxV.astype(features_NxD.dtype)
+        features_BxLxD = jnp.pad(features_BxLxD, ((0, 0), (0, padding), (0, 0)))
+        targets_BxL, weights_BxL = (jnp.pad(x, ((0, 0), (0, padding))) for x in (targets_BxL, weights_BxL))
+    head_DxV = laid_out(head_DxV.astype(features_BxLxD.dtype), None, "tensor")  # gathered once, not per chunk
 
     @jax.checkpoint
     def add_chunk(total, chunk_inputs):
-        features_CxD, targets_C, weights_C = chunk_inputs
-        logits_CxV = jnp.dot(features_CxD, head_DxV, preferred_element_type=jnp.float32)
-        nll_C = optax.softmax_cross_entropy_with_integer_labels(logits_CxV, targets_C)
-        return total + jnp.sum(nll_C * weights_C), None
+        features_BxCxD, targets_BxC, weights_BxC = chunk_inputs
+        logits_BxCxV = jnp.einsum(
+            "bcd,dv->bcv", shard_batch(features_BxCxD), head_DxV, preferred_element_type=jnp.float32
+        )
+        nll_BxC = optax.softmax_cross_entropy_with_integer_labels(logits_BxCxV, targets_BxC)
+        return total + jnp.sum(nll_BxC * weights_BxC), None
 
-    inputs = (features_NxD.reshape(-1, chunk, width), targets_N.reshape(-1, chunk), weights_N.reshape(-1, chunk))
+    def chunks(x):  # B x L' x ... -> L'/C x B x C x ...
+        return jnp.moveaxis(x.reshape(batch_size, -1, chunk, *x.shape[2:]), 1, 0)
+
+    inputs = (chunks(features_BxLxD), chunks(targets_BxL), chunks(weights_BxL))
     total, _ = jax.lax.scan(add_chunk, jnp.zeros((), jnp.float32), inputs)
-    return total / jnp.maximum(jnp.sum(weights_N), 1.0), {}
+    return total / jnp.maximum(jnp.sum(weights_BxL), 1.0), {}
 
 
 def next_token_metrics(logits_BxLxV: jax.Array, batch: Mapping[str, jax.Array]) -> dict[str, Metric]:

@@ -141,3 +141,41 @@ class StepProfiler:
         if self.tracing:
             jax.profiler.stop_trace()
             self.tracing = False
+
+
+def decoder_activation_bytes(
+    *,
+    length: int,
+    width: int,
+    layers: int,
+    heads: int,
+    kv_heads: int,
+    head_dim: int,
+    mlp_dim: int,
+    vocab: int,
+    remat: str,
+    dtype_bytes: int,
+    fused_attention: bool,
+    loss_chunk: int = 0,
+    tensor: int = 1,
+) -> float:
+    """Activation memory of one example through a pre-norm decoder (Llama layout) for training: what the
+    backward pass keeps under the remat policy (research/models/transformer.py), plus the peak while one
+    layer is recomputed and differentiated, plus the loss head's logits (float32) and their gradient.
+    Per layer and token without rematerialisation: 4 D-wide values (block input, two norm outputs, the
+    attention's residual sum), query, key and value, the attention output, 3 SwiGLU values; XLA's attention
+    also keeps the H x L float32 weights of each query, a fused kernel only its softmax statistics. `tensor`
+    splits heads and SwiGLU units (not the D-wide values)."""
+    projections = (2 * heads * head_dim + 2 * kv_heads * head_dim + 3 * mlp_dim) / tensor
+    scores = heads / tensor * (4 * (1 if fused_attention else length))
+    every = dtype_bytes * (4 * width + projections) + scores  # per token, per layer
+    matmul_outputs = dtype_bytes * ((heads * head_dim + 2 * kv_heads * head_dim + 2 * mlp_dim) / tensor + width)
+    kept = {
+        "none": every,
+        "full": dtype_bytes * width,
+        "dots": matmul_outputs + (0 if fused_attention else scores),
+        "dots_no_batch": matmul_outputs,
+    }[remat]
+    recompute = 0.0 if remat == "none" else 2 * every  # one layer's activations and their gradients at a time
+    head = 2 * 4 * (min(loss_chunk, length) if loss_chunk else length) * vocab / tensor
+    return length * (layers * kept + recompute) + head

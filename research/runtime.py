@@ -125,6 +125,17 @@ def use_fake_devices(count: int) -> None:
         jax.config.update("jax_num_cpu_devices", count)
 
 
+def use_compile_target(target: str) -> None:
+    """Before JAX starts: fake CPU devices for a `cpu:N` target; for a TPU or GPU target, JAX's own backend on
+    the CPU (the target's compiler is reached through its topology, research/tools/targets.py)."""
+    import jax
+
+    if target.startswith("cpu:") and target[4:].isdigit():
+        use_fake_devices(int(target[4:]))
+    elif target:
+        jax.config.update("jax_platforms", "cpu")
+
+
 def cluster_detected() -> bool:
     """Whether the environment describes several processes that jax.distributed can find on its own."""
     counts = (os.environ.get("SLURM_NTASKS"), os.environ.get("OMPI_COMM_WORLD_SIZE"))

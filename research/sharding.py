@@ -28,17 +28,23 @@ def make_mesh(axis_sizes: Mapping[str, int], devices: Sequence[jax.Device] | Non
     """A mesh whose axes are named and sized by `axis_sizes`; one size may be -1 (all remaining devices)."""
     devices = list(jax.devices() if devices is None else devices)
     names = tuple(axis_sizes.keys())
+    sizes = resolve_sizes(axis_sizes, len(devices))
+    return jax.make_mesh(sizes, names, axis_types=(AxisType.Auto,) * len(names), devices=devices)
+
+
+def resolve_sizes(axis_sizes: Mapping[str, int], devices: int) -> list[int]:
+    """The mesh's axis sizes for `devices` devices, the -1 axis (if any) taking the devices left."""
     sizes = [int(size) for size in axis_sizes.values()]
     if sizes.count(-1) > 1:
         raise ConfigError(f"mesh {dict(axis_sizes)}: at most one axis may be -1")
     known = int(np.prod([size for size in sizes if size != -1]))
     if -1 in sizes:
-        if len(devices) % known:
-            raise ConfigError(f"mesh {dict(axis_sizes)}: {len(devices)} devices do not divide by {known}")
-        sizes[sizes.index(-1)] = len(devices) // known
-    if int(np.prod(sizes)) != len(devices):
-        raise ConfigError(f"mesh {dict(axis_sizes)} needs {int(np.prod(sizes))} devices but {len(devices)} are in use")
-    return jax.make_mesh(sizes, names, axis_types=(AxisType.Auto,) * len(names), devices=devices)
+        if devices % known:
+            raise ConfigError(f"mesh {dict(axis_sizes)}: {devices} devices do not divide by {known}")
+        sizes[sizes.index(-1)] = devices // known
+    if int(np.prod(sizes)) != devices:
+        raise ConfigError(f"mesh {dict(axis_sizes)} needs {int(np.prod(sizes))} devices but {devices} are in use")
+    return sizes
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -37,6 +37,18 @@ def shard_batch(x: jax.Array) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec(axes))
 
 
+def laid_out(x: jax.Array, *axes: str | None) -> jax.Array:
+    """x with dimension i split over mesh axis axes[i] (None: whole), when a mesh is set and has that axis.
+    Pins a weight's layout before a loop that would otherwise gather it again in every iteration."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return x
+    spec = [
+        axis if axis in mesh.axis_names and size % mesh.shape[axis] == 0 else None for axis, size in zip(axes, x.shape)
+    ]
+    return jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec(*spec))
+
+
 def apply_with_dropout(model, variables: dict, *inputs: Any, rng: jax.Array | None, **options) -> Any:
     """`model.apply` for the models whose `__call__` takes `deterministic`: dropout on, drawn from `rng`, when
     `rng` is given (training); off when it is None (evaluation, as the trainer calls loss_fn there)."""

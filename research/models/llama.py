@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from research.config import ConfigError
-from research.models import exchange, shard_batch
+from research.models import exchange, kernels, shard_batch
 from research.models.transformer import REMAT_POLICIES, flat_dot_general
 
 Dtype = Any
@@ -105,13 +105,14 @@ class LlamaBlock(nn.Module):
     rope_scaling: tuple = ()  # () or Llama 3.1's (factor, low_frequency_factor, high_frequency_factor, context)
     norm_epsilon: float = 1e-5
     attention_window: int = 0  # >0: each position attends to at most this many (itself included)
+    attention: str = "auto"  # research/models/kernels.py: auto, xla, cudnn or splash
     output_init_std: float = INIT_STD
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(
-        self, x_BxLxD: jax.Array, positions_L: jax.Array, cache: dict | None = None
+        self, x_BxLxD: jax.Array, positions_L: jax.Array, segment_ids_BxL: jax.Array | None, cache: dict | None = None
     ) -> tuple[jax.Array, dict | None]:
         x_BxLxD = shard_batch(x_BxLxD)  # the residual stream stays split by batch, whatever the weights' layout
         batch, length, width = x_BxLxD.shape
@@ -130,9 +131,13 @@ class LlamaBlock(nn.Module):
         query_BxLxHxDh, key_BxLxKxDh = apply_rotary(query_BxLxHxDh, cos, sin), apply_rotary(key_BxLxKxDh, cos, sin)
         # Query head h reads key/value head h // (H / K), as Hugging Face's repeat_kv.
         if cache is None:
-            window = (self.attention_window - 1, 0) if 0 < self.attention_window < length else None
-            attended_BxLxHxDh = jax.nn.dot_product_attention(
-                query_BxLxHxDh, key_BxLxKxDh, value_BxLxKxDh, is_causal=True, local_window_size=window
+            attended_BxLxHxDh = kernels.attend(
+                query_BxLxHxDh,
+                key_BxLxKxDh,
+                value_BxLxKxDh,
+                implementation=self.attention,
+                segment_ids_BxL=segment_ids_BxL,
+                window=self.attention_window,
             )
         else:
             cache, attended_BxLxHxDh = _attend_cached(cache, positions_L, query_BxLxHxDh, key_BxLxKxDh, value_BxLxKxDh)
@@ -183,6 +188,7 @@ class Llama(nn.Module):
     rope_scaling: tuple = ()  # () or (factor, low_frequency_factor, high_frequency_factor, context): rotary_angles
     norm_epsilon: float = 1e-5
     attention_window: int = 0  # >0: sliding-window attention over this many positions (as Mistral); 0: all
+    attention: str = "auto"  # the attention kernel (research/models/kernels.py): auto, xla, cudnn or splash
     tie_embeddings: bool = False
     scan_layers: bool = False
     remat: str = "none"
@@ -196,11 +202,13 @@ class Llama(nn.Module):
         tokens_BxL: jax.Array,
         *,
         positions_L: jax.Array | None = None,
+        segment_ids_BxL: jax.Array | None = None,
         cache: dict | None = None,
         return_hidden: bool = False,
     ):
         """logits_BxLxV; with `cache` (decoding one position) (logits, cache); with `return_hidden` the
-        normalised features_BxLxD the head would read (for a chunked loss, `head_kernel`)."""
+        normalised features_BxLxD the head would read (for a chunked loss, `head_kernel`). `segment_ids_BxL`
+        (documents packed into one window) keeps attention within each document."""
         if self.num_heads % self.num_kv_heads:
             raise ConfigError(
                 f"model.num_kv_heads {self.num_kv_heads} does not divide model.num_heads {self.num_heads}: "
@@ -230,6 +238,7 @@ class Llama(nn.Module):
             rope_scaling=self.rope_scaling,
             norm_epsilon=self.norm_epsilon,
             attention_window=self.attention_window,
+            attention=self.attention,
             output_init_std=INIT_STD / (2 * self.num_layers) ** 0.5,
             dtype=self.dtype,
             param_dtype=self.param_dtype,
@@ -239,15 +248,17 @@ class Llama(nn.Module):
                 block,
                 variable_axes={"params": 0},
                 split_rngs={"params": True},
-                in_axes=(nn.broadcast, 0),
+                in_axes=(nn.broadcast, nn.broadcast, 0),
                 length=self.num_layers,
             )
-            x_BxLxD, cache = stack(name="layers", **options)(x_BxLxD, positions_L, cache)
+            x_BxLxD, cache = stack(name="layers", **options)(x_BxLxD, positions_L, segment_ids_BxL, cache)
         else:
             caches = []
             for index in range(self.num_layers):
                 layer_cache = None if cache is None else jax.tree.map(lambda leaf: leaf[index], cache)
-                x_BxLxD, layer_cache = block(name=f"layers_{index}", **options)(x_BxLxD, positions_L, layer_cache)
+                x_BxLxD, layer_cache = block(name=f"layers_{index}", **options)(
+                    x_BxLxD, positions_L, segment_ids_BxL, layer_cache
+                )
                 caches.append(layer_cache)
             cache = None if cache is None else jax.tree.map(lambda *leaves: jnp.stack(leaves), *caches)
         x_BxLxD = nn.RMSNorm(epsilon=self.norm_epsilon, dtype=self.dtype, param_dtype=self.param_dtype, name="norm")(

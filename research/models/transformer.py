@@ -29,6 +29,9 @@ REMAT_POLICIES = {
     "dots": jax.checkpoint_policies.checkpoint_dots,  # keep matmul outputs, recompute the cheap elementwise ops
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep projections, not attention scores
 }
+# Compute of a training step relative to no rematerialisation (the dry run's roofline): "full" runs each
+# block's forward pass twice (4/3 of forward + backward), "dots_no_batch" recomputes the attention products.
+REMAT_RECOMPUTE = {"none": 1.0, "full": 4 / 3, "dots": 1.0, "dots_no_batch": 1.05}
 
 
 def flat_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):

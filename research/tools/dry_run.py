@@ -1,103 +1,276 @@
-"""A dry run: lower and compile the train step for the configured mesh without running it.
+"""A dry run: the train step compiled for the hardware it will run on, from abstract arrays, never run.
 
-  python launch.py --config experiments/digits_mlp.py --workdir runs/dry --dry_run --dry_run_devices=8 \
-      --config.mesh.fsdp=2
+  python launch.py --config experiments/lm.py:llama3-8b --dry_run --target gpu:h100:8 --config.batch_size=16
+  python launch.py --config experiments/lm.py:llama2-70b --dry_run --target tpu:v5p-512 --token_budget 2e12
+  python launch.py --config experiments/digits_mlp.py --workdir runs/dry --dry_run --target cpu:8
 
-Reports the parameter count, per-device memory from XLA's compiled memory analysis, FLOPs per
-step from XLA's cost analysis beside the analytic 6·N·T (Kaplan et al. 2020: forward 2·N·T,
-backward 4·N·T; exact for the matrix multiplies of a transformer, which dominate), and the step
-time an accelerator would need at a given MFU.
+`--target` (research/tools/targets.py) names a TPU slice, GPU hosts or fake CPU devices; that target's own
+compiler builds the program. The report: per-chip memory from the compiled program beside the analytic
+count (parameters, optimizer state and gradients from the shardings; activations from the experiment's
+`activation_bytes_per_example`) against the chip's memory, with a verdict (exit status 1 when it does not
+fit); FLOPs per step by the compiler (TPU and CPU report them) and analytic (the experiment's
+`flops_per_example`, else 6·N·T, Kaplan et al. 2020); every collective with its bytes per step; the step
+time of a roofline: compute at an assumed MFU and collectives at the target's link bandwidth, overlapped
+(the larger of the two) and not (their sum); tokens/s per chip and days for a token budget.
+Expected: lm.py:llama2-70b does not fit a tpu:v5e-8 (exit 1) in about a minute; docs/scaling.md has runs.
 """
 
 import dataclasses
+import re
+import time
 
 import jax
 import ml_collections
 import numpy as np
 
-from research import perf, sharding
+from research.experiment import hook
+from research.models.transformer import REMAT_RECOMPUTE
 from research.steps import build
+from research.tools import hlo, targets
 
-# Dense bf16 peak FLOP/s per chip, from the vendors' data sheets (without sparsity).
-PEAK_TFLOPS = {
-    "h100": 989.0,  # H100 SXM
-    "h200": 989.0,
-    "a100": 312.0,
-    "v100": 125.0,  # fp16 tensor cores
-    "l4": 121.0,
-    "tpu-v4": 275.0,
-    "tpu-v5e": 197.0,
-    "tpu-v5p": 459.0,
-    "tpu-v6e": 918.0,
-}
+GIB = 2**30
+ATTENTION_KERNELS = {"__cudnn$fmha": "cuDNN fused attention", "splash_mha": "splash attention (Pallas)"}
 
 
 @dataclasses.dataclass
 class DryRun:
-    devices: int
+    target: targets.Target
+    mesh_shape: dict[str, int]
     parameters: int
     tokens_per_step: int
-    memory_bytes: dict[str, int]  # per device
-    xla_flops: float  # per step, all devices
-    analytic_flops: float
+    analytic_bytes: dict[str, float]  # per device
+    analytic_flops: float  # per step, all devices: model FLOPs
+    compiled_bytes: dict[str, float] = dataclasses.field(default_factory=dict)  # per device; empty if not compiled
+    compiler_flops: float = float("nan")  # per step, all devices, rematerialisation included
+    collectives: list[hlo.Collective] = dataclasses.field(default_factory=list)
+    attention: str = ""
+    compile_seconds: float = 0.0
+    out_of_memory: str = ""  # the compiler's own refusal (TPU), when it gave one
+    device_groups: np.ndarray | None = None  # the slice or host of each device, in the program's device order
+    program: str = ""  # the compiled program's HLO text
+    recompute: float = 1.0  # executed over model FLOPs: the remat policy's extra forward passes
 
-    def step_seconds(self, peak_tflops: float, mfu: float) -> float:
-        """Step time on `devices` chips of `peak_tflops` each, running at model FLOPs utilisation `mfu`."""
-        return self.analytic_flops / (self.devices * peak_tflops * 1e12 * mfu)
+    @property
+    def devices(self) -> int:
+        return self.target.chips
+
+    @property
+    def needed_bytes(self) -> float:
+        """Per-device memory the program needs: the compiler's figure, else the analytic count."""
+        if self.compiled_bytes:
+            return self.compiled_bytes["total"]
+        found = re.findall(r"([\d.]+)([GMK])", self.out_of_memory)  # "required ... (32.00G) exceeds ... (15.75G)"
+        scale = {"G": GIB, "M": 2**20, "K": 2**10}
+        if found:
+            return float(found[0][0]) * scale[found[0][1]]
+        return sum(value for name, value in self.analytic_bytes.items() if name != "batch") + self.analytic_bytes.get(
+            "batch", 0
+        )
+
+    @property
+    def fits(self) -> bool:
+        return not self.out_of_memory and self.needed_bytes <= self.target.chip.memory_bytes
+
+    def collective_seconds(self) -> float:
+        """Seconds per step on the links: each collective at the fast (ICI, NVLink) or slow (DCN, network)
+        bandwidth per chip, by whether its groups cross slices or hosts."""
+        seconds = 0.0
+        for collective in self.collectives:
+            bandwidth = (
+                self.target.chip.slow_bandwidth if crosses(collective, self) else self.target.chip.fast_bandwidth
+            )
+            seconds += collective.bytes_per_step / bandwidth if bandwidth else 0.0
+        return seconds
+
+    def step_seconds(self, mfu: float) -> dict[str, float]:
+        """The roofline: compute at `mfu` of the peak, collectives, and the step overlapped and not."""
+        peak = self.target.chip.peak_tflops * 1e12
+        executed = self.analytic_flops * self.recompute
+        compute = executed / (self.devices * peak * mfu) if peak else float("nan")
+        links = self.collective_seconds()
+        return {"compute": compute, "collectives": links, "overlapped": max(compute, links), "serial": compute + links}
 
 
-def tokens_in(batch: dict[str, np.ndarray]) -> int:
+def crosses(collective: hlo.Collective, result: DryRun) -> bool:
+    """Whether any group of the collective spans more than one slice (TPU) or host (GPU)."""
+    groups = result.device_groups
+    if groups is None or result.target.groups == 1:
+        return False
+    return any(len(set(groups[[i for i in group if i < len(groups)]])) > 1 for group in collective.groups)
+
+
+def tokens_in(batch) -> int:
     """Tokens a step trains on: batch x length for integer token inputs, else one per example."""
-    inputs = np.asarray(batch["inputs"])
-    return int(inputs.size) if np.issubdtype(inputs.dtype, np.integer) and inputs.ndim >= 2 else int(inputs.shape[0])
+    inputs = batch["inputs"]
+    integer = np.issubdtype(np.dtype(inputs.dtype), np.integer)
+    return int(np.prod(inputs.shape)) if integer and len(inputs.shape) >= 2 else int(inputs.shape[0])
 
 
-def dry_run(config: ml_collections.ConfigDict, experiment, mesh=None) -> DryRun:
-    """Compiles (but never runs) the train step of `experiment` under `config` on `mesh`, from abstract arrays."""
+def per_device_bytes(tree) -> float:
+    """Bytes of one device's shard of every leaf of an abstract, sharded tree."""
+    return float(
+        sum(
+            np.prod(leaf.sharding.shard_shape(leaf.shape), dtype=np.int64) * np.dtype(leaf.dtype).itemsize
+            for leaf in jax.tree.leaves(tree)
+        )
+    )
+
+
+def analytic_memory(config: ml_collections.ConfigDict, experiment, setup) -> dict[str, float]:
+    """Per-device bytes from the shardings (exact) and the experiment's activation model (an estimate)."""
+    state = setup.abstract_state
+    memory = {
+        "parameters": per_device_bytes(state.params),
+        "optimizer state": per_device_bytes(state.opt_state),
+        "gradients": per_device_bytes(state.params),
+        "batch": per_device_bytes(setup.batch_spec),
+    }
+    activations = hook(experiment, "activation_bytes_per_example")
+    if activations:
+        mesh = dict(setup.mesh.shape)
+        examples = config.batch_size / (mesh.get("data", 1) * mesh.get("fsdp", 1) * config.optimizer.accumulate_steps)
+        memory["activations"] = activations(config, mesh) * examples
+    return memory
+
+
+def dry_run(config: ml_collections.ConfigDict, experiment, target: targets.Target) -> DryRun:
+    """Compiles (never runs) the train step of `experiment` under `config` for `target`, from abstract arrays."""
     host_batch = next(iter(experiment.make_data(config, "train")))
     abstract_batch = {
         key: jax.ShapeDtypeStruct(np.shape(value), np.asarray(value).dtype) for key, value in host_batch.items()
     }
+    mesh = targets.make_mesh(target, config.mesh)
     setup = build(config, experiment, mesh, batch=abstract_batch)
-    compiled = setup.train_step.lower(setup.abstract_state, setup.batch_spec).compile()
-    memory = compiled.memory_analysis()
-    parameters = sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(setup.abstract_state.params))
-    tokens = tokens_in(host_batch)
-    return DryRun(
-        devices=setup.mesh.size,
+    parameters = int(sum(np.prod(leaf.shape, dtype=np.int64) for leaf in jax.tree.leaves(setup.abstract_state.params)))
+    tokens = tokens_in(setup.batch_spec)
+    flops = hook(experiment, "flops_per_example")
+    result = DryRun(
+        target=target,
+        mesh_shape=dict(mesh.shape),
         parameters=parameters,
         tokens_per_step=tokens,
-        memory_bytes={
-            "arguments (state + batch)": memory.argument_size_in_bytes,
-            "outputs": memory.output_size_in_bytes,
-            "temporaries (activations)": memory.temp_size_in_bytes,
-            "aliased (donated)": memory.alias_size_in_bytes,
-        },
-        xla_flops=perf.xla_flops(compiled) * setup.mesh.size,  # the SPMD program's count is per device
-        analytic_flops=6.0 * parameters * tokens,
+        analytic_bytes=analytic_memory(config, experiment, setup),
+        analytic_flops=flops(config) * config.batch_size if flops else 6.0 * parameters * tokens,
+        recompute=REMAT_RECOMPUTE[config.model.remat] if "model" in config and "remat" in config.model else 1.0,
     )
+    result.device_groups = targets.device_groups(mesh.devices, target)
+    start = time.perf_counter()
+    try:
+        with targets.compiling_for(target):
+            compiled = setup.train_step.lower(setup.abstract_state, setup.batch_spec).compile()
+    except jax.errors.JaxRuntimeError as error:
+        if "RESOURCE_EXHAUSTED" not in str(error):
+            raise
+        result.out_of_memory = str(error).split("RESOURCE_EXHAUSTED:")[-1].strip().splitlines()[0]
+        result.compile_seconds = time.perf_counter() - start
+        return result
+    result.compile_seconds = time.perf_counter() - start
+    memory = compiled.memory_analysis()
+    result.compiled_bytes = {
+        "arguments (state + batch)": memory.argument_size_in_bytes,
+        "temporaries": memory.temp_size_in_bytes,
+        "outputs not aliased": memory.output_size_in_bytes - memory.alias_size_in_bytes,
+        "total": memory.argument_size_in_bytes
+        + memory.temp_size_in_bytes
+        + memory.output_size_in_bytes
+        - memory.alias_size_in_bytes,
+    }
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    result.compiler_flops = float(cost["flops"]) * target.chips if cost and "flops" in cost else float("nan")
+    text = result.program = compiled.as_text()
+    result.collectives = hlo.collectives(text, target.chips)
+    found = [name for marker, name in ATTENTION_KERNELS.items() if marker in text]
+    result.attention = ", ".join(found) or "XLA's (no fused kernel in the program)"
+    return result
 
 
-def main(config: ml_collections.ConfigDict, experiment, mfu: float, peak_tflops: float = 0.0) -> None:
-    """launch.py --dry_run: compile for the config's mesh and print the report."""
-    mesh = sharding.make_mesh(config.mesh)
-    accelerators = dict(PEAK_TFLOPS) | ({"custom": peak_tflops} if peak_tflops else {})
-    print(format_report(dry_run(config, experiment, mesh), dict(mesh.shape), mfu, accelerators))
+def gib(value: float) -> str:
+    """A size in GiB, or MiB below one GiB."""
+    if np.isnan(value):
+        return "-"
+    return f"{value / GIB:,.2f} GiB" if value >= GIB else f"{value / 2**20:,.2f} MiB"
 
 
-def format_report(
-    result: DryRun, mesh_shape: dict[str, int], mfu: float, accelerators: dict[str, float] = PEAK_TFLOPS
-) -> str:
-    """The dry run as a few lines and a table of step times per accelerator."""
+def format_report(result: DryRun, mfu: float, token_budget: float) -> str:
+    """The dry run as a few tables: memory and verdict, FLOPs, collectives, roofline."""
+    chip, analytic, compiled = result.target.chip, result.analytic_bytes, result.compiled_bytes
     lines = [
-        f"mesh {mesh_shape} on {result.devices} devices; {result.parameters:,} parameters; "
-        f"{result.tokens_per_step:,} tokens per step",
-        "per-device memory: "
-        + ", ".join(f"{name} {size / 2**20:,.1f} MiB" for name, size in result.memory_bytes.items()),
-        f"FLOPs per step: XLA {result.xla_flops:.4g}, analytic 6·N·T {result.analytic_flops:.4g} "
-        f"(ratio {result.xla_flops / max(result.analytic_flops, 1):.3f})",
-        f"{'accelerator':12s} {'peak TFLOP/s':>13s} {'step (ms) at MFU ' + format(mfu, '.0%'):>22s}",
+        f"target {result.target.spec}: {result.devices} x {chip.name} ({gib(chip.memory_bytes)} each), mesh "
+        f"{result.mesh_shape}; compiled in {result.compile_seconds:.0f} s",
+        f"{result.parameters:,} parameters; {result.tokens_per_step:,} tokens per step"
+        + (f"; attention: {result.attention}" if result.attention else ""),
+        f"{'memory per chip':40s} {'compiled':>12s} {'analytic':>12s}",
     ]
-    for name, peak in accelerators.items():
-        lines.append(f"{name:12s} {peak:13.0f} {result.step_seconds(peak, mfu) * 1e3:22.4g}")
+    state = analytic["parameters"] + analytic["optimizer state"] + analytic["batch"]
+    transient = analytic["gradients"] + analytic.get("activations", 0.0)
+    rows = [
+        ("parameters", None, analytic["parameters"]),
+        ("optimizer state", None, analytic["optimizer state"]),
+        ("batch", None, analytic["batch"]),
+        ("arguments (state + batch)", compiled.get("arguments (state + batch)", np.nan), state),
+        ("  gradients", None, analytic["gradients"]),
+        ("  activations", None, analytic.get("activations", np.nan)),
+        ("temporaries (gradients, activations)", compiled.get("temporaries", np.nan), transient),
+        ("outputs not donated", compiled.get("outputs not aliased", np.nan), None),
+    ]
+    for name, compiled_value, analytic_value in rows:
+        left = "" if compiled_value is None else gib(compiled_value)
+        right = "" if analytic_value is None else gib(analytic_value)
+        lines.append(f"  {name:38s} {left:>12s} {right:>12s}")
+    needed, capacity = result.needed_bytes, chip.memory_bytes
+    if result.fits:
+        verdict = (
+            f"FITS: {gib(needed)} of {gib(capacity)}, {gib(capacity - needed)} spare ({1 - needed / capacity:.0%})"
+        )
+    else:
+        source = f" (compiler: {result.out_of_memory})" if result.out_of_memory else ""
+        verdict = f"DOES NOT FIT: needs {gib(needed)} of {gib(capacity)}, over by {gib(needed - capacity)}{source}"
+    lines += [
+        f"verdict: {verdict}",
+        f"FLOPs per step: analytic {result.analytic_flops:.4g} (model FLOPs); compiler {result.compiler_flops:.4g} "
+        + (
+            "(none reported)"
+            if np.isnan(result.compiler_flops)
+            else "(recomputation included; XLA's cost analysis "
+            "counts a loop body once and no custom kernel, so scanned layers undercount)"
+        ),
+    ]
+    lines += format_collectives(result)
+    if chip.peak_tflops:
+        times = result.step_seconds(mfu)
+        tokens_per_chip = result.tokens_per_step / times["overlapped"] / result.devices
+        lines += [
+            f"roofline: model FLOPs x {result.recompute:.3g} (remat's recomputation) at {mfu:.0%} of "
+            f"{chip.peak_tflops:g} TFLOP/s (MFU {mfu / result.recompute:.0%}), "
+            f"links {chip.fast_bandwidth / 1e9:g} GB/s (slow network {chip.slow_bandwidth / 1e9:g} GB/s) per chip "
+            f"one way: compute {times['compute']:.3g} s, collectives {times['collectives']:.3g} s",
+            f"step {times['overlapped']:.3g} s overlapped ({times['serial']:.3g} s if not); {tokens_per_chip:,.0f} "
+            f"tokens/s per chip; {token_budget:.3g} tokens in "
+            f"{token_budget / (tokens_per_chip * result.devices) / 86400:,.1f} days",
+        ]
     return "\n".join(lines)
+
+
+def format_collectives(result: DryRun) -> list[str]:
+    """One line per kind of collective, group size and network: how many per step and their bytes per chip."""
+    rows: dict[tuple, list] = {}
+    for collective in result.collectives:
+        key = (collective.kind, collective.group_size, "slow" if crosses(collective, result) else "fast")
+        row = rows.setdefault(key, [0, 0.0])
+        row[0] += collective.count
+        row[1] += collective.bytes_per_step
+    if not rows:
+        return ["collectives: none" if result.compiled_bytes else "collectives: not compiled"]
+    lines = [f"{'collectives per step':22s} {'group':>6s} {'link':>5s} {'count':>7s} {'GiB per chip':>13s}"]
+    for (kind, size, link), (count, sent) in sorted(rows.items(), key=lambda item: -item[1][1]):
+        lines.append(f"  {kind:20s} {size:6d} {link:>5s} {count:7d} {sent / GIB:13.3f}")
+    return lines
+
+
+def main(config: ml_collections.ConfigDict, experiment, target: str, mfu: float, token_budget: float = 0.0) -> bool:
+    """launch.py --dry_run: compile for the target and print the report; whether the program fits."""
+    result = dry_run(config, experiment, targets.parse(target))
+    budget = token_budget or result.tokens_per_step * config.num_steps
+    print(format_report(result, mfu, budget))
+    return result.fits

@@ -1,17 +1,25 @@
-"""The dry run compiles without running: its FLOPs agree with 6·N·T for a GPT, its memory is per device."""
+"""The dry run compiles without running, for fake CPU devices and for TPU and GPU targets through their own
+compilers: FLOPs agree with 6·N·T, memory is per device and matches the shardings, the fused attention
+kernel is in the LM's TPU and GPU programs, and a model too large for its target is reported as such."""
 
+import re
+import subprocess
+import sys
 import types
 
 import numpy as np
 import optax
 import pytest
 
-from research import metrics, sharding
+from conftest import EXPERIMENTS_DIR, ROOT
+from research import experiment as experiment_lib
+from research import metrics
 from research.config import trainer_config
 from research.models import gpt
-from research.tools import dry_run
+from research.tools import dry_run, plan, targets
 
 VOCAB, LENGTH = 64, 64
+LM = experiment_lib.load(EXPERIMENTS_DIR / "lm.py")
 
 
 def gpt_experiment(width: int, layers: int):
@@ -39,16 +47,15 @@ def test_gpt_flops_agree_with_the_analytic_count(mesh_axes):
     config = trainer_config()
     config.batch_size = 16
     config.mesh.update(mesh_axes)
-    result = dry_run.dry_run(config, gpt_experiment(width=256, layers=2), sharding.make_mesh(config.mesh))
+    result = dry_run.dry_run(config, gpt_experiment(width=256, layers=2), targets.parse("cpu:8"))
     assert result.devices == 8 and result.tokens_per_step == 16 * LENGTH
     assert (
         result.parameters
         == 2 * (4 * 256 * 256 + 4 * 256 + 2 * 256 * 1024 + 1024 + 256 + 4 * 256) + (VOCAB + LENGTH) * 256 + 2 * 256
     )
-    assert result.xla_flops == pytest.approx(result.analytic_flops, rel=0.10)
-    assert result.memory_bytes["arguments (state + batch)"] > 0
-    report = dry_run.format_report(result, mesh_axes, 0.4)
-    assert "h100" in report and "6·N·T" in report
+    assert result.compiler_flops == pytest.approx(result.analytic_flops, rel=0.10)
+    assert result.compiled_bytes["arguments (state + batch)"] > 0
+    assert "6·N·T" not in dry_run.format_report(result, 0.4, 1e9)
 
 
 @pytest.mark.slow
@@ -58,7 +65,70 @@ def test_fsdp_divides_the_per_device_state():
         config = trainer_config()
         config.batch_size = 16
         config.mesh.update({"data": 8 // fsdp, "fsdp": fsdp, "tensor": 1})
-        sizes[fsdp] = dry_run.dry_run(
-            config, gpt_experiment(width=256, layers=2), sharding.make_mesh(config.mesh)
-        ).memory_bytes["arguments (state + batch)"]
+        result = dry_run.dry_run(config, gpt_experiment(width=256, layers=2), targets.parse("cpu:8"))
+        sizes[fsdp] = result.compiled_bytes["arguments (state + batch)"]
+        state = result.analytic_bytes["parameters"] + result.analytic_bytes["optimizer state"]
+        assert sizes[fsdp] == pytest.approx(state + result.analytic_bytes["batch"], rel=1e-3)
     assert sizes[8] < 0.25 * sizes[1]
+
+
+def lm_config(**overrides):
+    """lm.py:smoke with what the fused kernels need: bfloat16, a window that is a multiple of 128, heads of 64."""
+    config = LM.get_config("smoke")
+    config.update_from_flattened_dict(
+        {"model.block_size": 128, "model.dtype": "bfloat16", "model.width": 128, "batch_size": 8} | overrides
+    )
+    return config
+
+
+@pytest.mark.parametrize(
+    "spec, kernel, mesh",
+    [
+        ("tpu:v5e-4", "splash attention (Pallas)", {"data": 2, "fsdp": 2, "tensor": 1}),
+        ("gpu:h100:8", "cuDNN fused attention", {"data": 2, "fsdp": 2, "tensor": 2}),
+    ],
+)
+def test_lm_compiles_for_tpu_and_gpu_with_the_fused_attention_kernel(spec, kernel, mesh):
+    config = lm_config(**{f"mesh.{axis}": size for axis, size in mesh.items()})
+    result = dry_run.dry_run(config, LM, targets.parse(spec))
+    assert result.attention == kernel and result.fits
+    assert result.mesh_shape == mesh
+    assert {collective.kind for collective in result.collectives} >= {"all-reduce"}
+    state = sum(result.analytic_bytes[name] for name in ("parameters", "optimizer state", "batch"))
+    # TPU arrays are padded to (8, 128) tiles in memory; the GPU's are not.
+    tolerance = 1e-3 if spec.startswith("gpu") else 1.0
+    assert result.compiled_bytes["arguments (state + batch)"] == pytest.approx(state, rel=tolerance)
+    assert "FITS" in dry_run.format_report(result, 0.4, 1e9)
+    xla = dry_run.dry_run(lm_config(**{"model.attention": "xla"}), LM, targets.parse(spec))
+    assert xla.attention.startswith("XLA's")
+
+
+def test_an_oversized_model_is_reported_as_not_fitting_with_exit_status_one():
+    command = [sys.executable, "launch.py", "--config", "experiments/lm.py:llama2-70b", "--dry_run"]
+    command += ["--target", "tpu:v5e-8", "--config.batch_size=8"]
+    finished = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert finished.returncode == 1, finished.stderr[-2000:]
+    verdict = next(line for line in finished.stdout.splitlines() if line.startswith("verdict"))
+    needed, capacity, over = (float(x.replace(",", "")) for x in re.findall(r"([\d,.]+) GiB", verdict)[:3])
+    assert needed > 140 and over == pytest.approx(needed - capacity, abs=0.02)  # 70B x 16 bytes / 8 chips + more
+
+
+def test_plan_candidates_respect_batch_heads_and_hosts():
+    config = LM.get_config("llama3-8b")
+    config.batch_size = 16
+    found = plan.candidates(config, targets.parse("gpu:h100:2x8"))
+    assert found and all(c.data * c.fsdp * c.tensor == 16 and c.tensor <= 8 and c.data % 2 == 0 for c in found)
+    assert all(16 % (c.data * c.fsdp) == 0 and (16 // (c.data * c.fsdp)) % c.accumulate_steps == 0 for c in found)
+    assert {c.remat for c in found} == set(plan.REMATS)
+
+
+@pytest.mark.slow
+def test_plan_ranks_fitting_candidates_compiled_in_parallel(tmp_path):
+    config = lm_config()
+    ranked = plan.search(config, LM, str(EXPERIMENTS_DIR / "lm.py"), targets.parse("tpu:v5e-4"), 0.4, 2, 3, tmp_path)
+    fitting = [result for _, result in ranked if result.get("fits")]
+    assert len(fitting) >= 3 and len(list(tmp_path.glob("*.json"))) == len(ranked)
+    steps = [result["step_seconds"] for result in fitting]
+    assert steps == sorted(steps)
+    again = plan.search(config, LM, str(EXPERIMENTS_DIR / "lm.py"), targets.parse("tpu:v5e-4"), 0.4, 2, 3, tmp_path)
+    assert [result for _, result in again] == [result for _, result in ranked]  # from the cache

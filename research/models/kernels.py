@@ -1,0 +1,187 @@
+"""Causal self-attention by the kernel the chip has: XLA's on any backend, cuDNN's fused (flash) attention on
+NVIDIA GPUs, the Pallas splash-attention kernel on TPUs. The fused kernels tile the softmax (Dao et al. 2022,
+FlashAttention) so that the L x S scores never reach HBM, and splash skips the masked blocks.
+
+`attend(query, key, value, implementation=...)` with `implementation`:
+  "auto"    the platform of the mesh the step is traced under (research/steps.py sets it; a deviceless compile
+            for a TPU or GPU target sets that target's), else the default backend: cudnn on a GPU, splash on a
+            TPU, xla elsewhere; a shape the fused kernel does not take (research/tools/dry_run.py says
+            which ran) falls back to xla;
+  "xla"     jax.nn.dot_product_attention's XLA path (the reference the kernels are tested against);
+  "cudnn"   jax.nn.dot_product_attention(implementation="cudnn"): a GPU only, bfloat16 or float16;
+  "splash"  jax.experimental.pallas.ops.tpu.splash_attention, in interpret mode off a TPU (tests/models/
+            test_kernels.py checks it against xla that way), under shard_map over the batch and head axes.
+Grouped-query attention (K key/value heads, H query heads) and document masks (`segment_ids_BxL`: a position
+sees only earlier positions of its own document) go to every implementation.
+
+Legend: B batch, L length, H query heads, K key/value heads, Dh head width.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import PartitionSpec as P
+
+from research.config import ConfigError
+
+IMPLEMENTATIONS = ("auto", "xla", "cudnn", "splash")
+SPLASH_BLOCK = 128  # splash's query and key blocks; the length must be a multiple
+CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
+
+
+def platform() -> str:
+    """The platform the current trace compiles for: its mesh's devices ("cpu", "gpu", "tpu"), else the default."""
+    mesh = jax.sharding.get_abstract_mesh()
+    device = None if mesh.empty else mesh.abstract_device
+    return device.platform if device is not None else jax.default_backend()
+
+
+def _mesh_axes() -> tuple[tuple[str, ...], str | None, int, int]:
+    """(batch axes, head axis, batch shards, head shards) of the mesh in context that are larger than one."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return (), None, 1, 1
+    batch_axes = tuple(axis for axis in ("data", "fsdp") if axis in mesh.axis_names and mesh.shape[axis] > 1)
+    head_axis = "tensor" if "tensor" in mesh.axis_names and mesh.shape["tensor"] > 1 else None
+    batch_shards = int(np.prod([mesh.shape[axis] for axis in batch_axes])) if batch_axes else 1
+    return batch_axes, head_axis, batch_shards, mesh.shape[head_axis] if head_axis else 1
+
+
+def splash_supports(query_BxLxHxDh: jax.Array, key_BxSxKxDh: jax.Array) -> bool:
+    """Whether the splash kernel takes these shapes under the mesh in context."""
+    batch, length, heads, _ = query_BxLxHxDh.shape
+    _, _, batch_shards, head_shards = _mesh_axes()
+    kv_heads = key_BxSxKxDh.shape[2]
+    return (
+        length % SPLASH_BLOCK == 0
+        and key_BxSxKxDh.shape[1] == length
+        and batch % batch_shards == 0
+        and heads % head_shards == 0
+        and kv_heads % head_shards == 0
+    )
+
+
+def cudnn_supports(query_BxLxHxDh: jax.Array, segment_ids_BxL: jax.Array | None) -> bool:
+    """Whether cuDNN's fused attention takes these (jax's limits: half precision, head width <= 128, a multiple
+    of 8; no document masks through jax.nn.dot_product_attention)."""
+    head_dim = query_BxLxHxDh.shape[-1]
+    return query_BxLxHxDh.dtype in CUDNN_DTYPES and head_dim <= 128 and head_dim % 8 == 0 and segment_ids_BxL is None
+
+
+def choose(
+    implementation: str, query_BxLxHxDh: jax.Array, key_BxSxKxDh: jax.Array, segment_ids_BxL: jax.Array | None
+) -> str:
+    """The implementation `attend` runs: `implementation` itself, or for "auto" the platform's fused kernel."""
+    if implementation not in IMPLEMENTATIONS:
+        raise ConfigError(f"model.attention {implementation!r}: use one of {', '.join(IMPLEMENTATIONS)}")
+    if implementation != "auto":
+        return implementation
+    if platform() == "gpu" and cudnn_supports(query_BxLxHxDh, segment_ids_BxL):
+        return "cudnn"
+    if platform() == "tpu" and splash_supports(query_BxLxHxDh, key_BxSxKxDh):
+        return "splash"
+    return "xla"
+
+
+def attend(
+    query_BxLxHxDh: jax.Array,
+    key_BxSxKxDh: jax.Array,
+    value_BxSxKxDh: jax.Array,
+    *,
+    implementation: str = "auto",
+    segment_ids_BxL: jax.Array | None = None,
+    window: int = 0,
+) -> jax.Array:
+    """Causal attention (each query head h reads key/value head h // (H / K)); `window` > 0 limits each
+    position to the last `window` positions, itself included. Returns B x L x H x Dh."""
+    chosen = choose(implementation, query_BxLxHxDh, key_BxSxKxDh, segment_ids_BxL)
+    length = query_BxLxHxDh.shape[1]
+    local_window = (window - 1, 0) if 0 < window < length else None
+    if chosen == "splash":
+        return _splash(query_BxLxHxDh, key_BxSxKxDh, value_BxSxKxDh, segment_ids_BxL, local_window)
+    if chosen == "cudnn":
+        if platform() != "gpu" or not cudnn_supports(query_BxLxHxDh, segment_ids_BxL):
+            raise ConfigError(
+                "model.attention 'cudnn' needs an NVIDIA GPU, bfloat16 or float16 compute (model.dtype), a head width "
+                "<= 128 and no document masks: use auto"
+            )
+        return jax.nn.dot_product_attention(
+            *_same_layout(query_BxLxHxDh, key_BxSxKxDh, value_BxSxKxDh),
+            is_causal=True,
+            local_window_size=local_window,
+            implementation="cudnn",
+        )
+    mask = None
+    if segment_ids_BxL is not None:
+        mask = segment_ids_BxL[:, None, :, None] == segment_ids_BxL[:, None, None, :]  # B x 1 x L x S
+    return jax.nn.dot_product_attention(
+        query_BxLxHxDh,
+        key_BxSxKxDh,
+        value_BxSxKxDh,
+        mask=mask,
+        is_causal=True,
+        local_window_size=local_window,
+        implementation="xla",
+    )
+
+
+def _same_layout(*arrays: jax.Array) -> list[jax.Array]:
+    """The arrays split alike (cuDNN's partitioner requires it): batch over the batch axes, heads over `tensor`
+    when it divides every array's heads (a single key/value head stays whole, and then the query's too)."""
+    batch_axes, head_axis, batch_shards, head_shards = _mesh_axes()
+    if not batch_axes and head_axis is None:
+        return list(arrays)
+    heads = head_axis if all(x.shape[2] % head_shards == 0 for x in arrays) else None
+    batch = batch_axes if batch_axes and arrays[0].shape[0] % batch_shards == 0 else None
+    return [jax.lax.with_sharding_constraint(x, P(batch, None, heads, None)) for x in arrays]
+
+
+def _splash(query_BxLxHxDh, key_BxSxKxDh, value_BxSxKxDh, segment_ids_BxL, local_window) -> jax.Array:
+    """The splash kernel on each device's share of the batch and heads (shard_map over the mesh in context)."""
+    from jax.experimental.pallas.ops.tpu import splash_attention as splash  # Pallas loads only where used
+
+    if not splash_supports(query_BxLxHxDh, key_BxSxKxDh):
+        raise ConfigError(
+            f"model.attention 'splash' needs a length that is a multiple of {SPLASH_BLOCK} and head counts the "
+            "tensor axis divides: use auto"
+        )
+    batch, length, heads, head_dim = query_BxLxHxDh.shape
+    batch_axes, head_axis, _, head_shards = _mesh_axes()
+    shape = (length, length)
+    mask = splash.CausalMask(shape) if local_window is None else splash.LocalMask(shape, local_window, offset=0)
+    kernel = splash.make_splash_mha(
+        splash.MultiHeadMask([mask] * (heads // head_shards)),
+        head_shards=1,
+        q_seq_shards=1,
+        block_sizes=_block_sizes(splash),
+        interpret=platform() != "tpu",
+    )
+
+    def local(query, key, value, segment_ids):
+        # The kernel takes one example's heads-major H x L x Dh and applies no 1/sqrt(Dh) itself.
+        query, key, value = (x.transpose(0, 2, 1, 3) for x in (query / np.sqrt(head_dim), key, value))
+        segments = None if segment_ids is None else splash.SegmentIds(q=segment_ids, kv=segment_ids)
+        output = jax.vmap(lambda q, k, v, s: kernel(q, k, v, segment_ids=s))(query, key, value, segments)
+        return output.transpose(0, 2, 1, 3)
+
+    if segment_ids_BxL is not None:
+        segment_ids_BxL = segment_ids_BxL.astype(jnp.int32)
+    if not batch_axes and head_axis is None:
+        return local(query_BxLxHxDh, key_BxSxKxDh, value_BxSxKxDh, segment_ids_BxL)
+    heads_spec = P(batch_axes or None, None, head_axis, None)
+    segments_spec = None if segment_ids_BxL is None else P(batch_axes or None, None)
+    return jax.shard_map(
+        local,
+        in_specs=(heads_spec, heads_spec, heads_spec, segments_spec),
+        out_specs=heads_spec,
+        check_vma=False,
+    )(query_BxLxHxDh, key_BxSxKxDh, value_BxSxKxDh, segment_ids_BxL)
+
+
+@functools.cache
+def _block_sizes(splash):
+    """Every forward and backward block of SPLASH_BLOCK (the kernel's defaults, stated here once)."""
+    names = ("block_q", "block_kv", "block_kv_compute", "block_q_dkv", "block_kv_dkv", "block_kv_dkv_compute")
+    return splash.BlockSizes(**{name: SPLASH_BLOCK for name in (*names, "block_q_dq", "block_kv_dq")})

@@ -1,0 +1,295 @@
+"""The planner: the fastest way to train a config on a target, found by compiling the candidates that may fit.
+
+  python launch.py --config experiments/lm.py:llama3-8b --plan --target tpu:v5p-64 --config.batch_size=64
+
+Candidates are mesh factorisations (data x fsdp x tensor; tensor within a host or slice, data a multiple of
+the slices or hosts), rematerialisation policies, micro-batches (optimizer.accumulate_steps) and, for the
+best of them, layers unrolled instead of scanned. Each is first sized analytically (state from the
+parameter count, activations from the experiment's hook) and timed by a roofline (compute at the assumed
+MFU, rematerialisation's extra forward pass, FSDP's gathers and reductions, tensor parallelism's
+all-reduces). The policies take turns in that order; `top` at a time are compiled by the target's compiler
+in parallel processes (research/tools/dry_run.py; results cached by config and target) until 3 fit, those
+that do not fit are dropped and the rest ranked by the compiled program's roofline. Prints a table and the
+winning `--config.` overrides.
+Expected: 3 or more fitting plans for lm.py:llama3-8b on tpu:v5p-64 in a few minutes (docs/scaling.md).
+"""
+
+import concurrent.futures
+import copy
+import dataclasses
+import hashlib
+import itertools
+import json
+import math
+import multiprocessing
+import os
+from pathlib import Path
+
+import jax
+import ml_collections
+
+from research.experiment import hook
+from research.models.transformer import REMAT_RECOMPUTE
+from research.tools import targets
+
+REMATS = ("full", "dots_no_batch", "none")
+ACCUMULATE = (1, 2, 4)
+CACHE = Path("~/.cache/research/plans").expanduser()
+
+
+@dataclasses.dataclass(frozen=True)
+class Candidate:
+    data: int
+    fsdp: int
+    tensor: int
+    remat: str
+    accumulate_steps: int
+    scan_layers: bool = True
+
+    def overrides(self) -> dict:
+        return {
+            "mesh.data": self.data,
+            "mesh.fsdp": self.fsdp,
+            "mesh.tensor": self.tensor,
+            "model.remat": self.remat,
+            "optimizer.accumulate_steps": self.accumulate_steps,
+            "model.scan_layers": self.scan_layers,
+        }
+
+
+def powers_of_two(limit: int) -> list[int]:
+    return [2**k for k in range(int(math.log2(limit)) + 1)] if limit >= 1 else []
+
+
+def candidates(config: ml_collections.ConfigDict, target: targets.Target) -> list[Candidate]:
+    """Every mesh, remat and micro-batch combination the batch and the hardware allow."""
+    per_group = target.chips // target.groups
+    heads = config.model.num_heads
+    found = []
+    for tensor in powers_of_two(min(per_group, 8)):
+        if heads % tensor:
+            continue
+        for data in powers_of_two(target.chips // tensor):
+            fsdp = target.chips // (tensor * data)
+            shards = data * fsdp
+            if data % target.groups or config.batch_size % shards:
+                continue
+            for remat in REMATS:
+                for accumulate in ACCUMULATE:
+                    if (config.batch_size // shards) % accumulate == 0:
+                        found.append(Candidate(data, fsdp, tensor, remat, accumulate))
+    return found
+
+
+@dataclasses.dataclass(frozen=True)
+class Sizes:
+    parameters: int
+    state_bytes: float  # parameters, optimizer state and gradients, all devices together
+
+
+def sizes_of(config: ml_collections.ConfigDict, experiment) -> Sizes:
+    """The parameter count and state bytes of the config's train state (abstract: nothing allocated)."""
+    from research import sharding
+    from research.steps import build
+    from research.tools.dry_run import per_device_bytes
+
+    host_batch = next(iter(experiment.make_data(config, "train")))
+    batch = {key: jax.ShapeDtypeStruct(value.shape, value.dtype) for key, value in host_batch.items()}
+    one = sharding.make_mesh({name: 1 for name in config.mesh}, jax.devices()[:1])
+    trial = copy.deepcopy(config)
+    trial.unlock()
+    trial.optimizer.accumulate_steps = 1
+    state = build(trial, experiment, one, batch=batch).abstract_state
+    parameters = sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(state.params))
+    return Sizes(parameters, per_device_bytes(state.params) * 2 + per_device_bytes(state.opt_state))
+
+
+def estimate(
+    config: ml_collections.ConfigDict,
+    experiment,
+    target: targets.Target,
+    candidate: Candidate,
+    mfu: float,
+    sizes: Sizes,
+):
+    """(per-device bytes, step seconds) by the analytic model: the pre-screen before compiling."""
+    parameters = sizes.parameters
+    state = sizes.state_bytes / (candidate.fsdp * candidate.tensor)
+    examples = config.batch_size / (candidate.data * candidate.fsdp)
+    activation_hook = hook(experiment, "activation_bytes_per_example")
+    trial = _with(config, candidate)
+    mesh = {"data": candidate.data, "fsdp": candidate.fsdp, "tensor": candidate.tensor}
+    activations = activation_hook(trial, mesh) * examples / candidate.accumulate_steps if activation_hook else 0.0
+    flops_hook = hook(experiment, "flops_per_example")
+    flops = (flops_hook(config) if flops_hook else 6.0 * parameters) * config.batch_size
+    chip = target.chip
+    compute = flops * REMAT_RECOMPUTE[candidate.remat] / (target.chips * chip.peak_tflops * 1e12 * mfu)
+    # FSDP: each micro-batch gathers the (bf16) weights twice and reduce-scatters the float32 gradients once.
+    fsdp_bytes = (
+        0.0 if candidate.fsdp == 1 else candidate.accumulate_steps * parameters / candidate.tensor * (2 * 2 + 4)
+    )
+    width, length = config.model.width, config.model.block_size
+    tensor_bytes = 0.0
+    if candidate.tensor > 1:  # two all-reduces per layer forward, two backward, of the local activations
+        tensor_bytes = 4 * 2 * examples * length * width * 2 * config.model.num_layers
+    bandwidth = (
+        chip.fast_bandwidth
+        if target.groups == 1 or candidate.fsdp <= target.chips // target.groups
+        else (chip.slow_bandwidth)
+    )
+    links = (fsdp_bytes + tensor_bytes) / bandwidth
+    return state + activations, max(compute, links)
+
+
+def _with(config: ml_collections.ConfigDict, candidate: Candidate) -> ml_collections.ConfigDict:
+    trial = copy.deepcopy(config)
+    trial.unlock()
+    trial.update_from_flattened_dict(candidate.overrides())
+    return trial
+
+
+def compile_candidate(config: ml_collections.ConfigDict, experiment_path: str, target_spec: str, mfu: float) -> dict:
+    """In a fresh process: the dry run of one candidate, summarised (or its one-line error)."""
+    jax.config.update("jax_platforms", "cpu")
+    from research import experiment as experiment_lib
+    from research.config import ConfigError
+    from research.tools import dry_run
+
+    try:
+        result = dry_run.dry_run(config, experiment_lib.load(experiment_path), targets.parse(target_spec))
+    except ConfigError as error:
+        return {"error": str(error).splitlines()[0]}
+    except Exception as error:  # a candidate the compiler or the mesh refuses is a row of the table, not the end
+        return {"error": f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0][:160]}"}
+    times = result.step_seconds(mfu)
+    return {
+        "fits": result.fits,
+        "needed_bytes": result.needed_bytes,
+        "capacity": result.target.chip.memory_bytes,
+        "step_seconds": times["overlapped"],
+        "serial_seconds": times["serial"],
+        "collective_seconds": times["collectives"],
+        "tokens_per_chip": result.tokens_per_step / times["overlapped"] / result.devices,
+        "compile_seconds": result.compile_seconds,
+        "attention": result.attention,
+    }
+
+
+def cache_key(config: ml_collections.ConfigDict, target: str, mfu: float) -> str:
+    text = config.to_json_best_effort(sort_keys=True) + target + str(mfu) + jax.__version__
+    return hashlib.sha256(text.encode()).hexdigest()[:24]
+
+
+def search(
+    config,
+    experiment,
+    experiment_path: str,
+    target: targets.Target,
+    mfu: float,
+    workers: int,
+    top: int,
+    cache: Path,
+    want: int = 3,
+    rounds: int = 3,
+) -> list[tuple[Candidate, dict]]:
+    """The compiled candidates with their results, best first. The analytic pre-screen orders the candidates;
+    they are compiled `top` at a time (the first round also tries the best one unrolled) until `want` fit or
+    `rounds` rounds have run."""
+    capacity = target.chip.memory_bytes
+    screened, sizes = [], sizes_of(config, experiment)
+    for candidate in candidates(config, target):
+        needed, seconds = estimate(config, experiment, target, candidate, mfu, sizes)
+        if needed <= 1.2 * capacity:  # the analytic count is an estimate: keep the borderline ones
+            screened.append((seconds, needed, candidate))
+    screened.sort(key=lambda item: (item[0], item[1]))
+    # The policies take turns: a policy that saves more memory runs slower, and the analytic count, only an
+    # estimate, may have let through candidates of the fastest one that do not fit.
+    by_policy = [[candidate for _, _, candidate in screened if candidate.remat == remat] for remat in REMATS]
+    queue = [candidate for turn in itertools.zip_longest(*by_policy) for candidate in turn if candidate]
+    results: dict[Candidate, dict] = {}
+    cached = 0
+    for round_index in range(rounds):
+        chosen, queue = queue[:top], queue[top:]
+        if round_index == 0 and chosen and config.model.scan_layers:
+            chosen.append(dataclasses.replace(chosen[0], scan_layers=False))
+        cached += _compile_all(chosen, config, experiment_path, target, mfu, workers, cache, results)
+        if not queue or sum(bool(result.get("fits")) for result in results.values()) >= want:
+            break
+    print(
+        f"{len(candidates(config, target))} candidates, {len(screened)} within the memory bound by the analytic "
+        f"count, {len(results)} compiled ({cached} from the cache)"
+    )
+    return sorted(results.items(), key=_order)
+
+
+def _order(item) -> tuple:
+    """Fitting first; then the estimated step, the step without overlap, the memory."""
+    result = item[1]
+    keys = ("step_seconds", "serial_seconds", "needed_bytes")
+    return (not result.get("fits"), *(result.get(key, 1e30) for key in keys))
+
+
+def _compile_all(chosen, config, experiment_path, target, mfu, workers, cache: Path, results: dict) -> int:
+    """Compiles `chosen` in `workers` fresh processes into `results` (cached by config and target); how many
+    came from the cache."""
+    cache.mkdir(parents=True, exist_ok=True)
+    pending = {}
+    for candidate in chosen:
+        trial = _with(config, candidate)
+        path = cache / f"{cache_key(trial, target.spec, mfu)}.json"
+        if path.exists():
+            results[candidate] = json.loads(path.read_text())
+        else:
+            pending[candidate] = (trial, path)
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context, max_tasks_per_child=1) as pool:
+        futures = {
+            pool.submit(compile_candidate, trial, experiment_path, target.spec, mfu): (candidate, path)
+            for candidate, (trial, path) in pending.items()
+        }
+        for future in concurrent.futures.as_completed(futures):
+            candidate, path = futures[future]
+            results[candidate] = future.result()
+            path.write_text(json.dumps(results[candidate]))
+    return len(chosen) - len(pending)
+
+
+def format_table(ranked: list[tuple[Candidate, dict]], target: targets.Target) -> str:
+    header = f"{'rank':>4s} {'data':>5s} {'fsdp':>5s} {'tensor':>6s} {'remat':>13s} {'micro':>5s} {'scan':>5s} "
+    header += f"{'GiB/chip':>9s} {'fits':>5s} {'step s':>8s} {'serial s':>9s} {'tok/s/chip':>11s} {'compile s':>9s}"
+    lines = [
+        f"plans for {target.spec} ({target.chips} x {target.chip.name}, {target.chip.memory_bytes / 2**30:.1f} GiB)",
+        header,
+    ]
+    for rank, (candidate, result) in enumerate(ranked, 1):
+        head = (
+            f"{rank:4d} {candidate.data:5d} {candidate.fsdp:5d} {candidate.tensor:6d} {candidate.remat:>13s} "
+            f"{candidate.accumulate_steps:5d} {str(candidate.scan_layers):>5s} "
+        )
+        if "error" in result:
+            lines.append(head + f"error: {result['error']}")
+            continue
+        lines.append(
+            head + f"{result['needed_bytes'] / 2**30:9.2f} {'yes' if result['fits'] else 'no':>5s} "
+            f"{result['step_seconds']:8.3g} {result['serial_seconds']:9.3g} {result['tokens_per_chip']:11,.0f} "
+            f"{result['compile_seconds']:9.0f}"
+        )
+    return "\n".join(lines)
+
+
+def main(
+    config, experiment, config_argument: str, overrides: dict, target: str, *, mfu: float, workers: int, top: int = 4
+) -> bool:
+    """launch.py --plan: search, print the table and the best plan's overrides; whether any plan fits."""
+    del overrides  # already in `config`; the winning overrides are printed on top of them
+    parsed = targets.parse(target)
+    cache = Path(os.environ.get("RESEARCH_PLAN_CACHE", CACHE))
+    ranked = search(config, experiment, config_argument.partition(":")[0], parsed, mfu, workers, top, cache)
+    print(format_table(ranked, parsed))
+    fitting = [candidate for candidate, result in ranked if result.get("fits")]
+    if not fitting:
+        print("no candidate fits: a larger target, a smaller batch, or bfloat16 parameters (model.param_dtype)")
+        return False
+    flags = " ".join(f"--config.{key}={value}" for key, value in fitting[0].overrides().items())
+    print(f"best of {len(fitting)} fitting plans: {flags}")
+    return True
