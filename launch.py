@@ -123,9 +123,8 @@ def compile_only(module, config_argument: str) -> None:
 
     target = _TARGET.value or targets.local_target()
     if _PLAN.value:
-        overrides = config_flags.get_override_values(flags.FLAGS["config"])
         options = dict(mfu=_MFU.value, workers=_PLAN_WORKERS.value)
-        sys.exit(0 if plan.main(_CONFIG.value, module, config_argument, overrides, target, **options) else 1)
+        sys.exit(0 if plan.main(_CONFIG.value, module, config_argument, target, **options) else 1)
     sys.exit(0 if dry_run.main(_CONFIG.value, module, target, _MFU.value, _TOKEN_BUDGET.value) else 1)
 
 

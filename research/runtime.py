@@ -132,7 +132,7 @@ def use_compile_target(target: str) -> None:
 
     if target.startswith("cpu:") and target[4:].isdigit():
         use_fake_devices(int(target[4:]))
-    elif target:
+    if target:
         jax.config.update("jax_platforms", "cpu")
 
 

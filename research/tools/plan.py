@@ -28,6 +28,7 @@ from pathlib import Path
 import jax
 import ml_collections
 
+from research.config import ConfigError
 from research.experiment import hook
 from research.models.transformer import REMAT_RECOMPUTE
 from research.tools import targets
@@ -152,7 +153,6 @@ def compile_candidate(config: ml_collections.ConfigDict, experiment_path: str, t
     """In a fresh process: the dry run of one candidate, summarised (or its one-line error)."""
     jax.config.update("jax_platforms", "cpu")
     from research import experiment as experiment_lib
-    from research.config import ConfigError
     from research.tools import dry_run
 
     try:
@@ -277,11 +277,12 @@ def format_table(ranked: list[tuple[Candidate, dict]], target: targets.Target) -
     return "\n".join(lines)
 
 
-def main(
-    config, experiment, config_argument: str, overrides: dict, target: str, *, mfu: float, workers: int, top: int = 4
-) -> bool:
-    """launch.py --plan: search, print the table and the best plan's overrides; whether any plan fits."""
-    del overrides  # already in `config`; the winning overrides are printed on top of them
+def main(config, experiment, config_argument: str, target: str, *, mfu: float, workers: int, top: int = 4) -> bool:
+    """launch.py --plan: search, print the table and the best plan's overrides (on top of the command's own);
+    whether any plan fits."""
+    needed = ("num_heads", "num_layers", "width", "block_size", "remat", "scan_layers")
+    if "model" not in config or any(key not in config.model for key in needed):
+        raise ConfigError(f"--plan searches decoder configs (model.{', model.'.join(needed)}): use --dry_run here")
     parsed = targets.parse(target)
     cache = Path(os.environ.get("RESEARCH_PLAN_CACHE", CACHE))
     ranked = search(config, experiment, config_argument.partition(":")[0], parsed, mfu, workers, top, cache)
