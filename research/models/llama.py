@@ -35,22 +35,12 @@ MLP = ("gate_proj", "up_proj", "down_proj")
 NORMS = ("input_layernorm", "post_attention_layernorm")
 
 # Published shapes (each model's config.json on the Hugging Face hub) and parameter counts.
+LLAMA3 = dict(vocab_size=128256, rope_theta=500000.0)  # Llama 3's tokenizer and rotary base
 SIZES = {
-    "llama-3.2-1b": dict(
-        vocab_size=128256,
-        num_layers=16,
-        num_heads=32,
-        num_kv_heads=8,
-        width=2048,
-        mlp_dim=8192,
-        head_dim=64,
-        rope_theta=500000.0,
-        tie_embeddings=True,
-    ),
+    "llama-3.2-1b": LLAMA3
+    | dict(num_layers=16, num_heads=32, num_kv_heads=8, width=2048, mlp_dim=8192, head_dim=64, tie_embeddings=True),
     "llama2-7b": dict(vocab_size=32000, num_layers=32, num_heads=32, num_kv_heads=32, width=4096, mlp_dim=11008),
-    "llama3-8b": dict(
-        vocab_size=128256, num_layers=32, num_heads=32, num_kv_heads=8, width=4096, mlp_dim=14336, rope_theta=500000.0
-    ),
+    "llama3-8b": LLAMA3 | dict(num_layers=32, num_heads=32, num_kv_heads=8, width=4096, mlp_dim=14336),
     "llama2-70b": dict(vocab_size=32000, num_layers=80, num_heads=64, num_kv_heads=8, width=8192, mlp_dim=28672),
 }
 PUBLISHED_PARAMETERS = {  # of each released checkpoint, as transformers' num_parameters() counts them

@@ -24,6 +24,7 @@ import ml_collections
 import numpy as np
 
 from research.experiment import hook
+from research.models import param_count
 from research.models.transformer import REMAT_RECOMPUTE
 from research.steps import build
 from research.tools import hlo, targets
@@ -64,9 +65,7 @@ class DryRun:
         scale = {"G": GIB, "M": 2**20, "K": 2**10}
         if found:
             return float(found[0][0]) * scale[found[0][1]]
-        return sum(value for name, value in self.analytic_bytes.items() if name != "batch") + self.analytic_bytes.get(
-            "batch", 0
-        )
+        return sum(self.analytic_bytes.values())
 
     @property
     def fits(self) -> bool:
@@ -134,24 +133,31 @@ def analytic_memory(config: ml_collections.ConfigDict, experiment, setup) -> dic
     return memory
 
 
+def abstract_batch(config: ml_collections.ConfigDict, experiment) -> dict[str, jax.ShapeDtypeStruct]:
+    """The shapes of this process's first training batch (the one batch a dry run reads)."""
+    host_batch = next(iter(experiment.make_data(config, "train")))
+    return {key: jax.ShapeDtypeStruct(np.shape(value), np.asarray(value).dtype) for key, value in host_batch.items()}
+
+
+def model_flops(config: ml_collections.ConfigDict, experiment, parameters: int, tokens: int) -> float:
+    """Training FLOPs of one step: the experiment's `flops_per_example`, else 6·N·T."""
+    flops = hook(experiment, "flops_per_example")
+    return flops(config) * config.batch_size if flops else 6.0 * parameters * tokens
+
+
 def dry_run(config: ml_collections.ConfigDict, experiment, target: targets.Target) -> DryRun:
     """Compiles (never runs) the train step of `experiment` under `config` for `target`, from abstract arrays."""
-    host_batch = next(iter(experiment.make_data(config, "train")))
-    abstract_batch = {
-        key: jax.ShapeDtypeStruct(np.shape(value), np.asarray(value).dtype) for key, value in host_batch.items()
-    }
     mesh = targets.make_mesh(target, config.mesh)
-    setup = build(config, experiment, mesh, batch=abstract_batch)
-    parameters = int(sum(np.prod(leaf.shape, dtype=np.int64) for leaf in jax.tree.leaves(setup.abstract_state.params)))
+    setup = build(config, experiment, mesh, batch=abstract_batch(config, experiment))
+    parameters = param_count(setup.abstract_state.params)
     tokens = tokens_in(setup.batch_spec)
-    flops = hook(experiment, "flops_per_example")
     result = DryRun(
         target=target,
         mesh_shape=dict(mesh.shape),
         parameters=parameters,
         tokens_per_step=tokens,
         analytic_bytes=analytic_memory(config, experiment, setup),
-        analytic_flops=flops(config) * config.batch_size if flops else 6.0 * parameters * tokens,
+        analytic_flops=model_flops(config, experiment, parameters, tokens),
         recompute=REMAT_RECOMPUTE[config.model.remat] if "model" in config and "remat" in config.model else 1.0,
     )
     result.device_groups = targets.device_groups(mesh.devices, target)

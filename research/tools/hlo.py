@@ -9,6 +9,7 @@ reduce-scatter (n-1)/n of the input, all-reduce twice that, a permute its whole 
 
 import collections
 import dataclasses
+import functools
 import re
 
 import numpy as np
@@ -45,8 +46,9 @@ def array_bytes(type_text: str) -> list[int]:
     ]
 
 
+@functools.lru_cache(maxsize=2)  # one program is read for its collectives and its loops: parsed once
 def computations(text: str) -> dict[str, list[str]]:
-    """Each computation's instruction lines, by name."""
+    """Each computation's instruction lines, by name (shared: do not modify)."""
     bodies, current = {}, None
     for line in text.splitlines():
         header = _HEADER.match(line)
@@ -71,8 +73,9 @@ def trip_count(line: str, bodies: dict[str, list[str]]) -> int:
     return constants[0] if len(constants) == 1 else 1
 
 
+@functools.lru_cache(maxsize=2)
 def execution_counts(text: str) -> dict[str, int]:
-    """How many times each computation runs per call of the entry computation."""
+    """How many times each computation runs per call of the entry computation (shared: do not modify)."""
     bodies = computations(text)
     entry = re.search(r"^ENTRY %([\w.\-]+)", text, re.MULTILINE)
     counts: dict[str, int] = collections.Counter()

@@ -30,6 +30,7 @@ import ml_collections
 
 from research.config import ConfigError
 from research.experiment import hook
+from research.models import param_count
 from research.models.transformer import REMAT_RECOMPUTE
 from research.tools import targets
 
@@ -86,23 +87,23 @@ def candidates(config: ml_collections.ConfigDict, target: targets.Target) -> lis
 class Sizes:
     parameters: int
     state_bytes: float  # parameters, optimizer state and gradients, all devices together
+    flops: float  # model FLOPs of one step
 
 
 def sizes_of(config: ml_collections.ConfigDict, experiment) -> Sizes:
     """The parameter count and state bytes of the config's train state (abstract: nothing allocated)."""
     from research import sharding
     from research.steps import build
-    from research.tools.dry_run import per_device_bytes
+    from research.tools.dry_run import abstract_batch, model_flops, per_device_bytes, tokens_in
 
-    host_batch = next(iter(experiment.make_data(config, "train")))
-    batch = {key: jax.ShapeDtypeStruct(value.shape, value.dtype) for key, value in host_batch.items()}
     one = sharding.make_mesh({name: 1 for name in config.mesh}, jax.devices()[:1])
     trial = copy.deepcopy(config)
     trial.unlock()
     trial.optimizer.accumulate_steps = 1
-    state = build(trial, experiment, one, batch=batch).abstract_state
-    parameters = sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(state.params))
-    return Sizes(parameters, per_device_bytes(state.params) * 2 + per_device_bytes(state.opt_state))
+    setup = build(trial, experiment, one, batch=abstract_batch(config, experiment))
+    state, parameters = setup.abstract_state, param_count(setup.abstract_state.params)
+    flops = model_flops(config, experiment, parameters, tokens_in(setup.batch_spec))
+    return Sizes(parameters, per_device_bytes(state.params) * 2 + per_device_bytes(state.opt_state), flops)
 
 
 def estimate(
@@ -121,10 +122,8 @@ def estimate(
     trial = _with(config, candidate)
     mesh = {"data": candidate.data, "fsdp": candidate.fsdp, "tensor": candidate.tensor}
     activations = activation_hook(trial, mesh) * examples / candidate.accumulate_steps if activation_hook else 0.0
-    flops_hook = hook(experiment, "flops_per_example")
-    flops = (flops_hook(config) if flops_hook else 6.0 * parameters) * config.batch_size
     chip = target.chip
-    compute = flops * REMAT_RECOMPUTE[candidate.remat] / (target.chips * chip.peak_tflops * 1e12 * mfu)
+    compute = sizes.flops * REMAT_RECOMPUTE[candidate.remat] / (target.chips * chip.peak_tflops * 1e12 * mfu)
     # FSDP: each micro-batch gathers the (bf16) weights twice and reduce-scatters the float32 gradients once.
     fsdp_bytes = (
         0.0 if candidate.fsdp == 1 else candidate.accumulate_steps * parameters / candidate.tensor * (2 * 2 + 4)
@@ -196,8 +195,8 @@ def search(
     they are compiled `top` at a time (the first round also tries the best one unrolled) until `want` fit or
     `rounds` rounds have run."""
     capacity = target.chip.memory_bytes
-    screened, sizes = [], sizes_of(config, experiment)
-    for candidate in candidates(config, target):
+    screened, sizes, every = [], sizes_of(config, experiment), candidates(config, target)
+    for candidate in every:
         needed, seconds = estimate(config, experiment, target, candidate, mfu, sizes)
         if needed <= 1.2 * capacity:  # the analytic count is an estimate: keep the borderline ones
             screened.append((seconds, needed, candidate))
@@ -216,7 +215,7 @@ def search(
         if not queue or sum(bool(result.get("fits")) for result in results.values()) >= want:
             break
     print(
-        f"{len(candidates(config, target))} candidates, {len(screened)} within the memory bound by the analytic "
+        f"{len(every)} candidates, {len(screened)} within the memory bound by the analytic "
         f"count, {len(results)} compiled ({cached} from the cache)"
     )
     return sorted(results.items(), key=_order)
