@@ -19,6 +19,7 @@ from research import metrics
 from research.config import choose, trainer_config
 from research.data import augment, pipeline
 from research.experiment import Reference, Workload
+from research.models import compute_dtype
 from research.models.mlp import MLP
 
 MAX_PIXEL = 16.0  # optdigits pixels count set bits in a 4x4 block: 0..16
@@ -61,7 +62,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             "splits": {"train": "train[:90%]", "validation": "train[90%:]", "test": "test"},
         }
     )
-    config.model = ml_collections.ConfigDict({"features": (64, 32, 10)})
+    # dtype: the computation's; param_dtype: the parameters' (bfloat16 for both trains in bfloat16).
+    config.model = ml_collections.ConfigDict({"features": (64, 32, 10), "dtype": "float32", "param_dtype": "float32"})
     config.update_from_flattened_dict(
         {
             "num_steps": 2000,
@@ -84,7 +86,8 @@ def make_data(config: ml_collections.ConfigDict, split: str):
 
 
 def make_model(config: ml_collections.ConfigDict) -> nn.Module:
-    return MLP(features=tuple(config.model.features))
+    model = config.model
+    return MLP(tuple(model.features), dtype=compute_dtype(model.dtype), param_dtype=compute_dtype(model.param_dtype))
 
 
 def loss_fn(params, batch, rng, *, model):

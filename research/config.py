@@ -95,6 +95,9 @@ def optimizer_config() -> ml_collections.ConfigDict:
             "name": "adam",  # a key of research.optim.OPTIMIZERS, or path/to/file.py:make, or package.module:make
             "learning_rate": 1e-3,  # the peak: the schedule multiplies it
             "kwargs": ml_collections.ConfigDict(),  # the factory's other keyword arguments
+            # Float kwargs become arrays in the optimizer state (sweepable without recompiling); these
+            # comma-separated names stay Python values instead, for code that branches on them.
+            "static_kwargs": "",
             "schedule": ml_collections.ConfigDict(
                 {
                     "name": "constant",  # a key of research.optim.schedules.SCHEDULES

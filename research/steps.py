@@ -26,7 +26,7 @@ from research import metrics as metrics_lib
 from research import sharding
 from research.config import ConfigError
 from research.experiment import hook
-from research.optim import current_learning_rate, make_tx
+from research.optim import contract, current_learning_rate, make_tx
 from research.optim.accumulation import accumulated_value_and_grad
 from research.optim.registry import check_against_params, origin_of
 from research.optim.regularizers import penalized
@@ -43,7 +43,7 @@ def train_step(
     """One optimizer step: gradient, update and apply, all in one jit region.
 
     An optimizer that takes extra arguments (optax.GradientTransformationExtraArgs) gets the loss
-    `value`, its `grad` and `value_fn(params)`, the loss on this batch; others ignore them.
+    `value`, its `grad` and `value_fn(params)` (also as `obj_fn`), the loss on this batch.
     With accumulate_steps k the gradient is the mean over k micro-batches of the batch, scanned."""
     rng = jax.random.fold_in(state.rng, state.step)
     loss_fn = _with_model_state(loss_fn, state.model_state)
@@ -51,9 +51,7 @@ def train_step(
     aux = dict(aux)
     model_state = aux.pop("model_state") if state.model_state else state.model_state
     value_fn = lambda params: loss_fn(params, batch, rng)[0]
-    updates, opt_state = optax.with_extra_args_support(tx).update(
-        grads, state.opt_state, state.params, value=loss, grad=grads, value_fn=value_fn
-    )
+    updates, opt_state = contract.update(tx, grads, state.opt_state, state.params, value=loss, value_fn=value_fn)
     params = optax.apply_updates(state.params, updates)
     metrics = aux | {"loss": loss, "grad_norm": optax.global_norm(grads)}
     learning_rate = current_learning_rate(opt_state)

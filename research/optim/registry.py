@@ -4,7 +4,9 @@ parameters and non-finite updates handled (`make_tx`; gradient accumulation is t
 research/optim/accumulation.py).
 
 A factory is `make(learning_rate, **kwargs) -> optax.GradientTransformation`. The config names it:
-`optimizer.name` is a key of OPTIMIZERS, `path/to/file.py:make` or `package.module:make`.
+`optimizer.name` is a key of OPTIMIZERS, `path/to/file.py:make` or `package.module:make`
+(`optax:adabelief`, `optax.contrib:sophia`). Any optax transformation meets the trainer's contract as
+it is (research/optim/contract.py).
 """
 
 import difflib
@@ -12,7 +14,6 @@ import importlib
 import importlib.util
 import inspect
 import re
-import traceback
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -23,7 +24,8 @@ import optax
 import optax.contrib
 
 from research.config import ConfigError, optimizer_config
-from research.optim import ademamix, cautious, regularizers
+from research.optim import ademamix, cautious, contract, regularizers
+from research.optim.contract import first_line, line_in
 from research.optim.schedules import SCHEDULES
 from research.tree import path_name
 
@@ -79,20 +81,6 @@ OPTIMIZERS: dict[str, Factory] = {
 }
 
 
-def _first_line(error: BaseException) -> str:
-    return f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0]}"
-
-
-def _where(error: BaseException, path: Path) -> str:
-    """' (line N)' for the deepest traceback frame inside the user's file."""
-    lines = [
-        frame.lineno for frame in traceback.extract_tb(error.__traceback__) if Path(frame.filename) == path.resolve()
-    ]
-    if isinstance(error, SyntaxError) and error.lineno:
-        lines.append(error.lineno)
-    return f" (line {lines[-1]})" if lines else ""
-
-
 def _import(source: str) -> Any:
     """The module named by the part of a spec before ':': a .py file path or a dotted module name."""
     if source.endswith(".py"):
@@ -105,13 +93,13 @@ def _import(source: str) -> Any:
             spec.loader.exec_module(module)
         except Exception as error:
             raise ConfigError(
-                f"optimizer file {source}{_where(error, path)}: importing it raised {_first_line(error)}"
+                f"optimizer file {source}{line_in(error, str(path))}: importing it raised {first_line(error)}"
             ) from None
         return module
     try:
         return importlib.import_module(source)
     except Exception as error:
-        raise ConfigError(f"optimizer module {source!r}: importing it raised {_first_line(error)}") from None
+        raise ConfigError(f"optimizer module {source!r}: importing it raised {first_line(error)}") from None
 
 
 def load_factory(name: str) -> tuple[Factory, str]:
@@ -132,7 +120,7 @@ def load_factory(name: str) -> tuple[Factory, str]:
             key for key, value in vars(module).items() if inspect.isfunction(value) and not key.startswith("_")
         )
         raise ConfigError(f"optimizer {source}: no function {attribute!r} in it; it defines {defined}")
-    return factory, source
+    return factory, name
 
 
 def _settings(config: Mapping[str, Any]) -> ml_collections.ConfigDict:
@@ -156,32 +144,39 @@ def _build(factory: Factory, origin: str, learning_rate: float, kwargs: dict) ->
     except TypeError as error:
         accepted = ", ".join(inspect.signature(factory).parameters)
         raise ConfigError(f"{origin}: {error}; it accepts: {accepted}") from None
-    try:
-        tx = factory(learning_rate=learning_rate, **kwargs)
-    except Exception as error:
-        raise ConfigError(f"{origin}: calling it raised {_first_line(error)}") from None
-    if not isinstance(tx, optax.GradientTransformation):
+    factory(learning_rate=learning_rate, **kwargs)  # its errors are one line (research/optim/contract.py)
+
+
+def static_names(settings: ml_collections.ConfigDict, factory: Factory, origin: str) -> set[str]:
+    """The factory's arguments that stay Python values: all but `learning_rate` and the floats the config
+    passes in `kwargs`, less those `static_kwargs` (comma-separated names) keeps static."""
+    parameters = inspect.signature(factory).parameters
+    kept = {name.strip() for name in settings.static_kwargs.split(",") if name.strip()}
+    unknown = sorted(kept - set(parameters))
+    if unknown and not any(parameter.kind is parameter.VAR_KEYWORD for parameter in parameters.values()):
         raise ConfigError(
-            f"{origin}: it returned {type(tx).__name__}, "
-            "not an optax.GradientTransformation (init and update functions)"
+            f"optimizer.static_kwargs names {unknown}, not arguments of {origin}: {', '.join(parameters)}"
         )
+    given = settings.kwargs.to_dict()
+    injected = {name for name, value in given.items() if isinstance(value, float) and name not in kept}
+    return {name for name in parameters if name != "learning_rate" and name not in injected}
 
 
 def make_optimizer(config: Mapping[str, Any], num_steps: int = 0) -> optax.GradientTransformation:
-    """The optimizer the config describes (see research.config.optimizer_config); num_steps sizes decaying schedules."""
+    """The optimizer the config describes (see research.config.optimizer_config); num_steps sizes decaying schedules.
+
+    `learning_rate` and the float arguments the config passes become arrays in the optimizer state
+    (optax.inject_hyperparams: a new value needs no recompiling); the factory's defaults, non-floats and
+    the names in `static_kwargs` stay Python values, so the optimizer's code may branch on them."""
     settings = _settings(config)
     factory, origin = load_factory(settings.name)
+    factory = contract.conforming(factory, origin)
     kwargs = settings.kwargs.to_dict()
     _build(factory, origin, settings.learning_rate, kwargs)
     if settings.schedule.name not in SCHEDULES:
         raise ConfigError(f"unknown schedule {settings.schedule.name!r}; choose one of {sorted(SCHEDULES)}")
     learning_rate = SCHEDULES[settings.schedule.name](settings.schedule, settings.learning_rate, num_steps)
-    # Floats become state arrays (sweepable without recompiling); ints, bools, strings stay static.
-    bound = inspect.signature(factory).bind(learning_rate=learning_rate, **kwargs)
-    bound.apply_defaults()
-    static = [
-        name for name, value in bound.arguments.items() if name != "learning_rate" and not isinstance(value, float)
-    ]
+    static = sorted(static_names(settings, factory, origin))
     parts = []
     if settings.clip_global_norm > 0:
         parts.append(optax.clip_by_global_norm(settings.clip_global_norm))
@@ -223,27 +218,30 @@ def _shapes(tree) -> list[tuple[tuple[int, ...], str]]:
 
 def check_against_params(tx: optax.GradientTransformation, params: Any, origin: str) -> None:
     """Traces init and one update on `params` (abstract is fine), called as the train step calls it: updates
-    must mirror the params and the state keep its structure."""
-
-    def update(grads, state, params):
-        value_fn = lambda params: jnp.zeros((), jnp.float32)
-        return optax.with_extra_args_support(tx).update(
-            grads, state, params, value=value_fn(params), grad=grads, value_fn=value_fn
-        )
-
+    must mirror the params and the state keep its structure. Decides which extra arguments the update takes."""
+    value_fn = lambda params: jnp.zeros((), jnp.float32)
+    update = lambda grads, state, params: contract.update(
+        tx, grads, state, params, value=value_fn(params), value_fn=value_fn
+    )
     try:
         state = jax.eval_shape(tx.init, params)
         updates, new_state = jax.eval_shape(update, params, state, params)
+    except ConfigError:
+        raise
     except Exception as error:
-        raise ConfigError(f"{origin}: init/update on the model's parameters raised {_first_line(error)}") from None
+        raise ConfigError(f"{origin}: init/update on the model's parameters raised {first_line(error)}") from None
     if jax.tree.structure(updates) != jax.tree.structure(params) or _shapes(updates) != _shapes(params):
         raise ConfigError(
-            f"{origin}: update returned updates that do not match the params (structure, shapes or dtypes)"
+            f"{origin}: update returned updates that do not match the params (structure or shapes); "
+            "return one update per parameter, shaped like it"
         )
     if jax.tree.structure(new_state) != jax.tree.structure(state) or _shapes(new_state) != _shapes(state):
-        raise ConfigError(f"{origin}: update returned a state whose structure, shapes or dtypes differ from init's")
+        raise ConfigError(
+            f"{origin}: update returned a state whose structure, shapes or dtypes differ from init's; "
+            "keep the state's layout fixed (a NamedTuple of arrays, cast back to their dtypes)"
+        )
 
 
 def origin_of(name: str) -> str:
     """How errors name the optimizer `name`."""
-    return f"optimizer {name!r}" if name in OPTIMIZERS else name.rpartition(":")[0] or name
+    return f"optimizer {name!r}" if name in OPTIMIZERS else name

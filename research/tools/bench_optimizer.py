@@ -6,7 +6,8 @@ until each workload's validation target, for one optimizer next to the adamw and
 A workload is an experiment that declares `BENCHMARK = Workload(...)` (research/experiment.py):
 its default config with the optimizer swapped. The candidate gets the experiment's own learning
 rate, the baselines theirs. Seconds count train steps only: the first (compiling) step and the
-evaluations are excluded.
+evaluations are excluded. The conformance kit's table comes first (correct under sharding,
+checkpointing and accumulation?), then the benchmark's (how fast?); the exit status is 1 if a check failed.
 """
 
 import time
@@ -20,6 +21,7 @@ from research import experiment as experiment_lib
 from research import sharding
 from research.experiment import Workload, hook
 from research.steps import build
+from research.tools import check_optimizer
 from research.train import evaluate
 
 BASELINES = ("adamw", "momentum")
@@ -111,7 +113,13 @@ def format_table(results: Sequence[BenchResult], declared: dict[str, tuple[Any, 
     return "\n".join(lines)
 
 
-def main(candidate: str, experiments_dir: str | Path) -> None:
-    """launch.py --bench_optimizer: every declared workload, then the table."""
+def main(candidate: str, experiments_dir: str | Path) -> bool:
+    """launch.py --bench_optimizer: the conformance kit's table, then steps to target on every declared workload;
+    True when every check passed."""
+    rows = check_optimizer.check_optimizer(candidate)
+    print(f"conformance kit: {candidate}\n{check_optimizer.format_table(rows)}\n")
+    if not rows[0].passed:
+        return False  # it does not load: nothing to benchmark
     declared = workloads(experiments_dir)
     print(format_table(run_benchmark(candidate, declared), declared))
+    return all(row.passed for row in rows)

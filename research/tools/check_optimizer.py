@@ -19,6 +19,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from research.config import ConfigError
+from research.optim import contract
 from research.optim.registry import make_optimizer
 
 PyTree = Any
@@ -62,9 +63,7 @@ def compiled(tx: optax.GradientTransformation) -> tuple[Callable, Callable]:
 
     def step(params, state, grads, value):
         value_fn = lambda p: mlp_loss(p, inputs.astype(p["Dense_0"]["kernel"].dtype), targets)
-        updates, state = optax.with_extra_args_support(tx).update(
-            grads, state, params, value=value, grad=grads, value_fn=value_fn
-        )
+        updates, state = contract.update(tx, grads, state, params, value=value, value_fn=value_fn)
         return optax.apply_updates(params, updates), state, updates
 
     return tx.init, jax.jit(step)  # init runs eagerly: its few ops compile once for every optimizer
@@ -81,6 +80,15 @@ def run_steps(
         value, grads = _loss_and_grad(params, inputs, targets)
         params, state, updates = step(params, state, grads, value)
     return params, state, updates
+
+
+def _raw(leaf: jax.Array) -> np.ndarray:
+    """A leaf as numpy; a typed PRNG key as its raw bits (noise-adding optimizers keep one)."""
+    return np.asarray(jax.random.key_data(leaf) if jnp.issubdtype(leaf.dtype, jax.dtypes.prng_key) else leaf)
+
+
+def _numbers(leaf: jax.Array) -> np.ndarray:
+    return _raw(leaf).astype(np.float32)
 
 
 def _signature(tree: PyTree) -> tuple:
@@ -162,8 +170,9 @@ def check_sharded(make: Callable) -> str:
     batches = [mlp_batch(8, seed=s) for s in range(2)]
     sharded = run_steps(tx, sharded_params, batches, state=state)
     plain = run_steps(make(), params, batches)
+    # Sums split over devices add in another order: float32 rounding, which adaptive methods amplify a little.
     for got, want in zip(jax.tree.leaves(sharded[:2]), jax.tree.leaves(plain[:2])):
-        np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(_numbers(got), _numbers(want), rtol=1e-4, atol=1e-5)
     mirrored = sum(s.spec == P("fsdp") for s in jax.tree.leaves(state_shardings))
     return f"{len(devices)}-device fsdp mesh, {mirrored} state leaves split like params, equals unsharded"
 
@@ -181,7 +190,7 @@ def check_checkpoint(make: Callable) -> str:
     if jax.tree.structure(restored) != jax.tree.structure(state):
         raise AssertionError("the restored state has another structure")
     for got, want in zip(jax.tree.leaves(restored), jax.tree.leaves(state)):
-        if np.asarray(got).dtype != np.asarray(want).dtype or not np.array_equal(np.asarray(got), np.asarray(want)):
+        if got.dtype != want.dtype or not np.array_equal(_raw(got), _raw(want)):
             raise AssertionError("a restored state leaf differs bitwise")
     batch = [mlp_batch(8, seed=9)]
     after_restore, after_original = run_steps(tx, params, batch, restored)[0], run_steps(tx, params, batch, state)[0]
@@ -209,32 +218,36 @@ def check_converges(make: Callable) -> str:
     params = {"w": jnp.full((1, 1), 0.5), "b": jnp.full((1,), -0.5)}
     tx = make()
 
-    @jax.jit
-    def step(params, state):
+    def step(carry, _):
+        params, state = carry
         value, grads = jax.value_and_grad(loss)(params)
-        updates, state = optax.with_extra_args_support(tx).update(
-            grads, state, params, value=value, grad=grads, value_fn=loss
-        )
-        return optax.apply_updates(params, updates), state
+        updates, state = contract.update(tx, grads, state, params, value=value, value_fn=loss)
+        return (optax.apply_updates(params, updates), state), None
 
-    state, first = tx.init(params), float(loss(params))
-    for _ in range(300):
-        params, state = step(params, state)
+    first = float(loss(params))
+    (params, _), _ = jax.jit(lambda carry: jax.lax.scan(step, carry, length=300))((params, tx.init(params)))
     last = float(loss(params))
     if not last < 0.05 * first:
         raise AssertionError(f"linear regression loss {first:.3g} -> {last:.3g} in 300 steps (needs < 5%)")
     return f"linear regression loss {first:.3g} -> {last:.2g} in 300 steps"
 
 
-def check_optimizer(name: str, learning_rate: float = 0.05, kwargs: dict | None = None) -> list[CheckResult]:
+def check_optimizer(
+    name: str, learning_rate: float = 0.05, kwargs: dict | None = None, static_kwargs: str = ""
+) -> list[CheckResult]:
     """Runs every check on the optimizer `name`; a config error (bad file, bad factory) is the first, failed row."""
-    config = {"name": name, "learning_rate": learning_rate, "kwargs": dict(kwargs or {})}
+    config = {
+        "name": name,
+        "learning_rate": learning_rate,
+        "kwargs": dict(kwargs or {}),
+        "static_kwargs": static_kwargs,
+    }
     try:
-        make_optimizer(config)
+        tx = make_optimizer(config)
     except ConfigError as error:
         return [CheckResult("loads", False, str(error))]
-    tx = make_optimizer(config)
-    accumulating = optax.MultiSteps(tx, ACCUMULATE).gradient_transformation()
+    steps = optax.MultiSteps(tx, ACCUMULATE)  # as ExtraArgs: its update passes them on to the optimizer
+    accumulating = optax.GradientTransformationExtraArgs(steps.init, steps.update)
     make, make_accumulating = (lambda: tx), (lambda: accumulating)
     checks = {
         "init under jax.eval_shape": lambda: check_eval_shape(make),
@@ -251,8 +264,8 @@ def check_optimizer(name: str, learning_rate: float = 0.05, kwargs: dict | None 
         try:
             rows.append(CheckResult(check_name, True, check()))
         except Exception as error:  # every failure is a row of the table, not a crash
-            reason = (str(error).strip().splitlines() or [""])[0]
-            rows.append(CheckResult(check_name, False, f"{type(error).__name__}: {reason}"[:160]))
+            reason = str(error) if isinstance(error, ConfigError) else contract.first_line(error)
+            rows.append(CheckResult(check_name, False, reason[:240]))
     return rows
 
 

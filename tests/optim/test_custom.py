@@ -107,7 +107,7 @@ def test_kit_reports_a_state_that_changes_dtype(tmp_path):
     [
         (
             "import optax\ndef make(learning_rate):\n    return optax.sgd(learning_rate) + undefined_name\n",
-            r"bad.py: calling it raised NameError: name 'undefined_name' is not defined",
+            r"bad.py:make \(line 3\): calling it raised NameError: name 'undefined_name' is not defined; fix the code",
         ),
         (
             "import optax\n\nraise ImportError('no such thing')\n",
@@ -115,10 +115,13 @@ def test_kit_reports_a_state_that_changes_dtype(tmp_path):
         ),
         (
             "def make(learning_rate):\n    return learning_rate\n",
-            r"bad.py: it returned float, not an optax.GradientTransformation",
+            r"bad.py:make: it returned float, not an optax.GradientTransformation",
         ),
         ("def build(learning_rate):\n    pass\n", r"bad.py: no function 'make' in it; it defines \['build'\]"),
-        ("def make(rate):\n    pass\n", r"bad.py: missing a required argument: 'rate'; it accepts: rate"),
+        (
+            "def make(rate):\n    pass\n",
+            r"bad.py:make: missing a required argument: 'rate'; it accepts: learning_rate, rate",
+        ),
     ],
 )
 def test_mistakes_in_my_file_name_the_file(tmp_path, text, message):
@@ -139,10 +142,10 @@ def test_missing_file_and_updates_that_do_not_match_the_params(tmp_path):
         ),
     )
     tx = make_optimizer({"name": f"{path}:make", "learning_rate": 0.1})
-    with pytest.raises(ConfigError, match=f"{path}: update returned updates that do not match the params"):
+    with pytest.raises(ConfigError, match=f"{path}:make: update returned updates that do not match the params"):
         from research.optim.registry import check_against_params
 
-        check_against_params(tx, {"w": jnp.zeros((2, 2))}, str(path))
+        check_against_params(tx, {"w": jnp.zeros((2, 2))}, f"{path}:make")
 
 
 def test_a_package_module_factory_and_extra_args(tmp_path, monkeypatch):
