@@ -11,7 +11,8 @@ a 2-core CPU (docs/results.md). `:smoke` (1 layer of 64, 150 steps) falls from l
 Named sizes (`gpt2-124m` ... `llama2-70b`) have the published shapes and parameter counts (tests);
 they train on the shipped corpus with a byte-level BPE unless data.tokenizer names a tokenizer.json.
 Data: Tiny Shakespeare windows of model.block_size tokens (training: every offset, shuffled;
-evaluation: non-overlapping windows, every token scored once). model.loss_chunk > 0 computes the
+evaluation: non-overlapping windows, every token scored once), or corpora prepared by
+`python -m research.data.prepare` (data.prepared; docs/data.md). model.loss_chunk > 0 computes the
 loss that many positions at a time, never the whole batch's logits (research/metrics.py).
 """
 
@@ -22,7 +23,7 @@ import ml_collections
 
 from research import metrics, perf
 from research.config import DEFAULT_PARAM_RULES, NANOGPT_OPTIMIZER, ConfigError, choose, trainer_config
-from research.data import text
+from research.data import stream, text
 from research.experiment import Reference
 from research.models import apply_with_dropout, compute_dtype, gpt, llama, param_count
 from research.models.gpt import GPT
@@ -92,6 +93,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             "name": "tiny_shakespeare",
             "tokenizer": "chars",  # chars, bpe:N (byte-level BPE trained here) or the path of a tokenizer.json
             "max_eval_windows": 0,  # 0: the whole validation text; >0: only its first N windows
+            "prepared": "",  # corpora of research.data.prepare, "DIR" or "DIR:0.7,DIR:0.3": docs/data.md
+            "segment_ids": False,  # prepared: attention and the loss stay inside each document
         }
     )
     config.model = ml_collections.ConfigDict(
@@ -142,6 +145,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
 
 def tokenizer_and_splits(config: ml_collections.ConfigDict):
+    if config.data.prepared:
+        return stream.parse_sources(config.data.prepared)[0][0].tokenizer(), None
     try:
         return text.token_corpus(config.data.name, config.data_dir, config.data.tokenizer)
     except ValueError as error:
@@ -156,10 +161,12 @@ def vocab_size(config: ml_collections.ConfigDict) -> int:
 def make_data(config: ml_collections.ConfigDict, split: str):
     tokenizer, splits = tokenizer_and_splits(config)
     if tokenizer.vocab_size > vocab_size(config):
-        raise ConfigError(
-            f"data.tokenizer has {tokenizer.vocab_size} ids but the model's vocabulary {vocab_size(config)}"
-        )
-    return text.window_batches(splits[split], config.model.block_size, config, split)
+        raise ConfigError(f"the tokenizer has {tokenizer.vocab_size} ids, the model's vocabulary {vocab_size(config)}")
+    if not config.data.prepared:
+        return text.window_batches(splits[split], config.model.block_size, config, split)
+    if config.data.segment_ids and config.model.family != "llama":
+        raise ConfigError("data.segment_ids needs model.family llama (the GPT's attention takes no document ids)")
+    return stream.lm_batches(config, split)
 
 
 def encode_text(config: ml_collections.ConfigDict, prompt: str):
@@ -240,4 +247,4 @@ def loss_fn(params, batch, rng, *, model):
 
 
 def eval_fn(params, batch, *, model) -> dict[str, metrics.Metric]:
-    return metrics.next_token_metrics(model.apply({"params": params}, batch["inputs"]), batch)
+    return metrics.next_token_metrics(_features_or_logits(params, batch, None, model, hidden=False), batch)

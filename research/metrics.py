@@ -172,10 +172,17 @@ def classification_metrics(
     return results
 
 
+def position_weights(batch: Mapping[str, jax.Array]) -> jax.Array:
+    """B x L: 1 where a target is scored. Padding sequences (`mask`) weigh 0, and so do the positions a batch's
+    `weights` drops (a packed window's target across a document boundary: research/data/stream.py)."""
+    weights_BxL = jnp.broadcast_to(batch["mask"][:, None], batch["targets"].shape).astype(jnp.float32)
+    return weights_BxL * batch["weights"] if "weights" in batch else weights_BxL
+
+
 def next_token_loss(logits_BxLxV: jax.Array, batch: Mapping[str, jax.Array]) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """A language model's loss_fn result: mean next-token cross-entropy (nats) over the real sequences' positions."""
+    """A language model's loss_fn result: mean next-token cross-entropy (nats) over the scored positions."""
     nll_BxL = optax.softmax_cross_entropy_with_integer_labels(logits_BxLxV, batch["targets"])
-    return masked_mean(nll_BxL, batch["mask"][:, None]), {}
+    return masked_mean(nll_BxL, position_weights(batch)), {}
 
 
 def chunked_next_token_loss(
@@ -187,7 +194,7 @@ def chunked_next_token_loss(
     largest activation otherwise). The batch axis stays whole in each chunk, so a batch split over
     devices stays split: each device computes its own sequences' logits."""
     batch_size, length, width = features_BxLxD.shape
-    weights_BxL = jnp.broadcast_to(batch["mask"][:, None], batch["targets"].shape).astype(jnp.float32)
+    weights_BxL = position_weights(batch)
     targets_BxL = batch["targets"]
     padding = -length % chunk
     if padding:  # padded positions weigh 0
@@ -214,8 +221,7 @@ def chunked_next_token_loss(
 
 def next_token_metrics(logits_BxLxV: jax.Array, batch: Mapping[str, jax.Array]) -> dict[str, Metric]:
     """Per-token loss, perplexity and next-token accuracy, pooled over every scored position."""
-    targets_BxL = batch["targets"]
-    mask_BxL = jnp.broadcast_to(batch["mask"][:, None], targets_BxL.shape)
+    targets_BxL, mask_BxL = batch["targets"], position_weights(batch)
     return {
         "loss": CrossEntropy.from_logits(logits_BxLxV, targets_BxL, mask_BxL),
         "perplexity": Perplexity.from_logits(logits_BxLxV, targets_BxL, mask_BxL),

@@ -60,7 +60,7 @@ def _with_mask(record: Record, value: float) -> dict[str, np.ndarray]:
 STREAM_LENGTH = 2**62  # "endless": more batches than any run draws
 
 
-def _global_positions(batch: int, batch_size: int, process: Process) -> range:
+def global_positions(batch: int, batch_size: int, process: Process) -> range:
     """Positions in the global example stream that this process reads for global batch `batch`.
 
     Global batch b is stream positions [b * batch_size, (b + 1) * batch_size); process p reads
@@ -105,7 +105,7 @@ class _LoadBatch:
 
     def __call__(self, batch: int) -> dict[str, np.ndarray]:
         records = []
-        for position in _global_positions(batch, self.batch_size, self.process):
+        for position in global_positions(batch, self.batch_size, self.process):
             epoch, offset = divmod(position, len(self.source))
             record = self.source[int(self.order(epoch)[offset])]
             record = self.transform(record) if self.transform is not None else record
@@ -129,7 +129,7 @@ def train_batches(
     """Endless batches; every epoch a fresh permutation of all examples drawn from (seed, epoch).
 
     The stream of examples is the same for every process count; each process reads its slice
-    of every global batch (see `_global_positions`). `random_transform(record, rng)` gets a
+    of every global batch (see `global_positions`). `random_transform(record, rng)` gets a
     generator seeded by (seed, stream position), so augmentation is the same in every run,
     after a restore and on any topology. `num_workers` > 0 loads batches in that many worker
     processes; the batches are the same either way.
@@ -200,7 +200,7 @@ def array_batches(
     order = EpochOrder(seed, size)
 
     def gather(batch: int) -> dict[str, np.ndarray]:
-        positions = np.asarray(_global_positions(batch, batch_size, process))
+        positions = np.asarray(global_positions(batch, batch_size, process))
         epochs, offsets = np.divmod(positions, size)
         indices = np.concatenate([order(epoch)[offsets[epochs == epoch]] for epoch in np.unique(epochs)])
         gathered = {key: column[indices] for key, column in columns.items()}
