@@ -133,25 +133,26 @@ def make_corpus(directory: Path, gigabytes: float, files: int = 16) -> list[Path
     return paths
 
 
-def prepare_seconds(paths: list[Path], output: Path, workers: int, tokenizer: str) -> float:
+def prepare_seconds(paths: list[Path], output: Path, workers: int, tokenizer: str, one_core: bool = False) -> float:
+    """Seconds to prepare `paths` (the BPE trained first on 20 MB: included); one_core: no tokenizer threads."""
+    import os
     import shutil
 
     shutil.rmtree(output, ignore_errors=True)
     command = [sys.executable, "-m", "research.data.prepare", "--output", str(output), "--workers", str(workers)]
     command += ["--tokenizer", tokenizer, "--bpe_sample_mb=20"] + [f"--input={path}" for path in paths]
+    threads = {"TOKENIZERS_PARALLELISM": "false", "RAYON_NUM_THREADS": "1"} if one_core else {}
     start = time.perf_counter()
-    subprocess.run(command, cwd=ROOT, check=True, capture_output=True)
+    subprocess.run(command, cwd=ROOT, check=True, capture_output=True, env=dict(os.environ, **threads))
     return time.perf_counter() - start
 
 
 def h100_tokens_per_second(size: str) -> float:
-    """What one H100 (989 dense bf16 TFLOP/s) consumes at 40 % MFU training `size` (analytic FLOPs)."""
+    """What one H100 (989 dense bf16 TFLOP/s) consumes at 40 % MFU training `size` (the analytic FLOPs per token)."""
     from experiments import lm
-    from research.tools.dry_run import model_flops
 
     config = lm.get_config(size)
-    flops = model_flops(config, lm, lm.parameter_count(config), config.model.block_size)
-    return 0.4 * 989e12 / (flops / config.model.block_size)
+    return 0.4 * 989e12 / (lm.flops_per_example(config) / config.model.block_size)
 
 
 def corpus_rows(gigabytes: float, workdir: Path) -> list[tuple[str, float, str]]:
@@ -162,11 +163,10 @@ def corpus_rows(gigabytes: float, workdir: Path) -> list[tuple[str, float, str]]
     sample = paths[:4]
     megabytes = sum(path.stat().st_size for path in sample) / 1e6
     rows = []
-    for workers in (1, 2):
-        seconds = prepare_seconds(sample, workdir / f"sample_{workers}", workers, "bpe:8192")
-        rows.append(
-            (f"prepare {megabytes:.0f} MB of JSONL, BPE 8192, {workers} worker(s)", megabytes / seconds, "MB/s")
-        )
+    runs = ((1, True, "1 worker, 1 core"), (2, True, "2 workers"), (1, False, "1 process, tokenizer threads"))
+    for workers, one_core, what in runs:
+        seconds = prepare_seconds(sample, workdir / f"sample_{workers}_{one_core}", workers, "bpe:8192", one_core)
+        rows.append((f"prepare {megabytes:.0f} MB of JSONL, BPE 8192, {what}", megabytes / seconds, "MB/s"))
     prepared = workdir / "prepared"
     if not (prepared / "manifest.json").exists():
         start = time.perf_counter()

@@ -294,9 +294,8 @@ def run(arguments: argparse.Namespace) -> int:
     columns = (TextColumn("prepare"), BarColumn(), TextColumn("{task.fields[rate]}"), TimeRemainingColumn())
     with Progress(*columns, transient=False) as progress:
         bar = progress.add_task("prepare", total=sum(sizes.values()) or 1, rate="")
-        with (
-            multiprocessing.get_context("spawn").Pool(arguments.workers) if arguments.workers > 1 else _Inline() as pool
-        ):
+        context = multiprocessing.get_context("spawn")
+        with context.Pool(arguments.workers, _one_core) if arguments.workers > 1 else _Inline() as pool:
             for stats in pool.imap_unordered(prepare_file, todo):
                 done_bytes += stats["bytes"]
                 done_tokens += sum(shard["tokens"] for shard in stats["shards"].values())
@@ -310,6 +309,12 @@ def run(arguments: argparse.Namespace) -> int:
         f"{totals['train']['documents'] + totals['validation']['documents']:,} documents; skipped {manifest['skipped']}"
     )
     return 0
+
+
+def _one_core() -> None:
+    """A worker process tokenizes on one core (the tokenizers library would use them all in each)."""
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    os.environ["RAYON_NUM_THREADS"] = "1"
 
 
 class _Inline:

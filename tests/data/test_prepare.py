@@ -128,3 +128,27 @@ def test_killed_and_resumed_it_writes_the_same_bytes_as_an_uninterrupted_run(tmp
             assert (tmp_path / "killed" / name).read_bytes() == (tmp_path / "straight" / name).read_bytes(), name
     manifests = [json.loads((tmp_path / name / "manifest.json").read_text()) for name in ("straight", "killed")]
     assert manifests[0]["splits"] == manifests[1]["splits"]
+
+
+def test_a_tokenizer_json_and_a_sentencepiece_model_prepare_and_decode(tmp_path):
+    import sentencepiece
+
+    from research.data import tokenizer as tokenizer_lib
+
+    made = write_corpus(tmp_path / "raw")
+    text = "\n".join(made["a"] + made["b"])
+    (tmp_path / "sample.txt").write_text(text)
+    sentencepiece.SentencePieceTrainer.train(
+        input=str(tmp_path / "sample.txt"), model_prefix=str(tmp_path / "sp"), vocab_size=40, minloglevel=2
+    )
+    assert prepare.main(["--input", str(tmp_path / "raw" / "a.jsonl.gz"), "--output", str(tmp_path / "bpe"),
+                         "--tokenizer=bpe:300"]) == 0  # fmt: skip
+    for name, spec in (("json", str(tmp_path / "bpe" / "tokenizer.json")), ("sp", str(tmp_path / "sp.model"))):
+        output = tmp_path / name
+        assert prepare.main(["--input", str(tmp_path / "raw" / "c.parquet"), "--output", str(output),
+                             f"--tokenizer={spec}", "--validation_fraction=0"]) == 0  # fmt: skip
+        tokenizer = tokenizer_lib.load(output)
+        manifest = json.loads((output / "manifest.json").read_text())
+        assert manifest["eos_id"] == tokenizer.eos_id and manifest["tokenizer"]["sha256"] == tokenizer.sha256
+        record = ArrayRecordReader(str(output / "train-00000.arrayrecord")).read_all()[0]
+        assert tokenizer.decode(np.frombuffer(record, np.uint16)) == made["c"][0]

@@ -12,7 +12,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from conftest import ROOT, assert_trees_close
+from conftest import ROOT, assert_trees_close, train_losses
 from experiments import lm
 from research import metrics, train
 from research.data import pipeline, prepare, stream
@@ -110,8 +110,9 @@ def test_neither_attention_nor_the_loss_crosses_a_document(corpora):
     assert float(metrics.next_token_loss(logits, batch)[0]) == float(metrics.next_token_loss(logits, other_targets)[0])
 
 
-def shakespeare_bytes(tmp_path) -> str:
-    arguments = ["--input", str(ROOT / "research/data/bundled/tiny_shakespeare/input.txt"), "--tokenizer=bytes"]
+def shakespeare(tmp_path, tokenizer: str = "bytes") -> str:
+    """The shipped Tiny Shakespeare text prepared as paragraphs (the docs' example, with a smaller BPE)."""
+    arguments = ["--input", str(ROOT / "research/data/bundled/tiny_shakespeare/input.txt"), f"--tokenizer={tokenizer}"]
     assert prepare.main([*arguments, "--documents=paragraph", "--output", str(tmp_path / "corpus")]) == 0
     return str(tmp_path / "corpus")
 
@@ -119,8 +120,8 @@ def shakespeare_bytes(tmp_path) -> str:
 @pytest.mark.slow
 def test_a_resumed_run_trains_on_exactly_the_batches_of_an_uninterrupted_one(tmp_path):
     config = lm.get_config("smoke")
-    config.data.update({"prepared": shakespeare_bytes(tmp_path), "segment_ids": True})
-    config.update_from_flattened_dict({"num_steps": 12, "checkpoint.every_steps": 0, "eval_every": 0})
+    config.data.update({"prepared": shakespeare(tmp_path, "bpe:512"), "segment_ids": True})
+    config.update_from_flattened_dict({"num_steps": 12, "checkpoint.every_steps": 0, "eval_every": 0, "log_every": 1})
     train.train_and_evaluate(config, lm, tmp_path / "straight")
     train.train_and_evaluate(config, lm, tmp_path / "resumed", stop_at_step=7)
     train.train_and_evaluate(config, lm, tmp_path / "resumed")
@@ -129,11 +130,13 @@ def test_a_resumed_run_trains_on_exactly_the_batches_of_an_uninterrupted_one(tmp
         with ocp.CheckpointManager(tmp_path / name / "checkpoints") as manager:
             states.append(manager.restore(12, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"])
     assert_trees_close(states[1], states[0], atol=0.0)
+    losses = train_losses(tmp_path / "straight")
+    assert len(losses) == 12 and losses[-1] < losses[0] - 0.5, losses
 
 
 @pytest.mark.slow
 def test_two_processes_train_like_one(tmp_path):
-    corpus = shakespeare_bytes(tmp_path)
+    corpus = shakespeare(tmp_path)
     losses = {}
     for name, devices, extra in (("one", 8, []), ("two", 4, ["--local_processes=2"])):
         environment = dict(
