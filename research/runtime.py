@@ -9,10 +9,12 @@ that does not know a flag aborts).
 
 Allocator: XLA:CPU allocates a step's temporaries afresh on every call, and glibc's malloc hands
 such large blocks back to the kernel, so each step faults its working set in again.
-RESEARCH_ALLOCATOR picks: `auto` (default: tcmalloc when installed, e.g. apt install
-libtcmalloc-minimal4, else glibc's malloc as it is), `tcmalloc` (or a one-line error), `hugepages`
-(glibc with transparent huge pages, GLIBC_TUNABLES glibc.malloc.hugetlb=1) or `system`. A preload
-or tunable only works from a process's start, so the process re-executes itself once with it.
+RESEARCH_ALLOCATOR picks: `auto` (default: the first of AUTO_ORDER that is installed, else glibc's
+malloc as it is), `mimalloc` (the cmeel-mimalloc wheel, a dependency on Linux, so pip installs it),
+`tcmalloc` (the system's, e.g. apt install libtcmalloc-minimal4), `hugepages` (glibc with
+transparent huge pages, GLIBC_TUNABLES glibc.malloc.hugetlb=1) or `system`; a named one that is
+missing is a one-line error. A preload or tunable only works from a process's start, so the process
+re-executes itself once with it. docs/performance.md has the measurements behind AUTO_ORDER.
 """
 
 import ctypes.util
@@ -24,7 +26,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-CHOICES = ("auto", "tcmalloc", "hugepages", "system")
+CHOICES = ("auto", "mimalloc", "tcmalloc", "hugepages", "system")
+AUTO_ORDER = ("tcmalloc", "mimalloc")  # the system's tcmalloc where installed (as fast or faster), else the wheel's
+MIMALLOC = ("cmeel-mimalloc", "cmeel.prefix/lib/libmimalloc.so")  # the wheel and the library inside it
 VARIABLE = "RESEARCH_ALLOCATOR"
 APPLIED = "RESEARCH_ALLOCATOR_APPLIED"  # set in the re-executed process: what it runs with
 HUGEPAGES_TUNABLE = "glibc.malloc.hugetlb=1"
@@ -64,11 +68,27 @@ def find_tcmalloc() -> str | None:
     return None
 
 
+def find_mimalloc() -> str | None:
+    """The path of the mimalloc library the cmeel-mimalloc wheel installed (read from its metadata), or None."""
+    try:
+        path = importlib.metadata.distribution(MIMALLOC[0]).locate_file(MIMALLOC[1])
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    return str(path) if Path(str(path)).is_file() else None
+
+
+def find_allocators() -> dict[str, str]:
+    """{name: library} of the preloadable allocators installed here."""
+    found = {"mimalloc": find_mimalloc(), "tcmalloc": find_tcmalloc()}
+    return {name: library for name, library in found.items() if library}
+
+
 def allocator_environment(
-    environ: dict[str, str], platform: str = sys.platform, tcmalloc: str | None = None
+    environ: dict[str, str], platform: str = sys.platform, libraries: dict[str, str] | None = None
 ) -> dict[str, str] | None:
-    """The environment to re-execute with for the allocator `environ` asks for, or None to run as is."""
-    choice = environ.get(VARIABLE, "auto")
+    """The environment to re-execute with for the allocator `environ` asks for, or None to run as is.
+    `libraries`: the installed preloadable allocators (find_allocators)."""
+    choice, libraries = environ.get(VARIABLE, "auto"), libraries or {}
     if choice not in CHOICES:
         raise ValueError(f"{VARIABLE}={choice!r} is not an allocator: use one of {', '.join(CHOICES)}")
     if APPLIED in environ or choice == "system" or not platform.startswith("linux"):
@@ -80,15 +100,15 @@ def allocator_environment(
             if part and not part.startswith("glibc.malloc.hugetlb=")
         ]
         return dict(environ, GLIBC_TUNABLES=":".join([*tunables, HUGEPAGES_TUNABLE]), **{APPLIED: "hugepages"})
-    if tcmalloc:
-        preload = [tcmalloc, *filter(None, environ.get("LD_PRELOAD", "").split(":"))]
-        return dict(environ, LD_PRELOAD=":".join(preload), **{APPLIED: "tcmalloc"})
-    if choice == "tcmalloc":
-        raise ValueError(
-            f"{VARIABLE}=tcmalloc but no tcmalloc library is installed: install libtcmalloc-minimal4, "
-            f"or use {VARIABLE}=hugepages"
-        )
-    return None  # auto without tcmalloc: glibc's malloc as it is
+    wanted = AUTO_ORDER if choice == "auto" else (choice,)
+    name = next((name for name in wanted if name in libraries), None)
+    if name:
+        preload = [libraries[name], *filter(None, environ.get("LD_PRELOAD", "").split(":"))]
+        return dict(environ, LD_PRELOAD=":".join(preload), **{APPLIED: name})
+    if choice != "auto":
+        how = "pip install cmeel-mimalloc" if choice == "mimalloc" else "install libtcmalloc-minimal4"
+        raise ValueError(f"{VARIABLE}={choice} but no {choice} library is installed: {how}, or use {VARIABLE}=auto")
+    return None  # auto with neither: glibc's malloc as it is
 
 
 def use_fast_allocator() -> None:
@@ -96,7 +116,7 @@ def use_fast_allocator() -> None:
     if APPLIED in os.environ or os.environ.get(VARIABLE) == "system":
         return  # allocator_environment would say so too; this skips find_tcmalloc's ldconfig call
     try:
-        environment = allocator_environment(dict(os.environ), tcmalloc=find_tcmalloc())
+        environment = allocator_environment(dict(os.environ), libraries=find_allocators())
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
@@ -107,13 +127,14 @@ def use_fast_allocator() -> None:
 
 
 def allocator_in_use() -> str:
-    """What this process's allocator is: tcmalloc, hugepages or system (with a hint when tcmalloc would help)."""
+    """What this process's allocator is: mimalloc, tcmalloc, hugepages or system (with a hint when a faster one
+    would help)."""
     applied = os.environ.get(APPLIED)
     if applied:
         return applied
     if os.environ.get(VARIABLE) == "system" or not sys.platform.startswith("linux"):
         return "system"
-    return "system (apt install libtcmalloc-minimal4 for faster CPU steps: research/runtime.py)"
+    return "system (pip install cmeel-mimalloc for faster CPU steps: research/runtime.py)"
 
 
 def use_fake_devices(count: int) -> None:

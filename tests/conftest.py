@@ -69,6 +69,14 @@ def launch(*args: str, timeout: float = 300, **environment: str) -> subprocess.C
     return python("launch.py", *args, timeout=timeout, environment=environment)
 
 
+def restored_state(workdir: Path, step: int):
+    """The train state a run saved at `step`, as saved (numpy leaves, no target structure)."""
+    import orbax.checkpoint as ocp
+
+    with ocp.CheckpointManager(Path(workdir) / "checkpoints") as manager:
+        return manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+
+
 def read_metrics(workdir: Path) -> list[dict]:
     """Every record of a run's metrics.jsonl."""
     return [json.loads(line) for line in (Path(workdir) / "metrics.jsonl").read_text().splitlines()]

@@ -17,7 +17,6 @@ and the command.
 
 import argparse
 import gzip
-import hashlib
 import io
 import json
 import multiprocessing
@@ -34,6 +33,7 @@ from array_record.python.array_record_module import ArrayRecordWriter
 from etils import epath
 
 from research.config import ConfigError
+from research.data.files import sha256
 
 FORMAT = 1
 SPLITS = ("train", "validation")
@@ -122,14 +122,6 @@ def is_validation(file_index: int, document_index: int, fraction: float) -> bool
     return zlib.crc32(f"{file_index}:{document_index}".encode()) % 1_000_000 < fraction * 1_000_000
 
 
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as stream:
-        for block in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def shard_names(file_index: int) -> dict[str, str]:
     return {split: f"{split}-{file_index:05d}.arrayrecord" for split in SPLITS}
 
@@ -199,6 +191,8 @@ def expand(patterns: list[str]) -> list[epath.Path]:
         if not matched:
             raise ConfigError(f"--input {pattern!r} matches no file")
         found.extend(matched)
+    for path in found:
+        _kind(path)  # an unknown format stops the run before any work
     return found
 
 

@@ -123,14 +123,15 @@ class ByteLevelTokenizer:
         return cls(tokenizers.Tokenizer.from_file(path))
 
     @classmethod
-    def train(cls, text: str, vocab_size: int) -> "ByteLevelTokenizer":
-        """A byte-level BPE of `vocab_size` ids learned from `text` (deterministic); id 0 is <pad>."""
+    def train(cls, text: str, vocab_size: int, special_tokens: Sequence[str] = ("<pad>",)) -> "ByteLevelTokenizer":
+        """A byte-level BPE of `vocab_size` ids learned from `text` (deterministic); the special tokens come
+        first (id 0 is <pad>)."""
         tokenizer = tokenizers.Tokenizer(tokenizers.models.BPE())
         tokenizer.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
         tokenizer.decoder = tokenizers.decoders.ByteLevel()
         trainer = tokenizers.trainers.BpeTrainer(
             vocab_size=vocab_size,
-            special_tokens=["<pad>"],
+            special_tokens=list(special_tokens),
             initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet(),
             show_progress=False,
         )

@@ -16,6 +16,7 @@ import sentencepiece
 import tokenizers
 
 from research.config import ConfigError
+from research.data import text
 
 EOS_NAMES = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>", "<|eos|>")
 FILES = ("tokenizer.json", "tokenizer.model", "tokenizer.bytes")
@@ -36,7 +37,7 @@ class CorpusTokenizer:
             ]
         if self.kind == "sentencepiece":
             return [np.asarray(ids, np.int64) for ids in self.backend.encode(list(texts))]
-        return [np.frombuffer(text.encode("utf-8"), np.uint8).astype(np.int64) + 1 for text in texts]
+        return [np.frombuffer(document.encode("utf-8"), np.uint8).astype(np.int64) + 1 for document in texts]
 
     def encode(self, text: str) -> np.ndarray:
         return self.encode_batch([text])[0].astype(np.int32)
@@ -54,20 +55,6 @@ class CorpusTokenizer:
         return hashlib.sha256(self.path.read_bytes()).hexdigest()
 
 
-def _train_bpe(sample: str, vocab_size: int) -> tokenizers.Tokenizer:
-    tokenizer = tokenizers.Tokenizer(tokenizers.models.BPE())
-    tokenizer.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = tokenizers.decoders.ByteLevel()
-    trainer = tokenizers.trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=["<pad>", "<|endoftext|>"],
-        initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tokenizer.train_from_iterator(sample.splitlines(keepends=True), trainer=trainer)
-    return tokenizer
-
-
 def build(spec: str, sample: str, output: Path) -> CorpusTokenizer:
     """Saves the tokenizer `spec` names into `output` (training a BPE on `sample`) and loads it."""
     output.mkdir(parents=True, exist_ok=True)
@@ -77,7 +64,8 @@ def build(spec: str, sample: str, output: Path) -> CorpusTokenizer:
         count = spec.removeprefix("bpe:")
         if not count.isdigit() or int(count) < 258:
             raise ConfigError(f"--tokenizer {spec!r}: give bpe:N with N >= 258 (every byte, padding, end of document)")
-        _train_bpe(sample, int(count)).save(str(output / "tokenizer.json"))
+        bpe = text.ByteLevelTokenizer.train(sample, int(count), special_tokens=("<pad>", "<|endoftext|>"))
+        bpe.save(str(output / "tokenizer.json"))
     elif spec.endswith(".json") or spec.endswith(".model"):
         if not Path(spec).is_file():
             raise ConfigError(f"--tokenizer {spec!r}: no such file")

@@ -81,3 +81,56 @@ class CifarResNet(nn.Module):
                 x = BasicBlock(self.width * 2**stage, stride, name=name, **types)(x, train=train)
         x_BxC = jnp.mean(x, axis=(1, 2))
         return nn.Dense(self.num_classes, name="classifier", **types)(x_BxC).astype(jnp.float32)
+
+
+class BottleneckBlock(nn.Module):
+    """conv1x1 - BN - ReLU - conv3x3 (the stride) - BN - ReLU - conv1x1 (4x) - BN, plus the shortcut (a strided
+    1x1 projection where the shape changes: option B), then ReLU. The last BN starts at zero (Goyal et al. 2017)."""
+
+    features: int
+    stride: int = 1
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x_BxHxWxC: jax.Array, *, train: bool) -> jax.Array:
+        types = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        conv = dict(use_bias=False, kernel_init=HE_NORMAL, **types)
+        norm = dict(use_running_average=not train, momentum=BATCH_NORM_MOMENTUM, epsilon=BATCH_NORM_EPSILON, **types)
+        y = nn.relu(
+            nn.BatchNorm(name="norm_1", **norm)(nn.Conv(self.features, (1, 1), name="conv_1", **conv)(x_BxHxWxC))
+        )
+        y = nn.Conv(self.features, (3, 3), (self.stride, self.stride), name="conv_2", **conv)(y)
+        y = nn.relu(nn.BatchNorm(name="norm_2", **norm)(y))
+        y = nn.Conv(4 * self.features, (1, 1), name="conv_3", **conv)(y)
+        y = nn.BatchNorm(name="norm_3", scale_init=nn.initializers.zeros, **norm)(y)
+        shortcut = x_BxHxWxC
+        if x_BxHxWxC.shape[-1] != 4 * self.features or self.stride != 1:
+            projection = nn.Conv(4 * self.features, (1, 1), (self.stride, self.stride), name="projection", **conv)
+            shortcut = nn.BatchNorm(name="projection_norm", **norm)(projection(x_BxHxWxC))
+        return nn.relu(y + shortcut)
+
+
+class ImageNetResNet(nn.Module):
+    """He et al. 2016's ImageNet ResNets with bottleneck blocks (Table 1): a 7x7/2 convolution and a 3x3/2 max
+    pool, four stages of `stage_sizes` blocks of 64, 128, 256, 512 (x4 out) filters; ResNet-50 is (3, 4, 6, 3),
+    25.6M parameters at 1,000 classes."""
+
+    stage_sizes: tuple[int, ...] = (3, 4, 6, 3)
+    num_classes: int = 1000
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, images_BxHxWxC: jax.Array, *, train: bool = False) -> jax.Array:
+        types = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        norm = dict(use_running_average=not train, momentum=BATCH_NORM_MOMENTUM, epsilon=BATCH_NORM_EPSILON, **types)
+        x = nn.Conv(64, (7, 7), (2, 2), use_bias=False, kernel_init=HE_NORMAL, name="stem_conv", **types)(
+            images_BxHxWxC
+        )
+        x = nn.max_pool(nn.relu(nn.BatchNorm(name="stem_norm", **norm)(x)), (3, 3), (2, 2), padding="SAME")
+        for stage, blocks in enumerate(self.stage_sizes):
+            for block in range(blocks):
+                stride = 2 if stage > 0 and block == 0 else 1
+                x = BottleneckBlock(64 * 2**stage, stride, name=f"stage_{stage}_block_{block}", **types)(x, train=train)
+        return nn.Dense(self.num_classes, name="classifier", **types)(jnp.mean(x, axis=(1, 2))).astype(jnp.float32)

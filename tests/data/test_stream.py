@@ -9,10 +9,9 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
-from conftest import ROOT, assert_trees_close, train_losses
+from conftest import ROOT, assert_trees_close, restored_state, train_losses
 from experiments import lm
 from research import metrics, train
 from research.data import pipeline, prepare, stream
@@ -125,10 +124,7 @@ def test_a_resumed_run_trains_on_exactly_the_batches_of_an_uninterrupted_one(tmp
     train.train_and_evaluate(config, lm, tmp_path / "straight")
     train.train_and_evaluate(config, lm, tmp_path / "resumed", stop_at_step=7)
     train.train_and_evaluate(config, lm, tmp_path / "resumed")
-    states = []
-    for name in ("straight", "resumed"):
-        with ocp.CheckpointManager(tmp_path / name / "checkpoints") as manager:
-            states.append(manager.restore(12, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"])
+    states = [restored_state(tmp_path / name, 12) for name in ("straight", "resumed")]
     assert_trees_close(states[1], states[0], atol=0.0)
     losses = train_losses(tmp_path / "straight")
     assert len(losses) == 12 and losses[-1] < losses[0] - 0.5, losses

@@ -7,10 +7,9 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import orbax.checkpoint as ocp
 import pytest
 
-from conftest import assert_trees_close, launch
+from conftest import assert_trees_close, launch, restored_state
 from experiments import digits_mlp, linear_regression
 from research import sharding, train
 from research.config import ConfigError
@@ -242,8 +241,5 @@ def test_my_optimizer_resumes_bitwise_from_a_checkpoint(tmp_path, data_dir):
     train.train_and_evaluate(config, digits_mlp, tmp_path / "straight")
     train.train_and_evaluate(config, digits_mlp, tmp_path / "resumed", stop_at_step=4)
     train.train_and_evaluate(config, digits_mlp, tmp_path / "resumed")
-    states = []
-    for name in ("straight", "resumed"):
-        with ocp.CheckpointManager(tmp_path / name / "checkpoints") as manager:
-            states.append(manager.restore(10, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"])
+    states = [restored_state(tmp_path / name, 10) for name in ("straight", "resumed")]
     assert_trees_close(states[1], states[0], atol=0.0)

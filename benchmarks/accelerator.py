@@ -1,0 +1,168 @@
+"""The accelerator check: one command for a lent GPU or TPU (well under 10 minutes with compilation).
+
+  python benchmarks/accelerator.py --output accelerator.json        # on the accelerator
+  python benchmarks/accelerator.py --tiny --output /tmp/tiny.json   # CPU, tiny shapes: what the test runs
+
+Rows: a Llama-style LM at GPT-2 124M's shape and Llama 3.2 1B (bfloat16 compute, the backend's fused
+attention: cuDNN on GPUs, splash on TPUs), trained by the trainer's own jitted step (research.steps.build)
+on synthetic tokens; ResNet-50 (He et al. 2016, ImageNet shape 224x224, bfloat16) on synthetic images.
+Each: step time (median of the timed steps, after compilation and warm-up), tokens or images per second,
+MFU against the chip's dense bf16 peak (research/tools/targets.py; a CPU's measured float32 matmul peak),
+the device's peak memory where it reports one, and the dry run's figures for the same program: its
+memory estimate and the tokens/s its roofline predicts at 40 % MFU. One table printed, the rows as JSON.
+Record the table in docs/performance.md with the date and the machine.
+"""
+
+import argparse
+import json
+import statistics
+import sys
+import time
+import types
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from research import runtime  # noqa: E402
+
+runtime.configure_process()  # launch.py's XLA flags and allocator (research/runtime.py), before JAX starts
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+from experiments import cifar10_resnet, lm  # noqa: E402
+from research import perf, sharding  # noqa: E402
+from research.models.resnet import ImageNetResNet  # noqa: E402
+from research.steps import build  # noqa: E402
+from research.tools import dry_run, targets  # noqa: E402
+
+LLAMA_124M = dict(num_layers=12, width=768, num_heads=12, num_kv_heads=12, mlp_dim=2048, vocab_size=50304)
+# (name, lm.py size, model overrides, batch, block) at full size, and the tiny ones the test runs on a CPU.
+LMS = {
+    False: [("llama 124M", "cpu", LLAMA_124M | {"block_size": 1024}, 32), ("llama 3.2 1B", "llama-3.2-1b", {}, 8)],
+    True: [("llama tiny", "smoke", {"vocab_size": 256, "block_size": 64}, 4)],
+}
+LM_COMMON = dict(family="llama", dtype="bfloat16", param_dtype="float32", attention="auto", remat="none")
+RESNET = {False: (ImageNetResNet(dtype=np.dtype("bfloat16")), 128, 224), True: (ImageNetResNet((1, 1, 1, 1)), 4, 64)}
+
+
+def chip() -> tuple[str, float, str]:
+    """(device, peak FLOP/s per device, dry-run target spec) for this process's first device."""
+    device = jax.devices()[0]
+    kind = device.device_kind.lower()
+    for name, figures in targets.CHIPS.items():
+        if name in kind.replace(" ", ""):
+            spec = f"gpu:{name}:1" if figures.platform == "gpu" else f"tpu:{name}-1"
+            return device.device_kind, figures.peak_tflops * 1e12, spec
+    return f"{device.platform} ({device.device_kind})", perf.measure_peak_flops(), "cpu:1"
+
+
+def timed(setup, batch, steps: int) -> tuple[float, float]:
+    """(median step seconds, seconds to compile and run the first step) of the trainer's jitted step."""
+    state = setup.init_state(jax.random.PRNGKey(0))
+    batch = sharding.put_batch(batch, setup.mesh)
+    start = time.perf_counter()
+    state, metrics = setup.train_step(state, batch)
+    jax.block_until_ready(metrics)
+    first = time.perf_counter() - start
+    for _ in range(2):
+        state, metrics = setup.train_step(state, batch)
+    jax.block_until_ready(metrics)
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        state, metrics = setup.train_step(state, batch)
+        jax.block_until_ready(metrics)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), first
+
+
+def peak_memory() -> float | None:
+    stats = jax.devices()[0].memory_stats() or {}
+    return stats.get("peak_bytes_in_use")
+
+
+def estimate(config, experiment, spec: str, peak: float) -> dict:
+    """The dry run's memory (GiB) and the tokens/s its roofline predicts at 40 % MFU of `peak` (one device: no
+    collectives); a note instead when this machine cannot compile for the target."""
+    try:
+        result = dry_run.dry_run(config, experiment, targets.parse(spec))
+    except Exception as error:  # a target this machine cannot compile for: the row says so
+        return {"dry_run": f"n/a ({type(error).__name__})"}
+    seconds = result.analytic_flops * result.recompute / (0.4 * peak)
+    return {
+        "dry_run_memory_gib": result.needed_bytes / 2**30,
+        "dry_run_tokens_per_second": result.tokens_per_step / seconds,
+    }
+
+
+def lm_row(name: str, size: str, overrides: dict, batch_size: int, peak: float, spec: str, steps: int) -> dict:
+    config = lm.get_config(size)
+    config.model.update(LM_COMMON | overrides)
+    config.update_from_flattened_dict({"batch_size": batch_size, "mesh.data": 1, "mesh.fsdp": 1, "mesh.tensor": 1})
+    length = config.model.block_size
+    tokens = np.random.default_rng(0).integers(0, config.model.vocab_size, (batch_size, length + 1), np.int32)
+    batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "mask": np.ones(batch_size, np.float32)}
+    mesh = sharding.make_mesh({"data": 1}, jax.devices()[:1])
+    seconds, first = timed(build(config, lm, mesh, batch=batch), batch, steps)
+    flops = lm.flops_per_example(config) * batch_size
+    row = dict(model=name, batch=f"{batch_size}x{length}", step_seconds=seconds, first_step_seconds=first)
+    row |= dict(throughput=batch_size * length / seconds, unit="tokens/s", mfu=flops / seconds / peak)
+    row |= dict(parameters=lm.parameter_count(config), peak_memory_gib=(peak_memory() or float("nan")) / 2**30)
+    return row | estimate(config, lm, spec, peak)
+
+
+def resnet_row(tiny: bool, peak: float, steps: int) -> dict:
+    model, batch_size, size = RESNET[tiny]
+    experiment = types.SimpleNamespace(**vars(cifar10_resnet))
+    experiment.make_model = lambda config: model
+    config = cifar10_resnet.get_config("smoke")
+    config.update_from_flattened_dict({"batch_size": batch_size, "mesh.data": 1, "optimizer.name": "momentum"})
+    rng = np.random.default_rng(0)
+    batch = {
+        "inputs": rng.normal(size=(batch_size, size, size, 3)).astype(np.float32),
+        "labels": rng.integers(0, 1000, batch_size).astype(np.int32),
+        "mask": np.ones(batch_size, np.float32),
+    }
+    setup = build(config, experiment, sharding.make_mesh({"data": 1}, jax.devices()[:1]), batch=batch)
+    compiled = setup.train_step.lower(setup.abstract_state, setup.batch_spec).compile()
+    seconds, first = timed(setup, batch, steps)
+    flops = perf.xla_flops(compiled)  # the compiled step's own count: forward, backward and update
+    row = dict(model=f"resnet-50{' (1 block per stage)' if tiny else ''}", batch=f"{batch_size}x{size}x{size}")
+    row |= dict(step_seconds=seconds, first_step_seconds=first, throughput=batch_size / seconds, unit="images/s")
+    return row | dict(mfu=flops / seconds / peak, peak_memory_gib=(peak_memory() or float("nan")) / 2**30)
+
+
+def format_table(rows: list[dict], device: str) -> str:
+    lines = [f"accelerator check on {device}, jax {jax.__version__}, {time.strftime('%Y-%m-%d')}"]
+    lines.append(f"{'model':22s} {'batch':>12s} {'step ms':>9s} {'throughput':>22s} {'MFU':>6s} {'peak GiB':>9s} "
+                 f"{'dry-run GiB':>11s} {'dry-run tok/s @40%':>19s}")  # fmt: skip
+    for row in rows:
+        estimate_memory = row.get("dry_run_memory_gib", float("nan"))
+        predicted = row.get("dry_run_tokens_per_second", float("nan"))
+        lines.append(
+            f"{row['model']:22s} {row['batch']:>12s} {row['step_seconds'] * 1e3:9.1f} "
+            f"{row['throughput']:14,.0f} {row['unit']:>7s} {row['mfu']:6.1%} {row['peak_memory_gib']:9.2f} "
+            f"{estimate_memory:11.3f} {predicted:19,.0f}"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tiny", action="store_true", help="tiny shapes (a CPU test), not the full ones")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per model")
+    parser.add_argument("--output", default="", help="write the rows here as JSON")
+    arguments = parser.parse_args(argv)
+    device, peak, spec = chip()
+    rows = [lm_row(*model, peak, spec, arguments.steps) for model in LMS[arguments.tiny]]
+    rows.append(resnet_row(arguments.tiny, peak, arguments.steps))
+    print(format_table(rows, device))
+    if arguments.output:
+        Path(arguments.output).write_text(json.dumps({"device": device, "rows": rows}, indent=1))
+    return rows
+
+
+if __name__ == "__main__":
+    main()
