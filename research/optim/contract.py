@@ -105,9 +105,8 @@ def _update_accepting(tx: optax.GradientTransformation, updates, state, params, 
             return tx.update(
                 updates, state, params, **{name: extra_args[name] for name in accepted if name in extra_args}
             )
-        except (
-            TypeError
-        ) as error:  # "unexpected keyword argument 'obj_fn'", or optax's "not consumed by ...: ['obj_fn']"
+        except TypeError as error:
+            # "unexpected keyword argument 'obj_fn'", or optax's line searches: "not consumed by ...: ['obj_fn']"
             message = str(error)
             refused = [name for name in accepted if f"'{name}'" in message]
             if not refused or not re.search(r"unexpected|not consumed", message):
@@ -119,7 +118,7 @@ def cast_like(updates, like):
     """Float updates in the dtypes of `like` (the parameters); anything else as it is."""
     if like is None or jax.tree.structure(updates) != jax.tree.structure(like):
         return updates  # a mismatch is reported by check_against_params, by name
-    floating = lambda x: jax.numpy.issubdtype(getattr(x, "dtype", None) or type(x), jax.numpy.floating)
+    floating = lambda x: hasattr(x, "dtype") and jax.numpy.issubdtype(x.dtype, jax.numpy.floating)
     return jax.tree.map(lambda u, p: u.astype(p.dtype) if floating(u) and floating(p) else u, updates, like)
 
 
