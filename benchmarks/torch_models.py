@@ -1,7 +1,8 @@
 """Plain PyTorch references of the benchmarked models: the same architectures and parameter counts.
 
-Eager mode, float32, PyTorch's own defaults (oneDNN convolutions, fused scaled_dot_product_attention,
-foreach optimizers), written the way a PyTorch user would: nanoGPT's GPT, torchvision-style CNNs.
+Eager mode (the GPT also under torch.compile), float32, PyTorch's own defaults (oneDNN convolutions, fused
+scaled_dot_product_attention, foreach optimizers), written the way a PyTorch user would and importing nothing
+of ours: nanoGPT's GPT (its semantics, biases configurable), torchvision-style CNNs.
 Used only by benchmarks/train_speed.py (torch is the `bench` extra, never a test dependency).
 
 Legend: B batch, L sequence length, D width, H heads, V vocabulary.
@@ -15,44 +16,66 @@ import torch.nn.functional as F
 from torch import nn
 
 
-class Block(nn.Module):
-    """Pre-LayerNorm block, bias-free: causal self-attention and a 4x tanh-GELU MLP (research.models.transformer)."""
+class CausalSelfAttention(nn.Module):
+    """nanoGPT's attention: one fused query/key/value projection, scaled_dot_product_attention, a projection out."""
 
-    def __init__(self, width: int, num_heads: int):
+    def __init__(self, width: int, num_heads: int, bias: bool):
         super().__init__()
         self.num_heads = num_heads
-        self.attention_norm = nn.LayerNorm(width, bias=False)
-        self.qkv = nn.Linear(width, 3 * width, bias=False)
-        self.out = nn.Linear(width, width, bias=False)
-        self.mlp_norm = nn.LayerNorm(width, bias=False)
-        self.fc_in = nn.Linear(width, 4 * width, bias=False)
-        self.fc_out = nn.Linear(4 * width, width, bias=False)
+        self.c_attn = nn.Linear(width, 3 * width, bias=bias)
+        self.c_proj = nn.Linear(width, width, bias=bias)
 
     def forward(self, x_BxLxD: torch.Tensor) -> torch.Tensor:
         batch, length, width = x_BxLxD.shape
-        q, k, v = self.qkv(self.attention_norm(x_BxLxD)).split(width, dim=2)
         heads = lambda t: t.view(batch, length, self.num_heads, width // self.num_heads).transpose(1, 2)
-        y = F.scaled_dot_product_attention(heads(q), heads(k), heads(v), is_causal=True)
-        x_BxLxD = x_BxLxD + self.out(y.transpose(1, 2).reshape(batch, length, width))
-        return x_BxLxD + self.fc_out(F.gelu(self.fc_in(self.mlp_norm(x_BxLxD)), approximate="tanh"))
+        q, k, v = (heads(t) for t in self.c_attn(x_BxLxD).split(width, dim=2))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.c_proj(y.transpose(1, 2).contiguous().view(batch, length, width))
 
 
-class GPT(nn.Module):
-    """research.models.gpt.GPT with use_bias=False, tied embeddings, no dropout."""
+class NanoBlock(nn.Module):
+    """nanoGPT's block: x + attn(ln_1(x)), then x + mlp(ln_2(x)) with a 4x exact-GELU MLP."""
 
-    def __init__(self, vocab_size: int, block_size: int, num_layers: int, num_heads: int, width: int):
+    def __init__(self, width: int, num_heads: int, bias: bool):
         super().__init__()
-        self.token_embedding = nn.Embedding(vocab_size, width)
-        self.position_embedding = nn.Embedding(block_size, width)
-        self.blocks = nn.ModuleList(Block(width, num_heads) for _ in range(num_layers))
-        self.final_norm = nn.LayerNorm(width, bias=False)
+        self.ln_1 = nn.LayerNorm(width, bias=bias)
+        self.attn = CausalSelfAttention(width, num_heads, bias)
+        self.ln_2 = nn.LayerNorm(width, bias=bias)
+        self.c_fc = nn.Linear(width, 4 * width, bias=bias)
+        self.c_proj = nn.Linear(4 * width, width, bias=bias)
+
+    def forward(self, x_BxLxD: torch.Tensor) -> torch.Tensor:
+        x_BxLxD = x_BxLxD + self.attn(self.ln_1(x_BxLxD))
+        return x_BxLxD + self.c_proj(F.gelu(self.c_fc(self.ln_2(x_BxLxD))))
+
+
+class NanoGPT(nn.Module):
+    """GPT as nanoGPT defines it (github.com/karpathy/nanoGPT, model.py), written from its description: learned
+    token and position embeddings, pre-LayerNorm blocks, a final LayerNorm, the head tied to the token embedding;
+    biases in every Linear and LayerNorm when `bias` (GPT-2), none otherwise; no dropout (the benchmark's 0).
+    Weights from N(0, 0.02), the residual projections from N(0, 0.02 / sqrt(2 * layers)), biases zero."""
+
+    def __init__(self, vocab_size: int, block_size: int, num_layers: int, num_heads: int, width: int, bias: bool):
+        super().__init__()
+        self.wte = nn.Embedding(vocab_size, width)
+        self.wpe = nn.Embedding(block_size, width)
+        self.h = nn.ModuleList(NanoBlock(width, num_heads, bias) for _ in range(num_layers))
+        self.ln_f = nn.LayerNorm(width, bias=bias)
+        self.lm_head = nn.Linear(width, vocab_size, bias=False)
+        self.lm_head.weight = self.wte.weight
+        for name, parameter in self.named_parameters():
+            if name.endswith("bias"):
+                nn.init.zeros_(parameter)
+            elif parameter.dim() == 2:
+                residual = name.endswith("c_proj.weight")
+                nn.init.normal_(parameter, std=0.02 / math.sqrt(2 * num_layers) if residual else 0.02)
 
     def forward(self, tokens_BxL: torch.Tensor) -> torch.Tensor:
-        positions = torch.arange(tokens_BxL.shape[1])
-        x = self.token_embedding(tokens_BxL) + self.position_embedding(positions)
-        for block in self.blocks:
+        positions = torch.arange(tokens_BxL.shape[1], device=tokens_BxL.device)
+        x = self.wte(tokens_BxL) + self.wpe(positions)
+        for block in self.h:
             x = block(x)
-        return F.linear(self.final_norm(x), self.token_embedding.weight)
+        return self.lm_head(self.ln_f(x))
 
 
 class CNN(nn.Module):
@@ -136,15 +159,25 @@ def train_step_fn(model: nn.Module, optimizer: torch.optim.Optimizer, clip_norm:
     return step
 
 
-def make_gpt(vocab_size: int, length: int, num_layers: int, num_heads: int, width: int, learning_rate: float = 1e-3):
-    """(model, step): AdamW (b2 0.99, weight decay 0.1), clipping at global norm 1: experiments/shakespeare_gpt.py's."""
-    model = GPT(vocab_size, length, num_layers, num_heads, width)
-    for name, parameter in model.named_parameters():  # GPT-2's init, as the Flax model
-        if parameter.dim() == 2:
-            std = 0.02 / math.sqrt(2 * num_layers) if name.endswith(("out.weight", "fc_out.weight")) else 0.02
-            nn.init.normal_(parameter, std=std)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, betas=(0.9, 0.99), weight_decay=0.1)
-    return model, train_step_fn(model, optimizer, clip_norm=1.0)
+def make_gpt(
+    vocab_size: int,
+    length: int,
+    num_layers: int,
+    num_heads: int,
+    width: int,
+    bias: bool = False,
+    learning_rate: float = 1e-3,
+    compile: bool = False,
+):
+    """(model, step): nanoGPT's GPT, AdamW (b2 0.99, weight decay 0.1 on the matrices and embeddings, as nanoGPT's
+    configure_optimizers), clipping at global norm 1: experiments/shakespeare_gpt.py's optimizer. `compile`: the
+    model under torch.compile (inductor; its compilation happens in the first steps)."""
+    model = NanoGPT(vocab_size, length, num_layers, num_heads, width, bias)
+    decayed = [parameter for parameter in model.parameters() if parameter.dim() >= 2]
+    other = [parameter for parameter in model.parameters() if parameter.dim() < 2]
+    groups = [{"params": decayed, "weight_decay": 0.1}, {"params": other, "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW(groups, lr=learning_rate, betas=(0.9, 0.99))
+    return model, train_step_fn(torch.compile(model) if compile else model, optimizer, clip_norm=1.0)
 
 
 def make_classifier(model: nn.Module, learning_rate: float = 0.1, weight_decay: float = 0.0):

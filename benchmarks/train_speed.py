@@ -9,7 +9,8 @@ same training step (same architecture, parameter count, batch and optimizer) run
   trainer  the Setup's jitted step (research.steps.build), fed as the training loop feeds it
            (put_batch, metrics one step late)
   jax      the same Flax model and optax optimizer in a minimal jax.jit loop (no framework)
-  torch    a plain PyTorch eager reference (benchmarks/torch_models.py)
+  torch    a plain PyTorch eager reference (benchmarks/torch_models.py: nanoGPT's GPT, torchvision-style CNNs)
+  torch_compile  the GPT reference under torch.compile (inductor; GPTs only)
 They alternate: each repeat times `steps` steps of each in turn (who goes first rotates), and the table shows medians
 over repeats, so the ratios stay fair on a machine shared with other jobs. MFU is the analytic
 training FLOPs (research/perf.py, checked here against XLA's cost analysis) per second over the
@@ -44,7 +45,7 @@ from research.logger import TrainMetrics  # noqa: E402
 from research.steps import build  # noqa: E402
 from research.train import DispatchWindow  # noqa: E402
 
-IMPLS = ("trainer", "jax", "torch")
+IMPLS = ("trainer", "jax", "torch", "torch_compile")
 HOST_BATCHES = 4  # distinct synthetic batches, cycled
 
 
@@ -200,8 +201,8 @@ def minimal_jax_runner(model: Model, config, batches) -> Runner:
     return Runner(step, lambda: jax.block_until_ready(state), compile_seconds, perf.xla_flops(compiled), parameters)
 
 
-def torch_runner(model: Model, config, batches) -> Runner:
-    """benchmarks/torch_models.py's reference, eager."""
+def torch_runner(model: Model, config, batches, compile: bool = False) -> Runner:
+    """benchmarks/torch_models.py's reference, eager (or the GPT under torch.compile)."""
     torch.manual_seed(0)
     if model.experiment is shakespeare_gpt:
         module, step_fn = torch_models.make_gpt(
@@ -210,6 +211,8 @@ def torch_runner(model: Model, config, batches) -> Runner:
             config.model.num_layers,
             config.model.num_heads,
             config.model.width,
+            bias=config.model.use_bias,
+            compile=compile,
         )
         tensors = [
             {"inputs": torch.from_numpy(b["inputs"]).long(), "targets": torch.from_numpy(b["targets"]).long()}
@@ -238,7 +241,12 @@ def torch_runner(model: Model, config, batches) -> Runner:
     )
 
 
-RUNNERS = {"trainer": trainer_runner, "jax": minimal_jax_runner, "torch": torch_runner}
+RUNNERS = {
+    "trainer": trainer_runner,
+    "jax": minimal_jax_runner,
+    "torch": torch_runner,
+    "torch_compile": lambda model, config, batches: torch_runner(model, config, batches, compile=True),
+}
 
 
 def time_steps(runner: Runner, first: int, steps: int) -> float:
@@ -256,6 +264,7 @@ def benchmark_model(name: str, impls: list[str], steps: int, repeats: int, peak:
     config = config_of(model)
     batches = host_batches(model, config)
     analytic = model.experiment.flops_per_example(config) * config.batch_size
+    impls = [impl for impl in impls if impl != "torch_compile" or model.experiment is shakespeare_gpt]
     runners = {impl: RUNNERS[impl](model, config, batches) for impl in impls}
     for runner in runners.values():  # warm-up: first-touch allocations, thread pools
         time_steps(runner, 0, 2)
