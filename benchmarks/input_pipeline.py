@@ -2,7 +2,7 @@
 corpus preparation and streaming instead.
 
   python benchmarks/input_pipeline.py
-  python benchmarks/input_pipeline.py --corpus_gb 1 --workdir /tmp/corpus_bench     # ~15 minutes
+  python benchmarks/input_pipeline.py --corpus_gb 1 --workdir /tmp/corpus_bench     # ~8 minutes
 Prints one table. The bars: the in-memory pipelines deliver batches at least 5x faster than the
 train step consumes them; a missing dataset fails in under 5 s; streaming a prepared corpus delivers
 >= 10x the tokens one H100 consumes at 40 % MFU on the 124M model. The corpus (JSONL shards of
