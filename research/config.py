@@ -124,6 +124,17 @@ def optimizer_config() -> ml_collections.ConfigDict:
     )
 
 
+# Trainer counts and the least each may be: a value below is a one-line error before any work.
+MINIMUM = {"batch_size": 1, "eval_batch_size": 1, "num_steps": 0, "log_every": 1, "eval_every": 0}
+
+
+def check_trainer(config: ml_collections.ConfigDict) -> None:
+    """One-line errors for trainer counts out of range (a batch of 0 or -4 examples, say)."""
+    for key, least in MINIMUM.items():
+        if key in config and config[key] < least:
+            raise ConfigError(f"{key} is {config[key]}: it must be >= {least}")
+
+
 def choose(arg: str | None, variants: dict[str | None, dict]) -> dict:
     """The overrides named by a config's `:arg`; an unknown arg is a one-line error listing the valid ones."""
     if arg not in variants:

@@ -220,6 +220,8 @@ class ConfigFileParser(flags.ArgumentParser):
 def claim_workdir(workdir: str | Path, experiment: str, config: ml_collections.ConfigDict) -> None:
     """Records the experiment and config in `workdir`; refuses a workdir that holds another experiment's run."""
     workdir = Path(workdir)
+    if workdir.exists() and not workdir.is_dir():
+        raise ConfigError(f"--workdir {str(workdir)!r} is a file: give a directory (a new one, or a run's)")
     run_file = workdir / RUN_FILE
     if run_file.exists():
         previous = json.loads(run_file.read_text(encoding="utf-8")).get("experiment")

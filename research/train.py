@@ -18,7 +18,7 @@ from jax.sharding import Mesh
 from research import checkpoint, perf, runtime, sharding
 from research import experiment as experiment_lib
 from research import metrics as metrics_lib
-from research.config import ConfigError
+from research.config import ConfigError, check_trainer
 from research.logger import Logger, NonFiniteError, TrainMetrics
 from research.optim.regularizers import eval_params
 from research.state import TrainState
@@ -200,6 +200,9 @@ def train_and_evaluate(
     `config.eval_every` steps; returns the final metrics. `stop_at_step` saves and stops early,
     as a preemption would (for job time slices and tests)."""
     workdir = Path(workdir)
+    check_trainer(config)
+    if workdir.exists() and not workdir.is_dir():
+        raise ConfigError(f"--workdir {str(workdir)!r} is a file: give a directory (a new one, or a run's)")
     workdir.mkdir(parents=True, exist_ok=True)
     train_iterator = iter(experiment.make_data(config, "train"))
     first_batch = next(train_iterator)
@@ -281,6 +284,7 @@ def launch(
     allow_config_change: bool = False,
 ) -> None:
     """launch.py's training mode: names the run, claims the workdir, trains, prints the final metrics."""
+    check_trainer(config)
     if jax.process_index() == 0:
         print(
             f"experiment {name} on {jax.process_count()} process(es), {jax.device_count()} device(s), "

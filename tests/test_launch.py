@@ -28,6 +28,8 @@ def test_list_names_every_experiment_with_its_description():
         ),
         (["--config.num_steps=many"], "error: flag --config.num_steps=many: invalid literal for int()"),
         (["--config.optimizer.name=adm"], "error: unknown optimizer 'adm' (did you mean 'adam'?)"),
+        (["--config.batch_size=0"], "error: batch_size is 0: it must be >= 1"),
+        (["--config.batch_size=-4"], "error: batch_size is -4: it must be >= 1"),
     ],
 )
 def test_bad_overrides_fail_in_one_line(tmp_path, args, message):
@@ -52,6 +54,17 @@ def test_bad_config_variant(tmp_path):
     assert (
         result.stderr.strip().splitlines()[-1]
         == "error: unknown config variant 'smok': use no ':arg' or one of 'smoke'"
+    )
+
+
+def test_a_workdir_that_is_a_file_is_refused_and_kept(tmp_path):
+    path = tmp_path / "notes.txt"
+    path.write_text("mine")
+    result = launch("--config", "experiments/linear_regression.py:smoke", "--workdir", str(path))
+    assert result.returncode == 2 and "Traceback" not in result.stderr and path.read_text() == "mine"
+    assert (
+        result.stderr.strip().splitlines()[-1]
+        == f"error: --workdir '{path}' is a file: give a directory (a new one, or a run's)"
     )
 
 
