@@ -8,8 +8,9 @@ attention: cuDNN on GPUs, splash on TPUs), trained by the trainer's own jitted s
 on synthetic tokens; ResNet-50 (He et al. 2016, ImageNet shape 224x224, bfloat16) on synthetic images.
 Each: step time (median of the timed steps, after compilation and warm-up), tokens or images per second,
 MFU against the chip's dense bf16 peak (research/tools/targets.py; a CPU's measured float32 matmul peak),
-the device's peak memory where it reports one, and the dry run's figures for the same program: its
-memory estimate and the tokens/s its roofline predicts at 40 % MFU. One table printed, the rows as JSON.
+the device's peak memory where it reports one, and the dry run's figures for the same program (compiled
+once): its memory by XLA's analysis, the analytic count, and the tokens/s its roofline predicts at 40 %
+MFU. One table printed, the rows as JSON.
 Record the table in docs/performance.md with the date and the machine.
 """
 
@@ -33,7 +34,9 @@ import numpy as np  # noqa: E402
 
 from experiments import cifar10_resnet, lm  # noqa: E402
 from research import perf, sharding  # noqa: E402
+from research.models import param_count  # noqa: E402
 from research.models.resnet import ImageNetResNet  # noqa: E402
+from research.models.transformer import REMAT_RECOMPUTE  # noqa: E402
 from research.steps import build  # noqa: E402
 from research.tools import dry_run, targets  # noqa: E402
 
@@ -47,35 +50,33 @@ LM_COMMON = dict(family="llama", dtype="bfloat16", param_dtype="float32", attent
 RESNET = {False: (ImageNetResNet(dtype=np.dtype("bfloat16")), 128, 224), True: (ImageNetResNet((1, 1, 1, 1)), 4, 64)}
 
 
-def chip() -> tuple[str, float, str]:
-    """(device, peak FLOP/s per device, dry-run target spec) for this process's first device."""
+def chip() -> tuple[str, float]:
+    """(device, peak FLOP/s per device) for this process's first device."""
     device = jax.devices()[0]
-    kind = device.device_kind.lower()
+    kind = device.device_kind.lower().replace(" ", "")
     for name, figures in targets.CHIPS.items():
-        if name in kind.replace(" ", ""):
-            spec = f"gpu:{name}:1" if figures.platform == "gpu" else f"tpu:{name}-1"
-            return device.device_kind, figures.peak_tflops * 1e12, spec
-    return f"{device.platform} ({device.device_kind})", perf.measure_peak_flops(), "cpu:1"
+        if name in kind:
+            return device.device_kind, figures.peak_tflops * 1e12
+    return f"{device.platform} ({device.device_kind})", perf.measure_peak_flops()
 
 
-def timed(setup, batch, steps: int) -> tuple[float, float]:
-    """(median step seconds, seconds to compile and run the first step) of the trainer's jitted step."""
-    state = setup.init_state(jax.random.PRNGKey(0))
-    batch = sharding.put_batch(batch, setup.mesh)
+def timed(setup, batch, steps: int) -> dict:
+    """The trainer's step compiled once (AOT, so its memory and cost analyses are this very program) and timed:
+    median step seconds, compile seconds, and the compiled program."""
     start = time.perf_counter()
-    state, metrics = setup.train_step(state, batch)
-    jax.block_until_ready(metrics)
-    first = time.perf_counter() - start
-    for _ in range(2):
-        state, metrics = setup.train_step(state, batch)
+    compiled = setup.train_step.lower(setup.abstract_state, setup.batch_spec).compile()
+    compile_seconds = time.perf_counter() - start
+    state, batch = setup.init_state(jax.random.PRNGKey(0)), sharding.put_batch(batch, setup.mesh)
+    for _ in range(3):  # warm-up: first-touch allocations, autotuning
+        state, metrics = compiled(state, batch)
     jax.block_until_ready(metrics)
     times = []
     for _ in range(steps):
         start = time.perf_counter()
-        state, metrics = setup.train_step(state, batch)
+        state, metrics = compiled(state, batch)
         jax.block_until_ready(metrics)
         times.append(time.perf_counter() - start)
-    return statistics.median(times), first
+    return {"seconds": statistics.median(times), "compile_seconds": compile_seconds, "compiled": compiled}
 
 
 def peak_memory() -> float | None:
@@ -83,21 +84,21 @@ def peak_memory() -> float | None:
     return stats.get("peak_bytes_in_use")
 
 
-def estimate(config, experiment, spec: str, peak: float) -> dict:
-    """The dry run's memory (GiB) and the tokens/s its roofline predicts at 40 % MFU of `peak` (one device: no
-    collectives); a note instead when this machine cannot compile for the target."""
-    try:
-        result = dry_run.dry_run(config, experiment, targets.parse(spec))
-    except Exception as error:  # a target this machine cannot compile for: the row says so
-        return {"dry_run": f"n/a ({type(error).__name__})"}
-    seconds = result.analytic_flops * result.recompute / (0.4 * peak)
+def estimate(config, experiment, setup, compiled, peak: float) -> dict:
+    """What the dry run (research/tools/dry_run.py) says of this program on this device: the compiled memory,
+    the analytic count, and the tokens/s of its roofline at 40 % MFU of `peak` (one device: no collectives)."""
+    parameters = param_count(setup.abstract_state.params)
+    tokens = dry_run.tokens_in(setup.batch_spec)
+    recompute = REMAT_RECOMPUTE[config.model.remat]
+    seconds = dry_run.model_flops(config, experiment, parameters, tokens) * recompute / (0.4 * peak)
     return {
-        "dry_run_memory_gib": result.needed_bytes / 2**30,
-        "dry_run_tokens_per_second": result.tokens_per_step / seconds,
+        "dry_run_memory_gib": dry_run.compiled_bytes(compiled)["total"] / 2**30,
+        "analytic_memory_gib": sum(dry_run.analytic_memory(config, experiment, setup).values()) / 2**30,
+        "dry_run_tokens_per_second": tokens / seconds,
     }
 
 
-def lm_row(name: str, size: str, overrides: dict, batch_size: int, peak: float, spec: str, steps: int) -> dict:
+def lm_row(name: str, size: str, overrides: dict, batch_size: int, peak: float, steps: int) -> dict:
     config = lm.get_config(size)
     config.model.update(LM_COMMON | overrides)
     config.update_from_flattened_dict({"batch_size": batch_size, "mesh.data": 1, "mesh.fsdp": 1, "mesh.tensor": 1})
@@ -105,12 +106,13 @@ def lm_row(name: str, size: str, overrides: dict, batch_size: int, peak: float, 
     tokens = np.random.default_rng(0).integers(0, config.model.vocab_size, (batch_size, length + 1), np.int32)
     batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "mask": np.ones(batch_size, np.float32)}
     mesh = sharding.make_mesh({"data": 1}, jax.devices()[:1])
-    seconds, first = timed(build(config, lm, mesh, batch=batch), batch, steps)
-    flops = lm.flops_per_example(config) * batch_size
-    row = dict(model=name, batch=f"{batch_size}x{length}", step_seconds=seconds, first_step_seconds=first)
+    setup = build(config, lm, mesh, batch=batch)
+    run = timed(setup, batch, steps)
+    seconds, flops = run["seconds"], lm.flops_per_example(config) * batch_size
+    row = dict(model=name, batch=f"{batch_size}x{length}", step_seconds=seconds, compile_seconds=run["compile_seconds"])
     row |= dict(throughput=batch_size * length / seconds, unit="tokens/s", mfu=flops / seconds / peak)
-    row |= dict(parameters=lm.parameter_count(config), peak_memory_gib=(peak_memory() or float("nan")) / 2**30)
-    return row | estimate(config, lm, spec, peak)
+    row |= dict(parameters=param_count(setup.abstract_state.params), peak_memory_gib=_gib(peak_memory()))
+    return row | estimate(config, lm, setup, run["compiled"], peak)
 
 
 def resnet_row(tiny: bool, peak: float, steps: int) -> dict:
@@ -126,12 +128,15 @@ def resnet_row(tiny: bool, peak: float, steps: int) -> dict:
         "mask": np.ones(batch_size, np.float32),
     }
     setup = build(config, experiment, sharding.make_mesh({"data": 1}, jax.devices()[:1]), batch=batch)
-    compiled = setup.train_step.lower(setup.abstract_state, setup.batch_spec).compile()
-    seconds, first = timed(setup, batch, steps)
-    flops = perf.xla_flops(compiled)  # the compiled step's own count: forward, backward and update
+    run = timed(setup, batch, steps)
+    seconds, flops = run["seconds"], perf.xla_flops(run["compiled"])  # forward, backward and update, as compiled
     row = dict(model=f"resnet-50{' (1 block per stage)' if tiny else ''}", batch=f"{batch_size}x{size}x{size}")
-    row |= dict(step_seconds=seconds, first_step_seconds=first, throughput=batch_size / seconds, unit="images/s")
-    return row | dict(mfu=flops / seconds / peak, peak_memory_gib=(peak_memory() or float("nan")) / 2**30)
+    row |= dict(step_seconds=seconds, compile_seconds=run["compile_seconds"], throughput=batch_size / seconds)
+    return row | dict(unit="images/s", mfu=flops / seconds / peak, peak_memory_gib=_gib(peak_memory()))
+
+
+def _gib(value: float | None) -> float:
+    return float("nan") if value is None else value / 2**30
 
 
 def format_table(rows: list[dict], device: str) -> str:
@@ -155,8 +160,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--steps", type=int, default=10, help="timed steps per model")
     parser.add_argument("--output", default="", help="write the rows here as JSON")
     arguments = parser.parse_args(argv)
-    device, peak, spec = chip()
-    rows = [lm_row(*model, peak, spec, arguments.steps) for model in LMS[arguments.tiny]]
+    device, peak = chip()
+    rows = [lm_row(*model, peak, arguments.steps) for model in LMS[arguments.tiny]]
     rows.append(resnet_row(arguments.tiny, peak, arguments.steps))
     print(format_table(rows, device))
     if arguments.output:

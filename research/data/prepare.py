@@ -69,12 +69,14 @@ def documents(path: epath.Path, text_field: str, split_on: str) -> Iterator[str 
     if kind == "parquet":
         import pyarrow.parquet
 
-        parquet = pyarrow.parquet.ParquetFile(path.open("rb"))
-        if text_field not in parquet.schema_arrow.names:
-            raise ConfigError(f"{path}: no column {text_field!r}; it has {parquet.schema_arrow.names} (--text_field)")
-        for batch in parquet.iter_batches(columns=[text_field]):
-            for value in batch.column(0).to_pylist():
-                yield value if isinstance(value, str) and value else Skipped("empty" if value == "" else "not_text")
+        with path.open("rb") as stream:
+            parquet = pyarrow.parquet.ParquetFile(stream)
+            names = parquet.schema_arrow.names
+            if text_field not in names:
+                raise ConfigError(f"{path}: no column {text_field!r}; it has {names} (--text_field)")
+            for batch in parquet.iter_batches(columns=[text_field]):
+                for value in batch.column(0).to_pylist():
+                    yield value if isinstance(value, str) and value else Skipped("empty" if value == "" else "not_text")
         return
     with _open(path) as stream:
         if kind == "text" and split_on == "file":

@@ -36,6 +36,15 @@ def zero_padded_shortcut(x_BxHxWxC: jax.Array, features: int, stride: int) -> ja
     return jnp.pad(x_BxHxWxC, ((0, 0), (0, 0), (0, 0), (0, extra))) if extra else x_BxHxWxC
 
 
+def layer_arguments(module: nn.Module, train: bool) -> tuple[dict, dict, dict]:
+    """(types, conv, norm): the keyword arguments every ResNet layer of `module` shares: its dtypes; bias-free
+    He-initialised convolutions; BatchNorm on batch statistics in training, running averages otherwise."""
+    types = dict(dtype=module.dtype, param_dtype=module.param_dtype)
+    conv = dict(use_bias=False, kernel_init=HE_NORMAL, **types)
+    norm = dict(use_running_average=not train, momentum=BATCH_NORM_MOMENTUM, epsilon=BATCH_NORM_EPSILON, **types)
+    return types, conv, norm
+
+
 class BasicBlock(nn.Module):
     """conv3x3 - BN - ReLU - conv3x3 - BN, plus the shortcut, then ReLU."""
 
@@ -46,9 +55,8 @@ class BasicBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x_BxHxWxC: jax.Array, *, train: bool) -> jax.Array:
-        types = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        conv = dict(kernel_size=(3, 3), use_bias=False, kernel_init=HE_NORMAL, **types)
-        norm = dict(use_running_average=not train, momentum=BATCH_NORM_MOMENTUM, epsilon=BATCH_NORM_EPSILON, **types)
+        _, conv, norm = layer_arguments(self, train)
+        conv = dict(kernel_size=(3, 3), **conv)
         y = nn.Conv(self.features, strides=(self.stride, self.stride), name="conv_1", **conv)(x_BxHxWxC)
         y = nn.relu(nn.BatchNorm(name="norm_1", **norm)(y))
         y = nn.Conv(self.features, name="conv_2", **conv)(y)
@@ -70,9 +78,8 @@ class CifarResNet(nn.Module):
         if (self.depth - 2) % 6 or self.depth < 8:
             raise ValueError(f"depth {self.depth} is not 6n + 2 with n >= 1 (20, 32, 44, 56, 110)")
         blocks_per_stage = (self.depth - 2) // 6
-        types = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        norm = dict(use_running_average=not train, momentum=BATCH_NORM_MOMENTUM, epsilon=BATCH_NORM_EPSILON, **types)
-        stem = nn.Conv(self.width, (3, 3), use_bias=False, kernel_init=HE_NORMAL, name="stem_conv", **types)
+        types, conv, norm = layer_arguments(self, train)
+        stem = nn.Conv(self.width, (3, 3), name="stem_conv", **conv)
         x = nn.relu(nn.BatchNorm(name="stem_norm", **norm)(stem(images_BxHxWxC)))
         for stage in range(3):
             for block in range(blocks_per_stage):
@@ -94,9 +101,7 @@ class BottleneckBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x_BxHxWxC: jax.Array, *, train: bool) -> jax.Array:
-        types = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        conv = dict(use_bias=False, kernel_init=HE_NORMAL, **types)
-        norm = dict(use_running_average=not train, momentum=BATCH_NORM_MOMENTUM, epsilon=BATCH_NORM_EPSILON, **types)
+        _, conv, norm = layer_arguments(self, train)
         y = nn.relu(
             nn.BatchNorm(name="norm_1", **norm)(nn.Conv(self.features, (1, 1), name="conv_1", **conv)(x_BxHxWxC))
         )
@@ -123,11 +128,8 @@ class ImageNetResNet(nn.Module):
 
     @nn.compact
     def __call__(self, images_BxHxWxC: jax.Array, *, train: bool = False) -> jax.Array:
-        types = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        norm = dict(use_running_average=not train, momentum=BATCH_NORM_MOMENTUM, epsilon=BATCH_NORM_EPSILON, **types)
-        x = nn.Conv(64, (7, 7), (2, 2), use_bias=False, kernel_init=HE_NORMAL, name="stem_conv", **types)(
-            images_BxHxWxC
-        )
+        types, conv, norm = layer_arguments(self, train)
+        x = nn.Conv(64, (7, 7), (2, 2), name="stem_conv", **conv)(images_BxHxWxC)
         x = nn.max_pool(nn.relu(nn.BatchNorm(name="stem_norm", **norm)(x)), (3, 3), (2, 2), padding="SAME")
         for stage, blocks in enumerate(self.stage_sizes):
             for block in range(blocks):

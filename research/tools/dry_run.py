@@ -172,16 +172,7 @@ def dry_run(config: ml_collections.ConfigDict, experiment, target: targets.Targe
         result.compile_seconds = time.perf_counter() - start
         return result
     result.compile_seconds = time.perf_counter() - start
-    memory = compiled.memory_analysis()
-    result.compiled_bytes = {
-        "arguments (state + batch)": memory.argument_size_in_bytes,
-        "temporaries": memory.temp_size_in_bytes,
-        "outputs not aliased": memory.output_size_in_bytes - memory.alias_size_in_bytes,
-        "total": memory.argument_size_in_bytes
-        + memory.temp_size_in_bytes
-        + memory.output_size_in_bytes
-        - memory.alias_size_in_bytes,
-    }
+    result.compiled_bytes = compiled_bytes(compiled)
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
     result.compiler_flops = float(cost["flops"]) * target.chips if cost and "flops" in cost else float("nan")
@@ -190,6 +181,17 @@ def dry_run(config: ml_collections.ConfigDict, experiment, target: targets.Targe
     result.attention = ", ".join(name for marker, name in ATTENTION_KERNELS.items() if marker in text)
     result.has_loops = max(hlo.execution_counts(text).values(), default=1) > 1
     return result
+
+
+def compiled_bytes(compiled) -> dict[str, float]:
+    """Per-device bytes of a compiled program by XLA's memory analysis: what it needs on the device."""
+    memory = compiled.memory_analysis()
+    parts = {
+        "arguments (state + batch)": memory.argument_size_in_bytes,
+        "temporaries": memory.temp_size_in_bytes,
+        "outputs not aliased": memory.output_size_in_bytes - memory.alias_size_in_bytes,
+    }
+    return parts | {"total": sum(parts.values())}
 
 
 def gib(value: float) -> str:
