@@ -18,6 +18,7 @@ A trained run is used (generate, classify, evaluate, export) with predict.py bes
 """
 
 import sys
+import threading
 from pathlib import Path
 
 from research import runtime
@@ -29,7 +30,7 @@ from ml_collections import config_flags  # noqa: E402
 
 from research import experiment  # noqa: E402
 from research.config import ConfigError  # noqa: E402
-from research.logger import NonFiniteError  # noqa: E402
+from research.logger import NonFiniteError, StorageError  # noqa: E402
 
 EXPERIMENTS_DIR = Path(__file__).parent / "experiments"
 _CONFIG = config_flags.DEFINE_config_file(
@@ -57,12 +58,20 @@ _BENCH_OPTIMIZER = flags.DEFINE_string("bench_optimizer", None, "steps to target
 _SWEEP = flags.DEFINE_string("sweep", None, "sweeps/NAME.py: a run of --config per override set, in WORKDIR/NAME")
 _SWEEP_PARALLEL = flags.DEFINE_integer("sweep_parallel", 1, "runs at once, each on its share of the cores (0: a core)")
 _SWEEP_EMIT = flags.DEFINE_boolean("sweep_emit", False, "print the unfinished runs' commands; run nothing")
+_SWEEP_SLURM = flags.DEFINE_string("sweep_slurm", "", "write the unfinished runs as a SLURM job array script here")
 _REPRODUCE = flags.DEFINE_string("reproduce", None, "EXPERIMENT[:config] or all:smoke: measured vs published")
 
 
 def fail(message: str, code: int = 2) -> None:
     print(f"error: {message}", file=sys.stderr)
     sys.exit(code)
+
+
+def quiet_file_errors() -> None:
+    """After a failed write is reported: the libraries' writer threads and exit handlers (tensorboardX's,
+    orbax's) meet the same full disk again; their OSErrors are not printed after the message."""
+    threading.excepthook = lambda hook: None if issubclass(hook.exc_type, OSError) else threading.__excepthook__(hook)
+    sys.unraisablehook = lambda hook: None if isinstance(hook.exc_value, OSError) else sys.__unraisablehook__(hook)
 
 
 def parse_flags(argv: list[str]) -> list[str]:
@@ -139,14 +148,19 @@ def main(argv: list[str]) -> None:
         module = flags.FLAGS["config"].parser.module
         if _DRY_RUN.value or _PLAN.value:
             return compile_only(module, config_flags.get_config_filename(flags.FLAGS["config"]))
-        if module is None or _WORKDIR.value is None and not _SWEEP.value:
+        if module is None or not _WORKDIR.value and not _SWEEP.value:  # None, or '' (which would be the current one)
             fail("pass --config experiments/NAME.py[:arg] and --workdir DIR (or --list to see the experiments)")
         config_argument = config_flags.get_config_filename(flags.FLAGS["config"])
         if _SWEEP.value:
             from research.tools import sweep
 
             overrides = config_flags.get_override_values(flags.FLAGS["config"])
-            options = dict(parallel=_SWEEP_PARALLEL.value, emit_only=_SWEEP_EMIT.value, launch=Path(__file__).resolve())
+            options = dict(
+                parallel=_SWEEP_PARALLEL.value,
+                emit_only=_SWEEP_EMIT.value,
+                launch=Path(__file__).resolve(),
+                slurm_script=_SWEEP_SLURM.value,
+            )
             passed = sweep.main(
                 _CONFIG.value, config_argument, _SWEEP.value, _WORKDIR.value, overrides=overrides, **options
             )
@@ -163,6 +177,9 @@ def main(argv: list[str]) -> None:
         fail(str(error).splitlines()[0])
     except NonFiniteError as error:
         fail(str(error), code=3)
+    except StorageError as error:
+        quiet_file_errors()
+        fail(str(error), code=4)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ from orbax.checkpoint._src.metadata import array_metadata_store
 from orbax.checkpoint._src.serialization import type_handler_registry
 
 from research.config import ConfigError
+from research.logger import StorageError  # noqa: F401 (raised with storage_failure's message)
 from research.tree import named_leaves, path_name
 
 PyTree = Any
@@ -51,7 +52,19 @@ def _ranking(checkpoint_config: ml_collections.ConfigDict) -> dict[str, Any]:
     return {"best_fn": lambda metrics: metrics[metric], "best_mode": checkpoint_config.best_mode} if metric else {}
 
 
-def make_manager(workdir: str | Path, checkpoint_config: ml_collections.ConfigDict) -> ocp.CheckpointManager:
+def make_manager(workdir: str | Path, checkpoint_config: ml_collections.ConfigDict):
+    """The run's checkpoint manager: the persistent tier's alone, or both tiers (`Tiers`) when
+    `checkpoint.local_dir` is set."""
+    persistent = tier_manager(workdir, checkpoint_config)
+    if not checkpoint_config.local_dir:
+        return persistent
+    local = ml_collections.ConfigDict(checkpoint_config.to_dict())
+    local.update(every_steps=checkpoint_config.local_every_steps, every_minutes=0.0, keep=checkpoint_config.local_keep)
+    local.update(best_metric="")
+    return Tiers(tier_manager(checkpoint_config.local_dir, local), persistent)
+
+
+def tier_manager(workdir: str | Path, checkpoint_config: ml_collections.ConfigDict) -> ocp.CheckpointManager:
     """A manager that saves every N steps and/or T minutes and keeps the last K plus the best."""
     save_policies = []
     if checkpoint_config.every_steps:
@@ -76,6 +89,64 @@ def make_manager(workdir: str | Path, checkpoint_config: ml_collections.ConfigDi
         **_ranking(checkpoint_config),  # without best_fn orbax keeps the metrics in memory only
     )
     return ocp.CheckpointManager(Path(workdir).absolute() / CHECKPOINT_DIR, options=options)
+
+
+# Config keys that may differ between a run's hosts or reruns without changing the run.
+PER_HOST_KEYS = ("checkpoint.local_dir",)
+
+
+class Tiers:
+    """Two tiers of orbax checkpoints behind one manager's interface: a fast local one (`checkpoint.local_dir`,
+    saved every `local_every_steps`, the last `local_keep` kept) and the persistent one in the workdir (the
+    usual policy). A forced save (preemption, the end, a best metric) goes to both. `restore_latest` takes the
+    newest complete, readable step of either, the local copy first; a missing tier simply has no steps.
+    On several hosts the local directory must be one path that every process sees (orbax writes one
+    step's shards from every process into it)."""
+
+    def __init__(self, local: ocp.CheckpointManager, persistent: ocp.CheckpointManager):
+        self.local, self.persistent, self.tiers = local, persistent, [local, persistent]
+        self.directory = persistent.directory
+
+    def should_save(self, step: int) -> bool:
+        return any(tier.should_save(step) for tier in self.tiers)
+
+    def save(self, step: int, args, metrics=None, force: bool = False) -> bool:
+        saved = [
+            tier.save(step, args=args, metrics=metrics, force=True)
+            for tier in self.tiers
+            if force or tier.should_save(step)
+        ]
+        return any(saved)
+
+    def all_steps(self) -> list[int]:
+        return sorted(set(self.local.all_steps()) | set(self.persistent.all_steps()))
+
+    def latest_step(self) -> int | None:
+        steps = self.all_steps()
+        return steps[-1] if steps else None
+
+    def wait_until_finished(self) -> None:
+        for tier in self.tiers:
+            tier.wait_until_finished()
+
+    def reload(self) -> None:
+        for tier in self.tiers:
+            tier.reload()
+
+    def close(self) -> None:
+        for tier in self.tiers:
+            tier.close()
+
+    def __enter__(self) -> "Tiers":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+
+def tiers_of(manager) -> list[ocp.CheckpointManager]:
+    """The orbax managers behind `manager`: the local tier first."""
+    return manager.tiers if isinstance(manager, Tiers) else [manager]
 
 
 def save(
@@ -135,17 +206,24 @@ def restore_latest(manager, abstract_state, iterator, config, *, allow_config_ch
     An unreadable step is set aside (never deleted) and the previous one tried. A config that
     differs from the saved one is an error unless `allow_config_change`.
     """
-    for step in sorted(manager.all_steps(), reverse=True):
+    candidates = [(step, tier) for tier in tiers_of(manager) for step in tier.all_steps()]
+    for step, tier in sorted(candidates, key=lambda candidate: candidate[0], reverse=True):  # stable: local first
         try:
-            state, saved_config = restore(manager, step, abstract_state, iterator)
+            state, saved_config = restore(tier, step, abstract_state, iterator)
         except Exception as error:  # any unreadable file: keep it aside and try the previous step
-            moved_to = set_aside(manager, step)
+            moved_to = set_aside(tier, step)
             print(
-                f"checkpoint at step {step} is unreadable ({type(error).__name__}: {str(error)[:200]}); "
-                f"moved to {moved_to}, trying the previous one"
+                f"checkpoint at step {step} in {tier.directory} is unreadable ({type(error).__name__}: "
+                f"{str(error)[:200]}); moved to {moved_to}, trying the next newest"
             )
             continue
-        differences = config_differences(saved_config, config_dict(config))
+        if tier is not tiers_of(manager)[-1]:
+            print(f"restoring step {step} from the local tier {tier.directory}")
+        differences = [
+            difference
+            for difference in config_differences(saved_config, config_dict(config))
+            if not difference.startswith(PER_HOST_KEYS)
+        ]
         if differences and not allow_config_change:
             raise ConfigError(
                 f"the config differs from the checkpoint's at step {step}: {'; '.join(differences)} "
@@ -157,6 +235,42 @@ def restore_latest(manager, abstract_state, iterator, config, *, allow_config_ch
     return 0, None
 
 
+def complete_steps(directory: str | Path) -> list[int]:
+    """The steps in a checkpoint directory whose writing finished (orbax renames a step's temporary
+    directory to the bare step number when it is complete)."""
+    directory = Path(directory)
+    return sorted(int(path.name) for path in directory.iterdir() if path.name.isdigit()) if directory.is_dir() else []
+
+
+# tensorstore's status codes for a failed file operation (orbax's array writes raise them as ValueError)
+STORAGE_STATUSES = ("RESOURCE_EXHAUSTED", "PERMISSION_DENIED", "DATA_LOSS")
+
+
+def is_storage_failure(error: BaseException) -> bool:
+    """A failed file operation: an OSError, or tensorstore's status for one."""
+    return isinstance(error, OSError) or (isinstance(error, ValueError) and str(error).startswith(STORAGE_STATUSES))
+
+
+def storage_failure(error: BaseException, manager) -> str:
+    """One line for a failed file operation: what failed, the newest intact checkpoint, what to do."""
+    if not isinstance(error, OSError):
+        return storage_failure(OSError(str(error).splitlines()[0][:300]), manager)
+    where = f": {error.filename}" if error.filename else ""
+    return (
+        f"{type(error).__name__}: {error.strerror or error}{where}; the run stopped and {newest_complete(manager)}: "
+        "free space or fix the permissions, then rerun the same command to resume"
+    )
+
+
+def newest_complete(manager) -> str:
+    """'the newest complete checkpoint is step N in DIRECTORY' over the manager's tiers (or that there is none)."""
+    found = [(step, tier.directory) for tier in tiers_of(manager) for step in complete_steps(tier.directory)]
+    if not found:
+        return "no checkpoint was completed"
+    step, directory = max(found, key=lambda candidate: candidate[0])
+    return f"the newest complete checkpoint is step {step} in {directory}"
+
+
 def all_finite(tree: PyTree) -> bool:
     return all(
         bool(np.all(np.isfinite(leaf)))
@@ -166,9 +280,10 @@ def all_finite(tree: PyTree) -> bool:
 
 
 class PreemptionWatcher:
-    """SIGTERM/SIGINT ask the loop to save and stop at the next step boundary; a second one exits at once."""
+    """SIGTERM/SIGINT, and SLURM's warning SIGUSR1 (research/slurm.py), ask the loop to save and stop at the next
+    step boundary; a second one exits at once."""
 
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+    SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 
     def __init__(self):
         self.requested = None
@@ -220,16 +335,20 @@ def choose_step(directory: str | Path, which: str, checkpoint_config: ml_collect
 
 
 def load_params(workdir: str | Path, step: int = 0) -> tuple[PyTree, int]:
-    """The parameters saved by another run (its latest step when `step` is 0), as host arrays."""
+    """The parameters saved by another run (its latest step when `step` is 0), as host arrays, whatever the
+    devices and processes that saved them (read onto this process's first device)."""
     directory = Path(workdir).absolute() / CHECKPOINT_DIR
     if not directory.is_dir():
         raise ConfigError(f"init_from: no checkpoints in {directory}: train that run first or fix init_from.workdir")
-    with ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True)) as manager:
-        step = step or manager.latest_step()
-        if step not in manager.all_steps():
-            raise ConfigError(f"init_from: no step {step} in {directory}; it has {list(manager.all_steps())}")
-        restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
-    return restored["state"]["params"], step
+    steps = complete_steps(directory)
+    step = step or (steps[-1] if steps else 0)
+    if step not in steps:
+        raise ConfigError(f"init_from: no step {step} in {directory}; it has {steps}")
+    path, checkpointer = directory / str(step) / "state", ocp.StandardCheckpointer()
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    saved = checkpointer.metadata(path).item_metadata.tree
+    target = jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=device), saved)
+    return jax.device_get(checkpointer.restore(path, target)["params"]), step
 
 
 def init_from(state: PyTree, shardings: PyTree, tx, init_from_config: ml_collections.ConfigDict) -> PyTree:

@@ -46,8 +46,23 @@ def trainer_config() -> ml_collections.ConfigDict:
     # Stop when eval/<metric> has not improved for `patience` evaluations; metric "" never stops.
     config.early_stopping = ml_collections.ConfigDict({"metric": "", "mode": "min", "patience": 3})
     config.freeze = ""  # regex over parameter paths ("encoder/.*"): matching parameters are not trained
-    config.nonfinite = "stop"  # on a NaN/inf loss or gradient: "stop" the run, or "skip" the update
+    # On a NaN/inf loss or gradient: "stop" the run, "skip" the update, or "rollback" to an earlier
+    # checkpoint and skip the data that led there (research/rollback.py).
+    config.nonfinite = "stop"
     config.nonfinite_max_skips = 100  # "skip" gives up after this many consecutive bad steps
+    config.rollback = ml_collections.ConfigDict(
+        {
+            "attempts": 3,  # rollbacks before the run stops
+            # The data goes on from where the bad stretch was found (every batch read since the restored
+            # step is skipped) and skips this many more.
+            "skip_batches": 0,
+            # A loss spike is `spike_steps` consecutive losses above spike_factor x the median of the
+            # `spike_window` losses before; it stops the run ("stop") or rolls it back. 0: no spike rule.
+            "spike_factor": 0.0,
+            "spike_window": 100,
+            "spike_steps": 1,
+        }
+    )
     # Start from another run's parameters (a pre-trained encoder, say): those whose path matches
     # `include` and not `exclude`; the rest keep their random init. step 0 means its latest.
     config.init_from = ml_collections.ConfigDict({"workdir": "", "step": 0, "include": ".*", "exclude": ""})
@@ -65,6 +80,11 @@ def trainer_config() -> ml_collections.ConfigDict:
             "best_metric": "",  # ...plus the best by this eval metric, e.g. "eval/accuracy" (saved at each eval)
             "best_mode": "max",
             "asynchronous": True,  # write in the background while training continues
+            # A second, fast tier (node-local disk): saved every local_every_steps, the last local_keep kept;
+            # resume takes the newest complete step of either tier. "" is off.
+            "local_dir": "",
+            "local_every_steps": 100,
+            "local_keep": 2,
         }
     )
     return config
@@ -125,14 +145,28 @@ def optimizer_config() -> ml_collections.ConfigDict:
 
 
 # Trainer counts and the least each may be: a value below is a one-line error before any work.
-MINIMUM = {"batch_size": 1, "eval_batch_size": 1, "num_steps": 0, "log_every": 1, "eval_every": 0}
+MINIMUM = {
+    "batch_size": 1,
+    "eval_batch_size": 1,
+    "num_steps": 0,
+    "log_every": 1,
+    "eval_every": 0,
+    "rollback.attempts": 0,
+    "rollback.skip_batches": 0,
+    "rollback.spike_factor": 0.0,
+    "rollback.spike_window": 1,
+    "rollback.spike_steps": 1,
+}
 
 
 def check_trainer(config: ml_collections.ConfigDict) -> None:
     """One-line errors for trainer counts out of range (a batch of 0 or -4 examples, say)."""
+    flat = config.to_dict()
     for key, least in MINIMUM.items():
-        if key in config and config[key] < least:
-            raise ConfigError(f"{key} is {config[key]}: it must be >= {least}")
+        section, _, name = key.rpartition(".")
+        value = (flat.get(section) or {}).get(name) if section else flat.get(name)
+        if isinstance(value, (int, float)) and value < least:
+            raise ConfigError(f"{key} is {value}: it must be >= {least}")
 
 
 def choose(arg: str | None, variants: dict[str | None, dict]) -> dict:

@@ -217,8 +217,11 @@ class ConfigFileParser(flags.ArgumentParser):
         return config
 
 
-def claim_workdir(workdir: str | Path, experiment: str, config: ml_collections.ConfigDict) -> None:
-    """Records the experiment and config in `workdir`; refuses a workdir that holds another experiment's run."""
+def claim_workdir(
+    workdir: str | Path, experiment: str, config: ml_collections.ConfigDict, overwrite: bool = True
+) -> None:
+    """Records the experiment and config in `workdir`; refuses a workdir that holds another experiment's run.
+    With `overwrite` False an existing record is kept (a resume whose config the checkpoint may yet refuse)."""
     workdir = Path(workdir)
     if workdir.exists() and not workdir.is_dir():
         raise ConfigError(f"--workdir {str(workdir)!r} is a file: give a directory (a new one, or a run's)")
@@ -230,6 +233,8 @@ def claim_workdir(workdir: str | Path, experiment: str, config: ml_collections.C
                 f"workdir {str(workdir)!r} holds a run of experiment {previous!r}, not {experiment!r}: "
                 "choose another --workdir"
             )
+        if not overwrite:
+            return
     workdir.mkdir(parents=True, exist_ok=True)
     record = {"experiment": experiment, "config": json.loads(config.to_json_best_effort())}
     written = run_file.with_name(run_file.name + ".tmp")

@@ -4,6 +4,7 @@ Only process 0 writes; other processes get a logger that stays silent. Each reco
 `{"step": n, "train/loss": ..., ...}`, one per line of `metrics.jsonl` in the workdir.
 """
 
+import collections
 import dataclasses
 import json
 import math
@@ -97,7 +98,54 @@ def _clean(value: float) -> float | None:
 
 
 class NonFiniteError(RuntimeError):
-    """The loss or the gradients became NaN or infinite."""
+    """The loss or the gradients became NaN or infinite (or the loss spiked: `LossSpikeError`) at `step`."""
+
+    def __init__(self, message: str, step: int = 0):
+        super().__init__(message)
+        self.step = step  # the first bad step
+
+
+class StorageError(RuntimeError):
+    """A file the run writes or reads failed (a full disk, a permission, a directory removed under it)."""
+
+
+class LossSpikeError(NonFiniteError):
+    """The loss stayed above k times its recent median for n consecutive steps."""
+
+
+class LossSpikes:
+    """The loss-spike rule: `steps` consecutive losses above `factor` x the median of the last `window`
+    losses before them (PaLM's restarts, Chowdhery et al. 2022, sec. 5.1); off when `factor` is 0.
+    It judges only once it has seen `window` losses, and each step once (a step can be checked before
+    a save and again when logged)."""
+
+    def __init__(self, factor: float, window: int, steps: int):
+        self.factor, self.steps = factor, max(steps, 1)
+        self.recent = collections.deque(maxlen=max(window, 1))
+        self.seen, self.spiking = 0, []
+
+    def restart(self, step: int) -> None:
+        """Forgets the steps after `step` (a rollback to it); the losses before them stay the reference."""
+        self.seen, self.spiking = step, []
+
+    def check(self, step: int, loss: float) -> None:
+        if self.factor <= 0 or step <= self.seen or not np.isfinite(loss):
+            return
+        self.seen = step
+        full = len(self.recent) == self.recent.maxlen
+        median = float(np.median(self.recent)) if full else math.inf
+        if loss <= self.factor * median:  # a spike shorter than `steps` never enters the reference
+            self.recent.append(loss)
+            self.spiking = []
+            return
+        self.spiking.append(loss)
+        if len(self.spiking) >= self.steps:
+            first = step - len(self.spiking) + 1
+            raise LossSpikeError(
+                f"loss spike at steps {first}-{step}: loss {loss:.4g} above {self.factor:g} x the median "
+                f"{median:.4g} of the {len(self.recent)} losses before",
+                step=first,
+            )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,9 +177,11 @@ class TrainMetrics:
         start_step: int,
         skip_nonfinite: bool,
         throughput: "Throughput | None" = None,
+        spikes: LossSpikes | None = None,
     ):
         self.logger, self.batch_size, self.skip_nonfinite = logger, batch_size, skip_nonfinite
         self.throughput = throughput or Throughput()
+        self.spikes = spikes or LossSpikes(0.0, 1, 1)
         self.window, self.finished = [], None
         self.last_time, self.last_step = time.perf_counter(), start_step
 
@@ -167,26 +217,36 @@ class TrainMetrics:
 
     def _checked(self, last_step: int, window: list) -> list[dict]:
         host = jax.device_get(window)
-        for offset, metrics in enumerate(host):
+        for step, metrics in enumerate(host, start=last_step - len(host) + 1):
             finite = np.isfinite(metrics["loss"]) and np.isfinite(metrics["grad_norm"])
             if not finite and not self.skip_nonfinite:
-                step = last_step - len(host) + 1 + offset
                 raise NonFiniteError(
                     f"non-finite loss or gradients at step {step} "
-                    f"(loss {metrics['loss']}, grad norm {metrics['grad_norm']})"
+                    f"(loss {metrics['loss']}, grad norm {metrics['grad_norm']})",
+                    step=step,
                 )
+            self.spikes.check(step, float(metrics["loss"]))
         return host
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """The records of a metrics.jsonl; a line cut short (the disk filled, the process died mid-write) is dropped."""
+    records = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
 
 
 def _open_jsonl(path: Path, start_step: int):
     """A fresh run starts a fresh file. A resumed one keeps the records up to its checkpoint's
     step and drops the later ones, which the resumed run is about to write again."""
-    kept = []
-    if start_step and path.exists():
-        kept = [
-            line for line in path.read_text(encoding="utf-8").splitlines() if json.loads(line)["step"] <= start_step
-        ]
+    kept = (
+        [record for record in read_jsonl(path) if record["step"] <= start_step] if start_step and path.exists() else []
+    )
     handle = open(path, "w", encoding="utf-8")
-    handle.writelines(line + "\n" for line in kept)
+    handle.writelines(json.dumps(record) + "\n" for record in kept)
     handle.flush()
     return handle

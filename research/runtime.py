@@ -24,6 +24,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 CHOICES = ("auto", "mimalloc", "tcmalloc", "hugepages", "system")
@@ -164,6 +165,12 @@ def cluster_detected() -> bool:
     return any(count and int(count) > 1 for count in counts) or several_tpu_hosts
 
 
+# jax.distributed's own failure detection: a process silent this long is declared dead by the coordination
+# service, and every other process aborts with a C++ stack trace. The PeerWatchdog (research/watchdog.py)
+# notices a lost process sooner and says so in one line; this is the backstop behind it.
+HEARTBEAT_TIMEOUT_SECONDS = 60
+
+
 def start_distributed(coordinator: str | None, num_processes: int | None, process_id: int | None) -> None:
     """Joins the other processes: explicitly (a coordinator address) or as the cluster (SLURM,
     Open MPI, a TPU pod) describes them; a single process does nothing."""
@@ -173,13 +180,18 @@ def start_distributed(coordinator: str | None, num_processes: int | None, proces
         return
     jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU collectives across processes
     if coordinator is None:
-        jax.distributed.initialize()
+        jax.distributed.initialize(heartbeat_timeout_seconds=HEARTBEAT_TIMEOUT_SECONDS)
     elif num_processes is None or process_id is None:
         from research.config import ConfigError
 
         raise ConfigError("--coordinator_address needs --num_processes and --process_id")
     else:
-        jax.distributed.initialize(coordinator, num_processes=num_processes, process_id=process_id)
+        jax.distributed.initialize(
+            coordinator,
+            num_processes=num_processes,
+            process_id=process_id,
+            heartbeat_timeout_seconds=HEARTBEAT_TIMEOUT_SECONDS,
+        )
 
 
 def use_compilation_cache(directory: str) -> None:
@@ -194,9 +206,11 @@ def use_compilation_cache(directory: str) -> None:
     jax.config.update("jax_compilation_cache_max_size", 4 * 2**30)  # least recently used entries go first
 
 
-def run_local_processes(count: int, argv: list[str], workdir: str | Path) -> int:
+def run_local_processes(count: int, argv: list[str], workdir: str | Path, grace_seconds: float = 60.0) -> int:
     """Runs launch.py's command line `argv` as `count` processes on 127.0.0.1 that train together;
-    process 0 prints, the others log to WORKDIR/process_logs. Returns the first failure's exit code."""
+    process 0 prints, the others log to WORKDIR/process_logs. When one fails, the others get
+    `grace_seconds` to stop on their own (research/watchdog.py) before they are killed, and one line
+    names the first to fail. Returns the first failure's exit code (128 + N for signal N)."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -211,5 +225,23 @@ def run_local_processes(count: int, argv: list[str], workdir: str | Path) -> int
     forward = lambda number, frame: [child.send_signal(number) for child in children]
     for number in (signal.SIGTERM, signal.SIGINT):
         signal.signal(number, forward)
-    codes = [child.wait() for child in children]
-    return next((code for code in codes if code), 0)
+    first_failure, deadline = None, None
+    while any(child.poll() is None for child in children):
+        failed = [index for index, child in enumerate(children) if child.poll()]
+        if failed and first_failure is None:
+            first_failure, deadline = failed[0], time.monotonic() + grace_seconds
+        if deadline is not None and time.monotonic() > deadline:
+            for child in children:
+                child.kill()
+        time.sleep(0.2)
+    if first_failure is None:
+        return 0
+    code = children[first_failure].returncode
+    ended = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit status {code}"
+    print(
+        f"error: process {first_failure} of {count} ended with {ended} (its log: "
+        f"{'above' if first_failure == 0 else logs / f'process_{first_failure}.log'}); every process has stopped; "
+        "rerun the same command to resume from the newest complete checkpoint",
+        file=sys.stderr,
+    )
+    return 128 - code if code < 0 else code

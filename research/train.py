@@ -15,11 +15,11 @@ import jax
 import ml_collections
 from jax.sharding import Mesh
 
-from research import checkpoint, perf, runtime, sharding
+from research import checkpoint, perf, rollback, runtime, sharding, slurm, watchdog
 from research import experiment as experiment_lib
 from research import metrics as metrics_lib
 from research.config import ConfigError, check_trainer
-from research.logger import Logger, NonFiniteError, TrainMetrics
+from research.logger import Logger, LossSpikes, NonFiniteError, TrainMetrics, read_jsonl
 from research.optim.regularizers import eval_params
 from research.state import TrainState
 from research.steps import Setup, build
@@ -98,8 +98,7 @@ def _eval_history(workdir: Path, early_stopping, up_to_step: int) -> list[float]
     path, key = workdir / "metrics.jsonl", f"eval/{early_stopping.metric}"
     if not early_stopping.metric or not up_to_step or not path.exists():
         return []
-    records = [json.loads(line) for line in path.read_text().splitlines()]
-    return [record[key] for record in records if key in record and record["step"] <= up_to_step]
+    return [record[key] for record in read_jsonl(path) if key in record and record["step"] <= up_to_step]
 
 
 def _start(setup: Setup, train_iterator, manager, allow_config_change: bool) -> tuple[int, TrainState]:
@@ -147,6 +146,7 @@ class _Run:
     logger: Logger
     train_metrics: TrainMetrics
     profiler: perf.StepProfiler
+    step: int = 0  # the step the loop is at (its batch read)
 
     def evaluate(self, split: str, prefix: str, step: int) -> dict[str, float]:
         """Metrics of `split` (with the parameters' EMA when the optimizer keeps one), logged as `prefix/...`."""
@@ -161,26 +161,37 @@ class _Run:
         if force or self.manager.should_save(step):
             self.train_metrics.check_pending(step)
             checkpoint.save(
-                self.manager, step, self.state, self.train_iterator, self.setup.config, metrics=metrics, force=True
+                self.manager, step, self.state, self.train_iterator, self.setup.config, metrics=metrics, force=force
             )
 
-    def close(self) -> None:
-        """Ends the profile, waits for the last checkpoint, closes the logs."""
-        self.profiler.close()
-        self.manager.wait_until_finished()
-        self.manager.close()
-        self.logger.close()
+    def close(self, manager: bool = True, quietly: bool = False) -> None:
+        """Ends the profile, waits for the last checkpoint, closes the logs (and the checkpoint manager);
+        `quietly` (the run is failing already) tries each and lets the first error stand."""
+        actions = [self.profiler.close, self.manager.wait_until_finished, self.logger.close]
+        for action in actions + ([self.manager.close] if manager else []):
+            try:
+                action()
+            except Exception:
+                if not quietly:
+                    raise
 
 
 def _make_run(
-    setup: Setup, state: TrainState, experiment: Any, train_iterator, manager, workdir: Path, start: int
+    setup: Setup,
+    state: TrainState,
+    experiment: Any,
+    train_iterator,
+    manager,
+    workdir: Path,
+    start: int,
+    spikes: LossSpikes | None = None,
 ) -> _Run:
     """The loop's state from `start`: evaluation data, the logger and its throughput, the profiler."""
     config = setup.config
     logger = Logger(workdir, total_steps=config.num_steps, start_step=start)
     skip = config.nonfinite == "skip"
     train_metrics = TrainMetrics(
-        logger, config.batch_size, start, skip, throughput=perf.throughput_of(config, experiment)
+        logger, config.batch_size, start, skip, throughput=perf.throughput_of(config, experiment), spikes=spikes
     )
     eval_data = {split: experiment.make_data(config, split) for split in ("validation", "test")}
     profiler = perf.StepProfiler(config.profile_steps, workdir / "profile")
@@ -198,7 +209,8 @@ def train_and_evaluate(
 ) -> dict[str, float]:
     """Trains to `config.num_steps` (resuming from the workdir's checkpoints), evaluating every
     `config.eval_every` steps; returns the final metrics. `stop_at_step` saves and stops early,
-    as a preemption would (for job time slices and tests)."""
+    as a preemption would (for job time slices and tests). A bad stretch is rolled back when
+    `config.nonfinite` is "rollback" (research/rollback.py)."""
     workdir = Path(workdir)
     check_trainer(config)
     if workdir.exists() and not workdir.is_dir():
@@ -216,23 +228,60 @@ def train_and_evaluate(
         print(f"the run in {workdir} is finished; its results are in {results_file}")
         return finished
     batch = sharding.put_batch(first_batch if start == 0 else next(train_iterator), setup.mesh)
-    history = _eval_history(workdir, config.early_stopping, start)
-    run = _make_run(setup, state, experiment, train_iterator, manager, workdir, start)
-    try:
-        last_step = _loop(run, batch, start, history, stop_at_step)
-        if last_step is None:
-            return {}
-        final = run.evaluate("validation", "eval", last_step) | run.evaluate("test", "test", last_step)
-        if start < last_step:
-            run.save(last_step, final, force=True)
-    except NonFiniteError as error:
-        last_good = f"the last good checkpoint is step {manager.latest_step()} in {manager.directory}"
-        raise NonFiniteError(f"{error}; {last_good}") from None
-    finally:
-        run.close()
+    with watchdog.PeerWatchdog(lambda: checkpoint.newest_complete(manager)):
+        last_step, final = _train(
+            setup, experiment, train_iterator, manager, workdir, start, state, batch, stop_at_step
+        )
+    if last_step is None:
+        return {}
     if jax.process_index() == 0:
         _write_results(results_file, last_step, final, config.num_steps)
     return final
+
+
+def _train(setup: Setup, experiment, train_iterator, manager, workdir: Path, start: int, state, batch, stop_at_step):
+    """(last step, final metrics) of training from `start`, rolling back past bad stretches when configured;
+    (None, None) after a preemption's save. A failed file operation becomes a one-line StorageError."""
+    config = setup.config
+    history = _eval_history(workdir, config.early_stopping, start)
+    spikes = LossSpikes(config.rollback.spike_factor, config.rollback.spike_window, config.rollback.spike_steps)
+    rollbacks = rollback.Rollbacks(workdir, config)
+    run = _make_run(setup, state, experiment, train_iterator, manager, workdir, start, spikes)
+    try:
+        while True:
+            try:
+                last_step, final = _loop(run, batch, start, history, stop_at_step), None
+                if last_step is not None:
+                    final = run.evaluate("validation", "eval", last_step) | run.evaluate("test", "test", last_step)
+                    if start < last_step:
+                        run.save(last_step, final, force=True)
+                run.close()
+                return last_step, final
+            except NonFiniteError as error:
+                if not rollbacks.allowed(error):
+                    last_good = f"the last good checkpoint is step {manager.latest_step()} in {manager.directory}"
+                    raise NonFiniteError(f"{error}; {rollbacks.summary()}{last_good}", error.step) from None
+                run.close(manager=False)
+                start, state, batch = _roll_back(run, error, rollbacks)
+                spikes.restart(start)
+                history = _eval_history(workdir, config.early_stopping, start)
+                run = _make_run(setup, state, experiment, train_iterator, manager, workdir, start, spikes)
+    except BaseException as error:
+        run.close(quietly=True)
+        if checkpoint.is_storage_failure(error):  # a full disk, a permission, a directory removed under the run
+            raise checkpoint.StorageError(checkpoint.storage_failure(error, manager)) from None
+        raise
+
+
+def _roll_back(run: _Run, error: NonFiniteError, rollbacks: rollback.Rollbacks) -> tuple[int, TrainState, Any]:
+    """(start, state, first batch) after rolling back past `error`'s bad step (research/rollback.py): the
+    state from the newest checkpoint before it, the data iterator left where it is (plus `skip_batches`)."""
+    set_aside = rollback.set_aside_from(run.manager, error.step)
+    start, state = _start(run.setup, None, run.manager, allow_config_change=True)  # None: the data stays put
+    extra = run.setup.config.rollback.skip_batches
+    rollback.skip_batches(run.train_iterator, extra)
+    rollbacks.record(error, start, run.step - start + extra, set_aside)
+    return start, state, sharding.put_batch(next(run.train_iterator), run.setup.mesh)
 
 
 def _loop(run: _Run, batch, start: int, history: list[float], stop_at_step: int | None) -> int | None:
@@ -240,6 +289,7 @@ def _loop(run: _Run, batch, start: int, history: list[float], stop_at_step: int 
     config, metrics_window, dispatched = run.setup.config, run.train_metrics, DispatchWindow()
     with checkpoint.PreemptionWatcher() as watcher:
         for step in range(start + 1, config.num_steps + 1):
+            run.step = step
             if step > start + 1:
                 batch = sharding.put_batch(next(run.train_iterator), run.setup.mesh)
             run.profiler.before(step)
@@ -270,6 +320,9 @@ def _loop(run: _Run, batch, start: int, history: list[float], stop_at_step: int 
                     f"stopped at step {step} ({watcher.requested or 'stop_at_step'}); "
                     f"checkpoint saved in {run.manager.directory}"
                 )
+                requeued = slurm.requeue_after(watcher.requested)
+                if requeued:
+                    print(requeued)
                 return None
     metrics_window.flush()
     return config.num_steps
@@ -290,7 +343,7 @@ def launch(
             f"experiment {name} on {jax.process_count()} process(es), {jax.device_count()} device(s), "
             f"allocator {runtime.allocator_in_use()}\n{config}"
         )
-        experiment_lib.claim_workdir(workdir, name, config)
+        experiment_lib.claim_workdir(workdir, name, config, overwrite=allow_config_change)
     results = train_and_evaluate(config, experiment, workdir, allow_config_change=allow_config_change)
     if results and jax.process_index() == 0:
         print("final: " + "  ".join(f"{key} {value:.4f}" for key, value in results.items()))

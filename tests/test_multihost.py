@@ -59,3 +59,54 @@ def test_two_processes_match_one_and_their_checkpoint_resumes_in_one(tmp_path):
     assert results[0].keys() == results[1].keys()
     for name in results[1]:
         assert results[0][name] == pytest.approx(results[1][name], abs=1e-5), name
+
+
+def test_a_lost_process_stops_the_other_in_one_line_and_the_rerun_resumes_bitwise(tmp_path):
+    """Process 1 of 2 is killed mid-run: process 0 stops within the watchdog's timeout (10 s here) naming it and
+    the newest checkpoint, exit status 5; the same two commands again resume and end where an uninterrupted
+    run ends, bit for bit (benchmarks/lost_process.py does this ten times, either process killed)."""
+    import signal
+    import socket
+    import time
+
+    import jax
+
+    from research import checkpoint
+
+    def start(workdir):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        environment = dict(
+            os.environ,
+            XLA_FLAGS="--xla_force_host_platform_device_count=2",
+            JAX_PLATFORMS="cpu",
+            RESEARCH_PEER_TIMEOUT="10",
+        )
+        command = [sys.executable, "launch.py", "--config", "experiments/digits_mlp.py", f"--workdir={workdir}"]
+        command += ["--config.num_steps=600", "--config.log_every=50", "--config.eval_every=0"]
+        command += ["--config.checkpoint.every_steps=100", f"--coordinator_address=127.0.0.1:{port}"]
+        command += ["--num_processes=2"]
+        return [
+            subprocess.Popen([*command, f"--process_id={index}"], cwd=ROOT, env=environment, stderr=subprocess.PIPE)
+            for index in range(2)
+        ]
+
+    workdir = tmp_path / "run"
+    processes = start(workdir)
+    while not (workdir / "checkpoints" / "100").is_dir():
+        time.sleep(0.1)
+    processes[1].send_signal(signal.SIGKILL)
+    killed = time.monotonic()
+    errors = processes[0].communicate(timeout=120)[1].decode()
+    assert processes[0].returncode == 5, errors[-2000:]
+    assert time.monotonic() - killed < 30
+    line = errors.strip().splitlines()[-1]
+    assert line.startswith("error: process 1 of 2 is lost (no heartbeat for 1"), line
+    assert "stopping process 0 too; the newest complete checkpoint is step " in line
+    assert [process.wait() for process in start(workdir)] == [0, 0]
+    reference = tmp_path / "uninterrupted"
+    assert [process.wait() for process in start(reference)] == [0, 0]
+    ours, theirs = (jax.tree.leaves(checkpoint.load_params(directory, 600)[0]) for directory in (workdir, reference))
+    for mine, reference_leaf in zip(ours, theirs):
+        np.testing.assert_array_equal(mine, reference_leaf)

@@ -13,6 +13,7 @@ from typing import Any, Mapping, Sequence
 
 import tensorflow_datasets as tfds
 
+from research.config import ConfigError
 from research.data import (
     cifar10,
     files,
@@ -96,7 +97,14 @@ def source(name: str, split: str, data_dir: str | None = None) -> Sequence[Mappi
     dataset_builder = builder(name, data_dir)
     if not dataset_builder.is_prepared():
         prepare(dataset_builder, name)
-    return dataset_builder.as_data_source(split=split)
+    try:
+        return dataset_builder.as_data_source(split=split)
+    except (ValueError, KeyError, AssertionError) as error:  # tfds's split parser: "train[:300%]", "trian"
+        splits = ", ".join(sorted(dataset_builder.info.splits))
+        raise ConfigError(
+            f"split {split!r} of {name}: {str(error).splitlines()[0][:200]} (its splits: {splits}; "
+            "slices as in 'train[:90%]' or 'train[1000:]')"
+        ) from None
 
 
 def prepare(dataset_builder: tfds.core.DatasetBuilder, name: str) -> None:

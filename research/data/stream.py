@@ -187,9 +187,10 @@ def parse_sources(spec: str) -> list[tuple[Corpus, float]]:
     for part in spec.split(","):
         directory, _, weight = part.strip().rpartition(":") if ":" in part else (part.strip(), "", "1")
         try:
-            sources.append((Corpus.open(directory), float(weight)))
+            weight = float(weight)
         except ValueError:
             raise ConfigError(f"data.prepared {spec!r}: {weight!r} is not a weight (DIR:0.7,DIR:0.3)") from None
+        sources.append((Corpus.open(directory), weight))
     hashes = {corpus.manifest["tokenizer"]["sha256"] for corpus, _ in sources}
     if len(hashes) > 1:
         raise ConfigError(f"data.prepared {spec!r}: the corpora were prepared with different tokenizers")

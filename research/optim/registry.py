@@ -191,18 +191,21 @@ def make_optimizer(config: Mapping[str, Any], num_steps: int = 0) -> optax.Gradi
 
 def make_tx(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
     """The trainer's optimizer: `config.optimizer`, with `config.freeze` (a regex over parameter paths)
-    kept fixed and `config.nonfinite` ("stop" or "skip") handling NaN/inf updates."""
+    kept fixed; `config.nonfinite` "skip" drops NaN/inf updates ("stop" and "rollback" are the loop's)."""
     tx = make_optimizer(config.optimizer, config.num_steps)
     if config.freeze:
-        pattern = re.compile(config.freeze)
+        try:
+            pattern = re.compile(config.freeze)
+        except re.error as error:
+            raise ConfigError(f"freeze {config.freeze!r} is not a regular expression: {error}") from None
         labels = lambda params: jax.tree_util.tree_map_with_path(
             lambda path, _: "frozen" if pattern.search(path_name(path)) else "trained", params
         )
         tx = optax.multi_transform({"trained": tx, "frozen": optax.set_to_zero()}, labels)
     if config.nonfinite == "skip":
         tx = optax.apply_if_finite(tx, max_consecutive_errors=config.nonfinite_max_skips)
-    elif config.nonfinite != "stop":
-        raise ConfigError(f"nonfinite must be 'stop' or 'skip', not {config.nonfinite!r}")
+    elif config.nonfinite not in ("stop", "rollback"):
+        raise ConfigError(f"nonfinite must be 'stop', 'skip' or 'rollback', not {config.nonfinite!r}")
     return tx
 
 

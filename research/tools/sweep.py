@@ -33,6 +33,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import ml_collections
 
+from research import slurm
 from research.config import OPEN_SECTIONS, ConfigError
 from research.experiment import import_file, unknown_key_message
 
@@ -274,19 +275,33 @@ def main(
     parallel: int,
     emit_only: bool,
     launch: str | Path,
+    slurm_script: str = "",
 ) -> bool:
     """launch.py --sweep: checks every run's overrides, then prints the unfinished runs' commands
-    (`emit_only`, absolute paths for a scheduler) or runs them; True when none failed."""
+    (`emit_only`, absolute paths for a scheduler), writes them as a SLURM job array (`slurm_script`)
+    or runs them; True when none failed."""
     path, _, variant = config_argument.partition(":")
     default_root = Path("runs") / Path(sweep_file).stem / (Path(path).stem + (f"_{variant}" if variant else ""))
     root = workdir or str(default_root)
     runs = load_sweep(sweep_file)
     check_overrides(config, runs)
     extra = [f"--config.{key}={format_value(value)}" for key, value in overrides.items()]  # to every run
+    absolute = str(Path(path).resolve()) + (f":{variant}" if variant else "")
     if emit_only:
-        absolute = str(Path(path).resolve()) + (f":{variant}" if variant else "")
         for line in emit(runs, absolute, Path(root).resolve(), launch, extra):
             print(line)
+        return True
+    if slurm_script:
+        unfinished = [run for run in runs if not is_finished(Path(root) / run.name)]
+        commands = [command(run, absolute, Path(root).resolve(), launch, extra) for run in unfinished]
+        if not commands:
+            print(f"every run of the sweep in {root} is finished: no job array written")
+            return True
+        logs = Path(root).resolve() / "slurm_logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        script = slurm.array_script(commands, job_name=Path(sweep_file).stem, log_dir=str(logs))
+        Path(slurm_script).write_text(script)
+        print(f"wrote a job array of {len(commands)} unfinished runs to {slurm_script}: sbatch {slurm_script}")
         return True
     codes = run_sweep(
         runs, config_argument, root, parallel=parallel or len(os.sched_getaffinity(0)), launch=launch, extra=extra

@@ -1,0 +1,96 @@
+"""Rolling a run back past a bad stretch: an earlier checkpoint, the data that led there skipped, on again.
+
+With `config.nonfinite = "rollback"`, a NaN/inf loss or gradient, or a loss spike when
+`config.rollback.spike_factor` > 0 (`research.logger.LossSpikes`), does not end the run. The loop
+(research/train.py) moves every checkpoint at or after the first bad step to
+WORKDIR/checkpoints_rolled_back/ (kept as evidence) and restores the newest one left (or starts afresh
+when none is); the data iterator is not restored but goes on from where the loop found the bad
+stretch, so every batch read since the restored step is skipped, plus `rollback.skip_batches` more.
+PaLM did this by hand (Chowdhery et al. 2022, sec. 5.1: restart ~100 steps before a spike, skip
+~200-500 batches). After `rollback.attempts` rollbacks the next bad step stops the run with the history.
+Each rollback is a console line and a record in WORKDIR/rollbacks.jsonl. Deterministic: the same bad
+step gives the same recovery (restores are bitwise, the loop finds a bad step at the same point, the
+next checkpoint stores the moved iterator); a rerun after a crash meets the same NaN and does the same
+(the spike rule needs `spike_window` losses after a restart before it judges again).
+"""
+
+import json
+import shutil
+from pathlib import Path
+
+import jax
+import ml_collections
+from jax.experimental import multihost_utils
+
+from research import checkpoint
+from research.logger import LossSpikeError, NonFiniteError
+
+ROLLED_BACK_DIR = "checkpoints_rolled_back"
+
+
+def set_aside_from(manager, step: int) -> list[int]:
+    """Moves the checkpoints at `step` and later out of the manager's sight, in every tier (process 0 moves,
+    every process waits for it); returns their steps."""
+    manager.wait_until_finished()
+    later = sorted(saved for saved in manager.all_steps() if saved >= step)
+    for tier in checkpoint.tiers_of(manager):
+        if jax.process_index() != 0:
+            break
+        target = Path(tier.directory).parent / ROLLED_BACK_DIR
+        for saved in (saved for saved in tier.all_steps() if saved >= step):
+            target.mkdir(parents=True, exist_ok=True)
+            if (target / str(saved)).exists():  # an earlier rollback moved this step already
+                shutil.rmtree(target / str(saved))
+            shutil.move(Path(tier.directory) / str(saved), target / str(saved))
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("research.rollback.set_aside_from")
+    manager.reload()
+    return later
+
+
+def skip_batches(iterator, count: int) -> None:
+    """Advances the training iterator by `count` batches without reading them into the step."""
+    for _ in range(count):
+        next(iterator)
+
+
+class Rollbacks:
+    """The rollbacks of one run: whether another is allowed, and their history (console and rollbacks.jsonl)."""
+
+    def __init__(self, workdir: Path, config: ml_collections.ConfigDict):
+        self.path, self.config = Path(workdir) / "rollbacks.jsonl", config
+        self.history: list[dict] = []
+
+    def allowed(self, error: NonFiniteError) -> bool:
+        return self.config.nonfinite == "rollback" and len(self.history) < self.config.rollback.attempts
+
+    def record(self, error: NonFiniteError, restored_step: int, skipped: int, set_aside: list[int]) -> None:
+        """`skipped`: the batches of training data no step will train on, after restored_step."""
+        entry = {
+            "attempt": len(self.history) + 1,
+            "kind": "loss spike" if isinstance(error, LossSpikeError) else "non-finite",
+            "bad_step": error.step,
+            "restored_step": restored_step,
+            "skipped_batches": skipped,
+            "set_aside": set_aside,
+            "error": str(error),
+        }
+        self.history.append(entry)
+        print(
+            f"rollback {entry['attempt']}/{self.config.rollback.attempts}: {error}; restored step {restored_step}"
+            f"{f' (set aside steps {set_aside})' if set_aside else ''}, skipping {skipped} batches of training data"
+        )
+        if jax.process_index() == 0:
+            with open(self.path, "a", encoding="utf-8") as handle:
+                handle.write(json.dumps(entry) + "\n")
+
+    def summary(self) -> str:
+        """What was tried, for the error that ends the run: '' when nothing was."""
+        if not self.history:
+            return ""
+        tried = ", ".join(
+            f"{entry['kind']} at step {entry['bad_step']} -> step {entry['restored_step']} "
+            f"+ {entry['skipped_batches']} skipped"
+            for entry in self.history
+        )
+        return f"after {len(self.history)} rollback(s) ({tried}; {self.path}); "
