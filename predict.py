@@ -4,6 +4,7 @@
   python predict.py --workdir runs/digits --classify digits.csv --top 3      # or a .npy file, or - for stdin
   python predict.py --workdir runs/digits --evaluate test [--quantize]
   python predict.py --workdir runs/digits --export exported/digits [--quantize]
+  python predict.py --workdir runs/mnist_cnn --explain test --num_examples 16     # attributions.png, .npz
 
 Reads WORKDIR/config.json and a checkpoint (--checkpoint latest, best or a step number). An
 entry point beside launch.py because prediction has its own flags (sampling, inputs, export) that
@@ -43,6 +44,11 @@ _CLASSIFY = flags.DEFINE_string(
 )
 _TOP = flags.DEFINE_integer("top", 3, "classes printed per example")
 _EVALUATE = flags.DEFINE_string("evaluate", None, "evaluate this split (train, validation, test) and print the metrics")
+_EXPLAIN = flags.DEFINE_string("explain", None, "attribute the predictions on this split's first examples to inputs")
+_EXPLAIN_METHOD = flags.DEFINE_enum("explain_method", "integrated_gradients", ["integrated_gradients", "saliency"], "")
+_NUM_EXAMPLES = flags.DEFINE_integer("num_examples", 16, "examples --explain explains")
+_EXPLAIN_STEPS = flags.DEFINE_integer("explain_steps", 64, "integrated gradients' path steps")
+_EXPLAIN_DIR = flags.DEFINE_string("explain_dir", None, "where --explain writes (default WORKDIR/explain)")
 _EXPORT = flags.DEFINE_string("export", None, "write a jax.export artifact and a manifest to this directory")
 _QUANTIZE = flags.DEFINE_boolean(
     "quantize",
@@ -96,13 +102,24 @@ def run_action(run) -> None:
                 predict.class_names(run, len(results["confusion_matrix"])) if "confusion_matrix" in results else None
             )
             print(f"{run.name} step {run.step}, split {_EVALUATE.value}\n" + predict.format_metrics(results, names))
+    elif _EXPLAIN.value is not None:
+        from pathlib import Path
+
+        from research.inference import explain
+
+        directory = _EXPLAIN_DIR.value or Path(_WORKDIR.value) / "explain"
+        print(
+            explain.explain_run(
+                run, _EXPLAIN.value, _EXPLAIN_METHOD.value, _NUM_EXAMPLES.value, _EXPLAIN_STEPS.value, directory
+            )
+        )
     elif _EXPORT.value is not None:
         manifest = export.export_run(run, _EXPORT.value, quantized=_QUANTIZE.value)
         print(
             f"wrote {_EXPORT.value}: {manifest['artifact']} ({manifest['artifact_bytes']} bytes) and {export.MANIFEST}"
         )
     else:
-        fail("pass one of --generate PROMPT, --classify FILE, --evaluate SPLIT or --export DIR")
+        fail("pass one of --generate PROMPT, --classify FILE, --evaluate SPLIT, --explain SPLIT or --export DIR")
 
 
 def main(argv: list[str]) -> None:
