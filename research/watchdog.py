@@ -52,6 +52,8 @@ class PeerWatchdog:
             return
         self.stopped.set()
         self.thread.join()
+        if exc_info[0] is not None:  # failing: the others find out by its silence, and stop too
+            return
         try:  # the others stop watching a process that finished
             distributed.global_state.client.key_value_set(f"{PREFIX}/{jax.process_index()}", DONE, True)
         except Exception:
