@@ -102,6 +102,10 @@ def run_action(run) -> None:
                 predict.class_names(run, len(results["confusion_matrix"])) if "confusion_matrix" in results else None
             )
             print(f"{run.name} step {run.step}, split {_EVALUATE.value}\n" + predict.format_metrics(results, names))
+            if run.config.pruning.sparsity > 0:
+                from research.optim import pruning
+
+                print(pruning.sparse_report(run.params, run.config.pruning.include))
     elif _EXPLAIN.value is not None:
         from pathlib import Path
 

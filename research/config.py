@@ -63,6 +63,11 @@ def trainer_config() -> ml_collections.ConfigDict:
             "spike_steps": 1,
         }
     )
+    # Magnitude pruning (research/optim/pruning.py): kernels to `sparsity` zeros on a cubic schedule from
+    # start_step to end_step (0: three quarters of num_steps), masks recomputed every `every` steps, then kept.
+    config.pruning = ml_collections.ConfigDict(
+        {"sparsity": 0.0, "scope": "global", "start_step": 0, "end_step": 0, "every": 50, "include": r"kernel$"}
+    )
     # Start from another run's parameters (a pre-trained encoder, say): those whose path matches
     # `include` and not `exclude`; the rest keep their random init. step 0 means its latest.
     config.init_from = ml_collections.ConfigDict({"workdir": "", "step": 0, "include": ".*", "exclude": ""})

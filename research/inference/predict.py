@@ -89,12 +89,28 @@ def _read_record(workdir: Path) -> dict:
     return json.loads(run_file.read_text(encoding="utf-8"))
 
 
+def _with_defaults(defaults: ml_collections.ConfigDict, saved: dict) -> ml_collections.ConfigDict:
+    """The saved config over the experiment's current defaults: a run saved before a key existed (pruning,
+    say) gets the key's default, which is what it ran with."""
+    merged = defaults.to_dict()
+
+    def overlay(target: dict, source: dict) -> None:
+        for key, value in source.items():
+            if isinstance(value, dict) and isinstance(target.get(key), dict):
+                overlay(target[key], value)
+            else:
+                target[key] = value
+
+    overlay(merged, saved)
+    return ml_collections.ConfigDict(merged)
+
+
 def load_run(workdir: str | Path, experiments_dir: str | Path = "experiments", which: str = "latest") -> Run:
     """The run in `workdir` at the checkpoint `which` names ("latest", "best" or a step number), on one device."""
     workdir = Path(workdir)
     record = _read_record(workdir)
     module = experiment.load(Path(experiments_dir) / f"{record['experiment']}.py")
-    config = ml_collections.ConfigDict(record["config"])
+    config = _with_defaults(module.get_config(), record["config"])
     directory = workdir.absolute() / checkpoint.CHECKPOINT_DIR
     steps = sorted(int(path.name) for path in directory.iterdir() if path.name.isdigit()) if directory.is_dir() else []
     if not steps:

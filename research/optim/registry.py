@@ -24,7 +24,7 @@ import optax
 import optax.contrib
 
 from research.config import ConfigError, optimizer_config
-from research.optim import ademamix, cautious, contract, regularizers
+from research.optim import ademamix, cautious, contract, pruning, regularizers
 from research.optim.contract import first_line, line_in
 from research.optim.schedules import SCHEDULES
 from research.tree import path_name
@@ -202,6 +202,17 @@ def make_tx(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
             lambda path, _: "frozen" if pattern.search(path_name(path)) else "trained", params
         )
         tx = optax.multi_transform({"trained": tx, "frozen": optax.set_to_zero()}, labels)
+    if config.pruning.sparsity > 0:
+        if config.optimizer.ema_decay > 0:
+            raise ConfigError("pruning with optimizer.ema_decay: the evaluated average would not be sparse; use one")
+        settings = config.pruning
+        end = settings.end_step or int(0.75 * config.num_steps)
+        tx = optax.chain(
+            tx,
+            pruning.magnitude_pruning(
+                settings.sparsity, settings.start_step, end, settings.every, settings.scope, settings.include
+            ),
+        )
     if config.nonfinite == "skip":
         tx = optax.apply_if_finite(tx, max_consecutive_errors=config.nonfinite_max_skips)
     elif config.nonfinite not in ("stop", "rollback"):

@@ -1,6 +1,7 @@
 """Tables and learning curves of the runs under a directory (a sweep's root, or any tree of workdirs).
 
   python -m research.tools.report RUNS_DIR [--metric eval/accuracy] [--best_per optimizer.name] [--out DIR]
+  python -m research.tools.report runs/pruning/digits_mlp --metric test/accuracy --against pruning.sparsity
 
 Every directory below RUNS_DIR that holds config.json and metrics.jsonl is a run. Runs whose
 configs differ only in `seed` form a group; the groups are labelled by the config keys that vary
@@ -259,8 +260,42 @@ def plot_curves(groups: dict[tuple, list[RunRecord]], key: str, path: Path, titl
     return path
 
 
+def plot_against(groups: dict[tuple, list[RunRecord]], key: str, metric: str, path: Path, title: str = "") -> Path:
+    """One PNG: the final `metric` of each group (mean, error bar min-max over seeds) against the config `key`
+    (accuracy against pruning.sparsity, say), the other varying keys as separate lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    lines: dict[str, list[tuple[float, float, float, float]]] = {}
+    for group, runs in groups.items():
+        finals = [final_and_best(run, metric)[0] for run in runs]
+        others = label(tuple((name, value) for name, value in group if name != key))
+        x = runs[0].config.get(key)
+        lines.setdefault(others, []).append((float(x), np.mean(finals), np.min(finals), np.max(finals)))
+    figure, axis = plt.subplots(figsize=(6, 4.2), constrained_layout=True)
+    for name, points in lines.items():
+        x, mean, low, high = np.asarray(sorted(points)).T
+        axis.errorbar(x, mean, yerr=[mean - low, high - mean], marker="o", capsize=3, label=name)
+    axis.set_xlabel(key)
+    axis.set_ylabel(f"final {metric}")
+    axis.grid(True, alpha=0.3)
+    if len(lines) > 1:
+        axis.legend(fontsize=8)
+    figure.suptitle(f"{title}: final {metric} against {key}" if title else f"final {metric} against {key}")
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path
+
+
 def report(
-    root: str | Path, out: str | Path | None = None, metric: str = "", best_key: str = "", plot_keys: Sequence[str] = ()
+    root: str | Path,
+    out: str | Path | None = None,
+    metric: str = "",
+    best_key: str = "",
+    plot_keys: Sequence[str] = (),
+    against: str = "",
 ) -> str:
     """Writes report.md, groups.csv, runs.csv and the curves' PNGs for the runs under `root`; returns report.md."""
     runs = collect(root)
@@ -284,6 +319,15 @@ def report(
     for key in plot_keys or ["train/loss"] + [key for key in keys if key.startswith("eval/")]:
         path = plot_curves(chosen, key, out / f"{key.replace('/', '_')}.png", title=Path(root).name)
         sections.append(f"![{key}]({path.name})")
+    if against:
+        if against not in varying_keys(runs):
+            raise SystemExit(
+                f"error: --against {against!r} does not vary across the runs; choose one of {varying_keys(runs)}"
+            )
+        path = plot_against(
+            chosen, against, metric, out / f"{metric.replace('/', '_')}_against_{against}.png", Path(root).name
+        )
+        sections.append(f"![{metric} against {against}]({path.name})")
     text = "\n\n".join(sections) + "\n"
     (out / "report.md").write_text(text)
     write_csv(out / "groups.csv", rows)
@@ -303,11 +347,14 @@ def main(argv: Sequence[str]) -> None:
     parser.add_argument(
         "--plot", default="", help="comma-separated keys to plot (default train/loss and every eval/ key)"
     )
+    parser.add_argument(
+        "--against", default="", help="a numeric config key: also plot the final --metric against it per group"
+    )
     args = parser.parse_args(argv)
     if not Path(args.runs_dir).is_dir():
         raise SystemExit(f"error: no directory {args.runs_dir}")
     plot_keys = [key for key in args.plot.split(",") if key]
-    print(report(args.runs_dir, args.out, args.metric, args.best_per, plot_keys), end="")
+    print(report(args.runs_dir, args.out, args.metric, args.best_per, plot_keys, args.against), end="")
 
 
 if __name__ == "__main__":

@@ -143,3 +143,21 @@ def test_report_errors_are_one_line(tmp_path):
         SystemExit, match=r"--metric 'eval/f1' was never logged; choose one of \['train/loss', 'eval/accuracy'"
     ):
         report.report(root, metric="eval/f1")
+
+
+def test_a_final_metric_against_a_swept_key(tmp_path):
+    root = tmp_path / "pruning"
+    for sparsity, accuracy in ((0.0, 0.95), (0.5, 0.94), (0.9, 0.90)):
+        workdir = root / f"sparsity={sparsity}"
+        workdir.mkdir(parents=True)
+        config = {"seed": 0, "batch_size": BATCH, "pruning": {"sparsity": sparsity}}
+        (workdir / "config.json").write_text(json.dumps({"experiment": "x", "config": config}))
+        records = [{"step": 10, "train/loss": 1.0, "perf/examples_per_second": 10.0}]
+        records.append({"step": 10, "test/accuracy": accuracy})
+        (workdir / "metrics.jsonl").write_text("".join(json.dumps(record) + "\n" for record in records))
+    text = report.report(root, metric="test/accuracy", against="pruning.sparsity")
+    assert "![test/accuracy against pruning.sparsity](test_accuracy_against_pruning.sparsity.png)" in text
+    image = matplotlib.image.imread(root / "test_accuracy_against_pruning.sparsity.png")
+    assert image.shape[:2] == (504, 720) and np.std(image[..., :3]) > 0.05  # 6 x 4.2 inches at 120 dpi
+    with pytest.raises(SystemExit, match=r"--against 'seed' does not vary across the runs"):
+        report.report(root, metric="test/accuracy", against="seed")
