@@ -3,7 +3,7 @@
 `magnitude_pruning(...)` is an optax transformation chained after the optimizer (research/optim/registry.py
 make_tx, from `config.pruning`). Its state holds one boolean mask per prunable parameter (kernels, by
 `include`), so a checkpoint carries the masks and a resumed run prunes exactly as an uninterrupted one.
-Every `every` steps from `start_step` to `end_step` the masks are recomputed from the magnitudes of the
+Every `every` steps from `start_step`, and at `end_step`, the masks are recomputed from the magnitudes of the
 parameters after the update, to the sparsity of Zhu & Gupta's (2017) cubic schedule
     s_t = s_final * (1 - (1 - (t - start) / (end - start))^3),
 over all prunable weights at once (`scope="global"`) or per parameter (`"layer"`); a weight outside its
@@ -89,7 +89,7 @@ def magnitude_pruning(
             raise ValueError("magnitude_pruning needs the parameters")
         count = state.count + 1
         new_params = optax.apply_updates(params, updates)
-        due = (count >= start_step) & (count <= end_step) & ((count - start_step) % every == 0)
+        due = (count >= start_step) & (count <= end_step) & (((count - start_step) % every == 0) | (count == end_step))
         target = sparsity_at(count, sparsity, start_step, end_step)
         masks = jax.lax.cond(due, lambda: recomputed(state.masks, new_params, target), lambda: state.masks)
         updates = jax.tree.map(
