@@ -68,8 +68,12 @@ def fail(message: str, code: int = 2) -> None:
 
 
 def quiet_file_errors() -> None:
-    """After a failed write is reported: the libraries' writer threads and exit handlers (tensorboardX's,
-    orbax's) meet the same full disk again; their OSErrors are not printed after the message."""
+    """After a failed write is reported: the libraries' writer threads, exit handlers and event loops
+    (tensorboardX's, orbax's, tensorstore's) meet the same full disk again; nothing of theirs is printed after
+    the message."""
+    import logging as standard_logging
+
+    standard_logging.disable(standard_logging.CRITICAL)  # asyncio's "exception was never retrieved", absl's
     threading.excepthook = lambda hook: None if issubclass(hook.exc_type, OSError) else threading.__excepthook__(hook)
     sys.unraisablehook = lambda hook: None if isinstance(hook.exc_value, OSError) else sys.__unraisablehook__(hook)
 

@@ -7,6 +7,7 @@ that `latest_step()` would pick. A step that still fails to restore is moved, un
 to `WORKDIR/checkpoints_unreadable/` and the previous one is used.
 """
 
+import errno
 import json
 import re
 import shutil
@@ -253,8 +254,13 @@ def is_storage_failure(error: BaseException) -> bool:
 
 def storage_failure(error: BaseException, manager) -> str:
     """One line for a failed file operation: what failed, the newest intact checkpoint, what to do."""
-    if not isinstance(error, OSError):
-        return storage_failure(OSError(str(error).splitlines()[0][:300]), manager)
+    if not isinstance(error, OSError):  # tensorstore's status: the OS error it carries, and its file
+        text = str(error)
+        path = re.search(r'"([^"]+)"', text)
+        for number, reason in ((errno.ENOSPC, "No space left on device"), (errno.EACCES, "Permission denied")):
+            if reason in text or f"os_error_code='{number}'" in text:
+                return storage_failure(OSError(number, reason, path.group(1) if path else None), manager)
+        return storage_failure(OSError(text.splitlines()[0][:300]), manager)
     where = f": {error.filename}" if error.filename else ""
     return (
         f"{type(error).__name__}: {error.strerror or error}{where}; the run stopped and {newest_complete(manager)}: "

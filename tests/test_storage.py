@@ -5,6 +5,7 @@ import os
 import re
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import jax
@@ -65,7 +66,7 @@ def test_a_full_disk_keeps_the_previous_checkpoint_and_the_rerun_resumes_to_the_
     last_line = failed.stderr.strip().splitlines()[-1]
     assert failed.returncode == 4, failed.stderr[-2000:]
     found = re.fullmatch(
-        r"error: OSError: No space left on device; the run stopped and the newest complete checkpoint is step "
+        r"error: OSError: No space left on device(?:: \S+)?; the run stopped and the newest complete checkpoint is step "
         r"(\d+) in \S+/checkpoints: free space or fix the permissions, then rerun the same command to resume",
         last_line,
     )
@@ -85,6 +86,20 @@ def test_a_full_disk_keeps_the_previous_checkpoint_and_the_rerun_resumes_to_the_
         jax.tree.leaves(saved_params(small_disk / "run", 100)), jax.tree.leaves(saved_params(tmp_path / "clean", 100))
     ):
         np.testing.assert_array_equal(ours, reference)
+
+
+def test_tensorstore_s_status_for_a_full_disk_reads_as_the_os_error():
+    """Which error orbax raises first depends on its threads: an OSError, or tensorstore's status as ValueError."""
+    status = ValueError(
+        'RESOURCE_EXHAUSTED: Error writing local file "/runs/x/checkpoints/40.orbax-checkpoint-tmp/d/0a": '
+        "Failed to write 398 bytes to file 11: No space left on device [os_error_code='28']"
+    )
+    assert checkpoint.is_storage_failure(status)
+    line = checkpoint.storage_failure(status, types.SimpleNamespace(directory="/nowhere"))
+    assert line == (
+        "OSError: No space left on device: /runs/x/checkpoints/40.orbax-checkpoint-tmp/d/0a; the run stopped and "
+        "no checkpoint was completed: free space or fix the permissions, then rerun the same command to resume"
+    )
 
 
 def test_a_failed_save_is_one_error_naming_the_newest_complete_checkpoint(tmp_path, monkeypatch):
