@@ -66,8 +66,9 @@ def test_a_full_disk_keeps_the_previous_checkpoint_and_the_rerun_resumes_to_the_
     last_line = failed.stderr.strip().splitlines()[-1]
     assert failed.returncode == 4, failed.stderr[-2000:]
     found = re.fullmatch(
-        r"error: OSError: No space left on device(?:: \S+)?; the run stopped and the newest complete checkpoint is step "
-        r"(\d+) in \S+/checkpoints: free space or fix the permissions, then rerun the same command to resume",
+        r"error: OSError: No space left on device(?:: \S+)?; the run stopped and "
+        r"the newest complete checkpoint is step (\d+) in \S+/checkpoints: "
+        r"free space or fix the permissions, then rerun the same command to resume",
         last_line,
     )
     assert found, last_line
