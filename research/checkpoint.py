@@ -179,11 +179,14 @@ def restore(manager: ocp.CheckpointManager, step: int, abstract_state: PyTree, i
     return restored["state"], restored["config"]
 
 
-def set_aside(manager: ocp.CheckpointManager, step: int) -> Path:
-    """Moves an unreadable step out of the manager's sight, keeping it as evidence."""
+def set_aside(manager: ocp.CheckpointManager, step: int, target: Path | None = None) -> Path:
+    """Moves a step out of the manager's sight, keeping it as evidence: to `target` (replacing what is there),
+    by default WORKDIR/checkpoints_unreadable/STEP-TIME."""
     source = Path(manager.directory) / str(step)
-    target = Path(manager.directory).parent / UNREADABLE_DIR / f"{step}-{time.strftime('%Y%m%d-%H%M%S')}"
+    target = target or Path(manager.directory).parent / UNREADABLE_DIR / f"{step}-{time.strftime('%Y%m%d-%H%M%S')}"
     target.parent.mkdir(parents=True, exist_ok=True)
+    if target.exists():
+        shutil.rmtree(target)
     shutil.move(source, target)
     manager.reload()
     return target

@@ -15,7 +15,6 @@ next checkpoint stores the moved iterator); a rerun after a crash meets the same
 """
 
 import json
-import shutil
 from pathlib import Path
 
 import jax
@@ -33,15 +32,9 @@ def set_aside_from(manager, step: int) -> list[int]:
     every process waits for it); returns their steps."""
     manager.wait_until_finished()
     later = sorted(saved for saved in manager.all_steps() if saved >= step)
-    for tier in checkpoint.tiers_of(manager):
-        if jax.process_index() != 0:
-            break
-        target = Path(tier.directory).parent / ROLLED_BACK_DIR
-        for saved in (saved for saved in tier.all_steps() if saved >= step):
-            target.mkdir(parents=True, exist_ok=True)
-            if (target / str(saved)).exists():  # an earlier rollback moved this step already
-                shutil.rmtree(target / str(saved))
-            shutil.move(Path(tier.directory) / str(saved), target / str(saved))
+    for tier in checkpoint.tiers_of(manager) if jax.process_index() == 0 else []:
+        for saved in [saved for saved in tier.all_steps() if saved >= step]:  # an earlier rollback's copy is replaced
+            checkpoint.set_aside(tier, saved, Path(tier.directory).parent / ROLLED_BACK_DIR / str(saved))
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices("research.rollback.set_aside_from")
     manager.reload()
@@ -61,7 +54,7 @@ class Rollbacks:
         self.path, self.config = Path(workdir) / "rollbacks.jsonl", config
         self.history: list[dict] = []
 
-    def allowed(self, error: NonFiniteError) -> bool:
+    def allowed(self) -> bool:
         return self.config.nonfinite == "rollback" and len(self.history) < self.config.rollback.attempts
 
     def record(self, error: NonFiniteError, restored_step: int, skipped: int, set_aside: list[int]) -> None:

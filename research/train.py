@@ -258,7 +258,7 @@ def _train(setup: Setup, experiment, train_iterator, manager, workdir: Path, sta
                 run.close()
                 return last_step, final
             except NonFiniteError as error:
-                if not rollbacks.allowed(error):
+                if not rollbacks.allowed():
                     last_good = f"the last good checkpoint is step {manager.latest_step()} in {manager.directory}"
                     raise NonFiniteError(f"{error}; {rollbacks.summary()}{last_good}", error.step) from None
                 run.close(manager=False)

@@ -56,8 +56,8 @@ class PeerWatchdog:
             return
         try:  # the others stop watching a process that finished
             distributed.global_state.client.key_value_set(f"{PREFIX}/{jax.process_index()}", DONE, True)
-        except Exception:
-            pass
+        except Exception as error:  # the coordination service is gone: say so, the others may report us lost
+            print(f"could not tell the other processes that process {jax.process_index()} finished: {error}")
 
     def _watch(self, client) -> None:
         me, count = jax.process_index(), jax.process_count()

@@ -79,11 +79,7 @@ def regression_config(**overrides):
 
 
 def final_params(workdir, step):
-    with checkpoint.ocp.CheckpointManager(
-        workdir / checkpoint.CHECKPOINT_DIR, options=checkpoint.ocp.CheckpointManagerOptions(read_only=True)
-    ) as manager:
-        state = manager.restore(step, args=checkpoint.ocp.args.Composite(state=checkpoint.ocp.args.StandardRestore()))
-    return state["state"]["params"]
+    return checkpoint.load_params(workdir, step)[0]
 
 
 def rollbacks_of(workdir):

@@ -18,7 +18,6 @@ from pathlib import Path
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
 from conftest import ROOT
@@ -46,10 +45,7 @@ def environment(tmp_path: Path) -> dict[str, str]:
 
 
 def final_params(workdir: Path) -> list[np.ndarray]:
-    options = ocp.CheckpointManagerOptions(read_only=True)
-    with ocp.CheckpointManager(workdir / checkpoint.CHECKPOINT_DIR, options=options) as manager:
-        state = manager.restore(STEPS, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
-    return [np.asarray(leaf) for leaf in jax.tree.leaves(state["params"])]
+    return jax.tree.leaves(checkpoint.load_params(workdir, STEPS)[0])
 
 
 def logged_step(workdir: Path) -> int:

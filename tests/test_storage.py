@@ -37,13 +37,6 @@ def launch(workdir: Path) -> subprocess.CompletedProcess:
     )
 
 
-def saved_params(workdir: Path, step: int):
-    options = ocp.CheckpointManagerOptions(read_only=True)
-    with ocp.CheckpointManager(workdir / checkpoint.CHECKPOINT_DIR, options=options) as manager:
-        state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
-    return state["params"]
-
-
 @pytest.fixture
 def small_disk(tmp_path):
     """A 400 KiB tmpfs (root mounts it; elsewhere the test is skipped), 150 KiB of it taken by a filler file:
@@ -74,7 +67,7 @@ def test_a_full_disk_keeps_the_previous_checkpoint_and_the_rerun_resumes_to_the_
     assert found, last_line
     step = int(found.group(1))
     assert 10 <= step < 100
-    kept = saved_params(small_disk / "run", step)  # the newest complete step restores, and is finite
+    kept = checkpoint.load_params(small_disk / "run", step)[0]  # the newest complete step restores, and is finite
     assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(kept))
 
     (small_disk / "filler").unlink()
@@ -84,7 +77,8 @@ def test_a_full_disk_keeps_the_previous_checkpoint_and_the_rerun_resumes_to_the_
     clean = launch(tmp_path / "clean")
     assert clean.returncode == 0
     for ours, reference in zip(
-        jax.tree.leaves(saved_params(small_disk / "run", 100)), jax.tree.leaves(saved_params(tmp_path / "clean", 100))
+        jax.tree.leaves(checkpoint.load_params(small_disk / "run", 100)[0]),
+        jax.tree.leaves(checkpoint.load_params(tmp_path / "clean", 100)[0]),
     ):
         np.testing.assert_array_equal(ours, reference)
 

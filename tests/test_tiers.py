@@ -5,7 +5,6 @@ import shutil
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
 from research import checkpoint, train
@@ -31,18 +30,15 @@ def config_for(local_dir):
     return config
 
 
-def params_at(directory, step):
-    options = ocp.CheckpointManagerOptions(read_only=True)
-    with ocp.CheckpointManager(directory, options=options) as manager:
-        state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
-    return jax.tree.leaves(state["params"])
+def params_at(workdir, step):
+    return jax.tree.leaves(checkpoint.load_params(workdir, step)[0])
 
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     base = tmp_path_factory.mktemp("uninterrupted")
     train.train_and_evaluate(config_for(base / "local"), MODULE, base / "run")
-    return params_at(base / "run" / checkpoint.CHECKPOINT_DIR, 40)
+    return params_at(base / "run", 40)
 
 
 def interrupted(tmp_path):
@@ -90,12 +86,12 @@ def test_resume_takes_the_newest_readable_step_of_either_tier(damage, resumed_fr
     assert f"resuming from the checkpoint at step {resumed_from}" in output
     if damage and damage.startswith("corrupt"):
         assert "is unreadable" in output
-    for ours, theirs in zip(params_at(workdir / checkpoint.CHECKPOINT_DIR, 40), reference):
+    for ours, theirs in zip(params_at(workdir, 40), reference):
         np.testing.assert_array_equal(ours, theirs)
 
 
 def test_a_rerun_on_another_node_may_name_another_local_directory(reference, tmp_path):
     workdir, _ = interrupted(tmp_path)
     train.train_and_evaluate(config_for(tmp_path / "elsewhere"), MODULE, workdir)  # no config-change error
-    for ours, theirs in zip(params_at(workdir / checkpoint.CHECKPOINT_DIR, 40), reference):
+    for ours, theirs in zip(params_at(workdir, 40), reference):
         np.testing.assert_array_equal(ours, theirs)

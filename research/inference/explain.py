@@ -15,6 +15,7 @@ true and the predicted class) and attributions.npz, and prints the completeness 
 
 import dataclasses
 import functools
+import time
 from pathlib import Path
 
 import jax
@@ -127,8 +128,6 @@ def plot(result: Attributions, labels: np.ndarray, path: str | Path, names=None)
 def explain_run(run, split: str, method: str, count: int, steps: int, directory: str | Path) -> str:
     """Explains the first `count` examples of a classifier run's `split`: writes attributions.png and
     attributions.npz into `directory`; returns the summary line."""
-    import time
-
     from research.inference import predict
 
     if run.is_language_model or "labels" not in run.setup.batch_spec:

@@ -112,8 +112,7 @@ def load_run(workdir: str | Path, experiments_dir: str | Path = "experiments", w
     module = experiment.load(Path(experiments_dir) / f"{record['experiment']}.py")
     config = _with_defaults(module.get_config(), record["config"])
     directory = workdir.absolute() / checkpoint.CHECKPOINT_DIR
-    steps = sorted(int(path.name) for path in directory.iterdir() if path.name.isdigit()) if directory.is_dir() else []
-    if not steps:
+    if not checkpoint.complete_steps(directory):
         raise ConfigError(
             f"no checkpoints in {directory}: train first "
             f"(python launch.py --config experiments/{record['experiment']}.py --workdir {workdir})"

@@ -32,6 +32,11 @@ class PruningState(NamedTuple):
     masks: PyTree  # True where a weight is kept; None for parameters that are never pruned
 
 
+def _prunable(pattern: re.Pattern, path, leaf) -> bool:
+    """A parameter that pruning touches: 2 or more axes and a path that `pattern` finds."""
+    return leaf.ndim >= 2 and bool(pattern.search(path_name(path)))
+
+
 def sparsity_at(step, final: float, start: int, end: int):
     """The cubic schedule's sparsity after `step` updates: 0 before `start`, `final` from `end` on."""
     progress = jnp.where(step >= end, 1.0, jnp.clip((step - start) / max(end - start, 1), 0.0, 1.0))
@@ -60,12 +65,9 @@ def magnitude_pruning(
         )
     pattern = re.compile(include)
 
-    def prunable(path, leaf) -> bool:
-        return leaf.ndim >= 2 and bool(pattern.search(path_name(path)))
-
     def init(params):
         masks = jax.tree_util.tree_map_with_path(
-            lambda path, leaf: jnp.ones(leaf.shape, bool) if prunable(path, leaf) else None, params
+            lambda path, leaf: jnp.ones(leaf.shape, bool) if _prunable(pattern, path, leaf) else None, params
         )
         if not any(mask is not None for mask in jax.tree.leaves(masks)):
             raise ConfigError(f"pruning: no parameter with 2 or more axes matches include {include!r}")
@@ -107,11 +109,7 @@ def magnitude_pruning(
 def sparsity_of(params: PyTree, include: str = r"kernel$") -> tuple[float, int, int]:
     """(fraction of zeros, zeros, weights) over the parameters `include` matches with 2 or more axes."""
     pattern = re.compile(include)
-    leaves = [
-        leaf
-        for path, leaf in jax.tree_util.tree_leaves_with_path(params)
-        if leaf.ndim >= 2 and pattern.search(path_name(path))
-    ]
+    leaves = [leaf for path, leaf in jax.tree_util.tree_leaves_with_path(params) if _prunable(pattern, path, leaf)]
     total = sum(leaf.size for leaf in leaves)
     zeros = sum(int((leaf == 0).sum()) for leaf in leaves)
     return zeros / max(total, 1), zeros, total
