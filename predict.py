@@ -5,6 +5,7 @@
   python predict.py --workdir runs/digits --evaluate test [--quantize]
   python predict.py --workdir runs/digits --export exported/digits [--quantize]
   python predict.py --workdir runs/mnist_cnn --explain test --num_examples 16     # attributions.png, .npz
+  python predict.py --workdir runs/gpt --explain_text "ROMEO:"        # attention maps (text models: --explain too)
 
 Reads WORKDIR/config.json and a checkpoint (--checkpoint latest, best or a step number). An
 entry point beside launch.py because prediction has its own flags (sampling, inputs, export) that
@@ -45,6 +46,7 @@ _CLASSIFY = flags.DEFINE_string(
 _TOP = flags.DEFINE_integer("top", 3, "classes printed per example")
 _EVALUATE = flags.DEFINE_string("evaluate", None, "evaluate this split (train, validation, test) and print the metrics")
 _EXPLAIN = flags.DEFINE_string("explain", None, "attribute the predictions on this split's first examples to inputs")
+_EXPLAIN_TEXT = flags.DEFINE_string("explain_text", None, "a text model's attention maps for this input")
 _EXPLAIN_METHOD = flags.DEFINE_enum("explain_method", "integrated_gradients", ["integrated_gradients", "saliency"], "")
 _NUM_EXAMPLES = flags.DEFINE_integer("num_examples", 16, "examples --explain explains")
 _EXPLAIN_STEPS = flags.DEFINE_integer("explain_steps", 64, "integrated gradients' path steps")
@@ -106,24 +108,29 @@ def run_action(run) -> None:
                 from research.optim import pruning
 
                 print(pruning.sparse_report(run.params, run.config.pruning.include))
-    elif _EXPLAIN.value is not None:
+    elif _EXPLAIN.value is not None or _EXPLAIN_TEXT.value is not None:
         from pathlib import Path
 
-        from research.inference import explain
+        from research.inference import explain, explain_text
 
         directory = _EXPLAIN_DIR.value or Path(_WORKDIR.value) / "explain"
-        print(
-            explain.explain_run(
+        if _EXPLAIN_TEXT.value is not None:
+            line = explain_text.explain_run(run, None, _EXPLAIN_TEXT.value, 1, _EXPLAIN_STEPS.value, directory)
+        else:
+            line = explain.explain_run(
                 run, _EXPLAIN.value, _EXPLAIN_METHOD.value, _NUM_EXAMPLES.value, _EXPLAIN_STEPS.value, directory
             )
-        )
+        print(line)
     elif _EXPORT.value is not None:
         manifest = export.export_run(run, _EXPORT.value, quantized=_QUANTIZE.value)
         print(
             f"wrote {_EXPORT.value}: {manifest['artifact']} ({manifest['artifact_bytes']} bytes) and {export.MANIFEST}"
         )
     else:
-        fail("pass one of --generate PROMPT, --classify FILE, --evaluate SPLIT, --explain SPLIT or --export DIR")
+        fail(
+            "pass one of --generate PROMPT, --classify FILE, --evaluate SPLIT, --explain SPLIT, --explain_text TEXT "
+            "or --export DIR"
+        )
 
 
 def main(argv: list[str]) -> None:

@@ -24,7 +24,7 @@ import numpy as np
 
 from research import metrics
 from research.config import ConfigError, choose, trainer_config
-from research.data import mlm, pipeline, shakespeare_acceptability, shakespeare_speakers
+from research.data import mlm, pipeline, shakespeare_acceptability, shakespeare_speakers, text
 from research.models.bert import BertClassifier, BertClozeClassifier
 
 init_variables = mlm.init_variables  # the contract's hook: the model initialised with its padding mask
@@ -152,6 +152,14 @@ def make_model(config: ml_collections.ConfigDict) -> nn.Module:
         dropout_rate=config.model.classifier_dropout_rate,
         pooling=config.model.pooling,
     )
+
+
+def logits_fn(variables, inputs, *, model):
+    """The prediction for a batch of token ids: padding masked out of attention, as in training."""
+    return model.apply(variables, inputs, inputs != text.PAD_ID)
+
+
+token_pieces = mlm.pieces  # the hook that labels attention maps and token attributions with text
 
 
 def loss_fn(params, batch, rng, *, model):

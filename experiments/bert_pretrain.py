@@ -25,6 +25,7 @@ from research.data import mlm
 from research.models.bert import BertForMaskedLM, BertForPreTraining
 
 init_variables = mlm.init_variables  # the contract's hook: the model initialised with its padding mask
+token_pieces = mlm.pieces  # the hook that labels attention maps with text
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

@@ -68,6 +68,11 @@ def trainer_config() -> ml_collections.ConfigDict:
     config.pruning = ml_collections.ConfigDict(
         {"sparsity": 0.0, "scope": "global", "start_step": 0, "end_step": 0, "every": 50, "include": r"kernel$"}
     )
+    # Knowledge distillation (research/distill.py) from the run in `teacher` (its workdir; step 0: its latest):
+    # loss = loss_weight x the experiment's loss + kl_weight x T^2 x KL(teacher || student) at temperature T.
+    config.distill = ml_collections.ConfigDict(
+        {"teacher": "", "step": 0, "temperature": 2.0, "kl_weight": 0.5, "loss_weight": 0.5}
+    )
     # Start from another run's parameters (a pre-trained encoder, say): those whose path matches
     # `include` and not `exclude`; the rest keep their random init. step 0 means its latest.
     config.init_from = ml_collections.ConfigDict({"workdir": "", "step": 0, "include": ".*", "exclude": ""})

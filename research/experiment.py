@@ -71,6 +71,9 @@ class Hooks(Protocol):
     def decode_tokens(self, config: ml_collections.ConfigDict, ids) -> str:
         """A language model's text of token ids (also the vocabulary an export carries)."""
 
+    def token_pieces(self, config: ml_collections.ConfigDict, ids) -> list[str]:
+        """Each token id's text, for the pictures of a text model (without it: decode_tokens one id at a time)."""
+
     def class_names(self, config: ml_collections.ConfigDict) -> list[str]:
         """A classifier's class names, printed and exported instead of indices."""
 
@@ -240,3 +243,24 @@ def claim_workdir(
     written = run_file.with_name(run_file.name + ".tmp")
     written.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
     written.replace(run_file)  # a reader never sees half a file
+
+
+def saved_run(workdir: str | Path, experiments_dir: str | Path) -> tuple[str, ModuleType, ml_collections.ConfigDict]:
+    """A trained run's (experiment name, module, config): the saved config over the module's current defaults,
+    so a key added since the run (pruning, say) has its default, which is what the run ran with."""
+    run_file = Path(workdir) / RUN_FILE
+    if not run_file.is_file():
+        raise ConfigError(f"no {RUN_FILE} in {workdir}: pass the --workdir of a run started with launch.py")
+    record = json.loads(run_file.read_text(encoding="utf-8"))
+    module = load(Path(experiments_dir) / f"{record['experiment']}.py")
+    merged = module.get_config().to_dict()
+
+    def overlay(target: dict, source: dict) -> None:
+        for key, value in source.items():
+            if isinstance(value, dict) and isinstance(target.get(key), dict):
+                overlay(target[key], value)
+            else:
+                target[key] = value
+
+    overlay(merged, record["config"])
+    return record["experiment"], module, ml_collections.ConfigDict(merged)

@@ -22,8 +22,8 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
+from research import distill, sharding
 from research import metrics as metrics_lib
-from research import sharding
 from research.config import ConfigError
 from research.experiment import hook
 from research.optim import contract, current_learning_rate, make_tx
@@ -49,7 +49,8 @@ def train_step(
     loss_fn = _with_model_state(loss_fn, state.model_state)
     (loss, aux), grads = accumulated_value_and_grad(loss_fn, accumulate_steps)(state.params, batch, rng)
     aux = dict(aux)
-    model_state = aux.pop("model_state") if state.model_state else state.model_state
+    # The collections the loss returns are updated; the others (a distillation teacher) stay as they are.
+    model_state = state.model_state | aux.pop("model_state") if state.model_state else state.model_state
     value_fn = lambda params: loss_fn(params, batch, rng)[0]
     updates, opt_state = contract.update(tx, grads, state.opt_state, state.params, value=loss, value_fn=value_fn)
     params = optax.apply_updates(state.params, updates)
@@ -123,6 +124,7 @@ class Setup:
     abstract_state: TrainState  # ShapeDtypeStructs with their shardings
     train_step: Callable  # jitted (state, batch) -> (state, metrics); the state is donated
     eval_step: Callable  # jitted (state, batch) -> metric accumulators
+    teacher: Any = None  # research.distill.Teacher when config.distill.teacher names one
 
     @property
     def state_shardings(self) -> TrainState:
@@ -137,8 +139,12 @@ class Setup:
         return jax.jit(create, out_shardings=self.state_shardings)
 
     def init_state(self, rng: jax.Array | None = None) -> TrainState:
-        """A fresh train state made directly in its shardings, from `rng` (default PRNGKey(config.seed))."""
-        return self._jitted_initial_state(jax.random.PRNGKey(self.config.seed) if rng is None else rng)
+        """A fresh train state made directly in its shardings, from `rng` (default PRNGKey(config.seed)); a
+        distillation teacher's variables loaded from its run."""
+        state = self._jitted_initial_state(jax.random.PRNGKey(self.config.seed) if rng is None else rng)
+        if self.teacher is not None:
+            state = state.replace(model_state=state.model_state | {distill.TEACHER: self.teacher.load()})
+        return state
 
 
 def initial_state(
@@ -191,12 +197,18 @@ def build(
     eval_fn = functools.partial(eval_fn, model=model) if eval_fn else loss_as_eval_fn(bound_loss)
     loss_fn = penalized(bound_loss, config.optimizer)
     init_variables = functools.partial(hook(experiment, "init_variables", default_init_variables), model)
+    teacher = distill.load_teacher(config, experiment, mesh, build) if config.distill.teacher else None
+    if teacher is not None:
+        loss_fn = distill.distilled(loss_fn, experiment, model, teacher, config.distill)
+        eval_fn = distill.without_teacher(eval_fn)
+        init_variables = distill.with_teacher_placeholder(init_variables, teacher)
     tx = make_tx(config)
     batch = next(iter(experiment.make_data(config, "train"))) if batch is None else batch
     batch_spec = batch_spec_of(batch, mesh)
     create = functools.partial(initial_state, init_variables=init_variables, tx=tx, batch_spec=batch_spec)
     shapes = jax.eval_shape(create, jax.random.PRNGKey(0))
     shardings = sharding.state_shardings(shapes, mesh, config.param_rules)
+    shardings = distill.teacher_shardings(shardings, teacher) if teacher is not None else shardings
     abstract_state = jax.tree.map(
         lambda leaf, where: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=where), shapes, shardings
     )
@@ -214,4 +226,6 @@ def build(
         out_shardings=replicated,
     )
     train, evaluate = OnMesh(jitted_train, mesh), OnMesh(jitted_eval, mesh)
-    return Setup(config, mesh, model, loss_fn, eval_fn, init_variables, tx, batch_spec, abstract_state, train, evaluate)
+    return Setup(
+        config, mesh, model, loss_fn, eval_fn, init_variables, tx, batch_spec, abstract_state, train, evaluate, teacher
+    )

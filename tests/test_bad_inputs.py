@@ -59,6 +59,12 @@ CASES = [
         [*DIGITS, "--config.init_from.workdir=TMP/nowhere"],
         "error: init_from: no checkpoints",
     ),
+    (
+        "distill teacher nowhere",
+        "launch",
+        [*DIGITS, "--config.distill.teacher=TMP/nowhere"],
+        "error: distill.teacher: no config.json in",
+    ),
     ("changed config", "launch", [*REGRESSION, "--config.optimizer.learning_rate=0.5"], "error: the config differs"),
     ("predict without checkpoints", "predict", ["--workdir=TMP/claimed", "--evaluate=test"], "error: no checkpoints"),
     ("another experiment's workdir", "launch", ["--config", "experiments/digits_mlp.py:smoke"], "error: workdir"),

@@ -92,6 +92,16 @@ def encode(config: ml_collections.ConfigDict, characters: str) -> np.ndarray:
     return tokenizer(config.tokenizer.vocab_size, config.data_dir).encode(characters)
 
 
+def pieces(config: ml_collections.ConfigDict, ids) -> list[str]:
+    """Each id's text: its sentencepiece piece, or [PAD], [MASK], [CLS], [SEP]."""
+    specials = {
+        value: f"[{name.upper()}]" for name, value in special_ids(config).items() if name in ("mask", "cls", "sep")
+    }
+    specials[text.PAD_ID] = "[PAD]"
+    pieces_of = tokenizer(config.tokenizer.vocab_size, config.data_dir)
+    return [specials.get(int(i)) or pieces_of.piece(int(i)) for i in ids]
+
+
 def without_held_out_speeches(corpus: str, data_dir: str) -> str:
     """`corpus` minus every block (name line and speech) whose speech shakespeare_speakers holds out."""
     held_out = {

@@ -84,6 +84,10 @@ class SubwordTokenizer:
     def vocab_size(self) -> int:
         return self._processor.get_piece_size()
 
+    def piece(self, i: int) -> str:
+        """Id `i`'s piece as text (sentencepiece's word-start mark shown as a space)."""
+        return self._processor.id_to_piece(int(i)).replace("\u2581", " ")
+
     @property
     def reserved_ids(self) -> tuple[int, ...]:
         """Ids that never stand for text: padding, unknown, begin and end of sentence."""

@@ -10,7 +10,8 @@ all path points at once: seconds for a grid of examples on a CPU.
 
     python predict.py --workdir runs/mnist_cnn --explain test --num_examples 16 --explain_dir runs/mnist_cnn/explain
 writes attributions.png (each example: its input, then its attributions as a heatmap, labelled with the
-true and the predicted class) and attributions.npz, and prints the completeness gaps.
+true and the predicted class) and attributions.npz, and prints the completeness gaps. Text models (token
+ids) go to research/inference/explain_text.py: attention maps, and token attributions for classifiers.
 """
 
 import dataclasses
@@ -128,10 +129,12 @@ def plot(result: Attributions, labels: np.ndarray, path: str | Path, names=None)
 def explain_run(run, split: str, method: str, count: int, steps: int, directory: str | Path) -> str:
     """Explains the first `count` examples of a classifier run's `split`: writes attributions.png and
     attributions.npz into `directory`; returns the summary line."""
-    from research.inference import predict
+    from research.inference import explain_text, predict
 
-    if run.is_language_model or "labels" not in run.setup.batch_spec:
-        raise ConfigError("--explain covers classifiers with labelled inputs (images, tabular features) so far")
+    if jnp.issubdtype(run.setup.batch_spec["inputs"].dtype, jnp.integer):  # token ids: a text model
+        return explain_text.explain_run(run, split, None, count, steps, directory)
+    if "labels" not in run.setup.batch_spec:
+        raise ConfigError("--explain covers classifiers (images, tabular features, text) and text models")
     if count < 1:
         raise ConfigError(f"--num_examples is {count}: explain at least 1")
     inputs, labels = [], []

@@ -11,7 +11,6 @@ Everything runs on one device: prediction needs no mesh of its own.
 """
 
 import dataclasses
-import json
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -22,7 +21,7 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
-from research import checkpoint, experiment, sharding
+from research import checkpoint, distill, experiment, sharding
 from research import metrics as metrics_lib
 from research.config import ConfigError
 from research.experiment import hook
@@ -82,49 +81,33 @@ class Run:
         return logits_fn(variables, inputs, model=self.model) if logits_fn else self.model.apply(variables, inputs)
 
 
-def _read_record(workdir: Path) -> dict:
-    run_file = workdir / experiment.RUN_FILE
-    if not run_file.is_file():
-        raise ConfigError(f"no {experiment.RUN_FILE} in {workdir}: pass the --workdir of a run started with launch.py")
-    return json.loads(run_file.read_text(encoding="utf-8"))
-
-
-def _with_defaults(defaults: ml_collections.ConfigDict, saved: dict) -> ml_collections.ConfigDict:
-    """The saved config over the experiment's current defaults: a run saved before a key existed (pruning,
-    say) gets the key's default, which is what it ran with."""
-    merged = defaults.to_dict()
-
-    def overlay(target: dict, source: dict) -> None:
-        for key, value in source.items():
-            if isinstance(value, dict) and isinstance(target.get(key), dict):
-                overlay(target[key], value)
-            else:
-                target[key] = value
-
-    overlay(merged, saved)
-    return ml_collections.ConfigDict(merged)
-
-
 def load_run(workdir: str | Path, experiments_dir: str | Path = "experiments", which: str = "latest") -> Run:
     """The run in `workdir` at the checkpoint `which` names ("latest", "best" or a step number), on one device."""
     workdir = Path(workdir)
-    record = _read_record(workdir)
-    module = experiment.load(Path(experiments_dir) / f"{record['experiment']}.py")
-    config = _with_defaults(module.get_config(), record["config"])
+    name, module, config = experiment.saved_run(workdir, experiments_dir)
     directory = workdir.absolute() / checkpoint.CHECKPOINT_DIR
     if not checkpoint.complete_steps(directory):
         raise ConfigError(
             f"no checkpoints in {directory}: train first "
-            f"(python launch.py --config experiments/{record['experiment']}.py --workdir {workdir})"
+            f"(python launch.py --config experiments/{name}.py --workdir {workdir})"
         )
     step = checkpoint.choose_step(directory, which, config.checkpoint)
     batch = next(iter(module.make_data(config, "train")))  # the shapes of the abstract state
+    distilled = bool(config.distill.teacher)  # a student restores its teacher's copy without the teacher run
+    with config.unlocked():
+        config.distill.teacher = ""
     setup = build(config, module, sharding.make_mesh({"data": 1}, jax.devices()[:1]), batch=batch)
+    abstract_state = setup.abstract_state
+    if distilled:
+        teacher = distill.saved_teacher_shapes(directory, step)
+        abstract_state = abstract_state.replace(model_state=abstract_state.model_state | {distill.TEACHER: teacher})
     with ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True)) as manager:
-        state, _ = checkpoint.restore(manager, step, setup.abstract_state, iterator=None)
+        state, _ = checkpoint.restore(manager, step, abstract_state, iterator=None)
+    if distilled:
+        state = state.replace(model_state={k: v for k, v in state.model_state.items() if k != distill.TEACHER})
     inputs = setup.batch_spec["inputs"]
     state = state.replace(params=regularizers.eval_params(state.params, state.opt_state))
-    return Run(record["experiment"], module, config, setup, state, jax.ShapeDtypeStruct(inputs.shape[1:], inputs.dtype))
+    return Run(name, module, config, setup, state, jax.ShapeDtypeStruct(inputs.shape[1:], inputs.dtype))
 
 
 def class_names(run: Run, count: int) -> list[str]:

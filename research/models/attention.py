@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+ATTENTION_COLLECTION = "attention"  # where record_weights sows the weights when asked
 QUERY_BLOCK = 64  # queries per causal block (64 was fastest of 64, 128 and one block: docs/performance.md)
 
 
@@ -112,16 +113,28 @@ def attention_heads(query, key, value, mask=None, keep=None, causal: bool = Fals
     return _attention(query, key, value, None if mask is None else mask.astype(bool), keep, causal)
 
 
-def reference_attention_heads(query, key, value, mask=None, keep=None, causal: bool = False):
-    """The same function written plainly, differentiated by JAX: what the tests compare against."""
+def attention_weights(query, key, mask=None, causal: bool = False):
+    """softmax(Q K^T / sqrt(K)) of B x H x L x K queries and B x H x S x K keys: B x H x L x S, float32."""
     length = query.shape[2]
     if causal:
-        lower = jnp.asarray(np.tril(np.ones((length, length), bool)))
+        lower = jnp.asarray(np.tril(np.ones((length, key.shape[2]), bool)))
         mask = lower if mask is None else jnp.logical_and(mask, lower)
     scores = jnp.einsum("bhlk,bhsk->bhls", query, key, preferred_element_type=jnp.float32) / np.sqrt(query.shape[-1])
     if mask is not None:
         scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-    weights = jax.nn.softmax(scores, axis=-1)
+    return jax.nn.softmax(scores, axis=-1)
+
+
+def record_weights(module: nn.Module, query, key, mask=None, causal: bool = False) -> None:
+    """Sows the attention weights (B x H x L x S) in the "attention" collection when the caller asked for it
+    (apply(..., mutable=["attention"]): research/inference/explain.py); computes nothing otherwise."""
+    if module.is_mutable_collection(ATTENTION_COLLECTION) and not module.is_initializing():
+        module.sow(ATTENTION_COLLECTION, "weights", attention_weights(query, key, mask, causal))
+
+
+def reference_attention_heads(query, key, value, mask=None, keep=None, causal: bool = False):
+    """The same function written plainly, differentiated by JAX: what the tests compare against."""
+    weights = attention_weights(query, key, mask, causal)
     if keep is not None:
         weights = weights * keep
     return jnp.einsum("bhls,bhsk->bhlk", weights.astype(value.dtype), value)
@@ -191,6 +204,7 @@ class SelfAttention(nn.Module):
         self.sow("intermediates", "projected_key", qkv_BxLx3xHxK[:, :, 1])
         self.sow("intermediates", "projected_value", qkv_BxLx3xHxK[:, :, 2])
         query, key, value = jnp.transpose(qkv_BxLx3xHxK, (2, 0, 3, 1, 4))
+        record_weights(self, query, key, None if mask is None else mask.astype(bool), self.causal)
         keep = None
         if self.dropout_rate > 0.0 and not deterministic:
             kept = jax.random.bernoulli(
