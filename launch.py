@@ -19,6 +19,7 @@ A trained run is used (generate, classify, evaluate, export) with predict.py bes
 
 import sys
 import threading
+import warnings
 from pathlib import Path
 
 from research import runtime
@@ -74,6 +75,7 @@ def quiet_file_errors() -> None:
     import logging as standard_logging
 
     standard_logging.disable(standard_logging.CRITICAL)  # asyncio's "exception was never retrieved", absl's
+    warnings.simplefilter("ignore")  # an interrupted writer's "coroutine ... was never awaited" at exit
     threading.excepthook = lambda hook: None if issubclass(hook.exc_type, OSError) else threading.__excepthook__(hook)
     sys.unraisablehook = lambda hook: None if isinstance(hook.exc_value, OSError) else sys.__unraisablehook__(hook)
 

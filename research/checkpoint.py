@@ -353,11 +353,17 @@ def load_params(workdir: str | Path, step: int = 0) -> tuple[PyTree, int]:
     step = step or (steps[-1] if steps else 0)
     if step not in steps:
         raise ConfigError(f"init_from: no step {step} in {directory}; it has {steps}")
-    path, checkpointer = directory / str(step) / "state", ocp.StandardCheckpointer()
+    return read_saved(directory, step)["params"], step
+
+
+def read_saved(directory: Path, step: int) -> PyTree:
+    """The train state saved at `step` as nested dicts of host arrays, read by the checkpoint's own metadata
+    (whatever the devices, processes and code version that wrote it) onto this process's first device."""
+    path, checkpointer = Path(directory) / str(step) / "state", ocp.StandardCheckpointer()
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     saved = checkpointer.metadata(path).item_metadata.tree
     target = jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=device), saved)
-    return jax.device_get(checkpointer.restore(path, target)["params"]), step
+    return jax.device_get(checkpointer.restore(path, target))
 
 
 def init_from(state: PyTree, shardings: PyTree, tx, init_from_config: ml_collections.ConfigDict) -> PyTree:

@@ -36,17 +36,10 @@ from absl import logging
 
 from research import checkpoint, experiment, metrics
 from research.config import ConfigError
-from research.experiment import hook
 from research.optim.regularizers import eval_params
 
 PyTree = Any
 TEACHER = "teacher"  # the model_state collection holding the teacher's variables
-
-
-def logits_of(module: ModuleType, model: nn.Module, variables: dict, inputs: jax.Array) -> jax.Array:
-    """An experiment's prediction for a batch: its `logits_fn` hook, else model.apply(variables, inputs)."""
-    logits_fn = hook(module, "logits_fn")
-    return logits_fn(variables, inputs, model=model) if logits_fn else model.apply(variables, inputs)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,7 +67,9 @@ class Teacher:
                     f"{inputs.shape[1:]}: distil from a teacher trained on the same data"
                 )
             inputs = inputs.reshape(inputs.shape[0], *example)
-        return logits_of(self.module, self.setup.model, variables, inputs.astype(self.setup.batch_spec["inputs"].dtype))
+        return experiment.logits_of(
+            self.module, self.setup.model, variables, inputs.astype(self.setup.batch_spec["inputs"].dtype)
+        )
 
     def load(self) -> dict:
         """The teacher's evaluation variables from its checkpoint, in their shardings."""
@@ -138,7 +133,7 @@ def distilled(loss_fn: Callable, student: ModuleType, model: nn.Module, teacher:
         aux = dict(aux)
         updated = aux.pop("model_state", {})  # collections not returned keep their values (steps.train_step)
         teacher_logits = jax.lax.stop_gradient(teacher.logits(model_state[TEACHER], batch["inputs"]))
-        student_logits = logits_of(student, model, {"params": params} | own, batch["inputs"])
+        student_logits = experiment.logits_of(student, model, {"params": params} | own, batch["inputs"])
         if teacher_logits.shape != student_logits.shape:
             raise ConfigError(
                 f"distill.teacher {teacher.workdir} predicts {teacher_logits.shape[1:]} per example, the student "

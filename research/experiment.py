@@ -87,6 +87,12 @@ class Hooks(Protocol):
 HOOKS = frozenset(name for name in vars(Hooks) if not name.startswith("_")) | frozenset(Hooks.__annotations__)
 
 
+def logits_of(module: ModuleType, model: nn.Module, variables: dict, inputs: jax.Array) -> jax.Array:
+    """An experiment's prediction for a batch: its `logits_fn` hook, else model.apply(variables, inputs)."""
+    logits_fn = hook(module, "logits_fn")
+    return logits_fn(variables, inputs, model=model) if logits_fn else model.apply(variables, inputs)
+
+
 def hook(module: Any, name: str, default: Any = None) -> Any:
     """The experiment's hook `name` (one of `Hooks`), or `default` when the module does not define it."""
     if name not in HOOKS:

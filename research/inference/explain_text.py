@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from research import experiment
 from research.config import ConfigError
 from research.experiment import hook
 from research.inference import explain, predict
@@ -63,8 +64,7 @@ def attention_maps(run, tokens_BxL: np.ndarray) -> np.ndarray:
     @jax.jit
     def forward(variables, tokens):
         recording = _Recording(run.model)
-        logits_fn = hook(run.module, "logits_fn")
-        logits_fn(variables, tokens, model=recording) if logits_fn else recording.apply(variables, tokens)
+        experiment.logits_of(run.module, recording, variables, tokens)
         return recording.sown
 
     sown = forward(run.variables, jnp.asarray(tokens_BxL))

@@ -11,6 +11,7 @@ Everything runs on one device: prediction needs no mesh of its own.
 """
 
 import dataclasses
+import sys
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -76,9 +77,7 @@ class Run:
 
     def logits(self, inputs: jax.Array, variables: dict | None = None) -> jax.Array:
         """The model's prediction for a batch of inputs (the experiment's `logits_fn` if it has one)."""
-        variables = self.variables if variables is None else variables
-        logits_fn = hook(self.module, "logits_fn")
-        return logits_fn(variables, inputs, model=self.model) if logits_fn else self.model.apply(variables, inputs)
+        return experiment.logits_of(self.module, self.model, self.variables if variables is None else variables, inputs)
 
 
 def load_run(workdir: str | Path, experiments_dir: str | Path = "experiments", which: str = "latest") -> Run:
@@ -101,13 +100,33 @@ def load_run(workdir: str | Path, experiments_dir: str | Path = "experiments", w
     if distilled:
         teacher = distill.saved_teacher_shapes(directory, step)
         abstract_state = abstract_state.replace(model_state=abstract_state.model_state | {distill.TEACHER: teacher})
-    with ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True)) as manager:
-        state, _ = checkpoint.restore(manager, step, abstract_state, iterator=None)
+    try:
+        with ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True)) as manager:
+            state, _ = checkpoint.restore(manager, step, abstract_state, iterator=None)
+        state = state.replace(params=regularizers.eval_params(state.params, state.opt_state))
+    except ValueError as error:  # a train state of another structure: saved by an older version of the optimizer
+        if "do not match" not in str(error):
+            raise
+        state = _raw_weights(directory, step, setup)
     if distilled:
         state = state.replace(model_state={k: v for k, v in state.model_state.items() if k != distill.TEACHER})
     inputs = setup.batch_spec["inputs"]
-    state = state.replace(params=regularizers.eval_params(state.params, state.opt_state))
     return Run(name, module, config, setup, state, jax.ShapeDtypeStruct(inputs.shape[1:], inputs.dtype))
+
+
+def _raw_weights(directory: Path, step: int, setup: Setup) -> TrainState:
+    """The parameters and model state saved at `step`, read whatever the optimizer state's structure; the
+    optimizer state is zeros (unused), so an average it kept (EMA, schedule-free) is not what predicts."""
+    saved = checkpoint.read_saved(directory, step)
+    if jax.tree.structure(saved["params"]) != jax.tree.structure(setup.abstract_state.params):
+        raise ConfigError(f"the parameters saved at step {step} in {directory} do not fit the experiment's model")
+    print(
+        f"note: step {step}'s optimizer state has another layout than this version's {setup.config.optimizer.name} "
+        "(saved by an older version?): predicting with the raw parameters, without any average the optimizer kept",
+        file=sys.stderr,
+    )
+    unused = jax.tree.map(lambda leaf: np.zeros(leaf.shape, leaf.dtype), setup.abstract_state.opt_state)
+    return TrainState(saved["step"], saved["params"], saved.get("model_state", {}), unused, saved["rng"])
 
 
 def class_names(run: Run, count: int) -> list[str]:

@@ -152,3 +152,18 @@ def test_quantized_kernel_error_is_at_most_half_a_step():
     assert quantized.values.dtype == np.int8 and quantized.scale.shape == (1, 1, 7)
     error = np.abs(np.asarray(quantize.dequantize({"kernel": quantized})["kernel"]) - kernel)
     assert np.all(error <= np.asarray(quantized.scale) / 2 + 1e-7)
+
+
+def test_a_run_saved_with_another_optimizer_state_layout_predicts_with_its_raw_parameters(smoke_runs, tmp_path, capsys):
+    """An older version's optimizer state (here: the record says another optimizer) cannot be restored
+    into today's; prediction reads the parameters alone and says so."""
+    import shutil
+
+    workdir, results = smoke_runs["digits_mlp"]
+    shutil.copytree(workdir, tmp_path / "run")
+    record = json.loads((tmp_path / "run" / "config.json").read_text())
+    record["config"]["optimizer"]["name"] = "sgd" if record["config"]["optimizer"]["name"] != "sgd" else "adam"
+    (tmp_path / "run" / "config.json").write_text(json.dumps(record))
+    run = predict.load_run(tmp_path / "run")
+    assert "predicting with the raw parameters" in capsys.readouterr().err
+    assert abs(predict.evaluate(run, "test")["accuracy"] - results["test/accuracy"]) < 1e-6
