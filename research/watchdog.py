@@ -39,6 +39,7 @@ class PeerWatchdog:
         self.checkpoint_status, self.interval, self.timeout = checkpoint_status, min(interval, timeout / 4), timeout
         self.stopped = threading.Event()
         self.thread = None
+        self.last_beat: dict[int, float] = {}  # per watched peer, when its counter last moved (this clock)
 
     def __enter__(self) -> "PeerWatchdog":
         client = distributed.global_state.client
@@ -50,6 +51,8 @@ class PeerWatchdog:
     def __exit__(self, *exc_info) -> None:
         if self.thread is None:
             return
+        if exc_info[0] is not None:
+            self._await_silent_peers()
         self.stopped.set()
         self.thread.join()
         if exc_info[0] is not None:  # failing: the others find out by its silence, and stop too
@@ -58,6 +61,17 @@ class PeerWatchdog:
             distributed.global_state.client.key_value_set(f"{PREFIX}/{jax.process_index()}", DONE, True)
         except Exception as error:  # the coordination service is gone: say so, the others may report us lost
             print(f"could not tell the other processes that process {jax.process_index()} finished: {error}")
+
+    def _await_silent_peers(self) -> None:
+        """Failing: a peer's death can break the collective it was in (a reset connection) before the timeout,
+        so the error in hand may be the peer's loss. Waits until every peer has beaten since the failure (a few
+        seconds), or until the watch thread names the silent one and ends the process (exit LOST_PROCESS_EXIT)."""
+        failed = time.monotonic()
+        while time.monotonic() - failed < self.timeout + 3 * self.interval:
+            # A beat seen within one interval of the failure may be a dead peer's last, read late.
+            if all(when > failed + self.interval for when in dict(self.last_beat).values()):
+                return
+            time.sleep(self.interval / 4)
 
     def _watch(self, client) -> None:
         me, count = jax.process_index(), jax.process_count()
@@ -78,8 +92,10 @@ class PeerWatchdog:
                 current = values.get(f"{PREFIX}/{peer}")
                 if current == DONE:
                     del seen[peer]
+                    self.last_beat.pop(peer, None)
                 elif current != value:
                     seen[peer] = (current, now)
+                    self.last_beat[peer] = now
                 elif now - since > self.timeout:
                     self._lose(peer, now - since, "no heartbeat")
 
