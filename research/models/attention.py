@@ -18,7 +18,7 @@ measurements). Decoding with a key/value cache uses flax's module (same paramete
 Legend: B batch, L query length, S key length, H heads, K head width, D model width, N = B * L.
 """
 
-from typing import Any
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
@@ -125,11 +125,11 @@ def attention_weights(query, key, mask=None, causal: bool = False):
     return jax.nn.softmax(scores, axis=-1)
 
 
-def record_weights(module: nn.Module, query, key, mask=None, causal: bool = False) -> None:
-    """Sows the attention weights (B x H x L x S) in the "attention" collection when the caller asked for it
-    (apply(..., mutable=["attention"]): research/inference/explain.py); computes nothing otherwise."""
+def record_weights(module: nn.Module, weights: Callable[[], jax.Array]) -> None:
+    """Sows `weights()` (B x H x L x S attention weights) in the "attention" collection when the caller asked for
+    it (apply(..., mutable=["attention"]): research/inference/explain_text.py); computes nothing otherwise."""
     if module.is_mutable_collection(ATTENTION_COLLECTION) and not module.is_initializing():
-        module.sow(ATTENTION_COLLECTION, "weights", attention_weights(query, key, mask, causal))
+        module.sow(ATTENTION_COLLECTION, "weights", weights())
 
 
 def reference_attention_heads(query, key, value, mask=None, keep=None, causal: bool = False):
@@ -204,7 +204,7 @@ class SelfAttention(nn.Module):
         self.sow("intermediates", "projected_key", qkv_BxLx3xHxK[:, :, 1])
         self.sow("intermediates", "projected_value", qkv_BxLx3xHxK[:, :, 2])
         query, key, value = jnp.transpose(qkv_BxLx3xHxK, (2, 0, 3, 1, 4))
-        record_weights(self, query, key, None if mask is None else mask.astype(bool), self.causal)
+        record_weights(self, lambda: attention_weights(query, key, None if mask is None else mask > 0, self.causal))
         keep = None
         if self.dropout_rate > 0.0 and not deterministic:
             kept = jax.random.bernoulli(

@@ -25,6 +25,7 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from research.config import ConfigError
+from research.models import attention
 
 IMPLEMENTATIONS = ("auto", "xla", "cudnn", "splash")
 SPLASH_BLOCK = 128  # splash's query and key blocks; the length must be a multiple
@@ -113,18 +114,36 @@ def attend(
             local_window_size=local_window,
             implementation="cudnn",
         )
-    mask = None
-    if segment_ids_BxL is not None:
-        mask = segment_ids_BxL[:, None, :, None] == segment_ids_BxL[:, None, None, :]  # B x 1 x L x S
     return jax.nn.dot_product_attention(
         query_BxLxHxDh,
         key_BxSxKxDh,
         value_BxSxKxDh,
-        mask=mask,
+        mask=_same_document(segment_ids_BxL),
         is_causal=True,
         local_window_size=local_window,
         implementation="xla",
     )
+
+
+def _same_document(segment_ids_BxL: jax.Array | None) -> jax.Array | None:
+    """B x 1 x L x S: True where query and key are in the same packed document (None: one document)."""
+    if segment_ids_BxL is None:
+        return None
+    return segment_ids_BxL[:, None, :, None] == segment_ids_BxL[:, None, None, :]
+
+
+def weights(
+    query_BxLxHxDh: jax.Array, key_BxSxKxDh: jax.Array, segment_ids_BxL: jax.Array | None = None, window: int = 0
+) -> jax.Array:
+    """The weights `attend` gives each key (B x H x L x S, float32), for attention maps."""
+    length = query_BxLxHxDh.shape[1]
+    key_BxSxHxDh = jnp.repeat(key_BxSxKxDh, query_BxLxHxDh.shape[2] // key_BxSxKxDh.shape[2], axis=2)
+    allowed = _same_document(segment_ids_BxL)
+    if 0 < window < length:  # each position sees the last `window` ones, itself included
+        recent = jnp.asarray(np.triu(np.ones((length, length), bool), k=1 - window))
+        allowed = recent if allowed is None else allowed & recent
+    query, key = (jnp.transpose(x, (0, 2, 1, 3)) for x in (query_BxLxHxDh, key_BxSxHxDh))
+    return attention.attention_weights(query, key, allowed, causal=True)
 
 
 def _same_layout(*arrays: jax.Array) -> list[jax.Array]:

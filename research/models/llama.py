@@ -23,7 +23,6 @@ from typing import Any, Callable
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from research.config import ConfigError
 from research.models import attention, exchange, kernels, shard_batch
@@ -122,7 +121,8 @@ class LlamaBlock(nn.Module):
         query_BxLxHxDh, key_BxLxKxDh = apply_rotary(query_BxLxHxDh, cos, sin), apply_rotary(key_BxLxKxDh, cos, sin)
         # Query head h reads key/value head h // (H / K), as Hugging Face's repeat_kv.
         if cache is None:
-            self._record_weights(query_BxLxHxDh, key_BxLxKxDh, segment_ids_BxL)
+            masking = (segment_ids_BxL, self.attention_window)  # attention maps, only when asked for (explain_text)
+            attention.record_weights(self, lambda: kernels.weights(query_BxLxHxDh, key_BxLxKxDh, *masking))
             attended_BxLxHxDh = kernels.attend(
                 query_BxLxHxDh,
                 key_BxLxKxDh,
@@ -141,21 +141,6 @@ class LlamaBlock(nn.Module):
         up = nn.Dense(self.mlp_dim, kernel_init=init, name="up_proj", **dense)(h_BxLxD)
         down = nn.Dense(width, kernel_init=output_init, name="down_proj", **dense)(nn.silu(gate) * up)
         return x_BxLxD + down, cache
-
-    def _record_weights(self, query_BxLxHxDh, key_BxLxKxDh, segment_ids_BxL) -> None:
-        """The attention weights (B x H x L x L) into the "attention" collection when asked for (explain.py)."""
-        if not self.is_mutable_collection(attention.ATTENTION_COLLECTION) or self.is_initializing():
-            return
-        length = query_BxLxHxDh.shape[1]
-        key_BxLxHxDh = jnp.repeat(key_BxLxKxDh, self.num_heads // self.num_kv_heads, axis=2)
-        mask = np.ones((length, length), bool)
-        if 0 < self.attention_window < length:  # each position sees the last `attention_window` ones
-            mask = np.triu(mask, k=1 - self.attention_window)
-        mask = jnp.asarray(mask)[None, None]
-        if segment_ids_BxL is not None:
-            mask = mask & (segment_ids_BxL[:, None, :, None] == segment_ids_BxL[:, None, None, :])
-        query, key = (jnp.transpose(x, (0, 2, 1, 3)) for x in (query_BxLxHxDh, key_BxLxHxDh))
-        attention.record_weights(self, query, key, mask, causal=True)
 
 
 def _attend_cached(cache: dict, positions_1: jax.Array, query_Bx1xHxDh, key_Bx1xKxDh, value_Bx1xKxDh):
