@@ -1,5 +1,4 @@
-"""Orbax checkpoints of a run: train state, data-iterator state and config, saved asynchronously;
-and checkpoint surgery: `init_from` starts a run from another run's parameters.
+"""Orbax checkpoints of a run (train state, data iterator, config), saved asynchronously; other runs read (init_from).
 
 Layout: `WORKDIR/checkpoints/<step>/{state,data,config}`. Orbax writes each step into a
 temporary directory and renames it when complete, so a crash mid-save never leaves a step
@@ -343,27 +342,31 @@ def choose_step(directory: str | Path, which: str, checkpoint_config: ml_collect
         return int(which)
 
 
-def load_params(workdir: str | Path, step: int = 0) -> tuple[PyTree, int]:
-    """The parameters saved by another run (its latest step when `step` is 0), as host arrays, whatever the
-    devices and processes that saved them (read onto this process's first device)."""
+def saved_step(workdir: str | Path, step: int, setting: str) -> tuple[Path, int]:
+    """(checkpoint directory, step) of another run's checkpoint `step`, its latest when 0; errors name `setting`."""
     directory = Path(workdir).absolute() / CHECKPOINT_DIR
-    if not directory.is_dir():
-        raise ConfigError(f"init_from: no checkpoints in {directory}: train that run first or fix init_from.workdir")
-    steps = complete_steps(directory)
-    step = step or (steps[-1] if steps else 0)
-    if step not in steps:
-        raise ConfigError(f"init_from: no step {step} in {directory}; it has {steps}")
+    steps = complete_steps(directory) if directory.is_dir() else []
+    if not steps:
+        raise ConfigError(f"{setting}: no checkpoints in {directory}: train that run first or fix {setting}")
+    if (step or steps[-1]) not in steps:
+        raise ConfigError(f"{setting}: no step {step} in {directory}; it has {steps}")
+    return directory, step or steps[-1]
+
+
+def load_params(workdir: str | Path, step: int = 0) -> tuple[PyTree, int]:
+    """The parameters saved by another run (its latest step when `step` is 0), as host arrays (`read_saved`)."""
+    directory, step = saved_step(workdir, step, "init_from")
     return read_saved(directory, step)["params"], step
 
 
-def read_saved(directory: Path, step: int) -> PyTree:
-    """The train state saved at `step` as nested dicts of host arrays, read by the checkpoint's own metadata
-    (whatever the devices, processes and code version that wrote it) onto this process's first device."""
+def read_saved(directory: Path, step: int, shapes_only: bool = False) -> PyTree:
+    """The train state saved at `step` as nested dicts of host arrays (`shapes_only`: of ShapeDtypeStructs on this
+    process's first device), by the checkpoint's own metadata, whatever devices, processes and code wrote it."""
     path, checkpointer = Path(directory) / str(step) / "state", ocp.StandardCheckpointer()
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     saved = checkpointer.metadata(path).item_metadata.tree
-    target = jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=device), saved)
-    return jax.device_get(checkpointer.restore(path, target))
+    shapes = jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=device), saved)
+    return shapes if shapes_only else jax.device_get(checkpointer.restore(path, shapes))
 
 
 def init_from(state: PyTree, shardings: PyTree, tx, init_from_config: ml_collections.ConfigDict) -> PyTree:

@@ -42,6 +42,11 @@ PyTree = Any
 TEACHER = "teacher"  # the model_state collection holding the teacher's variables
 
 
+def without_teacher(model_state: dict) -> dict:
+    """A model state's collections other than a distillation teacher's."""
+    return {name: value for name, value in model_state.items() if name != TEACHER}
+
+
 @dataclasses.dataclass(frozen=True)
 class Teacher:
     """A trained run as a frozen teacher: its experiment, its Setup on the student's mesh, and the step to load."""
@@ -55,7 +60,7 @@ class Teacher:
     def abstract_variables(self) -> dict:
         """The teacher's variables as ShapeDtypeStructs with their shardings (the teacher's own teacher left out)."""
         state = self.setup.abstract_state
-        return {"params": state.params} | {k: v for k, v in state.model_state.items() if k != TEACHER}
+        return {"params": state.params} | without_teacher(state.model_state)
 
     def logits(self, variables: dict, inputs: jax.Array) -> jax.Array:
         """The teacher's logits for a batch of the student's inputs."""
@@ -81,7 +86,7 @@ class Teacher:
         finally:
             logging.set_verbosity(verbosity)
         params = eval_params(state.params, state.opt_state)
-        return {"params": params} | {k: v for k, v in state.model_state.items() if k != TEACHER}
+        return {"params": params} | without_teacher(state.model_state)
 
 
 def load_teacher(config: ml_collections.ConfigDict, student: ModuleType, mesh, build: Callable) -> Teacher:
@@ -97,13 +102,7 @@ def load_teacher(config: ml_collections.ConfigDict, student: ModuleType, mesh, b
         _, module, teacher_config = experiment.saved_run(workdir, Path(student.__file__).parent)
     except ConfigError as error:
         raise ConfigError(f"distill.teacher: {error}") from None
-    directory = workdir / checkpoint.CHECKPOINT_DIR
-    steps = checkpoint.complete_steps(directory) if directory.is_dir() else []
-    step = settings.step or (steps[-1] if steps else 0)
-    if step not in steps:
-        raise ConfigError(
-            f"distill.teacher: no checkpoint {step or ''} in {directory} (it has {steps}): train it first"
-        )
+    _, step = checkpoint.saved_step(workdir, settings.step, "distill.teacher")
     with teacher_config.unlocked():  # shapes only: the teacher's batch is the student's size on the student's mesh
         teacher_config.batch_size, teacher_config.optimizer.accumulate_steps = config.batch_size, 1
     return Teacher(workdir, step, module, build(teacher_config, module, mesh))
@@ -113,8 +112,8 @@ def _weights(batch: dict, shape: tuple) -> jax.Array:
     """Which per-example (or per-position) KL values count: an LM's scored positions, else the batch's mask."""
     if "targets" in batch and tuple(batch["targets"].shape) == tuple(shape):
         return metrics.position_weights(batch)
-    mask = batch["mask"].astype(jnp.float32)
-    return jnp.broadcast_to(mask.reshape(mask.shape + (1,) * (len(shape) - mask.ndim)), shape)
+    mask = batch["mask"]  # per example: masked_mean broadcasts it over the trailing axes
+    return mask.reshape(mask.shape + (1,) * (len(shape) - mask.ndim))
 
 
 def kl_at_temperature(teacher_logits: jax.Array, student_logits: jax.Array, temperature: float) -> jax.Array:
@@ -128,7 +127,7 @@ def distilled(loss_fn: Callable, student: ModuleType, model: nn.Module, teacher:
     """The train loss of the module docstring; `loss_fn` is the experiment's (bound, penalised) loss."""
 
     def loss(params, batch, rng, *, model_state):
-        own = {name: value for name, value in model_state.items() if name != TEACHER}
+        own = without_teacher(model_state)
         usual, aux = loss_fn(params, batch, rng, **({"model_state": own} if own else {}))
         aux = dict(aux)
         updated = aux.pop("model_state", {})  # collections not returned keep their values (steps.train_step)
@@ -147,12 +146,12 @@ def distilled(loss_fn: Callable, student: ModuleType, model: nn.Module, teacher:
     return loss
 
 
-def without_teacher(eval_fn: Callable) -> Callable:
+def evaluated_alone(eval_fn: Callable) -> Callable:
     """The student's evaluation: `eval_fn` with the teacher's collection left out of its model state."""
 
     @functools.wraps(eval_fn)
     def evaluate(params, batch, *, model_state):
-        own = {name: value for name, value in model_state.items() if name != TEACHER}
+        own = without_teacher(model_state)
         return eval_fn(params, batch, **({"model_state": own} if own else {}))
 
     return evaluate
@@ -172,13 +171,3 @@ def teacher_shardings(shardings: PyTree, teacher: Teacher) -> PyTree:
     """The student's state shardings with the teacher's collection placed as the teacher's run places it."""
     where = jax.tree.map(lambda leaf: leaf.sharding, teacher.abstract_variables)
     return shardings.replace(model_state=shardings.model_state | {TEACHER: where})
-
-
-def saved_teacher_shapes(directory: Path, step: int) -> dict:
-    """The teacher collection of a student's checkpoint as ShapeDtypeStructs on one device, read from its
-    metadata: prediction restores a student without its teacher run."""
-    saved = ocp.StandardCheckpointer().metadata(directory / str(step) / "state").item_metadata.tree
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    return jax.tree.map(
-        lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=device), saved["model_state"][TEACHER]
-    )

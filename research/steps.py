@@ -200,7 +200,7 @@ def build(
     teacher = distill.load_teacher(config, experiment, mesh, build) if config.distill.teacher else None
     if teacher is not None:
         loss_fn = distill.distilled(loss_fn, experiment, model, teacher, config.distill)
-        eval_fn = distill.without_teacher(eval_fn)
+        eval_fn = distill.evaluated_alone(eval_fn)
         init_variables = distill.with_teacher_placeholder(init_variables, teacher)
     tx = make_tx(config)
     batch = next(iter(experiment.make_data(config, "train"))) if batch is None else batch

@@ -126,6 +126,22 @@ def plot(result: Attributions, labels: np.ndarray, path: str | Path, names=None)
     plt.close(figure)
 
 
+def first_examples(run, split: str, count: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """The inputs of the first `count` real (unpadded) examples of `split`, and their labels when the batches
+    carry one per example (a classifier's; None otherwise)."""
+    inputs, labels = [], []
+    for batch in run.module.make_data(run.config, split):
+        kept = np.asarray(batch["mask"]) > 0
+        inputs.append(np.asarray(batch["inputs"])[kept])
+        labels.append(np.asarray(batch["labels"])[kept] if "labels" in batch else None)
+        if sum(map(len, inputs)) >= count:
+            break
+    if not inputs:
+        raise ConfigError(f"split {split!r} yielded no examples")
+    classifier = labels[0] is not None and labels[0].ndim == 1  # not a masked LM's per-token labels
+    return np.concatenate(inputs)[:count], np.concatenate(labels)[:count] if classifier else None
+
+
 def explain_run(run, split: str, method: str, count: int, steps: int, directory: str | Path) -> str:
     """Explains the first `count` examples of a classifier run's `split`: writes attributions.png and
     attributions.npz into `directory`; returns the summary line."""
@@ -137,14 +153,7 @@ def explain_run(run, split: str, method: str, count: int, steps: int, directory:
         raise ConfigError("--explain covers classifiers (images, tabular features, text) and text models")
     if count < 1:
         raise ConfigError(f"--num_examples is {count}: explain at least 1")
-    inputs, labels = [], []
-    for batch in run.module.make_data(run.config, split):
-        kept = np.asarray(batch["mask"]) > 0
-        inputs.append(np.asarray(batch["inputs"])[kept])
-        labels.append(np.asarray(batch["labels"])[kept])
-        if sum(map(len, labels)) >= count:
-            break
-    inputs, labels = np.concatenate(inputs)[:count], np.concatenate(labels)[:count]
+    inputs, labels = first_examples(run, split, count)
     start = time.perf_counter()
     result = attributions(run.logits, inputs, method, steps)
     seconds = time.perf_counter() - start

@@ -179,21 +179,6 @@ def plot_attention(maps_LxHxTxT: np.ndarray, pieces: list[str], title: str, path
     plt.close(figure)
 
 
-def _examples(run, split: str, count: int) -> tuple[np.ndarray, np.ndarray | None]:
-    """The first `count` real examples' token ids (and labels, for a classifier) of `split`."""
-    inputs, labels = [], []
-    for batch in run.module.make_data(run.config, split):
-        kept = np.asarray(batch["mask"]) > 0
-        inputs.append(np.asarray(batch["inputs"])[kept])
-        labels.append(np.asarray(batch["labels"])[kept] if "labels" in batch else None)
-        if sum(map(len, inputs)) >= count:
-            break
-    if not inputs:
-        raise ConfigError(f"split {split!r} yielded no examples")
-    classifier = labels[0] is not None and labels[0].ndim == 1  # one label per example (not a masked LM's)
-    return np.concatenate(inputs)[:count], np.concatenate(labels)[:count] if classifier else None
-
-
 def explain_run(run, split: str | None, text: str | None, count: int, steps: int, directory: str | Path) -> str:
     """Attention maps (and, for a classifier, token attributions) of `text` or the first `count` examples of
     `split`, written into `directory`; returns the summary line."""
@@ -207,7 +192,7 @@ def explain_run(run, split: str | None, text: str | None, count: int, steps: int
         if tokens.size == 0:
             raise ConfigError("--explain_text encodes to no tokens: give at least one character")
     else:
-        tokens, labels = _examples(run, split, count)
+        tokens, labels = explain.first_examples(run, split, count)
     start = time.perf_counter()
     maps = attention_maps(run, tokens[:MAPS_DRAWN])
     written = []

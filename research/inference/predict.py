@@ -98,7 +98,7 @@ def load_run(workdir: str | Path, experiments_dir: str | Path = "experiments", w
     setup = build(config, module, sharding.make_mesh({"data": 1}, jax.devices()[:1]), batch=batch)
     abstract_state = setup.abstract_state
     if distilled:
-        teacher = distill.saved_teacher_shapes(directory, step)
+        teacher = checkpoint.read_saved(directory, step, shapes_only=True)["model_state"][distill.TEACHER]
         abstract_state = abstract_state.replace(model_state=abstract_state.model_state | {distill.TEACHER: teacher})
     try:
         with ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True)) as manager:
@@ -109,7 +109,7 @@ def load_run(workdir: str | Path, experiments_dir: str | Path = "experiments", w
             raise
         state = _raw_weights(directory, step, setup)
     if distilled:
-        state = state.replace(model_state={k: v for k, v in state.model_state.items() if k != distill.TEACHER})
+        state = state.replace(model_state=distill.without_teacher(state.model_state))
     inputs = setup.batch_spec["inputs"]
     return Run(name, module, config, setup, state, jax.ShapeDtypeStruct(inputs.shape[1:], inputs.dtype))
 
