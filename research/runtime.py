@@ -30,6 +30,9 @@ from pathlib import Path
 CHOICES = ("auto", "mimalloc", "tcmalloc", "hugepages", "system")
 AUTO_ORDER = ("tcmalloc", "mimalloc")  # the system's tcmalloc where installed (as fast or faster), else the wheel's
 MIMALLOC = ("cmeel-mimalloc", "cmeel.prefix/lib/libmimalloc.so")  # the wheel and the library inside it
+# mimalloc decommits freed pages after 10 ms by default, so a step still faulted ~4,000 pages back in; kept
+# instead (as tcmalloc keeps them), a step faults none (docs/performance.md); an environment that sets it wins
+MIMALLOC_OPTIONS = {"MIMALLOC_PURGE_DELAY": "-1"}
 VARIABLE = "RESEARCH_ALLOCATOR"
 APPLIED = "RESEARCH_ALLOCATOR_APPLIED"  # set in the re-executed process: what it runs with
 HUGEPAGES_TUNABLE = "glibc.malloc.hugetlb=1"
@@ -105,7 +108,8 @@ def allocator_environment(
     name = next((name for name in wanted if name in libraries), None)
     if name:
         preload = [libraries[name], *filter(None, environ.get("LD_PRELOAD", "").split(":"))]
-        return dict(environ, LD_PRELOAD=":".join(preload), **{APPLIED: name})
+        options = MIMALLOC_OPTIONS if name == "mimalloc" else {}
+        return options | dict(environ, LD_PRELOAD=":".join(preload), **{APPLIED: name})
     if choice != "auto":
         how = "pip install cmeel-mimalloc" if choice == "mimalloc" else "install libtcmalloc-minimal4"
         raise ValueError(f"{VARIABLE}={choice} but no {choice} library is installed: {how}, or use {VARIABLE}=auto")

@@ -19,7 +19,11 @@ def test_allocator_environment_for_each_choice():
     tcmalloc = environment({"RESEARCH_ALLOCATOR": "tcmalloc"}, "linux", libraries=both)
     assert tcmalloc["LD_PRELOAD"] == "libtcmalloc_minimal.so.4" and tcmalloc[applied] == "tcmalloc"
     only_tcmalloc = environment({}, "linux", libraries={"tcmalloc": both["tcmalloc"]})
-    assert only_tcmalloc[applied] == "tcmalloc"
+    assert only_tcmalloc[applied] == "tcmalloc" and "MIMALLOC_PURGE_DELAY" not in only_tcmalloc
+    mimalloc = environment({"RESEARCH_ALLOCATOR": "mimalloc"}, "linux", libraries=both)
+    assert mimalloc[applied] == "mimalloc" and mimalloc["MIMALLOC_PURGE_DELAY"] == "-1"  # freed pages kept
+    asked_purge = environment({"RESEARCH_ALLOCATOR": "mimalloc", "MIMALLOC_PURGE_DELAY": "50"}, "linux", both)
+    assert asked_purge["MIMALLOC_PURGE_DELAY"] == "50"  # the user's setting wins
     assert environment({}, "linux", libraries={}) is None  # auto with neither: glibc as it is
     asked = {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0:glibc.cpu.x=1", "RESEARCH_ALLOCATOR": "hugepages"}
     huge = environment(asked, "linux", libraries=both)
