@@ -1,4 +1,5 @@
-"""Orbax checkpoints of a run (train state, data iterator, config), saved asynchronously; other runs read (init_from).
+"""Orbax checkpoints of a run (train state, data iterator, config), saved asynchronously (research/saved.py reads
+another run's).
 
 Layout: `WORKDIR/checkpoints/<step>/{state,data,config}`. Orbax writes each step into a
 temporary directory and renames it when complete, so a crash mid-save never leaves a step
@@ -26,7 +27,6 @@ from orbax.checkpoint._src.serialization import type_handler_registry
 
 from research.config import ConfigError
 from research.logger import StorageError  # noqa: F401 (raised with storage_failure's message)
-from research.tree import named_leaves, path_name
 
 PyTree = Any
 CHECKPOINT_DIR = "checkpoints"
@@ -340,61 +340,3 @@ def choose_step(directory: str | Path, which: str, checkpoint_config: ml_collect
         if not which.isdigit() or int(which) not in steps:
             raise ConfigError(f"no checkpoint {which!r} in {directory}: use latest, best or one of the steps {steps}")
         return int(which)
-
-
-def saved_step(workdir: str | Path, step: int, setting: str) -> tuple[Path, int]:
-    """(checkpoint directory, step) of another run's checkpoint `step`, its latest when 0; errors name `setting`."""
-    directory = Path(workdir).absolute() / CHECKPOINT_DIR
-    steps = complete_steps(directory) if directory.is_dir() else []
-    if not steps:
-        raise ConfigError(f"{setting}: no checkpoints in {directory}: train that run first or fix {setting}")
-    if (step or steps[-1]) not in steps:
-        raise ConfigError(f"{setting}: no step {step} in {directory}; it has {steps}")
-    return directory, step or steps[-1]
-
-
-def load_params(workdir: str | Path, step: int = 0) -> tuple[PyTree, int]:
-    """The parameters saved by another run (its latest step when `step` is 0), as host arrays (`read_saved`)."""
-    directory, step = saved_step(workdir, step, "init_from")
-    return read_saved(directory, step)["params"], step
-
-
-def read_saved(directory: Path, step: int, shapes_only: bool = False) -> PyTree:
-    """The train state saved at `step` as nested dicts of host arrays (`shapes_only`: of ShapeDtypeStructs on this
-    process's first device), by the checkpoint's own metadata, whatever devices, processes and code wrote it."""
-    path, checkpointer = Path(directory) / str(step) / "state", ocp.StandardCheckpointer()
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    saved = checkpointer.metadata(path).item_metadata.tree
-    shapes = jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=device), saved)
-    return shapes if shapes_only else jax.device_get(checkpointer.restore(path, shapes))
-
-
-def init_from(state: PyTree, shardings: PyTree, tx, init_from_config: ml_collections.ConfigDict) -> PyTree:
-    """A fresh train state with the parameters that `init_from.include` selects (and `.exclude` does
-    not) copied from another run's checkpoint; the optimizer state is made anew for them."""
-    source, step = load_params(init_from_config.workdir, init_from_config.step)
-    source = named_leaves(source)
-    include = re.compile(init_from_config.include)
-    exclude = re.compile(init_from_config.exclude) if init_from_config.exclude else None
-    loaded, kept, mismatched = [], [], []
-
-    def take(path, target, where):
-        name = path_name(path)
-        if name not in source or not include.search(name) or (exclude and exclude.search(name)):
-            kept.append(name)
-            return target
-        if source[name].shape != target.shape:
-            mismatched.append(f"{name} {tuple(source[name].shape)} vs {tuple(target.shape)}")
-            return target
-        loaded.append(name)
-        return jax.device_put(np.asarray(source[name], target.dtype), where)
-
-    params = jax.tree_util.tree_map_with_path(take, state.params, shardings.params)
-    if mismatched:
-        raise ConfigError(f"init_from: shapes differ for {', '.join(mismatched)}")
-    print(
-        f"init_from {init_from_config.workdir} step {step}: loaded {len(loaded)} arrays; "
-        f"left at random init: {', '.join(kept) or 'none'}"
-    )
-    opt_state = jax.jit(tx.init, out_shardings=shardings.opt_state)(params)
-    return state.replace(params=params, opt_state=opt_state)

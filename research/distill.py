@@ -31,12 +31,9 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
-from absl import logging
 
-from research import checkpoint, experiment, metrics
+from research import checkpoint, experiment, metrics, saved
 from research.config import ConfigError
-from research.optim.regularizers import eval_params
 
 PyTree = Any
 TEACHER = "teacher"  # the model_state collection holding the teacher's variables
@@ -78,15 +75,9 @@ class Teacher:
 
     def load(self) -> dict:
         """The teacher's evaluation variables from its checkpoint, in their shardings."""
-        directory, verbosity = self.workdir / checkpoint.CHECKPOINT_DIR, logging.get_verbosity()
-        logging.set_verbosity(logging.ERROR)  # orbax warns that a read-only checkpoint directory is read-only
-        try:
-            with ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True)) as manager:
-                state, _ = checkpoint.restore(manager, self.step, self.setup.abstract_state, iterator=None)
-        finally:
-            logging.set_verbosity(verbosity)
-        params = eval_params(state.params, state.opt_state)
-        return {"params": params} | without_teacher(state.model_state)
+        directory = self.workdir / checkpoint.CHECKPOINT_DIR
+        state = saved.weights(directory, self.step, self.setup.abstract_state, self.setup.config.optimizer.name)
+        return {"params": state.params} | without_teacher(state.model_state)
 
 
 def load_teacher(config: ml_collections.ConfigDict, student: ModuleType, mesh, build: Callable) -> Teacher:
@@ -102,7 +93,7 @@ def load_teacher(config: ml_collections.ConfigDict, student: ModuleType, mesh, b
         _, module, teacher_config = experiment.saved_run(workdir, Path(student.__file__).parent)
     except ConfigError as error:
         raise ConfigError(f"distill.teacher: {error}") from None
-    _, step = checkpoint.saved_step(workdir, settings.step, "distill.teacher")
+    _, step = saved.saved_step(workdir, settings.step, "distill.teacher")
     with teacher_config.unlocked():  # shapes only: the teacher's batch is the student's size on the student's mesh
         teacher_config.batch_size, teacher_config.optimizer.accumulate_steps = config.batch_size, 1
     return Teacher(workdir, step, module, build(teacher_config, module, mesh))

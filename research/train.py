@@ -15,7 +15,7 @@ import jax
 import ml_collections
 from jax.sharding import Mesh
 
-from research import checkpoint, perf, rollback, runtime, sharding, slurm, watchdog
+from research import checkpoint, perf, rollback, runtime, saved, sharding, slurm, watchdog
 from research import experiment as experiment_lib
 from research import metrics as metrics_lib
 from research.config import ConfigError, check_trainer
@@ -110,7 +110,7 @@ def _start(setup: Setup, train_iterator, manager, allow_config_change: bool) -> 
     if state is None:
         state = setup.init_state()
         if config.init_from.workdir:
-            state = checkpoint.init_from(state, setup.state_shardings, setup.tx, config.init_from)
+            state = saved.init_from(state, setup.state_shardings, setup.tx, config.init_from)
         return 0, state
     print(f"resuming from the checkpoint at step {step} in {manager.directory}")
     return step, state

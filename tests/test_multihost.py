@@ -71,7 +71,7 @@ def test_a_lost_process_stops_the_other_in_one_line_and_the_rerun_resumes_bitwis
 
     import jax
 
-    from research import checkpoint
+    from research import saved
 
     def start(workdir):
         with socket.socket() as probe:
@@ -107,6 +107,6 @@ def test_a_lost_process_stops_the_other_in_one_line_and_the_rerun_resumes_bitwis
     assert [process.wait() for process in start(workdir)] == [0, 0]
     reference = tmp_path / "uninterrupted"
     assert [process.wait() for process in start(reference)] == [0, 0]
-    ours, theirs = (jax.tree.leaves(checkpoint.load_params(directory, 600)[0]) for directory in (workdir, reference))
+    ours, theirs = (jax.tree.leaves(saved.load_params(directory, 600)[0]) for directory in (workdir, reference))
     for mine, reference_leaf in zip(ours, theirs):
         np.testing.assert_array_equal(mine, reference_leaf)

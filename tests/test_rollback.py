@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from research import checkpoint, rollback, train
+from research import checkpoint, rollback, saved, train
 from research.experiment import load
 from research.logger import LossSpikeError, LossSpikes
 
@@ -79,7 +79,7 @@ def regression_config(**overrides):
 
 
 def final_params(workdir, step):
-    return checkpoint.load_params(workdir, step)[0]
+    return saved.load_params(workdir, step)[0]
 
 
 def rollbacks_of(workdir):

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT
-from research import checkpoint, slurm
+from research import saved, slurm
 
 STEPS = 5000
 FLAGS = [
@@ -45,7 +45,7 @@ def environment(tmp_path: Path) -> dict[str, str]:
 
 
 def final_params(workdir: Path) -> list[np.ndarray]:
-    return jax.tree.leaves(checkpoint.load_params(workdir, STEPS)[0])
+    return jax.tree.leaves(saved.load_params(workdir, STEPS)[0])
 
 
 def logged_step(workdir: Path) -> int:

@@ -13,7 +13,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from research import checkpoint, train
+from research import checkpoint, saved, train
 from research.experiment import load
 from research.logger import StorageError
 
@@ -67,7 +67,7 @@ def test_a_full_disk_keeps_the_previous_checkpoint_and_the_rerun_resumes_to_the_
     assert found, last_line
     step = int(found.group(1))
     assert 10 <= step < 100
-    kept = checkpoint.load_params(small_disk / "run", step)[0]  # the newest complete step restores, and is finite
+    kept = saved.load_params(small_disk / "run", step)[0]  # the newest complete step restores, and is finite
     assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(kept))
 
     (small_disk / "filler").unlink()
@@ -77,8 +77,8 @@ def test_a_full_disk_keeps_the_previous_checkpoint_and_the_rerun_resumes_to_the_
     clean = launch(tmp_path / "clean")
     assert clean.returncode == 0
     for ours, reference in zip(
-        jax.tree.leaves(checkpoint.load_params(small_disk / "run", 100)[0]),
-        jax.tree.leaves(checkpoint.load_params(tmp_path / "clean", 100)[0]),
+        jax.tree.leaves(saved.load_params(small_disk / "run", 100)[0]),
+        jax.tree.leaves(saved.load_params(tmp_path / "clean", 100)[0]),
     ):
         np.testing.assert_array_equal(ours, reference)
 

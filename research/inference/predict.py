@@ -11,7 +11,6 @@ Everything runs on one device: prediction needs no mesh of its own.
 """
 
 import dataclasses
-import sys
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -20,14 +19,12 @@ import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 
-from research import checkpoint, distill, experiment, sharding
+from research import checkpoint, distill, experiment, saved, sharding
 from research import metrics as metrics_lib
 from research.config import ConfigError
 from research.experiment import hook
 from research.inference.generate import Sampling, timed_generate
-from research.optim import regularizers
 from research.state import TrainState
 from research.steps import Setup, build
 from research.train import accumulate
@@ -98,35 +95,13 @@ def load_run(workdir: str | Path, experiments_dir: str | Path = "experiments", w
     setup = build(config, module, sharding.make_mesh({"data": 1}, jax.devices()[:1]), batch=batch)
     abstract_state = setup.abstract_state
     if distilled:
-        teacher = checkpoint.read_saved(directory, step, shapes_only=True)["model_state"][distill.TEACHER]
+        teacher = saved.read_saved(directory, step, shapes_only=True)["model_state"][distill.TEACHER]
         abstract_state = abstract_state.replace(model_state=abstract_state.model_state | {distill.TEACHER: teacher})
-    try:
-        with ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True)) as manager:
-            state, _ = checkpoint.restore(manager, step, abstract_state, iterator=None)
-        state = state.replace(params=regularizers.eval_params(state.params, state.opt_state))
-    except ValueError as error:  # a train state of another structure: saved by an older version of the optimizer
-        if "do not match" not in str(error):
-            raise
-        state = _raw_weights(directory, step, setup)
+    state = saved.weights(directory, step, abstract_state, config.optimizer.name)
     if distilled:
         state = state.replace(model_state=distill.without_teacher(state.model_state))
     inputs = setup.batch_spec["inputs"]
     return Run(name, module, config, setup, state, jax.ShapeDtypeStruct(inputs.shape[1:], inputs.dtype))
-
-
-def _raw_weights(directory: Path, step: int, setup: Setup) -> TrainState:
-    """The parameters and model state saved at `step`, read whatever the optimizer state's structure; the
-    optimizer state is zeros (unused), so an average it kept (EMA, schedule-free) is not what predicts."""
-    saved = checkpoint.read_saved(directory, step)
-    if jax.tree.structure(saved["params"]) != jax.tree.structure(setup.abstract_state.params):
-        raise ConfigError(f"the parameters saved at step {step} in {directory} do not fit the experiment's model")
-    print(
-        f"note: step {step}'s optimizer state has another layout than this version's {setup.config.optimizer.name} "
-        "(saved by an older version?): predicting with the raw parameters, without any average the optimizer kept",
-        file=sys.stderr,
-    )
-    unused = jax.tree.map(lambda leaf: np.zeros(leaf.shape, leaf.dtype), setup.abstract_state.opt_state)
-    return TrainState(saved["step"], saved["params"], saved.get("model_state", {}), unused, saved["rng"])
 
 
 def class_names(run: Run, count: int) -> list[str]:

@@ -165,5 +165,5 @@ def test_a_run_saved_with_another_optimizer_state_layout_predicts_with_its_raw_p
     record["config"]["optimizer"]["name"] = "sgd" if record["config"]["optimizer"]["name"] != "sgd" else "adam"
     (tmp_path / "run" / "config.json").write_text(json.dumps(record))
     run = predict.load_run(tmp_path / "run")
-    assert "predicting with the raw parameters" in capsys.readouterr().err
+    assert "using its raw parameters" in capsys.readouterr().err
     assert abs(predict.evaluate(run, "test")["accuracy"] - results["test/accuracy"]) < 1e-6
