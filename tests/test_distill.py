@@ -2,6 +2,7 @@
 weighted 0 trains as one without a teacher, a distilled run resumes bitwise with its teacher inside its
 checkpoints, and prediction reads the student without the teacher run."""
 
+import json
 import shutil
 
 import jax
@@ -11,7 +12,7 @@ import optax
 import pytest
 
 from conftest import restored_state, smoke_config, train_as_launch
-from research import distill, experiment, train
+from research import distill, experiment, sharding, steps, train
 from research.config import ConfigError
 from research.inference import predict
 
@@ -81,10 +82,6 @@ def test_a_teacher_saved_with_another_optimizer_state_layout_teaches_with_its_ra
 ):
     """An older version's optimizer state (here: the record says another optimizer) cannot be restored into
     today's; the teacher's parameters are read alone, the same arrays, and a note says so."""
-    import json
-
-    from research import sharding, steps
-
     mesh = sharding.make_mesh({"data": 1}, jax.devices()[:1])
     module, config = smoke_config("mnist_mlp", data_dir, **{"distill.teacher": str(teacher)})
     restored = distill.load_teacher(config, module, mesh, steps.build).load()
