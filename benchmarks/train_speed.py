@@ -266,8 +266,10 @@ def benchmark_model(name: str, impls: list[str], steps: int, repeats: int, peak:
     analytic = model.experiment.flops_per_example(config) * config.batch_size
     impls = [impl for impl in impls if impl != "torch_compile" or model.experiment is shakespeare_gpt]
     runners = {impl: RUNNERS[impl](model, config, batches) for impl in impls}
-    for runner in runners.values():  # warm-up: first-touch allocations, thread pools
-        time_steps(runner, 0, 2)
+    for runner in runners.values():  # warm-up: thread pools, and memory touched for the first time
+        time_steps(runner, 0, 2)  # two steps in flight, as the timed repeats run them
+        time_steps(runner, 2, 1)  # then single steps: the first that runs alone touches ~1 GB more (gpt_large),
+        time_steps(runner, 3, 1)  # seconds of kernel time on this VM that would otherwise land in a repeat
     times = {impl: [] for impl in impls}
     for repeat in range(repeats):
         order = impls[repeat % len(impls) :] + impls[: repeat % len(impls)]  # each goes first in turn
