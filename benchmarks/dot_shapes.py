@@ -9,9 +9,10 @@ forward and backward, custom VJPs included) with how often the step runs it, tim
 `jit(lax.dot_general)` and as `torch.einsum` of the same contraction (medians of 5 x `--calls` calls),
 and the cores XLA keeps busy meanwhile (CPU-seconds over wall seconds, `resource.getrusage`). Then the
 step: the minimal JAX loop and PyTorch eager (train_speed.py's runners) timed interleaved, and JAX's
-CPU-seconds per step. `bound` is PyTorch's step time over JAX's CPU-seconds spread over every core: the
-speed-up over PyTorch a JAX step with no idle core would reach on these kernels. Expected on the
-2-core VM (2026-12-01): dense products 160-215 GFLOP/s, the attention's batched ones 55-90 on one
+CPU-seconds per step. `with no idle core` is PyTorch's step time over JAX's CPU-seconds spread over
+every core: the speed-up over PyTorch a JAX step with no idle core would reach on these kernels (run
+it on an idle machine: another job's load reads as idle cores). Expected on the 2-core VM
+(2026-12-01): dense products 160-215 GFLOP/s, the attention's batched ones 55-90 on one
 core; bound 1.01-1.03x on gpt_large, 1.14-1.17x on gpt_small. Findings in docs/performance.md.
 """
 
@@ -119,10 +120,8 @@ def step_figures(name: str, steps: int, repeats: int = 5) -> dict:
     config = train_speed.config_of(model)
     batches = train_speed.host_batches(model, config)
     runners = {impl: train_speed.RUNNERS[impl](model, config, batches) for impl in ("jax", "torch")}
-    for runner in runners.values():  # warm-up, as train_speed.py's
-        train_speed.time_steps(runner, 0, 2)
-        train_speed.time_steps(runner, 2, 1)
-        train_speed.time_steps(runner, 3, 1)
+    for runner in runners.values():
+        train_speed.warm_up(runner)
     seconds, cpu = {"jax": [], "torch": []}, []
     for repeat in range(repeats):
         for impl in ("jax", "torch") if repeat % 2 == 0 else ("torch", "jax"):

@@ -258,6 +258,13 @@ def time_steps(runner: Runner, first: int, steps: int) -> float:
     return (time.perf_counter() - start) / steps
 
 
+def warm_up(runner: Runner) -> None:
+    """Steps 0-3 untimed: thread pools start, and memory is touched for the first time."""
+    time_steps(runner, 0, 2)  # two steps in flight, as the timed repeats run them
+    time_steps(runner, 2, 1)  # then single steps: the first that runs alone touches ~1 GB more (gpt_large),
+    time_steps(runner, 3, 1)  # seconds of kernel time on this VM that would otherwise land in a repeat
+
+
 def benchmark_model(name: str, impls: list[str], steps: int, repeats: int, peak: float) -> list[dict]:
     """Rows of the table for one model: each implementation's median step time over interleaved repeats."""
     model = MODELS[name]
@@ -266,10 +273,8 @@ def benchmark_model(name: str, impls: list[str], steps: int, repeats: int, peak:
     analytic = model.experiment.flops_per_example(config) * config.batch_size
     impls = [impl for impl in impls if impl != "torch_compile" or model.experiment is shakespeare_gpt]
     runners = {impl: RUNNERS[impl](model, config, batches) for impl in impls}
-    for runner in runners.values():  # warm-up: thread pools, and memory touched for the first time
-        time_steps(runner, 0, 2)  # two steps in flight, as the timed repeats run them
-        time_steps(runner, 2, 1)  # then single steps: the first that runs alone touches ~1 GB more (gpt_large),
-        time_steps(runner, 3, 1)  # seconds of kernel time on this VM that would otherwise land in a repeat
+    for runner in runners.values():
+        warm_up(runner)
     times = {impl: [] for impl in impls}
     for repeat in range(repeats):
         order = impls[repeat % len(impls) :] + impls[: repeat % len(impls)]  # each goes first in turn
