@@ -13,7 +13,7 @@ CPU-seconds per step. `with no idle core` is PyTorch's step time over JAX's CPU-
 every core: the speed-up over PyTorch a JAX step with no idle core would reach on these kernels (run
 it on an idle machine: another job's load reads as idle cores). Expected on the 2-core VM
 (2026-12-01): dense products 160-215 GFLOP/s, the attention's batched ones 55-90 on one
-core; bound 1.01-1.03x on gpt_large, 1.14-1.17x on gpt_small. Findings in docs/performance.md.
+core; with no idle core 1.01-1.04x on gpt_large, 1.14-1.28x on gpt_small. Findings in docs/performance.md.
 """
 
 import argparse
