@@ -7,20 +7,19 @@ and the step's own CPU-seconds: the bound on how far a better schedule could tak
 Rows: each distinct `dot_general` of the training gradient's jaxpr (the model of train_speed.py, its
 forward and backward, custom VJPs included) with how often the step runs it, timed alone as
 `jit(lax.dot_general)` and as `torch.einsum` of the same contraction (medians of 5 x `--calls` calls),
-and the cores XLA keeps busy meanwhile (CPU-seconds over wall seconds, `resource.getrusage`). Then the
-step: the minimal JAX loop and PyTorch eager (train_speed.py's runners) timed interleaved, and JAX's
-CPU-seconds per step. `with no idle core` is PyTorch's step time over JAX's CPU-seconds spread over
-every core: the speed-up over PyTorch a JAX step with no idle core would reach on these kernels (run
-it on an idle machine: another job's load reads as idle cores). Expected on the 2-core VM
-(2026-12-01): dense products 160-215 GFLOP/s, the attention's batched ones 55-90 on one
-core; with no idle core 1.01-1.04x on gpt_large, 1.14-1.28x on gpt_small. Findings in docs/performance.md.
+and the cores XLA keeps busy meanwhile (CPU-seconds over wall seconds). Then the step: the minimal JAX
+loop and PyTorch eager timed interleaved by train_speed.py, and JAX's CPU-seconds per step. `with no
+idle core` is PyTorch's step time over JAX's CPU-seconds spread over every core: the speed-up over
+PyTorch a JAX step with no idle core would reach on these kernels (run it on an idle machine: another
+job's load reads as idle cores). Expected on the 2-core VM: dense products 160-215 GFLOP/s, the
+attention's batched ones 55-90 on one core; with no idle core ~1.0x on gpt_large, 1.1-1.3x on
+gpt_small (docs/performance.md, 2026-12-01).
 """
 
 import argparse
 import collections
 import math
 import os
-import resource
 import sys
 import time
 from pathlib import Path
@@ -84,15 +83,13 @@ def einsum_spec(lhs_rank: int, rhs_rank: int, dimension_numbers) -> str:
 def timed(call, calls: int, repeats: int = 5) -> tuple[float, float]:
     """(median seconds per call, cores busy over all the timed calls)."""
     call()
-    times, start_usage, start = [], resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+    times, cpu_start, start = [], train_speed.cpu_seconds(), time.perf_counter()
     for _ in range(repeats):
         begin = time.perf_counter()
         for _ in range(calls):
             call()
         times.append((time.perf_counter() - begin) / calls)
-    wall, usage = time.perf_counter() - start, resource.getrusage(resource.RUSAGE_SELF)
-    busy = usage.ru_utime - start_usage.ru_utime + usage.ru_stime - start_usage.ru_stime
-    return perf.median(times), busy / wall
+    return perf.median(times), (train_speed.cpu_seconds() - cpu_start) / (time.perf_counter() - start)
 
 
 def dot_rows(dots: collections.Counter, calls: int) -> list[dict]:
@@ -112,25 +109,6 @@ def dot_rows(dots: collections.Counter, calls: int) -> list[dict]:
         rows.append(dict(count=count, lhs=lhs_shape, rhs=rhs_shape, spec=spec, flops=flops, xla=xla_seconds,
                          busy=busy, torch=torch_seconds))  # fmt: skip
     return rows
-
-
-def step_figures(name: str, steps: int, repeats: int = 5) -> dict:
-    """The minimal JAX loop's and PyTorch eager's step seconds (interleaved medians), JAX's CPU-seconds per step."""
-    model = train_speed.MODELS[name]
-    config = train_speed.config_of(model)
-    batches = train_speed.host_batches(model, config)
-    runners = {impl: train_speed.RUNNERS[impl](model, config, batches) for impl in ("jax", "torch")}
-    for runner in runners.values():
-        train_speed.warm_up(runner)
-    seconds, cpu = {"jax": [], "torch": []}, []
-    for repeat in range(repeats):
-        for impl in ("jax", "torch") if repeat % 2 == 0 else ("torch", "jax"):
-            before = resource.getrusage(resource.RUSAGE_SELF)
-            seconds[impl].append(train_speed.time_steps(runners[impl], 4 + repeat * steps, steps))
-            after = resource.getrusage(resource.RUSAGE_SELF)
-            if impl == "jax":
-                cpu.append((after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime) / steps)
-    return dict(jax=perf.median(seconds["jax"]), torch=perf.median(seconds["torch"]), cpu=perf.median(cpu))
 
 
 def main() -> None:
@@ -157,11 +135,13 @@ def main() -> None:
         f"{args.model}: {total / 1e9:.1f} GFLOP of dots per step; alone, XLA {xla_seconds * 1e3:,.0f} ms "
         f"({xla_cpu:.2f} CPU-s), PyTorch {torch_seconds * 1e3:,.0f} ms"
     )
-    step, cores = step_figures(args.model, args.steps), os.cpu_count()
-    jax_ms, torch_ms, busy = step["jax"] * 1e3, step["torch"] * 1e3, step["cpu"] / step["jax"]
-    bound = step["torch"] / (step["cpu"] / cores)
+    timed_steps = train_speed.benchmark_model(args.model, ["jax", "torch"], args.steps, 5, float("nan"))
+    step = {row["impl"]: row for row in timed_steps}
+    jax_ms, torch_ms, jax_cpu = step["jax"]["step_ms"], step["torch"]["step_ms"], step["jax"]["cpu_s"]
+    cores = os.cpu_count()
+    busy, bound = jax_cpu / (jax_ms / 1e3), torch_ms / 1e3 / (jax_cpu / cores)
     print(
-        f"step: minimal JAX loop {jax_ms:,.0f} ms ({step['cpu']:.2f} CPU-s, {busy:.2f} of {cores} cores busy), "
+        f"step: minimal JAX loop {jax_ms:,.0f} ms ({jax_cpu:.2f} CPU-s, {busy:.2f} of {cores} cores busy), "
         f"PyTorch eager {torch_ms:,.0f} ms; x PyTorch now {torch_ms / jax_ms:.2f}, with no idle core {bound:.2f}"
     )
 

@@ -21,6 +21,7 @@ extra); findings are in docs/performance.md.
 import argparse
 import dataclasses
 import os
+import resource
 import sys
 import time
 from pathlib import Path
@@ -258,6 +259,12 @@ def time_steps(runner: Runner, first: int, steps: int) -> float:
     return (time.perf_counter() - start) / steps
 
 
+def cpu_seconds() -> float:
+    """This process's CPU time so far: every thread, user and system."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def warm_up(runner: Runner) -> None:
     """Steps 0-3 untimed: thread pools start, and memory is touched for the first time."""
     time_steps(runner, 0, 2)  # two steps in flight, as the timed repeats run them
@@ -266,7 +273,8 @@ def warm_up(runner: Runner) -> None:
 
 
 def benchmark_model(name: str, impls: list[str], steps: int, repeats: int, peak: float) -> list[dict]:
-    """Rows of the table for one model: each implementation's median step time over interleaved repeats."""
+    """Rows of the table for one model: each implementation's median step time (and CPU-seconds per step)
+    over interleaved repeats."""
     model = MODELS[name]
     config = config_of(model)
     batches = host_batches(model, config)
@@ -275,11 +283,13 @@ def benchmark_model(name: str, impls: list[str], steps: int, repeats: int, peak:
     runners = {impl: RUNNERS[impl](model, config, batches) for impl in impls}
     for runner in runners.values():
         warm_up(runner)
-    times = {impl: [] for impl in impls}
+    times, cpu = {impl: [] for impl in impls}, {impl: [] for impl in impls}
     for repeat in range(repeats):
         order = impls[repeat % len(impls) :] + impls[: repeat % len(impls)]  # each goes first in turn
         for impl in order:
+            before = cpu_seconds()
             times[impl].append(time_steps(runners[impl], 2 + repeat * steps, steps))
+            cpu[impl].append((cpu_seconds() - before) / steps)
     rows = []
     for impl, runner in runners.items():
         seconds = perf.median(times[impl])
@@ -295,6 +305,7 @@ def benchmark_model(name: str, impls: list[str], steps: int, repeats: int, peak:
                 "compile_s": runner.compile_seconds,
                 "xla_over_analytic": runner.xla_flops / analytic,
                 "spread": (max(times[impl]) - min(times[impl])) / seconds,
+                "cpu_s": perf.median(cpu[impl]),  # CPU-seconds per step (PyTorch's count its threads' spinning)
             }
         )
     by_impl = {row["impl"]: row for row in rows}
