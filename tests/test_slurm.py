@@ -85,6 +85,7 @@ def test_sigterm_saves_without_a_requeue_and_no_slurm_means_no_requeue(monkeypat
     assert slurm.requeue_after("SIGUSR1") == ""  # not under SLURM
 
 
+@pytest.mark.slow
 def test_a_sweep_becomes_a_job_array_whose_tasks_run_their_runs(tmp_path):
     sweep_file = tmp_path / "sweep.py"
     sweep_file.write_text("def get_sweep():\n    return {'optimizer.learning_rate': [0.05, 0.1]}\n")

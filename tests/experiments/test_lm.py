@@ -30,7 +30,7 @@ def test_published_sizes_have_the_published_parameter_counts(name):
     assert reference.num_parameters() == lm.PUBLISHED_PARAMETERS[name]
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt"])
+@pytest.mark.parametrize("family", ["llama", pytest.param("gpt", marks=pytest.mark.slow)])
 def test_chunked_loss_equals_the_loss_and_its_gradients(data_dir, family):
     """16 x 32 positions in chunks of 100 (the last one padded): the same value and gradients."""
     module, config = smoke_config("lm", data_dir, **{"model.family": family})

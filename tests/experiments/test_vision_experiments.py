@@ -75,6 +75,7 @@ def test_mlp_dropout_only_in_training():
     np.testing.assert_array_equal(model.apply({"params": params}, inputs), model.apply({"params": params}, inputs))
 
 
+@pytest.mark.slow
 def test_cifar10_resnet_full_pipeline_on_a_generated_archive(tmp_path, monkeypatch):
     monkeypatch.setattr(files, "online", lambda url: False)
     data_dir = tmp_path / "data"

@@ -33,6 +33,7 @@ def test_published_sizes_have_the_published_parameter_counts(name):
     assert param_count(shapes) == PUBLISHED_PARAMETERS[name]
 
 
+@pytest.mark.slow
 def test_rematerialised_scanned_layers_give_the_same_loss_and_gradients():
     kwargs = dict(vocab_size=96, num_layers=2, num_heads=4, num_kv_heads=2, width=32, mlp_dim=64, scan_layers=True)
     params = Llama(**kwargs).init(jax.random.PRNGKey(0), TOKENS)["params"]

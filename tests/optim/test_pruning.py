@@ -38,6 +38,7 @@ def test_pruned_weights_are_exactly_zero_and_stay_so_under_updates():
         pruning.magnitude_pruning(1.0, 0, 10, 1)
 
 
+@pytest.mark.slow
 def test_a_pruned_run_reaches_its_sparsity_and_resumes_exactly(data_dir, tmp_path):
     module = load("experiments/digits_mlp.py")
     config = module.get_config("smoke")
