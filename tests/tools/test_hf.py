@@ -129,7 +129,7 @@ LOADERS = {
 
 
 @pytest.mark.parametrize(
-    "name", [pytest.param(n, marks=[pytest.mark.slow] if n == "bert" else []) for n in sorted(OURS)]
+    "name", [pytest.param(name, marks=pytest.mark.slow) if name == "bert" else name for name in sorted(OURS)]
 )
 def test_exported_model_loads_in_transformers_with_our_logits(tmp_path, name):
     """Ours at random init, written as shards of at most 20 KB (an index and many files) for the Llamas."""
