@@ -2,6 +2,7 @@
 
   python benchmarks/accelerator.py --output accelerator.json        # on the accelerator
   python benchmarks/accelerator.py --tiny --output /tmp/tiny.json   # CPU, tiny shapes: what the test runs
+  python benchmarks/accelerator.py --target gpu:h200:1               # here, no GPU: do the rows fit? (exit 1 if not)
 
 Rows: a Llama-style LM at GPT-2 124M's shape and Llama 3.2 1B (bfloat16 compute, the backend's fused
 attention: cuDNN on GPUs, splash on TPUs), trained by the trainer's own jitted step (research.steps.build)
@@ -11,11 +12,15 @@ MFU against the chip's dense bf16 peak (research/tools/targets.py; a CPU's measu
 the device's peak memory where it reports one, and the dry run's figures for the same program (compiled
 once): its memory by XLA's analysis, the analytic count, and the tokens/s its roofline predicts at 40 %
 MFU. One table printed, the rows as JSON.
-Record the table in docs/performance.md with the date and the machine.
+`--target` compiles the rows for that chip (research/tools/targets.py) and runs nothing: each program's memory
+against what JAX will let it use (XLA_PYTHON_CLIENT_MEM_FRACTION of a GPU, 0.75 by default), and its attention
+kernel. On a lent device the check runs under the machine's own Python: docs/performance.md gives the command and
+benchmarks/device_wheels.py the packages to carry. Record the table there with the date and the machine.
 """
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -34,6 +39,7 @@ import numpy as np  # noqa: E402
 
 from experiments import cifar10_resnet, lm  # noqa: E402
 from research import perf, sharding  # noqa: E402
+from research.config import ConfigError  # noqa: E402
 from research.models import param_count  # noqa: E402
 from research.models.resnet import ImageNetResNet  # noqa: E402
 from research.models.transformer import REMAT_RECOMPUTE  # noqa: E402
@@ -41,9 +47,13 @@ from research.steps import build  # noqa: E402
 from research.tools import dry_run, targets  # noqa: E402
 
 LLAMA_124M = dict(num_layers=12, width=768, num_heads=12, num_kv_heads=12, mlp_dim=2048, vocab_size=50304)
-# (name, lm.py size, model overrides, batch, block) at full size, and the tiny ones the test runs on a CPU.
+# (name, lm.py size, model overrides, batch) at full size, and the tiny ones the test runs on a CPU. The 1B trains
+# on 2,048-token windows: at its 8,192 (lm.py) batch 8 needs 191 GiB of an H200's 141 (`--target gpu:h200`).
 LMS = {
-    False: [("llama 124M", "cpu", LLAMA_124M | {"block_size": 1024}, 32), ("llama 3.2 1B", "llama-3.2-1b", {}, 8)],
+    False: [
+        ("llama 124M", "cpu", LLAMA_124M | {"block_size": 1024}, 32),
+        ("llama 3.2 1B", "llama-3.2-1b", {"block_size": 2048}, 8),
+    ],
     True: [("llama tiny", "smoke", {"vocab_size": 256, "block_size": 64}, 4)],
 }
 LM_COMMON = dict(family="llama", dtype="bfloat16", param_dtype="float32", attention="auto", remat="none")
@@ -98,24 +108,31 @@ def estimate(config, experiment, setup, compiled, peak: float) -> dict:
     }
 
 
-def lm_row(name: str, size: str, overrides: dict, batch_size: int, peak: float, steps: int) -> dict:
+def lm_setup(name: str, size: str, overrides: dict, batch_size: int, mesh) -> tuple:
+    """(config, the trainer's Setup, a synthetic batch, the row's first columns) of one LM row on `mesh`."""
     config = lm.get_config(size)
     config.model.update(LM_COMMON | overrides)
     config.update_from_flattened_dict({"batch_size": batch_size, "mesh.data": 1, "mesh.fsdp": 1, "mesh.tensor": 1})
     length = config.model.block_size
     tokens = np.random.default_rng(0).integers(0, config.model.vocab_size, (batch_size, length + 1), np.int32)
     batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "mask": np.ones(batch_size, np.float32)}
-    mesh = sharding.make_mesh({"data": 1}, jax.devices()[:1])
     setup = build(config, lm, mesh, batch=batch)
+    return config, setup, batch, dict(model=name, batch=f"{batch_size}x{length}")
+
+
+def lm_row(model: tuple, peak: float, steps: int) -> dict:
+    config, setup, batch, row = lm_setup(*model, sharding.make_mesh({"data": 1}, jax.devices()[:1]))
     run = timed(setup, batch, steps)
+    batch_size, length = batch["inputs"].shape
     seconds, flops = run["seconds"], lm.flops_per_example(config) * batch_size
-    row = dict(model=name, batch=f"{batch_size}x{length}", step_seconds=seconds, compile_seconds=run["compile_seconds"])
+    row |= dict(step_seconds=seconds, compile_seconds=run["compile_seconds"])
     row |= dict(throughput=batch_size * length / seconds, unit="tokens/s", mfu=flops / seconds / peak)
     row |= dict(parameters=param_count(setup.abstract_state.params), peak_memory_gib=_gib(peak_memory()))
     return row | estimate(config, lm, setup, run["compiled"], peak)
 
 
-def resnet_row(tiny: bool, peak: float, steps: int) -> dict:
+def resnet_setup(tiny: bool, mesh) -> tuple:
+    """(config, the trainer's Setup, a synthetic batch, the row's first columns) of the ResNet-50 row on `mesh`."""
     model, batch_size, size = RESNET[tiny]
     experiment = types.SimpleNamespace(**vars(cifar10_resnet))
     experiment.make_model = lambda config: model
@@ -127,12 +144,51 @@ def resnet_row(tiny: bool, peak: float, steps: int) -> dict:
         "labels": rng.integers(0, 1000, batch_size).astype(np.int32),
         "mask": np.ones(batch_size, np.float32),
     }
-    setup = build(config, experiment, sharding.make_mesh({"data": 1}, jax.devices()[:1]), batch=batch)
+    setup = build(config, experiment, mesh, batch=batch)
+    name = f"resnet-50{' (1 block per stage)' if tiny else ''}"
+    return config, setup, batch, dict(model=name, batch=f"{batch_size}x{size}x{size}")
+
+
+def resnet_row(tiny: bool, peak: float, steps: int) -> dict:
+    _, setup, batch, row = resnet_setup(tiny, sharding.make_mesh({"data": 1}, jax.devices()[:1]))
     run = timed(setup, batch, steps)
     seconds, flops = run["seconds"], perf.xla_flops(run["compiled"])  # forward, backward and update, as compiled
-    row = dict(model=f"resnet-50{' (1 block per stage)' if tiny else ''}", batch=f"{batch_size}x{size}x{size}")
-    row |= dict(step_seconds=seconds, compile_seconds=run["compile_seconds"], throughput=batch_size / seconds)
+    row |= dict(step_seconds=seconds, compile_seconds=run["compile_seconds"], throughput=len(batch["labels"]) / seconds)
     return row | dict(unit="images/s", mfu=flops / seconds / peak, peak_memory_gib=_gib(peak_memory()))
+
+
+def usable_bytes(target: targets.Target) -> float:
+    """The memory JAX lets a program use on one device of `target`: a GPU's preallocated fraction, a TPU's all."""
+    fraction = float(os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.75")) if target.platform == "gpu" else 1.0
+    return target.chip.memory_bytes * fraction
+
+
+def fits_on(target: targets.Target, tiny: bool) -> list[dict]:
+    """Every row compiled for one device of `target` (nothing run): its memory against `usable_bytes`."""
+    mesh = targets.make_mesh(target, {"data": 1})
+    setups = [lm_setup(*model, mesh) for model in LMS[tiny]] + [resnet_setup(tiny, mesh)]
+    rows = []
+    for _, setup, _, row in setups:
+        start = time.perf_counter()
+        with targets.compiling_for(target):
+            compiled = setup.train_step.lower(setup.abstract_state, setup.batch_spec).compile()
+        text = compiled.as_text()
+        attention = [name for marker, name in dry_run.ATTENTION_KERNELS.items() if marker in text]
+        memory = dry_run.compiled_bytes(compiled)["total"]
+        row |= dict(compile_seconds=time.perf_counter() - start, memory_gib=memory / 2**30)
+        attention = ", ".join(attention) or ("XLA's" if row["model"].startswith("llama") else "-")
+        rows.append(row | dict(fits=memory <= usable_bytes(target), attention=attention))
+    return rows
+
+
+def format_fits(rows: list[dict], target: targets.Target) -> str:
+    usable = usable_bytes(target) / 2**30
+    lines = [f"accelerator check compiled for {target.spec} ({target.chip.name}, {usable:.1f} GiB usable), nothing run"]
+    lines.append(f"{'model':22s} {'batch':>12s} {'memory GiB':>11s} {'fits':>5s}  attention")
+    for row in rows:
+        fits = "yes" if row["fits"] else "NO"
+        lines.append(f"{row['model']:22s} {row['batch']:>12s} {row['memory_gib']:11.2f} {fits:>5s}  {row['attention']}")
+    return "\n".join(lines)
 
 
 def _gib(value: float | None) -> float:
@@ -159,9 +215,21 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--tiny", action="store_true", help="tiny shapes (a CPU test), not the full ones")
     parser.add_argument("--steps", type=int, default=10, help="timed steps per model")
     parser.add_argument("--output", default="", help="write the rows here as JSON")
+    parser.add_argument("--target", default="", help="compile for this chip (gpu:h200:1, tpu:v5e-1), run nothing")
     arguments = parser.parse_args(argv)
+    if arguments.target:
+        try:
+            target = targets.parse(arguments.target)
+        except ConfigError as error:
+            raise SystemExit(f"accelerator.py: {error}") from None
+        runtime.use_compile_target(arguments.target)  # JAX's own backend stays the CPU's
+        rows = fits_on(target, arguments.tiny)
+        print(format_fits(rows, target))
+        if not all(row["fits"] for row in rows):
+            raise SystemExit(1)
+        return rows
     device, peak = chip()
-    rows = [lm_row(*model, peak, arguments.steps) for model in LMS[arguments.tiny]]
+    rows = [lm_row(model, peak, arguments.steps) for model in LMS[arguments.tiny]]
     rows.append(resnet_row(arguments.tiny, peak, arguments.steps))
     print(format_table(rows, device))
     if arguments.output:
