@@ -11,17 +11,18 @@ Each: step time (median of the timed steps, after compilation and warm-up), toke
 MFU against the chip's dense bf16 peak (research/tools/targets.py; a CPU's measured float32 matmul peak),
 the device's peak memory where it reports one, and the dry run's figures for the same program (compiled
 once): its memory by XLA's analysis, the analytic count, and the tokens/s its roofline predicts at 40 %
-MFU. One table printed, the rows as JSON.
-`--target` compiles the rows for that chip (research/tools/targets.py) and runs nothing: each program's memory
-against what JAX will let it use (XLA_PYTHON_CLIENT_MEM_FRACTION of a GPU, 0.75 by default), and its attention
-kernel. On a lent device the check runs under the machine's own Python: docs/performance.md gives the command and
-benchmarks/device_wheels.py the packages to carry. Record the table there with the date and the machine.
+MFU. One table printed, the rows as JSON. Each row runs in a process of its own, printed and saved when it
+ends: a row that fails or passes `--row_timeout` is a 'failed' line (exit status 1), the others are kept.
+`--target` compiles the rows for that chip and runs nothing: each program's memory against what JAX lets it use
+(XLA_PYTHON_CLIENT_MEM_FRACTION of a GPU, 0.75 by default) and its attention kernel. On a lent device: the command
+in docs/performance.md (benchmarks/accelerator_on_device.sh); record the table there with date and machine.
 """
 
 import argparse
 import json
 import os
 import statistics
+import subprocess
 import sys
 import time
 import types
@@ -145,14 +146,25 @@ def resnet_setup(tiny: bool, mesh) -> tuple:
         "mask": np.ones(batch_size, np.float32),
     }
     setup = build(config, experiment, mesh, batch=batch)
-    name = f"resnet-50{' (1 block per stage)' if tiny else ''}"
-    return config, setup, batch, dict(model=name, batch=f"{batch_size}x{size}x{size}")
+    return config, setup, batch, dict(model=resnet_name(tiny), batch=f"{batch_size}x{size}x{size}")
+
+
+def resnet_name(tiny: bool) -> str:
+    return f"resnet-50{' (1 block per stage)' if tiny else ''}"
+
+
+def resnet_flops(tiny: bool) -> float:
+    """FLOPs of the ResNet step (forward, backward, update) by XLA's cost analysis of the program lowered for the
+    CPU: a GPU's compiled program hands convolutions to cuDNN, whose custom calls its analysis counts as none."""
+    _, setup, _, _ = resnet_setup(tiny, sharding.make_mesh({"data": 1}, jax.devices("cpu")[:1]))
+    cost = setup.train_step.lower(setup.abstract_state, setup.batch_spec).cost_analysis()
+    return float((cost[0] if isinstance(cost, list) else cost)["flops"])
 
 
 def resnet_row(tiny: bool, peak: float, steps: int) -> dict:
     _, setup, batch, row = resnet_setup(tiny, sharding.make_mesh({"data": 1}, jax.devices()[:1]))
     run = timed(setup, batch, steps)
-    seconds, flops = run["seconds"], perf.xla_flops(run["compiled"])  # forward, backward and update, as compiled
+    seconds, flops = run["seconds"], resnet_flops(tiny)
     row |= dict(step_seconds=seconds, compile_seconds=run["compile_seconds"], throughput=len(batch["labels"]) / seconds)
     return row | dict(unit="images/s", mfu=flops / seconds / peak, peak_memory_gib=_gib(peak_memory()))
 
@@ -195,27 +207,62 @@ def _gib(value: float | None) -> float:
     return float("nan") if value is None else value / 2**30
 
 
-def format_table(rows: list[dict], device: str) -> str:
-    lines = [f"accelerator check on {device}, jax {jax.__version__}, {time.strftime('%Y-%m-%d')}"]
-    lines.append(f"{'model':22s} {'batch':>12s} {'step ms':>9s} {'throughput':>22s} {'MFU':>6s} {'peak GiB':>9s} "
-                 f"{'dry-run GiB':>11s} {'dry-run tok/s @40%':>19s}")  # fmt: skip
-    for row in rows:
-        estimate_memory = row.get("dry_run_memory_gib", float("nan"))
-        predicted = row.get("dry_run_tokens_per_second", float("nan"))
-        lines.append(
-            f"{row['model']:22s} {row['batch']:>12s} {row['step_seconds'] * 1e3:9.1f} "
-            f"{row['throughput']:14,.0f} {row['unit']:>7s} {row['mfu']:6.1%} {row['peak_memory_gib']:9.2f} "
-            f"{estimate_memory:11.3f} {predicted:19,.0f}"
-        )
-    return "\n".join(lines)
+def row_names(tiny: bool) -> list[str]:
+    return [model[0] for model in LMS[tiny]] + [resnet_name(tiny)]
+
+
+def run_row(index: int, tiny: bool, steps: int) -> dict:
+    """Row `index` of the check, measured in this process (a child of `main`'s, so its peak memory is its own)."""
+    device, peak = chip()
+    models = LMS[tiny]
+    row = lm_row(models[index], peak, steps) if index < len(models) else resnet_row(tiny, peak, steps)
+    return row | dict(device=device)
+
+
+def format_header(device: str) -> list[str]:
+    return [
+        f"accelerator check on {device}, jax {jax.__version__}, {time.strftime('%Y-%m-%d')}",
+        f"{'model':22s} {'batch':>12s} {'step ms':>9s} {'throughput':>22s} {'MFU':>6s} {'peak GiB':>9s} "
+        f"{'dry-run GiB':>11s} {'dry-run tok/s @40%':>19s}",
+    ]
+
+
+def format_row(row: dict) -> str:
+    if "error" in row:
+        return f"{row['model']:22s} failed: {row['error']}"
+    estimate_memory = row.get("dry_run_memory_gib", float("nan"))
+    predicted = row.get("dry_run_tokens_per_second", float("nan"))
+    return (
+        f"{row['model']:22s} {row['batch']:>12s} {row['step_seconds'] * 1e3:9.1f} "
+        f"{row['throughput']:14,.0f} {row['unit']:>7s} {row['mfu']:6.1%} {row['peak_memory_gib']:9.2f} "
+        f"{estimate_memory:11.3f} {predicted:19,.0f}"
+    )
+
+
+def child(index: int, arguments: argparse.Namespace) -> dict:
+    """Row `index` measured in a fresh process: an out-of-memory, a crash or a hang there (`--row_timeout`) costs
+    that row alone, and each row's peak memory is its own (JAX's peak never resets within a process)."""
+    command = [sys.executable, __file__, f"--row={index}", f"--steps={arguments.steps}"]
+    command += ["--tiny"] if arguments.tiny else []
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=arguments.row_timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {arguments.row_timeout:.0f} s"}
+    if done.returncode == 0:
+        return json.loads(done.stdout.strip().splitlines()[-1])
+    sys.stderr.write(done.stderr[-4000:])
+    lines = [line for line in done.stderr.strip().splitlines() if line.strip()] or [f"exit status {done.returncode}"]
+    return {"error": lines[-1][:200]}
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="tiny shapes (a CPU test), not the full ones")
     parser.add_argument("--steps", type=int, default=10, help="timed steps per model")
-    parser.add_argument("--output", default="", help="write the rows here as JSON")
+    parser.add_argument("--output", default="", help="write the rows here as JSON (after each row)")
     parser.add_argument("--target", default="", help="compile for this chip (gpu:h200:1, tpu:v5e-1), run nothing")
+    parser.add_argument("--row_timeout", type=float, default=180.0, help="seconds one row may take, compiling too")
+    parser.add_argument("--row", type=int, default=-1, help=argparse.SUPPRESS)  # the child's own row
     arguments = parser.parse_args(argv)
     if arguments.target:
         try:
@@ -228,12 +275,21 @@ def main(argv: list[str] | None = None) -> list[dict]:
         if not all(row["fits"] for row in rows):
             raise SystemExit(1)
         return rows
-    device, peak = chip()
-    rows = [lm_row(model, peak, arguments.steps) for model in LMS[arguments.tiny]]
-    rows.append(resnet_row(arguments.tiny, peak, arguments.steps))
-    print(format_table(rows, device))
-    if arguments.output:
-        Path(arguments.output).write_text(json.dumps({"device": device, "rows": rows}, indent=1))
+    if arguments.row >= 0:
+        print(json.dumps(run_row(arguments.row, arguments.tiny, arguments.steps)))
+        return []
+    rows = []  # this process never starts a backend: on a GPU it would hold the memory the children need
+    for index, name in enumerate(row_names(arguments.tiny)):
+        row = {"model": name} | child(index, arguments)
+        if not rows:
+            print("\n".join(format_header(row.get("device", "an accelerator"))), flush=True)
+        rows.append(row)
+        print(format_row(row), flush=True)
+        if arguments.output:
+            devices = {row["device"] for row in rows if "device" in row}
+            Path(arguments.output).write_text(json.dumps({"device": ", ".join(devices), "rows": rows}, indent=1))
+    if any("error" in row for row in rows):
+        raise SystemExit(1)
     return rows
 
 

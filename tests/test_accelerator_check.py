@@ -81,3 +81,17 @@ def test_the_device_wheels_cover_every_package_the_check_imports():
     allowed = set(carried) | device_wheels.IMAGE | device_wheels.LEFT_BEHIND | here_only
     uncovered = {module: owners for module, owners in imported.items() if owners and not set(owners) & allowed}
     assert not uncovered and {"grain", "ml_collections", "jax", "flax"} <= set(imported), uncovered
+
+
+def test_a_failed_row_is_reported_and_the_others_kept(tmp_path):
+    """Each row runs in a process of its own: one that fails or hangs (here: every row past a 1 ms limit) becomes
+    a 'failed' line and an error in the JSON, which is written after each row; the exit status says so."""
+    output = tmp_path / "accelerator.json"
+    result = python("benchmarks/accelerator.py", "--tiny", "--row_timeout=0.001", f"--output={output}", timeout=120)
+    assert result.returncode == 1, result.stderr[-3000:]
+    lines = result.stdout.strip().splitlines()
+    assert lines[0].startswith("accelerator check on an accelerator") and len(lines) == 4, lines
+    assert lines[2].split() == ["llama", "tiny", "failed:", "timed", "out", "after", "0", "s"], lines
+    rows = json.loads(output.read_text())["rows"]
+    assert [row["model"] for row in rows] == ["llama tiny", "resnet-50 (1 block per stage)"]
+    assert all(row["error"].startswith("timed out") for row in rows), rows
