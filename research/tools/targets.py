@@ -100,13 +100,18 @@ class Target:
                 topology_name=self.topology(),
                 platform="tpu",
                 chip_config_name=TPU_CHIP_CONFIG[self.kind],
-                chips_per_host_bounds=TPU_CHIPS_PER_HOST[self.kind],
+                chips_per_host_bounds=self.chips_per_host(),
                 num_slices=self.groups,
             )
         else:
             config = (GPU_TARGETS / f"{self.kind}.txtpb").read_text(encoding="utf-8")
             description = topologies.get_topology_desc(platform="cuda", target_config=config, topology=self.topology())
         return list(description.devices)
+
+    def chips_per_host(self) -> tuple[int, ...]:
+        """A TPU host's chips as a box: 2x2x1, or the whole slice where it is smaller (v5e-1, v5p-4: one host)."""
+        shape = torus_shape(self.chips // self.groups, self.kind in TPU_2D) + (1,)
+        return tuple(min(host, size) for host, size in zip(TPU_CHIPS_PER_HOST[self.kind], shape))
 
     def group_of(self, device) -> int:
         """The slice (TPU) or host (GPU) a device sits in: collectives across them use the slow network."""

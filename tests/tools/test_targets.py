@@ -24,6 +24,21 @@ def test_targets_parse_to_published_slice_shapes(spec, chips, groups, topology):
     assert (target.chips, target.groups, target.topology()) == (chips, groups, topology)
 
 
+@pytest.mark.parametrize(
+    "spec, host, devices",
+    [
+        ("tpu:v5e-1", (1, 1, 1), 1),
+        ("tpu:v6e-1", (1, 1, 1), 1),
+        ("tpu:v5p-4", (1, 2, 1), 2),
+        ("tpu:v5e-8", (2, 2, 1), 8),
+    ],
+)
+def test_slices_smaller_than_a_host_have_compile_only_devices(spec, host, devices):
+    """libtpu refuses a host box larger than the slice ("v5e:1x1" is not divisible by 2x2x1): one host, its size."""
+    target = targets.parse(spec)
+    assert target.chips_per_host() == host and len(target.devices()) == devices
+
+
 @pytest.mark.parametrize("spec", ["tpu:v4-8", "gpu:h100:16", "tpu:v5p-6", "tpu:v5e-24", "h100"])
 def test_malformed_targets_are_one_line_errors(spec):
     with pytest.raises(ConfigError) as error:
