@@ -1,4 +1,5 @@
-"""The accelerator check runs at its tiny size on a CPU, so the command a lent GPU runs cannot rot."""
+"""The accelerator check runs at its tiny size on a CPU, so the command a lent GPU runs cannot rot; its full rows
+are compiled for an H200 here (they fit), and the wheels carried to the lent machine cover what it imports."""
 
 import json
 import os
@@ -65,10 +66,10 @@ print(json.dumps({m: [device_wheels.normalise(d) for d in owners.get(m, [])] for
 """
 
 
-def test_the_device_wheels_cover_every_package_the_check_imports():
+def test_the_device_wheels_cover_every_package_the_check_imports(monkeypatch):
     """benchmarks/device_wheels.py: what the lent machine's image lacks is carried, and nothing it has (a second
     jax or numpy would shadow its own); a new import outside both fails here, not on the device."""
-    sys.path.insert(0, str(ROOT / "benchmarks"))
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
     import device_wheels
 
     carried = device_wheels.needed()
