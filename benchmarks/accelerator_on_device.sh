@@ -17,4 +17,6 @@ fi
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv 2>/dev/null || true
 python3 -c "import jax; print('jax', jax.__version__, jax.devices())"
+python3 -c "import importlib.metadata as m; print(*(f'{n} {m.version(n)}' for n in ('jaxlib', 'flax', 'optax',
+  'orbax-checkpoint', 'numpy', 'grain', 'tensorflow-datasets')), sep=', ')" || true  # for the record
 python3 benchmarks/accelerator.py --output "$out/accelerator.json" "$@" 2>&1 | tee "$out/accelerator.log"

@@ -24,7 +24,8 @@ def test_the_accelerator_check_runs_tiny_on_a_cpu(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     lines = result.stdout.strip().splitlines()
     table = lines[lines.index(next(line for line in lines if line.startswith("accelerator check"))) :]
-    assert lines[0].startswith("jax ") and table[0].startswith("accelerator check on cpu") and len(table) == 4, lines
+    assert lines[0].startswith("jax ") and lines[1].startswith("jaxlib ") and "grain " in lines[1], lines
+    assert table[0].startswith("accelerator check on cpu") and len(table) == 4, lines
     assert (tmp_path / "accelerator.log").read_text().strip().splitlines()[-4:] == table
     report = json.loads(output.read_text())
     rows = {row["model"]: row for row in report["rows"]}
