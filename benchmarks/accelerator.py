@@ -109,31 +109,19 @@ def estimate(config, experiment, setup, compiled, peak: float) -> dict:
     }
 
 
-def lm_setup(name: str, size: str, overrides: dict, batch_size: int, mesh) -> tuple:
-    """(config, the trainer's Setup, a synthetic batch, the row's first columns) of one LM row on `mesh`."""
+def lm_case(name: str, size: str, overrides: dict, batch_size: int) -> tuple:
+    """(config, experiment, a synthetic batch, the row's first columns) of one LM row."""
     config = lm.get_config(size)
     config.model.update(LM_COMMON | overrides)
     config.update_from_flattened_dict({"batch_size": batch_size, "mesh.data": 1, "mesh.fsdp": 1, "mesh.tensor": 1})
     length = config.model.block_size
     tokens = np.random.default_rng(0).integers(0, config.model.vocab_size, (batch_size, length + 1), np.int32)
     batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "mask": np.ones(batch_size, np.float32)}
-    setup = build(config, lm, mesh, batch=batch)
-    return config, setup, batch, dict(model=name, batch=f"{batch_size}x{length}")
+    return config, lm, batch, dict(model=name, batch=f"{batch_size}x{length}")
 
 
-def lm_row(model: tuple, peak: float, steps: int) -> dict:
-    config, setup, batch, row = lm_setup(*model, sharding.make_mesh({"data": 1}, jax.devices()[:1]))
-    run = timed(setup, batch, steps)
-    batch_size, length = batch["inputs"].shape
-    seconds, flops = run["seconds"], lm.flops_per_example(config) * batch_size
-    row |= dict(step_seconds=seconds, compile_seconds=run["compile_seconds"])
-    row |= dict(throughput=batch_size * length / seconds, unit="tokens/s", mfu=flops / seconds / peak)
-    row |= dict(parameters=param_count(setup.abstract_state.params), peak_memory_gib=_gib(peak_memory()))
-    return row | estimate(config, lm, setup, run["compiled"], peak)
-
-
-def resnet_setup(tiny: bool, mesh) -> tuple:
-    """(config, the trainer's Setup, a synthetic batch, the row's first columns) of the ResNet-50 row on `mesh`."""
+def resnet_case(tiny: bool) -> tuple:
+    """(config, experiment, a synthetic batch, the row's first columns) of the ResNet-50 row."""
     model, batch_size, size = RESNET[tiny]
     experiment = types.SimpleNamespace(**vars(cifar10_resnet))
     experiment.make_model = lambda config: model
@@ -145,26 +133,37 @@ def resnet_setup(tiny: bool, mesh) -> tuple:
         "labels": rng.integers(0, 1000, batch_size).astype(np.int32),
         "mask": np.ones(batch_size, np.float32),
     }
-    setup = build(config, experiment, mesh, batch=batch)
-    return config, setup, batch, dict(model=resnet_name(tiny), batch=f"{batch_size}x{size}x{size}")
+    return config, experiment, batch, dict(model=resnet_name(tiny), batch=f"{batch_size}x{size}x{size}")
 
 
 def resnet_name(tiny: bool) -> str:
     return f"resnet-50{' (1 block per stage)' if tiny else ''}"
 
 
-def resnet_flops(tiny: bool) -> float:
-    """FLOPs of the ResNet step (forward, backward, update) by XLA's cost analysis of the program lowered for the
-    CPU: a GPU's compiled program hands convolutions to cuDNN, whose custom calls its analysis counts as none."""
-    _, setup, _, _ = resnet_setup(tiny, sharding.make_mesh({"data": 1}, jax.devices("cpu")[:1]))
-    cost = setup.train_step.lower(setup.abstract_state, setup.batch_spec).cost_analysis()
-    return float((cost[0] if isinstance(cost, list) else cost)["flops"])
+def one_device(devices=None):
+    return sharding.make_mesh({"data": 1}, (devices or jax.devices())[:1])
+
+
+def lm_row(model: tuple, peak: float, steps: int) -> dict:
+    config, experiment, batch, row = lm_case(*model)
+    setup = build(config, experiment, one_device(), batch=batch)
+    run = timed(setup, batch, steps)
+    batch_size, length = batch["inputs"].shape
+    seconds, flops = run["seconds"], lm.flops_per_example(config) * batch_size
+    row |= dict(step_seconds=seconds, compile_seconds=run["compile_seconds"])
+    row |= dict(throughput=batch_size * length / seconds, unit="tokens/s", mfu=flops / seconds / peak)
+    row |= dict(parameters=param_count(setup.abstract_state.params), peak_memory_gib=_gib(peak_memory()))
+    return row | estimate(config, experiment, setup, run["compiled"], peak)
 
 
 def resnet_row(tiny: bool, peak: float, steps: int) -> dict:
-    _, setup, batch, row = resnet_setup(tiny, sharding.make_mesh({"data": 1}, jax.devices()[:1]))
-    run = timed(setup, batch, steps)
-    seconds, flops = run["seconds"], resnet_flops(tiny)
+    """FLOPs by XLA's cost analysis of the step lowered for the CPU: a GPU's compiled program hands convolutions
+    to cuDNN, whose custom calls its analysis counts as none."""
+    config, experiment, batch, row = resnet_case(tiny)
+    run = timed(build(config, experiment, one_device(), batch=batch), batch, steps)
+    on_cpu = build(config, experiment, one_device(jax.devices("cpu")), batch=batch)
+    cost = on_cpu.train_step.lower(on_cpu.abstract_state, on_cpu.batch_spec).cost_analysis()
+    seconds, flops = run["seconds"], float((cost[0] if isinstance(cost, list) else cost)["flops"])
     row |= dict(step_seconds=seconds, compile_seconds=run["compile_seconds"], throughput=len(batch["labels"]) / seconds)
     return row | dict(unit="images/s", mfu=flops / seconds / peak, peak_memory_gib=_gib(peak_memory()))
 
@@ -176,20 +175,15 @@ def usable_bytes(target: targets.Target) -> float:
 
 
 def fits_on(target: targets.Target, tiny: bool) -> list[dict]:
-    """Every row compiled for one device of `target` (nothing run): its memory against `usable_bytes`."""
-    mesh = targets.make_mesh(target, {"data": 1})
-    setups = [lm_setup(*model, mesh) for model in LMS[tiny]] + [resnet_setup(tiny, mesh)]
+    """Every row's step compiled for one device of `target` by the dry run (nothing run): its memory against
+    `usable_bytes`, and its attention kernel."""
     rows = []
-    for _, setup, _, row in setups:
-        start = time.perf_counter()
-        with targets.compiling_for(target):
-            compiled = setup.train_step.lower(setup.abstract_state, setup.batch_spec).compile()
-        text = compiled.as_text()
-        attention = [name for marker, name in dry_run.ATTENTION_KERNELS.items() if marker in text]
-        memory = dry_run.compiled_bytes(compiled)["total"]
-        row |= dict(compile_seconds=time.perf_counter() - start, memory_gib=memory / 2**30)
-        attention = ", ".join(attention) or ("XLA's" if row["model"].startswith("llama") else "-")
-        rows.append(row | dict(fits=memory <= usable_bytes(target), attention=attention))
+    for config, experiment, batch, row in [lm_case(*model) for model in LMS[tiny]] + [resnet_case(tiny)]:
+        result = dry_run.dry_run(config, experiment, target, batch=batch)
+        fits = not result.out_of_memory and result.needed_bytes <= usable_bytes(target)
+        attention = result.attention or ("XLA's" if experiment is lm else "-")
+        memory = dict(compile_seconds=result.compile_seconds, memory_gib=result.needed_bytes / 2**30, fits=fits)
+        rows.append(row | memory | dict(attention=attention))
     return rows
 
 

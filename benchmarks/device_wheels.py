@@ -13,14 +13,14 @@ and runs the check. The host allocator (cmeel-mimalloc) stays behind: it only ma
 
 import argparse
 import importlib.metadata
-import re
 import subprocess
 import sys
 from pathlib import Path
 
 from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
-# The device image's Python packages (normalised names), as the machine listed them on 2026-11-17.
+# The device image's Python packages (canonical names), as the machine listed them on 2026-11-17.
 IMAGE = set(
     """absl-py accelerate aiofiles aiohappyeyeballs aiohttp aiosignal annotated-doc anyio attrs botorch build certifi
     charset-normalizer chex click cloudpickle cmake colorama contourpy coverage cuda-bindings cuda-core
@@ -51,10 +51,6 @@ PLATFORMS = ["manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x
 PLATFORMS += ["manylinux_2_24_x86_64", "manylinux1_x86_64"]
 
 
-def normalise(name: str) -> str:
-    return re.sub(r"[-_.]+", "-", name).lower()
-
-
 def needed(root: str = "research") -> dict[str, str]:
     """{distribution: version installed here} of `root`'s runtime dependencies, with theirs, that the device's
     Python needs (markers evaluated for it) and its image lacks."""
@@ -65,7 +61,7 @@ def needed(root: str = "research") -> dict[str, str]:
             requirement = Requirement(line)
             if requirement.marker and not requirement.marker.evaluate(DEVICE):
                 continue
-            dependency = normalise(requirement.name)
+            dependency = canonicalize_name(requirement.name)
             if dependency in found or dependency in IMAGE or dependency in LEFT_BEHIND:
                 continue
             try:

@@ -56,12 +56,17 @@ def assert_trees_close(actual, expected, atol: float = 1e-6, rtol: float = 0.0) 
         np.testing.assert_allclose(np.asarray(a), np.asarray(e), atol=atol, rtol=rtol)
 
 
-def python(*args: str, timeout: float = 300, environment: dict | None = None) -> subprocess.CompletedProcess:
-    """`python ARGS` from the repository's root with its output captured; the environment is this one without the
-    tests' XLA_FLAGS (a fresh process finds its own devices), updated by `environment` (None removes a variable)."""
+def child_environment(environment: dict | None = None) -> dict[str, str]:
+    """This process's environment without the tests' XLA_FLAGS (a fresh process finds its own devices), updated by
+    `environment` (None removes a variable)."""
     merged = {key: value for key, value in os.environ.items() if key != "XLA_FLAGS"} | (environment or {})
-    clean = {key: value for key, value in merged.items() if value is not None}
-    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, env=clean, timeout=timeout)
+    return {key: value for key, value in merged.items() if value is not None}
+
+
+def python(*args: str, timeout: float = 300, environment: dict | None = None) -> subprocess.CompletedProcess:
+    """`python ARGS` from the repository's root with its output captured, in `child_environment(environment)`."""
+    env = child_environment(environment)
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, env=env, timeout=timeout)
 
 
 def launch(*args: str, timeout: float = 300, **environment: str) -> subprocess.CompletedProcess:

@@ -9,16 +9,15 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, python
+from conftest import ROOT, child_environment, python
 
 
 @pytest.mark.slow
 def test_the_accelerator_check_runs_tiny_on_a_cpu(tmp_path):
     """Through the script a lent machine runs (benchmarks/accelerator_on_device.sh), with this venv's python3."""
     output = tmp_path / "accelerator.json"
-    environment = dict(os.environ, OUT=str(tmp_path), WHEELS=str(tmp_path / "none"))
-    environment["PATH"] = f"{Path(sys.executable).parent}:{environment['PATH']}"
-    environment.pop("XLA_FLAGS", None)
+    path = f"{Path(sys.executable).parent}:{os.environ['PATH']}"  # its python3: this venv's
+    environment = child_environment({"OUT": str(tmp_path), "WHEELS": str(tmp_path / "none"), "PATH": path})
     script = ["bash", "benchmarks/accelerator_on_device.sh", "--tiny", "--steps=2"]
     result = subprocess.run(script, cwd=ROOT, env=environment, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -60,10 +59,11 @@ WHAT_ACCELERATOR_IMPORTS = """
 import importlib.metadata, json, sys
 sys.argv = ["accelerator"]
 sys.path[:0] = ["benchmarks"]
-import accelerator, device_wheels
+import accelerator
+from packaging.utils import canonicalize_name
 owners = importlib.metadata.packages_distributions()
 modules = {name.split(".")[0] for name in list(sys.modules)}
-print(json.dumps({m: [device_wheels.normalise(d) for d in owners.get(m, [])] for m in sorted(modules)}))
+print(json.dumps({m: [canonicalize_name(d) for d in owners.get(m, [])] for m in sorted(modules)}))
 """
 
 

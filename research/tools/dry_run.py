@@ -145,10 +145,11 @@ def model_flops(config: ml_collections.ConfigDict, experiment, parameters: int, 
     return flops(config) * config.batch_size if flops else 6.0 * parameters * tokens
 
 
-def dry_run(config: ml_collections.ConfigDict, experiment, target: targets.Target) -> DryRun:
-    """Compiles (never runs) the train step of `experiment` under `config` for `target`, from abstract arrays."""
+def dry_run(config: ml_collections.ConfigDict, experiment, target: targets.Target, batch=None) -> DryRun:
+    """Compiles (never runs) the train step of `experiment` under `config` for `target`, from abstract arrays;
+    `batch` (arrays or their shapes) stands in for the experiment's first training batch."""
     mesh = targets.make_mesh(target, config.mesh)
-    setup = build(config, experiment, mesh, batch=abstract_batch(config, experiment))
+    setup = build(config, experiment, mesh, batch=abstract_batch(config, experiment) if batch is None else batch)
     parameters = param_count(setup.abstract_state.params)
     tokens = tokens_in(setup.batch_spec)
     result = DryRun(
