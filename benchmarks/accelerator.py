@@ -20,7 +20,6 @@ in docs/performance.md (benchmarks/accelerator_on_device.sh); record the table t
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -168,19 +167,13 @@ def resnet_row(tiny: bool, peak: float, steps: int) -> dict:
     return row | dict(unit="images/s", mfu=flops / seconds / peak, peak_memory_gib=_gib(peak_memory()))
 
 
-def usable_bytes(target: targets.Target) -> float:
-    """The memory JAX lets a program use on one device of `target`: a GPU's preallocated fraction, a TPU's all."""
-    fraction = float(os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.75")) if target.platform == "gpu" else 1.0
-    return target.chip.memory_bytes * fraction
-
-
 def fits_on(target: targets.Target, tiny: bool) -> list[dict]:
     """Every row's step compiled for one device of `target` by the dry run (nothing run): its memory against
-    `usable_bytes`, and its attention kernel."""
+    `Target.pool_bytes`, and its attention kernel."""
     rows = []
     for config, experiment, batch, row in [lm_case(*model) for model in LMS[tiny]] + [resnet_case(tiny)]:
         result = dry_run.dry_run(config, experiment, target, batch=batch)
-        fits = not result.out_of_memory and result.needed_bytes <= usable_bytes(target)
+        fits = not result.out_of_memory and result.needed_bytes <= target.pool_bytes()
         attention = result.attention or ("XLA's" if experiment is lm else "-")
         memory = dict(compile_seconds=result.compile_seconds, memory_gib=result.needed_bytes / 2**30, fits=fits)
         rows.append(row | memory | dict(attention=attention))
@@ -188,7 +181,7 @@ def fits_on(target: targets.Target, tiny: bool) -> list[dict]:
 
 
 def format_fits(rows: list[dict], target: targets.Target) -> str:
-    usable = usable_bytes(target) / 2**30
+    usable = target.pool_bytes() / 2**30
     lines = [f"accelerator check compiled for {target.spec} ({target.chip.name}, {usable:.1f} GiB usable), nothing run"]
     lines.append(f"{'model':22s} {'batch':>12s} {'memory GiB':>11s} {'fits':>5s}  attention")
     for row in rows:

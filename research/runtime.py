@@ -20,6 +20,7 @@ re-executes itself once with it. docs/performance.md has the measurements behind
 import ctypes.util
 import importlib.metadata
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -37,6 +38,7 @@ VARIABLE = "RESEARCH_ALLOCATOR"
 APPLIED = "RESEARCH_ALLOCATOR_APPLIED"  # set in the re-executed process: what it runs with
 HUGEPAGES_TUNABLE = "glibc.malloc.hugetlb=1"
 XLA_CPU_FLAGS = {"xla_cpu_experimental_ynn_fusion_type": "-LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION"}
+MEMORY_FRACTION_VARIABLES = ("XLA_CLIENT_MEM_FRACTION", "XLA_PYTHON_CLIENT_MEM_FRACTION")  # JAX's GPU pool size
 XLA_CPU_FLAGS_MEASURED_ON = ("0.10.",)  # jaxlib version prefixes whose XLA has these flags and was measured with them
 
 
@@ -208,6 +210,25 @@ def use_compilation_cache(directory: str) -> None:
     # Every compile, not only those over a second: a small config's steps compile in less.
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_compilation_cache_max_size", 4 * 2**30)  # least recently used entries go first
+
+
+def out_of_memory(error: BaseException) -> str:
+    """One line for a device that ran out of memory compiling or running a step (a JaxRuntimeError saying so),
+    with what to change; "" for any other error. On a GPU it names the pool JAX took (75 % by default)."""
+    text = str(error)
+    said = re.search(r"(Ran out|Out) of memory[^\n]*", text)  # XLA:TPU's compiler; the GPU and CPU allocators
+    if type(error).__name__ not in ("JaxRuntimeError", "XlaRuntimeError") or not said:
+        return ""
+    import jax
+
+    device = jax.local_devices()[0]
+    detail = said.group(0).strip().rstrip(".")
+    pool = (device.memory_stats() or {}).get("bytes_limit") if device.platform == "gpu" else None
+    where = f"{device.device_kind} ({pool / 2**30:.1f} GiB pool)" if pool else device.device_kind
+    advice = "a smaller batch_size, more accumulate_steps, model.remat=full, or a larger mesh.fsdp"
+    if device.platform == "gpu" and not any(name in os.environ for name in MEMORY_FRACTION_VARIABLES):
+        advice = "XLA_PYTHON_CLIENT_MEM_FRACTION=0.9 (JAX takes 75 % of a GPU by default), " + advice
+    return f"out of memory on {where}: {detail}; try {advice} (launch.py --dry_run --target shows the need)"
 
 
 def run_local_processes(count: int, argv: list[str], workdir: str | Path, grace_seconds: float = 60.0) -> int:

@@ -92,6 +92,20 @@ def test_configured_process_runs_convolutions_on_xla_not_ynnpack():
     }  # (YNNPACK fusions, convolutions: inside the fusion for YNNPACK)
 
 
+def test_out_of_memory_is_told_from_other_runtime_errors():
+    import jax
+
+    tpu = jax.errors.JaxRuntimeError(
+        "RESOURCE_EXHAUSTED: XLA:TPU compile permanent error. Ran out of memory in memory space hbm. Used 32.00G of "
+        "15.75G hbm. Exceeded hbm capacity by 16.25G.\n\nTotal hbm usage >= 32.25G:"
+    )
+    said = runtime.out_of_memory(tpu)
+    assert said.startswith("out of memory on cpu: Ran out of memory in memory space hbm. Used 32.00G of 15.75G hbm.")
+    assert "\n" not in said and "batch_size" in said and "XLA_PYTHON_CLIENT_MEM_FRACTION" not in said  # no GPU
+    assert runtime.out_of_memory(jax.errors.JaxRuntimeError("INTERNAL: a failed collective")) == ""
+    assert runtime.out_of_memory(RuntimeError("Out of memory, said a library that is not XLA")) == ""
+
+
 def test_unknown_allocator_fails_in_one_line():
     result = launch("--list", timeout=60, RESEARCH_ALLOCATOR="jemalloc")
     assert result.returncode == 2

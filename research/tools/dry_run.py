@@ -236,8 +236,9 @@ def format_report(result: DryRun, mfu: float, token_budget: float) -> str:
     else:
         source = f" (compiler: {result.out_of_memory})" if result.out_of_memory else ""
         verdict = f"DOES NOT FIT: needs {gib(needed)} of {gib(capacity)}, over by {gib(needed - capacity)}{source}"
+    advice = pool_advice(result.target, needed)
+    lines += [f"verdict: {verdict}"] + ([advice] if advice else [])
     lines += [
-        f"verdict: {verdict}",
         f"FLOPs per step: analytic {result.analytic_flops:.4g} (model FLOPs); compiler {result.compiler_flops:.4g} "
         + ("(none reported)" if np.isnan(result.compiler_flops) else "(recomputation included)")
         + ("; the compiler counts each loop body once: its figure is low" if result.has_loops else ""),
@@ -256,6 +257,18 @@ def format_report(result: DryRun, mfu: float, token_budget: float) -> str:
             f"{token_budget / (tokens_per_chip * result.devices) / 86400:,.1f} days",
         ]
     return "\n".join(lines)
+
+
+def pool_advice(target: targets.Target, needed: float) -> str:
+    """What to set when a program fits a GPU but not the pool JAX preallocates on it (`Target.pool_bytes`)."""
+    pool, capacity = target.pool_bytes(), target.chip.memory_bytes
+    if target.platform != "gpu" or needed <= pool or needed > capacity:
+        return ""
+    fraction = min(0.99, np.ceil(needed / capacity * 20 + 1) / 20)  # the next 5 % step, with 5 % to spare
+    return (
+        f"GPU memory pool: {gib(needed)} is over the {gib(pool)} ({pool / capacity:.0%}) JAX takes of the GPU (75 % "
+        f"unless XLA_PYTHON_CLIENT_MEM_FRACTION says); run with XLA_PYTHON_CLIENT_MEM_FRACTION={fraction:.2f}"
+    )
 
 
 def format_collectives(result: DryRun) -> list[str]:

@@ -286,10 +286,15 @@ def main(config, experiment, config_argument: str, target: str, *, mfu: float, w
     cache = Path(os.environ.get("RESEARCH_PLAN_CACHE", CACHE))
     ranked = search(config, experiment, config_argument.partition(":")[0], parsed, mfu, workers, top, cache)
     print(format_table(ranked, parsed))
-    fitting = [candidate for candidate, result in ranked if result.get("fits")]
+    fitting = [(candidate, result) for candidate, result in ranked if result.get("fits")]
     if not fitting:
         print("no candidate fits: a larger target, a smaller batch, or bfloat16 parameters (model.param_dtype)")
         return False
-    flags = " ".join(f"--config.{key}={value}" for key, value in fitting[0].overrides().items())
+    from research.tools.dry_run import pool_advice
+
+    best, result = fitting[0]
+    flags = " ".join(f"--config.{key}={value}" for key, value in best.overrides().items())
     print(f"best of {len(fitting)} fitting plans: {flags}")
+    if advice := pool_advice(parsed, result["needed_bytes"]):
+        print(advice)
     return True

@@ -23,6 +23,7 @@ from jax.sharding import AxisType, Mesh
 
 from research import sharding
 from research.config import ConfigError
+from research.runtime import MEMORY_FRACTION_VARIABLES
 
 GPU_TARGETS = Path(__file__).parent / "gpu_targets"
 GB, GIB = 1e9, 2**30
@@ -107,6 +108,23 @@ class Target:
             config = (GPU_TARGETS / f"{self.kind}.txtpb").read_text(encoding="utf-8")
             description = topologies.get_topology_desc(platform="cuda", target_config=config, topology=self.topology())
         return list(description.devices)
+
+    def pool_bytes(self) -> float:
+        """The memory JAX gives one device's programs by default: on a GPU the pool its allocator preallocates
+        (XLA_CLIENT_MEM_FRACTION or XLA_PYTHON_CLIENT_MEM_FRACTION, else 75 %; XLA_PYTHON_CLIENT_ALLOCATOR=platform
+        allocates on demand from the whole chip), elsewhere the chip's memory. Newer JAX may grow the pool past
+        75 % on its own (its "0.75+" policy); the 75 % is the figure every version keeps."""
+        if self.platform != "gpu" or os.environ.get("XLA_PYTHON_CLIENT_ALLOCATOR") == "platform":
+            return self.chip.memory_bytes
+        names = [name for name in MEMORY_FRACTION_VARIABLES if os.environ.get(name)]
+        value = os.environ[names[0]] if names else "0.75"
+        try:
+            fraction = float(value)
+        except ValueError:
+            fraction = -1.0
+        if not 0 < fraction <= 1:
+            raise ConfigError(f"{names[0]}={value!r}: give the fraction of GPU memory JAX may take, such as 0.9")
+        return self.chip.memory_bytes * fraction
 
     def chips_per_host(self) -> tuple[int, ...]:
         """A TPU host's chips as a box: 2x2x1, or the whole slice where it is smaller (v5e-1, v5p-4: one host)."""

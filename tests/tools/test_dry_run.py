@@ -113,6 +113,25 @@ def test_an_oversized_model_is_reported_as_not_fitting_with_exit_status_one():
     assert needed > 140 and over == pytest.approx(needed - capacity, abs=0.02)  # 70B x 16 bytes / 8 chips + more
 
 
+@pytest.mark.parametrize("gib, advice", [(55.0, ""), (66.1, "XLA_PYTHON_CLIENT_MEM_FRACTION=0.90"), (80.0, "")])
+def test_a_gpu_program_over_jaxs_default_pool_gets_the_fraction_to_run_with(monkeypatch, gib, advice):
+    """An H100 has 79.1 GiB; JAX preallocates 75 % (59.3 GiB) and runs out there unless told to take more. Over
+    the whole chip the program does not fit at all, and no fraction helps."""
+    for name in ("XLA_CLIENT_MEM_FRACTION", "XLA_PYTHON_CLIENT_MEM_FRACTION", "XLA_PYTHON_CLIENT_ALLOCATOR"):
+        monkeypatch.delenv(name, raising=False)
+    giga = 2**30
+    analytic = {"parameters": 10 * giga, "optimizer state": 20 * giga, "batch": giga, "gradients": 10 * giga}
+    result = dry_run.DryRun(
+        targets.parse("gpu:h100:1"), {"data": 1}, 2_500_000_000, 16_384, analytic, 2.5e14, {"total": gib * giga}
+    )
+    report = dry_run.format_report(result, 0.4, 1e9).splitlines()
+    verdict = next(index for index, line in enumerate(report) if line.startswith("verdict"))
+    assert report[verdict].startswith("verdict: FITS" if gib < 79.1 else "verdict: DOES NOT FIT")
+    assert (advice in report[verdict + 1]) if advice else report[verdict + 1].startswith("FLOPs")
+    monkeypatch.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.9")  # as the advice says: nothing more to advise
+    assert dry_run.pool_advice(result.target, result.needed_bytes) == ""
+
+
 def test_plan_candidates_respect_batch_heads_and_hosts():
     config = LM.get_config("llama3-8b")
     config.batch_size = 16
