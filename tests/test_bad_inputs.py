@@ -5,7 +5,6 @@ Cases across configs, data, checkpoints, optimizers and flags; each runs launch.
 fresh process. `python tests/test_bad_inputs.py` prints the table (case, seconds, the line)."""
 
 import hashlib
-import resource
 import shutil
 import subprocess
 import sys
@@ -165,13 +164,12 @@ def test_bad_input_is_one_line_within_5_seconds_and_loses_nothing(case, entry, a
 def test_a_device_out_of_memory_is_one_line_with_what_to_change(tmp_path):
     """A step larger than the device's memory (here the CPU's, capped at 12 GB of address space; a GPU's pool
     or a TPU's HBM alike): XLA's error becomes one line with what to change, exit status 6."""
-
-    def limit_memory():
-        resource.setrlimit(resource.RLIMIT_AS, (12 * 10**9, 12 * 10**9))
-
     hidden = "--config.model.features=(65536,65536,10)"  # a 65,536 x 65,536 float32 kernel: 16 GiB
-    command = [sys.executable, "launch.py", *DIGITS[:2], f"--workdir={tmp_path / 'run'}", hidden]
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, preexec_fn=limit_memory, timeout=120)
+    arguments = ["launch.py", *DIGITS[:2], f"--workdir={tmp_path / 'run'}", hidden]
+    capped = "import os, resource, sys; resource.setrlimit(resource.RLIMIT_AS, (12 * 10**9,) * 2); "
+    capped += "os.execv(sys.executable, [sys.executable, *sys.argv[1:]])"  # no preexec_fn: no fork of this process
+    command = [sys.executable, "-c", capped, *arguments]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 6, result.stderr[-2000:]
     assert lines[-1].startswith("error: out of memory on cpu: Out of memory allocating 17179869184 bytes; try a")
