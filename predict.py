@@ -60,6 +60,11 @@ _QUANTIZE = flags.DEFINE_boolean(
 )
 
 
+PREDICT_MEMORY_ADVICE = (
+    "--quantize (int8 weights), fewer --num_tokens, --num_examples or --explain_steps, or a larger device"
+)
+
+
 def fail(message: str) -> None:
     print(f"error: {message}", file=sys.stderr)
     sys.exit(2)
@@ -146,6 +151,10 @@ def main(argv: list[str]) -> None:
         run_action(predict.load_run(_WORKDIR.value, _EXPERIMENTS.value, _CHECKPOINT.value))
     except (ConfigError, ValueError) as error:
         fail(str(error).splitlines()[0])
+    except RuntimeError as error:  # jax.errors.JaxRuntimeError: a device out of memory
+        if not runtime.out_of_memory(error, PREDICT_MEMORY_ADVICE):
+            raise
+        fail(runtime.out_of_memory(error, PREDICT_MEMORY_ADVICE))
 
 
 if __name__ == "__main__":

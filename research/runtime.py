@@ -212,9 +212,15 @@ def use_compilation_cache(directory: str) -> None:
     jax.config.update("jax_compilation_cache_max_size", 4 * 2**30)  # least recently used entries go first
 
 
-def out_of_memory(error: BaseException) -> str:
-    """One line for a device that ran out of memory compiling or running a step (a JaxRuntimeError saying so),
-    with what to change; "" for any other error. On a GPU it names the pool JAX took (75 % by default)."""
+TRAINING_MEMORY_ADVICE = (
+    "a smaller batch_size, more accumulate_steps, model.remat=full, or a larger mesh.fsdp "
+    "(launch.py --dry_run --target shows the need)"
+)
+
+
+def out_of_memory(error: BaseException, advice: str = TRAINING_MEMORY_ADVICE) -> str:
+    """One line for a device that ran out of memory compiling or running a program (a JaxRuntimeError saying so),
+    with `advice`; "" for any other error. On a GPU it names the pool JAX took (75 % by default)."""
     text = str(error)
     said = re.search(r"(Ran out|Out) of memory[^\n]*", text)  # XLA:TPU's compiler; the GPU and CPU allocators
     if type(error).__name__ not in ("JaxRuntimeError", "XlaRuntimeError") or not said:
@@ -225,10 +231,9 @@ def out_of_memory(error: BaseException) -> str:
     detail = said.group(0).strip().rstrip(".")
     pool = (device.memory_stats() or {}).get("bytes_limit") if device.platform == "gpu" else None
     where = f"{device.device_kind} ({pool / 2**30:.1f} GiB pool)" if pool else device.device_kind
-    advice = "a smaller batch_size, more accumulate_steps, model.remat=full, or a larger mesh.fsdp"
     if device.platform == "gpu" and not any(name in os.environ for name in MEMORY_FRACTION_VARIABLES):
         advice = "XLA_PYTHON_CLIENT_MEM_FRACTION=0.9 (JAX takes 75 % of a GPU by default), " + advice
-    return f"out of memory on {where}: {detail}; try {advice} (launch.py --dry_run --target shows the need)"
+    return f"out of memory on {where}: {detail}; try {advice}"
 
 
 def run_local_processes(count: int, argv: list[str], workdir: str | Path, grace_seconds: float = 60.0) -> int:

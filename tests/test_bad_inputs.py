@@ -161,19 +161,35 @@ def test_bad_input_is_one_line_within_5_seconds_and_loses_nothing(case, entry, a
     assert fingerprint(workdir) == before
 
 
-def test_a_device_out_of_memory_is_one_line_with_what_to_change(tmp_path):
-    """A step larger than the device's memory (here the CPU's, capped at 12 GB of address space; a GPU's pool
-    or a TPU's HBM alike): XLA's error becomes one line with what to change, exit status 6."""
-    hidden = "--config.model.features=(65536,65536,10)"  # a 65,536 x 65,536 float32 kernel: 16 GiB
-    arguments = ["launch.py", *DIGITS[:2], f"--workdir={tmp_path / 'run'}", hidden]
+def run_capped(arguments: list[str]) -> tuple[subprocess.CompletedProcess, list[str]]:
+    """`python ARGUMENTS` with its address space capped at 12 GB (set in the child, which then execs: no
+    preexec_fn, so no fork of this multithreaded process): the process's memory, as a device's would be."""
     capped = "import os, resource, sys; resource.setrlimit(resource.RLIMIT_AS, (12 * 10**9,) * 2); "
-    capped += "os.execv(sys.executable, [sys.executable, *sys.argv[1:]])"  # no preexec_fn: no fork of this process
-    command = [sys.executable, "-c", capped, *arguments]
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
-    lines = result.stderr.strip().splitlines()
+    capped += "os.execv(sys.executable, [sys.executable, *sys.argv[1:]])"
+    result = subprocess.run([sys.executable, "-c", capped, *arguments], cwd=ROOT, capture_output=True, text=True)
+    return result, result.stderr.strip().splitlines()
+
+
+def test_a_device_out_of_memory_is_one_line_with_what_to_change(tmp_path):
+    """A step larger than the device's memory (here the CPU's, capped; a GPU's pool or a TPU's HBM alike):
+    XLA's error becomes one line with what to change, exit status 6; for predict.py exit status 2, and the
+    trained run it reads is unchanged."""
+    hidden = "--config.model.features=(65536,65536,10)"  # a 65,536 x 65,536 float32 kernel: 16 GiB
+    result, lines = run_capped(["launch.py", *DIGITS[:2], f"--workdir={tmp_path / 'big'}", hidden])
     assert result.returncode == 6, result.stderr[-2000:]
     assert lines[-1].startswith("error: out of memory on cpu: Out of memory allocating 17179869184 bytes; try a")
     assert "launch.py --dry_run --target" in lines[-1] and "Traceback" not in result.stderr
+
+    trained = subprocess.run([sys.executable, "launch.py", *DIGITS[:2], f"--workdir={tmp_path / 'run'}"], cwd=ROOT)
+    assert trained.returncode == 0
+    before = fingerprint(tmp_path / "run")
+    explain = ["--explain=test", "--num_examples=16", "--explain_steps=50000000"]  # 410 GB of interpolated inputs
+    result, lines = run_capped(["predict.py", f"--workdir={tmp_path / 'run'}", *explain])
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert (
+        lines[-1].startswith("error: out of memory on cpu: Out of memory allocating") and "--explain_steps" in lines[-1]
+    )
+    assert "Traceback" not in result.stderr and fingerprint(tmp_path / "run") == before
 
 
 if __name__ == "__main__":
