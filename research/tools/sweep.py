@@ -194,9 +194,11 @@ def _start(run: Run, argv: list[str], workdir: Path, cores: set[int] | None) -> 
     log = open(workdir / LOG_FILE, "a")
     log.write(f"$ {shlex.join(argv)}\n")
     log.flush()
-    pin = (lambda: os.sched_setaffinity(0, cores)) if cores else None
     environment = child_environment(len(cores)) if cores else None
-    return subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=environment, preexec_fn=pin)
+    if cores:  # pinned by a Python that then execs the run: a preexec_fn would fork this (maybe threaded) process
+        pin = f"import os, sys; os.sched_setaffinity(0, {sorted(cores)}); os.execvp(sys.argv[1], sys.argv[1:])"
+        argv = [sys.executable, "-c", pin, *argv]
+    return subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=environment)
 
 
 def write_manifest(root: Path, config_argument: str, runs: Sequence[Run]) -> None:
