@@ -187,9 +187,9 @@ def main(argv: list[str]) -> None:
         quiet_file_errors()
         fail(str(error), code=4)
     except RuntimeError as error:  # jax.errors.JaxRuntimeError: a device out of memory is a config to change
-        if not runtime.out_of_memory(error):
+        if not (message := runtime.out_of_memory(error)):
             raise
-        fail(runtime.out_of_memory(error), code=6)
+        fail(message, code=6)
 
 
 if __name__ == "__main__":

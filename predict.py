@@ -152,9 +152,9 @@ def main(argv: list[str]) -> None:
     except (ConfigError, ValueError) as error:
         fail(str(error).splitlines()[0])
     except RuntimeError as error:  # jax.errors.JaxRuntimeError: a device out of memory
-        if not runtime.out_of_memory(error, PREDICT_MEMORY_ADVICE):
+        if not (message := runtime.out_of_memory(error, PREDICT_MEMORY_ADVICE)):
             raise
-        fail(runtime.out_of_memory(error, PREDICT_MEMORY_ADVICE))
+        fail(message)
 
 
 if __name__ == "__main__":

@@ -161,8 +161,7 @@ def resnet_row(tiny: bool, peak: float, steps: int) -> dict:
     config, experiment, batch, row = resnet_case(tiny)
     run = timed(build(config, experiment, one_device(), batch=batch), batch, steps)
     on_cpu = build(config, experiment, one_device(jax.devices("cpu")), batch=batch)
-    cost = on_cpu.train_step.lower(on_cpu.abstract_state, on_cpu.batch_spec).cost_analysis()
-    seconds, flops = run["seconds"], float((cost[0] if isinstance(cost, list) else cost)["flops"])
+    seconds, flops = run["seconds"], perf.xla_flops(on_cpu.train_step.lower(on_cpu.abstract_state, on_cpu.batch_spec))
     row |= dict(step_seconds=seconds, compile_seconds=run["compile_seconds"], throughput=len(batch["labels"]) / seconds)
     return row | dict(unit="images/s", mfu=flops / seconds / peak, peak_memory_gib=_gib(peak_memory()))
 
@@ -173,10 +172,9 @@ def fits_on(target: targets.Target, tiny: bool) -> list[dict]:
     rows = []
     for config, experiment, batch, row in [lm_case(*model) for model in LMS[tiny]] + [resnet_case(tiny)]:
         result = dry_run.dry_run(config, experiment, target, batch=batch)
-        fits = not result.out_of_memory and result.needed_bytes <= target.pool_bytes()
         attention = result.attention or ("XLA's" if experiment is lm else "-")
-        memory = dict(compile_seconds=result.compile_seconds, memory_gib=result.needed_bytes / 2**30, fits=fits)
-        rows.append(row | memory | dict(attention=attention))
+        memory = dict(compile_seconds=result.compile_seconds, memory_gib=result.needed_bytes / 2**30)
+        rows.append(row | memory | dict(fits=result.fits_pool, attention=attention))
     return rows
 
 

@@ -21,7 +21,6 @@ import collections
 import math
 import os
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -38,7 +37,7 @@ from jax import lax  # noqa: E402
 from jax.extend.core import jaxprs_in_params  # noqa: E402
 
 from benchmarks import train_speed  # noqa: E402
-from research import perf  # noqa: E402
+from benchmarks.timing import timed  # noqa: E402
 
 
 def gradient_dots(name: str) -> collections.Counter:
@@ -78,18 +77,6 @@ def einsum_spec(lhs_rank: int, rhs_rank: int, dimension_numbers) -> str:
     free_rhs = [letter for axis, letter in enumerate(rhs) if axis not in (*rhs_contract, *rhs_batch)]
     output = [lhs[axis] for axis in lhs_batch] + free_lhs + free_rhs
     return f"{''.join(lhs)},{''.join(rhs)}->{''.join(output)}"
-
-
-def timed(call, calls: int, repeats: int = 5) -> tuple[float, float]:
-    """(median seconds per call, cores busy over all the timed calls)."""
-    call()
-    times, cpu_start, start = [], train_speed.cpu_seconds(), time.perf_counter()
-    for _ in range(repeats):
-        begin = time.perf_counter()
-        for _ in range(calls):
-            call()
-        times.append((time.perf_counter() - begin) / calls)
-    return perf.median(times), (train_speed.cpu_seconds() - cpu_start) / (time.perf_counter() - start)
 
 
 def dot_rows(dots: collections.Counter, calls: int) -> list[dict]:

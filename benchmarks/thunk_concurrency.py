@@ -23,28 +23,13 @@ from research import runtime  # noqa: E402
 
 runtime.configure_process()  # launch.py's XLA flags and allocator (research/runtime.py), before JAX starts
 
-import time  # noqa: E402
-
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from benchmarks import train_speed  # noqa: E402
-from research import perf  # noqa: E402
+from benchmarks.timing import timed  # noqa: E402
 
 COPIES = (1, 4, 10)
-
-
-def timed(function, arguments, calls: int, repeats: int = 5) -> tuple[float, float]:
-    """(median seconds per call, cores busy over all the timed calls)."""
-    jax.block_until_ready(function(*arguments))
-    times, cpu_start, start = [], train_speed.cpu_seconds(), time.perf_counter()
-    for _ in range(repeats):
-        begin = time.perf_counter()
-        for _ in range(calls):
-            jax.block_until_ready(function(*arguments))
-        times.append((time.perf_counter() - begin) / calls)
-    return perf.median(times), (train_speed.cpu_seconds() - cpu_start) / (time.perf_counter() - start)
 
 
 def main() -> None:
@@ -69,7 +54,8 @@ def main() -> None:
             def program(*groups, arity=len(inputs[0])):
                 return tuple(operation(*groups[i : i + arity]) for i in range(0, len(groups), arity))
 
-            seconds, busy = timed(jax.jit(program), [array for group in inputs for array in group], calls)
+            jitted, arrays = jax.jit(program), [array for group in inputs for array in group]
+            seconds, busy = timed(lambda: jax.block_until_ready(jitted(*arrays)), calls)
             single = single or seconds
             print(f"| {name} | {copies} | {seconds * 1e3:.3f} | {seconds / single:.2f} | {busy:.2f} |", flush=True)
 

@@ -21,7 +21,6 @@ extra); findings are in docs/performance.md.
 import argparse
 import dataclasses
 import os
-import resource
 import sys
 import time
 from pathlib import Path
@@ -40,6 +39,7 @@ import optax  # noqa: E402
 import torch  # noqa: E402
 
 from benchmarks import torch_models  # noqa: E402
+from benchmarks.timing import cpu_seconds  # noqa: E402
 from experiments import cifar10_resnet, mnist_cnn, shakespeare_gpt  # noqa: E402
 from research import perf, sharding  # noqa: E402
 from research.logger import TrainMetrics  # noqa: E402
@@ -257,12 +257,6 @@ def time_steps(runner: Runner, first: int, steps: int) -> float:
         runner.step(index)
     runner.sync()
     return (time.perf_counter() - start) / steps
-
-
-def cpu_seconds() -> float:
-    """This process's CPU time so far: every thread, user and system."""
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
 
 
 def warm_up(runner: Runner) -> None:

@@ -137,6 +137,17 @@ def prepare_shipped_datasets(directory: Path) -> None:
         catalog.source(name, "test" if name != "tiny_shakespeare" else "train", str(directory))
 
 
+@pytest.fixture
+def default_gpu_memory(monkeypatch):
+    """This process's environment without the variables that change how much of a GPU JAX takes (its default:
+    75 %); the monkeypatch, to set them."""
+    from research.runtime import MEMORY_FRACTION_VARIABLES
+
+    for name in (*MEMORY_FRACTION_VARIABLES, "XLA_PYTHON_CLIENT_ALLOCATOR"):
+        monkeypatch.delenv(name, raising=False)
+    return monkeypatch
+
+
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory) -> str:
     """One tfds data directory for the whole test run, the shipped datasets prepared in it once."""

@@ -71,6 +71,11 @@ class DryRun:
     def fits(self) -> bool:
         return not self.out_of_memory and self.needed_bytes <= self.target.chip.memory_bytes
 
+    @property
+    def fits_pool(self) -> bool:
+        """Whether it fits what JAX gives a program by default (`Target.pool_bytes`: 75 % of a GPU)."""
+        return self.fits and self.needed_bytes <= self.target.pool_bytes()
+
     def collective_seconds(self) -> float:
         """Seconds per step on the links: each collective at the fast (ICI, NVLink) or slow (DCN, network)
         bandwidth per chip, by whether its groups cross slices or hosts."""

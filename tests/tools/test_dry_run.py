@@ -114,11 +114,9 @@ def test_an_oversized_model_is_reported_as_not_fitting_with_exit_status_one():
 
 
 @pytest.mark.parametrize("gib, advice", [(55.0, ""), (66.1, "XLA_PYTHON_CLIENT_MEM_FRACTION=0.90"), (80.0, "")])
-def test_a_gpu_program_over_jaxs_default_pool_gets_the_fraction_to_run_with(monkeypatch, gib, advice):
+def test_a_gpu_program_over_jaxs_default_pool_gets_the_fraction_to_run_with(default_gpu_memory, gib, advice):
     """An H100 has 79.1 GiB; JAX preallocates 75 % (59.3 GiB) and runs out there unless told to take more. Over
     the whole chip the program does not fit at all, and no fraction helps."""
-    for name in ("XLA_CLIENT_MEM_FRACTION", "XLA_PYTHON_CLIENT_MEM_FRACTION", "XLA_PYTHON_CLIENT_ALLOCATOR"):
-        monkeypatch.delenv(name, raising=False)
     giga = 2**30
     analytic = {"parameters": 10 * giga, "optimizer state": 20 * giga, "batch": giga, "gradients": 10 * giga}
     result = dry_run.DryRun(
@@ -128,7 +126,7 @@ def test_a_gpu_program_over_jaxs_default_pool_gets_the_fraction_to_run_with(monk
     verdict = next(index for index, line in enumerate(report) if line.startswith("verdict"))
     assert report[verdict].startswith("verdict: FITS" if gib < 79.1 else "verdict: DOES NOT FIT")
     assert (advice in report[verdict + 1]) if advice else report[verdict + 1].startswith("FLOPs")
-    monkeypatch.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.9")  # as the advice says: nothing more to advise
+    default_gpu_memory.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.9")  # as the advice says: nothing more to advise
     assert dry_run.pool_advice(result.target, result.needed_bytes) == ""
 
 

@@ -62,19 +62,16 @@ def test_chip_table_has_the_data_sheet_numbers():
         ("tpu:v5e-4", {"XLA_PYTHON_CLIENT_MEM_FRACTION": "0.5"}, 1.0),  # a TPU's programs get all its memory
     ],
 )
-def test_gpu_pool_is_the_fraction_jax_preallocates(monkeypatch, spec, environment, fraction):
-    for name in ("XLA_CLIENT_MEM_FRACTION", "XLA_PYTHON_CLIENT_MEM_FRACTION", "XLA_PYTHON_CLIENT_ALLOCATOR"):
-        monkeypatch.delenv(name, raising=False)
+def test_gpu_pool_is_the_fraction_jax_preallocates(default_gpu_memory, spec, environment, fraction):
     for name, value in environment.items():
-        monkeypatch.setenv(name, value)
+        default_gpu_memory.setenv(name, value)
     target = targets.parse(spec)
     assert target.pool_bytes() == pytest.approx(fraction * target.chip.memory_bytes, rel=1e-12)
 
 
 @pytest.mark.parametrize("value", ["most", "0", "1.5"])
-def test_a_bad_memory_fraction_is_a_one_line_error(monkeypatch, value):
-    monkeypatch.delenv("XLA_CLIENT_MEM_FRACTION", raising=False)
-    monkeypatch.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", value)
+def test_a_bad_memory_fraction_is_a_one_line_error(default_gpu_memory, value):
+    default_gpu_memory.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", value)
     with pytest.raises(ConfigError, match="XLA_PYTHON_CLIENT_MEM_FRACTION") as error:
         targets.parse("gpu:h200:1").pool_bytes()
     assert "\n" not in str(error.value)
