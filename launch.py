@@ -5,12 +5,12 @@
   python launch.py --list                                         # the experiments
   python launch.py --list_datasets [--data_dir DIR]
   python launch.py --config ... --workdir ... --local_processes 2      # 2 processes on this machine
-  python launch.py --config experiments/lm.py:llama3-8b --dry_run --target gpu:h100:8   # compile for it, fit or not
-  python launch.py --config experiments/lm.py:llama3-8b --plan --target tpu:v5p-64      # search meshes and remat
+  python launch.py --config experiments/lm.py:llama2-70b --dry_run --target tpu:v5p-512  # compile for it: fit or not
+  python launch.py --config experiments/lm.py:llama3-8b --plan --target gpu:h100:2x8 --config.batch_size=32  # meshes
   python launch.py --check_optimizer path/to/my_opt.py:make     # the optimizer conformance kit
   python launch.py --bench_optimizer adamw                       # the kit, then steps/seconds to target vs baselines
   python launch.py --config experiments/mnist_mlp.py:cpu --sweep sweeps/adam_paper_mnist.py --sweep_parallel 2
-  python launch.py --reproduce shakespeare_gpt:cpu              # measured vs published, PASS/FAIL
+  python launch.py --reproduce shakespeare_gpt:cpu              # measured vs each reference value, PASS/FAIL
 
 `--config path.py:arg` passes `arg` to the module's `get_config`; `--config.a.b=v` overrides a key
 (a key the config lacks is an error naming the nearest, except in the open `optimizer.kwargs`).
@@ -18,8 +18,6 @@ A trained run is used (generate, classify, evaluate, export) with predict.py bes
 """
 
 import sys
-import threading
-import warnings
 from pathlib import Path
 
 from research import runtime
@@ -29,9 +27,8 @@ runtime.configure_process()  # XLA flags and the allocator (may re-execute once)
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from research import experiment  # noqa: E402
-from research.config import ConfigError  # noqa: E402
-from research.logger import NonFiniteError, StorageError  # noqa: E402
+from research import errors, experiment  # noqa: E402
+from research.errors import fail  # noqa: E402
 
 EXPERIMENTS_DIR = Path(__file__).parent / "experiments"
 _CONFIG = config_flags.DEFINE_config_file(
@@ -40,6 +37,7 @@ _CONFIG = config_flags.DEFINE_config_file(
 flags.FLAGS["config"].parser = experiment.ConfigFileParser()  # loads the experiment once and keeps it
 _WORKDIR = flags.DEFINE_string("workdir", None, "the run's directory: config, metrics, checkpoints, results")
 _ALLOW_CONFIG_CHANGE = flags.DEFINE_boolean("allow_config_change", False, "resume although the config changed")
+_PRINT_CONFIG = flags.DEFINE_boolean("print_config", False, "print the whole config (WORKDIR/config.json has it)")
 _LIST = flags.DEFINE_boolean("list", False, "list every experiment with its description")
 _LIST_DATASETS = flags.DEFINE_boolean("list_datasets", False, "list every dataset: prepared or not, where, sizes")
 _DATA_DIR = flags.DEFINE_string("data_dir", "", "the tfds directory --list_datasets reads (~/tensorflow_datasets)")
@@ -60,24 +58,7 @@ _SWEEP = flags.DEFINE_string("sweep", None, "sweeps/NAME.py: a run of --config p
 _SWEEP_PARALLEL = flags.DEFINE_integer("sweep_parallel", 1, "runs at once, each on its share of the cores (0: a core)")
 _SWEEP_EMIT = flags.DEFINE_boolean("sweep_emit", False, "print the unfinished runs' commands; run nothing")
 _SWEEP_SLURM = flags.DEFINE_string("sweep_slurm", "", "write the unfinished runs as a SLURM job array script here")
-_REPRODUCE = flags.DEFINE_string("reproduce", None, "EXPERIMENT[:config] or all:smoke: measured vs published")
-
-
-def fail(message: str, code: int = 2) -> None:
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(code)
-
-
-def quiet_file_errors() -> None:
-    """After a failed write is reported: the libraries' writer threads, exit handlers and event loops
-    (tensorboardX's, orbax's, tensorstore's) meet the same full disk again; nothing of theirs is printed after
-    the message."""
-    import logging as standard_logging
-
-    standard_logging.disable(standard_logging.CRITICAL)  # asyncio's "exception was never retrieved", absl's
-    warnings.simplefilter("ignore")  # an interrupted writer's "coroutine ... was never awaited" at exit
-    threading.excepthook = lambda hook: None if issubclass(hook.exc_type, OSError) else threading.__excepthook__(hook)
-    sys.unraisablehook = lambda hook: None if isinstance(hook.exc_value, OSError) else sys.__unraisablehook__(hook)
+_REPRODUCE = flags.DEFINE_string("reproduce", None, "EXPERIMENT[:config] or all:smoke: measured vs reference values")
 
 
 def parse_flags(argv: list[str]) -> list[str]:
@@ -148,7 +129,7 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         fail(f"unexpected arguments {argv[1:]}: flags take the form --name=value")
     logging.set_verbosity(logging.WARNING)
-    try:
+    with errors.exit_on_error():
         if tool_mode():
             return
         module = flags.FLAGS["config"].parser.module
@@ -178,18 +159,9 @@ def main(argv: list[str]) -> None:
         from research import train
 
         name = experiment.name_of(config_argument.partition(":")[0])
-        train.launch(_CONFIG.value, module, name, _WORKDIR.value, allow_config_change=_ALLOW_CONFIG_CHANGE.value)
-    except ConfigError as error:
-        fail(str(error).splitlines()[0])
-    except NonFiniteError as error:
-        fail(str(error), code=3)
-    except StorageError as error:
-        quiet_file_errors()
-        fail(str(error), code=4)
-    except RuntimeError as error:  # jax.errors.JaxRuntimeError: a device out of memory is a config to change
-        if not (message := runtime.out_of_memory(error)):
-            raise
-        fail(message, code=6)
+        overrides = None if _PRINT_CONFIG.value else config_flags.get_override_values(flags.FLAGS["config"])
+        options = dict(overrides=overrides, allow_config_change=_ALLOW_CONFIG_CHANGE.value)
+        train.launch(_CONFIG.value, module, name, _WORKDIR.value, **options)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,9 @@ from research import runtime
 
 runtime.configure_process()  # as launch.py: XLA flags and allocator, before JAX starts (research/runtime.py)
 
+from research import errors  # noqa: E402
+from research.errors import fail  # noqa: E402
+
 _WORKDIR = flags.DEFINE_string("workdir", None, "the run's directory (config.json and checkpoints/)")
 _CHECKPOINT = flags.DEFINE_string(
     "checkpoint", "latest", "which checkpoint: latest, best (by the run's checkpoint.best_metric) or a step number"
@@ -63,11 +66,6 @@ _QUANTIZE = flags.DEFINE_boolean(
 PREDICT_MEMORY_ADVICE = (
     "--quantize (int8 weights), fewer --num_tokens, --num_examples or --explain_steps, or a larger device"
 )
-
-
-def fail(message: str) -> None:
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
 
 
 def run_action(run) -> None:
@@ -144,17 +142,11 @@ def main(argv: list[str]) -> None:
     if _WORKDIR.value is None:
         fail("pass --workdir DIR of a trained run")
     logging.set_verbosity(logging.ERROR)  # orbax warns that a read-only checkpoint directory is read-only
-    from research.config import ConfigError
     from research.inference import predict
 
-    try:
+    # A ValueError here is a bad input too (a file of examples that does not parse, a split that does not exist).
+    with errors.exit_on_error(PREDICT_MEMORY_ADVICE, errors.BAD_INPUT_EXIT, bad_input=(ValueError,)):
         run_action(predict.load_run(_WORKDIR.value, _EXPERIMENTS.value, _CHECKPOINT.value))
-    except (ConfigError, ValueError) as error:
-        fail(str(error).splitlines()[0])
-    except RuntimeError as error:  # jax.errors.JaxRuntimeError: a device out of memory
-        if not (message := runtime.out_of_memory(error, PREDICT_MEMORY_ADVICE)):
-            raise
-        fail(message)
 
 
 if __name__ == "__main__":

@@ -39,7 +39,7 @@ import numpy as np  # noqa: E402
 
 from experiments import cifar10_resnet, lm  # noqa: E402
 from research import perf, sharding  # noqa: E402
-from research.config import ConfigError  # noqa: E402
+from research.errors import ConfigError  # noqa: E402
 from research.models import param_count  # noqa: E402
 from research.models.resnet import ImageNetResNet  # noqa: E402
 from research.models.transformer import REMAT_RECOMPUTE  # noqa: E402

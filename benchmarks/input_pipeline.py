@@ -21,7 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from research import runtime  # noqa: E402
+from research import errors, runtime  # noqa: E402
 
 runtime.configure_process()  # launch.py's XLA flags and allocator (research/runtime.py), before JAX starts
 
@@ -29,7 +29,7 @@ import jax  # noqa: E402
 
 from experiments import digits_mlp, shakespeare_gpt  # noqa: E402
 from research import sharding  # noqa: E402
-from research.data import augment, files, pipeline, text  # noqa: E402
+from research.data import augment, pipeline, text  # noqa: E402
 from research.steps import build  # noqa: E402
 
 WARMUP, BATCHES, STEPS = 20, 1000, 1000
@@ -95,7 +95,7 @@ def missing_error_seconds(data_dir: str) -> dict[str, float]:
         start = time.perf_counter()
         try:
             catalog.source(name, "train", data_dir)
-        except files.MissingDataError:
+        except errors.MissingDataError:
             timings[f"missing {name}, in process"] = time.perf_counter() - start
     script = (
         f"from research.data import catalog\ntry:\n catalog.source('cifar10', 'train', {data_dir!r})\n"

@@ -67,9 +67,9 @@ def run_to_end(workdir: Path) -> list[int]:
 def final_params(workdir: Path) -> list[np.ndarray]:
     import jax
 
-    from research import saved
+    from research import trained_run
 
-    return [np.asarray(leaf) for leaf in jax.tree.leaves(saved.load_params(workdir, 1500)[0])]
+    return [np.asarray(leaf) for leaf in jax.tree.leaves(trained_run.load_params(workdir, 1500)[0])]
 
 
 def last_line(path: Path) -> str:

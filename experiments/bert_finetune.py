@@ -23,8 +23,9 @@ import ml_collections
 import numpy as np
 
 from research import metrics
-from research.config import ConfigError, choose, trainer_config
+from research.config import choose, trainer_config
 from research.data import mlm, pipeline, shakespeare_acceptability, shakespeare_speakers, text
+from research.errors import ConfigError
 from research.models.bert import BertClassifier, BertClozeClassifier
 
 init_variables = mlm.init_variables  # the contract's hook: the model initialised with its padding mask

@@ -35,10 +35,11 @@ REFERENCES = tuple(
     Reference(
         config=None,
         metric="test/accuracy",
-        published=accuracy,
+        value=accuracy,
         tolerance=0.005,
         better="max",
         source=f"He et al. 2016, Table 6, ResNet-{depth}",
+        kind="published",
         overrides=(("model.depth", depth),),
     )
     for depth, accuracy in ((20, 0.9125), (32, 0.9249), (56, 0.9303))

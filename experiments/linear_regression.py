@@ -18,14 +18,15 @@ from research.experiment import Reference, Workload
 
 SPLIT_SEEDS = {"train": 0, "validation": 1, "test": 2}
 
-# The data's generating line is the published truth.
+# The data's generating line is the truth a fit should recover.
 REFERENCES = tuple(
     Reference(
         config=config,
         metric=f"test/{name}",
-        published=value,
+        value=value,
         tolerance=tolerance,
         source="the data: y = 3x + 2 + noise",
+        kind="truth",
     )
     for config, tolerance in ((None, 0.01), ("smoke", 0.05))
     for name, value in (("slope", 3.0), ("intercept", 2.0))

@@ -1,5 +1,5 @@
 """Decoder language models at published sizes: the Llama family (RoPE, RMSNorm, SwiGLU, grouped-query
-attention) and GPT-2, as named configs; Hugging Face checkpoints in and out (research/tools/hf.py).
+attention) and GPT-2, as named configs; Hugging Face checkpoints in and out (research/tools/hf/).
 
   python launch.py --config experiments/lm.py:cpu --workdir runs/lm_cpu
   python launch.py --config experiments/lm.py:llama3-8b --dry_run --target gpu:h100:8 --config.batch_size=16
@@ -8,8 +8,8 @@ Expected: `:cpu` is shakespeare_gpt:cpu's budget (nanoGPT's CPU run: 2,000 steps
 its schedule) for a Llama of its size (0.805M vs 0.804M parameters: 4 layers of 128, 4 heads sharing
 2 key/value heads, SwiGLU 390 wide, tied embeddings): val loss 1.657 vs the GPT's 1.886 in ~3 min on
 a 2-core CPU (docs/results.md). `:smoke` (1 layer of 64, 150 steps) falls from ln(66) ~ 4.2 to ~3.1.
-Named sizes (`gpt2-124m` ... `llama2-70b`) have the published shapes and parameter counts (tests);
-they train on the shipped corpus with a byte-level BPE unless data.tokenizer names a tokenizer.json.
+Named sizes (`gpt2-124m` ... `llama2-70b`) have the published shapes, parameter counts (tests) and global
+batches; they train on the shipped corpus with a byte-level BPE unless data.tokenizer names a tokenizer.json.
 Data: Tiny Shakespeare windows of model.block_size tokens (training: every offset, shuffled;
 evaluation: non-overlapping windows, every token scored once), or corpora prepared by
 `python -m research.data.prepare` (data.prepared; docs/data.md). model.loss_chunk > 0 computes the
@@ -22,9 +22,10 @@ import jax.numpy as jnp
 import ml_collections
 
 from research import metrics, perf
-from research.config import DEFAULT_PARAM_RULES, NANOGPT_OPTIMIZER, ConfigError, choose, trainer_config
+from research.config import DEFAULT_PARAM_RULES, NANOGPT_OPTIMIZER, choose, trainer_config
 from research.data import stream, text
-from research.experiment import Reference
+from research.errors import ConfigError
+from research.experiment import DecoderShape, Reference
 from research.models import apply_with_dropout, compute_dtype, gpt, llama, param_count
 from research.models.gpt import GPT
 from research.models.llama import Llama
@@ -34,8 +35,12 @@ NANOGPT = (
 )
 SMOKE_SOURCE = "this repository's smoke run (a regression guard, not a paper number)"
 REFERENCES = (
-    Reference(config="cpu", metric="eval/loss", published=1.88, tolerance=0.05, better="min", source=NANOGPT),
-    Reference(config="smoke", metric="eval/loss", published=3.09, tolerance=0.15, better="min", source=SMOKE_SOURCE),
+    Reference(
+        config="cpu", metric="eval/loss", value=1.88, tolerance=0.05, better="min", source=NANOGPT, kind="published"
+    ),
+    Reference(
+        config="smoke", metric="eval/loss", value=3.09, tolerance=0.15, better="min", source=SMOKE_SOURCE, kind="ours"
+    ),
 )
 
 # Vocabulary dimensions are split too: over `tensor` (the head's output, the embedding's rows).
@@ -56,32 +61,20 @@ SIZES = {name: GPT2 | size for name, size in gpt.SIZES.items()} | {
     name: LLAMA | size | dict(block_size=CONTEXT[name]) for name, size in llama.SIZES.items()
 }
 PUBLISHED_PARAMETERS = gpt.PUBLISHED_PARAMETERS | llama.PUBLISHED_PARAMETERS
+# Global batches in windows of the training context, as published: GPT-2 512 x 1,024 (Radford et al. 2019,
+# sec. 2.3); Llama 2 4M tokens, 1,024 x 4,096 (Touvron et al. 2023, sec. 2.2); Llama 3 16M tokens, 2,048 x 8,192
+# (Grattafiori et al. 2024, sec. 3.4.1: the 405B's; the 8B's and Llama 3.2 1B's own are not published).
+LLAMA_BATCHES = {"llama2-7b": 1024, "llama2-70b": 1024, "llama3-8b": 2048, "llama-3.2-1b": 2048}
+BATCHES = dict.fromkeys(gpt.SIZES, 512) | LLAMA_BATCHES
 
 CPU = {  # shakespeare_gpt:cpu's data, budget and optimizer; a Llama of the GPT's parameter count
-    "model.block_size": 64,
-    "model.num_layers": 4,
-    "model.num_heads": 4,
-    "model.num_kv_heads": 2,
-    "model.width": 128,
-    "model.mlp_dim": 390,
-    "num_steps": 2000,
-    "batch_size": 12,
-    "eval_every": 500,
+    **{"model.block_size": 64, "model.num_layers": 4, "model.num_heads": 4, "model.num_kv_heads": 2},
+    **{"model.width": 128, "model.mlp_dim": 390, "num_steps": 2000, "batch_size": 12, "eval_every": 500},
 }
 SMOKE = {
-    "model.block_size": 32,
-    "model.num_layers": 1,
-    "model.num_heads": 2,
-    "model.num_kv_heads": 1,
-    "model.width": 64,
-    "model.mlp_dim": 176,
-    "data.max_eval_windows": 64,
-    "num_steps": 150,
-    "batch_size": 16,
-    "eval_every": 0,
-    "log_every": 10,
-    "optimizer.learning_rate": 1e-2,
-    "optimizer.schedule.warmup_steps": 10,
+    **{"model.block_size": 32, "model.num_layers": 1, "model.num_heads": 2, "model.num_kv_heads": 1},
+    **{"model.width": 64, "model.mlp_dim": 176, "data.max_eval_windows": 64, "num_steps": 150, "batch_size": 16},
+    **{"eval_every": 0, "log_every": 10, "optimizer.learning_rate": 1e-2, "optimizer.schedule.warmup_steps": 10},
 }
 
 
@@ -98,7 +91,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         }
     )
     config.model = ml_collections.ConfigDict(
-        {  # the keys are the model modules' field names (research/tools/hf.py fills them from a config.json)
+        {  # the keys are the model modules' field names (research/tools/hf/ fills them from a config.json)
             "family": "llama",  # llama or gpt
             "vocab_size": 0,  # 0: the tokenizer's
             "block_size": 64,  # context: the training window and the generation cache
@@ -137,7 +130,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         config.model.update(SIZES[arg])
         config.data.tokenizer = "bpe:8192"
         config.mesh.update({"data": 1, "fsdp": -1})
-        config.update_from_flattened_dict({"batch_size": 32, "num_steps": 10000, "eval_every": 1000})
+        config.update_from_flattened_dict({"batch_size": BATCHES[arg], "num_steps": 10000, "eval_every": 1000})
         config.update_from_flattened_dict({"data.max_eval_windows": 64, "optimizer.learning_rate": 3e-4})
         return config
     config.update_from_flattened_dict(choose(arg, {None: {}, "cpu": {}, "smoke": SMOKE}))
@@ -190,6 +183,11 @@ def make_model(config: ml_collections.ConfigDict) -> nn.Module:
     return Llama(rope_scaling=tuple(model.rope_scaling), **{name: model[name] for name in llama_only}, **shared)
 
 
+def hf_layout(config: ml_collections.ConfigDict) -> str:
+    """The configured model as a Hugging Face checkpoint: LlamaForCausalLM or GPT2LMHeadModel's model_type."""
+    return {"llama": "llama", "gpt": "gpt2"}[config.model.family]
+
+
 def parameter_count(config: ml_collections.ConfigDict) -> int:
     """Parameters of the configured model (shapes only, nothing allocated)."""
     tokens = jnp.zeros((1, 8), jnp.int32)
@@ -202,33 +200,32 @@ def tokens_per_example(config: ml_collections.ConfigDict) -> int:
 
 def flops_per_example(config: ml_collections.ConfigDict) -> float:
     """Training FLOPs of one window: 6 N per token plus attention (research/perf.py)."""
-    model = config.model
+    shape = decoder_shape(config)
     per_token = perf.gpt_training_flops_per_token(
-        parameter_count(config),
-        model.num_layers,
-        model.num_heads * (model.head_dim or model.width // model.num_heads),
-        model.block_size,
+        parameter_count(config), shape.layers, shape.heads * shape.head_dim, shape.length
     )
-    return model.block_size * per_token
+    return shape.length * per_token
 
 
-def activation_bytes_per_example(config: ml_collections.ConfigDict, mesh_shape: dict) -> float:
-    """Training activation memory of one window, for the dry run's analytic count (research/perf.py)."""
-    model, heads = config.model, config.model.num_heads
-    return perf.decoder_activation_bytes(
-        length=model.block_size,
-        width=model.width,
+def decoder_shape(config: ml_collections.ConfigDict) -> DecoderShape:
+    """The configured decoder's shape, for the dry run, the planner and research/perf.py's activation count."""
+    model, llama_family = config.model, config.model.family == "llama"
+    return DecoderShape(
         layers=model.num_layers,
-        heads=heads,
-        kv_heads=model.num_kv_heads if model.family == "llama" else heads,
-        head_dim=model.head_dim or model.width // heads,
-        mlp_dim=model.mlp_dim if model.family == "llama" else 4 * model.width,
+        width=model.width,
+        heads=model.num_heads,
+        kv_heads=model.num_kv_heads if llama_family else model.num_heads,
+        head_dim=(model.head_dim if llama_family else 0) or model.width // model.num_heads,
+        mlp_dim=model.mlp_dim if llama_family else 4 * model.width,
         vocab=vocab_size(config),
+        length=model.block_size,
         remat=model.remat,
+        scan_layers=llama_family and model.scan_layers,
         dtype_bytes=jnp.dtype(model.dtype).itemsize,
-        fused_attention=model.family == "llama" and model.attention != "xla" and model.dtype != "float32",
+        fused_attention=llama_family and model.attention != "xla" and model.dtype != "float32",
         loss_chunk=model.loss_chunk,
-        tensor=mesh_shape.get("tensor", 1),
+        remat_key="model.remat",
+        scan_layers_key="model.scan_layers" if llama_family else "",  # the GPT's layers are never scanned
     )
 
 

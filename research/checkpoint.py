@@ -1,18 +1,15 @@
-"""Orbax checkpoints of a run (train state, data iterator, config), saved asynchronously (research/saved.py reads
-another run's).
+"""This run's orbax checkpoints (train state, data iterator, config): saved asynchronously by the config's
+policy, restored to resume (research/trained_run.py reads another, trained run's).
 
 Layout: `WORKDIR/checkpoints/<step>/{state,data,config}`. Orbax writes each step into a
 temporary directory and renames it when complete, so a crash mid-save never leaves a step
 that `latest_step()` would pick. A step that still fails to restore is moved, untouched,
-to `WORKDIR/checkpoints_unreadable/` and the previous one is used.
+to `WORKDIR/checkpoints_unreadable/` and the previous one is used. A second, local tier is
+research/resilience/tiers.py.
 """
 
-import errno
 import json
-import re
 import shutil
-import signal
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -22,11 +19,9 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
-from orbax.checkpoint._src.metadata import array_metadata_store
-from orbax.checkpoint._src.serialization import type_handler_registry
 
-from research.config import ConfigError
-from research.logger import StorageError  # noqa: F401 (raised with storage_failure's message)
+from research.errors import ConfigError
+from research.resilience.tiers import PER_HOST_KEYS, Tiers, tiers_of
 
 PyTree = Any
 CHECKPOINT_DIR = "checkpoints"
@@ -36,14 +31,23 @@ UNREADABLE_DIR = "checkpoints_unreadable"
 # slicing program, compiled per shape and offset. Below 1 MiB a slice is not worth a compilation: one
 # replica writes the whole array (large arrays are still split). Orbax's default handler otherwise.
 MIN_REPLICA_SLICE_BYTES = 1 << 20
-type_handler_registry.GLOBAL_TYPE_HANDLER_REGISTRY.add(
-    jax.Array,
-    ocp.type_handlers.ArrayHandler(
+
+
+def _item_handlers() -> dict[str, ocp.CheckpointHandler]:
+    """A run manager's handlers: the state's with our array handler in a registry of its own (orbax's global
+    registry stays as it is), JSON for the config and the data iterator's position."""
+    from orbax.checkpoint._src.metadata import array_metadata_store  # the store orbax's own ArrayHandler gets
+
+    arrays = ocp.type_handlers.ArrayHandler(
         min_slice_bytes_for_replica_parallel=MIN_REPLICA_SLICE_BYTES, array_metadata_store=array_metadata_store.Store()
-    ),
-    override=True,
-    ignore_warnings=True,
-)
+    )
+    registry = ocp.type_handlers.create_type_handler_registry((jax.Array, arrays))
+    json_handler = ocp.JsonCheckpointHandler
+    return {
+        "state": ocp.PyTreeCheckpointHandler(type_handler_registry=registry),
+        "config": json_handler(),
+        "data": json_handler(),
+    }
 
 
 def _ranking(checkpoint_config: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -88,72 +92,15 @@ def tier_manager(workdir: str | Path, checkpoint_config: ml_collections.ConfigDi
         enable_async_checkpointing=checkpoint_config.asynchronous,
         **_ranking(checkpoint_config),  # without best_fn orbax keeps the metrics in memory only
     )
-    return ocp.CheckpointManager(Path(workdir).absolute() / CHECKPOINT_DIR, options=options)
-
-
-# Config keys that may differ between a run's hosts or reruns without changing the run.
-PER_HOST_KEYS = ("checkpoint.local_dir",)
-
-
-class Tiers:
-    """Two tiers of orbax checkpoints behind one manager's interface: a fast local one (`checkpoint.local_dir`,
-    saved every `local_every_steps`, the last `local_keep` kept) and the persistent one in the workdir (the
-    usual policy). A forced save (preemption, the end, a best metric) goes to both. `restore_latest` takes the
-    newest complete, readable step of either, the local copy first; a missing tier simply has no steps.
-    On several hosts the local directory must be one path that every process sees (orbax writes one
-    step's shards from every process into it)."""
-
-    def __init__(self, local: ocp.CheckpointManager, persistent: ocp.CheckpointManager):
-        self.local, self.persistent, self.tiers = local, persistent, [local, persistent]
-        self.directory = persistent.directory
-
-    def should_save(self, step: int) -> bool:
-        return any(tier.should_save(step) for tier in self.tiers)
-
-    def save(self, step: int, args, metrics=None, force: bool = False) -> bool:
-        saved = [
-            tier.save(step, args=args, metrics=metrics, force=True)
-            for tier in self.tiers
-            if force or tier.should_save(step)
-        ]
-        return any(saved)
-
-    def all_steps(self) -> list[int]:
-        return sorted(set(self.local.all_steps()) | set(self.persistent.all_steps()))
-
-    def latest_step(self) -> int | None:
-        steps = self.all_steps()
-        return steps[-1] if steps else None
-
-    def wait_until_finished(self) -> None:
-        for tier in self.tiers:
-            tier.wait_until_finished()
-
-    def reload(self) -> None:
-        for tier in self.tiers:
-            tier.reload()
-
-    def close(self) -> None:
-        for tier in self.tiers:
-            tier.close()
-
-    def __enter__(self) -> "Tiers":
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self.close()
-
-
-def tiers_of(manager) -> list[ocp.CheckpointManager]:
-    """The orbax managers behind `manager`: the local tier first."""
-    return manager.tiers if isinstance(manager, Tiers) else [manager]
+    directory = Path(workdir).absolute() / CHECKPOINT_DIR
+    return ocp.CheckpointManager(directory, options=options, item_handlers=_item_handlers())
 
 
 def save(
     manager: ocp.CheckpointManager, step: int, state: PyTree, iterator, config, *, metrics=None, force=False
 ) -> bool:
     """Saves if the policy (or `force`) says so; returns whether a save started."""
-    items = {"state": ocp.args.StandardSave(state), "config": ocp.args.JsonSave(config_dict(config))}
+    items = {"state": ocp.args.PyTreeSave(state), "config": ocp.args.JsonSave(config_dict(config))}
     if hasattr(iterator, "get_state"):
         # One JSON state for all processes: research.data pipelines number global batches, so
         # the state is the same on every process and restores on any number of them.
@@ -168,7 +115,11 @@ def config_dict(config: ml_collections.ConfigDict) -> dict:
 def restore(manager: ocp.CheckpointManager, step: int, abstract_state: PyTree, iterator) -> tuple[PyTree, dict]:
     """Restores (state, saved config) at `step` into `abstract_state`'s shapes and shardings (any
     topology), and moves the iterator (when it has a position) to where it was."""
-    items = {"state": ocp.args.StandardRestore(abstract_state), "config": ocp.args.JsonRestore()}
+    restore_args = ocp.checkpoint_utils.construct_restore_args(abstract_state)
+    items = {
+        "state": ocp.args.PyTreeRestore(abstract_state, restore_args=restore_args),
+        "config": ocp.args.JsonRestore(),
+    }
     has_data = hasattr(iterator, "set_state") and (Path(manager.directory) / str(step) / "data").exists()
     if has_data:
         items["data"] = ocp.args.JsonRestore()
@@ -245,31 +196,6 @@ def complete_steps(directory: str | Path) -> list[int]:
     return sorted(int(path.name) for path in directory.iterdir() if path.name.isdigit()) if directory.is_dir() else []
 
 
-# tensorstore's status codes for a failed file operation (orbax's array writes raise them as ValueError)
-STORAGE_STATUSES = ("RESOURCE_EXHAUSTED", "PERMISSION_DENIED", "DATA_LOSS")
-
-
-def is_storage_failure(error: BaseException) -> bool:
-    """A failed file operation: an OSError, or tensorstore's status for one."""
-    return isinstance(error, OSError) or (isinstance(error, ValueError) and str(error).startswith(STORAGE_STATUSES))
-
-
-def storage_failure(error: BaseException, manager) -> str:
-    """One line for a failed file operation: what failed, the newest intact checkpoint, what to do."""
-    if not isinstance(error, OSError):  # tensorstore's status: the OS error it carries, and its file
-        text = str(error)
-        path = re.search(r'"([^"]+)"', text)
-        for number, reason in ((errno.ENOSPC, "No space left on device"), (errno.EACCES, "Permission denied")):
-            if reason in text or f"os_error_code='{number}'" in text:
-                return storage_failure(OSError(number, reason, path.group(1) if path else None), manager)
-        return storage_failure(OSError(text.splitlines()[0][:300]), manager)
-    where = f": {error.filename}" if error.filename else ""
-    return (
-        f"{type(error).__name__}: {error.strerror or error}{where}; the run stopped and {newest_complete(manager)}: "
-        "free space or fix the permissions, then rerun the same command to resume"
-    )
-
-
 def newest_complete(manager) -> str:
     """'the newest complete checkpoint is step N in DIRECTORY' over the manager's tiers (or that there is none)."""
     found = [(step, tier.directory) for tier in tiers_of(manager) for step in complete_steps(tier.directory)]
@@ -285,32 +211,6 @@ def all_finite(tree: PyTree) -> bool:
         for leaf in jax.tree.leaves(jax.device_get(tree))
         if np.issubdtype(np.asarray(leaf).dtype, np.floating)
     )
-
-
-class PreemptionWatcher:
-    """SIGTERM/SIGINT, and SLURM's warning SIGUSR1 (research/slurm.py), ask the loop to save and stop at the next
-    step boundary; a second one exits at once."""
-
-    SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
-
-    def __init__(self):
-        self.requested = None
-        self.previous = {}
-
-    def __enter__(self) -> "PreemptionWatcher":
-        if threading.current_thread() is threading.main_thread():
-            self.previous = {number: signal.signal(number, self._handle) for number in self.SIGNALS}
-        return self
-
-    def _handle(self, number, frame) -> None:
-        if self.requested is not None:
-            raise SystemExit(f"second {signal.Signals(number).name}: exiting without saving")
-        self.requested = signal.Signals(number).name
-        print(f"\n{self.requested} received: saving a checkpoint at the end of this step, then stopping")
-
-    def __exit__(self, *exc_info) -> None:
-        for number, handler in self.previous.items():
-            signal.signal(number, handler)
 
 
 def choose_step(directory: str | Path, which: str, checkpoint_config: ml_collections.ConfigDict) -> int:

@@ -7,10 +7,7 @@ mistyped override is an error.
 
 import ml_collections
 
-
-class ConfigError(ValueError):
-    """A bad config, experiment or workdir: launch.py reports it in one line, without a traceback."""
-
+from research.errors import ConfigError
 
 # (regex over the parameter path, mesh axis per dimension): first match wins. Transformer
 # weights are split Megatron-style over `tensor` and along their input width over `fsdp`; other
@@ -47,7 +44,7 @@ def trainer_config() -> ml_collections.ConfigDict:
     config.early_stopping = ml_collections.ConfigDict({"metric": "", "mode": "min", "patience": 3})
     config.freeze = ""  # regex over parameter paths ("encoder/.*"): matching parameters are not trained
     # On a NaN/inf loss or gradient: "stop" the run, "skip" the update, or "rollback" to an earlier
-    # checkpoint and skip the data that led there (research/rollback.py).
+    # checkpoint and skip the data that led there (research/resilience/rollback.py).
     config.nonfinite = "stop"
     config.nonfinite_max_skips = 100  # "skip" gives up after this many consecutive bad steps
     config.rollback = ml_collections.ConfigDict(
@@ -68,7 +65,7 @@ def trainer_config() -> ml_collections.ConfigDict:
     config.pruning = ml_collections.ConfigDict(
         {"sparsity": 0.0, "scope": "global", "start_step": 0, "end_step": 0, "every": 50, "include": r"kernel$"}
     )
-    # Knowledge distillation (research/distill.py) from the run in `teacher` (its workdir; step 0: its latest):
+    # Knowledge distillation (research/features/distill.py) from the run in `teacher` (its workdir; step 0: its latest):
     # loss = loss_weight x the experiment's loss + kl_weight x T^2 x KL(teacher || student) at temperature T.
     config.distill = ml_collections.ConfigDict(
         {"teacher": "", "step": 0, "temperature": 2.0, "kl_weight": 0.5, "loss_weight": 0.5}

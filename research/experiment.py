@@ -3,9 +3,9 @@
 An experiment is a module of plain functions (experiments/NAME.py; the module's name is the
 experiment's). `Experiment` lists what every one defines. `Hooks` lists what one may define:
 each is read, through `hook(module, name)`, only by the code that needs it, so an experiment
-leaves out what does not apply. Two hooks are data: `REFERENCES`, published numbers that
-`--reproduce` trains and compares, and `BENCHMARK`, the experiment as a workload of
-`--bench_optimizer`.
+leaves out what does not apply. Two hooks are data: `REFERENCES`, numbers (published, or this
+repository's own earlier runs) that `--reproduce` trains and compares, and `BENCHMARK`, the
+experiment as a workload of `--bench_optimizer`.
 """
 
 import ast
@@ -25,7 +25,8 @@ import ml_collections
 import numpy as np
 from absl import flags
 
-from research.config import OPEN_SECTIONS, ConfigError
+from research.config import OPEN_SECTIONS
+from research.errors import ConfigError
 
 RUN_FILE = "config.json"
 Batch = Mapping[str, np.ndarray]
@@ -62,8 +63,8 @@ class Hooks(Protocol):
     def tokens_per_example(self, config: ml_collections.ConfigDict) -> int:
         """Tokens one example trains on: the log then has perf/tokens_per_second."""
 
-    def activation_bytes_per_example(self, config: ml_collections.ConfigDict, mesh_shape: dict) -> float:
-        """Activation memory of one training example on a mesh of this shape: the dry run's analytic count."""
+    def decoder_shape(self, config: ml_collections.ConfigDict) -> "DecoderShape":
+        """A decoder's shape: the dry run's activation count and remat cost, what the planner searches (--plan)."""
 
     def encode_text(self, config: ml_collections.ConfigDict, text: str) -> np.ndarray:
         """A language model's token ids of a prompt; with decode_tokens, predict.py generates and reports perplexity."""
@@ -80,7 +81,14 @@ class Hooks(Protocol):
     def logits_fn(self, variables: dict, inputs: jax.Array, *, model: nn.Module) -> jax.Array:
         """The prediction, when model.apply(variables, inputs) is not it."""
 
-    REFERENCES: tuple["Reference", ...]  # published numbers that --reproduce trains and compares
+    def hf_layout(self, config: ml_collections.ConfigDict) -> str:
+        """The Hugging Face model_type (a key of research/tools/hf/'s LAYOUTS) that export writes its model as."""
+
+    def loaded_variables(self, abstract_model_state: dict) -> dict:
+        """Model-state collections loaded from elsewhere once the state is initialised, as arrays placed like
+        `abstract_model_state`'s ShapeDtypeStructs (a distillation teacher's weights: research/features/distill.py)."""
+
+    REFERENCES: tuple["Reference", ...]  # numbers that --reproduce trains and compares (see Reference.kind)
     BENCHMARK: "Workload"  # this experiment as a workload of --bench_optimizer
 
 
@@ -100,34 +108,42 @@ def hook(module: Any, name: str, default: Any = None) -> Any:
     return getattr(module, name, default)
 
 
+REFERENCE_KINDS = {
+    "published": "a paper, README or leaderboard",
+    "ours": "this repository's own earlier run (a regression guard)",
+    "truth": "the value the data was generated with",
+}
+
+
 @dataclasses.dataclass(frozen=True)
 class Reference:
-    """A published number an experiment's config should reproduce (`--reproduce`).
+    """A number an experiment's config should reproduce (`--reproduce`), and what kind of number it is.
 
-    A result passes when |measured - published| <= tolerance; with better="min" (a loss)
+    A result passes when |measured - value| <= tolerance; with better="min" (a loss)
     anything lower passes too, with better="max" (an accuracy) anything higher."""
 
     config: str | None  # the get_config argument: "cpu", "smoke", or None for the default config
     metric: str  # a key of the final results: "eval/loss", "test/accuracy", ...
-    published: float
+    value: float
     tolerance: float
-    source: str  # the paper, table or README the number comes from
+    source: str  # the paper, table, README or run the number comes from
+    kind: str  # one of REFERENCE_KINDS: a reader must tell a paper's number from our own earlier one
     better: str = ""  # "", "min" or "max"
     overrides: tuple[tuple[str, Any], ...] = ()  # dotted config keys set on top of the config
 
     def __post_init__(self):
         if self.better not in ("", "min", "max") or not self.tolerance >= 0:
             raise ConfigError(f"Reference {self.metric}: better must be '', 'min' or 'max' and tolerance >= 0")
+        if self.kind not in REFERENCE_KINDS:
+            raise ConfigError(f"Reference {self.metric}: kind must be one of {', '.join(REFERENCE_KINDS)}")
 
     def passes(self, measured: float | None) -> bool:
         """Whether `measured` reproduces this reference."""
         if measured is None or not math.isfinite(measured):
             return False
-        if (self.better == "min" and measured <= self.published) or (
-            self.better == "max" and measured >= self.published
-        ):
+        if (self.better == "min" and measured <= self.value) or (self.better == "max" and measured >= self.value):
             return True
-        return abs(measured - self.published) <= self.tolerance + 1e-12
+        return abs(measured - self.value) <= self.tolerance + 1e-12
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,6 +156,29 @@ class Workload:
     eval_every: int
     budget: int  # steps before the run counts as not reaching the target
     baseline_learning_rates: tuple[tuple[str, float], ...]  # (baseline optimizer, its learning rate on this workload)
+
+
+@dataclasses.dataclass(frozen=True)
+class DecoderShape:
+    """A decoder's shape, the `decoder_shape` hook's answer: what research/perf.py's activation count, the dry
+    run's remat cost and the planner read, so that no tool reads a config's layout. The two keys name the config
+    settings the planner varies (its `--config.` overrides); "" where the experiment has none."""
+
+    layers: int
+    width: int  # the residual stream
+    heads: int
+    kv_heads: int  # key/value heads: fewer than `heads` under grouped-query attention
+    head_dim: int
+    mlp_dim: int  # the MLP's hidden units (SwiGLU: each of its two input projections)
+    vocab: int
+    length: int  # tokens of one training example
+    remat: str  # a policy of research/models/transformer.py's REMAT_POLICIES
+    scan_layers: bool  # the layers under nn.scan: one compiled block whatever the depth
+    dtype_bytes: int  # one activation in the compute dtype
+    fused_attention: bool  # a fused kernel keeps softmax statistics, not the L x L weights
+    loss_chunk: int = 0  # positions the loss's head takes at a time; 0: the whole window
+    remat_key: str = ""  # the dotted config key of `remat`
+    scan_layers_key: str = ""  # the dotted config key of `scan_layers`
 
 
 def name_of(path: str | Path) -> str:

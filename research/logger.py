@@ -4,37 +4,35 @@ Only process 0 writes; other processes get a logger that stays silent. Each reco
 `{"step": n, "train/loss": ..., ...}`, one per line of `metrics.jsonl` in the workdir.
 """
 
-import collections
 import dataclasses
 import json
 import math
 import sys
 import time
 from pathlib import Path
-from typing import Mapping
+from typing import Callable, Mapping
 
 import jax
 import numpy as np
 import rich.console
 import rich.progress
 
-
-def _import_tensorboardx():
-    """tensorboardX, imported without PyTorch: its writer imports torch when it can (2 s per process)
-    only to accept torch tensors, and we log Python floats. Torch stays importable afterwards."""
-    if "torch" in sys.modules:
-        import tensorboardX
-
-        return tensorboardX
-    sys.modules["torch"] = None  # makes `import torch` raise ImportError, which tensorboardX handles
-    try:
-        import tensorboardX
-    finally:
-        del sys.modules["torch"]
-    return tensorboardX
+from research.errors import NonFiniteError
 
 
-tensorboardX = _import_tensorboardx()
+def tensorboard_writer(directory: Path):
+    """tensorboardX's SummaryWriter, imported when process 0 first logs and without PyTorch: its writer imports
+    torch when it can (2 s per process) only to accept torch tensors, and we log Python floats. For the length of
+    the import `import torch` raises ImportError, which tensorboardX handles; torch stays importable after."""
+    if "torch" not in sys.modules:
+        sys.modules["torch"] = None
+        try:
+            import tensorboardX
+        finally:
+            del sys.modules["torch"]
+    import tensorboardX
+
+    return tensorboardX.SummaryWriter(str(directory))
 
 
 def _format(value: float) -> str:
@@ -50,7 +48,7 @@ class Logger:
             return
         workdir = Path(workdir)
         self.jsonl = _open_jsonl(workdir / "metrics.jsonl", start_step)
-        self.tensorboard = tensorboardX.SummaryWriter(str(workdir / "tensorboard"))
+        self.tensorboard = tensorboard_writer(workdir / "tensorboard")
         self.console = rich.console.Console(stderr=True, soft_wrap=True)
         self.progress = rich.progress.Progress(
             rich.progress.TextColumn("[bold]{task.description}"),
@@ -97,57 +95,6 @@ def _clean(value: float) -> float | None:
     return value if math.isfinite(value) else None
 
 
-class NonFiniteError(RuntimeError):
-    """The loss or the gradients became NaN or infinite (or the loss spiked: `LossSpikeError`) at `step`."""
-
-    def __init__(self, message: str, step: int = 0):
-        super().__init__(message)
-        self.step = step  # the first bad step
-
-
-class StorageError(RuntimeError):
-    """A file the run writes or reads failed (a full disk, a permission, a directory removed under it)."""
-
-
-class LossSpikeError(NonFiniteError):
-    """The loss stayed above k times its recent median for n consecutive steps."""
-
-
-class LossSpikes:
-    """The loss-spike rule: `steps` consecutive losses above `factor` x the median of the last `window`
-    losses before them (PaLM's restarts, Chowdhery et al. 2022, sec. 5.1); off when `factor` is 0.
-    It judges only once it has seen `window` losses, and each step once (a step can be checked before
-    a save and again when logged)."""
-
-    def __init__(self, factor: float, window: int, steps: int):
-        self.factor, self.steps = factor, max(steps, 1)
-        self.recent = collections.deque(maxlen=max(window, 1))
-        self.seen, self.spiking = 0, []
-
-    def restart(self, step: int) -> None:
-        """Forgets the steps after `step` (a rollback to it); the losses before them stay the reference."""
-        self.seen, self.spiking = step, []
-
-    def check(self, step: int, loss: float) -> None:
-        if self.factor <= 0 or step <= self.seen or not np.isfinite(loss):
-            return
-        self.seen = step
-        full = len(self.recent) == self.recent.maxlen
-        median = float(np.median(self.recent)) if full else math.inf
-        if loss <= self.factor * median:  # a spike shorter than `steps` never enters the reference
-            self.recent.append(loss)
-            self.spiking = []
-            return
-        self.spiking.append(loss)
-        if len(self.spiking) >= self.steps:
-            first = step - len(self.spiking) + 1
-            raise LossSpikeError(
-                f"loss spike at steps {first}-{step}: loss {loss:.4g} above {self.factor:g} x the median "
-                f"{median:.4g} of the {len(self.recent)} losses before",
-                step=first,
-            )
-
-
 @dataclasses.dataclass(frozen=True)
 class Throughput:
     """What turns examples/s into tokens/s and MFU: 0 where the experiment does not say."""
@@ -177,11 +124,11 @@ class TrainMetrics:
         start_step: int,
         skip_nonfinite: bool,
         throughput: "Throughput | None" = None,
-        spikes: LossSpikes | None = None,
+        check_loss: Callable[[int, float], None] | None = None,
     ):
         self.logger, self.batch_size, self.skip_nonfinite = logger, batch_size, skip_nonfinite
         self.throughput = throughput or Throughput()
-        self.spikes = spikes or LossSpikes(0.0, 1, 1)
+        self.check_loss = check_loss or (lambda step, loss: None)  # the loss-spike rule (research/resilience)
         self.window, self.finished = [], None
         self.last_time, self.last_step = time.perf_counter(), start_step
 
@@ -191,6 +138,12 @@ class TrainMetrics:
     def finish_window(self, step: int) -> None:
         if self.window:
             self.finished, self.window = (step, self.window), []
+
+    def close_window(self, step: int) -> None:
+        """Logs everything up to `step` now (the loop stops there): the finished window, then the open one."""
+        self.flush()
+        self.finish_window(step)
+        self.flush()
 
     def flush(self) -> None:
         """Logs the mean of the finished window, if any (one device-to-host transfer)."""
@@ -225,7 +178,7 @@ class TrainMetrics:
                     f"(loss {metrics['loss']}, grad norm {metrics['grad_norm']})",
                     step=step,
                 )
-            self.spikes.check(step, float(metrics["loss"]))
+            self.check_loss(step, float(metrics["loss"]))
         return host
 
 

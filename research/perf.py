@@ -16,8 +16,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from research.config import ConfigError
-from research.experiment import hook
+from research.errors import ConfigError
+from research.experiment import DecoderShape, hook
 from research.logger import Throughput
 
 PEAK_MATMUL_SIZE = 1024  # float32 1024^2 matmuls: ~2 GFLOP each, big enough to reach the BLAS peak on a CPU
@@ -143,39 +143,32 @@ class StepProfiler:
             self.tracing = False
 
 
-def decoder_activation_bytes(
-    *,
-    length: int,
-    width: int,
-    layers: int,
-    heads: int,
-    kv_heads: int,
-    head_dim: int,
-    mlp_dim: int,
-    vocab: int,
-    remat: str,
-    dtype_bytes: int,
-    fused_attention: bool,
-    loss_chunk: int = 0,
-    tensor: int = 1,
-) -> float:
-    """Activation memory of one example through a pre-norm decoder (Llama layout) for training: what the
-    backward pass keeps under the remat policy (research/models/transformer.py), plus the peak while one
-    layer is recomputed and differentiated, plus the loss head's logits (float32) and their gradient.
-    Per layer and token without rematerialisation: 4 D-wide values (block input, two norm outputs, the
-    attention's residual sum), query, key and value, the attention output, 3 SwiGLU values; XLA's attention
-    also keeps the H x L float32 weights of each query, a fused kernel only its softmax statistics. `tensor`
-    splits heads and SwiGLU units (not the D-wide values)."""
-    projections = (2 * heads * head_dim + 2 * kv_heads * head_dim + 3 * mlp_dim) / tensor
-    scores = heads / tensor * (4 * (1 if fused_attention else length))
-    every = dtype_bytes * (4 * width + projections) + scores  # per token, per layer
-    matmul_outputs = dtype_bytes * ((heads * head_dim + 2 * kv_heads * head_dim + 2 * mlp_dim) / tensor + width)
+def decoder_of(config: ml_collections.ConfigDict, experiment: Any) -> DecoderShape | None:
+    """The experiment's `decoder_shape` hook's answer; None for a model that is not a decoder."""
+    shape = hook(experiment, "decoder_shape")
+    return shape(config) if shape else None
+
+
+def decoder_activation_bytes(shape: DecoderShape, tensor: int = 1) -> float:
+    """Activation memory of one example through a pre-norm decoder (Llama layout) for training, `tensor` the
+    mesh's tensor axis: what the backward pass keeps under the remat policy (research/models/transformer.py),
+    plus the peak while one layer is recomputed and differentiated, plus the loss head's logits (float32) and
+    their gradient. Per layer and token without rematerialisation: 4 D-wide values (block input, two norm
+    outputs, the attention's residual sum), query, key and value, the attention output, 3 SwiGLU values; XLA's
+    attention also keeps the H x L float32 weights of each query, a fused kernel only its softmax statistics.
+    `tensor` splits heads and SwiGLU units (not the D-wide values)."""
+    length, width, size = shape.length, shape.width, shape.dtype_bytes
+    query, key_value = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
+    projections = (2 * query + 2 * key_value + 3 * shape.mlp_dim) / tensor
+    scores = shape.heads / tensor * (4 * (1 if shape.fused_attention else length))
+    every = size * (4 * width + projections) + scores  # per token, per layer
+    matmul_outputs = size * ((query + 2 * key_value + 2 * shape.mlp_dim) / tensor + width)
     kept = {
         "none": every,
-        "full": dtype_bytes * width,
-        "dots": matmul_outputs + (0 if fused_attention else scores),
+        "full": size * width,
+        "dots": matmul_outputs + (0 if shape.fused_attention else scores),
         "dots_no_batch": matmul_outputs,
-    }[remat]
-    recompute = 0.0 if remat == "none" else 2 * every  # one layer's activations and their gradients at a time
-    head = 2 * 4 * (min(loss_chunk, length) if loss_chunk else length) * vocab / tensor
-    return length * (layers * kept + recompute) + head
+    }[shape.remat]
+    recompute = 0.0 if shape.remat == "none" else 2 * every  # one layer's activations and their gradients at a time
+    head = 2 * 4 * (min(shape.loss_chunk, length) if shape.loss_chunk else length) * shape.vocab / tensor
+    return length * (shape.layers * kept + recompute) + head

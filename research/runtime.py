@@ -17,16 +17,18 @@ missing is a one-line error. A preload or tunable only works from a process's st
 re-executes itself once with it. docs/performance.md has the measurements behind AUTO_ORDER.
 """
 
+import contextlib
 import ctypes.util
 import importlib.metadata
 import os
-import re
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
+from typing import Iterator, Sequence
 
 CHOICES = ("auto", "mimalloc", "tcmalloc", "hugepages", "system")
 AUTO_ORDER = ("tcmalloc", "mimalloc")  # the system's tcmalloc where installed (as fast or faster), else the wheel's
@@ -38,7 +40,6 @@ VARIABLE = "RESEARCH_ALLOCATOR"
 APPLIED = "RESEARCH_ALLOCATOR_APPLIED"  # set in the re-executed process: what it runs with
 HUGEPAGES_TUNABLE = "glibc.malloc.hugetlb=1"
 XLA_CPU_FLAGS = {"xla_cpu_experimental_ynn_fusion_type": "-LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION"}
-MEMORY_FRACTION_VARIABLES = ("XLA_CLIENT_MEM_FRACTION", "XLA_PYTHON_CLIENT_MEM_FRACTION")  # JAX's GPU pool size
 XLA_CPU_FLAGS_MEASURED_ON = ("0.10.",)  # jaxlib version prefixes whose XLA has these flags and was measured with them
 
 
@@ -60,9 +61,64 @@ def installed_jaxlib() -> str | None:
 
 
 def configure_process() -> None:
-    """The XLA flags into this process's environment, then the allocator (which may re-execute it)."""
+    """The XLA flags into this process's environment, then the allocator (which may re-execute it), then JAX
+    started on the CPU without the accelerator plugins' start-up noise where the machine has no accelerator."""
     os.environ["XLA_FLAGS"] = xla_flags(os.environ.get("XLA_FLAGS", ""), installed_jaxlib())
     use_fast_allocator()
+    if "JAX_PLATFORMS" not in os.environ and not accelerator_present():
+        # JAX then initialises neither the CUDA plugin (a traceback: no CUDA) nor libtpu (no TPU worker); a
+        # --target still reaches the TPU and GPU compilers through their topologies (research/tools/targets.py).
+        os.environ["JAX_PLATFORMS"] = "cpu"
+    if os.environ.get("JAX_PLATFORMS") == "cpu":
+        import_jax_quietly()
+
+
+# The lines the CUDA plugin's libraries write straight to file descriptor 2 (C++ logging before absl is set up)
+# each time one is loaded on a machine without a GPU; nothing else is dropped.
+PLUGIN_NOISE = ("cudart_stub.cc", "All log messages before absl::InitializeLog() is called")
+
+
+def accelerator_present(root: str = "/") -> bool:
+    """Whether the OS shows an NVIDIA or AMD GPU or a Google TPU: their device nodes, or a PCI device of NVIDIA or
+    Google. Errs towards True (JAX then looks for itself); imports nothing."""
+    dev, pci = Path(root, "dev"), Path(root, "sys/bus/pci/devices")
+    nodes = ["nvidiactl", "nvidia0", "kfd", "accel0"]  # NVIDIA, AMD (ROCm), TPU v2-v5e
+    if any((dev / node).exists() for node in nodes) or any(dev.glob("vfio/[0-9]*")):  # TPU v5p, v6e: VFIO
+        return True
+    vendors = {"0x10de", "0x1ae0"}  # NVIDIA, Google
+    return any(path.read_text().strip() in vendors for path in pci.glob("*/vendor") if path.is_file())
+
+
+@contextlib.contextmanager
+def native_stderr_without(noise: Sequence[str]) -> Iterator[None]:
+    """File descriptor 2, where C++ libraries log, into a temporary file for the block; then its lines that contain
+    none of `noise` go to stderr as they came (Python's own writes and tracebacks included)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            lines = captured.read().decode(errors="replace").splitlines(keepends=True)
+            sys.stderr.write("".join(line for line in lines if not any(part in line for part in noise)))
+            sys.stderr.flush()
+
+
+def import_jax_quietly() -> None:
+    """JAX imported and its plugins registered with the lines the CUDA plugin logs on a machine without a GPU
+    dropped (each of its libraries logs once as it loads; JAX loads them whatever platform it is asked for)."""
+    with native_stderr_without(PLUGIN_NOISE):
+        import jax  # noqa: F401
+        from jax._src import xla_bridge  # plugin discovery has no public entry; it runs once per process
+
+        discover = getattr(xla_bridge, "_discover_and_register_pjrt_plugins", None)
+        if discover is not None:
+            discover()
 
 
 def find_tcmalloc() -> str | None:
@@ -155,11 +211,16 @@ def use_fake_devices(count: int) -> None:
 
 def use_compile_target(target: str) -> None:
     """Before JAX starts: fake CPU devices for a `cpu:N` target; for a TPU or GPU target, JAX's own backend on
-    the CPU (the target's compiler is reached through its topology, research/tools/targets.py)."""
+    the CPU (the target's compiler is reached through its topology, research/tools/targets.py). Without a TPU
+    here, libtpu is told it runs on one host of the target's kind, which it would otherwise ask a metadata server
+    for and log that it could not (the topology it compiles for is the target's either way)."""
     import jax
 
     if target.startswith("cpu:") and target[4:].isdigit():
         use_fake_devices(int(target[4:]))
+    if target.startswith("tpu:") and not accelerator_present():
+        os.environ.setdefault("TPU_ACCELERATOR_TYPE", target[4:].split("x")[0].replace("v5e-", "v5litepod-"))
+        os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
     if target:
         jax.config.update("jax_platforms", "cpu")
 
@@ -172,7 +233,7 @@ def cluster_detected() -> bool:
 
 
 # jax.distributed's own failure detection: a process silent this long is declared dead by the coordination
-# service, and every other process aborts with a C++ stack trace. The PeerWatchdog (research/watchdog.py)
+# service, and every other process aborts with a C++ stack trace. The PeerWatchdog (research/resilience/watchdog.py)
 # notices a lost process sooner and says so in one line; this is the backstop behind it.
 HEARTBEAT_TIMEOUT_SECONDS = 60
 
@@ -188,7 +249,7 @@ def start_distributed(coordinator: str | None, num_processes: int | None, proces
     if coordinator is None:
         jax.distributed.initialize(heartbeat_timeout_seconds=HEARTBEAT_TIMEOUT_SECONDS)
     elif num_processes is None or process_id is None:
-        from research.config import ConfigError
+        from research.errors import ConfigError
 
         raise ConfigError("--coordinator_address needs --num_processes and --process_id")
     else:
@@ -212,34 +273,10 @@ def use_compilation_cache(directory: str) -> None:
     jax.config.update("jax_compilation_cache_max_size", 4 * 2**30)  # least recently used entries go first
 
 
-TRAINING_MEMORY_ADVICE = (
-    "a smaller batch_size, more accumulate_steps, model.remat=full, or a larger mesh.fsdp "
-    "(launch.py --dry_run --target shows the need)"
-)
-
-
-def out_of_memory(error: BaseException, advice: str = TRAINING_MEMORY_ADVICE) -> str:
-    """One line for a device that ran out of memory compiling or running a program (a JaxRuntimeError saying so),
-    with `advice`; "" for any other error. On a GPU it names the pool JAX took (75 % by default)."""
-    text = str(error)
-    said = re.search(r"(Ran out|Out) of memory[^\n]*", text)  # XLA:TPU's compiler; the GPU and CPU allocators
-    if type(error).__name__ not in ("JaxRuntimeError", "XlaRuntimeError") or not said:
-        return ""
-    import jax
-
-    device = jax.local_devices()[0]
-    detail = said.group(0).strip().rstrip(".")
-    pool = (device.memory_stats() or {}).get("bytes_limit") if device.platform == "gpu" else None
-    where = f"{device.device_kind} ({pool / 2**30:.1f} GiB pool)" if pool else device.device_kind
-    if device.platform == "gpu" and not any(name in os.environ for name in MEMORY_FRACTION_VARIABLES):
-        advice = "XLA_PYTHON_CLIENT_MEM_FRACTION=0.9 (JAX takes 75 % of a GPU by default), " + advice
-    return f"out of memory on {where}: {detail}; try {advice}"
-
-
 def run_local_processes(count: int, argv: list[str], workdir: str | Path, grace_seconds: float = 60.0) -> int:
     """Runs launch.py's command line `argv` as `count` processes on 127.0.0.1 that train together;
     process 0 prints, the others log to WORKDIR/process_logs. When one fails, the others get
-    `grace_seconds` to stop on their own (research/watchdog.py) before they are killed, and one line
+    `grace_seconds` to stop on their own (research/resilience/watchdog.py) before they are killed, and one line
     names the first to fail. Returns the first failure's exit code (128 + N for signal N)."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))

@@ -17,7 +17,7 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from research.config import ConfigError
+from research.errors import ConfigError
 from research.tree import path_name
 
 PyTree = Any
@@ -92,9 +92,10 @@ def param_shardings(abstract_params: PyTree, mesh: Mesh, rules: Sequence[tuple[s
 def state_shardings(abstract_state: PyTree, mesh: Mesh, rules: Sequence[tuple[str, tuple]] = ((".*", ()),)) -> PyTree:
     """Shardings for every leaf of the (abstract) train state.
 
-    Parameters follow `rules`; an optimizer-state leaf whose path ends with a parameter's path
-    and has its shape (Adam's mu and nu, momentum, ...) takes that parameter's sharding;
-    everything else (step, rng, counters, BatchNorm statistics) is replicated.
+    Parameters, and the model state's variables (BatchNorm statistics, a distillation teacher's weights),
+    follow `rules`; an optimizer-state leaf whose path ends with a parameter's path and has its shape
+    (Adam's mu and nu, momentum, ...) takes that parameter's sharding; everything else (step, rng,
+    counters) is replicated.
     """
     params = param_shardings(abstract_state.params, mesh, rules)
     by_name = {
@@ -114,8 +115,11 @@ def state_shardings(abstract_state: PyTree, mesh: Mesh, rules: Sequence[tuple[st
         return replicated(mesh)
 
     opt_state = jax.tree_util.tree_map_with_path(mirror, abstract_state.opt_state)
-    others = jax.tree.map(lambda _: replicated(mesh), abstract_state.replace(params=None, opt_state=None))
-    return others.replace(params=params, opt_state=opt_state)
+    model_state = param_shardings(abstract_state.model_state, mesh, rules)
+    others = jax.tree.map(
+        lambda _: replicated(mesh), abstract_state.replace(params=None, model_state=None, opt_state=None)
+    )
+    return others.replace(params=params, model_state=model_state, opt_state=opt_state)
 
 
 def put_batch(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:

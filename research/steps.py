@@ -22,9 +22,9 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
-from research import distill, sharding
 from research import metrics as metrics_lib
-from research.config import ConfigError
+from research import sharding
+from research.errors import ConfigError
 from research.experiment import hook
 from research.optim import contract, current_learning_rate, make_tx
 from research.optim.accumulation import accumulated_value_and_grad
@@ -49,7 +49,7 @@ def train_step(
     loss_fn = _with_model_state(loss_fn, state.model_state)
     (loss, aux), grads = accumulated_value_and_grad(loss_fn, accumulate_steps)(state.params, batch, rng)
     aux = dict(aux)
-    # The collections the loss returns are updated; the others (a distillation teacher) stay as they are.
+    # The collections the loss returns are updated; those it does not return (loaded constants) keep their values.
     model_state = state.model_state | aux.pop("model_state") if state.model_state else state.model_state
     value_fn = lambda params: loss_fn(params, batch, rng)[0]
     updates, opt_state = contract.update(tx, grads, state.opt_state, state.params, value=loss, value_fn=value_fn)
@@ -124,7 +124,7 @@ class Setup:
     abstract_state: TrainState  # ShapeDtypeStructs with their shardings
     train_step: Callable  # jitted (state, batch) -> (state, metrics); the state is donated
     eval_step: Callable  # jitted (state, batch) -> metric accumulators
-    teacher: Any = None  # research.distill.Teacher when config.distill.teacher names one
+    loaded_variables: Callable | None = None  # the experiment's hook: collections loaded after init (Hooks)
 
     @property
     def state_shardings(self) -> TrainState:
@@ -139,11 +139,13 @@ class Setup:
         return jax.jit(create, out_shardings=self.state_shardings)
 
     def init_state(self, rng: jax.Array | None = None) -> TrainState:
-        """A fresh train state made directly in its shardings, from `rng` (default PRNGKey(config.seed)); a
-        distillation teacher's variables loaded from its run."""
+        """A fresh train state made directly in its shardings, from `rng` (default PRNGKey(config.seed)), with the
+        collections the experiment loads rather than initialises (its `loaded_variables` hook) in place."""
         state = self._jitted_initial_state(jax.random.PRNGKey(self.config.seed) if rng is None else rng)
-        if self.teacher is not None:
-            state = state.replace(model_state=state.model_state | {distill.TEACHER: self.teacher.load()})
+        if self.loaded_variables is not None:
+            state = state.replace(
+                model_state=state.model_state | self.loaded_variables(self.abstract_state.model_state)
+            )
         return state
 
 
@@ -183,32 +185,42 @@ def batch_spec_of(batch: Mapping[str, Any], mesh: Mesh) -> dict[str, jax.ShapeDt
     return spec
 
 
+def with_features(config: ml_collections.ConfigDict, experiment: Any, mesh: Mesh) -> Any:
+    """The experiment wrapped by the optional features its config turns on (each imported only then, so a
+    feature's module and config keys can go without the core noticing): distillation (research/features/distill.py)."""
+    if "distill" in config and config.distill.teacher:
+        from research.features import distill
+
+        experiment = distill.wrap(config, experiment, mesh)
+    return experiment
+
+
 def build(
-    config: ml_collections.ConfigDict, experiment: Any, mesh: Mesh | None = None, batch: Mapping | None = None
+    config: ml_collections.ConfigDict,
+    experiment: Any,
+    mesh: Mesh | None = None,
+    batch: Mapping | None = None,
+    features: bool = True,
 ) -> Setup:
     """The `Setup` of `experiment` under `config` on `mesh` (default: the config's). `batch` (numpy or
     ShapeDtypeStructs, this process's slice) gives the training batch's shapes; default: the first
-    batch of `make_data(config, "train")`."""
+    batch of `make_data(config, "train")`. `features` False: the experiment alone, without the features
+    that wrap its training (`with_features`), as prediction and a teacher use a trained model."""
     mesh = mesh if mesh is not None else sharding.make_mesh(config.mesh)
     check_batch(config, mesh)
+    experiment = with_features(config, experiment, mesh) if features else experiment
     model = experiment.make_model(config)
     bound_loss = functools.partial(experiment.loss_fn, model=model)
     eval_fn = hook(experiment, "eval_fn")
     eval_fn = functools.partial(eval_fn, model=model) if eval_fn else loss_as_eval_fn(bound_loss)
     loss_fn = penalized(bound_loss, config.optimizer)
     init_variables = functools.partial(hook(experiment, "init_variables", default_init_variables), model)
-    teacher = distill.load_teacher(config, experiment, mesh, build) if config.distill.teacher else None
-    if teacher is not None:
-        loss_fn = distill.distilled(loss_fn, experiment, model, teacher, config.distill)
-        eval_fn = distill.evaluated_alone(eval_fn)
-        init_variables = distill.with_teacher_placeholder(init_variables, teacher)
     tx = make_tx(config)
     batch = next(iter(experiment.make_data(config, "train"))) if batch is None else batch
     batch_spec = batch_spec_of(batch, mesh)
     create = functools.partial(initial_state, init_variables=init_variables, tx=tx, batch_spec=batch_spec)
     shapes = jax.eval_shape(create, jax.random.PRNGKey(0))
     shardings = sharding.state_shardings(shapes, mesh, config.param_rules)
-    shardings = distill.teacher_shardings(shardings, teacher) if teacher is not None else shardings
     abstract_state = jax.tree.map(
         lambda leaf, where: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=where), shapes, shardings
     )
@@ -226,6 +238,7 @@ def build(
         out_shardings=replicated,
     )
     train, evaluate = OnMesh(jitted_train, mesh), OnMesh(jitted_eval, mesh)
+    loaded = hook(experiment, "loaded_variables")
     return Setup(
-        config, mesh, model, loss_fn, eval_fn, init_variables, tx, batch_spec, abstract_state, train, evaluate, teacher
+        config, mesh, model, loss_fn, eval_fn, init_variables, tx, batch_spec, abstract_state, train, evaluate, loaded
     )

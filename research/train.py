@@ -15,12 +15,15 @@ import jax
 import ml_collections
 from jax.sharding import Mesh
 
-from research import checkpoint, perf, rollback, runtime, saved, sharding, slurm, watchdog
+from research import checkpoint, perf, runtime, sharding, trained_run
 from research import experiment as experiment_lib
 from research import metrics as metrics_lib
-from research.config import ConfigError, check_trainer
-from research.logger import Logger, LossSpikes, NonFiniteError, TrainMetrics, read_jsonl
+from research.config import check_trainer
+from research.errors import ConfigError, NonFiniteError, StorageError
+from research.logger import Logger, TrainMetrics, read_jsonl
 from research.optim.regularizers import eval_params
+from research.resilience import rollback, slurm, storage, watchdog
+from research.resilience.preemption import PreemptionWatcher
 from research.state import TrainState
 from research.steps import Setup, build
 
@@ -101,21 +104,6 @@ def _eval_history(workdir: Path, early_stopping, up_to_step: int) -> list[float]
     return [record[key] for record in read_jsonl(path) if key in record and record["step"] <= up_to_step]
 
 
-def _start(setup: Setup, train_iterator, manager, allow_config_change: bool) -> tuple[int, TrainState]:
-    """(start step, state): restored from the newest good checkpoint (the iterator moved to match), else fresh."""
-    config = setup.config
-    step, state = checkpoint.restore_latest(
-        manager, setup.abstract_state, train_iterator, config, allow_config_change=allow_config_change
-    )
-    if state is None:
-        state = setup.init_state()
-        if config.init_from.workdir:
-            state = saved.init_from(state, setup.state_shardings, setup.tx, config.init_from)
-        return 0, state
-    print(f"resuming from the checkpoint at step {step} in {manager.directory}")
-    return step, state
-
-
 def _finished_results(results_file: Path, start: int, num_steps: int) -> dict[str, float] | None:
     """The final metrics, when the checkpoint at `start` is the end of a run that wrote its results; else None."""
     if not results_file.exists():
@@ -135,18 +123,113 @@ def _write_results(results_file: Path, last_step: int, final: dict[str, float], 
 
 
 @dataclasses.dataclass
-class _Run:
-    """What one call of train_and_evaluate holds between steps: the state and where it goes."""
+class Run:
+    """One training run between steps: its Setup and train state, its data, checkpoints and logs."""
 
     setup: Setup
-    state: TrainState
+    experiment: Any
+    workdir: Path
+    manager: Any  # research.checkpoint.make_manager's
     train_iterator: Any
-    eval_data: dict[str, Iterable]
-    manager: Any
-    logger: Logger
-    train_metrics: TrainMetrics
-    profiler: perf.StepProfiler
-    step: int = 0  # the step the loop is at (its batch read)
+    batch: Any = None  # the next step's batch on the mesh, when read ahead
+    state: TrainState | None = None
+    step: int = 0  # the last step restored or dispatched
+    started: int = 0  # the step this stretch of training started from (a restore's, or 0)
+    resumed: str = ""  # what restoring found, said after the run's header
+    logger: Logger | None = None  # this and below: the loop's companions (`open_logs`)
+    train_metrics: TrainMetrics | None = None
+    profiler: perf.StepProfiler | None = None
+    eval_data: dict[str, Iterable] = dataclasses.field(default_factory=dict)
+    history: list[float] = dataclasses.field(default_factory=list)  # early stopping's metric, by evaluation
+    spikes: rollback.LossSpikes | None = None
+    rollbacks: rollback.Rollbacks | None = None
+
+    @property
+    def config(self) -> ml_collections.ConfigDict:
+        return self.setup.config
+
+    def complete(self, stop_at_step: int | None = None) -> dict[str, float]:
+        """Trains from the run's step to the end (`stop_at_step`: saves and stops there, as a preemption would),
+        writes results.json; the final metrics ({} after a stop). A finished run returns its results."""
+        results_file = self.workdir / "results.json"
+        finished = _finished_results(results_file, self.step, self.config.num_steps)
+        if finished is not None:
+            self.manager.close()
+            print(f"the run in {self.workdir} is finished; its results are in {results_file}")
+            return finished
+        if self.resumed:
+            print(self.resumed)
+        with watchdog.PeerWatchdog(lambda: checkpoint.newest_complete(self.manager)):
+            final = self.train(stop_at_step)
+        if final is None:
+            return {}
+        if jax.process_index() == 0:
+            _write_results(results_file, self.step, final, self.config.num_steps)
+        return final
+
+    def train(self, stop_at_step: int | None) -> dict[str, float] | None:
+        """The loop, rolled back past bad stretches when configured (research/resilience/rollback.py), then the
+        final evaluation; None after a stop. A failed file operation becomes a one-line StorageError."""
+        try:
+            self.open_logs()
+            while True:
+                try:
+                    last_step = self.loop(stop_at_step)
+                    break
+                except NonFiniteError as error:
+                    self.roll_back(error)
+            final = None
+            if last_step is not None:
+                final = self.evaluate("validation", "eval", last_step) | self.evaluate("test", "test", last_step)
+                if self.started < last_step:
+                    self.save(last_step, final, force=True)
+            self.close()
+            return final
+        except BaseException as error:
+            self.close(quietly=True)
+            if storage.is_storage_failure(error):  # a full disk, a permission, a directory removed under the run
+                raise StorageError(storage.storage_failure(error, self.manager)) from None
+            raise
+
+    def loop(self, stop_at_step: int | None) -> int | None:
+        """Steps from the run's step to the end; the last step trained, or None after a stop's save."""
+        config, dispatched = self.config, DispatchWindow()
+        with PreemptionWatcher() as preemption:
+            for step in range(self.step + 1, config.num_steps + 1):
+                self.dispatch(step, dispatched)
+                evaluated = self.evaluate_every(step)
+                if evaluated and stop_early(self.history, evaluated, config.early_stopping):
+                    self.train_metrics.close_window(step)
+                    return step
+                stopping = preemption.requested is not None or step == stop_at_step
+                if step < config.num_steps:  # the last step is saved with the final metrics
+                    self.save(step, evaluated, force=stopping or bool(evaluated and config.checkpoint.best_metric))
+                if stopping:
+                    return self.stop(step, preemption.requested)
+        self.train_metrics.flush()
+        return config.num_steps
+
+    def dispatch(self, step: int, dispatched: DispatchWindow) -> None:
+        """Dispatches train step `step` on its batch, then logs the finished window before it (the host never
+        waits for this step's numbers)."""
+        batch = self.batch if self.batch is not None else sharding.put_batch(next(self.train_iterator), self.setup.mesh)
+        self.batch, self.step = None, step
+        self.profiler.before(step)
+        self.state, metrics = self.setup.train_step(self.state, batch)
+        dispatched.add(metrics)
+        self.profiler.after(step, self.state)
+        self.train_metrics.flush()  # the previous window, now that this step is dispatched
+        self.train_metrics.add(metrics)
+        if step % self.config.log_every == 0 or step == self.config.num_steps:
+            self.train_metrics.finish_window(step)
+
+    def evaluate_every(self, step: int) -> dict[str, float] | None:
+        """The validation metrics when `step` is an evaluation step before the last (the last has the final one)."""
+        every, last = self.config.eval_every, self.config.num_steps
+        if not every or step % every or step == last:
+            return None
+        self.train_metrics.flush()
+        return self.evaluate("validation", "eval", step)
 
     def evaluate(self, split: str, prefix: str, step: int) -> dict[str, float]:
         """Metrics of `split` (with the parameters' EMA when the optimizer keeps one), logged as `prefix/...`."""
@@ -160,14 +243,68 @@ class _Run:
         """Checkpoints when the policy (or `force`) says so; a non-finite state is never saved."""
         if force or self.manager.should_save(step):
             self.train_metrics.check_pending(step)
-            checkpoint.save(
-                self.manager, step, self.state, self.train_iterator, self.setup.config, metrics=metrics, force=force
-            )
+            iterator, config = self.train_iterator, self.config
+            checkpoint.save(self.manager, step, self.state, iterator, config, metrics=metrics, force=force)
+
+    def stop(self, step: int, signal_name: str | None) -> None:
+        """After a stop's save: the logs flushed, the save finished, SLURM asked to requeue when it warned."""
+        self.train_metrics.close_window(step)
+        self.manager.wait_until_finished()
+        print(f"stopped at step {step} ({signal_name or 'stop_at_step'}); checkpoint saved in {self.manager.directory}")
+        requeued = slurm.requeue_after(signal_name)
+        if requeued:
+            print(requeued)
+
+    def restore(self, iterator, allow_config_change: bool) -> None:
+        """The newest good checkpoint (`iterator` moved to match; None leaves the data where it is), else a fresh
+        state (with another run's parameters when init_from says so)."""
+        config = self.config
+        step, state = checkpoint.restore_latest(
+            self.manager, self.setup.abstract_state, iterator, config, allow_config_change=allow_config_change
+        )
+        if state is None:
+            state = self.setup.init_state()
+            if config.init_from.workdir:
+                state = trained_run.init_from(state, self.setup.state_shardings, self.setup.tx, config.init_from)
+        else:
+            self.resumed = f"resuming from the checkpoint at step {step} in {self.manager.directory}"
+        self.step = self.started = step
+        self.state = state
+
+    def roll_back(self, error: NonFiniteError) -> None:
+        """Back to the newest checkpoint before `error`'s bad step, the data going on from here plus
+        `rollback.skip_batches` (research/resilience/rollback.py); the error, with what was tried, when no
+        rollback is left."""
+        if not self.rollbacks.allowed():
+            last_good = f"the last good checkpoint is step {self.manager.latest_step()} in {self.manager.directory}"
+            raise NonFiniteError(f"{error}; {self.rollbacks.summary()}{last_good}", error.step) from None
+        self.close(manager=False)
+        set_aside, reached = rollback.set_aside_from(self.manager, error.step), self.step
+        self.restore(None, allow_config_change=True)
+        extra = self.config.rollback.skip_batches
+        rollback.skip_batches(self.train_iterator, extra)
+        self.rollbacks.record(error, self.step, reached - self.step + extra, set_aside)
+        self.spikes.restart(self.step)
+        self.open_logs()
+
+    def open_logs(self) -> None:
+        """The loop's companions from the run's step: the logger (metrics.jsonl kept up to the step), the train
+        metrics with their throughput and loss-spike rule, the profiler, the evaluation data, early stopping's
+        history."""
+        config, workdir = self.config, self.workdir
+        self.logger = Logger(workdir, total_steps=config.num_steps, start_step=self.step)
+        throughput, skip = perf.throughput_of(config, self.experiment), config.nonfinite == "skip"
+        self.train_metrics = TrainMetrics(
+            self.logger, config.batch_size, self.step, skip, throughput=throughput, check_loss=self.spikes.check
+        )
+        self.profiler = perf.StepProfiler(config.profile_steps, workdir / "profile")
+        self.eval_data = {split: self.experiment.make_data(config, split) for split in ("validation", "test")}
+        self.history = _eval_history(workdir, config.early_stopping, self.step)
 
     def close(self, manager: bool = True, quietly: bool = False) -> None:
         """Ends the profile, waits for the last checkpoint, closes the logs (and the checkpoint manager);
         `quietly` (the run is failing already) tries each and lets the first error stand."""
-        actions = [self.profiler.close, self.manager.wait_until_finished, self.logger.close]
+        actions = [lambda: self.profiler.close(), self.manager.wait_until_finished, lambda: self.logger.close()]
         for action in actions + ([self.manager.close] if manager else []):
             try:
                 action()
@@ -176,26 +313,22 @@ class _Run:
                     raise
 
 
-def _make_run(
-    setup: Setup,
-    state: TrainState,
-    experiment: Any,
-    train_iterator,
-    manager,
-    workdir: Path,
-    start: int,
-    spikes: LossSpikes | None = None,
-) -> _Run:
-    """The loop's state from `start`: evaluation data, the logger and its throughput, the profiler."""
-    config = setup.config
-    logger = Logger(workdir, total_steps=config.num_steps, start_step=start)
-    skip = config.nonfinite == "skip"
-    train_metrics = TrainMetrics(
-        logger, config.batch_size, start, skip, throughput=perf.throughput_of(config, experiment), spikes=spikes
-    )
-    eval_data = {split: experiment.make_data(config, split) for split in ("validation", "test")}
-    profiler = perf.StepProfiler(config.profile_steps, workdir / "profile")
-    return _Run(setup, state, train_iterator, eval_data, manager, logger, train_metrics, profiler)
+def open_run(config: ml_collections.ConfigDict, experiment: Any, workdir, mesh: Mesh | None, allow_change) -> Run:
+    """A run ready to train: its Setup built on the first training batch, its checkpoint manager, its state restored
+    from the workdir's newest good checkpoint (`allow_change`: whatever config it was saved with) or made afresh.
+    A bad input raises here, before anything is printed."""
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    train_iterator = iter(experiment.make_data(config, "train"))
+    first_batch = next(train_iterator)
+    setup = build(config, experiment, mesh, batch=first_batch)
+    run = Run(setup, experiment, workdir, checkpoint.make_manager(workdir, config.checkpoint), train_iterator)
+    run.restore(train_iterator, allow_change)
+    run.batch = sharding.put_batch(first_batch if run.step == 0 else next(train_iterator), setup.mesh)
+    rules = config.rollback
+    run.spikes = rollback.LossSpikes(rules.spike_factor, rules.spike_window, rules.spike_steps)
+    run.rollbacks = rollback.Rollbacks(workdir, config)
+    return run
 
 
 def train_and_evaluate(
@@ -210,122 +343,20 @@ def train_and_evaluate(
     """Trains to `config.num_steps` (resuming from the workdir's checkpoints), evaluating every
     `config.eval_every` steps; returns the final metrics. `stop_at_step` saves and stops early,
     as a preemption would (for job time slices and tests). A bad stretch is rolled back when
-    `config.nonfinite` is "rollback" (research/rollback.py)."""
-    workdir = Path(workdir)
+    `config.nonfinite` is "rollback" (research/resilience/rollback.py)."""
     check_trainer(config)
-    if workdir.exists() and not workdir.is_dir():
-        raise ConfigError(f"--workdir {str(workdir)!r} is a file: give a directory (a new one, or a run's)")
-    workdir.mkdir(parents=True, exist_ok=True)
-    train_iterator = iter(experiment.make_data(config, "train"))
-    first_batch = next(train_iterator)
-    setup = build(config, experiment, mesh, batch=first_batch)
-    manager = checkpoint.make_manager(workdir, config.checkpoint)
-    start, state = _start(setup, train_iterator, manager, allow_config_change)
-    results_file = workdir / "results.json"
-    finished = _finished_results(results_file, start, config.num_steps)
-    if finished is not None:
-        manager.close()
-        print(f"the run in {workdir} is finished; its results are in {results_file}")
-        return finished
-    batch = sharding.put_batch(first_batch if start == 0 else next(train_iterator), setup.mesh)
-    with watchdog.PeerWatchdog(lambda: checkpoint.newest_complete(manager)):
-        last_step, final = _train(
-            setup, experiment, train_iterator, manager, workdir, start, state, batch, stop_at_step
-        )
-    if last_step is None:
-        return {}
-    if jax.process_index() == 0:
-        _write_results(results_file, last_step, final, config.num_steps)
-    return final
+    return open_run(config, experiment, workdir, mesh, allow_config_change).complete(stop_at_step)
 
 
-def _train(setup: Setup, experiment, train_iterator, manager, workdir: Path, start: int, state, batch, stop_at_step):
-    """(last step, final metrics) of training from `start`, rolling back past bad stretches when configured;
-    (None, None) after a preemption's save. A failed file operation becomes a one-line StorageError."""
-    config = setup.config
-    history = _eval_history(workdir, config.early_stopping, start)
-    spikes = LossSpikes(config.rollback.spike_factor, config.rollback.spike_window, config.rollback.spike_steps)
-    rollbacks = rollback.Rollbacks(workdir, config)
-    run = _make_run(setup, state, experiment, train_iterator, manager, workdir, start, spikes)
-    try:
-        while True:
-            try:
-                last_step, final = _loop(run, batch, start, history, stop_at_step), None
-                if last_step is not None:
-                    final = run.evaluate("validation", "eval", last_step) | run.evaluate("test", "test", last_step)
-                    if start < last_step:
-                        run.save(last_step, final, force=True)
-                run.close()
-                return last_step, final
-            except NonFiniteError as error:
-                if not rollbacks.allowed():
-                    last_good = f"the last good checkpoint is step {manager.latest_step()} in {manager.directory}"
-                    raise NonFiniteError(f"{error}; {rollbacks.summary()}{last_good}", error.step) from None
-                run.close(manager=False)
-                start, state, batch = _roll_back(run, error, rollbacks)
-                spikes.restart(start)
-                history = _eval_history(workdir, config.early_stopping, start)
-                run = _make_run(setup, state, experiment, train_iterator, manager, workdir, start, spikes)
-    except BaseException as error:
-        run.close(quietly=True)
-        if checkpoint.is_storage_failure(error):  # a full disk, a permission, a directory removed under the run
-            raise checkpoint.StorageError(checkpoint.storage_failure(error, manager)) from None
-        raise
-
-
-def _roll_back(run: _Run, error: NonFiniteError, rollbacks: rollback.Rollbacks) -> tuple[int, TrainState, Any]:
-    """(start, state, first batch) after rolling back past `error`'s bad step (research/rollback.py): the
-    state from the newest checkpoint before it, the data iterator left where it is (plus `skip_batches`)."""
-    set_aside = rollback.set_aside_from(run.manager, error.step)
-    start, state = _start(run.setup, None, run.manager, allow_config_change=True)  # None: the data stays put
-    extra = run.setup.config.rollback.skip_batches
-    rollback.skip_batches(run.train_iterator, extra)
-    rollbacks.record(error, start, run.step - start + extra, set_aside)
-    return start, state, sharding.put_batch(next(run.train_iterator), run.setup.mesh)
-
-
-def _loop(run: _Run, batch, start: int, history: list[float], stop_at_step: int | None) -> int | None:
-    """Steps from `start` to the end; returns the last step trained, or None after a preemption's save."""
-    config, metrics_window, dispatched = run.setup.config, run.train_metrics, DispatchWindow()
-    with checkpoint.PreemptionWatcher() as watcher:
-        for step in range(start + 1, config.num_steps + 1):
-            run.step = step
-            if step > start + 1:
-                batch = sharding.put_batch(next(run.train_iterator), run.setup.mesh)
-            run.profiler.before(step)
-            run.state, metrics = run.setup.train_step(run.state, batch)
-            dispatched.add(metrics)
-            run.profiler.after(step, run.state)
-            metrics_window.flush()  # the previous window, now that this step is dispatched
-            metrics_window.add(metrics)
-            if step % config.log_every == 0 or step == config.num_steps:
-                metrics_window.finish_window(step)
-            evaluated = None
-            if config.eval_every and step % config.eval_every == 0 and step != config.num_steps:
-                metrics_window.flush()
-                evaluated = run.evaluate("validation", "eval", step)
-                if stop_early(history, evaluated, config.early_stopping):
-                    metrics_window.finish_window(step)
-                    metrics_window.flush()
-                    return step
-            stopping = watcher.requested is not None or step == stop_at_step
-            if step < config.num_steps:  # the last step is saved by the caller, with the final metrics
-                run.save(step, evaluated, force=stopping or bool(evaluated and config.checkpoint.best_metric))
-            if stopping:
-                metrics_window.flush()
-                metrics_window.finish_window(step)
-                metrics_window.flush()
-                run.manager.wait_until_finished()
-                print(
-                    f"stopped at step {step} ({watcher.requested or 'stop_at_step'}); "
-                    f"checkpoint saved in {run.manager.directory}"
-                )
-                requeued = slurm.requeue_after(watcher.requested)
-                if requeued:
-                    print(requeued)
-                return None
-    metrics_window.flush()
-    return config.num_steps
+def header(name: str, config: ml_collections.ConfigDict, workdir: str | Path, overrides: Mapping | None) -> str:
+    """A run's first line (what, on what, with which allocator), then the overrides of the experiment's config
+    (`overrides` None: the whole config)."""
+    where = f"{jax.process_count()} process(es), {jax.device_count()} device(s)"
+    line = f"experiment {name} on {where}, allocator {runtime.allocator_in_use()}; config in {workdir}/config.json"
+    if overrides is None:
+        return f"{line}\n{config}"
+    changed = "  ".join(f"{key}={value!r}" for key, value in overrides.items())
+    return f"{line}\noverrides: {changed}" if changed else line
 
 
 def launch(
@@ -334,16 +365,18 @@ def launch(
     name: str,
     workdir: str | Path,
     *,
+    overrides: Mapping | None = None,
     allow_config_change: bool = False,
 ) -> None:
-    """launch.py's training mode: names the run, claims the workdir, trains, prints the final metrics."""
+    """launch.py's training mode: claims the workdir, opens the run (so that a bad input is one line with nothing
+    before it), prints the header, trains, prints the final metrics."""
     check_trainer(config)
-    if jax.process_index() == 0:
-        print(
-            f"experiment {name} on {jax.process_count()} process(es), {jax.device_count()} device(s), "
-            f"allocator {runtime.allocator_in_use()}\n{config}"
-        )
+    lead = jax.process_index() == 0
+    if lead:
         experiment_lib.claim_workdir(workdir, name, config, overwrite=allow_config_change)
-    results = train_and_evaluate(config, experiment, workdir, allow_config_change=allow_config_change)
-    if results and jax.process_index() == 0:
+    run = open_run(config, experiment, workdir, None, allow_config_change)
+    if lead:
+        print(header(name, config, workdir, overrides))
+    results = run.complete()
+    if results and lead:
         print("final: " + "  ".join(f"{key} {value:.4f}" for key, value in results.items()))

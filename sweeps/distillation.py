@@ -1,4 +1,4 @@
-"""A student alone against the same student distilled from a teacher (research/distill.py), over 3 seeds.
+"""A student alone against the same student distilled from a teacher (research/features/distill.py), over 3 seeds.
 
   python launch.py --config experiments/mnist_cnn.py:cpu --workdir runs/mnist_cnn_cpu      # the teacher
   python launch.py --config experiments/mnist_mlp.py:cpu --sweep sweeps/distillation.py --sweep_parallel 2

@@ -6,6 +6,10 @@ import os
 os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+from research import runtime  # noqa: E402
+
+runtime.import_jax_quietly()  # without the CUDA plugin's start-up lines, as launch.py imports it
+
 import io  # noqa: E402
 import json  # noqa: E402
 import subprocess  # noqa: E402
@@ -141,7 +145,7 @@ def prepare_shipped_datasets(directory: Path) -> None:
 def default_gpu_memory(monkeypatch):
     """This process's environment without the variables that change how much of a GPU JAX takes (its default:
     75 %); the monkeypatch, to set them."""
-    from research.runtime import MEMORY_FRACTION_VARIABLES
+    from research.errors import MEMORY_FRACTION_VARIABLES
 
     for name in (*MEMORY_FRACTION_VARIABLES, "XLA_PYTHON_CLIENT_ALLOCATOR"):
         monkeypatch.delenv(name, raising=False)

@@ -1,5 +1,6 @@
-"""Bad input, as a new user gives it: every case ends in one line that says what was wrong and what to do,
-within 5 seconds, exit status 2, no traceback, and nothing in an existing workdir changed.
+"""Bad input, as a new user gives it: every case prints one line in all (stdout and stderr), which says what was
+wrong and what to do, within 10 seconds (1-3 s each on 2 cores: the table below), exit status 2, and changes
+nothing in an existing workdir.
 
 Cases across configs, data, checkpoints, optimizers and flags; each runs launch.py or predict.py in a
 fresh process. `python tests/test_bad_inputs.py` prints the table (case, seconds, the line)."""
@@ -149,14 +150,13 @@ def finished_run(tmp_path_factory):
 
 
 @pytest.mark.parametrize("case, entry, arguments, start", CASES, ids=[case[0] for case in CASES])
-def test_bad_input_is_one_line_within_5_seconds_and_loses_nothing(case, entry, arguments, start, finished_run):
+def test_bad_input_is_one_line_within_10_seconds_and_loses_nothing(case, entry, arguments, start, finished_run):
     tmp, workdir = finished_run
     before = fingerprint(workdir)
     result, seconds = run_case(entry, arguments, tmp, workdir)
-    lines = result.stderr.strip().splitlines()
+    lines = (result.stdout + result.stderr).strip().splitlines()
     assert result.returncode == 2, result.stderr[-2000:]
-    assert lines and lines[-1].startswith(start.replace("TMP", str(tmp))), lines[-1:]
-    assert "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert len(lines) == 1 and lines[0].startswith(start.replace("TMP", str(tmp))), lines
     assert seconds < 10.0  # 1.0-2.9 s each in the table (python tests/test_bad_inputs.py); slack for a loaded CI
     assert fingerprint(workdir) == before
 

@@ -12,7 +12,8 @@ import pytest
 
 from conftest import assert_trees_close, smoke_config
 from research import checkpoint, sharding, train
-from research.config import ConfigError
+from research.config import trainer_config
+from research.errors import ConfigError, NonFiniteError
 from research.experiment import describe, load
 from research.steps import build
 
@@ -65,7 +66,13 @@ def test_changed_config_is_refused_unless_allowed(data_dir, tmp_path):
     config.optimizer.learning_rate = 0.05
     with pytest.raises(ConfigError, match=r"optimizer.learning_rate: 0.1 -> 0.05 \(pass --allow_config_change"):
         train.train_and_evaluate(config, module, tmp_path)
-    assert train.train_and_evaluate(config, module, tmp_path, allow_config_change=True)["test/mse"] > 0
+    train.train_and_evaluate(config, module, tmp_path, allow_config_change=True)
+    # Allowed, the run goes on from its step-3 checkpoint (each step logged once: no restart, and the refused call
+    # trained nothing) under the changed learning rate.
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    trained = [record for record in records if "train/loss" in record]
+    assert [record["step"] for record in trained] == [1, 2, 3, 4, 5, 6]
+    assert [record["train/learning_rate"] for record in trained] == pytest.approx([0.1] * 3 + [0.05] * 3)
 
 
 def test_unreadable_latest_checkpoint_falls_back_and_is_kept(data_dir, tmp_path, capsys):
@@ -90,7 +97,7 @@ def test_non_finite_loss_stops_the_run_without_saving_it(data_dir, tmp_path):
         "linear_regression", data_dir, num_steps=100, **{"optimizer.learning_rate": 30.0, "checkpoint.every_steps": 1}
     )
     with pytest.raises(
-        train.NonFiniteError, match=r"non-finite loss or gradients at step (\d+).*last good checkpoint is step"
+        NonFiniteError, match=r"non-finite loss or gradients at step (\d+).*last good checkpoint is step"
     ) as error:
         train.train_and_evaluate(config, module, tmp_path)
     bad_step = int(error.value.args[0].split("at step ")[1].split(" ")[0])
@@ -143,8 +150,8 @@ def test_saving_a_small_replicated_state_compiles_nothing(tmp_path):
     listener = lambda event, duration, **kwargs: compiled.append(event)
     jax.monitoring.register_event_duration_secs_listener(listener)
     try:
-        with ocp.CheckpointManager(tmp_path / checkpoint.CHECKPOINT_DIR) as manager:
-            manager.save(0, args=ocp.args.Composite(state=ocp.args.StandardSave(state)))
+        with checkpoint.tier_manager(tmp_path, trainer_config().checkpoint) as manager:
+            manager.save(0, args=ocp.args.Composite(state=ocp.args.PyTreeSave(state)), force=True)
             manager.wait_until_finished()
     finally:
         jax.monitoring.unregister_event_duration_listener(listener)

@@ -1,5 +1,5 @@
-"""Distillation (research/distill.py): the soft loss is optax's KL at a temperature, a student with the soft term
-weighted 0 trains as one without a teacher, a distilled run resumes bitwise with its teacher inside its
+"""Distillation (research/features/distill.py): the soft loss is optax's KL at a temperature, a student with the
+soft term weighted 0 trains as one without a teacher, a distilled run resumes bitwise with its teacher inside its
 checkpoints, and prediction reads the student without the teacher run."""
 
 import json
@@ -12,8 +12,9 @@ import optax
 import pytest
 
 from conftest import restored_state, smoke_config, train_as_launch
-from research import distill, experiment, sharding, steps, train
-from research.config import ConfigError
+from research import experiment, sharding, train
+from research.errors import ConfigError
+from research.features import distill
 from research.inference import predict
 
 
@@ -84,12 +85,14 @@ def test_a_teacher_saved_with_another_optimizer_state_layout_teaches_with_its_ra
     today's; the teacher's parameters are read alone, the same arrays, and a note says so."""
     mesh = sharding.make_mesh({"data": 1}, jax.devices()[:1])
     module, config = smoke_config("mnist_mlp", data_dir, **{"distill.teacher": str(teacher)})
-    restored = distill.load_teacher(config, module, mesh, steps.build).load()
+    first = distill.load_teacher(config, module, mesh)
+    restored = first.load(first.abstract_variables)
     record = json.loads((teacher / "config.json").read_text())
     assert record["config"]["optimizer"]["name"] == "momentum"  # a trace; RMSProp keeps a second moment too
     record["config"]["optimizer"]["name"] = "rmsprop"
     (teacher / "config.json").write_text(json.dumps(record))
-    raw = distill.load_teacher(config, module, mesh, steps.build).load()
+    again = distill.load_teacher(config, module, mesh)
+    raw = again.load(again.abstract_variables)
     assert "using its raw parameters" in capsys.readouterr().err
     assert jax.tree.structure(raw) == jax.tree.structure(restored)
     for ours, theirs in zip(jax.tree.leaves(raw), jax.tree.leaves(restored)):

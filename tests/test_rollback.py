@@ -1,4 +1,4 @@
-"""Rollback past a bad stretch (research/rollback.py): a poisoned batch is rolled back, skipped and the
+"""Rollback past a bad stretch (research/resilience/rollback.py): a poisoned batch is rolled back, skipped and the
 run finishes as a clean one would; the recovery is reproducible; attempts are bounded; loss spikes."""
 
 import json
@@ -8,9 +8,11 @@ import jax
 import numpy as np
 import pytest
 
-from research import checkpoint, rollback, saved, train
+from research import checkpoint, train, trained_run
+from research.errors import LossSpikeError, NonFiniteError
 from research.experiment import load
-from research.logger import LossSpikeError, LossSpikes
+from research.resilience import rollback
+from research.resilience.rollback import LossSpikes
 
 
 class Poisoned:
@@ -79,7 +81,7 @@ def regression_config(**overrides):
 
 
 def final_params(workdir, step):
-    return saved.load_params(workdir, step)[0]
+    return trained_run.load_params(workdir, step)[0]
 
 
 def rollbacks_of(workdir):
@@ -121,7 +123,7 @@ def test_rollbacks_are_bounded_and_the_error_says_what_was_tried(tmp_path):
     step 100 and 5 more), then the run stops with their history."""
     config = regression_config(**{"rollback.attempts": 2, "rollback.skip_batches": 5})
     with pytest.raises(
-        train.NonFiniteError, match=r"after 2 rollback\(s\) \(non-finite at step 101 -> step 100 \+ 16 skipped"
+        NonFiniteError, match=r"after 2 rollback\(s\) \(non-finite at step 101 -> step 100 \+ 16 skipped"
     ):
         train.train_and_evaluate(config, poisoned_experiment(range(100, 1000)), tmp_path)
     assert [record["skipped_batches"] for record in rollbacks_of(tmp_path)] == [16, 16]

@@ -52,13 +52,13 @@ def test_xla_flags_add_ours_unless_set_or_unmeasured():
     assert runtime.xla_flags("", "0.10.0") == ours
     own = "--xla_cpu_experimental_ynn_fusion_type=+LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION"
     assert runtime.xla_flags(own, "0.10.2") == own  # the user's setting wins
-    assert (
-        runtime.xla_flags(devices, "0.11.0") == devices
-    )  # a jaxlib we have not measured: its XLA may not know the flag
+    # A jaxlib we have not measured: its XLA may not know the flag.
+    assert runtime.xla_flags(devices, "0.11.0") == devices
     assert runtime.xla_flags(devices, None) == devices
 
 
 _CONVOLUTION_BACKEND = """
+import os
 from research import runtime
 runtime.configure_process()
 import jax, jax.numpy as jnp
@@ -66,44 +66,32 @@ convolve = lambda x, w: jax.lax.conv_general_dilated(x, w, (1, 1), "SAME", dimen
 program = jax.jit(convolve).lower(jnp.ones((8, 14, 14, 64)), jnp.ones((3, 3, 64, 128))).compile().as_text()
 lines = program.splitlines()
 print(sum("__ynn_fusion" in line for line in lines), sum(" convolution(" in line for line in lines))
+print(os.environ["XLA_FLAGS"])
 """
+_JAXLIB = runtime.installed_jaxlib()
 
 
+@pytest.mark.skipif(
+    not (_JAXLIB or "").startswith(runtime.XLA_CPU_FLAGS_MEASURED_ON),
+    reason=f"jaxlib {_JAXLIB} is outside XLA_CPU_FLAGS_MEASURED_ON: runtime adds no XLA flag there (as "
+    "test_xla_flags_add_ours_unless_set_or_unmeasured checks), so the convolution backend is its XLA's own choice",
+)
 def test_configured_process_runs_convolutions_on_xla_not_ynnpack():
     """The flag does what runtime says on the installed jaxlib: the MNIST CNN's second convolution
     compiles to XLA's own convolution, and to a YNNPACK fusion when XLA_FLAGS asks for that."""
-    version, devices = runtime.installed_jaxlib(), "--xla_force_host_platform_device_count=8"
-    if not version.startswith(runtime.XLA_CPU_FLAGS_MEASURED_ON):  # an XLA we have not measured keeps its own choice
-        assert runtime.xla_flags(devices, version) == devices
-        return
-    counts = {}
-    for name, flags in (
-        ("ours", ""),
-        ("ynnpack", "--xla_cpu_experimental_ynn_fusion_type=+LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION"),
-    ):
+    ours = " ".join(f"--{name}={value}" for name, value in runtime.XLA_CPU_FLAGS.items())
+    ynnpack = "--xla_cpu_experimental_ynn_fusion_type=+LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION"
+    seen = {}
+    for name, flags in (("ours", ""), ("ynnpack", ynnpack)):
         result = python(
             "-c", _CONVOLUTION_BACKEND, timeout=120, environment={"XLA_FLAGS": flags, "RESEARCH_ALLOCATOR": "system"}
         )
         assert result.returncode == 0, result.stderr[-1500:]
-        counts[name] = tuple(map(int, result.stdout.split()))
-    assert counts == {
-        "ours": (0, 1),
-        "ynnpack": (1, 1),
-    }  # (YNNPACK fusions, convolutions: inside the fusion for YNNPACK)
-
-
-def test_out_of_memory_is_told_from_other_runtime_errors():
-    import jax
-
-    tpu = jax.errors.JaxRuntimeError(
-        "RESOURCE_EXHAUSTED: XLA:TPU compile permanent error. Ran out of memory in memory space hbm. Used 32.00G of "
-        "15.75G hbm. Exceeded hbm capacity by 16.25G.\n\nTotal hbm usage >= 32.25G:"
-    )
-    said = runtime.out_of_memory(tpu)
-    assert said.startswith("out of memory on cpu: Ran out of memory in memory space hbm. Used 32.00G of 15.75G hbm.")
-    assert "\n" not in said and "batch_size" in said and "XLA_PYTHON_CLIENT_MEM_FRACTION" not in said  # no GPU
-    assert runtime.out_of_memory(jax.errors.JaxRuntimeError("INTERNAL: a failed collective")) == ""
-    assert runtime.out_of_memory(RuntimeError("Out of memory, said a library that is not XLA")) == ""
+        counts, flags_in_process = result.stdout.splitlines()[-2:]
+        seen[name] = (tuple(map(int, counts.split())), flags_in_process)
+    # (YNNPACK fusions, convolutions: inside the fusion for YNNPACK), and the XLA_FLAGS the process compiled under:
+    # runtime's flag where the user set none, so XLA's own convolution is runtime's doing, not XLA's default.
+    assert seen == {"ours": ((0, 1), ours), "ynnpack": ((1, 1), ynnpack)}
 
 
 def test_unknown_allocator_fails_in_one_line():

@@ -1,4 +1,4 @@
-"""SLURM's preemption path with the signals SLURM sends (research/slurm.py): SIGUSR1 -> saved -> `scontrol
+"""SLURM's preemption path with the signals SLURM sends (research/resilience/slurm.py): SIGUSR1 -> saved -> `scontrol
 requeue` -> the rerun resumes to the uninterrupted run's parameters; a sweep's job array script runs a task.
 
 Without SLURM (CI is offline and has none) `scontrol` is a stand-in script on PATH that records its arguments,
@@ -21,7 +21,8 @@ import numpy as np
 import pytest
 
 from conftest import ROOT
-from research import saved, slurm
+from research import trained_run
+from research.resilience import slurm
 
 STEPS = 5000
 FLAGS = [
@@ -45,7 +46,7 @@ def environment(tmp_path: Path) -> dict[str, str]:
 
 
 def final_params(workdir: Path) -> list[np.ndarray]:
-    return jax.tree.leaves(saved.load_params(workdir, STEPS)[0])
+    return jax.tree.leaves(trained_run.load_params(workdir, STEPS)[0])
 
 
 def logged_step(workdir: Path) -> int:

@@ -13,9 +13,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from research import checkpoint, saved, train
+from research import checkpoint, train, trained_run
+from research.errors import StorageError
 from research.experiment import load
-from research.logger import StorageError
+from research.resilience import storage
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMAND = [
@@ -67,7 +68,7 @@ def test_a_full_disk_keeps_the_previous_checkpoint_and_the_rerun_resumes_to_the_
     assert found, last_line
     step = int(found.group(1))
     assert 10 <= step < 100
-    kept = saved.load_params(small_disk / "run", step)[0]  # the newest complete step restores, and is finite
+    kept = trained_run.load_params(small_disk / "run", step)[0]  # the newest complete step restores, and is finite
     assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(kept))
 
     (small_disk / "filler").unlink()
@@ -77,8 +78,8 @@ def test_a_full_disk_keeps_the_previous_checkpoint_and_the_rerun_resumes_to_the_
     clean = launch(tmp_path / "clean")
     assert clean.returncode == 0
     for ours, reference in zip(
-        jax.tree.leaves(saved.load_params(small_disk / "run", 100)[0]),
-        jax.tree.leaves(saved.load_params(tmp_path / "clean", 100)[0]),
+        jax.tree.leaves(trained_run.load_params(small_disk / "run", 100)[0]),
+        jax.tree.leaves(trained_run.load_params(tmp_path / "clean", 100)[0]),
     ):
         np.testing.assert_array_equal(ours, reference)
 
@@ -89,8 +90,8 @@ def test_tensorstore_s_status_for_a_full_disk_reads_as_the_os_error():
         'RESOURCE_EXHAUSTED: Error writing local file "/runs/x/checkpoints/40.orbax-checkpoint-tmp/d/0a": '
         "Failed to write 398 bytes to file 11: No space left on device [os_error_code='28']"
     )
-    assert checkpoint.is_storage_failure(status)
-    line = checkpoint.storage_failure(status, types.SimpleNamespace(directory="/nowhere"))
+    assert storage.is_storage_failure(status)
+    line = storage.storage_failure(status, types.SimpleNamespace(directory="/nowhere"))
     assert line == (
         "OSError: No space left on device: /runs/x/checkpoints/40.orbax-checkpoint-tmp/d/0a; the run stopped and "
         "no checkpoint was completed: free space or fix the permissions, then rerun the same command to resume"

@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from research import checkpoint, saved, train
+from research import checkpoint, train, trained_run
 from research.experiment import load
 
 MODULE = load("experiments/linear_regression.py")
@@ -31,7 +31,7 @@ def config_for(local_dir):
 
 
 def params_at(workdir, step):
-    return jax.tree.leaves(saved.load_params(workdir, step)[0])
+    return jax.tree.leaves(trained_run.load_params(workdir, step)[0])
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import pytest
 from conftest import assert_trees_close, read_metrics
 from experiments import digits_mlp, linear_regression
 from research import metrics, sharding, steps, train
-from research.config import ConfigError
+from research.errors import ConfigError
 
 
 def smoke_config(data_dir, **overrides):

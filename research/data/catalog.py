@@ -7,13 +7,16 @@ users name datasets by the short names of `DATASETS`. `tfds:NAME` names an offic
 builder; preparing one of those needs TensorFlow (reading it back later does not).
 """
 
+import contextlib
 import dataclasses
 import functools
-from typing import Any, Mapping, Sequence
+import io
+from typing import Any, Iterator, Mapping, Sequence
 
 import tensorflow_datasets as tfds
+from absl import logging
 
-from research.config import ConfigError
+from research import errors
 from research.data import (
     cifar10,
     files,
@@ -22,6 +25,7 @@ from research.data import (
     shakespeare_acceptability,
     shakespeare_speakers,
 )  # noqa: F401  (registers every builder)
+from research.errors import ConfigError
 
 OFFICIAL_PREFIX = "tfds:"
 
@@ -71,7 +75,7 @@ def resolve(name: str, data_dir: str | None = None) -> str:
         return _mnist_builder(data_dir or "")
     if name not in DATASETS:
         known = ", ".join(DATASETS)
-        raise files.MissingDataError(
+        raise errors.MissingDataError(
             f"unknown dataset {name!r}: use one of {known}, or tfds:NAME for an official tfds dataset"
         )
     return DATASETS[name].builder
@@ -95,7 +99,9 @@ def _mnist_builder(data_dir: str) -> str:
 def source(name: str, split: str, data_dir: str | None = None) -> Sequence[Mapping[str, Any]]:
     """Random-access records of a split, preparing the dataset as array_record first if needed."""
     dataset_builder = builder(name, data_dir)
-    if not dataset_builder.is_prepared():
+    with quietly():  # before a first preparation tfds warns that the version's folder has no dataset_info.json
+        prepared = dataset_builder.is_prepared()
+    if not prepared:
         prepare(dataset_builder, name)
     try:
         return dataset_builder.as_data_source(split=split)
@@ -113,12 +119,27 @@ def prepare(dataset_builder: tfds.core.DatasetBuilder, name: str) -> None:
         try:
             import tensorflow  # noqa: F401  (only to find out whether it is there)
         except ImportError:
-            raise files.MissingDataError(
+            raise errors.MissingDataError(
                 f"preparing the official tfds dataset {name!r} needs TensorFlow: pip install tensorflow, "
                 "or prepare it elsewhere as array_record into this data_dir"
             ) from None
         _check_official_files(dataset_builder, name)
-    dataset_builder.download_and_prepare()
+        dataset_builder.download_and_prepare()  # tfds's own messages: it may download, and takes a while
+        return
+    with quietly():  # ours read files shipped or found locally: tfds's "Downloading and preparing" would mislead
+        dataset_builder.download_and_prepare()
+
+
+@contextlib.contextmanager
+def quietly() -> Iterator[None]:
+    """tfds's console output (its progress bars, its download notices, absl's warnings) held back for the block."""
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity(logging.ERROR)  # "Variant folder ... has no dataset_info.json": a first preparation
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            yield
+    finally:
+        logging.set_verbosity(verbosity)
 
 
 def _check_official_files(dataset_builder: tfds.core.DatasetBuilder, name: str) -> None:

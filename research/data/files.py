@@ -11,13 +11,9 @@ import socket
 import urllib.parse
 from pathlib import Path
 
-from research.config import ConfigError
+from research.errors import MissingDataError
 
 CONNECT_TIMEOUT_S = 3.0
-
-
-class MissingDataError(ConfigError):
-    """A dataset cannot be prepared from what is here: the message says which files to put where."""
 
 
 def data_dir_path(data_dir: str | None) -> Path:

@@ -17,8 +17,8 @@ import jax
 import ml_collections
 import numpy as np
 
-from research.config import ConfigError
 from research.data import pipeline, text
+from research.errors import ConfigError
 from research.models import apply_with_dropout, compute_dtype
 from research.models.bert import BertEncoder
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import tensorflow_datasets as tfds
 
+from research import errors
 from research.data import files
 
 BUNDLED_DIR = Path(__file__).parent / "bundled" / "mnist"
@@ -110,7 +111,7 @@ class ResearchMnist(tfds.core.GeneratorBasedBuilder):
         if local is not None:
             for name, path in local.items():
                 if files.sha256(path) != OFFICIAL_SHA256[name]:
-                    raise files.MissingDataError(
+                    raise errors.MissingDataError(
                         f"{path} is not the official {name} (sha256 differs): replace it with the file from {URL}"
                     )
             return local

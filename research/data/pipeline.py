@@ -17,8 +17,8 @@ import numpy as np
 from jax.sharding import Mesh
 
 from research import sharding
-from research.config import ConfigError
 from research.data import catalog
+from research.errors import ConfigError
 
 Record = Mapping[str, Any]
 Transform = Callable[[Record], dict[str, np.ndarray]]

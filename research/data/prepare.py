@@ -32,8 +32,8 @@ import numpy as np
 from array_record.python.array_record_module import ArrayRecordWriter
 from etils import epath
 
-from research.config import ConfigError
 from research.data.files import sha256
+from research.errors import ConfigError
 
 FORMAT = 1
 SPLITS = ("train", "validation")

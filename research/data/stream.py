@@ -23,9 +23,9 @@ import grain
 import numpy as np
 from array_record.python.array_record_module import ArrayRecordReader
 
-from research.config import ConfigError
 from research.data import pipeline
 from research.data import tokenizer as tokenizer_lib
+from research.errors import ConfigError
 
 
 @dataclasses.dataclass(frozen=True)

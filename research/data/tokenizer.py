@@ -15,8 +15,8 @@ import numpy as np
 import sentencepiece
 import tokenizers
 
-from research.config import ConfigError
 from research.data import text
+from research.errors import ConfigError
 
 EOS_NAMES = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>", "<|eos|>")
 FILES = ("tokenizer.json", "tokenizer.model", "tokenizer.bytes")

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from research.config import ConfigError
+from research.errors import ConfigError
 
 METHODS = ("integrated_gradients", "saliency")
 PATH_CHUNK = 8  # path points per model call

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from research import experiment
-from research.config import ConfigError
+from research.errors import ConfigError
 from research.experiment import hook
 from research.inference import explain, predict
 from research.models.attention import ATTENTION_COLLECTION

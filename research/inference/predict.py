@@ -20,9 +20,9 @@ import jax
 import ml_collections
 import numpy as np
 
-from research import checkpoint, distill, experiment, saved, sharding
+from research import checkpoint, experiment, sharding, trained_run
 from research import metrics as metrics_lib
-from research.config import ConfigError
+from research.errors import ConfigError
 from research.experiment import hook
 from research.inference.generate import Sampling, timed_generate
 from research.state import TrainState
@@ -89,17 +89,9 @@ def load_run(workdir: str | Path, experiments_dir: str | Path = "experiments", w
         )
     step = checkpoint.choose_step(directory, which, config.checkpoint)
     batch = next(iter(module.make_data(config, "train")))  # the shapes of the abstract state
-    distilled = bool(config.distill.teacher)  # a student restores its teacher's copy without the teacher run
-    with config.unlocked():
-        config.distill.teacher = ""
-    setup = build(config, module, sharding.make_mesh({"data": 1}, jax.devices()[:1]), batch=batch)
-    abstract_state = setup.abstract_state
-    if distilled:
-        teacher = saved.read_saved(directory, step, shapes_only=True)["model_state"][distill.TEACHER]
-        abstract_state = abstract_state.replace(model_state=abstract_state.model_state | {distill.TEACHER: teacher})
-    state = saved.weights(directory, step, abstract_state, config.optimizer.name)
-    if distilled:
-        state = state.replace(model_state=distill.without_teacher(state.model_state))
+    mesh = sharding.make_mesh({"data": 1}, jax.devices()[:1])
+    setup = build(config, module, mesh, batch=batch, features=False)  # the model alone: no teacher to load
+    state = trained_run.weights(directory, step, setup.abstract_state, config.optimizer.name)
     inputs = setup.batch_spec["inputs"]
     return Run(name, module, config, setup, state, jax.ShapeDtypeStruct(inputs.shape[1:], inputs.dtype))
 

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from research.config import ConfigError
+from research.errors import ConfigError
 
 # Compute dtypes a config may name; parameters, the loss and the optimizer stay float32 (mixed precision).
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")

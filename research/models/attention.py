@@ -200,7 +200,7 @@ class SelfAttention(nn.Module):
         if bias_3xHxK is not None:
             qkv_Nx3xHxK = qkv_Nx3xHxK + bias_3xHxK
         qkv_BxLx3xHxK = qkv_Nx3xHxK.reshape(batch, length, 3, heads, head_width)
-        # What flax's decoding cache holds (B x L x H x K), for research.generate to refill it; free unless asked for.
+        # What flax's decoding cache holds (B x L x H x K), for inference/generate.py to refill; free unless asked for.
         self.sow("intermediates", "projected_key", qkv_BxLx3xHxK[:, :, 1])
         self.sow("intermediates", "projected_value", qkv_BxLx3xHxK[:, :, 2])
         query, key, value = jnp.transpose(qkv_BxLx3xHxK, (2, 0, 3, 1, 4))

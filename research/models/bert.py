@@ -23,8 +23,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from research.config import ConfigError
-from research.models import exchange
 from research.models.transformer import remat_block
 
 INIT = nn.initializers.normal(0.02)
@@ -130,108 +128,6 @@ class BertForMaskedLM(nn.Module):
 
     def __call__(self, tokens_BxL, mask_BxL=None, segments_BxL=None, *, deterministic: bool = True) -> jax.Array:
         return self.predict(self.encoder(tokens_BxL, mask_BxL, segments_BxL, deterministic=deterministic))
-
-    @nn.nowrap
-    def hf_config(self) -> dict:
-        """The config.json of the same model as transformers' BertForMaskedLM."""
-        encoder = self.encoder
-        if encoder.pre_layer_norm or encoder.num_segments == 0:
-            raise ConfigError("a BertForMaskedLM is post-LayerNorm with segment embeddings: this encoder is not")
-        return {
-            "architectures": ["BertForMaskedLM"],
-            "model_type": "bert",
-            "vocab_size": encoder.vocab_size,
-            "hidden_size": encoder.width,
-            "num_hidden_layers": encoder.num_layers,
-            "num_attention_heads": encoder.num_heads,
-            "intermediate_size": encoder.mlp_dim or 4 * encoder.width,
-            "max_position_embeddings": encoder.max_length,
-            "type_vocab_size": encoder.num_segments,
-            "hidden_act": "gelu_new" if encoder.approximate_gelu else "gelu",
-            "layer_norm_eps": LAYER_NORM_EPSILON,
-            "hidden_dropout_prob": encoder.dropout_rate,
-            "attention_probs_dropout_prob": encoder.dropout_rate,
-            "tie_word_embeddings": self.tie_embeddings,
-            "dtype": jnp.dtype(encoder.param_dtype).name,
-        }
-
-    @nn.nowrap
-    def hf_tensors(self) -> list[exchange.Tensor]:
-        """Every BertForMaskedLM tensor and the parameter it holds."""
-        width, heads = self.encoder.width, self.encoder.num_heads
-        head_shape = (heads, width // heads)
-        embeddings = {"word": "token", "position": "position", "token_type": "segment"}
-        tensors = [
-            exchange.same(f"bert.embeddings.{hf}_embeddings.weight", f"encoder/{ours}_embedding/embedding")
-            for hf, ours in embeddings.items()
-        ]
-        tensors += _norm("bert.embeddings.LayerNorm", "encoder/embedding_norm")
-        for index in range(self.encoder.num_layers):
-            hf, ours = f"bert.encoder.layer.{index}.", f"encoder/blocks_{index}/"
-            for name in ("query", "key", "value"):
-                weight, path = f"{hf}attention.self.{name}", f"{ours}attention/{name}"
-                tensors += [
-                    exchange.reshaped(
-                        f"{weight}.weight", f"{path}/kernel", (width, *head_shape), (width, width), transpose=True
-                    ),
-                    exchange.reshaped(f"{weight}.bias", f"{path}/bias", head_shape, (width,)),
-                ]
-            tensors += [
-                exchange.reshaped(
-                    f"{hf}attention.output.dense.weight",
-                    f"{ours}attention/out/kernel",
-                    (*head_shape, width),
-                    (width, width),
-                    transpose=True,
-                ),
-                exchange.same(f"{hf}attention.output.dense.bias", f"{ours}attention/out/bias"),
-                exchange.linear(f"{hf}intermediate.dense.weight", f"{ours}mlp/fc_in/kernel"),
-                exchange.same(f"{hf}intermediate.dense.bias", f"{ours}mlp/fc_in/bias"),
-                exchange.linear(f"{hf}output.dense.weight", f"{ours}mlp/fc_out/kernel"),
-                exchange.same(f"{hf}output.dense.bias", f"{ours}mlp/fc_out/bias"),
-            ]
-            tensors += _norm(f"{hf}attention.output.LayerNorm", f"{ours}attention_norm")
-            tensors += _norm(f"{hf}output.LayerNorm", f"{ours}mlp_norm")
-        tensors += [
-            exchange.linear("cls.predictions.transform.dense.weight", "mlm_transform/kernel"),
-            exchange.same("cls.predictions.transform.dense.bias", "mlm_transform/bias"),
-            exchange.same("cls.predictions.bias", "mlm_bias"),
-        ]
-        tensors += _norm("cls.predictions.transform.LayerNorm", "mlm_norm")
-        if not self.tie_embeddings:
-            tensors.append(exchange.linear("cls.predictions.decoder.weight", "mlm_output/kernel"))
-        return tensors
-
-
-def _norm(hf: str, ours: str) -> list[exchange.Tensor]:
-    return [exchange.same(f"{hf}.weight", f"{ours}/scale"), exchange.same(f"{hf}.bias", f"{ours}/bias")]
-
-
-def from_hf_config(config: dict, **overrides) -> BertForMaskedLM:
-    """The BertForMaskedLM a config.json describes (`overrides` go to the encoder: dtype, remat, ...)."""
-    exchange.require(config, "bert", "BertForMaskedLM")
-    activation = config.get("hidden_act", "gelu")
-    if activation not in ("gelu", "gelu_new", "gelu_pytorch_tanh"):
-        raise ConfigError(f"hidden_act {activation!r}: this BERT's MLP is GELU")
-    if config.get("position_embedding_type", "absolute") != "absolute":
-        raise ConfigError(
-            f"position_embedding_type {config['position_embedding_type']!r}: only absolute is implemented"
-        )
-    if config.get("layer_norm_eps", LAYER_NORM_EPSILON) != LAYER_NORM_EPSILON:
-        raise ConfigError(f"layer_norm_eps {config['layer_norm_eps']}: this BERT's is {LAYER_NORM_EPSILON}")
-    encoder = BertEncoder(
-        vocab_size=config["vocab_size"],
-        max_length=config["max_position_embeddings"],
-        num_layers=config["num_hidden_layers"],
-        num_heads=config["num_attention_heads"],
-        width=config["hidden_size"],
-        mlp_dim=config["intermediate_size"],
-        num_segments=config.get("type_vocab_size", 2),
-        dropout_rate=config.get("hidden_dropout_prob", 0.1),
-        approximate_gelu=activation != "gelu",
-        **overrides,
-    )
-    return BertForMaskedLM(encoder, tie_embeddings=bool(config.get("tie_word_embeddings", True)))
 
 
 class BertForPreTraining(BertForMaskedLM):

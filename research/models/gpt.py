@@ -25,8 +25,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from research.config import ConfigError
-from research.models import exchange
 from research.models.transformer import flat_dot_general, remat_block
 
 INIT_STD = 0.02
@@ -127,71 +125,6 @@ class GPT(nn.Module):
         return params["token_embedding"]["embedding"].T if self.tie_embeddings else params["head"]["kernel"]
 
     @nn.nowrap
-    def hf_config(self) -> dict:
-        """The config.json of the same model as transformers' GPT2LMHeadModel (GELU with the tanh approximation)."""
-        if not self.use_bias:
-            raise ConfigError("a GPT2LMHeadModel has biases: export a GPT trained with model.use_bias=True")
-        return {
-            "architectures": ["GPT2LMHeadModel"],
-            "model_type": "gpt2",
-            "vocab_size": self.vocab_size,
-            "n_positions": self.block_size,
-            "n_embd": self.width,
-            "n_layer": self.num_layers,
-            "n_head": self.num_heads,
-            "n_inner": None,
-            "activation_function": "gelu_new",
-            "layer_norm_epsilon": 1e-5,
-            "tie_word_embeddings": self.tie_embeddings,
-            "dtype": jnp.dtype(self.param_dtype).name,
-        }
-
-    @nn.nowrap
-    def hf_tensors(self) -> list[exchange.Tensor]:
-        """Every GPT2LMHeadModel tensor and the parameters it holds: c_attn holds the query, key and value."""
-        width, heads = self.width, self.num_heads
-        head_shape = (heads, width // heads)
-        tensors = [
-            exchange.same("transformer.wte.weight", "token_embedding/embedding"),
-            exchange.same("transformer.wpe.weight", "position_embedding/embedding"),
-            exchange.same("transformer.ln_f.weight", "final_norm/scale"),
-            exchange.same("transformer.ln_f.bias", "final_norm/bias"),
-        ]
-        for index in range(self.num_layers):
-            hf, ours = f"transformer.h.{index}.", f"block_{index}/"
-            qkv = tuple(f"{ours}attention/{name}" for name in ("query", "key", "value"))
-            tensors += [
-                exchange.Tensor(  # D x 3D (Conv1D: in x out) <-> three D x H x Dh
-                    f"{hf}attn.c_attn.weight",
-                    tuple(f"{path}/kernel" for path in qkv),
-                    lambda array: tuple(part.reshape(width, *head_shape) for part in jnp.split(array, 3, axis=1)),
-                    lambda *kernels: jnp.concatenate([kernel.reshape(width, width) for kernel in kernels], axis=1),
-                ),
-                exchange.Tensor(
-                    f"{hf}attn.c_attn.bias",
-                    tuple(f"{path}/bias" for path in qkv),
-                    lambda array: tuple(part.reshape(head_shape) for part in jnp.split(array, 3)),
-                    lambda *biases: jnp.concatenate([bias.reshape(width) for bias in biases]),
-                ),
-                exchange.reshaped(
-                    f"{hf}attn.c_proj.weight", f"{ours}attention/out/kernel", (*head_shape, width), (width, width)
-                ),
-                exchange.same(f"{hf}attn.c_proj.bias", f"{ours}attention/out/bias"),
-                exchange.same(f"{hf}mlp.c_fc.weight", f"{ours}mlp/fc_in/kernel"),
-                exchange.same(f"{hf}mlp.c_fc.bias", f"{ours}mlp/fc_in/bias"),
-                exchange.same(f"{hf}mlp.c_proj.weight", f"{ours}mlp/fc_out/kernel"),
-                exchange.same(f"{hf}mlp.c_proj.bias", f"{ours}mlp/fc_out/bias"),
-            ]
-            for hf_norm, our_norm in (("ln_1", "attention_norm"), ("ln_2", "mlp_norm")):
-                tensors += [
-                    exchange.same(f"{hf}{hf_norm}.weight", f"{ours}{our_norm}/scale"),
-                    exchange.same(f"{hf}{hf_norm}.bias", f"{ours}{our_norm}/bias"),
-                ]
-        if not self.tie_embeddings:
-            tensors.append(exchange.linear("lm_head.weight", "head/kernel"))
-        return tensors
-
-    @nn.nowrap
     def make_decoder(
         self, batch: int, total: int, *, cached: bool = True, keep: int | None = None
     ) -> tuple[Callable, Callable]:
@@ -204,29 +137,6 @@ class GPT(nn.Module):
                 f"keep must be between 1 and block_size - 1 = {self.block_size - 1} tokens of context, got {keep}"
             )
         return _cached_decoder(self, batch, total, keep) if cached else _windowed_decoder(self, total, keep)
-
-
-def from_hf_config(config: dict, **overrides) -> GPT:
-    """The GPT a GPT2LMHeadModel config.json describes (`overrides`: dtype, remat, ...)."""
-    exchange.require(config, "gpt2", "GPT2LMHeadModel")
-    width = config["n_embd"]
-    if config.get("n_inner") not in (None, 4 * width):
-        raise ConfigError(f"n_inner {config['n_inner']}: this GPT's MLP is 4 x n_embd = {4 * width} wide")
-    if config.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
-        raise ConfigError(
-            f"activation_function {config['activation_function']!r}: this GPT's GELU is tanh-approximated"
-        )
-    if config.get("scale_attn_by_inverse_layer_idx") or config.get("scale_attn_weights") is False:
-        raise ConfigError("config.json changes GPT-2's attention scaling, which this GPT does not implement")
-    return GPT(
-        vocab_size=config["vocab_size"],
-        block_size=config["n_positions"],
-        num_layers=config["n_layer"],
-        num_heads=config["n_head"],
-        width=width,
-        tie_embeddings=bool(config.get("tie_word_embeddings", True)),
-        **overrides,
-    )
 
 
 def window_start(t: jax.Array, block_size: int, keep: int) -> jax.Array:

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from research.config import ConfigError
+from research.errors import ConfigError
 from research.models import attention
 
 IMPLEMENTATIONS = ("auto", "xla", "cudnn", "splash")

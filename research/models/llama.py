@@ -6,7 +6,7 @@ A block is RMSNorm -> causal self-attention with rotary position embeddings (bas
 the rotate-half layout of Hugging Face's LlamaForCausalLM) and grouped-query attention
 (`num_kv_heads` key/value heads shared by `num_heads` query heads), then RMSNorm -> SwiGLU MLP
 (down(silu(gate(x)) * up(x))). No biases anywhere. Parameter names follow the layout of the
-Hugging Face checkpoint one to one (research/tools/hf.py converts).
+Hugging Face checkpoint one to one (research/tools/hf/llama.py converts).
 
 `scan_layers=True` runs the blocks under `nn.scan`: one block is compiled whatever the depth, its
 parameters stacked on a leading layer axis ("layers"); False gives one subtree per block
@@ -24,15 +24,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from research.config import ConfigError
-from research.models import attention, exchange, kernels, shard_batch
+from research.errors import ConfigError
+from research.models import attention, kernels, shard_batch
 from research.models.transformer import REMAT_POLICIES, flat_dot_general
 
 Dtype = Any
 INIT_STD = 0.02
-ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
-MLP = ("gate_proj", "up_proj", "down_proj")
-NORMS = ("input_layernorm", "post_attention_layernorm")
 
 # Published shapes (each model's config.json on the Hugging Face hub) and parameter counts.
 LLAMA3 = dict(vocab_size=128256, rope_theta=500000.0)  # Llama 3's tokenizer and rotary base
@@ -279,46 +276,6 @@ class Llama(nn.Module):
         return params["embed_tokens"]["embedding"].T if self.tie_embeddings else params["lm_head"]["kernel"]
 
     @nn.nowrap
-    def hf_config(self) -> dict:
-        """The config.json of the same model as transformers' LlamaForCausalLM."""
-        return {
-            "architectures": ["LlamaForCausalLM"],
-            "model_type": "llama",
-            "vocab_size": self.vocab_size,
-            "hidden_size": self.width,
-            "intermediate_size": self.mlp_dim,
-            "num_hidden_layers": self.num_layers,
-            "num_attention_heads": self.num_heads,
-            "num_key_value_heads": self.num_kv_heads,
-            "head_dim": self.head_dim or self.width // self.num_heads,
-            "max_position_embeddings": self.block_size,
-            "rms_norm_eps": self.norm_epsilon,
-            "rope_theta": self.rope_theta,
-            "rope_parameters": {"rope_type": "default", "rope_theta": self.rope_theta} | _scaling_parameters(self),
-            "tie_word_embeddings": self.tie_embeddings,
-            "hidden_act": "silu",
-            "attention_bias": False,
-            "mlp_bias": False,
-            "dtype": jnp.dtype(self.param_dtype).name,
-        }
-
-    @nn.nowrap
-    def hf_tensors(self) -> list[exchange.Tensor]:
-        """Every LlamaForCausalLM tensor and the parameter it holds (one subtree per layer: exchange.unrolled)."""
-        tensors = [
-            exchange.same("model.embed_tokens.weight", "embed_tokens/embedding"),
-            exchange.same("model.norm.weight", "norm/scale"),
-        ]
-        for index in range(self.num_layers):
-            hf, ours = f"model.layers.{index}.", f"layers_{index}/"
-            tensors += [exchange.linear(f"{hf}self_attn.{name}.weight", f"{ours}{name}/kernel") for name in ATTENTION]
-            tensors += [exchange.linear(f"{hf}mlp.{name}.weight", f"{ours}{name}/kernel") for name in MLP]
-            tensors += [exchange.same(f"{hf}{name}.weight", f"{ours}{name}/scale") for name in NORMS]
-        if not self.tie_embeddings:
-            tensors.append(exchange.linear("lm_head.weight", "lm_head/kernel"))
-        return tensors
-
-    @nn.nowrap
     def make_decoder(
         self, batch: int, total: int, *, cached: bool = True, keep: int | None = None
     ) -> tuple[Callable, Callable]:
@@ -353,48 +310,3 @@ def _full_pass_step(model: Llama, params, state, buffer_BxT, t):
     """Position t's logits from a full pass over the buffer (causal: the tokens after t change nothing)."""
     logits_BxTxV = model.apply({"params": params}, buffer_BxT)
     return jax.lax.dynamic_index_in_dim(logits_BxTxV, t, axis=1, keepdims=False), state
-
-
-# config.json's names of Llama.rope_scaling's four numbers (rope_type "llama3")
-LLAMA3_SCALING = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
-
-
-def _scaling_parameters(model: Llama) -> dict:
-    if not model.rope_scaling:
-        return {}
-    *factors, context = model.rope_scaling
-    return {"rope_type": "llama3"} | dict(zip(LLAMA3_SCALING, (*factors, int(context))))
-
-
-def from_hf_config(config: dict, **overrides) -> Llama:
-    """The Llama a LlamaForCausalLM config.json describes (`overrides`: scan_layers, dtype, ...)."""
-    exchange.require(config, "llama", "LlamaForCausalLM")
-    for flag in ("attention_bias", "mlp_bias"):
-        if config.get(flag):
-            raise ConfigError(f"config.json sets {flag}: this Llama has no biases")
-    if config.get("hidden_act", "silu") != "silu":
-        raise ConfigError(f"hidden_act {config['hidden_act']!r}: this Llama's MLP is SwiGLU (silu)")
-    rope = (config.get("rope_parameters") or config.get("rope_scaling") or {}) | {}
-    kind = rope.get("rope_type", rope.get("type", "default"))
-    if kind not in ("default", "llama3"):
-        raise ConfigError(
-            f"rope scaling {kind!r} is not implemented: only the default and llama3 rotary embeddings are"
-        )
-    scaling = tuple(float(rope[name]) for name in LLAMA3_SCALING) if kind == "llama3" else ()
-    width, heads = config["hidden_size"], config["num_attention_heads"]
-    theta = rope.get("rope_theta", config.get("rope_theta", 10000.0))
-    return Llama(
-        vocab_size=config["vocab_size"],
-        num_layers=config["num_hidden_layers"],
-        num_heads=heads,
-        num_kv_heads=config.get("num_key_value_heads") or heads,
-        width=width,
-        mlp_dim=config["intermediate_size"],
-        head_dim=config.get("head_dim") or width // heads,
-        block_size=config.get("max_position_embeddings", 2048),
-        rope_theta=float(theta),
-        rope_scaling=scaling,
-        norm_epsilon=config.get("rms_norm_eps", 1e-6),
-        tie_embeddings=bool(config.get("tie_word_embeddings", False)),
-        **overrides,
-    )

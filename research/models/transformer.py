@@ -16,7 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from research.config import ConfigError
+from research.errors import ConfigError
 from research.models.attention import SelfAttention
 
 Initializer = Any

@@ -23,14 +23,10 @@ from typing import Any, Callable, Iterator
 import jax
 import optax
 
-from research.config import ConfigError
+from research.errors import ConfigError, OptimizerError
 
 EXTRA_ARGS = ("value", "grad", "value_fn", "obj_fn")
 Factory = Callable[..., optax.GradientTransformation]
-
-
-class OptimizerError(ConfigError):
-    """A user's optimizer failed while being built or traced; the message is one line naming it."""
 
 
 def update(tx: optax.GradientTransformation, grads, state, params, *, value: jax.Array, value_fn: Callable):

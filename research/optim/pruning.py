@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from research.config import ConfigError
+from research.errors import ConfigError
 from research.tree import path_name
 
 PyTree = Any

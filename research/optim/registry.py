@@ -23,7 +23,8 @@ import ml_collections
 import optax
 import optax.contrib
 
-from research.config import ConfigError, optimizer_config
+from research.config import optimizer_config
+from research.errors import ConfigError
 from research.optim import ademamix, cautious, contract, pruning, regularizers
 from research.optim.contract import first_line, line_in
 from research.optim.schedules import SCHEDULES

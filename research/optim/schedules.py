@@ -10,7 +10,7 @@ from typing import Any, Callable, Mapping
 import jax.numpy as jnp
 import optax
 
-from research.config import ConfigError
+from research.errors import ConfigError
 
 Config = Mapping[str, Any]
 

@@ -18,7 +18,7 @@ import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from research.config import ConfigError
+from research.errors import ConfigError
 from research.optim import contract
 from research.optim.registry import make_optimizer
 

@@ -6,8 +6,8 @@
 
 `--target` (research/tools/targets.py) names a TPU slice, GPU hosts or fake CPU devices; that target's own
 compiler builds the program. The report: per-chip memory from the compiled program beside the analytic
-count (parameters, optimizer state and gradients from the shardings; activations from the experiment's
-`activation_bytes_per_example`) against the chip's memory, with a verdict (exit status 1 when it does not
+count (parameters, optimizer state and gradients from the shardings; a decoder's activations by research/perf.py
+from the experiment's `decoder_shape`) against the chip's memory, with a verdict (exit status 1 when it does not
 fit); FLOPs per step by the compiler (TPU and CPU report them) and analytic (the experiment's
 `flops_per_example`, else 6·N·T, Kaplan et al. 2020); every collective with its bytes per step; the step
 time of a roofline: compute at an assumed MFU and collectives at the target's link bandwidth, overlapped
@@ -23,6 +23,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from research import perf
 from research.experiment import hook
 from research.models import param_count
 from research.models.transformer import REMAT_RECOMPUTE
@@ -130,12 +131,18 @@ def analytic_memory(config: ml_collections.ConfigDict, experiment, setup) -> dic
         "gradients": per_device_bytes(state.params),
         "batch": per_device_bytes(setup.batch_spec),
     }
-    activations = hook(experiment, "activation_bytes_per_example")
-    if activations:
+    decoder = perf.decoder_of(config, experiment)
+    if decoder:
         mesh = dict(setup.mesh.shape)
         examples = config.batch_size / (mesh.get("data", 1) * mesh.get("fsdp", 1) * config.optimizer.accumulate_steps)
-        memory["activations"] = activations(config, mesh) * examples
+        memory["activations"] = perf.decoder_activation_bytes(decoder, mesh.get("tensor", 1)) * examples
     return memory
+
+
+def recompute_of(config: ml_collections.ConfigDict, experiment) -> float:
+    """Compute of a step over its model FLOPs: a decoder's remat policy's extra forward passes, else 1."""
+    decoder = perf.decoder_of(config, experiment)
+    return REMAT_RECOMPUTE[decoder.remat] if decoder else 1.0
 
 
 def abstract_batch(config: ml_collections.ConfigDict, experiment) -> dict[str, jax.ShapeDtypeStruct]:
@@ -164,7 +171,7 @@ def dry_run(config: ml_collections.ConfigDict, experiment, target: targets.Targe
         tokens_per_step=tokens,
         analytic_bytes=analytic_memory(config, experiment, setup),
         analytic_flops=model_flops(config, experiment, parameters, tokens),
-        recompute=REMAT_RECOMPUTE[config.model.remat] if "model" in config and "remat" in config.model else 1.0,
+        recompute=recompute_of(config, experiment),
     )
     result.device_groups = targets.device_groups(mesh.devices, target)
     start = time.perf_counter()

@@ -2,15 +2,16 @@
 
   python launch.py --config experiments/lm.py:llama3-8b --plan --target tpu:v5p-64 --config.batch_size=64
 
-Candidates are mesh factorisations (data x fsdp x tensor; tensor within a host or slice, data a multiple of
-the slices or hosts), rematerialisation policies, micro-batches (optimizer.accumulate_steps) and, for the
-best of them, layers unrolled instead of scanned. Each is first sized analytically (state from the
-parameter count, activations from the experiment's hook) and timed by a roofline (compute at the assumed
-MFU, rematerialisation's extra forward pass, FSDP's gathers and reductions, tensor parallelism's
-all-reduces). The policies take turns in that order; `top` at a time are compiled by the target's compiler
-in parallel processes (research/tools/dry_run.py; results cached by config and target) until 3 fit, those
-that do not fit are dropped and the rest ranked by the compiled program's roofline. Prints a table and the
-winning `--config.` overrides.
+Candidates are mesh factorisations (data x fsdp x tensor; tensor within a host or slice and dividing the
+heads, data a multiple of the slices or hosts), rematerialisation policies, micro-batches
+(optimizer.accumulate_steps) and, for the best of them, layers unrolled instead of scanned. The decoder, and
+the config keys of its remat policy and scanning, come from the experiment's `decoder_shape` hook. Each
+candidate is first sized analytically (state from the parameter count, activations by research/perf.py) and
+timed by a roofline (compute at the assumed MFU, rematerialisation's extra forward pass, FSDP's gathers and
+reductions, tensor parallelism's all-reduces). The policies take turns in that order; `top` at a time are
+compiled by the target's compiler in parallel processes (research/tools/dry_run.py; results cached by config
+and target) until 3 fit, those that do not fit are dropped and the rest ranked by the compiled program's
+roofline. Prints a table and the winning `--config.` overrides.
 Expected: 3 or more fitting plans for lm.py:llama3-8b on tpu:v5p-64 in a few minutes (docs/scaling.md).
 """
 
@@ -28,8 +29,9 @@ from pathlib import Path
 import jax
 import ml_collections
 
-from research.config import ConfigError
-from research.experiment import hook
+from research import perf
+from research.errors import ConfigError
+from research.experiment import DecoderShape
 from research.models import param_count
 from research.models.transformer import REMAT_RECOMPUTE
 from research.tools import targets
@@ -46,40 +48,45 @@ class Candidate:
     tensor: int
     remat: str
     accumulate_steps: int
-    scan_layers: bool = True
+    scan_layers: bool
 
-    def overrides(self) -> dict:
-        return {
-            "mesh.data": self.data,
-            "mesh.fsdp": self.fsdp,
-            "mesh.tensor": self.tensor,
-            "model.remat": self.remat,
-            "optimizer.accumulate_steps": self.accumulate_steps,
-            "model.scan_layers": self.scan_layers,
-        }
+    def overrides(self, decoder: DecoderShape) -> dict:
+        """The candidate as config overrides: the trainer's mesh and micro-batches, the decoder's own keys."""
+        found = {"mesh.data": self.data, "mesh.fsdp": self.fsdp, "mesh.tensor": self.tensor}
+        found |= {"optimizer.accumulate_steps": self.accumulate_steps}
+        found |= {decoder.remat_key: self.remat} if decoder.remat_key else {}
+        return found | ({decoder.scan_layers_key: self.scan_layers} if decoder.scan_layers_key else {})
+
+
+def decoder_of(config: ml_collections.ConfigDict, experiment) -> DecoderShape:
+    """The decoder the planner searches (the experiment's `decoder_shape` hook); a one-line error without one."""
+    decoder = perf.decoder_of(config, experiment)
+    if decoder is None:
+        raise ConfigError("--plan searches decoders (experiments with a decoder_shape hook, as lm.py): use --dry_run")
+    return decoder
 
 
 def powers_of_two(limit: int) -> list[int]:
     return [2**k for k in range(int(math.log2(limit)) + 1)] if limit >= 1 else []
 
 
-def candidates(config: ml_collections.ConfigDict, target: targets.Target) -> list[Candidate]:
-    """Every mesh, remat and micro-batch combination the batch and the hardware allow."""
+def candidates(config: ml_collections.ConfigDict, decoder: DecoderShape, target: targets.Target) -> list[Candidate]:
+    """Every mesh, remat and micro-batch combination the batch, the decoder and the hardware allow."""
     per_group = target.chips // target.groups
-    heads = config.model.num_heads
+    remats = REMATS if decoder.remat_key else (decoder.remat,)
     found = []
     for tensor in powers_of_two(min(per_group, 8)):
-        if heads % tensor:
+        if decoder.heads % tensor:
             continue
         for data in powers_of_two(target.chips // tensor):
             fsdp = target.chips // (tensor * data)
             shards = data * fsdp
             if data % target.groups or config.batch_size % shards:
                 continue
-            for remat in REMATS:
+            for remat in remats:
                 for accumulate in ACCUMULATE:
                     if (config.batch_size // shards) % accumulate == 0:
-                        found.append(Candidate(data, fsdp, tensor, remat, accumulate))
+                        found.append(Candidate(data, fsdp, tensor, remat, accumulate, decoder.scan_layers))
     return found
 
 
@@ -108,7 +115,7 @@ def sizes_of(config: ml_collections.ConfigDict, experiment) -> Sizes:
 
 def estimate(
     config: ml_collections.ConfigDict,
-    experiment,
+    decoder: DecoderShape,
     target: targets.Target,
     candidate: Candidate,
     mfu: float,
@@ -118,20 +125,17 @@ def estimate(
     parameters = sizes.parameters
     state = sizes.state_bytes / (candidate.fsdp * candidate.tensor)
     examples = config.batch_size / (candidate.data * candidate.fsdp)
-    activation_hook = hook(experiment, "activation_bytes_per_example")
-    trial = _with(config, candidate)
-    mesh = {"data": candidate.data, "fsdp": candidate.fsdp, "tensor": candidate.tensor}
-    activations = activation_hook(trial, mesh) * examples / candidate.accumulate_steps if activation_hook else 0.0
+    per_example = perf.decoder_activation_bytes(dataclasses.replace(decoder, remat=candidate.remat), candidate.tensor)
+    activations = per_example * examples / candidate.accumulate_steps
     chip = target.chip
     compute = sizes.flops * REMAT_RECOMPUTE[candidate.remat] / (target.chips * chip.peak_tflops * 1e12 * mfu)
     # FSDP: each micro-batch gathers the (bf16) weights twice and reduce-scatters the float32 gradients once.
     fsdp_bytes = (
         0.0 if candidate.fsdp == 1 else candidate.accumulate_steps * parameters / candidate.tensor * (2 * 2 + 4)
     )
-    width, length = config.model.width, config.model.block_size
     tensor_bytes = 0.0
     if candidate.tensor > 1:  # two all-reduces per layer forward, two backward, of the local activations
-        tensor_bytes = 4 * 2 * examples * length * width * 2 * config.model.num_layers
+        tensor_bytes = 4 * 2 * examples * decoder.length * decoder.width * decoder.dtype_bytes * decoder.layers
     bandwidth = (
         chip.fast_bandwidth
         if target.groups == 1 or candidate.fsdp <= target.chips // target.groups
@@ -141,10 +145,10 @@ def estimate(
     return state + activations, max(compute, links)
 
 
-def _with(config: ml_collections.ConfigDict, candidate: Candidate) -> ml_collections.ConfigDict:
+def _with(config: ml_collections.ConfigDict, candidate: Candidate, decoder: DecoderShape) -> ml_collections.ConfigDict:
     trial = copy.deepcopy(config)
     trial.unlock()
-    trial.update_from_flattened_dict(candidate.overrides())
+    trial.update_from_flattened_dict(candidate.overrides(decoder))
     return trial
 
 
@@ -194,10 +198,10 @@ def search(
     """The compiled candidates with their results, best first. The analytic pre-screen orders the candidates;
     they are compiled `top` at a time (the first round also tries the best one unrolled) until `want` fit or
     `rounds` rounds have run."""
-    capacity = target.chip.memory_bytes
-    screened, sizes, every = [], sizes_of(config, experiment), candidates(config, target)
+    capacity, decoder = target.chip.memory_bytes, decoder_of(config, experiment)
+    screened, sizes, every = [], sizes_of(config, experiment), candidates(config, decoder, target)
     for candidate in every:
-        needed, seconds = estimate(config, experiment, target, candidate, mfu, sizes)
+        needed, seconds = estimate(config, decoder, target, candidate, mfu, sizes)
         if needed <= 1.2 * capacity:  # the analytic count is an estimate: keep the borderline ones
             screened.append((seconds, needed, candidate))
     screened.sort(key=lambda item: (item[0], item[1]))
@@ -209,9 +213,9 @@ def search(
     cached = 0
     for round_index in range(rounds):
         chosen, queue = queue[:top], queue[top:]
-        if round_index == 0 and chosen and config.model.scan_layers:
+        if round_index == 0 and chosen and decoder.scan_layers and decoder.scan_layers_key:
             chosen.append(dataclasses.replace(chosen[0], scan_layers=False))
-        cached += _compile_all(chosen, config, experiment_path, target, mfu, workers, cache, results)
+        cached += _compile_all(chosen, config, decoder, experiment_path, target, mfu, workers, cache, results)
         if not queue or sum(bool(result.get("fits")) for result in results.values()) >= want:
             break
     print(
@@ -228,13 +232,13 @@ def _order(item) -> tuple:
     return (not result.get("fits"), *(result.get(key, 1e30) for key in keys))
 
 
-def _compile_all(chosen, config, experiment_path, target, mfu, workers, cache: Path, results: dict) -> int:
+def _compile_all(chosen, config, decoder, experiment_path, target, mfu, workers, cache: Path, results: dict) -> int:
     """Compiles `chosen` in `workers` fresh processes into `results` (cached by config and target); how many
     came from the cache."""
     cache.mkdir(parents=True, exist_ok=True)
     pending = {}
     for candidate in chosen:
-        trial = _with(config, candidate)
+        trial = _with(config, candidate, decoder)
         path = cache / f"{cache_key(trial, target.spec, mfu)}.json"
         if path.exists():
             results[candidate] = json.loads(path.read_text())
@@ -279,9 +283,7 @@ def format_table(ranked: list[tuple[Candidate, dict]], target: targets.Target) -
 def main(config, experiment, config_argument: str, target: str, *, mfu: float, workers: int, top: int = 4) -> bool:
     """launch.py --plan: search, print the table and the best plan's overrides (on top of the command's own);
     whether any plan fits."""
-    needed = ("num_heads", "num_layers", "width", "block_size", "remat", "scan_layers")
-    if "model" not in config or any(key not in config.model for key in needed):
-        raise ConfigError(f"--plan searches decoder configs (model.{', model.'.join(needed)}): use --dry_run here")
+    decoder = decoder_of(config, experiment)
     parsed = targets.parse(target)
     cache = Path(os.environ.get("RESEARCH_PLAN_CACHE", CACHE))
     ranked = search(config, experiment, config_argument.partition(":")[0], parsed, mfu, workers, top, cache)
@@ -293,7 +295,7 @@ def main(config, experiment, config_argument: str, target: str, *, mfu: float, w
     from research.tools.dry_run import pool_advice
 
     best, result = fitting[0]
-    flags = " ".join(f"--config.{key}={value}" for key, value in best.overrides().items())
+    flags = " ".join(f"--config.{key}={value}" for key, value in best.overrides(decoder).items())
     print(f"best of {len(fitting)} fitting plans: {flags}")
     if advice := pool_advice(parsed, result["needed_bytes"]):
         print(advice)

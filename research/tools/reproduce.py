@@ -3,11 +3,13 @@
 An experiment declares what it should reach as plain data, a module-level tuple:
 
   REFERENCES = (
-      Reference(config="cpu", metric="eval/loss", published=1.88, tolerance=0.05, better="min",
-                source="nanoGPT README, shakespeare_char on a CPU"),
+      Reference(config="cpu", metric="eval/loss", value=1.88, tolerance=0.05, better="min",
+                source="nanoGPT README, shakespeare_char on a CPU", kind="published"),
   )
 
-`Reference` (research/experiment.py) says when a result passes. `config` is the `get_config`
+`Reference` (research/experiment.py) says when a result passes and what kind of number it is:
+`published` (a paper, README or leaderboard), `ours` (this repository's own earlier run, a
+regression guard) or `truth` (the value the data was generated with). `config` is the `get_config`
 argument (None: the default config) and `overrides` any dotted keys on top of it (ResNet
 depths); references sharing both share one training run. The run goes to
 WORKDIR/EXPERIMENT[_config][/overrides], so a finished one is reported, not retrained.
@@ -22,8 +24,8 @@ from typing import Any, Callable, Sequence
 import ml_collections
 
 from research import experiment as experiment_lib
-from research.config import ConfigError
-from research.experiment import Reference, hook
+from research.errors import ConfigError
+from research.experiment import REFERENCE_KINDS, Reference, hook
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,10 +140,10 @@ def reproduce(
 
 
 def format_table(outcomes: Sequence[Outcome]) -> str:
-    """Measured next to published, PASS or FAIL, one Markdown row per reference."""
+    """Measured next to the reference value and its kind, PASS or FAIL, one Markdown row per reference; a legend."""
     lines = [
-        "| experiment | config | metric | published | tolerance | measured | result | source |",
-        "|" + " --- |" * 8,
+        "| experiment | config | metric | reference | kind | tolerance | measured | result | source |",
+        "|" + " --- |" * 9,
     ]
     for outcome in outcomes:
         reference = outcome.reference
@@ -149,11 +151,13 @@ def format_table(outcomes: Sequence[Outcome]) -> str:
         bound = {"": "±", "min": "lower or ±", "max": "higher or ±"}[reference.better]
         measured = "n/a" if outcome.measured is None else f"{outcome.measured:.4f}"
         lines.append(
-            f"| {outcome.experiment} | {config} | {reference.metric} | {reference.published:.4f} "
+            f"| {outcome.experiment} | {config} | {reference.metric} | {reference.value:.4f} | {reference.kind} "
             f"| {bound}{reference.tolerance:g} "
             f"| {measured} | {'PASS' if outcome.passed else 'FAIL'} | {reference.source} |"
         )
-    return "\n".join(lines)
+    shown = {outcome.reference.kind for outcome in outcomes}
+    legend = "; ".join(f"{kind} = {meaning}" for kind, meaning in REFERENCE_KINDS.items() if kind in shown)
+    return "\n".join(lines) + f"\n\nkind: {legend}"
 
 
 def main(target: str, workdir: str, experiments_dir: str | Path) -> bool:

@@ -33,9 +33,10 @@ from typing import Any, Callable, Mapping, Sequence
 
 import ml_collections
 
-from research import slurm
-from research.config import OPEN_SECTIONS, ConfigError
+from research.config import OPEN_SECTIONS
+from research.errors import ConfigError
 from research.experiment import import_file, unknown_key_message
+from research.resilience import slurm
 
 Overrides = dict[str, Any]
 LOG_FILE = "sweep.log"  # a run's launch.py output, inside its workdir

@@ -22,8 +22,7 @@ import numpy as np
 from jax.sharding import AxisType, Mesh
 
 from research import sharding
-from research.config import ConfigError
-from research.runtime import MEMORY_FRACTION_VARIABLES
+from research.errors import MEMORY_FRACTION_VARIABLES, ConfigError
 
 GPU_TARGETS = Path(__file__).parent / "gpu_targets"
 GB, GIB = 1e9, 2**30

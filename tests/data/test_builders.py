@@ -11,6 +11,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from conftest import launch, write_cifar_archive
+from research import errors
 from research.data import (
     catalog,
     cifar10,
@@ -67,7 +68,7 @@ def test_mnist_offline_prepares_the_shipped_subset_and_says_so_once(data_dir, of
 
 def test_mnist_full_offline_without_files_fails_fast_in_one_line(tmp_path, offline):
     start = time.perf_counter()
-    with pytest.raises(files.MissingDataError) as error:
+    with pytest.raises(errors.MissingDataError) as error:
         tfds.builder("research_mnist/full", data_dir=str(tmp_path), file_format="array_record").download_and_prepare()
     assert time.perf_counter() - start < 5
     message = str(error.value)
@@ -108,7 +109,7 @@ def test_cifar10_prepares_from_a_generated_binary_archive(tmp_path, offline):
 
 def test_cifar10_without_the_archive_fails_fast_in_one_line(tmp_path, offline):
     start = time.perf_counter()
-    with pytest.raises(files.MissingDataError, match=r"put cifar-10-binary.tar.gz in .*downloads/manual"):
+    with pytest.raises(errors.MissingDataError, match=r"put cifar-10-binary.tar.gz in .*downloads/manual"):
         catalog.source("cifar10", "train", str(tmp_path))
     assert time.perf_counter() - start < 5
 
@@ -176,7 +177,7 @@ def test_shakespeare_acceptability_corrupts_half_the_held_out_lines_by_word_orde
 
 
 def test_unknown_dataset_name_is_one_line():
-    with pytest.raises(files.MissingDataError, match="unknown dataset 'mnits': use one of optdigits, mnist"):
+    with pytest.raises(errors.MissingDataError, match="unknown dataset 'mnits': use one of optdigits, mnist"):
         catalog.resolve("mnits")
 
 
@@ -198,7 +199,7 @@ def test_list_datasets_shows_what_is_prepared_where_with_split_sizes(data_dir):
 def test_official_tfds_dataset_without_tensorflow_fails_fast_in_one_line(tmp_path, offline):
     start = time.perf_counter()
     with pytest.raises(
-        files.MissingDataError,
+        errors.MissingDataError,
         match=r"^preparing the official tfds dataset 'tfds:mnist' needs TensorFlow: pip install tensorflow",
     ):
         catalog.source("tfds:mnist", "train", str(tmp_path))
@@ -212,7 +213,7 @@ def test_official_builder_offline_needs_its_files_in_the_manual_directory(tmp_pa
         url_infos={"https://example.org/a.gz": SimpleNamespace(filename="a.gz")}, data_dir_root=tmp_path
     )
     with pytest.raises(
-        files.MissingDataError, match=r"^dataset 'tfds:x' is not available offline: put a.gz in .*downloads/manual"
+        errors.MissingDataError, match=r"^dataset 'tfds:x' is not available offline: put a.gz in .*downloads/manual"
     ):
         catalog._check_official_files(stub, "tfds:x")
     files.manual_dir(str(tmp_path)).mkdir(parents=True)
@@ -252,6 +253,6 @@ def test_mnist_rejects_a_manual_file_that_is_not_the_official_one(tmp_path, offl
     for name in mnist.OFFICIAL_SHA256:
         write_idx(manual / name, np.zeros((1, 28, 28) if "images" in name else (1,)))
     with pytest.raises(
-        files.MissingDataError, match=r"is not the official train-images-idx3-ubyte.gz \(sha256 differs\)"
+        errors.MissingDataError, match=r"is not the official train-images-idx3-ubyte.gz \(sha256 differs\)"
     ):
         tfds.builder("research_mnist/full", data_dir=str(tmp_path), file_format="array_record").download_and_prepare()

@@ -12,6 +12,7 @@ import transformers
 from conftest import assert_trees_close, load_experiment, smoke_config
 from research import sharding, steps
 from research.models import param_count
+from research.tools import hf
 
 lm = load_experiment("lm")
 HF_CLASSES = {"llama": transformers.LlamaForCausalLM, "gpt2": transformers.GPT2LMHeadModel}
@@ -24,7 +25,7 @@ def test_published_sizes_have_the_published_parameter_counts(name):
     device (no memory): both give the count published for the released checkpoint."""
     config = lm.get_config(name)
     assert lm.parameter_count(config) == lm.PUBLISHED_PARAMETERS[name]
-    hf_config = lm.make_model(config).hf_config()
+    hf_config = hf.config_json(lm.make_model(config), lm.hf_layout(config))
     with torch.device("meta"):
         reference = HF_CLASSES[hf_config["model_type"]](CONFIGS[hf_config["model_type"]](**hf_config))
     assert reference.num_parameters() == lm.PUBLISHED_PARAMETERS[name]

@@ -13,9 +13,9 @@ import pytest
 
 from conftest import assert_trees_close, train_losses
 from experiments import bert_finetune, bert_pretrain, shakespeare_gpt, shakespeare_lstm
-from research import saved, sharding, train
-from research.config import ConfigError
+from research import sharding, train, trained_run
 from research.data import mlm, pipeline, text
+from research.errors import ConfigError
 from research.optim import make_tx
 
 UNIGRAM_ENTROPY = 3.31
@@ -186,7 +186,7 @@ def test_bert_finetune_frozen_encoder_keeps_the_pretrained_weights(pretrained, d
     _, pretrain_dir = pretrained
     overrides = {"init_from.workdir": str(pretrain_dir), "freeze": "^encoder/", "num_steps": 10}
     smoke_run(bert_finetune, data_dir, tmp_path, **overrides)
-    pretrained_params, _ = saved.load_params(pretrain_dir)
-    finetuned_params, _ = saved.load_params(tmp_path)
+    pretrained_params, _ = trained_run.load_params(pretrain_dir)
+    finetuned_params, _ = trained_run.load_params(tmp_path)
     assert_trees_close(finetuned_params["encoder"], pretrained_params["encoder"], atol=0.0)
     assert np.abs(finetuned_params["classifier"]["kernel"]).sum() > 0

@@ -6,7 +6,7 @@ import pytest
 from PIL import Image
 
 from conftest import python
-from research.config import ConfigError
+from research.errors import ConfigError
 from research.inference import explain, predict
 
 

@@ -1,5 +1,5 @@
 """Text models explained (research/inference/explain_text.py): attention maps equal `transformers`' own
-(output_attentions, random weights imported through research/tools/hf.py), token attributions satisfy
+(output_attentions, random weights imported through research/tools/hf/), token attributions satisfy
 completeness on the BERT classifier, and predict.py writes the pictures."""
 
 import types

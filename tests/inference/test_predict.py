@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, train_as_launch
-from research.config import ConfigError
+from research.errors import ConfigError
 from research.inference import export, predict, quantize
 from research.inference.generate import Sampling
 

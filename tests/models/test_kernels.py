@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from research import sharding
-from research.config import ConfigError
+from research.errors import ConfigError
 from research.models import kernels
 
 BATCH, LENGTH, HEADS, KV_HEADS, HEAD_DIM = 4, 256, 4, 2, 64

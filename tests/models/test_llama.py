@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from conftest import assert_trees_close
-from research.config import ConfigError
+from research.errors import ConfigError
 from research.inference.generate import Sampling, generate
 from research.models import param_count
 from research.models.llama import PUBLISHED_PARAMETERS, SIZES, Llama

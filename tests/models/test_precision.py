@@ -10,7 +10,7 @@ from conftest import assert_trees_close
 from experiments import shakespeare_gpt
 from research import sharding, train
 from research.checkpoint import CHECKPOINT_DIR
-from research.config import ConfigError
+from research.errors import ConfigError
 from research.models import compute_dtype
 from research.models.bert import BertEncoder
 from research.models.gpt import GPT

@@ -12,7 +12,7 @@ import optax
 import pytest
 
 from conftest import launch
-from research.config import ConfigError
+from research.errors import ConfigError
 from research.optim import contract, make_optimizer
 from research.optim.registry import check_against_params
 from research.tools import bench_optimizer, sweep

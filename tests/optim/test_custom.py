@@ -12,7 +12,7 @@ import pytest
 from conftest import assert_trees_close, launch, restored_state
 from experiments import digits_mlp, linear_regression
 from research import sharding, train
-from research.config import ConfigError
+from research.errors import ConfigError
 from research.optim import make_optimizer
 from research.steps import build
 from research.tools import check_optimizer as conformance

@@ -7,8 +7,8 @@ import numpy as np
 import optax
 import pytest
 
-from research import saved, train
-from research.config import ConfigError
+from research import train, trained_run
+from research.errors import ConfigError
 from research.experiment import load
 from research.optim import pruning
 
@@ -47,12 +47,12 @@ def test_a_pruned_run_reaches_its_sparsity_and_resumes_exactly(data_dir, tmp_pat
         {"pruning.sparsity": 0.75, "pruning.every": 20, "pruning.end_step": 110, "eval_every": 0, "log_every": 20}
     )
     final = train.train_and_evaluate(config, module, tmp_path / "straight")
-    straight, _ = saved.load_params(tmp_path / "straight")
+    straight, _ = trained_run.load_params(tmp_path / "straight")
     fraction, _, total = pruning.sparsity_of(straight)
     assert abs(fraction - 0.75) <= 1 / total  # reached at end_step, which is not a multiple of every
     assert final["test/accuracy"] > 0.85
     train.train_and_evaluate(config, module, tmp_path / "resumed", stop_at_step=60)  # mid-schedule
     train.train_and_evaluate(config, module, tmp_path / "resumed")
-    resumed, _ = saved.load_params(tmp_path / "resumed")
+    resumed, _ = trained_run.load_params(tmp_path / "resumed")
     for ours, theirs in zip(jax.tree.leaves(resumed), jax.tree.leaves(straight)):
         np.testing.assert_array_equal(ours, theirs)

@@ -6,7 +6,7 @@ import optax
 import orbax.checkpoint as ocp
 import pytest
 
-from research.config import ConfigError
+from research.errors import ConfigError
 from research.optim import OPTIMIZERS, make_optimizer
 from research.tools import check_optimizer as conformance
 

@@ -13,7 +13,8 @@ import pytest
 from conftest import assert_trees_close, launch
 from experiments import cifar10_resnet, digits_mlp, linear_regression
 from research import sharding, steps, train
-from research.config import ConfigError, optimizer_config
+from research.config import optimizer_config
+from research.errors import ConfigError
 from research.optim import accumulation, make_optimizer, regularizers
 from research.optim.schedules import SCHEDULES
 

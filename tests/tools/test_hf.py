@@ -10,8 +10,8 @@ import pytest
 import torch  # the reference implementation (the test extra)
 import transformers
 
-from conftest import python
-from research.config import ConfigError
+from conftest import load_experiment, python
+from research.errors import ConfigError
 from research.inference.generate import Sampling, generate
 from research.models import param_count
 from research.models.bert import BertEncoder, BertForMaskedLM
@@ -126,6 +126,7 @@ LOADERS = {
     "gpt": transformers.GPT2LMHeadModel,
     "bert": transformers.BertForMaskedLM,
 }
+MODEL_TYPES = {"llama": "llama", "gpt": "gpt2", "bert": "bert"}  # the layout each of OURS is written in
 
 
 @pytest.mark.parametrize(
@@ -136,7 +137,8 @@ def test_exported_model_loads_in_transformers_with_our_logits(tmp_path, name):
     model = OURS[name]()
     params = model.init(jax.random.PRNGKey(1), TOKENS)["params"]
     params = jax.tree.map(lambda leaf: leaf + 0.02 * jax.random.normal(jax.random.PRNGKey(2), leaf.shape), params)
-    hf.to_hf(model, params, tmp_path, max_shard_bytes=20_000 if "llama" in name else 10**9)
+    shard_bytes = 20_000 if "llama" in name else 10**9
+    hf.to_hf(model, params, tmp_path, MODEL_TYPES[name.split()[0]], max_shard_bytes=shard_bytes)
     assert (tmp_path / hf.INDEX).exists() == ("llama" in name)
     reference, info = LOADERS[name.split()[0]].from_pretrained(tmp_path, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
@@ -164,7 +166,7 @@ def test_greedy_generation_of_an_exported_model_is_ours(tmp_path, name):
     model = OURS[name]()
     params = model.init(jax.random.PRNGKey(3), TOKENS)["params"]
     params = jax.tree.map(lambda leaf: leaf * 4, params)  # sharper distributions than the init's
-    hf.to_hf(model, params, tmp_path)
+    hf.to_hf(model, params, tmp_path, MODEL_TYPES[name])
     reference = LOADERS[name].from_pretrained(tmp_path).eval()
     prompt = TOKENS[:, :8]
     ours = generate(model, params, prompt, 32, Sampling(temperature=0.0))
@@ -177,12 +179,12 @@ def test_a_checkpoint_that_does_not_fit_is_a_one_line_error(tmp_path):
     model = hf.model_from_config(config)
     missing = {name: value for name, value in tensors.items() if name != "model.layers.1.mlp.up_proj.weight"}
     with pytest.raises(ConfigError, match=r"^the checkpoint has no tensor model\.layers\.1\.mlp\.up_proj\.weight"):
-        hf.params_from_tensors(model, missing)
+        hf.params_from_tensors(model, missing, hf.LAYOUTS["llama"])
     wrong = tensors | {"model.norm.weight": np.ones(63, np.float32)}
     with pytest.raises(
         ConfigError, match=r"^tensor model\.norm\.weight has shape \(63,\), config.json implies \(64,\)"
     ):
-        hf.params_from_tensors(model, wrong)
+        hf.params_from_tensors(model, wrong, hf.LAYOUTS["llama"])
     scaled = config | {"rope_parameters": {"rope_type": "yarn", "factor": 8.0, "rope_theta": 500000.0}}
     with pytest.raises(ConfigError, match="rope scaling 'yarn' is not implemented"):
         hf.model_from_config(scaled)
@@ -191,9 +193,24 @@ def test_a_checkpoint_that_does_not_fit_is_a_one_line_error(tmp_path):
     gpt_config = json.loads(json.dumps(hf_gpt2().config.to_dict())) | {"activation_function": "relu"}
     with pytest.raises(ConfigError, match="activation_function 'relu'"):
         hf.model_from_config(gpt_config)
+    with pytest.raises(ConfigError, match="no Hugging Face layout 'mistral': the layouts are bert, gpt2, llama"):
+        hf.to_hf(OURS["llama"](), {}, tmp_path / "out", "mistral")
     (tmp_path / "model.safetensors").unlink()
     with pytest.raises(ConfigError, match="no model.safetensors or model.safetensors.index.json"):
         hf.read_checkpoint(tmp_path)
+
+
+def test_a_run_exports_in_the_layout_it_was_imported_from():
+    """Each layout is registered under its model_type, and an lm run of the family `import` makes of a layout
+    names that layout back through its hf_layout hook (the two mappings cannot drift apart)."""
+    lm = load_experiment("lm")
+    config = lm.get_config("smoke")
+    for model_type, layout in hf.LAYOUTS.items():
+        assert layout.model_type == model_type
+        if layout.run_family:
+            config.model.family = layout.run_family
+            assert lm.hf_layout(config) == model_type
+    assert sorted(layout.run_family for layout in hf.LAYOUTS.values() if layout.run_family) == ["gpt", "llama"]
 
 
 @pytest.mark.slow

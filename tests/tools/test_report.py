@@ -1,4 +1,4 @@
-"""research.report on fabricated runs: exact table values, grouping, ranking, CSV and the PNG figures."""
+"""research/tools/report.py on fabricated runs: exact table values, grouping, ranking, CSV and the PNG figures."""
 
 import csv
 import json

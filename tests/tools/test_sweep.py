@@ -10,7 +10,7 @@ import pytest
 
 from conftest import ROOT, launch, python
 from experiments import mnist_mlp
-from research.config import ConfigError
+from research.errors import ConfigError
 from research.tools import sweep
 
 

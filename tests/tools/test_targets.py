@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from research.config import ConfigError
+from research.errors import ConfigError
 from research.tools import hlo, targets
 
 

@@ -1,11 +1,12 @@
-"""The Hugging Face layout of a model's parameters: which tensor of a `transformers` checkpoint holds
-which of ours, and how to turn one into the other.
+"""What a family's Hugging Face layout says: which `transformers` architecture it is, how its config.json
+maps to our module and back, and which checkpoint tensor holds which of our parameters and how to turn
+one into the other.
 
-A model that can be exchanged (llama.Llama, gpt.GPT, bert.BertForMaskedLM) defines `hf_config()`,
-its config.json, and `hf_tensors()`, a list of `Tensor`s over its unrolled parameters (one subtree
-per layer: `unrolled`/`rolled` convert a scanned stack). Each builder in `FROM_HF` makes the model a
-config.json describes. research/tools/hf.py reads and writes the files; nothing here touches disk.
-The conversions are written with jax.numpy so that `jax.eval_shape` sizes a checkpoint without data.
+Each family's file beside this one (llama.py, gpt2.py, bert.py) defines a `Layout`; research/tools/hf/
+__init__.py lists them by model_type in `LAYOUTS` and reads and writes the files: nothing here touches
+disk. Tensors name our parameters unrolled (one subtree per layer: `unrolled`/`rolled` convert a
+scanned stack). The conversions are written with jax.numpy so that `jax.eval_shape` sizes a checkpoint
+without data.
 
 Hugging Face keeps a linear layer's weight as out x in (torch.nn.Linear) or, in GPT-2's Conv1D, in x
 out; a flax kernel is in x out, and an attention kernel is split into heads (D x H x Dh).
@@ -15,10 +16,9 @@ import dataclasses
 import re
 from typing import Any, Callable
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
-
-from research.config import ConfigError
 
 PyTree = Any
 
@@ -31,6 +31,18 @@ class Tensor:
     paths: tuple[str, ...]  # our parameters, "layers_0/q_proj/kernel"
     to_ours: Callable[[jax.Array], tuple[jax.Array, ...]]
     to_hf: Callable[..., jax.Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """One `transformers` architecture and the module of ours that computes the same function."""
+
+    model_type: str  # config.json's model_type, "llama": its key in LAYOUTS
+    architecture: str  # config.json's architectures[0], "LlamaForCausalLM"
+    from_config: Callable[..., nn.Module]  # (config.json as a dict, **overrides: scan_layers, dtype, ...) -> ours
+    to_config: Callable[[nn.Module], dict]  # ours -> config.json but the two above (a ConfigError where it has none)
+    tensors: Callable[[nn.Module], list[Tensor]]  # every checkpoint tensor of ours, over unrolled parameters
+    run_family: str = ""  # model.family of the experiments/lm.py run `import` makes; "": it makes none (encoders)
 
 
 def same(name: str, path: str) -> Tensor:
@@ -50,6 +62,16 @@ def reshaped(name: str, path: str, shape: tuple[int, ...], flat: tuple[int, ...]
     return Tensor(name, (path,), lambda array: (turn(array).reshape(shape),), lambda ours: turn(ours.reshape(flat)))
 
 
+def untied_head(tied: bool, name: str, path: str) -> list[Tensor]:
+    """An output head's own weight (a torch Linear); none where the head is the token embedding transposed."""
+    return [] if tied else [linear(name, path)]
+
+
+def layer_norm(name: str, path: str) -> list[Tensor]:
+    """A LayerNorm's weight and bias (`name`.weight, `name`.bias) as ours (`path`/scale, `path`/bias)."""
+    return [same(f"{name}.weight", f"{path}/scale"), same(f"{name}.bias", f"{path}/bias")]
+
+
 def unrolled(params: PyTree, stack: str = "layers") -> PyTree:
     """A scanned model's parameters with the stacked subtree `stack` split into `stack_0`, `stack_1`, ..."""
     if stack not in params:
@@ -65,10 +87,3 @@ def rolled(params: PyTree, stack: str = "layers") -> PyTree:
     layers = sorted((int(pattern.match(key)[1]), key) for key in params if pattern.match(key))
     rest = {key: value for key, value in params.items() if not pattern.match(key)}
     return rest | {stack: jax.tree.map(lambda *leaves: jnp.stack(leaves), *[params[key] for _, key in layers])}
-
-
-def require(config: dict, model_type: str, architecture: str) -> None:
-    """A one-line error unless config.json describes `model_type`."""
-    if config.get("model_type") != model_type:
-        found = (config.get("architectures") or [config.get("model_type", "an unknown model")])[0]
-        raise ConfigError(f"config.json describes {found}, not a {architecture}")

@@ -20,7 +20,7 @@ from absl import logging
 
 from research import checkpoint
 from research.checkpoint import CHECKPOINT_DIR, complete_steps
-from research.config import ConfigError
+from research.errors import ConfigError
 from research.optim.regularizers import eval_params
 from research.state import TrainState
 from research.tree import PyTree, named_leaves, path_name
@@ -34,8 +34,9 @@ def weights(directory: Path, step: int, abstract_state: TrainState, optimizer: s
     logging.set_verbosity(logging.ERROR)  # orbax warns that a read-only checkpoint directory is read-only
     try:
         with ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True)) as manager:
-            state, _ = checkpoint.restore(manager, step, abstract_state, iterator=None)
-        return state.replace(params=eval_params(state.params, state.opt_state))
+            state, _ = checkpoint.restore(manager, step, with_saved_extras(directory, step, abstract_state), None)
+        model_state = {name: state.model_state[name] for name in abstract_state.model_state}
+        return state.replace(params=eval_params(state.params, state.opt_state), model_state=model_state)
     except ValueError as error:  # another structure: saved by an older version of the optimizer
         if "do not match" not in str(error):
             raise
@@ -58,6 +59,15 @@ def weights(directory: Path, step: int, abstract_state: TrainState, optimizer: s
     )
     zeros = jax.tree.map(lambda like: place(np.zeros(like.shape), like), abstract_state.opt_state)
     return TrainState(saved["step"], params, model_state, zeros, saved["rng"])
+
+
+def with_saved_extras(directory: Path, step: int, abstract_state: TrainState) -> TrainState:
+    """`abstract_state` with the model-state collections saved at `step` that it lacks (what a feature kept beside
+    the model, such as a distilled run's copy of its teacher), on this process's first device, to be read and
+    dropped."""
+    saved = read_saved(directory, step, shapes_only=True).get("model_state") or {}
+    extras = {name: value for name, value in saved.items() if name not in abstract_state.model_state}
+    return abstract_state.replace(model_state=abstract_state.model_state | extras) if extras else abstract_state
 
 
 def saved_step(workdir: str | Path, step: int, setting: str) -> tuple[Path, int]:

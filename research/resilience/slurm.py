@@ -1,7 +1,7 @@
 """SLURM: a preempted job requeues itself, and a sweep is one job array.
 
 A job submitted with `#SBATCH --signal=B:USR1@120 --requeue` gets SIGUSR1 two minutes before its time
-limit or preemption. The training loop treats it as it treats SIGTERM (research/checkpoint.py
+limit or preemption. The training loop treats it as it treats SIGTERM (research/resilience/preemption.py
 PreemptionWatcher: save at the end of the step, stop) and then asks SLURM to put the job back in the
 queue (`scontrol requeue $SLURM_JOB_ID`, process 0 only); the requeued job runs the same script, which
 resumes from the checkpoint. SIGTERM alone (scancel, a hard preemption) saves and stops without a requeue.

@@ -1,0 +1,107 @@
+"""Hugging Face checkpoints as runs and back: `import` and `export` (research/tools/hf/__init__.py converts).
+
+  python -m research.tools.hf import HF_DIR WORKDIR [--scan_layers] [--experiment experiments/lm.py:cpu]
+  python -m research.tools.hf export WORKDIR HF_DIR [--checkpoint latest] [--max_shard_size 5GB]
+
+`import` writes a step-0 run (an Orbax checkpoint of the train state and config.json, with the
+checkpoint's tokenizer.json when it has one) that `init_from.workdir` fine-tunes, predict.py
+generates from, and launch.py trains on. `export` writes a run's evaluation parameters in the layout
+its experiment's `hf_layout` hook names.
+"""
+
+import argparse
+import shutil
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+from research import checkpoint, sharding, steps
+from research import experiment as experiment_lib
+from research.errors import ConfigError
+from research.experiment import hook
+from research.inference.predict import load_run
+from research.state import TrainState
+from research.tools.hf import LAYOUTS, TOKENIZER, layout_of, params_from_tensors, parse_size, read_checkpoint, to_hf
+
+
+def import_run(source: str | Path, workdir: str | Path, experiment_spec: str, scan_layers: bool) -> str:
+    """Writes a step-0 run of the experiment (experiments/lm.py) holding the checkpoint's parameters."""
+    hf_config, tensors = read_checkpoint(source)
+    layout = layout_of(hf_config)
+    if not layout.run_family:
+        runs = ", ".join(sorted(name for name, each in LAYOUTS.items() if each.run_family))
+        raise ConfigError(
+            f"import makes runs of decoder language models ({runs}); use hf.from_hf for {layout.architecture}"
+        )
+    model = layout.from_config(hf_config)
+    if hasattr(model, "scan_layers"):
+        model = model.clone(scan_layers=scan_layers)
+    params = params_from_tensors(model, tensors, layout)
+    path, _, variant = experiment_spec.partition(":")
+    module = experiment_lib.load(path)
+    config = module.get_config(variant or None)
+    config.model.family = layout.run_family
+    for field in config.model.keys():  # the experiment names its model settings as the module's fields
+        if hasattr(model, field) and field != "dtype":
+            value = getattr(model, field)
+            config.model[field] = jnp.dtype(value).name if field == "param_dtype" else value
+    workdir = Path(workdir)
+    if (Path(source) / TOKENIZER).exists():
+        workdir.mkdir(parents=True, exist_ok=True)
+        shutil.copy(Path(source) / TOKENIZER, workdir / TOKENIZER)
+        config.data.tokenizer = str((workdir / TOKENIZER).absolute())
+    config.init_from.workdir = ""
+    experiment_lib.claim_workdir(workdir, experiment_lib.name_of(path), config)
+    setup = steps.build(config, module, sharding.make_mesh({"data": 1}, jax.devices()[:1]))
+    params = jax.tree.map(jnp.asarray, params)  # already in the model's param_dtype; no random init to discard
+    train_rng = jax.random.split(jax.random.PRNGKey(config.seed))[1]  # as steps.initial_state splits it
+    state = TrainState(jnp.zeros((), jnp.int32), params, {}, setup.tx.init(params), train_rng)
+    with checkpoint.make_manager(workdir, config.checkpoint) as manager:
+        checkpoint.save(manager, 0, state, None, config, force=True)
+        manager.wait_until_finished()
+    return f"imported {source} ({layout.model_type}, {len(tensors)} tensors) into {workdir} as step 0"
+
+
+def export_run(workdir: str | Path, directory: str | Path, which: str, max_shard_bytes: int) -> str:
+    """Writes a trained run's model (its evaluation parameters) as a Hugging Face checkpoint."""
+    run = load_run(workdir, which=which)
+    hf_layout = hook(run.module, "hf_layout")
+    if hf_layout is None:
+        raise ConfigError(f"experiment {run.name} names no Hugging Face layout (its hf_layout hook): nothing to export")
+    to_hf(run.model, run.params, directory, hf_layout(run.config), max_shard_bytes)
+    tokenizer = Path(workdir) / TOKENIZER
+    if tokenizer.exists():
+        shutil.copy(tokenizer, Path(directory) / TOKENIZER)
+    return f"exported {workdir} step {run.step} ({type(run.model).__name__}) to {directory}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m research.tools.hf", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    importing = commands.add_parser("import", help="a Hugging Face directory -> a step-0 run (WORKDIR)")
+    importing.add_argument("source")
+    importing.add_argument("workdir")
+    importing.add_argument("--experiment", default="experiments/lm.py:cpu", help="the run's experiment[:config]")
+    importing.add_argument("--scan_layers", action="store_true", help="stack a Llama's layers under nn.scan")
+    exporting = commands.add_parser("export", help="a run (WORKDIR) -> a Hugging Face directory")
+    exporting.add_argument("workdir")
+    exporting.add_argument("directory")
+    exporting.add_argument("--checkpoint", default="latest", help="latest, best or a step")
+    exporting.add_argument("--max_shard_size", default="5GB", help="shard the safetensors above this size")
+    arguments = parser.parse_args(argv)
+    try:
+        if arguments.command == "import":
+            print(import_run(arguments.source, arguments.workdir, arguments.experiment, arguments.scan_layers))
+        else:
+            size = parse_size(arguments.max_shard_size)
+            print(export_run(arguments.workdir, arguments.directory, arguments.checkpoint, size))
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
