@@ -80,7 +80,8 @@ def test_run_writes_its_files_then_guards_the_workdir(tmp_path):
         "--config", "experiments/linear_regression.py:smoke", "--workdir", str(workdir), "--config.num_steps=60"
     )
     assert result.returncode == 0, result.stderr
-    assert "num_steps: 60" in result.stdout  # the resolved config is printed
+    shown = result.stdout.splitlines()
+    assert shown[1] == "overrides: num_steps=60" and "num_steps: 60" not in shown  # the config is in config.json
     saved = json.loads((workdir / "config.json").read_text())
     assert saved["experiment"] == "linear_regression" and saved["config"]["num_steps"] == 60
     results = json.loads((workdir / "results.json").read_text())

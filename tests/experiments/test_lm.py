@@ -12,7 +12,7 @@ import transformers
 from conftest import assert_trees_close, load_experiment, smoke_config
 from research import sharding, steps
 from research.models import param_count
-from research.tools import hf
+from research.tools.hf import convert as hf
 
 lm = load_experiment("lm")
 HF_CLASSES = {"llama": transformers.LlamaForCausalLM, "gpt2": transformers.GPT2LMHeadModel}

@@ -11,7 +11,7 @@ import transformers
 
 from conftest import python
 from research.inference import explain_text, predict
-from research.tools import hf
+from research.tools.hf import convert as hf
 
 VOCAB, TOKENS = 96, np.random.default_rng(0).integers(1, 96, size=(2, 24))
 SMALL = dict(num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=64)

@@ -17,7 +17,7 @@ from research.models import param_count
 from research.models.bert import BertEncoder, BertForMaskedLM
 from research.models.gpt import GPT
 from research.models.llama import Llama
-from research.tools import hf
+from research.tools.hf import convert as hf
 
 VOCAB = 96
 TOKENS = np.random.default_rng(0).integers(0, VOCAB, size=(2, 24))

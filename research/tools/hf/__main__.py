@@ -1,4 +1,4 @@
-"""Hugging Face checkpoints as runs and back: `import` and `export` (research/tools/hf/__init__.py converts).
+"""Hugging Face checkpoints as runs and back: `import` and `export` (research/tools/hf/convert.py converts).
 
   python -m research.tools.hf import HF_DIR WORKDIR [--scan_layers] [--experiment experiments/lm.py:cpu]
   python -m research.tools.hf export WORKDIR HF_DIR [--checkpoint latest] [--max_shard_size 5GB]
@@ -14,31 +14,35 @@ import shutil
 import sys
 from pathlib import Path
 
-import jax
-import jax.numpy as jnp
+from research import runtime
 
-from research import checkpoint, sharding, steps
-from research import experiment as experiment_lib
-from research.errors import ConfigError
-from research.experiment import hook
-from research.inference.predict import load_run
-from research.state import TrainState
-from research.tools.hf import LAYOUTS, TOKENIZER, layout_of, params_from_tensors, parse_size, read_checkpoint, to_hf
+runtime.configure_process()  # as launch.py: XLA flags, the allocator and a quiet start, before JAX starts
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+from research import checkpoint, errors, sharding, steps  # noqa: E402
+from research import experiment as experiment_lib  # noqa: E402
+from research.errors import ConfigError  # noqa: E402
+from research.experiment import hook  # noqa: E402
+from research.inference.predict import load_run  # noqa: E402
+from research.state import TrainState  # noqa: E402
+from research.tools.hf import convert  # noqa: E402
 
 
 def import_run(source: str | Path, workdir: str | Path, experiment_spec: str, scan_layers: bool) -> str:
     """Writes a step-0 run of the experiment (experiments/lm.py) holding the checkpoint's parameters."""
-    hf_config, tensors = read_checkpoint(source)
-    layout = layout_of(hf_config)
+    hf_config, tensors = convert.read_checkpoint(source)
+    layout = convert.layout_of(hf_config)
     if not layout.run_family:
-        runs = ", ".join(sorted(name for name, each in LAYOUTS.items() if each.run_family))
+        runs = ", ".join(sorted(name for name, each in convert.LAYOUTS.items() if each.run_family))
         raise ConfigError(
             f"import makes runs of decoder language models ({runs}); use hf.from_hf for {layout.architecture}"
         )
     model = layout.from_config(hf_config)
     if hasattr(model, "scan_layers"):
         model = model.clone(scan_layers=scan_layers)
-    params = params_from_tensors(model, tensors, layout)
+    params = convert.params_from_tensors(model, tensors, layout)
     path, _, variant = experiment_spec.partition(":")
     module = experiment_lib.load(path)
     config = module.get_config(variant or None)
@@ -48,10 +52,10 @@ def import_run(source: str | Path, workdir: str | Path, experiment_spec: str, sc
             value = getattr(model, field)
             config.model[field] = jnp.dtype(value).name if field == "param_dtype" else value
     workdir = Path(workdir)
-    if (Path(source) / TOKENIZER).exists():
+    if (Path(source) / convert.TOKENIZER).exists():
         workdir.mkdir(parents=True, exist_ok=True)
-        shutil.copy(Path(source) / TOKENIZER, workdir / TOKENIZER)
-        config.data.tokenizer = str((workdir / TOKENIZER).absolute())
+        shutil.copy(Path(source) / convert.TOKENIZER, workdir / convert.TOKENIZER)
+        config.data.tokenizer = str((workdir / convert.TOKENIZER).absolute())
     config.init_from.workdir = ""
     experiment_lib.claim_workdir(workdir, experiment_lib.name_of(path), config)
     setup = steps.build(config, module, sharding.make_mesh({"data": 1}, jax.devices()[:1]))
@@ -70,10 +74,10 @@ def export_run(workdir: str | Path, directory: str | Path, which: str, max_shard
     hf_layout = hook(run.module, "hf_layout")
     if hf_layout is None:
         raise ConfigError(f"experiment {run.name} names no Hugging Face layout (its hf_layout hook): nothing to export")
-    to_hf(run.model, run.params, directory, hf_layout(run.config), max_shard_bytes)
-    tokenizer = Path(workdir) / TOKENIZER
+    convert.to_hf(run.model, run.params, directory, hf_layout(run.config), max_shard_bytes)
+    tokenizer = Path(workdir) / convert.TOKENIZER
     if tokenizer.exists():
-        shutil.copy(tokenizer, Path(directory) / TOKENIZER)
+        shutil.copy(tokenizer, Path(directory) / convert.TOKENIZER)
     return f"exported {workdir} step {run.step} ({type(run.model).__name__}) to {directory}"
 
 
@@ -91,15 +95,12 @@ def main(argv: list[str] | None = None) -> int:
     exporting.add_argument("--checkpoint", default="latest", help="latest, best or a step")
     exporting.add_argument("--max_shard_size", default="5GB", help="shard the safetensors above this size")
     arguments = parser.parse_args(argv)
-    try:
+    with errors.exit_on_error():  # a bad input is one line, exit status 2, as in launch.py
         if arguments.command == "import":
             print(import_run(arguments.source, arguments.workdir, arguments.experiment, arguments.scan_layers))
         else:
-            size = parse_size(arguments.max_shard_size)
+            size = convert.parse_size(arguments.max_shard_size)
             print(export_run(arguments.workdir, arguments.directory, arguments.checkpoint, size))
-    except ConfigError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
     return 0
 
 
