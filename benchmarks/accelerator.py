@@ -42,7 +42,6 @@ from research import perf, sharding  # noqa: E402
 from research.errors import ConfigError  # noqa: E402
 from research.models import param_count  # noqa: E402
 from research.models.resnet import ImageNetResNet  # noqa: E402
-from research.models.transformer import REMAT_RECOMPUTE  # noqa: E402
 from research.steps import build  # noqa: E402
 from research.tools import dry_run, targets  # noqa: E402
 
@@ -99,7 +98,7 @@ def estimate(config, experiment, setup, compiled, peak: float) -> dict:
     the analytic count, and the tokens/s of its roofline at 40 % MFU of `peak` (one device: no collectives)."""
     parameters = param_count(setup.abstract_state.params)
     tokens = dry_run.tokens_in(setup.batch_spec)
-    recompute = REMAT_RECOMPUTE[config.model.remat]
+    recompute = dry_run.recompute_of(config, experiment)
     seconds = dry_run.model_flops(config, experiment, parameters, tokens) * recompute / (0.4 * peak)
     return {
         "dry_run_memory_gib": dry_run.compiled_bytes(compiled)["total"] / 2**30,
