@@ -12,6 +12,7 @@ import ast
 import copy
 import dataclasses
 import difflib
+import functools
 import importlib.util
 import json
 import math
@@ -71,6 +72,12 @@ class Hooks(Protocol):
 
     def decode_tokens(self, config: ml_collections.ConfigDict, ids) -> str:
         """A language model's text of token ids (also the vocabulary an export carries)."""
+
+    def end_ids(self, config: ml_collections.ConfigDict) -> tuple[int, ...]:
+        """Token ids that end a generated text (export writes them as generation_config.json's eos_token_id)."""
+
+    def tokenizer_file(self, config: ml_collections.ConfigDict) -> str:
+        """The tokenizer.json a language model reads its text with, "" for none (export copies it)."""
 
     def token_pieces(self, config: ml_collections.ConfigDict, ids) -> list[str]:
         """Each token id's text, for the pictures of a text model (without it: decode_tokens one id at a time)."""
@@ -177,6 +184,9 @@ class DecoderShape:
     dtype_bytes: int  # one activation in the compute dtype
     fused_attention: bool  # a fused kernel keeps softmax statistics, not the L x L weights
     loss_chunk: int = 0  # positions the loss's head takes at a time; 0: the whole window
+    attention: str = "auto"  # the attention implementation asked for (research/models/kernels.py)
+    layer_windows: tuple[int, ...] = ()  # each layer's attention window (0: every earlier position); (): all 0
+    attention_softcap: float = 0.0  # > 0: scores soft-capped (kernels that cannot, cuDNN's, are not chosen)
     remat_key: str = ""  # the dotted config key of `remat`
     scan_layers_key: str = ""  # the dotted config key of `scan_layers`
 
@@ -309,3 +319,15 @@ def saved_run(workdir: str | Path, experiments_dir: str | Path) -> tuple[str, Mo
 
     overlay(merged, record["config"])
     return record["experiment"], module, ml_collections.ConfigDict(merged)
+
+
+def settings_of(workdir: str | Path, experiment_file: str | Path, keys: Iterable[str]) -> dict[str, Any]:
+    """Another run's values of the dotted config `keys` (lists as tuples), for a run of the same experiment
+    (`experiment_file`) that continues from it, such as a fine-tune taking its model's settings."""
+    if not (Path(workdir) / RUN_FILE).is_file():
+        raise ConfigError(f"{workdir}: no {RUN_FILE}, so not a run to continue from: give a run's workdir")
+    name, _, config = saved_run(workdir, Path(experiment_file).parent)
+    if name != name_of(experiment_file):
+        raise ConfigError(f"{workdir} holds a run of experiment {name!r}, not of {name_of(experiment_file)!r}")
+    values = {key: functools.reduce(lambda node, part: node[part], key.split("."), config) for key in keys}
+    return {key: tuple(value) if isinstance(value, list) else value for key, value in values.items()}

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from research.models import laid_out, shard_batch
+from research.models import laid_out, shard_batch, softcapped
 
 
 def _weights(values: jax.Array, mask: jax.Array | None) -> jax.Array:
@@ -186,13 +186,14 @@ def next_token_loss(logits_BxLxV: jax.Array, batch: Mapping[str, jax.Array]) -> 
 
 
 def chunked_next_token_loss(
-    features_BxLxD: jax.Array, head_DxV: jax.Array, batch: Mapping[str, jax.Array], chunk: int
+    features_BxLxD: jax.Array, head_DxV: jax.Array, batch: Mapping[str, jax.Array], chunk: int, softcap: float = 0.0
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """next_token_loss without the batch's B x L x V logits: the head (features @ head_DxV, float32
     logits) runs on `chunk` positions of every sequence at a time in a scan whose body is
     rematerialised, so neither pass holds more than B x chunk x V logits (a large-vocabulary model's
     largest activation otherwise). The batch axis stays whole in each chunk, so a batch split over
-    devices stays split: each device computes its own sequences' logits."""
+    devices stays split: each device computes its own sequences' logits. `softcap` > 0 soft-caps the logits
+    (cap * tanh(logits / cap), Gemma 2's final logits)."""
     batch_size, length, width = features_BxLxD.shape
     weights_BxL = position_weights(batch)
     targets_BxL = batch["targets"]
@@ -208,6 +209,7 @@ def chunked_next_token_loss(
         logits_BxCxV = jnp.einsum(
             "bcd,dv->bcv", shard_batch(features_BxCxD), head_DxV, preferred_element_type=jnp.float32
         )
+        logits_BxCxV = softcapped(logits_BxCxV, softcap)
         nll_BxC = optax.softmax_cross_entropy_with_integer_labels(logits_BxCxV, targets_BxC)
         return total + jnp.sum(nll_BxC * weights_BxC), None
 

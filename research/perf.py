@@ -23,13 +23,17 @@ from research.logger import Throughput
 PEAK_MATMUL_SIZE = 1024  # float32 1024^2 matmuls: ~2 GFLOP each, big enough to reach the BLAS peak on a CPU
 
 
-def gpt_training_flops_per_token(parameters: int, num_layers: int, width: int, length: int) -> float:
-    """6 N (Kaplan et al. 2020) plus attention's scores and weighted sum: 3 x 2 x 2 x L x D per layer.
+def gpt_training_flops_per_token(
+    parameters: int, num_layers: int, width: int, length: int, windows: Sequence[int] = ()
+) -> float:
+    """6 N (Kaplan et al. 2020) plus attention's scores and weighted sum: 3 x 2 x 2 x L x D per layer, a layer
+    with a window w < L counting w keys instead of L (`windows`: each layer's, 0 for every position).
 
     The attention term counts the full L x L products, the usual convention (Chowdhery et al. 2022,
     appendix B); research.models.attention skips most of the causally masked blocks, so XLA counts
     ~4% fewer FLOPs for the benchmarked GPTs (benchmarks/train_speed.py prints the ratio)."""
-    return 6.0 * parameters + 12.0 * num_layers * length * width
+    keys = sum(min(window or length, length) for window in windows) if windows else num_layers * length
+    return 6.0 * parameters + 12.0 * keys * width
 
 
 def conv_flops(height: int, width: int, kernel: int, in_channels: int, out_channels: int) -> float:

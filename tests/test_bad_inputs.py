@@ -61,6 +61,12 @@ CASES = [
         "error: init_from: no checkpoints",
     ),
     (
+        "fine-tune from nowhere",
+        "launch",
+        ["--config", "experiments/lm.py:from=TMP/nowhere", "--workdir=TMP/new"],
+        "error: TMP/nowhere: no config.json, so not a run to continue from",
+    ),
+    (
         "distill teacher nowhere",
         "launch",
         [*DIGITS, "--config.distill.teacher=TMP/nowhere"],

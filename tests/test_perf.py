@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from conftest import assert_trees_close, launch
-from experiments import cifar10_resnet, mnist_cnn, shakespeare_gpt
+from experiments import cifar10_resnet, lm, mnist_cnn, shakespeare_gpt
 from research import perf, train
 from research.errors import ConfigError
 from research.models import attention
@@ -102,6 +102,11 @@ def test_flops_per_example_match_hand_counts():
     parameters = shakespeare_gpt.parameter_count(config)
     assert parameters == 812_416
     assert shakespeare_gpt.flops_per_example(config) == pytest.approx(128 * (6 * 812_416 + 12 * 4 * 128 * 128))
+    # A sliding-window layer counts its window's keys: Gemma 3 at :cpu, layers 1-3 of 4 seeing 16 of 64 positions.
+    config = lm.get_config("cpu-gemma3")
+    config.model.vocab_size = 66  # set: no tokenizer is read
+    attention = 12 * (3 * 16 + 64) * 128
+    assert lm.flops_per_example(config) == pytest.approx(64 * (6 * lm.parameter_count(config) + attention))
     # CNN: 2 x (28^2 x 9 x 1 x 64 + 14^2 x 9 x 64 x 128 + 7^2 x 128 x 1000 + 1000 x 10) forward, x3.
     forward = 2 * (28**2 * 9 * 64 + 14**2 * 9 * 64 * 128 + 49 * 128 * 1000 + 1000 * 10)
     assert mnist_cnn.flops_per_example(mnist_cnn.get_config()) == pytest.approx(3 * forward)

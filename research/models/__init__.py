@@ -54,3 +54,8 @@ def apply_with_dropout(model, variables: dict, *inputs: Any, rng: jax.Array | No
     `rng` is given (training); off when it is None (evaluation, as the trainer calls loss_fn there)."""
     rngs = None if rng is None else {"dropout": rng}
     return model.apply(variables, *inputs, deterministic=rng is None, rngs=rngs, **options)
+
+
+def softcapped(x: jax.Array, cap: float) -> jax.Array:
+    """cap * tanh(x / cap): x squashed smoothly into (-cap, cap) (Gemma 2's scores and logits); x when cap is 0."""
+    return cap * jnp.tanh(x / cap) if cap else x

@@ -25,7 +25,7 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from research.errors import ConfigError
-from research.models import attention
+from research.models import softcapped
 
 IMPLEMENTATIONS = ("auto", "xla", "cudnn", "splash")
 SPLASH_BLOCK = 128  # splash's query and key blocks; the length must be a multiple
@@ -50,36 +50,55 @@ def _mesh_axes() -> tuple[tuple[str, ...], str | None, int, int]:
     return batch_axes, head_axis, batch_shards, mesh.shape[head_axis] if head_axis else 1
 
 
-def splash_supports(query_BxLxHxDh: jax.Array, key_BxSxKxDh: jax.Array) -> bool:
-    """Whether the splash kernel takes these shapes under the mesh in context."""
+def splash_refusal(query_BxLxHxDh: jax.Array, key_BxSxKxDh: jax.Array) -> str:
+    """Why the splash kernel does not take these shapes under the mesh in context ("" when it does)."""
     batch, length, heads, _ = query_BxLxHxDh.shape
     _, _, batch_shards, head_shards = _mesh_axes()
-    kv_heads = key_BxSxKxDh.shape[2]
-    return (
-        length % SPLASH_BLOCK == 0
-        and key_BxSxKxDh.shape[1] == length
-        and batch % batch_shards == 0
-        and heads % head_shards == 0
-        and kv_heads % head_shards == 0
-    )
+    reasons = [
+        (length % SPLASH_BLOCK, f"length {length:,} (a multiple of {SPLASH_BLOCK})"),
+        (key_BxSxKxDh.shape[1] != length, "keys of another length than the queries"),
+        (batch % batch_shards, f"batch {batch} over {batch_shards} batch shards"),
+        (heads % head_shards or key_BxSxKxDh.shape[2] % head_shards, f"heads over tensor {head_shards}"),
+    ]
+    return ", ".join(reason for refused, reason in reasons if refused)
 
 
-def cudnn_supports(query_BxLxHxDh: jax.Array, segment_ids_BxL: jax.Array | None) -> bool:
-    """Whether cuDNN's fused attention takes these (jax's limits: half precision, head width <= 128, a multiple
-    of 8; no document masks through jax.nn.dot_product_attention)."""
+def splash_supports(query_BxLxHxDh: jax.Array, key_BxSxKxDh: jax.Array) -> bool:
+    """Whether the splash kernel takes these shapes under the mesh in context."""
+    return not splash_refusal(query_BxLxHxDh, key_BxSxKxDh)
+
+
+def cudnn_refusal(query_BxLxHxDh: jax.Array, segment_ids_BxL: jax.Array | None, softcap: float = 0.0) -> str:
+    """Why cuDNN's fused attention does not take these ("" when it does): jax's limits (half precision, head width
+    <= 128 and a multiple of 8; no document masks and no soft-capping through jax.nn.dot_product_attention)."""
     head_dim = query_BxLxHxDh.shape[-1]
-    return query_BxLxHxDh.dtype in CUDNN_DTYPES and head_dim <= 128 and head_dim % 8 == 0 and segment_ids_BxL is None
+    reasons = [
+        (query_BxLxHxDh.dtype not in CUDNN_DTYPES, f"{jnp.dtype(query_BxLxHxDh.dtype).name} compute, not half"),
+        (head_dim > 128 or head_dim % 8, f"head width {head_dim} (<= 128, a multiple of 8)"),
+        (segment_ids_BxL is not None, "document masks"),
+        (bool(softcap), f"scores soft-capped at {softcap:g}"),
+    ]
+    return ", ".join(reason for refused, reason in reasons if refused)
+
+
+def cudnn_supports(query_BxLxHxDh: jax.Array, segment_ids_BxL: jax.Array | None, softcap: float = 0.0) -> bool:
+    """Whether cuDNN's fused attention takes these (`cudnn_refusal` says why not)."""
+    return not cudnn_refusal(query_BxLxHxDh, segment_ids_BxL, softcap)
 
 
 def choose(
-    implementation: str, query_BxLxHxDh: jax.Array, key_BxSxKxDh: jax.Array, segment_ids_BxL: jax.Array | None
+    implementation: str,
+    query_BxLxHxDh: jax.Array,
+    key_BxSxKxDh: jax.Array,
+    segment_ids_BxL: jax.Array | None,
+    softcap: float = 0.0,
 ) -> str:
     """The implementation `attend` runs: `implementation` itself, or for "auto" the platform's fused kernel."""
     if implementation not in IMPLEMENTATIONS:
         raise ConfigError(f"model.attention {implementation!r}: use one of {', '.join(IMPLEMENTATIONS)}")
     if implementation != "auto":
         return implementation
-    if platform() == "gpu" and cudnn_supports(query_BxLxHxDh, segment_ids_BxL):
+    if platform() == "gpu" and cudnn_supports(query_BxLxHxDh, segment_ids_BxL, softcap):
         return "cudnn"
     if platform() == "tpu" and splash_supports(query_BxLxHxDh, key_BxSxKxDh):
         return "splash"
@@ -94,35 +113,78 @@ def attend(
     implementation: str = "auto",
     segment_ids_BxL: jax.Array | None = None,
     window: int = 0,
+    scale: float | None = None,
+    softcap: float = 0.0,
 ) -> jax.Array:
     """Causal attention (each query head h reads key/value head h // (H / K)); `window` > 0 limits each
-    position to the last `window` positions, itself included. Returns B x L x H x Dh."""
-    chosen = choose(implementation, query_BxLxHxDh, key_BxSxKxDh, segment_ids_BxL)
-    length = query_BxLxHxDh.shape[1]
+    position to the last `window` positions, itself included; scores are scaled by `scale` (None: 1/sqrt(Dh))
+    and soft-capped at `softcap` (> 0: cap * tanh(score / cap), Gemma 2). Returns B x L x H x Dh."""
+    chosen = choose(implementation, query_BxLxHxDh, key_BxSxKxDh, segment_ids_BxL, softcap)
+    length, head_dim = query_BxLxHxDh.shape[1], query_BxLxHxDh.shape[3]
+    scale = head_dim**-0.5 if scale is None else scale
     local_window = (window - 1, 0) if 0 < window < length else None
     if chosen == "splash":
-        return _splash(query_BxLxHxDh, key_BxSxKxDh, value_BxSxKxDh, segment_ids_BxL, local_window)
+        return _splash(query_BxLxHxDh, key_BxSxKxDh, value_BxSxKxDh, segment_ids_BxL, local_window, scale, softcap)
     if chosen == "cudnn":
-        if platform() != "gpu" or not cudnn_supports(query_BxLxHxDh, segment_ids_BxL):
+        if platform() != "gpu" or not cudnn_supports(query_BxLxHxDh, segment_ids_BxL, softcap):
             raise ConfigError(
                 "model.attention 'cudnn' needs an NVIDIA GPU, bfloat16 or float16 compute (model.dtype), a head width "
-                "<= 128 and no document masks: use auto"
+                "<= 128, no document masks and no soft-capping: use auto"
             )
         return jax.nn.dot_product_attention(
             *_same_layout(query_BxLxHxDh, key_BxSxKxDh, value_BxSxKxDh),
+            scale=scale,
             is_causal=True,
             local_window_size=local_window,
             implementation="cudnn",
         )
+    if softcap:  # jax.nn.dot_product_attention has no soft-cap
+        allowed_LxS = _causal(length, window)
+        same = _same_document(segment_ids_BxL)
+        allowed = allowed_LxS if same is None else same & allowed_LxS
+        return plain_attention(query_BxLxHxDh, key_BxSxKxDh, value_BxSxKxDh, allowed, scale=scale, softcap=softcap)
     return jax.nn.dot_product_attention(
         query_BxLxHxDh,
         key_BxSxKxDh,
         value_BxSxKxDh,
         mask=_same_document(segment_ids_BxL),
+        scale=scale,
         is_causal=True,
         local_window_size=local_window,
         implementation="xla",
     )
+
+
+def _causal(length: int, window) -> jax.Array:
+    """L x L: True where query i may see key j (j <= i, and i - j < window when window > 0; window may be traced)."""
+    distance_LxL = jnp.arange(length)[:, None] - jnp.arange(length)[None, :]
+    return (distance_LxL >= 0) & ((window == 0) | (distance_LxL < window))
+
+
+def _scores(query_BxLxHxDh, key_BxSxKxDh, allowed, scale: float, softcap: float) -> jax.Array:
+    """B x K x G x L x S float32 attention weights of the G = H / K query heads sharing each key/value head;
+    `allowed` broadcasts to B x 1 x L x S (or L x S)."""
+    batch, length, heads, head_dim = query_BxLxHxDh.shape
+    kv_heads = key_BxSxKxDh.shape[2]
+    query_BxLxKxGxDh = query_BxLxHxDh.reshape(batch, length, kv_heads, heads // kv_heads, head_dim)
+    scores = jnp.einsum(
+        "blkgd,bskd->bkgls", query_BxLxKxGxDh, key_BxSxKxDh, preferred_element_type=jnp.float32
+    ) * jnp.float32(scale)
+    scores = softcapped(scores, softcap)
+    allowed = jnp.asarray(allowed)
+    allowed_Bx1x1xLxS = allowed[:, :, None] if allowed.ndim == 4 else allowed  # B x 1 x L x S -> B x 1 x 1 x L x S
+    return jax.nn.softmax(jnp.where(allowed_Bx1x1xLxS, scores, jnp.finfo(jnp.float32).min), axis=-1)
+
+
+def plain_attention(
+    query_BxLxHxDh, key_BxSxKxDh, value_BxSxKxDh, allowed, *, scale: float, softcap: float = 0.0
+) -> jax.Array:
+    """Attention written out in XLA with an explicit mask (`allowed`: True where a query sees a key, L x S or
+    B x 1 x L x S): the soft-capped path and one-position decoding. Returns B x L x H x Dh."""
+    batch, length, heads, head_dim = query_BxLxHxDh.shape
+    weights = _scores(query_BxLxHxDh, key_BxSxKxDh, allowed, scale, softcap)
+    out = jnp.einsum("bkgls,bskd->blkgd", weights.astype(value_BxSxKxDh.dtype), value_BxSxKxDh)
+    return out.reshape(batch, length, heads, head_dim)
 
 
 def _same_document(segment_ids_BxL: jax.Array | None) -> jax.Array | None:
@@ -133,17 +195,20 @@ def _same_document(segment_ids_BxL: jax.Array | None) -> jax.Array | None:
 
 
 def weights(
-    query_BxLxHxDh: jax.Array, key_BxSxKxDh: jax.Array, segment_ids_BxL: jax.Array | None = None, window: int = 0
+    query_BxLxHxDh: jax.Array,
+    key_BxSxKxDh: jax.Array,
+    segment_ids_BxL: jax.Array | None = None,
+    window=0,
+    scale: float | None = None,
+    softcap: float = 0.0,
 ) -> jax.Array:
     """The weights `attend` gives each key (B x H x L x S, float32), for attention maps."""
-    length = query_BxLxHxDh.shape[1]
-    key_BxSxHxDh = jnp.repeat(key_BxSxKxDh, query_BxLxHxDh.shape[2] // key_BxSxKxDh.shape[2], axis=2)
-    allowed = _same_document(segment_ids_BxL)
-    if 0 < window < length:  # each position sees the last `window` ones, itself included
-        recent = jnp.asarray(np.triu(np.ones((length, length), bool), k=1 - window))
-        allowed = recent if allowed is None else allowed & recent
-    query, key = (jnp.transpose(x, (0, 2, 1, 3)) for x in (query_BxLxHxDh, key_BxSxHxDh))
-    return attention.attention_weights(query, key, allowed, causal=True)
+    batch, length, heads, head_dim = query_BxLxHxDh.shape
+    allowed = _causal(length, window)
+    same = _same_document(segment_ids_BxL)
+    allowed = allowed if same is None else same & allowed
+    scale = head_dim**-0.5 if scale is None else scale
+    return _scores(query_BxLxHxDh, key_BxSxKxDh, allowed, scale, softcap).reshape(batch, heads, length, length)
 
 
 def _same_layout(*arrays: jax.Array) -> list[jax.Array]:
@@ -157,7 +222,7 @@ def _same_layout(*arrays: jax.Array) -> list[jax.Array]:
     return [jax.lax.with_sharding_constraint(x, P(batch, None, heads, None)) for x in arrays]
 
 
-def _splash(query_BxLxHxDh, key_BxSxKxDh, value_BxSxKxDh, segment_ids_BxL, local_window) -> jax.Array:
+def _splash(query_BxLxHxDh, key_BxSxKxDh, value_BxSxKxDh, segment_ids_BxL, local_window, scale, softcap) -> jax.Array:
     """The splash kernel on each device's share of the batch and heads (shard_map over the mesh in context)."""
     from jax.experimental.pallas.ops.tpu import splash_attention as splash  # Pallas loads only where used
 
@@ -175,12 +240,13 @@ def _splash(query_BxLxHxDh, key_BxSxKxDh, value_BxSxKxDh, segment_ids_BxL, local
         head_shards=1,
         q_seq_shards=1,
         block_sizes=_block_sizes(splash),
+        attn_logits_soft_cap=softcap or None,
         interpret=platform() != "tpu",
     )
 
     def local(query, key, value, segment_ids):
-        # The kernel takes one example's heads-major H x L x Dh and applies no 1/sqrt(Dh) itself.
-        query, key, value = (x.transpose(0, 2, 1, 3) for x in (query / np.sqrt(head_dim), key, value))
+        # The kernel takes one example's heads-major H x L x Dh and applies no scale itself.
+        query, key, value = (x.transpose(0, 2, 1, 3) for x in (query * scale, key, value))
         segments = None if segment_ids is None else splash.SegmentIds(q=segment_ids, kv=segment_ids)
         output = jax.vmap(lambda q, k, v, s: kernel(q, k, v, segment_ids=s))(query, key, value, segments)
         return output.transpose(0, 2, 1, 3)

@@ -1,22 +1,29 @@
-"""Llama-style decoder-only language model (Touvron et al. 2023; Llama 3, Grattafiori et al. 2024).
+"""The decoder family: Llama (Touvron et al. 2023; Llama 3, Grattafiori et al. 2024) and the models that
+differ from it by settings, not by structure: Qwen2/2.5 (q/k/v biases), Qwen3 (QK-norm, a head width of its
+own), Mistral (sliding-window attention) and Gemma 1-3 (Gemma Team 2024, 2024b, 2025: GeGLU, RMSNorm with
+(1 + w), embeddings scaled by sqrt(width), norms after each sub-block too, soft-capped attention and final
+logits, local and global layers with rotary bases of their own, a query scale of their own).
 
-Token embedding, `num_layers` pre-norm blocks, a final RMSNorm and an output head that is either
-its own bias-free Dense (`lm_head`) or the embedding transposed (`tie_embeddings`, as Llama 3.2 1B).
-A block is RMSNorm -> causal self-attention with rotary position embeddings (base `rope_theta`,
-the rotate-half layout of Hugging Face's LlamaForCausalLM) and grouped-query attention
-(`num_kv_heads` key/value heads shared by `num_heads` query heads), then RMSNorm -> SwiGLU MLP
-(down(silu(gate(x)) * up(x))). No biases anywhere. Parameter names follow the layout of the
-Hugging Face checkpoint one to one (research/tools/hf/llama.py converts).
+Token embedding, `num_layers` pre-norm blocks, a final RMSNorm and an output head that is either its own
+bias-free Dense (`lm_head`) or the embedding transposed (`tie_embeddings`). A block is RMSNorm -> causal
+self-attention with rotary position embeddings (the rotate-half layout of Hugging Face's models) and
+grouped-query attention (`num_kv_heads` key/value heads shared by `num_heads` query heads), then
+RMSNorm -> gated MLP (down(act(gate(x)) * up(x)), act silu or tanh-approximated gelu). Layer i attends to
+the last `attention_window` positions (0: all) unless `global_every` makes every N-th layer global; each
+kind of layer has its rotary base (`rope_local_theta`). Parameter names follow the Hugging Face checkpoint
+of each family one to one (research/tools/hf/ converts).
 
 `scan_layers=True` runs the blocks under `nn.scan`: one block is compiled whatever the depth, its
-parameters stacked on a leading layer axis ("layers"); False gives one subtree per block
-("layers_0", ...). `remat` rematerialises every block (research/models/transformer.py's policies).
-Compute runs in `dtype`; parameters stay in `param_dtype`; logits are float32.
+parameters stacked on a leading layer axis ("layers"), and layers of different kinds branch on their
+kind inside it (lax.switch); False gives one subtree per block ("layers_0", ...). `remat` rematerialises
+every block (research/models/transformer.py's policies). Compute runs in `dtype`; parameters stay in
+`param_dtype`; norms and logits are float32.
 
 Legend: B batch, L sequence length, D width, V vocabulary, H query heads, K key/value heads,
-Dh head width.
+Dh head width, S cache slots.
 """
 
+import dataclasses
 import functools
 from typing import Any, Callable
 
@@ -25,73 +32,63 @@ import jax
 import jax.numpy as jnp
 
 from research.errors import ConfigError
-from research.models import attention, kernels, shard_batch
+from research.models import attention, kernels, shard_batch, softcapped
+from research.models.rotary import apply_rotary, rotary_angles
 from research.models.transformer import REMAT_POLICIES, flat_dot_general
 
 Dtype = Any
 INIT_STD = 0.02
-
-# Published shapes (each model's config.json on the Hugging Face hub) and parameter counts.
-LLAMA3 = dict(vocab_size=128256, rope_theta=500000.0)  # Llama 3's tokenizer and rotary base
-SIZES = {
-    "llama-3.2-1b": LLAMA3
-    | dict(num_layers=16, num_heads=32, num_kv_heads=8, width=2048, mlp_dim=8192, head_dim=64, tie_embeddings=True),
-    "llama2-7b": dict(vocab_size=32000, num_layers=32, num_heads=32, num_kv_heads=32, width=4096, mlp_dim=11008),
-    "llama3-8b": LLAMA3 | dict(num_layers=32, num_heads=32, num_kv_heads=8, width=4096, mlp_dim=14336),
-    "llama2-70b": dict(vocab_size=32000, num_layers=80, num_heads=64, num_kv_heads=8, width=8192, mlp_dim=28672),
-}
-PUBLISHED_PARAMETERS = {  # of each released checkpoint, as transformers' num_parameters() counts them
-    "llama-3.2-1b": 1_235_814_400,
-    "llama2-7b": 6_738_415_616,
-    "llama3-8b": 8_030_261_248,
-    "llama2-70b": 68_976_648_192,
-}
+# The fields a checkpoint fixes (the rest are how a run computes: context, kernels, scan, remat, dtypes).
+ARCHITECTURE = ("vocab_size", "num_layers", "num_heads", "num_kv_heads", "width", "mlp_dim", "head_dim", "rope_theta")
+ARCHITECTURE += ("rope_scaling", "rope_local_theta", "norm_epsilon", "norm_offset", "attention_window", "global_every")
+ARCHITECTURE += ("attention_bias", "qk_norm", "post_norms", "activation", "scale_embeddings", "query_scale_dim")
+ARCHITECTURE += ("attention_softcap", "logit_softcap", "tie_embeddings")
+ACTIVATIONS = {"silu": nn.silu, "gelu_tanh": functools.partial(nn.gelu, approximate=True)}
 
 
-def rotary_angles(
-    positions_L: jax.Array, head_dim: int, theta: float, scaling: tuple = ()
-) -> tuple[jax.Array, jax.Array]:
-    """(cos, sin), each L x Dh, of the rotary embedding at these positions (the two halves of Dh repeat).
+@dataclasses.dataclass(frozen=True)
+class LayerKind:
+    """What distinguishes a local layer from a global one: its attention window and its rotary embedding."""
 
-    `scaling` (factor, low_frequency_factor, high_frequency_factor, original_context) is Llama 3.1's
-    context extension: wavelengths longer than original_context / low_frequency_factor are slowed by
-    `factor`, shorter than original_context / high_frequency_factor kept, and those between blended."""
-    inverse_frequencies = 1.0 / theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
-    if scaling:
-        factor, low, high, context = scaling
-        wavelengths = 2 * jnp.pi / inverse_frequencies
-        blend = (context / wavelengths - low) / (high - low)
-        blended = (1 - blend) * inverse_frequencies / factor + blend * inverse_frequencies
-        inverse_frequencies = jnp.where(
-            wavelengths > context / low,
-            inverse_frequencies / factor,
-            jnp.where(wavelengths < context / high, inverse_frequencies, blended),
-        )
-    angles_LxHalf = positions_L.astype(jnp.float32)[:, None] * inverse_frequencies[None, :]
-    angles_LxDh = jnp.concatenate([angles_LxHalf, angles_LxHalf], axis=-1)
-    return jnp.cos(angles_LxDh), jnp.sin(angles_LxDh)
+    window: int = 0  # >0: each position attends to at most this many (itself included); 0: to all before it
+    rope_theta: float = 10000.0
+    rope_scaling: tuple = ()  # rotary_angles' scaling
 
 
-def apply_rotary(x_BxLxNxDh: jax.Array, cos_LxDh: jax.Array, sin_LxDh: jax.Array) -> jax.Array:
-    """Rotates each pair (i, i + Dh/2) of every head by its position's angle, in float32."""
-    x = x_BxLxNxDh.astype(jnp.float32)
-    first, second = jnp.split(x, 2, axis=-1)
-    rotated_half = jnp.concatenate([-second, first], axis=-1)
-    out = x * cos_LxDh[None, :, None, :] + rotated_half * sin_LxDh[None, :, None, :]
-    return out.astype(x_BxLxNxDh.dtype)
+class RMSNorm(nn.Module):
+    """x / rms(x) * (offset + scale) in float32, returned in `dtype` (Zhang & Sennrich 2019). Gemma stores its
+    scale as w with the norm multiplying by (1 + w): offset 1, initialised at 0; Llama's offset is 0."""
+
+    epsilon: float = 1e-6
+    offset: float = 0.0
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        scale = self.param("scale", nn.initializers.constant(1.0 - self.offset), (x.shape[-1],), self.param_dtype)
+        x = x.astype(jnp.float32)
+        normed = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.epsilon)
+        return (normed * (self.offset + scale.astype(jnp.float32))).astype(self.dtype)
 
 
 class LlamaBlock(nn.Module):
-    """One pre-norm block: x + attention(norm(x)), then + mlp(norm(.)). Returns (output, None) for nn.scan."""
+    """One pre-norm block: x + attention(norm(x)), then + mlp(norm(.)); with `post_norms` each sub-block's output
+    is normalised too before it is added (Gemma 2/3). Returns (output, cache) for nn.scan."""
 
     num_heads: int
     num_kv_heads: int
     head_dim: int
     mlp_dim: int
-    rope_theta: float = 10000.0
-    rope_scaling: tuple = ()  # () or Llama 3.1's (factor, low_frequency_factor, high_frequency_factor, context)
+    kinds: tuple = (LayerKind(),)  # one: this layer's; several: chosen by the kind index (scanned layers)
     norm_epsilon: float = 1e-5
-    attention_window: int = 0  # >0: each position attends to at most this many (itself included)
+    norm_offset: float = 0.0
+    attention_bias: bool = False
+    qk_norm: bool = False
+    post_norms: bool = False
+    activation: str = "silu"
+    query_scale_dim: int = 0  # scores are divided by sqrt(this); 0: head_dim
+    attention_softcap: float = 0.0
     attention: str = "auto"  # research/models/kernels.py: auto, xla, cudnn or splash
     output_init_std: float = INIT_STD
     dtype: Dtype = jnp.float32
@@ -99,53 +96,100 @@ class LlamaBlock(nn.Module):
 
     @nn.compact
     def __call__(
-        self, x_BxLxD: jax.Array, positions_L: jax.Array, segment_ids_BxL: jax.Array | None, cache: dict | None = None
+        self,
+        x_BxLxD: jax.Array,
+        positions_L: jax.Array,
+        segment_ids_BxL: jax.Array | None,
+        cache: dict | None = None,
+        kind_index: jax.Array | int = 0,
     ) -> tuple[jax.Array, dict | None]:
         x_BxLxD = shard_batch(x_BxLxD)  # the residual stream stays split by batch, whatever the weights' layout
         batch, length, width = x_BxLxD.shape
         dense = dict(use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype, dot_general=flat_dot_general)
         init, output_init = nn.initializers.normal(INIT_STD), nn.initializers.normal(self.output_init_std)
-        norm = dict(epsilon=self.norm_epsilon, dtype=self.dtype, param_dtype=self.param_dtype)
+        norm = functools.partial(
+            RMSNorm, epsilon=self.norm_epsilon, offset=self.norm_offset, dtype=self.dtype, param_dtype=self.param_dtype
+        )
+        qkv = dense | dict(use_bias=self.attention_bias, kernel_init=init)
 
-        h_BxLxD = nn.RMSNorm(name="input_layernorm", **norm)(x_BxLxD)
-        query = nn.Dense(self.num_heads * self.head_dim, kernel_init=init, name="q_proj", **dense)(h_BxLxD)
-        key = nn.Dense(self.num_kv_heads * self.head_dim, kernel_init=init, name="k_proj", **dense)(h_BxLxD)
-        value = nn.Dense(self.num_kv_heads * self.head_dim, kernel_init=init, name="v_proj", **dense)(h_BxLxD)
+        h_BxLxD = norm(name="input_layernorm")(x_BxLxD)
+        query = nn.Dense(self.num_heads * self.head_dim, name="q_proj", **qkv)(h_BxLxD)
+        key = nn.Dense(self.num_kv_heads * self.head_dim, name="k_proj", **qkv)(h_BxLxD)
+        value = nn.Dense(self.num_kv_heads * self.head_dim, name="v_proj", **qkv)(h_BxLxD)
         query_BxLxHxDh = query.reshape(batch, length, self.num_heads, self.head_dim)
         key_BxLxKxDh = key.reshape(batch, length, self.num_kv_heads, self.head_dim)
         value_BxLxKxDh = value.reshape(batch, length, self.num_kv_heads, self.head_dim)
-        cos, sin = rotary_angles(positions_L, self.head_dim, self.rope_theta, self.rope_scaling)
+        if self.qk_norm:  # each head's query and key normalised over its width (Qwen3, Gemma 3)
+            query_BxLxHxDh, key_BxLxKxDh = norm(name="q_norm")(query_BxLxHxDh), norm(name="k_norm")(key_BxLxKxDh)
+        cos, sin = self._rotary(positions_L, kind_index)
         query_BxLxHxDh, key_BxLxKxDh = apply_rotary(query_BxLxHxDh, cos, sin), apply_rotary(key_BxLxKxDh, cos, sin)
+        window = self._pick([kind.window for kind in self.kinds], kind_index)
+        scores = dict(scale=(self.query_scale_dim or self.head_dim) ** -0.5, softcap=self.attention_softcap)
         # Query head h reads key/value head h // (H / K), as Hugging Face's repeat_kv.
         if cache is None:
-            masking = (segment_ids_BxL, self.attention_window)  # attention maps, only when asked for (explain_text)
-            attention.record_weights(self, lambda: kernels.weights(query_BxLxHxDh, key_BxLxKxDh, *masking))
-            attended_BxLxHxDh = kernels.attend(
-                query_BxLxHxDh,
-                key_BxLxKxDh,
-                value_BxLxKxDh,
-                implementation=self.attention,
-                segment_ids_BxL=segment_ids_BxL,
-                window=self.attention_window,
-            )
+            masking = dict(segment_ids_BxL=segment_ids_BxL, window=window, **scores)  # attention maps, when asked
+            attention.record_weights(self, lambda: kernels.weights(query_BxLxHxDh, key_BxLxKxDh, **masking))
+            attended_BxLxHxDh = self._attend(query_BxLxHxDh, key_BxLxKxDh, value_BxLxKxDh, segment_ids_BxL, kind_index)
         else:
-            cache, attended_BxLxHxDh = _attend_cached(cache, positions_L, query_BxLxHxDh, key_BxLxKxDh, value_BxLxKxDh)
+            cache, attended_BxLxHxDh = _attend_cached(
+                cache, positions_L, query_BxLxHxDh, key_BxLxKxDh, value_BxLxKxDh, window=window, **scores
+            )
         attended = attended_BxLxHxDh.reshape(batch, length, self.num_heads * self.head_dim)
-        x_BxLxD = x_BxLxD + nn.Dense(width, kernel_init=output_init, name="o_proj", **dense)(attended)
+        out_BxLxD = nn.Dense(width, kernel_init=output_init, name="o_proj", **dense)(attended)
+        if self.post_norms:
+            out_BxLxD = norm(name="post_attention_layernorm")(out_BxLxD)
+        x_BxLxD = x_BxLxD + out_BxLxD
 
-        h_BxLxD = nn.RMSNorm(name="post_attention_layernorm", **norm)(x_BxLxD)
+        h_BxLxD = norm(name="pre_feedforward_layernorm" if self.post_norms else "post_attention_layernorm")(x_BxLxD)
         gate = nn.Dense(self.mlp_dim, kernel_init=init, name="gate_proj", **dense)(h_BxLxD)
         up = nn.Dense(self.mlp_dim, kernel_init=init, name="up_proj", **dense)(h_BxLxD)
-        down = nn.Dense(width, kernel_init=output_init, name="down_proj", **dense)(nn.silu(gate) * up)
-        return x_BxLxD + down, cache
+        down_BxLxD = nn.Dense(width, kernel_init=output_init, name="down_proj", **dense)(
+            ACTIVATIONS[self.activation](gate) * up
+        )
+        if self.post_norms:
+            down_BxLxD = norm(name="post_feedforward_layernorm")(down_BxLxD)
+        return x_BxLxD + down_BxLxD, cache
+
+    def _pick(self, values: list, kind_index):
+        """This layer's value among one per kind: static with one kind, indexed by the traced kind otherwise."""
+        return values[0] if len(values) == 1 else jnp.asarray(values)[kind_index]
+
+    def _rotary(self, positions_L: jax.Array, kind_index) -> tuple[jax.Array, jax.Array]:
+        angles = [rotary_angles(positions_L, self.head_dim, kind.rope_theta, kind.rope_scaling) for kind in self.kinds]
+        if len(angles) == 1:
+            return angles[0]
+        return jnp.stack([cos for cos, _ in angles])[kind_index], jnp.stack([sin for _, sin in angles])[kind_index]
+
+    def _attend(self, query_BxLxHxDh, key_BxLxKxDh, value_BxLxKxDh, segment_ids_BxL, kind_index) -> jax.Array:
+        """Each kind's window is static in its kernel; scanned layers of several kinds branch on their kind."""
+
+        def attend(window, query, key, value):
+            return kernels.attend(
+                query,
+                key,
+                value,
+                implementation=self.attention,
+                segment_ids_BxL=segment_ids_BxL,
+                window=window,
+                scale=(self.query_scale_dim or self.head_dim) ** -0.5,
+                softcap=self.attention_softcap,
+            )
+
+        operands = (query_BxLxHxDh, key_BxLxKxDh, value_BxLxKxDh)
+        if len(self.kinds) == 1:
+            return attend(self.kinds[0].window, *operands)
+        return jax.lax.switch(kind_index, [functools.partial(attend, kind.window) for kind in self.kinds], *operands)
 
 
-def _attend_cached(cache: dict, positions_1: jax.Array, query_Bx1xHxDh, key_Bx1xKxDh, value_Bx1xKxDh):
+def _attend_cached(
+    cache: dict, positions_1: jax.Array, query_Bx1xHxDh, key_Bx1xKxDh, value_Bx1xKxDh, *, window, scale, softcap
+):
     """(updated cache, attention output) of one new position t against a rolling cache of S slots.
 
     Position t is written to slot t % S, over the position t - S it replaces. The keys were rotated at
     their own positions and rotary scores depend only on the distance between query and key, so the
-    slots need no reordering and no re-prefill when the window moves: a slot counts once it is written."""
+    slots need no reordering and no re-prefill when the window moves: a slot counts once it is written
+    (and, for a layer with a window shorter than S, while its position is inside the window)."""
     slots = cache["key"].shape[1]
     if query_Bx1xHxDh.shape[1] != 1:
         raise ValueError(f"decoding takes one position per call, got {query_Bx1xHxDh.shape[1]}")
@@ -156,9 +200,11 @@ def _attend_cached(cache: dict, positions_1: jax.Array, query_Bx1xHxDh, key_Bx1x
         name: jax.lax.dynamic_update_slice_in_dim(cache[name], new[name].astype(cache[name].dtype), slot, 1)
         for name in new
     }
-    written_1x1x1xS = (jnp.arange(slots) <= position)[None, None, None, :]
+    held_S = position - (position - jnp.arange(slots)) % slots  # the position each slot holds (< 0: none yet)
+    allowed_S = (held_S >= 0) & ((window == 0) | (position - held_S < window))
     key, value = (cache[name].astype(query_Bx1xHxDh.dtype) for name in new)
-    return cache, jax.nn.dot_product_attention(query_Bx1xHxDh, key, value, mask=written_1x1x1xS)
+    allowed_1xS = allowed_S[None, :]
+    return cache, kernels.plain_attention(query_Bx1xHxDh, key, value, allowed_1xS, scale=scale, softcap=softcap)
 
 
 class Llama(nn.Module):
@@ -174,16 +220,50 @@ class Llama(nn.Module):
     head_dim: int = 0  # 0: width // num_heads
     block_size: int = 2048
     rope_theta: float = 10000.0
-    rope_scaling: tuple = ()  # () or (factor, low_frequency_factor, high_frequency_factor, context): rotary_angles
+    rope_scaling: tuple = ()  # (), (factor,) linear or (factor, low, high frequency factors, context): rotary_angles
+    rope_local_theta: float = 0.0  # the local layers' rotary base (Gemma 3), without scaling; 0: rope_theta's
     norm_epsilon: float = 1e-5
-    attention_window: int = 0  # >0: sliding-window attention over this many positions (as Mistral); 0: all
+    norm_offset: float = 0.0  # 1: norms multiply by (1 + scale) (Gemma)
+    attention_window: int = 0  # >0: sliding-window attention over this many positions (Mistral, Gemma 2/3); 0: all
+    global_every: int = 0  # >0 (with a window): layers N-1, 2N-1, ... attend to all positions (Gemma 2: 2, 3: 6)
+    attention_bias: bool = False  # q, k and v projections with biases (Qwen2)
+    qk_norm: bool = False  # RMSNorm on each head's query and key (Qwen3, Gemma 3)
+    post_norms: bool = False  # each sub-block's output normalised before the residual add (Gemma 2/3)
+    activation: str = "silu"  # the gated MLP's: silu (SwiGLU) or gelu_tanh (GeGLU, Gemma)
+    scale_embeddings: bool = False  # embeddings times sqrt(width) (Gemma)
+    query_scale_dim: int = 0  # attention scores divided by sqrt(this); 0: head_dim (Gemma's query_pre_attn_scalar)
+    attention_softcap: float = 0.0  # >0: scores -> cap * tanh(scores / cap) (Gemma 2: 50)
+    logit_softcap: float = 0.0  # >0: the same on the output logits (Gemma 2: 30)
     attention: str = "auto"  # the attention kernel (research/models/kernels.py): auto, xla, cudnn or splash
+    global_window: int = 0  # >0: the global layers' window too (the uncached decoder's, as its cache's size)
     tie_embeddings: bool = False
     scan_layers: bool = False
     remat: str = "none"
     loss_chunk: int = 0  # read by a chunked training loss (metrics.chunked_next_token_loss), not by __call__
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+
+    @nn.nowrap
+    def layer_kinds(self) -> tuple[LayerKind, ...]:
+        """Each layer's kind: global (every position, rope_theta and rope_scaling) or local (the window,
+        rope_local_theta unscaled where set)."""
+        every = LayerKind(self.global_window, self.rope_theta, tuple(self.rope_scaling))
+        if not self.attention_window:
+            return (every,) * self.num_layers
+        local_rope = (self.rope_local_theta, ()) if self.rope_local_theta else (self.rope_theta, every.rope_scaling)
+        local = LayerKind(self.attention_window, *local_rope)
+        is_global = [self.global_every and (index + 1) % self.global_every == 0 for index in range(self.num_layers)]
+        return tuple(every if each else local for each in is_global)
+
+    @nn.nowrap
+    def _block_options(self, kinds: tuple[LayerKind, ...]) -> dict:
+        fields = ("num_heads", "num_kv_heads", "mlp_dim", "norm_epsilon", "norm_offset", "attention_bias", "qk_norm")
+        fields += ("post_norms", "activation", "query_scale_dim", "attention_softcap", "attention", "dtype")
+        return {name: getattr(self, name) for name in (*fields, "param_dtype")} | dict(
+            head_dim=self.head_dim or self.width // self.num_heads,
+            kinds=kinds,
+            output_init_std=INIT_STD / (2 * self.num_layers) ** 0.5,
+        )
 
     @nn.compact
     def __call__(
@@ -214,45 +294,36 @@ class Llama(nn.Module):
             name="embed_tokens",
         )
         x_BxLxD = embed(tokens_BxL)
+        if self.scale_embeddings:  # by sqrt(width) rounded to the compute dtype, as Gemma's checkpoints were trained
+            x_BxLxD = x_BxLxD * jnp.asarray(self.width**0.5, x_BxLxD.dtype)
         positions_L = jnp.arange(tokens_BxL.shape[1]) if positions_L is None else positions_L
         block = LlamaBlock
         if REMAT_POLICIES[self.remat] is not None and cache is None:  # generation takes no gradients
             block = nn.remat(LlamaBlock, policy=REMAT_POLICIES[self.remat], prevent_cse=not self.scan_layers)
-        options = dict(
-            num_heads=self.num_heads,
-            num_kv_heads=self.num_kv_heads,
-            head_dim=self.head_dim or self.width // self.num_heads,
-            mlp_dim=self.mlp_dim,
-            rope_theta=self.rope_theta,
-            rope_scaling=self.rope_scaling,
-            norm_epsilon=self.norm_epsilon,
-            attention_window=self.attention_window,
-            attention=self.attention,
-            output_init_std=INIT_STD / (2 * self.num_layers) ** 0.5,
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-        )
+        layer_kinds = self.layer_kinds()
+        kinds = tuple(dict.fromkeys(layer_kinds))  # distinct, in order of first use
         if self.scan_layers:  # the cache, like the parameters, has a leading layer axis
             stack = nn.scan(
                 block,
                 variable_axes={"params": 0, attention.ATTENTION_COLLECTION: 0},  # sown attention maps: per layer
                 split_rngs={"params": True},
-                in_axes=(nn.broadcast, nn.broadcast, 0),
+                in_axes=(nn.broadcast, nn.broadcast, 0, 0),
                 length=self.num_layers,
             )
-            x_BxLxD, cache = stack(name="layers", **options)(x_BxLxD, positions_L, segment_ids_BxL, cache)
+            kind_indices = jnp.asarray([kinds.index(kind) for kind in layer_kinds], jnp.int32)
+            x_BxLxD, cache = stack(name="layers", **self._block_options(kinds))(
+                x_BxLxD, positions_L, segment_ids_BxL, cache, kind_indices
+            )
         else:
             caches = []
             for index in range(self.num_layers):
                 layer_cache = None if cache is None else jax.tree.map(lambda leaf: leaf[index], cache)
-                x_BxLxD, layer_cache = block(name=f"layers_{index}", **options)(
-                    x_BxLxD, positions_L, segment_ids_BxL, layer_cache
-                )
+                x_BxLxD, layer_cache = block(
+                    name=f"layers_{index}", **self._block_options(layer_kinds[index : index + 1])
+                )(x_BxLxD, positions_L, segment_ids_BxL, layer_cache)
                 caches.append(layer_cache)
             cache = None if cache is None else jax.tree.map(lambda *leaves: jnp.stack(leaves), *caches)
-        x_BxLxD = nn.RMSNorm(epsilon=self.norm_epsilon, dtype=self.dtype, param_dtype=self.param_dtype, name="norm")(
-            x_BxLxD
-        )
+        x_BxLxD = RMSNorm(self.norm_epsilon, self.norm_offset, self.dtype, self.param_dtype, name="norm")(x_BxLxD)
         if return_hidden:
             return x_BxLxD
         if self.tie_embeddings:
@@ -267,7 +338,7 @@ class Llama(nn.Module):
                 dot_general=flat_dot_general,
                 name="lm_head",
             )(x_BxLxD)
-        logits_BxLxV = logits_BxLxV.astype(jnp.float32)
+        logits_BxLxV = softcapped(logits_BxLxV.astype(jnp.float32), self.logit_softcap)
         return logits_BxLxV if cache is None else (logits_BxLxV, cache)
 
     @nn.nowrap
@@ -282,17 +353,18 @@ class Llama(nn.Module):
         """(init_state(params), step(params, state, buffer_BxT, t) -> (logits_BxV, state)) for generate.py.
 
         Cached: a rolling cache of S = min(total, block_size) positions per layer (attention_window when
-        set), num_kv_heads wide, so a generation of any length costs one position per step and
+        every layer has it), num_kv_heads wide, so a generation of any length costs one position per step and
         never re-prefills. Each layer attends to the last S positions, so past S tokens this is
         sliding-window attention (a deeper layer sees further back through the layers below it, as
         in Mistral). Uncached (the baseline): the same function recomputed from the whole buffer
         each step, sliding-window attention over S. `keep` is the GPT's (its window jumps; this
         one rolls) and is ignored."""
         del keep
-        slots = min(total, self.attention_window or self.block_size)
+        slots = min(total, max(kind.window or self.block_size for kind in self.layer_kinds()))
         head_dim = self.head_dim or self.width // self.num_heads
         if not cached:
-            return lambda params: None, functools.partial(_full_pass_step, self.clone(attention_window=slots))
+            uncached = self.clone(attention_window=min(self.attention_window, slots), global_window=slots)
+            return lambda params: None, functools.partial(_full_pass_step, uncached)
         shape = (self.num_layers, batch, slots, self.num_kv_heads, head_dim)
 
         def init_state(params):

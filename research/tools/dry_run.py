@@ -9,7 +9,9 @@ compiler builds the program. The report: per-chip memory from the compiled progr
 count (parameters, optimizer state and gradients from the shardings; a decoder's activations by research/perf.py
 from the experiment's `decoder_shape`) against the chip's memory, with a verdict (exit status 1 when it does not
 fit); FLOPs per step by the compiler (TPU and CPU report them) and analytic (the experiment's
-`flops_per_example`, else 6·N·T, Kaplan et al. 2020); every collective with its bytes per step; the step
+`flops_per_example`, else 6·N·T, Kaplan et al. 2020); the attention kernel each kind of layer gets there
+(research/models/kernels.py's choice, with the reason where a fused kernel is not taken) and the fused kernels
+the compiled program holds; every collective with its bytes per step; the step
 time of a roofline: compute at an assumed MFU and collectives at the target's link bandwidth, overlapped
 (the larger of the two) and not (their sum); tokens/s per chip and days for a token budget.
 Expected: lm.py:llama2-70b does not fit a tpu:v5e-8 (exit 1) in about a minute; docs/scaling.md has runs.
@@ -24,14 +26,31 @@ import ml_collections
 import numpy as np
 
 from research import perf
-from research.experiment import hook
-from research.models import param_count
+from research.experiment import DecoderShape, hook
+from research.models import kernels, param_count
 from research.models.transformer import REMAT_RECOMPUTE
 from research.steps import build
 from research.tools import hlo, targets
 
 GIB = 2**30
 ATTENTION_KERNELS = {"__cudnn$fmha": "cuDNN fused attention", "splash_mha": "splash attention (Pallas)"}
+KERNEL_NAMES = {"splash": "splash", "cudnn": "cuDNN", "xla": "XLA"}
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerAttention:
+    """The attention kernel of the layers of one window (0: global) on the target, and why not a fused one."""
+
+    window: int
+    layers: int
+    kernel: str  # a kernels.IMPLEMENTATIONS name other than "auto"
+    reason: str = ""  # why XLA's: the fused kernel's refusal, or "asked for"; "" for a fused kernel or on a CPU
+
+    def describe(self) -> str:
+        """E.g. "52 local layers (window 1,024): splash", "10 global layers: XLA (cuDNN: scores soft-capped at 50)"."""
+        layers = f"{self.layers} {'local' if self.window else 'global'} layer{'s' if self.layers != 1 else ''}"
+        window = f" (window {self.window:,})" if self.window else ""
+        return f"{layers}{window}: {KERNEL_NAMES[self.kernel]}" + (f" ({self.reason})" if self.reason else "")
 
 
 @dataclasses.dataclass
@@ -45,7 +64,8 @@ class DryRun:
     compiled_bytes: dict[str, float] = dataclasses.field(default_factory=dict)  # per device; empty if not compiled
     compiler_flops: float = float("nan")  # per step, all devices, rematerialisation included
     collectives: list[hlo.Collective] = dataclasses.field(default_factory=list)
-    attention: str = ""
+    attention: str = ""  # the fused kernels the compiled program holds (its HLO's markers)
+    layer_attention: list[LayerAttention] = dataclasses.field(default_factory=list)  # a decoder's, by layer kind
     compile_seconds: float = 0.0
     out_of_memory: str = ""  # the compiler's own refusal (TPU), when it gave one
     device_groups: np.ndarray | None = None  # the slice or host of each device, in the program's device order
@@ -145,6 +165,29 @@ def recompute_of(config: ml_collections.ConfigDict, experiment) -> float:
     return REMAT_RECOMPUTE[decoder.remat] if decoder else 1.0
 
 
+def layer_attention(decoder: DecoderShape, mesh, batch: int, segment_ids: bool) -> list[LayerAttention]:
+    """The kernel kernels.choose gives each kind of layer, asked under the target's abstract mesh (its platform and
+    axes) with the abstract query and key of one micro-batch of `batch` examples (global shapes, as the model passes
+    them: the choice tests their split over the mesh); `segment_ids`: whether the batch marks documents."""
+    dtype = np.dtype("float32") if decoder.dtype_bytes == 4 else np.dtype(jax.numpy.bfloat16)
+    query = jax.ShapeDtypeStruct((batch, decoder.length, decoder.heads, decoder.head_dim), dtype)
+    key = jax.ShapeDtypeStruct((batch, decoder.length, decoder.kv_heads, decoder.head_dim), dtype)
+    segments = jax.ShapeDtypeStruct((batch, decoder.length), np.int32) if segment_ids else None
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+        kernel = kernels.choose(decoder.attention, query, key, segments, decoder.attention_softcap)
+        platform = kernels.platform()
+        refusals = {
+            "gpu": lambda: "cuDNN: " + kernels.cudnn_refusal(query, segments, decoder.attention_softcap),
+            "tpu": lambda: "splash: " + kernels.splash_refusal(query, key),
+        }
+        reason = "asked for" if decoder.attention != "auto" else refusals.get(platform, str)()
+    windows = decoder.layer_windows or (0,) * decoder.layers
+    return [
+        LayerAttention(window, windows.count(window), kernel, reason if kernel == "xla" else "")
+        for window in sorted(set(windows), reverse=True)  # local layers first
+    ]
+
+
 def abstract_batch(config: ml_collections.ConfigDict, experiment) -> dict[str, jax.ShapeDtypeStruct]:
     """The shapes of this process's first training batch (the one batch a dry run reads)."""
     host_batch = next(iter(experiment.make_data(config, "train")))
@@ -174,6 +217,11 @@ def dry_run(config: ml_collections.ConfigDict, experiment, target: targets.Targe
         recompute=recompute_of(config, experiment),
     )
     result.device_groups = targets.device_groups(mesh.devices, target)
+    decoder = perf.decoder_of(config, experiment)
+    if decoder:
+        micro_batch = config.batch_size // config.optimizer.accumulate_steps
+        segments = "segment_ids" in setup.batch_spec
+        result.layer_attention = layer_attention(decoder, mesh, micro_batch, segments)
     start = time.perf_counter()
     try:
         with targets.compiling_for(target):
@@ -217,13 +265,16 @@ def gib(value: float) -> str:
 def format_report(result: DryRun, mfu: float, token_budget: float) -> str:
     """The dry run as a few tables: memory and verdict, FLOPs, collectives, roofline."""
     chip, analytic, compiled = result.target.chip, result.analytic_bytes, result.compiled_bytes
+    held = "none" if compiled else "not compiled"  # the program's fused kernels, when there is a program
     lines = [
         f"target {result.target.spec}: {result.devices} x {chip.name} ({gib(chip.memory_bytes)} each), mesh "
         f"{result.mesh_shape}; compiled in {result.compile_seconds:.0f} s",
         f"{result.parameters:,} parameters; {result.tokens_per_step:,} tokens per step"
-        + (f"; fused attention: {result.attention or 'none'}" if result.target.platform != "cpu" else ""),
-        f"{'memory per chip':40s} {'compiled':>12s} {'analytic':>12s}",
+        + (f"; fused attention: {result.attention or held}" if result.target.platform != "cpu" else ""),
     ]
+    if result.layer_attention:
+        lines.append("attention: " + "; ".join(choice.describe() for choice in result.layer_attention))
+    lines.append(f"{'memory per chip':40s} {'compiled':>12s} {'analytic':>12s}")
     state = analytic["parameters"] + analytic["optimizer state"] + analytic["batch"]
     transient = analytic["gradients"] + analytic.get("activations", 0.0)
     rows = [
@@ -253,7 +304,11 @@ def format_report(result: DryRun, mfu: float, token_budget: float) -> str:
     lines += [
         f"FLOPs per step: analytic {result.analytic_flops:.4g} (model FLOPs); compiler {result.compiler_flops:.4g} "
         + ("(none reported)" if np.isnan(result.compiler_flops) else "(recomputation included)")
-        + ("; the compiler counts each loop body once: its figure is low" if result.has_loops else ""),
+        + (
+            "; the compiler counts each loop body once: its figure is low"
+            if result.has_loops and not np.isnan(result.compiler_flops)
+            else ""
+        ),
     ]
     lines += format_collectives(result)
     if chip.peak_tflops:

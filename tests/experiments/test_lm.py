@@ -11,12 +11,21 @@ import transformers
 
 from conftest import assert_trees_close, load_experiment, smoke_config
 from research import sharding, steps
+from research.errors import ConfigError
 from research.models import param_count
 from research.tools.hf import convert as hf
 
 lm = load_experiment("lm")
-HF_CLASSES = {"llama": transformers.LlamaForCausalLM, "gpt2": transformers.GPT2LMHeadModel}
-CONFIGS = {"llama": transformers.LlamaConfig, "gpt2": transformers.GPT2Config}
+ARCHITECTURES = {  # model_type: (config class, model class)
+    "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+    "gpt2": (transformers.GPT2Config, transformers.GPT2LMHeadModel),
+    "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+    "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
+    "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
+    "gemma": (transformers.GemmaConfig, transformers.GemmaForCausalLM),
+    "gemma2": (transformers.Gemma2Config, transformers.Gemma2ForCausalLM),
+    "gemma3_text": (transformers.Gemma3TextConfig, transformers.Gemma3ForCausalLM),
+}
 
 
 @pytest.mark.parametrize("name", sorted(lm.SIZES))
@@ -26,9 +35,37 @@ def test_published_sizes_have_the_published_parameter_counts(name):
     config = lm.get_config(name)
     assert lm.parameter_count(config) == lm.PUBLISHED_PARAMETERS[name]
     hf_config = hf.config_json(lm.make_model(config), lm.hf_layout(config))
+    config_class, model_class = ARCHITECTURES[hf_config["model_type"]]
     with torch.device("meta"):
-        reference = HF_CLASSES[hf_config["model_type"]](CONFIGS[hf_config["model_type"]](**hf_config))
+        reference = model_class(config_class(**hf_config))
     assert reference.num_parameters() == lm.PUBLISHED_PARAMETERS[name]
+
+
+def test_from_run_takes_the_model_tokenizer_and_parameters_of_the_run_it_fine_tunes(tmp_path):
+    """`lm.py:from=RUN` (one command after `python -m research.tools.hf import`): the architecture, layer layout,
+    parameter dtype, tokenizer and end ids are RUN's; the context, compute dtype and training are this config's."""
+    from research import experiment
+
+    source = lm.get_config("cpu-gemma3")
+    source.update_from_flattened_dict({"model.num_layers": 6, "model.scan_layers": True, "model.block_size": 4096})
+    source.update_from_flattened_dict({"data.tokenizer": "/models/gemma/tokenizer.json", "data.end_ids": (1, 106)})
+    experiment.claim_workdir(tmp_path / "imported", "lm", source)
+    config = lm.get_config(f"from={tmp_path / 'imported'}")
+    assert {key: config.model[key] for key in source.model} == dict(source.model) | {"block_size": 64}
+    assert (config.data.tokenizer, tuple(config.data.end_ids)) == ("/models/gemma/tokenizer.json", (1, 106))
+    assert config.init_from.workdir == str((tmp_path / "imported").absolute()) and config.num_steps == 2000
+    assert lm.hf_layout(config) == "gemma3_text" and lm.tokenizer_file(config) == "/models/gemma/tokenizer.json"
+    experiment.claim_workdir(tmp_path / "gpt", "shakespeare_gpt", source)
+    with pytest.raises(ConfigError, match="holds a run of experiment 'shakespeare_gpt', not of 'lm'"):
+        lm.get_config(f"from={tmp_path / 'gpt'}")
+
+
+def test_generated_text_ends_at_the_first_end_id(data_dir):
+    module, config = smoke_config("lm", data_dir, **{"data.end_ids": (13, 0)})
+    ids = module.encode_text(config, "To be, or not")
+    cut = module.encode_text(config, "To be,")
+    assert module.decode_tokens(config, [*cut, 13, *ids]) == "To be," and module.end_ids(config) == (13, 0)
+    assert module.decode_tokens(config, ids) == "To be, or not"
 
 
 @pytest.mark.parametrize("family", ["llama", pytest.param("gpt", marks=pytest.mark.slow)])

@@ -94,6 +94,7 @@ def test_lm_compiles_for_tpu_and_gpu_with_the_fused_attention_kernel(spec, kerne
     config = lm_config(**{f"mesh.{axis}": size for axis, size in mesh.items()})
     result = dry_run.dry_run(config, LM, targets.parse(spec))
     assert result.attention == kernel and result.fits
+    assert [kind.describe() for kind in result.layer_attention] == [f"1 global layer: {kernel.split()[0]}"]
     assert result.mesh_shape == mesh
     assert {collective.kind for collective in result.collectives} >= {"all-reduce"}
     state = sum(result.analytic_bytes[name] for name in ("parameters", "optimizer state", "batch"))
@@ -108,6 +109,62 @@ def test_lm_compiles_for_tpu_and_gpu_with_the_fused_attention_kernel(spec, kerne
     assert "FITS" in dry_run.format_report(result, 0.4, 1e9)
     xla = dry_run.dry_run(lm_config(**{"model.attention": "xla"}), LM, targets.parse(spec))
     assert xla.attention == ""
+
+
+LOCAL_AND_GLOBAL = {
+    "model.num_layers": 3,
+    "model.attention_window": 64,
+    "model.global_every": 3,
+}  # local, local, global
+SPLIT = {"mesh.data": 2, "mesh.fsdp": -1, "mesh.tensor": 1}
+
+
+@pytest.mark.parametrize(
+    "spec, overrides, kernel, reason",
+    [
+        ("tpu:v5e-4", {}, "splash", ""),
+        ("tpu:v5e-4", {"model.attention_softcap": 50.0}, "splash", ""),  # splash soft-caps
+        ("tpu:v5e-4", {"mesh.tensor": 2}, "xla", "splash: heads over tensor 2"),  # 1 kv head
+        ("gpu:h100:8", {"mesh.tensor": 2}, "cudnn", ""),
+        ("gpu:h100:8", {"model.attention_softcap": 50.0}, "xla", "cuDNN: scores soft-capped at 50"),
+        ("gpu:h100:8", {"model.dtype": "float32"}, "xla", "cuDNN: float32 compute, not half"),
+        ("gpu:h100:8", {"model.attention": "xla"}, "xla", "asked for"),
+        ("cpu:8", {}, "xla", ""),
+    ],
+)
+def test_each_layer_kind_is_reported_with_the_kernel_it_gets_on_the_target(spec, overrides, kernel, reason):
+    """kernels.choose asked under the target's mesh with the decoder_shape hook's shapes, nothing compiled."""
+    config = lm_config(**LOCAL_AND_GLOBAL | SPLIT | overrides)
+    mesh = targets.make_mesh(targets.parse(spec), config.mesh)
+    found = dry_run.layer_attention(LM.decoder_shape(config), mesh, config.batch_size, segment_ids=False)
+    assert found == [dry_run.LayerAttention(64, 2, kernel, reason), dry_run.LayerAttention(0, 1, kernel, reason)]
+    name = dry_run.KERNEL_NAMES[kernel] + (f" ({reason})" if reason else "")
+    assert "; ".join(kind.describe() for kind in found) == f"2 local layers (window 64): {name}; 1 global layer: {name}"
+    if spec.startswith("gpu") and kernel == "cudnn":  # a batch that marks its documents: cuDNN takes no such mask
+        masked = dry_run.layer_attention(LM.decoder_shape(config), mesh, config.batch_size, segment_ids=True)
+        assert {(kind.kernel, kind.reason) for kind in masked} == {("xla", "cuDNN: document masks")}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "spec, softcap, kernel, marker",
+    [
+        ("tpu:v5e-4", 0.0, "splash", "splash attention (Pallas)"),
+        ("tpu:v5e-4", 50.0, "splash", "splash attention (Pallas)"),
+        ("gpu:h100:8", 0.0, "cudnn", "cuDNN fused attention"),
+        ("gpu:h100:8", 50.0, "xla", ""),
+    ],
+)
+def test_the_compiled_program_holds_the_kernel_reported_for_local_and_global_layers(spec, softcap, kernel, marker):
+    config = lm_config(**LOCAL_AND_GLOBAL | SPLIT | {"model.attention_softcap": softcap})
+    result = dry_run.dry_run(config, LM, targets.parse(spec))
+    assert [(kind.window, kind.layers, kind.kernel) for kind in result.layer_attention] == [
+        (64, 2, kernel),
+        (0, 1, kernel),
+    ]
+    assert result.attention == marker  # the HLO's evidence: the kernel is in the program, or no fused kernel is
+    report = dry_run.format_report(result, 0.4, 1e9)
+    assert f"attention: 2 local layers (window 64): {dry_run.KERNEL_NAMES[kernel]}" in report
 
 
 def entry_argument_bytes(program: str) -> tuple[int, int]:

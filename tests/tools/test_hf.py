@@ -19,6 +19,7 @@ from research.models.gpt import GPT
 from research.models.llama import Llama
 from research.tools.hf import convert as hf
 
+torch.set_num_threads(1)  # the reference's threads would contend with JAX's for this machine's cores
 VOCAB = 96
 TOKENS = np.random.default_rng(0).integers(0, VOCAB, size=(2, 24))
 NO_SPECIAL = dict(bos_token_id=None, eos_token_id=None, pad_token_id=None)  # greedy runs never stop early
@@ -188,13 +189,16 @@ def test_a_checkpoint_that_does_not_fit_is_a_one_line_error(tmp_path):
     scaled = config | {"rope_parameters": {"rope_type": "yarn", "factor": 8.0, "rope_theta": 500000.0}}
     with pytest.raises(ConfigError, match="rope scaling 'yarn' is not implemented"):
         hf.model_from_config(scaled)
-    with pytest.raises(ConfigError, match="config.json describes MistralForCausalLM: only bert, gpt2, llama"):
+    supported = "bert, gemma, gemma2, gemma3_text, gpt2, llama, mistral, qwen2, qwen3"
+    with pytest.raises(ConfigError, match=f"^config.json describes Phi3ForCausalLM: only {supported} models are"):
+        hf.model_from_config({"model_type": "phi3", "architectures": ["Phi3ForCausalLM"]})
+    with pytest.raises(ConfigError, match="^config.json has no 'hidden_size' \\(a MistralForCausalLM's needs it\\)$"):
         hf.model_from_config({"model_type": "mistral", "architectures": ["MistralForCausalLM"]})
     gpt_config = json.loads(json.dumps(hf_gpt2().config.to_dict())) | {"activation_function": "relu"}
     with pytest.raises(ConfigError, match="activation_function 'relu'"):
         hf.model_from_config(gpt_config)
-    with pytest.raises(ConfigError, match="no Hugging Face layout 'mistral': the layouts are bert, gpt2, llama"):
-        hf.to_hf(OURS["llama"](), {}, tmp_path / "out", "mistral")
+    with pytest.raises(ConfigError, match=f"no Hugging Face layout 'phi3': the layouts are {supported}$"):
+        hf.to_hf(OURS["llama"](), {}, tmp_path / "out", "phi3")
     (tmp_path / "model.safetensors").unlink()
     with pytest.raises(ConfigError, match="no model.safetensors or model.safetensors.index.json"):
         hf.read_checkpoint(tmp_path)
@@ -210,13 +214,14 @@ def test_a_run_exports_in_the_layout_it_was_imported_from():
         if layout.run_family:
             config.model.family = layout.run_family
             assert lm.hf_layout(config) == model_type
-    assert sorted(layout.run_family for layout in hf.LAYOUTS.values() if layout.run_family) == ["gpt", "llama"]
+    families = sorted(layout.run_family for layout in hf.LAYOUTS.values() if layout.run_family)
+    assert families == ["gemma", "gemma2", "gemma3", "gpt", "llama", "mistral", "qwen2", "qwen3"]
 
 
 @pytest.mark.slow
 def test_imported_checkpoint_generates_and_fine_tunes(tmp_path, data_dir):
     """The CLI's import gives a run that predict.py generates from (the checkpoint's own tokenizer.json,
-    a byte-level BPE trained here) and that init_from starts a training run from; export hands it back."""
+    a byte-level BPE trained here) and that `lm.py:from=RUN` fine-tunes; export hands it back."""
     from research.data import text
 
     reference = saved("llama 320", tmp_path / "hf")
@@ -235,11 +240,8 @@ def test_imported_checkpoint_generates_and_fine_tunes(tmp_path, data_dir):
     assert expected in result.stdout, (expected, result.stdout)
 
     tuned = tmp_path / "tuned"
-    arguments = ["--config", "experiments/lm.py:smoke", "--workdir", str(tuned), f"--config.data_dir={data_dir}"]
-    arguments += [f"--config.init_from.workdir={imported}", "--config.num_steps=5"]
-    settings = json.loads((imported / "config.json").read_text())["config"]
-    arguments += [f"--config.model.{key}={value}" for key, value in settings["model"].items()]
-    arguments += [f"--config.data.tokenizer={settings['data']['tokenizer']}", "--config.model.block_size=32"]
+    arguments = ["--config", f"experiments/lm.py:from={imported}", "--workdir", str(tuned)]
+    arguments += [f"--config.data_dir={data_dir}", "--config.num_steps=5", "--config.model.block_size=32"]
     result = python("launch.py", *arguments)
     assert result.returncode == 0, result.stderr
     assert "init_from" in result.stdout and "left at random init: none" in result.stdout, result.stdout

@@ -4,12 +4,14 @@
   python -m research.tools.hf export WORKDIR HF_DIR [--checkpoint latest] [--max_shard_size 5GB]
 
 `import` writes a step-0 run (an Orbax checkpoint of the train state and config.json, with the
-checkpoint's tokenizer.json when it has one) that `init_from.workdir` fine-tunes, predict.py
-generates from, and launch.py trains on. `export` writes a run's evaluation parameters in the layout
-its experiment's `hf_layout` hook names.
+checkpoint's tokenizer.json and end-of-text ids when it has them) that
+`launch.py --config experiments/lm.py:from=WORKDIR` fine-tunes, predict.py generates from, and launch.py
+trains on. `export` writes a run's evaluation parameters in the layout its experiment's `hf_layout` hook
+names, with its tokenizer.json and a generation_config.json holding its end ids.
 """
 
 import argparse
+import json
 import shutil
 import sys
 from pathlib import Path
@@ -28,6 +30,8 @@ from research.experiment import hook  # noqa: E402
 from research.inference.predict import load_run  # noqa: E402
 from research.state import TrainState  # noqa: E402
 from research.tools.hf import convert  # noqa: E402
+
+GENERATION = "generation_config.json"
 
 
 def import_run(source: str | Path, workdir: str | Path, experiment_spec: str, scan_layers: bool) -> str:
@@ -56,6 +60,7 @@ def import_run(source: str | Path, workdir: str | Path, experiment_spec: str, sc
         workdir.mkdir(parents=True, exist_ok=True)
         shutil.copy(Path(source) / convert.TOKENIZER, workdir / convert.TOKENIZER)
         config.data.tokenizer = str((workdir / convert.TOKENIZER).absolute())
+    config.data.end_ids = checkpoint_end_ids(source, hf_config)
     config.init_from.workdir = ""
     experiment_lib.claim_workdir(workdir, experiment_lib.name_of(path), config)
     setup = steps.build(config, module, sharding.make_mesh({"data": 1}, jax.devices()[:1]))
@@ -68,6 +73,14 @@ def import_run(source: str | Path, workdir: str | Path, experiment_spec: str, sc
     return f"imported {source} ({layout.model_type}, {len(tensors)} tensors) into {workdir} as step 0"
 
 
+def checkpoint_end_ids(source: str | Path, hf_config: dict) -> tuple[int, ...]:
+    """The ids that end a generation: generation_config.json's eos_token_id, else config.json's (one or a list)."""
+    generation = Path(source) / GENERATION
+    ids = json.loads(generation.read_text()).get("eos_token_id") if generation.exists() else None
+    ids = hf_config.get("eos_token_id") if ids is None else ids
+    return tuple(ids if isinstance(ids, list) else [] if ids is None else [ids])
+
+
 def export_run(workdir: str | Path, directory: str | Path, which: str, max_shard_bytes: int) -> str:
     """Writes a trained run's model (its evaluation parameters) as a Hugging Face checkpoint."""
     run = load_run(workdir, which=which)
@@ -75,9 +88,13 @@ def export_run(workdir: str | Path, directory: str | Path, which: str, max_shard
     if hf_layout is None:
         raise ConfigError(f"experiment {run.name} names no Hugging Face layout (its hf_layout hook): nothing to export")
     convert.to_hf(run.model, run.params, directory, hf_layout(run.config), max_shard_bytes)
-    tokenizer = Path(workdir) / convert.TOKENIZER
-    if tokenizer.exists():
-        shutil.copy(tokenizer, Path(directory) / convert.TOKENIZER)
+    tokenizer_file, end_ids_of = hook(run.module, "tokenizer_file"), hook(run.module, "end_ids")
+    if tokenizer_file and tokenizer_file(run.config):
+        shutil.copy(tokenizer_file(run.config), Path(directory) / convert.TOKENIZER)
+    ends = list(end_ids_of(run.config)) if end_ids_of else []
+    if ends:  # transformers' generate stops at any of them
+        generation = {"eos_token_id": ends if len(ends) > 1 else ends[0]}
+        (Path(directory) / GENERATION).write_text(json.dumps(generation, indent=2) + "\n")
     return f"exported {workdir} step {run.step} ({type(run.model).__name__}) to {directory}"
 
 

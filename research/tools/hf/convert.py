@@ -10,17 +10,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
-from safetensors.numpy import load_file, save_file
+from safetensors import flax as safetensors_jax  # reads and writes bfloat16, which numpy's cannot
 
 from research.errors import ConfigError
-from research.tools.hf import bert, gpt2, llama
+from research.tools.hf import bert, gemma, gpt2, llama, mistral, qwen
 from research.tools.hf.layout import Layout, rolled, unrolled
 from research.tree import named_leaves
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
 TOKENIZER = "tokenizer.json"
-LAYOUTS = {layout.model_type: layout for layout in (llama.LAYOUT, gpt2.LAYOUT, bert.LAYOUT)}
+DECODERS = (llama.LAYOUT, qwen.QWEN2, qwen.QWEN3, mistral.LAYOUT, gemma.GEMMA1, gemma.GEMMA2, gemma.GEMMA3)
+LAYOUTS = {layout.model_type: layout for layout in (*DECODERS, gpt2.LAYOUT, bert.LAYOUT)}
 PyTree = Any
 
 
@@ -38,7 +39,9 @@ def read_checkpoint(directory: str | Path) -> tuple[dict, dict[str, np.ndarray]]
         raise ConfigError(f"{directory}: no {SINGLE} or {INDEX} (only safetensors checkpoints are read)")
     tensors = {}
     for name in files:
-        tensors.update(load_file(str(directory / name)))
+        tensors.update(
+            {key: np.asarray(value) for key, value in safetensors_jax.load_file(str(directory / name)).items()}
+        )
     return config, tensors
 
 
@@ -60,7 +63,11 @@ def layout_named(model_type: str) -> Layout:
 
 def model_from_config(config: Mapping[str, Any], **overrides):
     """The module a config.json describes (`overrides`: scan_layers, dtype, ...)."""
-    return layout_of(config).from_config(dict(config), **overrides)
+    layout = layout_of(config)
+    try:
+        return layout.from_config(dict(config), **overrides)
+    except KeyError as error:
+        raise ConfigError(f"config.json has no {error.args[0]!r} (a {layout.architecture}'s needs it)") from None
 
 
 def config_json(model, model_type: str) -> dict:
@@ -119,6 +126,11 @@ def parse_size(text: str) -> int:
     return int(float(match[1]) * {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9}[match[2] or "B"])
 
 
+def _save(tensors: Mapping[str, np.ndarray], path: Path) -> None:
+    metadata = {"format": "pt"}  # transformers reads safetensors files marked as torch's
+    safetensors_jax.save_file({name: jnp.asarray(array) for name, array in tensors.items()}, str(path), metadata)
+
+
 def write_checkpoint(directory: str | Path, config: dict, tensors: Mapping[str, np.ndarray], max_shard_bytes: int):
     """config.json and model.safetensors, or shards model-0000K-of-0000N.safetensors and their index."""
     directory = Path(directory)
@@ -131,14 +143,13 @@ def write_checkpoint(directory: str | Path, config: dict, tensors: Mapping[str, 
             size = 0
         shards[-1][name] = array
         size += array.nbytes
-    metadata = {"format": "pt"}  # transformers reads safetensors files marked as torch's
     if len(shards) == 1:
-        save_file(shards[0], str(directory / SINGLE), metadata=metadata)
+        _save(shards[0], directory / SINGLE)
     else:
         weight_map = {}
         for number, shard in enumerate(shards, 1):
             file = f"model-{number:05d}-of-{len(shards):05d}.safetensors"
-            save_file(shard, str(directory / file), metadata=metadata)
+            _save(shard, directory / file)
             weight_map |= {name: file for name in shard}
         total = sum(array.nbytes for array in tensors.values())
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
