@@ -71,7 +71,7 @@ SMOKE = {
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    """`:cpu` (the default), `:smoke`, `:cpu-FAMILY`, a published size (SIZES) or `:from=RUN` (`from_run`)."""
+    """`:cpu` (default), `:smoke`, `:cpu-FAMILY`, `:smoke-FAMILY`, a published size (SIZES) or `:from=RUN`."""
     config = trainer_config()
     config.data = ml_collections.ConfigDict(
         {
@@ -87,8 +87,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         {  # the model modules' field names (research/models/llama.py and gpt.py document each; research/tools/hf/
             # fills them from a config.json); the shape is :cpu's, a Llama of the GPT's parameter count
             "family": "llama",  # gpt or a family of research/models/published.py (the Llama's settings)
-            "vocab_size": 0,  # 0: the tokenizer's
-            "block_size": 64,  # context: the training window and the generation cache
+            **{"vocab_size": 0, "block_size": 64},  # vocab 0: the tokenizer's; block: training window, generation cache
             **{"num_layers": 4, "num_heads": 4, "num_kv_heads": 2, "width": 128, "mlp_dim": 390},
             **published.family_settings("llama") | {"tie_embeddings": True},
             "scan_layers": False,  # llama: one compiled block under nn.scan, whatever the depth
@@ -113,6 +112,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     if arg and arg.startswith("from="):
         return from_run(config, arg.removeprefix("from="))
     blocks = {name: {f"model.{key}": value for key, value in block.items()} for name, block in CPU_BLOCKS.items()}
+    blocks |= {name.replace("cpu", "smoke"): SMOKE | block for name, block in blocks.items()}  # the block, in seconds
     config.update_from_flattened_dict(choose(arg, {None: {}, "cpu": {}, "smoke": SMOKE} | blocks))
     return config
 

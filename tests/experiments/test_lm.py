@@ -60,6 +60,19 @@ def test_from_run_takes_the_model_tokenizer_and_parameters_of_the_run_it_fine_tu
         lm.get_config(f"from={tmp_path / 'gpt'}")
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["qwen2", "qwen3", "mistral", "gemma", "gemma2", "gemma3"])
+def test_each_familys_smoke_config_learns(tmp_path, data_dir, family):
+    """`:smoke-FAMILY`, the family's block at the smoke size: 150 steps from ln(66) ~ 4.19 to below 3.4."""
+    from research import experiment, train
+
+    config = lm.get_config(f"smoke-{family}")
+    config.data_dir = data_dir
+    assert config.model.family == family and lm.hf_layout(config) in hf.LAYOUTS
+    experiment.claim_workdir(tmp_path, "lm", config)
+    assert train.train_and_evaluate(config, lm, tmp_path)["eval/loss"] < 3.4
+
+
 def test_generated_text_ends_at_the_first_end_id(data_dir):
     module, config = smoke_config("lm", data_dir, **{"data.end_ids": (13, 0)})
     ids = module.encode_text(config, "To be, or not")

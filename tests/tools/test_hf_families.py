@@ -246,3 +246,11 @@ def test_what_a_family_cannot_hold_is_a_one_line_error(checkpoints, tmp_path):
     refused("^rope scaling 'dynamic' is not implemented", hf.model_from_config, gemma3 | {"rope_parameters": dynamic})
     local = GEMMA3_ROPE | {"sliding_attention": GEMMA3_ROPE["full_attention"]}
     refused("^rope scaling on the sliding layers", hf.model_from_config, gemma3 | {"rope_parameters": local})
+    refused(
+        "^hidden_activation 'silu': a Gemma's MLP is GeGLU",
+        hf.model_from_config,
+        gemma2 | {"hidden_activation": "silu"},
+    )
+    # The first Gemma releases' config.json says "gelu" and means the tanh approximation, as transformers reads it.
+    legacy = gemma2 | {"model_type": "gemma", "hidden_act": "gelu", "hidden_activation": None}
+    assert hf.model_from_config(legacy).activation == "gelu_tanh"

@@ -9,6 +9,7 @@ one, and a rotary base per kind (rope_local_base_freq for the local ones; the gl
 Gemma3ForConditionalGeneration (text and images) is refused: its text model's weights are named apart.
 """
 
+from research.errors import ConfigError
 from research.models.llama import Llama
 from research.tools.hf import llama
 from research.tools.hf.layout import Layout
@@ -19,7 +20,12 @@ LATER = dict(post_norms=True)  # Gemma 2 and 3
 
 
 def _fields(config: dict) -> dict:
-    return llama.decoder_fields(config, "hidden_activation") | GEMMA
+    """What every Gemma's config.json gives. transformers runs every Gemma's gelu tanh-approximated, the
+    "gelu" of the first releases' config.json included (it says so and replaces it)."""
+    activation = config.get("hidden_activation") or config.get("hidden_act") or "gelu_pytorch_tanh"
+    if not str(activation).startswith("gelu"):
+        raise ConfigError(f"hidden_activation {activation!r}: a Gemma's MLP is GeGLU")
+    return llama.decoder_fields(config | {"hidden_act": "gelu_pytorch_tanh"}) | GEMMA
 
 
 def _later_fields(config: dict) -> dict:
@@ -37,7 +43,7 @@ def _later_fields(config: dict) -> dict:
 
 def gemma_from_config(config: dict, **overrides) -> Llama:
     """The Llama a GemmaForCausalLM config.json describes."""
-    return Llama(**llama.decoder_fields(config) | GEMMA | overrides)
+    return Llama(**_fields(config) | overrides)
 
 
 def gemma_to_config(model: Llama) -> dict:
