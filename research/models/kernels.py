@@ -11,8 +11,10 @@ FlashAttention) so that the L x S scores never reach HBM, and splash skips the m
   "cudnn"   jax.nn.dot_product_attention(implementation="cudnn"): a GPU only, bfloat16 or float16;
   "splash"  jax.experimental.pallas.ops.tpu.splash_attention, in interpret mode off a TPU (tests/models/
             test_kernels.py checks it against xla that way), under shard_map over the batch and head axes.
-Grouped-query attention (K key/value heads, H query heads) and document masks (`segment_ids_BxL`: a position
-sees only earlier positions of its own document) go to every implementation.
+Grouped-query attention (K key/value heads, H query heads), document masks (`segment_ids_BxL`: a position
+sees only earlier positions of its own document), sliding windows and a score scale of the model's own go to
+every implementation; soft-capped scores (Gemma 2) to splash and XLA (jax's cuDNN attention has no soft-cap,
+so "auto" does not choose it for them: `cudnn_refusal` and `splash_refusal` say why a kernel is not taken).
 
 Legend: B batch, L length, H query heads, K key/value heads, Dh head width.
 """

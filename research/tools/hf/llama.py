@@ -127,6 +127,7 @@ def decoder_config(model: Llama, activation_key: str = "hidden_act") -> dict:
         "head_dim": model.head_dim or model.width // model.num_heads,
         "max_position_embeddings": model.block_size,
         "rms_norm_eps": model.norm_epsilon,
+        "rope_theta": model.rope_theta,  # as transformers 4 reads it; 5 reads rope_parameters
         "rope_parameters": rope_parameters(model),
         "sliding_window": model.attention_window or None,
         "layer_types": [SLIDING if kind.window else FULL for kind in kinds],
