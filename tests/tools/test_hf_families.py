@@ -16,8 +16,8 @@ import transformers
 
 from research.errors import ConfigError
 from research.inference.generate import Sampling, generate
-from research.models import param_count
-from research.models.llama import Llama
+from research.models import param_count, published
+from research.models.llama import ARCHITECTURE, Llama
 from research.models.rotary import apply_rotary, rotary_angles
 from research.tools.hf import convert as hf
 
@@ -121,6 +121,29 @@ def test_gemma3_settings_are_read_as_its_layer_pattern(checkpoints):
     assert (model.rope_theta, model.rope_scaling, model.rope_local_theta) == (1e6, (4.0,), 10000.0)
     assert [kind.window for kind in model.layer_kinds()] == [WINDOW] * 5 + [0]
     assert model.qk_norm and model.post_norms and model.scale_embeddings and model.norm_offset == 1.0
+
+
+def test_gemma3_image_and_text_checkpoint_is_read_as_its_text_decoder(tmp_path):
+    """Gemma3ForConditionalGeneration (the published 4B-27B) imports as its text decoder, giving its logits for
+    text (its vision tower and projector left out); a text_config silent on most settings, as the published
+    ones are, takes Gemma3TextConfig's defaults, as transformers does."""
+    text = SHAPE | dict(num_hidden_layers=6, head_dim=32, sliding_window=WINDOW, query_pre_attn_scalar=40)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28)
+    config = transformers.Gemma3Config(text_config=text, vision_config=vision | dict(patch_size=14))
+    torch.manual_seed(0)
+    reference = perturbed(transformers.Gemma3ForConditionalGeneration(config))
+    reference.save_pretrained(tmp_path)
+    model, params = hf.from_hf(tmp_path)
+    assert float(np.abs(our_logits(model, params) - torch_logits(reference)).max()) <= 1e-4
+    assert (model.attention_window, model.global_every, model.rope_local_theta) == (WINDOW, 6, 10000.0)
+    # The published 4B's text_config, which names only these (Gemma3TextConfig's defaults give the rest): our
+    # gemma3-4b, setting for setting.
+    text_config = dict(hidden_size=2560, intermediate_size=10240, num_hidden_layers=34, sliding_window=1024)
+    text_config |= dict(rope_scaling={"factor": 8.0, "rope_type": "linear"}, model_type="gemma3_text")
+    published_4b = hf.model_from_config(text_config)
+    assert {key: getattr(published_4b, key) for key in ARCHITECTURE} == {
+        key: value for key, value in published.settings("gemma3-4b").items() if key in ARCHITECTURE
+    }
 
 
 def scores_before_the_cap(model, params, tokens=TOKENS) -> float:

@@ -22,6 +22,8 @@ SINGLE = "model.safetensors"
 TOKENIZER = "tokenizer.json"
 DECODERS = (llama.LAYOUT, qwen.QWEN2, qwen.QWEN3, mistral.LAYOUT, gemma.GEMMA1, gemma.GEMMA2, gemma.GEMMA3)
 LAYOUTS = {layout.model_type: layout for layout in (*DECODERS, gpt2.LAYOUT, bert.LAYOUT)}
+# Checkpoints of models around a decoder (text and images), read as their decoder: model_type -> (config, tensors)
+DECODER_OF = {"gemma3": gemma.text_model}
 PyTree = Any
 
 
@@ -42,6 +44,8 @@ def read_checkpoint(directory: str | Path) -> tuple[dict, dict[str, np.ndarray]]
         tensors.update(
             {key: np.asarray(value) for key, value in safetensors_jax.load_file(str(directory / name)).items()}
         )
+    if config.get("model_type") in DECODER_OF:  # Gemma3ForConditionalGeneration: its text decoder
+        return DECODER_OF[config["model_type"]](config, tensors)
     return config, tensors
 
 

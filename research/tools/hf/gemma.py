@@ -6,7 +6,8 @@ embeddings times sqrt(width) and a head tied to them. Gemma 2 adds a norm after 
 (sliding-window) and global layers alternating, attention scores divided by sqrt(query_pre_attn_scalar) and
 soft-capped at 50, logits at 30. Gemma 3 replaces the soft-caps by QK-norm, has five local layers per global
 one, and a rotary base per kind (rope_local_base_freq for the local ones; the global ones may be scaled).
-Gemma3ForConditionalGeneration (text and images) is refused: its text model's weights are named apart.
+Gemma3ForConditionalGeneration (text and images: the published 4B, 12B and 27B) is read as its text decoder
+(`text_model`); export writes Gemma3ForCausalLM.
 """
 
 from research.errors import ConfigError
@@ -15,6 +16,13 @@ from research.tools.hf import llama
 from research.tools.hf.layout import Layout
 
 GEMMA = dict(norm_offset=1.0, scale_embeddings=True)
+# Gemma3TextConfig's defaults (transformers 5.24), which the published text_configs leave out (the 4B's names only
+# its width, MLP, depth, window and rope scaling)
+GEMMA3_TEXT_DEFAULTS = dict(vocab_size=262208, num_attention_heads=8, num_key_value_heads=4, head_dim=256)
+GEMMA3_TEXT_DEFAULTS |= dict(query_pre_attn_scalar=256, rope_theta=1_000_000.0, rope_local_base_freq=10_000.0)
+GEMMA3_TEXT_DEFAULTS |= dict(sliding_window=4096, sliding_window_pattern=6, rms_norm_eps=1e-6, tie_word_embeddings=True)
+GEMMA3_TEXT_DEFAULTS |= dict(max_position_embeddings=131072, hidden_activation="gelu_pytorch_tanh")
+TEXT_PREFIXES = ("language_model.model.", "model.language_model.")  # transformers 4.50's names, and later ones
 GEMMA_ALLOWED = dict(norm_offset=(1.0,), scale_embeddings=(True,), activation=("gelu_tanh",))
 LATER = dict(post_norms=True)  # Gemma 2 and 3
 
@@ -71,8 +79,23 @@ def gemma2_to_config(model: Llama) -> dict:
 
 
 def gemma3_from_config(config: dict, **overrides) -> Llama:
-    """The Llama a Gemma3ForCausalLM (Gemma3TextConfig) config.json describes."""
-    return Llama(**_later_fields(config) | dict(qk_norm=True) | overrides)
+    """The Llama a Gemma3ForCausalLM (Gemma3TextConfig) config.json describes, its defaults where it is silent."""
+    return Llama(**_later_fields(GEMMA3_TEXT_DEFAULTS | config) | dict(qk_norm=True) | overrides)
+
+
+def text_model(config: dict, tensors: dict) -> tuple[dict, dict]:
+    """A Gemma3ForConditionalGeneration checkpoint's text decoder as a Gemma3ForCausalLM one: its text_config and
+    its language model's tensors under Gemma3ForCausalLM's names (the vision tower and projector left out)."""
+    text_config = {"tie_word_embeddings": config.get("tie_word_embeddings", True)} | config["text_config"]
+    text_config |= {"model_type": GEMMA3.model_type, "architectures": [GEMMA3.architecture]}
+    renamed = {}
+    for name, array in tensors.items():
+        prefix = next((prefix for prefix in TEXT_PREFIXES if name.startswith(prefix)), None)
+        if prefix:
+            renamed["model." + name.removeprefix(prefix)] = array
+        elif name in ("language_model.lm_head.weight", "lm_head.weight"):
+            renamed["lm_head.weight"] = array
+    return text_config, renamed
 
 
 def _rope_per_layer_type(model: Llama) -> dict:
