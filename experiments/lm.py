@@ -166,7 +166,7 @@ def tokenizer_file(config: ml_collections.ConfigDict) -> str:
 
 def decode_tokens(config: ml_collections.ConfigDict, ids) -> str:
     """The text of `ids` up to the first end id (data.end_ids)."""
-    ends = [index for index, token in enumerate(ids) if token in end_ids(config)]
+    ends = [index for index, token in enumerate(ids) if token in config.data.end_ids]
     return tokenizer_and_splits(config)[0].decode(list(ids)[: (ends or [None])[0]])
 
 

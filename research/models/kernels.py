@@ -141,9 +141,7 @@ def attend(
             implementation="cudnn",
         )
     if softcap:  # jax.nn.dot_product_attention has no soft-cap
-        allowed_LxS = _causal(length, window)
-        same = _same_document(segment_ids_BxL)
-        allowed = allowed_LxS if same is None else same & allowed_LxS
+        allowed = _allowed(length, window, segment_ids_BxL)
         return plain_attention(query_BxLxHxDh, key_BxSxKxDh, value_BxSxKxDh, allowed, scale=scale, softcap=softcap)
     return jax.nn.dot_product_attention(
         query_BxLxHxDh,
@@ -157,10 +155,13 @@ def attend(
     )
 
 
-def _causal(length: int, window) -> jax.Array:
-    """L x L: True where query i may see key j (j <= i, and i - j < window when window > 0; window may be traced)."""
+def _allowed(length: int, window, segment_ids_BxL: jax.Array | None) -> jax.Array:
+    """L x L (B x 1 x L x L with documents): True where query i may see key j: j <= i, i - j < window when window
+    > 0 (window may be traced), and the same document."""
     distance_LxL = jnp.arange(length)[:, None] - jnp.arange(length)[None, :]
-    return (distance_LxL >= 0) & ((window == 0) | (distance_LxL < window))
+    causal_LxL = (distance_LxL >= 0) & ((window == 0) | (distance_LxL < window))
+    same = _same_document(segment_ids_BxL)
+    return causal_LxL if same is None else same & causal_LxL
 
 
 def _scores(query_BxLxHxDh, key_BxSxKxDh, allowed, scale: float, softcap: float) -> jax.Array:
@@ -206,9 +207,7 @@ def weights(
 ) -> jax.Array:
     """The weights `attend` gives each key (B x H x L x S, float32), for attention maps."""
     batch, length, heads, head_dim = query_BxLxHxDh.shape
-    allowed = _causal(length, window)
-    same = _same_document(segment_ids_BxL)
-    allowed = allowed if same is None else same & allowed
+    allowed = _allowed(length, window, segment_ids_BxL)
     scale = head_dim**-0.5 if scale is None else scale
     return _scores(query_BxLxHxDh, key_BxSxKxDh, allowed, scale, softcap).reshape(batch, heads, length, length)
 

@@ -129,7 +129,8 @@ class LlamaBlock(nn.Module):
         if cache is None:
             masking = dict(segment_ids_BxL=segment_ids_BxL, window=window, **scores)  # attention maps, when asked
             attention.record_weights(self, lambda: kernels.weights(query_BxLxHxDh, key_BxLxKxDh, **masking))
-            attended_BxLxHxDh = self._attend(query_BxLxHxDh, key_BxLxKxDh, value_BxLxKxDh, segment_ids_BxL, kind_index)
+            operands = (query_BxLxHxDh, key_BxLxKxDh, value_BxLxKxDh)
+            attended_BxLxHxDh = self._attend(*operands, segment_ids_BxL, kind_index, **scores)
         else:
             cache, attended_BxLxHxDh = _attend_cached(
                 cache, positions_L, query_BxLxHxDh, key_BxLxKxDh, value_BxLxKxDh, window=window, **scores
@@ -160,7 +161,7 @@ class LlamaBlock(nn.Module):
             return angles[0]
         return jnp.stack([cos for cos, _ in angles])[kind_index], jnp.stack([sin for _, sin in angles])[kind_index]
 
-    def _attend(self, query_BxLxHxDh, key_BxLxKxDh, value_BxLxKxDh, segment_ids_BxL, kind_index) -> jax.Array:
+    def _attend(self, query_BxLxHxDh, key_BxLxKxDh, value_BxLxKxDh, segment_ids_BxL, kind_index, **scores) -> jax.Array:
         """Each kind's window is static in its kernel; scanned layers of several kinds branch on their kind."""
 
         def attend(window, query, key, value):
@@ -171,8 +172,7 @@ class LlamaBlock(nn.Module):
                 implementation=self.attention,
                 segment_ids_BxL=segment_ids_BxL,
                 window=window,
-                scale=(self.query_scale_dim or self.head_dim) ** -0.5,
-                softcap=self.attention_softcap,
+                **scores,
             )
 
         operands = (query_BxLxHxDh, key_BxLxKxDh, value_BxLxKxDh)
