@@ -1,18 +1,17 @@
 """Decoder language models at published sizes: the Llama family (RoPE, RMSNorm, gated MLP, grouped-query
-attention; Qwen2/2.5, Qwen3, Mistral and Gemma 1-3 are its settings) and GPT-2; Hugging Face checkpoints
-in and out (research/tools/hf/), fine-tuned in one command (`:from=RUN`).
+attention; Qwen2/2.5, Qwen3, Mistral, Gemma 1-3 and the mixtures of experts Mixtral and Qwen3-MoE are its
+settings) and GPT-2; Hugging Face checkpoints in and out (research/tools/hf/), fine-tuned by `:from=RUN`.
 
   python launch.py --config experiments/lm.py:cpu --workdir runs/lm_cpu
   python launch.py --config experiments/lm.py:llama3-8b --dry_run --target gpu:h100:8 --config.batch_size=16
   python -m research.tools.hf import HF_DIR runs/imported
   python launch.py --config experiments/lm.py:from=runs/imported --workdir runs/tuned
-Expected: `:cpu` is shakespeare_gpt:cpu's budget (nanoGPT's CPU run: 2,000 steps of 12 x 64 characters)
-for a Llama of its size (0.805M parameters: 4 layers of 128, 4 heads, 2 key/value heads, SwiGLU 390, tied
-embeddings): val loss 1.657 vs the GPT's 1.886 in ~3 min on 2 cores (docs/results.md, also `:cpu-FAMILY`,
-each family's block). `:smoke` (1 layer of 64, 150 steps) falls from ln(66) ~ 4.2 to ~3.1. Named sizes
-(gpt2-124m ... qwen3-32b, gemma3-27b: research/models/published.py) have the published shapes, parameter
-counts and global batches. Data: Tiny Shakespeare windows of model.block_size tokens, or corpora of
-`python -m research.data.prepare` (data.prepared, docs/data.md).
+Expected: `:cpu` is shakespeare_gpt:cpu's budget (nanoGPT's CPU run: 2,000 steps of 12 x 64 characters) for a
+Llama of its size (0.805M parameters: 4 layers of 128, 4 heads, 2 key/value heads, SwiGLU 390, tied
+embeddings): val loss 1.657 vs the GPT's 1.886 in ~3 min on 2 cores (docs/results.md, also `:cpu-FAMILY`, each
+family's block). `:smoke` (1 layer of 64, 150 steps) falls from ln(66) ~ 4.2 to ~3.1. Named sizes (gpt2-124m
+... mixtral-8x7b: research/models/published.py) have the published shapes, parameter counts and batches. Data:
+Tiny Shakespeare windows of model.block_size tokens, or corpora of research.data.prepare (docs/data.md).
 """
 
 from pathlib import Path
@@ -26,17 +25,15 @@ from research import experiment, metrics, perf
 from research.config import DEFAULT_PARAM_RULES, NANOGPT_OPTIMIZER, choose, trainer_config
 from research.data import stream, text
 from research.errors import ConfigError
-from research.experiment import DecoderShape, Reference
-from research.models import apply_with_dropout, compute_dtype, gpt, param_count, published
-from research.models.gpt import GPT
-from research.models.llama import ARCHITECTURE, Llama
+from research.models import apply_with_dropout, compute_dtype, gpt, moe, param_count, published
+from research.models.llama import ARCHITECTURE, MOE_RUN, Llama
 
 NANOGPT = "nanoGPT README (github.com/karpathy/nanoGPT), shakespeare_char CPU run (~1.88): the GPT's, same budget"
 SMOKE_SOURCE = "this repository's smoke run (a regression guard, not a paper number)"
 LOSS = dict(metric="eval/loss", better="min")
 REFERENCES = (
-    Reference(config="cpu", value=1.88, tolerance=0.05, source=NANOGPT, kind="published", **LOSS),
-    Reference(config="smoke", value=3.09, tolerance=0.15, source=SMOKE_SOURCE, kind="ours", **LOSS),
+    experiment.Reference(config="cpu", value=1.88, tolerance=0.05, source=NANOGPT, kind="published", **LOSS),
+    experiment.Reference(config="smoke", value=3.09, tolerance=0.15, source=SMOKE_SOURCE, kind="ours", **LOSS),
 )
 PARAM_RULES = (  # vocabulary dimensions split over tensor too; scanned layers' leading layer axis stays whole
     (r"layers/(q_proj|k_proj|v_proj|gate_proj|up_proj)/kernel$", (None, "fsdp", "tensor")),  # L x D x F
@@ -45,6 +42,7 @@ PARAM_RULES = (  # vocabulary dimensions split over tensor too; scanned layers' 
     (r"layers_\d+/(o_proj|down_proj)/kernel$", ("tensor", "fsdp")),  # row-parallel
     (r"(embed_tokens|token_embedding)/embedding$", ("tensor", "fsdp")),  # V x D
     (r"(lm_head|head)/kernel$", ("fsdp", "tensor")),  # D x V
+    *moe.PARAM_RULES,  # experts over `expert`
 ) + DEFAULT_PARAM_RULES  # the GPT's attention and MLP, position embeddings, the replicated rest
 
 GPT2 = dict(family="gpt", vocab_size=50257, block_size=1024, use_bias=True, tie_embeddings=True)
@@ -54,15 +52,10 @@ SIZES = {name: GPT2 | size for name, size in gpt.SIZES.items()} | {
 }
 PUBLISHED_PARAMETERS = gpt.PUBLISHED_PARAMETERS | published.PUBLISHED_PARAMETERS
 BATCHES = dict.fromkeys(gpt.SIZES, 512) | published.BATCHES  # GPT-2: 512 x 1,024 (Radford et al. 2019, sec. 2.3)
-# :cpu-FAMILY windows scaled to 64 tokens: Mistral's and Gemma 2's half (4,096 of 8,192), Gemma 3's a quarter
-CPU_WINDOWS = {"mistral": dict(attention_window=32), "gemma2": dict(attention_window=32), "gemma": {}, "qwen2": {}}
-CPU_WINDOWS |= {"gemma3": dict(attention_window=16, global_every=4), "qwen3": {}}  # its last of 4 layers global
-CPU_BLOCK = dict(head_dim=0, tie_embeddings=True, query_scale_dim=0)  # head width, ties, query scale as :cpu's
-CPU_BLOCKS = {
-    f"cpu-{family}": published.family_settings(family) | CPU_BLOCK | windows | dict(family=family)
-    for family, windows in CPU_WINDOWS.items()
-}
-CPU = {"num_steps": 2000, "batch_size": 12, "eval_every": 500}  # shakespeare_gpt:cpu's data, budget and optimizer
+CPU_BLOCKS = {f"cpu-{family}": published.cpu_block(family) for family in published.CPU_SCALED}  # each family's block
+NAMED = {"num_steps": 10000, "eval_every": 1000, "data.tokenizer": "bpe:8192", "data.max_eval_windows": 64}
+NAMED |= {"mesh.fsdp": -1, "mesh.data": 1, "optimizer.learning_rate": 3e-4}  # a named size's run
+CPU = {"num_steps": 2000, "batch_size": 12, "eval_every": 500, "log_every": 50}  # shakespeare_gpt:cpu's budget
 SMOKE = {
     **{"model.block_size": 32, "model.num_layers": 1, "model.num_heads": 2, "model.num_kv_heads": 1},
     **{"model.width": 64, "model.mlp_dim": 176, "data.max_eval_windows": 64, "num_steps": 150, "batch_size": 16},
@@ -97,17 +90,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             **{"dropout_rate": 0.0, "use_bias": False},  # gpt only (GPT-2's checkpoints have biases)
             "loss_chunk": 0,  # >0: the loss's head runs on this many positions at a time
             "attention": "auto",  # llama: research/models/kernels.py (cuDNN on GPUs, splash on TPUs, else XLA)
+            **{key: getattr(Llama, key) for key in MOE_RUN},  # experts (num_experts > 0): research/models/moe.py
         }
     )
+    config.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "expert": 1, "tensor": 1})
     config.param_rules = PARAM_RULES
     config.optimizer.kwargs.b2 = 0.99
-    config.update_from_flattened_dict(NANOGPT_OPTIMIZER | {"eval_batch_size": 64, "log_every": 50})
-    config.update_from_flattened_dict(CPU | {"checkpoint.every_steps": 1000})
+    config.update_from_flattened_dict(NANOGPT_OPTIMIZER | CPU | {"eval_batch_size": 64, "checkpoint.every_steps": 1000})
     if arg in SIZES:
         config.model.update(SIZES[arg])
-        config.update_from_flattened_dict({"batch_size": BATCHES[arg], "num_steps": 10000, "eval_every": 1000})
-        config.update_from_flattened_dict({"data.tokenizer": "bpe:8192", "data.max_eval_windows": 64, "mesh.fsdp": -1})
-        config.update_from_flattened_dict({"mesh.data": 1, "optimizer.learning_rate": 3e-4})
+        config.update_from_flattened_dict(NAMED | {"batch_size": BATCHES[arg]})
         return config
     if arg and arg.startswith("from="):
         return from_run(config, arg.removeprefix("from="))
@@ -121,7 +113,7 @@ def from_run(config: ml_collections.ConfigDict, workdir: str) -> ml_collections.
     """`config` fine-tuning another lm run (as `python -m research.tools.hf import` makes): its architecture, layer
     layout, parameter dtype, tokenizer, end ids and parameters; how this one computes and trains stays `config`'s."""
     keys = [f"model.{key}" for key in (*ARCHITECTURE, "family", "scan_layers", "param_dtype", "use_bias")]
-    keys += ["data.tokenizer", "data.end_ids"]
+    keys += ["model.moe_aux_weight", "data.tokenizer", "data.end_ids"]
     config.update_from_flattened_dict(experiment.settings_of(workdir, __file__, keys))
     config.init_from.workdir = str(Path(workdir).absolute())
     return config
@@ -176,11 +168,11 @@ def make_model(config: ml_collections.ConfigDict) -> nn.Module:
     shared = {name: model[name] for name in ("block_size", "num_layers", "num_heads", "width", "tie_embeddings")}
     shared |= dict(vocab_size=vocab_size(config), remat=model.remat, loss_chunk=model.loss_chunk, **types)
     if model.family == "gpt":
-        return GPT(dropout_rate=model.dropout_rate, use_bias=model.use_bias, **shared)
+        return gpt.GPT(dropout_rate=model.dropout_rate, use_bias=model.use_bias, **shared)
     if model.family not in published.FAMILIES:
         raise ConfigError(f"model.family {model.family!r}: use gpt or one of {', '.join(published.FAMILIES)}")
-    settings = {name: model[name] for name in (*ARCHITECTURE, "scan_layers", "attention") if name not in shared}
-    return Llama(**settings | dict(rope_scaling=tuple(model.rope_scaling)), **shared)
+    settings = {name: model[name] for name in (*ARCHITECTURE, *MOE_RUN, "scan_layers", "attention")}
+    return Llama(**settings | shared | dict(rope_scaling=tuple(model.rope_scaling)))
 
 
 def hf_layout(config: ml_collections.ConfigDict) -> str:
@@ -202,49 +194,57 @@ def flops_per_example(config: ml_collections.ConfigDict) -> float:
     """Training FLOPs of one window: 6 N per token plus attention (research/perf.py)."""
     shape = decoder_shape(config)
     attention = (shape.layers, shape.heads * shape.head_dim, shape.length, shape.layer_windows)
-    return shape.length * perf.gpt_training_flops_per_token(parameter_count(config), *attention)
+    inactive = moe.inactive_parameters(shape.layers, shape.experts, shape.experts_per_token, shape.width, shape.mlp_dim)
+    return shape.length * perf.gpt_training_flops_per_token(parameter_count(config) - inactive, *attention)
 
 
-def decoder_shape(config: ml_collections.ConfigDict) -> DecoderShape:
+def decoder_shape(config: ml_collections.ConfigDict) -> experiment.DecoderShape:
     """The configured decoder's shape, for the dry run, the planner and research/perf.py's activation count."""
-    model, llama_family = config.model, config.model.family != "gpt"
-    return DecoderShape(
-        layers=model.num_layers,
-        width=model.width,
-        heads=model.num_heads,
-        kv_heads=model.num_kv_heads if llama_family else model.num_heads,
-        head_dim=(model.head_dim if llama_family else 0) or model.width // model.num_heads,
-        mlp_dim=model.mlp_dim if llama_family else 4 * model.width,
-        vocab=vocab_size(config),
-        length=model.block_size,
-        remat=model.remat,
-        scan_layers=llama_family and model.scan_layers,
-        dtype_bytes=jnp.dtype(model.dtype).itemsize,
-        fused_attention=llama_family and model.attention != "xla" and model.dtype != "float32",
-        loss_chunk=model.loss_chunk,
-        attention=model.attention if llama_family else "xla",
-        layer_windows=tuple(kind.window for kind in make_model(config).layer_kinds()) if llama_family else (),
-        attention_softcap=model.attention_softcap if llama_family else 0.0,
-        remat_key="model.remat",
-        scan_layers_key="model.scan_layers" if llama_family else "",  # the GPT's layers are never scanned
+    model = config.model
+    common = dict(layers=model.num_layers, width=model.width, heads=model.num_heads, vocab=vocab_size(config))
+    common |= dict(length=model.block_size, remat=model.remat, loss_chunk=model.loss_chunk, remat_key="model.remat")
+    common |= dict(dtype_bytes=jnp.dtype(model.dtype).itemsize)
+    if model.family == "gpt":  # multi-head, a 4 x width MLP, XLA's attention, never scanned
+        gpt_shape = dict(kv_heads=model.num_heads, head_dim=model.width // model.num_heads, mlp_dim=4 * model.width)
+        return experiment.DecoderShape(**gpt_shape, scan_layers=False, fused_attention=False, attention="xla", **common)
+    return experiment.DecoderShape(
+        kv_heads=model.num_kv_heads,
+        head_dim=model.head_dim or model.width // model.num_heads,
+        mlp_dim=model.mlp_dim,
+        scan_layers=model.scan_layers,
+        fused_attention=model.attention != "xla" and model.dtype != "float32",
+        attention=model.attention,
+        layer_windows=tuple(kind.window for kind in make_model(config).layer_kinds()),
+        attention_softcap=model.attention_softcap,
+        experts=model.num_experts,
+        experts_per_token=model.experts_per_token,
+        scan_layers_key="model.scan_layers",
+        **common,
     )
 
 
 def _features_or_logits(params, batch, rng, model, hidden: bool):
-    if isinstance(model, GPT):
-        return apply_with_dropout(model, {"params": params}, batch["inputs"], rng=rng, return_hidden=hidden)
+    """(logits or features, what the experts' routers sowed: {} for a dense model)."""
+    if isinstance(model, gpt.GPT):
+        return apply_with_dropout(model, {"params": params}, batch["inputs"], rng=rng, return_hidden=hidden), {}
     segments = batch.get("segment_ids")  # documents packed into a window, where the data marks them
-    return model.apply({"params": params}, batch["inputs"], segment_ids_BxL=segments, return_hidden=hidden)
+    options = dict(segment_ids_BxL=segments, return_hidden=hidden, mutable=[moe.COLLECTION])
+    return model.apply({"params": params}, batch["inputs"], **options)
 
 
 def loss_fn(params, batch, rng, *, model):
+    """The next-token loss, plus the routers' weighted losses for experts (their statistics as metrics)."""
+    outputs, sown = _features_or_logits(params, batch, rng, model, hidden=bool(model.loss_chunk))
     if model.loss_chunk:
-        features_BxLxD = _features_or_logits(params, batch, rng, model, hidden=True)
-        softcap = 0.0 if isinstance(model, GPT) else model.logit_softcap
-        head_DxV = model.head_kernel(params)
-        return metrics.chunked_next_token_loss(features_BxLxD, head_DxV, batch, model.loss_chunk, softcap)
-    return metrics.next_token_loss(_features_or_logits(params, batch, rng, model, hidden=False), batch)
+        softcap = 0.0 if isinstance(model, gpt.GPT) else model.logit_softcap
+        loss, values = metrics.chunked_next_token_loss(
+            outputs, model.head_kernel(params), batch, model.loss_chunk, softcap
+        )
+    else:
+        loss, values = metrics.next_token_loss(outputs, batch)
+    router_loss, router_metrics = moe.router_terms(sown, model)  # 0 and {} without experts
+    return loss + router_loss, values | router_metrics
 
 
 def eval_fn(params, batch, *, model) -> dict[str, metrics.Metric]:
-    return metrics.next_token_metrics(_features_or_logits(params, batch, None, model, hidden=False), batch)
+    return metrics.next_token_metrics(_features_or_logits(params, batch, None, model, hidden=False)[0], batch)

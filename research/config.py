@@ -31,12 +31,12 @@ def trainer_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.seed = 0  # parameter init, dropout and data order all derive from it
     config.num_steps = 1000
-    config.batch_size = 64  # global: split over processes and the mesh's data/fsdp axes
+    config.batch_size = 64  # global: split over processes and the mesh's batch axes
     config.eval_batch_size = 256
     config.log_every = 50
     config.eval_every = 500  # 0: only the final evaluation
     config.data_dir = ""  # tfds data directory; empty means tfds's default (~/tensorflow_datasets)
-    # Mesh axes in order; -1 takes every device left over. Batches split over data and fsdp.
+    # Mesh axes in order; -1 takes every device left over. Batches split over data and fsdp (and expert).
     config.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
     config.param_rules = DEFAULT_PARAM_RULES  # see research/sharding.py
     config.optimizer = optimizer_config()

@@ -187,6 +187,8 @@ class DecoderShape:
     attention: str = "auto"  # the attention implementation asked for (research/models/kernels.py)
     layer_windows: tuple[int, ...] = ()  # each layer's attention window (0: every earlier position); (): all 0
     attention_softcap: float = 0.0  # > 0: scores soft-capped (kernels that cannot, cuDNN's, are not chosen)
+    experts: int = 0  # > 0: each MLP a mixture of this many experts of mlp_dim each (research/models/moe.py)
+    experts_per_token: int = 0  # the experts each token is routed to
     remat_key: str = ""  # the dotted config key of `remat`
     scan_layers_key: str = ""  # the dotted config key of `scan_layers`
 
@@ -329,5 +331,10 @@ def settings_of(workdir: str | Path, experiment_file: str | Path, keys: Iterable
     name, _, config = saved_run(workdir, Path(experiment_file).parent)
     if name != name_of(experiment_file):
         raise ConfigError(f"{workdir} holds a run of experiment {name!r}, not of {name_of(experiment_file)!r}")
-    values = {key: functools.reduce(lambda node, part: node[part], key.split("."), config) for key in keys}
+    values = {}
+    for key in keys:
+        try:
+            values[key] = functools.reduce(lambda node, part: node[part], key.split("."), config)
+        except KeyError:  # a setting newer than that run: its default is what the run had
+            continue
     return {key: tuple(value) if isinstance(value, list) else value for key, value in values.items()}

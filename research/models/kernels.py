@@ -28,6 +28,7 @@ from jax.sharding import PartitionSpec as P
 
 from research.errors import ConfigError
 from research.models import softcapped
+from research.sharding import BATCH_AXES
 
 IMPLEMENTATIONS = ("auto", "xla", "cudnn", "splash")
 SPLASH_BLOCK = 128  # splash's query and key blocks; the length must be a multiple
@@ -46,7 +47,7 @@ def _mesh_axes() -> tuple[tuple[str, ...], str | None, int, int]:
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
         return (), None, 1, 1
-    batch_axes = tuple(axis for axis in ("data", "fsdp") if axis in mesh.axis_names and mesh.shape[axis] > 1)
+    batch_axes = tuple(axis for axis in BATCH_AXES if axis in mesh.axis_names and mesh.shape[axis] > 1)
     head_axis = "tensor" if "tensor" in mesh.axis_names and mesh.shape["tensor"] > 1 else None
     batch_shards = int(np.prod([mesh.shape[axis] for axis in batch_axes])) if batch_axes else 1
     return batch_axes, head_axis, batch_shards, mesh.shape[head_axis] if head_axis else 1

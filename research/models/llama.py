@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 
 from research.errors import ConfigError
-from research.models import attention, kernels, shard_batch, softcapped
+from research.models import attention, kernels, moe, shard_batch, softcapped
 from research.models.rotary import apply_rotary, rotary_angles
 from research.models.transformer import REMAT_POLICIES, flat_dot_general
 
@@ -43,6 +43,8 @@ ARCHITECTURE = ("vocab_size", "num_layers", "num_heads", "num_kv_heads", "width"
 ARCHITECTURE += ("rope_scaling", "rope_local_theta", "norm_epsilon", "norm_offset", "attention_window", "global_every")
 ARCHITECTURE += ("attention_bias", "qk_norm", "post_norms", "activation", "scale_embeddings", "query_scale_dim")
 ARCHITECTURE += ("attention_softcap", "logit_softcap", "tie_embeddings")
+ARCHITECTURE += ("num_experts", "experts_per_token", "normalize_top_k", "shared_mlp_dim")
+MOE_RUN = ("moe_dispatch", "moe_capacity_factor", "moe_aux_weight", "moe_z_weight")  # how experts run and train
 ACTIVATIONS = {"silu": nn.silu, "gelu_tanh": functools.partial(nn.gelu, approximate=True)}
 
 
@@ -90,6 +92,7 @@ class LlamaBlock(nn.Module):
     query_scale_dim: int = 0  # scores are divided by sqrt(this); 0: head_dim
     attention_softcap: float = 0.0
     attention: str = "auto"  # research/models/kernels.py: auto, xla, cudnn or splash
+    routing: moe.Routing | None = None  # a mixture of experts, mlp_dim wide each, instead of the one MLP
     output_init_std: float = INIT_STD
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
@@ -105,7 +108,8 @@ class LlamaBlock(nn.Module):
     ) -> tuple[jax.Array, dict | None]:
         x_BxLxD = shard_batch(x_BxLxD)  # the residual stream stays split by batch, whatever the weights' layout
         batch, length, width = x_BxLxD.shape
-        dense = dict(use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype, dot_general=flat_dot_general)
+        types = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        dense = dict(use_bias=False, dot_general=flat_dot_general, **types)
         init, output_init = nn.initializers.normal(INIT_STD), nn.initializers.normal(self.output_init_std)
         norm = functools.partial(
             RMSNorm, epsilon=self.norm_epsilon, offset=self.norm_offset, dtype=self.dtype, param_dtype=self.param_dtype
@@ -142,11 +146,15 @@ class LlamaBlock(nn.Module):
         x_BxLxD = x_BxLxD + out_BxLxD
 
         h_BxLxD = norm(name="pre_feedforward_layernorm" if self.post_norms else "post_attention_layernorm")(x_BxLxD)
-        gate = nn.Dense(self.mlp_dim, kernel_init=init, name="gate_proj", **dense)(h_BxLxD)
-        up = nn.Dense(self.mlp_dim, kernel_init=init, name="up_proj", **dense)(h_BxLxD)
-        down_BxLxD = nn.Dense(width, kernel_init=output_init, name="down_proj", **dense)(
-            ACTIVATIONS[self.activation](gate) * up
-        )
+        if self.routing:  # research/models/moe.py: the same gated MLP per expert, chosen per token
+            mixture = dict(activation=ACTIVATIONS[self.activation], output_init_std=self.output_init_std, **types)
+            down_BxLxD = moe.MoE(self.routing, self.mlp_dim, name="mlp", **mixture)(h_BxLxD)
+        else:
+            gate = nn.Dense(self.mlp_dim, kernel_init=init, name="gate_proj", **dense)(h_BxLxD)
+            up = nn.Dense(self.mlp_dim, kernel_init=init, name="up_proj", **dense)(h_BxLxD)
+            down_BxLxD = nn.Dense(width, kernel_init=output_init, name="down_proj", **dense)(
+                ACTIVATIONS[self.activation](gate) * up
+            )
         if self.post_norms:
             down_BxLxD = norm(name="post_feedforward_layernorm")(down_BxLxD)
         return x_BxLxD + down_BxLxD, cache
@@ -236,6 +244,14 @@ class Llama(nn.Module):
     logit_softcap: float = 0.0  # >0: the same on the output logits (Gemma 2: 30)
     attention: str = "auto"  # the attention kernel (research/models/kernels.py): auto, xla, cudnn or splash
     global_window: int = 0  # >0: the global layers' window too (the uncached decoder's, as its cache's size)
+    num_experts: int = 0  # >0: each MLP is a mixture of experts, mlp_dim wide each (Mixtral, Qwen3-MoE: moe.py)
+    experts_per_token: int = 2  # the experts each token goes to (top-k)
+    normalize_top_k: bool = True  # their router weights renormalised to sum to 1
+    shared_mlp_dim: int = 0  # >0: a gated MLP of this width every token passes through besides its experts
+    moe_dispatch: str = "dropless"  # grouped matmuls, or "capacity": fixed slots per expert, the overflow dropped
+    moe_capacity_factor: float = 1.25  # the capacity dispatch's slots per expert, over a fair share
+    moe_aux_weight: float = 0.0  # read by the training loss: the load-balancing loss's weight (Mixtral: 0.02)
+    moe_z_weight: float = 0.0  # and the router z-loss's (ST-MoE: 0.001)
     tie_embeddings: bool = False
     scan_layers: bool = False
     remat: str = "none"
@@ -259,9 +275,12 @@ class Llama(nn.Module):
     def _block_options(self, kinds: tuple[LayerKind, ...]) -> dict:
         fields = ("num_heads", "num_kv_heads", "mlp_dim", "norm_epsilon", "norm_offset", "attention_bias", "qk_norm")
         fields += ("post_norms", "activation", "query_scale_dim", "attention_softcap", "attention", "dtype")
+        routing = ("num_experts", "experts_per_token", "normalize_top_k", "shared_mlp_dim")
+        routing = moe.Routing(*(getattr(self, name) for name in routing), self.moe_dispatch, self.moe_capacity_factor)
         return {name: getattr(self, name) for name in (*fields, "param_dtype")} | dict(
             head_dim=self.head_dim or self.width // self.num_heads,
             kinds=kinds,
+            routing=routing if self.num_experts else None,
             output_init_std=INIT_STD / (2 * self.num_layers) ** 0.5,
         )
 
@@ -305,7 +324,7 @@ class Llama(nn.Module):
         if self.scan_layers:  # the cache, like the parameters, has a leading layer axis
             stack = nn.scan(
                 block,
-                variable_axes={"params": 0, attention.ATTENTION_COLLECTION: 0},  # sown attention maps: per layer
+                variable_axes={"params": 0, attention.ATTENTION_COLLECTION: 0, moe.COLLECTION: 0},  # sown: per layer
                 split_rngs={"params": True},
                 in_axes=(nn.broadcast, nn.broadcast, 0, 0),
                 length=self.num_layers,

@@ -22,6 +22,10 @@ FAMILIES = {
     "gemma": dict(activation="gelu_tanh", norm_offset=1.0, scale_embeddings=True, tie_embeddings=True)
     | dict(norm_epsilon=1e-6, rope_theta=10000.0, head_dim=256),
 }
+# Mixtures of experts: every MLP a mixture, the router's load-balancing weight their config.json's
+# router_aux_loss_coef (Jiang et al. 2024; Qwen Team 2025).
+FAMILIES["mixtral"] = dict(rope_theta=1000000.0, num_experts=8, experts_per_token=2, moe_aux_weight=0.02)
+FAMILIES["qwen3_moe"] = FAMILIES["qwen3"] | dict(num_experts=128, experts_per_token=8, moe_aux_weight=0.001)
 FAMILIES["gemma2"] = FAMILIES["gemma"] | dict(post_norms=True, attention_window=4096, global_every=2)
 FAMILIES["gemma2"] |= dict(attention_softcap=50.0, logit_softcap=30.0, query_scale_dim=256)
 FAMILIES["gemma3"] = FAMILIES["gemma"] | dict(post_norms=True, qk_norm=True, attention_window=1024, global_every=6)
@@ -48,6 +52,8 @@ SIZES = {  # (family, shape)
     "qwen3-8b": ("qwen3", shape(36, 32, 8, 4096, 12288, QWEN)),
     "qwen3-32b": ("qwen3", shape(64, 64, 8, 5120, 25600, QWEN)),
     "mistral-7b": ("mistral", shape(32, 32, 8, 4096, 14336, 32000)),
+    "mixtral-8x7b": ("mixtral", shape(32, 32, 8, 4096, 14336, 32000)),  # mlp_dim: each expert's
+    "qwen3-30b-a3b": ("qwen3_moe", shape(48, 32, 4, 2048, 768, QWEN)),
     "gemma-2b": ("gemma", shape(18, 8, 1, 2048, 16384, GEMMA)),
     "gemma-7b": ("gemma", shape(28, 16, 16, 3072, 24576, GEMMA)),
     "gemma2-2b": ("gemma2", shape(26, 8, 4, 2304, 9216, GEMMA)),
@@ -68,6 +74,8 @@ PUBLISHED_PARAMETERS = {
     "qwen3-8b": 8_190_735_360,
     "qwen3-32b": 32_762_123_264,
     "mistral-7b": 7_241_732_096,  # Mistral 7B v0.1 (v0.3 has no sliding window and 32,768 tokens)
+    "mixtral-8x7b": 46_702_792_704,  # 12,879,925,248 active: "46.7B total, 12.9B per token" (Jiang et al. 2024)
+    "qwen3-30b-a3b": 30_532_122_624,  # 3.3B active (the model card: 30.5B in total, 3.3B activated)
     "gemma-2b": 2_506_172_416,
     "gemma-7b": 8_537_680_896,
     "gemma2-2b": 2_614_341_888,
@@ -83,7 +91,7 @@ PUBLISHED_PARAMETERS = {
 CONTEXT = dict.fromkeys(("llama2-7b", "llama2-70b"), 4096) | dict.fromkeys(("llama-3.2-1b", "llama3-8b"), 8192)
 CONTEXT |= {name: 4096 for name in SIZES if name.startswith("qwen")}
 CONTEXT |= {name: 8192 for name in SIZES if name.startswith(("mistral", "gemma-", "gemma2"))}
-CONTEXT |= {name: 32768 for name in SIZES if name.startswith("gemma3")}
+CONTEXT |= {name: 32768 for name in SIZES if name.startswith(("gemma3", "mixtral"))}  # Mixtral: Jiang et al. 2024
 # Global batches in windows of the training context, as published: Llama 2 4M tokens, 1,024 x 4,096 (Touvron et
 # al. 2023, sec. 2.2); Llama 3 16M tokens, 2,048 x 8,192 (Grattafiori et al. 2024, sec. 3.4.1: the 405B's). Qwen,
 # Mistral and Gemma publish none: 4M tokens, as Llama 2.
@@ -101,3 +109,17 @@ def settings(name: str) -> dict:
     """The Llama fields of a published model: its family's settings, its shape, its training context."""
     family, fields = SIZES[name]
     return family_settings(family) | fields | {"block_size": CONTEXT[name]}
+
+
+# :cpu-FAMILY, each family's block at :cpu's size: windows scaled to 64 tokens (Mistral's and Gemma 2's half of
+# 8,192, Gemma 3's a quarter, its last of 4 layers global); experts whose active width is :cpu's MLP of 390
+# (top-2 of 8 x 195, top-8 of 32 x 48); head width, tied embeddings and query scale as :cpu's.
+CPU_SCALED = {"qwen2": {}, "qwen3": {}, "mistral": dict(attention_window=32), "gemma": {}}
+CPU_SCALED |= {"gemma2": dict(attention_window=32), "gemma3": dict(attention_window=16, global_every=4)}
+CPU_SCALED |= {"mixtral": dict(mlp_dim=195), "qwen3_moe": dict(num_experts=32, mlp_dim=48)}
+
+
+def cpu_block(family: str) -> dict:
+    """The Llama fields of a family's block at :cpu's size (CPU_SCALED), its family named."""
+    cpu = dict(head_dim=0, tie_embeddings=True, query_scale_dim=0)
+    return family_settings(family) | cpu | CPU_SCALED[family] | dict(family=family)
