@@ -56,11 +56,9 @@ CPU_BLOCKS = {f"cpu-{family}": published.cpu_block(family) for family in publish
 NAMED = {"num_steps": 10000, "eval_every": 1000, "data.tokenizer": "bpe:8192", "data.max_eval_windows": 64}
 NAMED |= {"mesh.fsdp": -1, "mesh.data": 1, "optimizer.learning_rate": 3e-4}  # a named size's run
 CPU = {"num_steps": 2000, "batch_size": 12, "eval_every": 500, "log_every": 50}  # shakespeare_gpt:cpu's budget
-SMOKE = {
-    **{"model.block_size": 32, "model.num_layers": 1, "model.num_heads": 2, "model.num_kv_heads": 1},
-    **{"model.width": 64, "model.mlp_dim": 176, "data.max_eval_windows": 64, "num_steps": 150, "batch_size": 16},
-    **{"eval_every": 0, "log_every": 10, "optimizer.learning_rate": 1e-2, "optimizer.schedule.warmup_steps": 10},
-}
+SMOKE = {"model.block_size": 32, "model.num_layers": 1, "model.num_heads": 2, "model.num_kv_heads": 1}
+SMOKE |= {"model.width": 64, "model.mlp_dim": 176, "data.max_eval_windows": 64, "num_steps": 150, "batch_size": 16}
+SMOKE |= {"eval_every": 0, "log_every": 10, "optimizer.learning_rate": 1e-2, "optimizer.schedule.warmup_steps": 10}
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -218,6 +216,7 @@ def decoder_shape(config: ml_collections.ConfigDict) -> experiment.DecoderShape:
         attention_softcap=model.attention_softcap,
         experts=model.num_experts,
         experts_per_token=model.experts_per_token,
+        capacity_factor=model.moe_capacity_factor if model.moe_dispatch == "capacity" else 0.0,
         scan_layers_key="model.scan_layers",
         **common,
     )

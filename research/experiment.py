@@ -189,6 +189,7 @@ class DecoderShape:
     attention_softcap: float = 0.0  # > 0: scores soft-capped (kernels that cannot, cuDNN's, are not chosen)
     experts: int = 0  # > 0: each MLP a mixture of this many experts of mlp_dim each (research/models/moe.py)
     experts_per_token: int = 0  # the experts each token is routed to
+    capacity_factor: float = 0.0  # > 0: the capacity dispatch's slots per expert over a fair share; 0: dropless
     remat_key: str = ""  # the dotted config key of `remat`
     scan_layers_key: str = ""  # the dotted config key of `scan_layers`
 

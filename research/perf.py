@@ -19,6 +19,7 @@ import numpy as np
 from research.errors import ConfigError
 from research.experiment import DecoderShape, hook
 from research.logger import Throughput
+from research.models import moe
 
 PEAK_MATMUL_SIZE = 1024  # float32 1024^2 matmuls: ~2 GFLOP each, big enough to reach the BLAS peak on a CPU
 
@@ -153,20 +154,20 @@ def decoder_of(config: ml_collections.ConfigDict, experiment: Any) -> DecoderSha
     return shape(config) if shape else None
 
 
-def decoder_activation_bytes(shape: DecoderShape, tensor: int = 1) -> float:
-    """Activation memory of one example through a pre-norm decoder (Llama layout) for training, `tensor` the
-    mesh's tensor axis: what the backward pass keeps under the remat policy (research/models/transformer.py),
+def decoder_activation_bytes(shape: DecoderShape, tensor: int = 1, expert: int = 1) -> float:
+    """Activation memory of one example through a pre-norm decoder (Llama layout) for training, `tensor` and
+    `expert` the mesh's axes: what the backward pass keeps under the remat policy (research/models/transformer.py),
     plus the peak while one layer is recomputed and differentiated, plus the loss head's logits (float32) and
     their gradient. Per layer and token without rematerialisation: 4 D-wide values (block input, two norm
-    outputs, the attention's residual sum), query, key and value, the attention output, 3 SwiGLU values; XLA's
-    attention also keeps the H x L float32 weights of each query, a fused kernel only its softmax statistics.
-    `tensor` splits heads and SwiGLU units (not the D-wide values)."""
+    outputs, the attention's residual sum), query, key and value, the attention output, the MLP's values
+    (mlp_bytes); XLA's attention also keeps the H x L float32 weights of each query, a fused kernel only its
+    softmax statistics. `tensor` splits heads and SwiGLU units (not the D-wide values)."""
     length, width, size = shape.length, shape.width, shape.dtype_bytes
     query, key_value = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
-    projections = (2 * query + 2 * key_value + 3 * shape.mlp_dim) / tensor
+    mlp_every, mlp_kept = mlp_bytes(shape, tensor, expert)
     scores = shape.heads / tensor * (4 * (1 if shape.fused_attention else length))
-    every = size * (4 * width + projections) + scores  # per token, per layer
-    matmul_outputs = size * ((query + 2 * key_value + 2 * shape.mlp_dim) / tensor + width)
+    every = size * (4 * width + (2 * query + 2 * key_value) / tensor) + mlp_every + scores  # per token, per layer
+    matmul_outputs = size * ((query + 2 * key_value) / tensor + width) + mlp_kept
     kept = {
         "none": every,
         "full": size * width,
@@ -176,3 +177,35 @@ def decoder_activation_bytes(shape: DecoderShape, tensor: int = 1) -> float:
     recompute = 0.0 if shape.remat == "none" else 2 * every  # one layer's activations and their gradients at a time
     head = 2 * 4 * (min(shape.loss_chunk, length) if shape.loss_chunk else length) * shape.vocab / tensor
     return length * (shape.layers * kept + recompute) + head
+
+
+def mlp_bytes(shape: DecoderShape, tensor: int = 1, expert: int = 1) -> tuple[float, float]:
+    """(bytes per token and layer the MLP holds for training, those of them a dots policy keeps). Dense: the 3
+    SwiGLU values (gate, up, their product), the policy keeping the two matmuls'. A mixture of experts
+    (research/models/moe.py): each token's k = experts_per_token copies travel in a buffer whose every row is
+    computed, moe.dispatch_rows per token (dropless: one block per expert shard, each sized for as many copies as
+    could go to it; capacity: capacity_factor x k), each row with 3 SwiGLU values and 3 D-wide ones (the row
+    received, its copy sorted by expert, the expert's output); then the k outputs in token order and the router's
+    float32 logits and probabilities. The experts' matmuls are no dots a policy keeps: only the router's are."""
+    size = shape.dtype_bytes
+    if not shape.experts:
+        return size * 3 * shape.mlp_dim / tensor, size * 2 * shape.mlp_dim / tensor
+    rows = moe.dispatch_rows(shape.experts, shape.experts_per_token, expert, shape.capacity_factor)
+    values = rows * (3 * shape.mlp_dim / tensor + 3 * shape.width) + shape.experts_per_token * shape.width
+    return size * values + 2 * 4 * shape.experts, 4 * shape.experts
+
+
+def expert_parameters(shape: DecoderShape) -> int:
+    """The experts' parameters (gate, up and down, width x mlp_dim each, per expert and layer): split over the
+    mesh's expert axis, where the rest of the decoder is not; 0 for a dense decoder."""
+    return shape.layers * shape.experts * 3 * shape.width * shape.mlp_dim
+
+
+def expert_exchange_bytes(shape: DecoderShape, expert: int, tokens: float) -> float:
+    """Bytes one device sends in one all-to-all of a mixture-of-experts layer over `expert` shards for `tokens`
+    tokens of its own: its buffer holds moe.dispatch_rows x tokens rows of width (research/models/moe.py), of
+    which a ring sends (expert - 1) / expert (research/tools/hlo.py)."""
+    if not shape.experts:
+        return 0.0
+    rows = moe.dispatch_rows(shape.experts, shape.experts_per_token, expert, shape.capacity_factor)
+    return (expert - 1) / expert * rows * tokens * shape.width * shape.dtype_bytes

@@ -39,6 +39,12 @@ CASES = [
         "error: unknown config variant",
     ),
     ("no experiment file", "launch", ["--config", "experiments/nope.py"], "error: no experiment file"),
+    (
+        "unknown expert dispatch",
+        "launch",
+        ["--config", "experiments/lm.py:smoke-mixtral", "--workdir=TMP/new", "--config.model.moe_dispatch=sparse"],
+        "error: model.moe_dispatch 'sparse': use one of dropless, capacity",
+    ),
     # data
     (
         "dataset not on this machine",

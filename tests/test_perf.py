@@ -1,5 +1,6 @@
 """Performance features: the hand-written attention backward, FLOP counts, logged throughput and MFU."""
 
+import dataclasses
 import json
 import os
 import re
@@ -15,6 +16,7 @@ from conftest import assert_trees_close, launch
 from experiments import cifar10_resnet, lm, mnist_cnn, shakespeare_gpt
 from research import perf, train
 from research.errors import ConfigError
+from research.experiment import DecoderShape
 from research.models import attention
 
 
@@ -112,6 +114,41 @@ def test_flops_per_example_match_hand_counts():
     assert mnist_cnn.flops_per_example(mnist_cnn.get_config()) == pytest.approx(3 * forward)
     # ResNet-20: ~40.6M multiply-adds forward (the "41M FLOPs" usually quoted), 2 FLOPs each.
     assert cifar10_resnet.flops_per_example(cifar10_resnet.get_config()) / 3 == pytest.approx(81.1e6, rel=0.01)
+
+
+def test_a_mixture_of_experts_activation_count_grows_with_experts_per_token_and_the_expert_axis():
+    """research/perf.py: a dense MLP holds 3 SwiGLU values per token; experts hold them, and 3 D-wide rows, for each
+    of the k x expert rows the dropless dispatch computes per token, then k outputs and the router's 2 x E floats."""
+    dense = DecoderShape(
+        layers=2, width=64, heads=4, kv_heads=2, head_dim=16, mlp_dim=96, vocab=100, length=32,
+        remat="full", scan_layers=False, dtype_bytes=2, fused_attention=True,
+    )  # fmt: skip
+    # remat full: the block input kept per layer; two of one layer's sets of values (and gradients) at a time
+    every = 2 * (4 * 64 + 2 * 64 + 2 * 32) + 2 * 3 * 96 + 4 * 4  # D-wide, q k v o, SwiGLU; softmax statistics
+    head = 2 * 4 * 32 * 100
+    assert perf.decoder_activation_bytes(dense) == 32 * (2 * 2 * 64 + 2 * every) + head
+    assert perf.mlp_bytes(dense) == (2 * 3 * 96, 2 * 2 * 96)
+
+    def moe(k, expert=1, tensor=1):
+        shape = dataclasses.replace(dense, experts=8, experts_per_token=k)
+        return perf.decoder_activation_bytes(shape, tensor, expert)
+
+    rows = lambda k, expert: k * expert * (3 * 96 + 3 * 64) + k * 64  # per token: dispatched rows, outputs  # noqa: E731
+    for k, expert in ((1, 1), (2, 1), (2, 4)):
+        moe_every = every - 2 * 3 * 96 + 2 * rows(k, expert) + 8 * 8
+        assert moe(k, expert) == 32 * (2 * 2 * 64 + 2 * moe_every) + head
+    assert moe(2) - moe(1) == 32 * 2 * 2 * (3 * 96 + 3 * 64 + 64)  # one more copy per token: 2 x 32 x 1,088 bytes
+    assert moe(2, expert=4) - moe(2) == 32 * 2 * 2 * 2 * 3 * (3 * 96 + 3 * 64)  # 6 more rows per token
+    assert moe(2, expert=4, tensor=2) < moe(2, expert=4)  # the experts' hidden units split over tensor
+    assert perf.expert_parameters(dataclasses.replace(dense, experts=8)) == 2 * 8 * 3 * 64 * 96
+    shape = dataclasses.replace(dense, experts=8, experts_per_token=2)
+    assert perf.expert_exchange_bytes(shape, 4, 32) == 3 * 2 * 32 * 64 * 2  # 3 of 4 blocks of 2 x 32 rows sent
+    assert perf.expert_exchange_bytes(dense, 4, 32) == 0
+    # a shard holding fewer experts than a token's k gets at most that many of its copies: 1 of 8 experts, k 2
+    assert perf.expert_exchange_bytes(shape, 8, 32) == 7 * 1 * 32 * 64 * 2
+    capacity = dataclasses.replace(shape, capacity_factor=1.25)  # 2.5 rows per token, whatever the expert axis
+    assert perf.expert_exchange_bytes(capacity, 4, 32) == 3 / 4 * 2.5 * 32 * 64 * 2
+    assert perf.mlp_bytes(capacity, 1, 4)[0] == 2 * (2.5 * (3 * 96 + 3 * 64) + 2 * 64) + 8 * 8
 
 
 def cpu_float32_flops() -> tuple[float, float]:

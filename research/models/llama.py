@@ -2,7 +2,8 @@
 differ from it by settings, not by structure: Qwen2/2.5 (q/k/v biases), Qwen3 (QK-norm, a head width of its
 own), Mistral (sliding-window attention) and Gemma 1-3 (Gemma Team 2024, 2024b, 2025: GeGLU, RMSNorm with
 (1 + w), embeddings scaled by sqrt(width), norms after each sub-block too, soft-capped attention and final
-logits, local and global layers with rotary bases of their own, a query scale of their own).
+logits, local and global layers with rotary bases of their own, a query scale of their own); Mixtral and
+Qwen3-MoE replace each MLP by a mixture of experts (research/models/moe.py).
 
 Token embedding, `num_layers` pre-norm blocks, a final RMSNorm and an output head that is either its own
 bias-free Dense (`lm_head`) or the embedding transposed (`tie_embeddings`). A block is RMSNorm -> causal
@@ -111,9 +112,7 @@ class LlamaBlock(nn.Module):
         types = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         dense = dict(use_bias=False, dot_general=flat_dot_general, **types)
         init, output_init = nn.initializers.normal(INIT_STD), nn.initializers.normal(self.output_init_std)
-        norm = functools.partial(
-            RMSNorm, epsilon=self.norm_epsilon, offset=self.norm_offset, dtype=self.dtype, param_dtype=self.param_dtype
-        )
+        norm = functools.partial(RMSNorm, epsilon=self.norm_epsilon, offset=self.norm_offset, **types)
         qkv = dense | dict(use_bias=self.attention_bias, kernel_init=init)
 
         h_BxLxD = norm(name="input_layernorm")(x_BxLxD)

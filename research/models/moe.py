@@ -6,8 +6,9 @@ Zoph et al. 2022).
 Each token's hidden state goes to its `experts_per_token` highest-scoring experts and their outputs are
 summed with the router's weights (renormalised over the chosen ones with `normalize_top_k`). Two
 dispatches compute the same function:
-- dropless: the token copies sorted by expert and multiplied by a grouped matmul (`jax.lax.ragged_dot`,
-  Gale et al. 2023's MegaBlocks idea); no token is ever dropped.
+- dropless: the token copies sorted by expert and multiplied by a grouped matmul (`grouped_matmul`:
+  `jax.lax.ragged_dot` on GPUs and TPUs, whole tiles per expert elsewhere; Gale et al. 2023's MegaBlocks);
+  no token is ever dropped.
 - capacity: each expert takes at most capacity_factor x its fair share of a device's tokens into fixed
   slots, multiplied by one batched matmul (GShard, Lepikhin et al. 2021); the rest skip the layer.
 Under a mesh the layer runs per device (jax.shard_map): expert weights split over the `expert` axis (and
@@ -15,7 +16,7 @@ their hidden units over `tensor`), each device routes its own tokens and sends e
 device holding it with one all-to-all over `expert`, and gets the outputs back with another.
 
 Legend: B batch, L length, D width, E experts, K experts per token, F an expert's hidden width,
-T a device's tokens, N = T x K token copies, P expert shards, C an expert's slots.
+T a device's tokens, N = T x K token copies, P expert shards, R a dispatch block's rows, C an expert's slots.
 """
 
 import dataclasses
@@ -29,10 +30,12 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from research.errors import ConfigError
+from research.models import kernels
 from research.sharding import BATCH_AXES
 
 Dtype = Any
 DISPATCHES = ("dropless", "capacity")
+GROUP_TILE = 128  # rows per tile of grouped_matmul off GPUs and TPUs: larger tiles pad more, smaller run slower
 COLLECTION = "moe"  # what each layer sows: its router's losses, its experts' load and the copies dropped
 PARAM_RULES = (  # research/sharding.py's rules for a decoder's experts: E over `expert`, D over fsdp, F over tensor
     (r"layers/mlp/(gate_proj|up_proj)$", (None, "expert", "fsdp", "tensor")),  # scanned: L x E x D x F
@@ -170,7 +173,7 @@ def _routed(
     experts and the outputs summed over the axis."""
     batch, length, width = x_BxLxD.shape
     chosen = experts_BxLxK.shape[-1]
-    local = num_experts // peers
+    local = num_experts // peers  # this device's experts
     x_TxD, flat_N = x_BxLxD.reshape(-1, width), experts_BxLxK.reshape(-1)
     copies = flat_N.shape[0]
     order_N = jnp.argsort(flat_N, stable=True)
@@ -203,18 +206,18 @@ def _routed(
         back = returned(outputs).reshape(num_experts * slots, width)
         out_NxD = jnp.where(kept_N[:, None], back[jnp.minimum(slot_N, num_experts * slots - 1)], 0)
         dropped = copies - jnp.sum(kept_N)
-    else:  # each peer's copies in a block of N rows (all N could be bound for one), none dropped
+    else:  # each peer's copies in a block as large as they could be (all of them its), none dropped
         per_peer = counts_E.reshape(peers, local).sum(axis=1)
-        column = jnp.arange(copies)
-        valid_PxN = column < per_peer[:, None]
-        source_PxN = jnp.where(valid_PxN, (jnp.cumsum(per_peer) - per_peer)[:, None] + column, copies)
-        gather_PxN = jnp.minimum(source_PxN, copies - 1)
-        buffer = jnp.where(valid_PxN[..., None], rows_NxD[gather_PxN], 0)
-        ids_PxN = jnp.where(valid_PxN, sorted_N[gather_PxN] - (jnp.arange(peers) * local)[:, None], local)
-        received, ids = exchange(buffer), exchange(ids_PxN)
+        column = jnp.arange(batch * length * min(local, chosen))  # a token's copies go to distinct experts
+        valid_PxR = column < per_peer[:, None]
+        source_PxR = jnp.where(valid_PxR, (jnp.cumsum(per_peer) - per_peer)[:, None] + column, copies)
+        gather_PxR = jnp.minimum(source_PxR, copies - 1)
+        buffer = jnp.where(valid_PxR[..., None], rows_NxD[gather_PxR], 0)
+        ids_PxR = jnp.where(valid_PxR, sorted_N[gather_PxR] - (jnp.arange(peers) * local)[:, None], local)
+        received, ids = exchange(buffer), exchange(ids_PxR)
         outputs = experts(received.reshape(-1, width), ids.reshape(-1))
         back = returned(outputs.reshape(received.shape)).reshape(-1, width)
-        out_NxD = jnp.zeros((copies, width), back.dtype).at[source_PxN.reshape(-1)].set(back, mode="drop")
+        out_NxD = jnp.zeros((copies, width), back.dtype).at[source_PxR.reshape(-1)].set(back, mode="drop")
         dropped = jnp.zeros((), jnp.int32)
     copies_NxD = jnp.zeros((copies, width), out_NxD.dtype).at[order_N].set(out_NxD)
     weighted = copies_NxD.reshape(-1, chosen, width) * weights_BxLxK.reshape(-1, chosen, 1)
@@ -237,9 +240,33 @@ def _experts(gate_ExDxF, up_ExDxF, down_ExFxD, inputs, ids=None, *, activation, 
         order = jnp.argsort(ids, stable=True)
         sizes = jnp.bincount(ids, length=local + 1)[:local].astype(jnp.int32)  # rows past their sum come out 0
         rows = inputs[order]
-        hidden = activation(jax.lax.ragged_dot(rows, gate_ExDxF, sizes)) * jax.lax.ragged_dot(rows, up_ExDxF, sizes)
-        outputs = jnp.zeros_like(rows).at[order].set(jax.lax.ragged_dot(hidden, down_ExFxD, sizes))
+        hidden = activation(grouped_matmul(rows, gate_ExDxF, sizes)) * grouped_matmul(rows, up_ExDxF, sizes)
+        outputs = jnp.zeros_like(rows).at[order].set(grouped_matmul(hidden, down_ExFxD, sizes))
     return jax.lax.psum(outputs, tensor) if tensor else outputs
+
+
+def grouped_matmul(rows_MxD: jax.Array, weights_ExDxF: jax.Array, sizes_E: jax.Array) -> jax.Array:
+    """rows_MxD, sorted by group with sizes_E rows each, times their group's weights (rows past the groups: 0).
+    GPUs and TPUs run jax.lax.ragged_dot's kernels. Elsewhere jax computes ragged_dot as every row times every
+    group's weights, masked (E times the work), so here each group is padded to whole tiles of GROUP_TILE rows and
+    each tile multiplied by its group's weights in one batched matmul: at most M / tile + E tiles (the block-sparse
+    form of MegaBlocks, Gale et al. 2023)."""
+    if kernels.platform() in ("gpu", "tpu"):
+        return jax.lax.ragged_dot(rows_MxD, weights_ExDxF, sizes_E)
+    (rows, width), groups = rows_MxD.shape, weights_ExDxF.shape[0]
+    tiles = -(-rows // GROUP_TILE) + groups
+    padded_E = -(-sizes_E // GROUP_TILE) * GROUP_TILE
+    ends_E = jnp.cumsum(padded_E)
+    slot = jnp.arange(tiles * GROUP_TILE)  # each tile's rows in the padded layout
+    group = jnp.minimum(jnp.searchsorted(ends_E, slot, side="right"), groups - 1)
+    offset = slot - (ends_E - padded_E)[group]
+    valid = (offset < sizes_E[group]) & (slot < ends_E[-1])
+    source = jnp.where(valid, (jnp.cumsum(sizes_E) - sizes_E)[group] + offset, rows)  # rows: a zero row
+    padded_rows = jnp.concatenate([rows_MxD, jnp.zeros((1, width), rows_MxD.dtype)])[source]
+    tile_groups = group[::GROUP_TILE]
+    products = jnp.einsum("ntd,ndf->ntf", padded_rows.reshape(tiles, GROUP_TILE, width), weights_ExDxF[tile_groups])
+    out = jnp.zeros((rows, products.shape[-1]), products.dtype)
+    return out.at[source].set(products.reshape(tiles * GROUP_TILE, -1), mode="drop")
 
 
 def router_terms(sown: dict, model) -> tuple[jax.Array | float, dict]:
@@ -259,6 +286,16 @@ def router_terms(sown: dict, model) -> tuple[jax.Array | float, dict]:
     return model.moe_aux_weight * balance + model.moe_z_weight * z_loss, metrics
 
 
+def dispatch_rows(experts: int, experts_per_token: int, expert_shards: int, capacity_factor: float = 0.0) -> float:
+    """Rows per token of the dispatch's buffer over `expert_shards`. Dropless (`capacity_factor` 0): a block per
+    shard, each as large as a device's copies bound for that shard could be (each token sends a shard min(its
+    experts, k) copies at most); capacity: capacity_factor x k, whatever the shards."""
+    if capacity_factor:
+        return capacity_factor * experts_per_token
+    return expert_shards * min(experts // expert_shards, experts_per_token)
+
+
 def inactive_parameters(layers: int, experts: int, experts_per_token: int, width: int, mlp_dim: int) -> int:
-    """Parameters a token does not use: the experts it is not routed to (3 matrices of width x mlp_dim each)."""
-    return layers * (experts - experts_per_token) * 3 * width * mlp_dim
+    """Parameters a token does not use: the experts it is not routed to (3 matrices of width x mlp_dim each); 0 for
+    a dense decoder (no experts)."""
+    return layers * max(experts - experts_per_token, 0) * 3 * width * mlp_dim

@@ -11,9 +11,10 @@ from the experiment's `decoder_shape`) against the chip's memory, with a verdict
 fit); FLOPs per step by the compiler (TPU and CPU report them) and analytic (the experiment's
 `flops_per_example`, else 6·N·T, Kaplan et al. 2020); the attention kernel each kind of layer gets there
 (research/models/kernels.py's choice, with the reason where a fused kernel is not taken) and the fused kernels
-the compiled program holds; every collective with its bytes per step; the step
-time of a roofline: compute at an assumed MFU and collectives at the target's link bandwidth, overlapped
-(the larger of the two) and not (their sum); tokens/s per chip and days for a token budget.
+the compiled program holds; every collective with its bytes per step (a mixture of experts' all-to-alls too);
+the step time of a roofline: compute at an assumed MFU and collectives at the target's link bandwidth,
+overlapped (the larger of the two) and not (their sum), and the MFU each implies; tokens/s per chip and days
+for a token budget.
 Expected: lm.py:llama2-70b does not fit a tpu:v5e-8 (exit 1) in about a minute; docs/scaling.md has runs.
 """
 
@@ -25,7 +26,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from research import perf
+from research import perf, sharding
 from research.experiment import DecoderShape, hook
 from research.models import kernels, param_count
 from research.models.transformer import REMAT_RECOMPUTE
@@ -108,6 +109,10 @@ class DryRun:
             seconds += collective.bytes_per_step / bandwidth if bandwidth else 0.0
         return seconds
 
+    def model_flops_utilisation(self, seconds: float) -> float:
+        """Model FLOPs over what the chips could do in a step of `seconds`: the MFU a roofline step implies."""
+        return self.analytic_flops / (seconds * self.devices * self.target.chip.peak_tflops * 1e12)
+
     def step_seconds(self, mfu: float) -> dict[str, float]:
         """The roofline: compute at `mfu` of the peak, collectives, and the step overlapped and not."""
         peak = self.target.chip.peak_tflops * 1e12
@@ -154,8 +159,9 @@ def analytic_memory(config: ml_collections.ConfigDict, experiment, setup) -> dic
     decoder = perf.decoder_of(config, experiment)
     if decoder:
         mesh = dict(setup.mesh.shape)
-        examples = config.batch_size / (mesh.get("data", 1) * mesh.get("fsdp", 1) * config.optimizer.accumulate_steps)
-        memory["activations"] = perf.decoder_activation_bytes(decoder, mesh.get("tensor", 1)) * examples
+        examples = config.batch_size / (sharding.batch_divisor(setup.mesh) * config.optimizer.accumulate_steps)
+        per_example = perf.decoder_activation_bytes(decoder, mesh.get("tensor", 1), mesh.get("expert", 1))
+        memory["activations"] = per_example * examples
     return memory
 
 
@@ -319,7 +325,9 @@ def format_report(result: DryRun, mfu: float, token_budget: float) -> str:
             f"{chip.peak_tflops:g} TFLOP/s (MFU {mfu / result.recompute:.0%}), "
             f"links {chip.fast_bandwidth / 1e9:g} GB/s (slow network {chip.slow_bandwidth / 1e9:g} GB/s) per chip "
             f"one way: compute {times['compute']:.3g} s, collectives {times['collectives']:.3g} s",
-            f"step {times['overlapped']:.3g} s overlapped ({times['serial']:.3g} s if not); {tokens_per_chip:,.0f} "
+            f"step {times['overlapped']:.3g} s overlapped ({times['serial']:.3g} s if not), MFU "
+            f"{result.model_flops_utilisation(times['overlapped']):.1%} "
+            f"({result.model_flops_utilisation(times['serial']):.1%}); {tokens_per_chip:,.0f} "
             f"tokens/s per chip; {token_budget:.3g} tokens in "
             f"{token_budget / (tokens_per_chip * result.devices) / 86400:,.1f} days",
         ]
@@ -348,9 +356,9 @@ def format_collectives(result: DryRun) -> list[str]:
         row[1] += collective.bytes_per_step
     if not rows:
         return ["collectives: none" if result.compiled_bytes else "collectives: not compiled"]
-    lines = [f"{'collectives per step':22s} {'group':>6s} {'link':>5s} {'count':>7s} {'GiB per chip':>13s}"]
+    lines = [f"{'collectives per step':22s} {'group':>6s} {'link':>5s} {'count':>7s} {'sent per chip':>14s}"]
     for (kind, size, link), (count, sent) in sorted(rows.items(), key=lambda item: -item[1][1]):
-        lines.append(f"  {kind:20s} {size:6d} {link:>5s} {count:7d} {sent / GIB:13.3f}")
+        lines.append(f"  {kind:20s} {size:6d} {link:>5s} {count:7d} {gib(sent):>14s}")
     return lines
 
 

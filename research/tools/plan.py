@@ -2,17 +2,19 @@
 
   python launch.py --config experiments/lm.py:llama3-8b --plan --target tpu:v5p-64 --config.batch_size=64
 
-Candidates are mesh factorisations (data x fsdp x tensor; tensor within a host or slice and dividing the
-heads, data a multiple of the slices or hosts), rematerialisation policies, micro-batches
-(optimizer.accumulate_steps) and, for the best of them, layers unrolled instead of scanned. The decoder, and
-the config keys of its remat policy and scanning, come from the experiment's `decoder_shape` hook. Each
-candidate is first sized analytically (state from the parameter count, activations by research/perf.py) and
-timed by a roofline (compute at the assumed MFU, rematerialisation's extra forward pass, FSDP's gathers and
-reductions, tensor parallelism's all-reduces). The policies take turns in that order; `top` at a time are
-compiled by the target's compiler in parallel processes (research/tools/dry_run.py; results cached by config
-and target) until 3 fit, those that do not fit are dropped and the rest ranked by the compiled program's
-roofline. Prints a table and the winning `--config.` overrides.
-Expected: 3 or more fitting plans for lm.py:llama3-8b on tpu:v5p-64 in a few minutes (docs/scaling.md).
+Candidates are mesh factorisations (data x fsdp x expert x tensor; tensor within a host or slice and dividing
+the heads, expert dividing a mixture of experts' count and the chips (1 for a dense decoder), data a multiple of
+the slices or hosts), rematerialisation policies, micro-batches (optimizer.accumulate_steps) and, for the best of
+them, layers unrolled instead of scanned. The decoder, and the config keys of its remat policy and scanning, come
+from the experiment's `decoder_shape` hook. Each candidate is first sized analytically (state from the parameter
+count, activations by research/perf.py) and timed by a roofline (compute at the assumed MFU, rematerialisation's
+extra forward pass, FSDP's gathers and reductions, tensor parallelism's all-reduces, the experts' all-to-alls).
+The policies (and expert axes) take turns in that order; `top` at a time are compiled by the target's compiler in
+parallel processes (research/tools/dry_run.py; results cached by config and target) until 3 fit (3 with an
+expert axis too, for a mixture of experts), those that do not fit are dropped and the rest ranked by the compiled
+program's roofline. Prints a table and the winning `--config.` overrides.
+Expected: 3 or more fitting plans for lm.py:llama3-8b on tpu:v5p-64 in a few minutes; for lm.py:mixtral-8x7b on
+gpu:h100:8 (8 x 4,096 tokens, bfloat16 parameters) 3 with an expert axis in 4 minutes (docs/scaling.md).
 """
 
 import concurrent.futures
@@ -49,10 +51,13 @@ class Candidate:
     remat: str
     accumulate_steps: int
     scan_layers: bool
+    expert: int = 1  # the mesh's expert axis: > 1 only for a mixture of experts
 
     def overrides(self, decoder: DecoderShape) -> dict:
-        """The candidate as config overrides: the trainer's mesh and micro-batches, the decoder's own keys."""
+        """The candidate as config overrides: the trainer's mesh (its expert axis for a mixture of experts) and
+        micro-batches, the decoder's own keys."""
         found = {"mesh.data": self.data, "mesh.fsdp": self.fsdp, "mesh.tensor": self.tensor}
+        found |= {"mesh.expert": self.expert} if decoder.experts else {}
         found |= {"optimizer.accumulate_steps": self.accumulate_steps}
         found |= {decoder.remat_key: self.remat} if decoder.remat_key else {}
         return found | ({decoder.scan_layers_key: self.scan_layers} if decoder.scan_layers_key else {})
@@ -70,23 +75,28 @@ def powers_of_two(limit: int) -> list[int]:
     return [2**k for k in range(int(math.log2(limit)) + 1)] if limit >= 1 else []
 
 
+def expert_sizes(decoder: DecoderShape, chips: int) -> list[int]:
+    """The expert axes a decoder may take: the divisors its expert count and the chips share (1 when dense)."""
+    common = math.gcd(decoder.experts, chips) if decoder.experts else 1
+    return [size for size in range(1, common + 1) if common % size == 0]
+
+
 def candidates(config: ml_collections.ConfigDict, decoder: DecoderShape, target: targets.Target) -> list[Candidate]:
     """Every mesh, remat and micro-batch combination the batch, the decoder and the hardware allow."""
     per_group = target.chips // target.groups
     remats = REMATS if decoder.remat_key else (decoder.remat,)
     found = []
-    for tensor in powers_of_two(min(per_group, 8)):
-        if decoder.heads % tensor:
+    for tensor, expert in itertools.product(powers_of_two(min(per_group, 8)), expert_sizes(decoder, target.chips)):
+        if decoder.heads % tensor or target.chips % (tensor * expert):
             continue
-        for data in powers_of_two(target.chips // tensor):
-            fsdp = target.chips // (tensor * data)
-            shards = data * fsdp
+        for data in powers_of_two(target.chips // (tensor * expert)):
+            fsdp = target.chips // (tensor * expert * data)
+            shards = data * fsdp * expert  # the batch axes (research/sharding.py)
             if data % target.groups or config.batch_size % shards:
                 continue
-            for remat in remats:
-                for accumulate in ACCUMULATE:
-                    if (config.batch_size // shards) % accumulate == 0:
-                        found.append(Candidate(data, fsdp, tensor, remat, accumulate, decoder.scan_layers))
+            for remat, accumulate in itertools.product(remats, ACCUMULATE):
+                if (config.batch_size // shards) % accumulate == 0:
+                    found.append(Candidate(data, fsdp, tensor, remat, accumulate, decoder.scan_layers, expert))
     return found
 
 
@@ -122,10 +132,13 @@ def estimate(
     sizes: Sizes,
 ):
     """(per-device bytes, step seconds) by the analytic model: the pre-screen before compiling."""
-    parameters = sizes.parameters
-    state = sizes.state_bytes / (candidate.fsdp * candidate.tensor)
-    examples = config.batch_size / (candidate.data * candidate.fsdp)
-    per_example = perf.decoder_activation_bytes(dataclasses.replace(decoder, remat=candidate.remat), candidate.tensor)
+    # Each device holds 1 / expert of the experts' parameters and all of the rest (both split over fsdp x tensor).
+    held = 1 - perf.expert_parameters(decoder) / sizes.parameters * (1 - 1 / candidate.expert)
+    parameters = sizes.parameters * held
+    state = sizes.state_bytes * held / (candidate.fsdp * candidate.tensor)
+    examples = config.batch_size / (candidate.data * candidate.fsdp * candidate.expert)
+    shape = dataclasses.replace(decoder, remat=candidate.remat)
+    per_example = perf.decoder_activation_bytes(shape, candidate.tensor, candidate.expert)
     activations = per_example * examples / candidate.accumulate_steps
     chip = target.chip
     compute = sizes.flops * REMAT_RECOMPUTE[candidate.remat] / (target.chips * chip.peak_tflops * 1e12 * mfu)
@@ -136,12 +149,16 @@ def estimate(
     tensor_bytes = 0.0
     if candidate.tensor > 1:  # two all-reduces per layer forward, two backward, of the local activations
         tensor_bytes = 4 * 2 * examples * decoder.length * decoder.width * decoder.dtype_bytes * decoder.layers
+    # Experts: an all-to-all to them and one back per layer, forward and backward, and again where the forward is
+    # recomputed (any policy but none: the grouped matmuls are not kept).
+    exchanges = decoder.layers * (4 if candidate.remat == "none" else 6)
+    expert_bytes = exchanges * perf.expert_exchange_bytes(decoder, candidate.expert, examples * decoder.length)
     bandwidth = (
         chip.fast_bandwidth
         if target.groups == 1 or candidate.fsdp <= target.chips // target.groups
         else (chip.slow_bandwidth)
     )
-    links = (fsdp_bytes + tensor_bytes) / bandwidth
+    links = (fsdp_bytes + tensor_bytes + expert_bytes) / bandwidth
     return state + activations, max(compute, links)
 
 
@@ -196,8 +213,8 @@ def search(
     rounds: int = 3,
 ) -> list[tuple[Candidate, dict]]:
     """The compiled candidates with their results, best first. The analytic pre-screen orders the candidates;
-    they are compiled `top` at a time (the first round also tries the best one unrolled) until `want` fit or
-    `rounds` rounds have run."""
+    they are compiled `top` at a time (the first round also tries the best one unrolled) until `want` fit (for a
+    mixture of experts, `want` with an expert axis too) or `rounds` rounds have run."""
     capacity, decoder = target.chip.memory_bytes, decoder_of(config, experiment)
     screened, sizes, every = [], sizes_of(config, experiment), candidates(config, decoder, target)
     for candidate in every:
@@ -205,10 +222,7 @@ def search(
         if needed <= 1.2 * capacity:  # the analytic count is an estimate: keep the borderline ones
             screened.append((seconds, needed, candidate))
     screened.sort(key=lambda item: (item[0], item[1]))
-    # The policies take turns: a policy that saves more memory runs slower, and the analytic count, only an
-    # estimate, may have let through candidates of the fastest one that do not fit.
-    by_policy = [[candidate for _, _, candidate in screened if candidate.remat == remat] for remat in REMATS]
-    queue = [candidate for turn in itertools.zip_longest(*by_policy) for candidate in turn if candidate]
+    queue = take_turns([candidate for _, _, candidate in screened], expert_sizes(decoder, target.chips))
     results: dict[Candidate, dict] = {}
     cached = 0
     for round_index in range(rounds):
@@ -216,13 +230,31 @@ def search(
         if round_index == 0 and chosen and decoder.scan_layers and decoder.scan_layers_key:
             chosen.append(dataclasses.replace(chosen[0], scan_layers=False))
         cached += _compile_all(chosen, config, decoder, experiment_path, target, mfu, workers, cache, results)
-        if not queue or sum(bool(result.get("fits")) for result in results.values()) >= want:
+        fitting = [candidate for candidate, result in results.items() if result.get("fits")]
+        experts_tried = len(expert_sizes(decoder, target.chips)) == 1 or sum(c.expert > 1 for c in fitting) >= want
+        if not queue or (len(fitting) >= want and experts_tried):
             break
     print(
         f"{len(every)} candidates, {len(screened)} within the memory bound by the analytic "
         f"count, {len(results)} compiled ({cached} from the cache)"
     )
     return sorted(results.items(), key=_order)
+
+
+def take_turns(ordered: list[Candidate], experts: list[int]) -> list[Candidate]:
+    """`ordered` (best first) with the remat policies and the expert axes taking turns: a policy that saves more
+    memory runs slower, and the analytic count, only an estimate, may have let through candidates of the fastest one
+    that do not fit; its roofline, compute-bound, seldom tells the expert axes apart. The (policy, expert axis) pairs
+    go by wrapped diagonals, so that consecutive turns differ in both (one expert axis: the policies in turn)."""
+    pairs = sorted(
+        itertools.product(range(len(REMATS)), range(len(experts))),
+        key=lambda pair: ((pair[1] - pair[0]) % len(experts), pair[0]),
+    )
+    groups = [
+        [candidate for candidate in ordered if (candidate.remat, candidate.expert) == (REMATS[policy], experts[axis])]
+        for policy, axis in pairs
+    ]
+    return [candidate for turn in itertools.zip_longest(*groups) for candidate in turn if candidate]
 
 
 def _order(item) -> tuple:
@@ -258,7 +290,8 @@ def _compile_all(chosen, config, decoder, experiment_path, target, mfu, workers,
 
 
 def format_table(ranked: list[tuple[Candidate, dict]], target: targets.Target) -> str:
-    header = f"{'rank':>4s} {'data':>5s} {'fsdp':>5s} {'tensor':>6s} {'remat':>13s} {'micro':>5s} {'scan':>5s} "
+    header = f"{'rank':>4s} {'data':>5s} {'fsdp':>5s} {'expert':>6s} {'tensor':>6s} {'remat':>13s} {'micro':>5s} "
+    header += f"{'scan':>5s} "
     header += f"{'GiB/chip':>9s} {'fits':>5s} {'step s':>8s} {'serial s':>9s} {'tok/s/chip':>11s} {'compile s':>9s}"
     lines = [
         f"plans for {target.spec} ({target.chips} x {target.chip.name}, {target.chip.memory_bytes / 2**30:.1f} GiB)",
@@ -266,7 +299,8 @@ def format_table(ranked: list[tuple[Candidate, dict]], target: targets.Target) -
     ]
     for rank, (candidate, result) in enumerate(ranked, 1):
         head = (
-            f"{rank:4d} {candidate.data:5d} {candidate.fsdp:5d} {candidate.tensor:6d} {candidate.remat:>13s} "
+            f"{rank:4d} {candidate.data:5d} {candidate.fsdp:5d} {candidate.expert:6d} {candidate.tensor:6d} "
+            f"{candidate.remat:>13s} "
             f"{candidate.accumulate_steps:5d} {str(candidate.scan_layers):>5s} "
         )
         if "error" in result:

@@ -25,6 +25,8 @@ ARCHITECTURES = {  # model_type: (config class, model class)
     "gemma": (transformers.GemmaConfig, transformers.GemmaForCausalLM),
     "gemma2": (transformers.Gemma2Config, transformers.Gemma2ForCausalLM),
     "gemma3_text": (transformers.Gemma3TextConfig, transformers.Gemma3ForCausalLM),
+    "mixtral": (transformers.MixtralConfig, transformers.MixtralForCausalLM),
+    "qwen3_moe": (transformers.Qwen3MoeConfig, transformers.Qwen3MoeForCausalLM),
 }
 
 
@@ -61,7 +63,7 @@ def test_from_run_takes_the_model_tokenizer_and_parameters_of_the_run_it_fine_tu
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family", ["qwen2", "qwen3", "mistral", "gemma", "gemma2", "gemma3"])
+@pytest.mark.parametrize("family", ["qwen2", "qwen3", "mistral", "gemma", "gemma2", "gemma3", "mixtral", "qwen3_moe"])
 def test_each_familys_smoke_config_learns(tmp_path, data_dir, family):
     """`:smoke-FAMILY`, the family's block at the smoke size: 150 steps from ln(66) ~ 4.19 to below 3.4."""
     from research import experiment, train

@@ -14,7 +14,7 @@ from test_docs_commands import assert_quiet
 
 from conftest import EXPERIMENTS_DIR, ROOT
 from research import experiment as experiment_lib
-from research import metrics
+from research import metrics, perf
 from research.config import trainer_config
 from research.errors import ConfigError
 from research.models import gpt
@@ -95,7 +95,7 @@ def test_lm_compiles_for_tpu_and_gpu_with_the_fused_attention_kernel(spec, kerne
     result = dry_run.dry_run(config, LM, targets.parse(spec))
     assert result.attention == kernel and result.fits
     assert [kind.describe() for kind in result.layer_attention] == [f"1 global layer: {kernel.split()[0]}"]
-    assert result.mesh_shape == mesh
+    assert result.mesh_shape == mesh | {"expert": 1}  # lm.py's mesh has an expert axis, 1 for a dense decoder
     assert {collective.kind for collective in result.collectives} >= {"all-reduce"}
     state = sum(result.analytic_bytes[name] for name in ("parameters", "optimizer state", "batch"))
     plain, tiled = entry_argument_bytes(result.program)
@@ -215,6 +215,34 @@ def test_a_gpu_program_over_jaxs_default_pool_gets_the_fraction_to_run_with(defa
     assert dry_run.pool_advice(result.target, result.needed_bytes) == ""
 
 
+EXPERTS_OVER_4 = {"mesh.data": 1, "mesh.fsdp": 2, "mesh.expert": 4, "mesh.tensor": 1, "batch_size": 8}
+
+
+def test_a_mixture_of_experts_dry_run_shows_its_all_to_alls_and_their_bytes():
+    """:smoke-mixtral (one layer of 64, 8 experts, top 2, float32) on 8 CPU devices, its experts over 4 of them: each
+    device's 32 tokens go to the experts in a buffer of 4 blocks of their 64 copies, 3 of which it sends: forward
+    the rows and their expert ids out and the rows back, backward the rows' gradients both ways."""
+    config = LM.get_config("smoke-mixtral")
+    config.update_from_flattened_dict(EXPERTS_OVER_4)
+    result = dry_run.dry_run(config, LM, targets.parse("cpu:8"))
+    exchanges = [collective for collective in result.collectives if collective.kind == "all-to-all"]
+    assert {collective.group_size for collective in exchanges} == {4} and sum(c.count for c in exchanges) == 5
+    decoder = LM.decoder_shape(config)
+    rows = perf.expert_exchange_bytes(decoder, 4, 32)
+    assert rows == 3 * 2 * 32 * 64 * 4 and sum(c.bytes_per_step for c in exchanges) == 4 * rows + 3 * 2 * 32 * 4
+    report = dry_run.format_report(result, 0.4, 1e9).splitlines()
+    assert next(line for line in report if "all-to-all" in line).split() == [
+        "all-to-all",
+        "4",
+        "fast",
+        "5",
+        "0.19",
+        "MiB",
+    ]
+    # the batch splits over the expert axis too: one example per device
+    assert result.analytic_bytes["activations"] == perf.decoder_activation_bytes(decoder, 1, 4)
+
+
 def test_plan_candidates_respect_batch_heads_and_hosts():
     config = LM.get_config("llama3-8b")
     config.batch_size = 16
@@ -238,12 +266,50 @@ def test_the_planner_takes_the_decoder_and_its_config_keys_from_the_experiments_
         plan.decoder_of(trainer_config(), gpt_experiment(width=64, layers=1))
 
 
+def test_the_planner_searches_the_expert_axis_of_a_mixture_of_experts_only():
+    """Mixtral 8x7B is Mistral 7B's shape with 8 experts: on 8 GPUs its candidates add expert axes 2, 4 and 8 (the
+    batch split over them too) and write mesh.expert; the dense decoder's stay at 1 and write none. The compile
+    queue: the dense decoder's policies take turns as before, the mixture's (policy, expert axis) pairs by diagonals."""
+    target, found = targets.parse("gpu:h100:8"), {}
+    for name in ("mixtral-8x7b", "mistral-7b"):
+        config = LM.get_config(name)
+        config.batch_size = 16
+        decoder = LM.decoder_shape(config)
+        found[name] = decoder, plan.candidates(config, decoder, target)
+    decoder, mixture = found["mixtral-8x7b"]
+    assert plan.expert_sizes(decoder, 8) == [1, 2, 4, 8] and {c.expert for c in mixture} == {1, 2, 4, 8}
+    assert all(c.data * c.fsdp * c.expert * c.tensor == 8 and 16 % (c.data * c.fsdp * c.expert) == 0 for c in mixture)
+    assert all(c.overrides(decoder)["mesh.expert"] == c.expert for c in mixture)
+    dense_decoder, dense = found["mistral-7b"]
+    assert plan.expert_sizes(dense_decoder, 8) == [1] and {c.expert for c in dense} == {1}
+    assert len(dense) == len([c for c in mixture if c.expert == 1])
+    assert not any("mesh.expert" in c.overrides(dense_decoder) for c in dense)
+    assert [c.remat for c in plan.take_turns(dense, [1])[:3]] == list(plan.REMATS)
+    turns = [(c.remat, c.expert) for c in plan.take_turns(mixture, [1, 2, 4, 8])[:5]]
+    assert turns == [("full", 1), ("dots_no_batch", 2), ("none", 4), ("full", 2), ("dots_no_batch", 4)]
+    header = plan.format_table([(mixture[-1], {"error": "not compiled"})], target).splitlines()[1]
+    assert header.split()[:5] == ["rank", "data", "fsdp", "expert", "tensor"]
+
+
+@pytest.mark.slow
+def test_the_planner_ranks_plans_with_an_expert_axis_for_a_mixture_of_experts(tmp_path):
+    config = LM.get_config("smoke-mixtral")
+    config.update_from_flattened_dict({"model.block_size": 128, "model.dtype": "bfloat16", "batch_size": 8})
+    target = targets.parse("tpu:v5e-4")
+    ranked = plan.search(config, LM, str(EXPERIMENTS_DIR / "lm.py"), target, 0.4, 2, 4, tmp_path)
+    fitting = [candidate for candidate, result in ranked if result.get("fits")]
+    assert sum(candidate.expert > 1 for candidate in fitting) >= 3
+    rows = plan.format_table(ranked, target).splitlines()[2:]
+    assert [int(row.split()[3]) for row in rows] == [candidate.expert for candidate, _ in ranked]
+
+
 @pytest.mark.slow
 def test_plan_ranks_fitting_candidates_compiled_in_parallel(tmp_path):
     config = lm_config()
     ranked = plan.search(config, LM, str(EXPERIMENTS_DIR / "lm.py"), targets.parse("tpu:v5e-4"), 0.4, 2, 3, tmp_path)
     fitting = [result for _, result in ranked if result.get("fits")]
     assert len(fitting) >= 3 and len(list(tmp_path.glob("*.json"))) == len(ranked)
+    assert {candidate.expert for candidate, _ in ranked} == {1}  # a dense decoder: no expert axis
     steps = [result["step_seconds"] for result in fitting]
     assert steps == sorted(steps)
     again = plan.search(config, LM, str(EXPERIMENTS_DIR / "lm.py"), targets.parse("tpu:v5e-4"), 0.4, 2, 3, tmp_path)

@@ -189,7 +189,7 @@ def test_a_checkpoint_that_does_not_fit_is_a_one_line_error(tmp_path):
     scaled = config | {"rope_parameters": {"rope_type": "yarn", "factor": 8.0, "rope_theta": 500000.0}}
     with pytest.raises(ConfigError, match="rope scaling 'yarn' is not implemented"):
         hf.model_from_config(scaled)
-    supported = "bert, gemma, gemma2, gemma3_text, gpt2, llama, mistral, qwen2, qwen3"
+    supported = "bert, gemma, gemma2, gemma3_text, gpt2, llama, mistral, mixtral, qwen2, qwen3, qwen3_moe"
     with pytest.raises(ConfigError, match=f"^config.json describes Phi3ForCausalLM: only {supported} models are"):
         hf.model_from_config({"model_type": "phi3", "architectures": ["Phi3ForCausalLM"]})
     with pytest.raises(ConfigError, match="^config.json has no 'hidden_size' \\(a MistralForCausalLM's needs it\\)$"):
@@ -215,7 +215,18 @@ def test_a_run_exports_in_the_layout_it_was_imported_from():
             config.model.family = layout.run_family
             assert lm.hf_layout(config) == model_type
     families = sorted(layout.run_family for layout in hf.LAYOUTS.values() if layout.run_family)
-    assert families == ["gemma", "gemma2", "gemma3", "gpt", "llama", "mistral", "qwen2", "qwen3"]
+    assert families == [
+        "gemma",
+        "gemma2",
+        "gemma3",
+        "gpt",
+        "llama",
+        "mistral",
+        "mixtral",
+        "qwen2",
+        "qwen3",
+        "qwen3_moe",
+    ]
 
 
 @pytest.mark.slow

@@ -37,6 +37,16 @@ FAMILIES = {  # model_type: (config class, model class, its settings: windows sh
         transformers.Gemma3ForCausalLM,
         dict(num_hidden_layers=3, head_dim=16, sliding_window=8, query_pre_attn_scalar=16, sliding_window_pattern=3),
     ),
+    "mixtral": (
+        transformers.MixtralConfig,
+        transformers.MixtralForCausalLM,
+        dict(num_hidden_layers=2, num_local_experts=4, num_experts_per_tok=2),
+    ),
+    "qwen3_moe": (
+        transformers.Qwen3MoeConfig,
+        transformers.Qwen3MoeForCausalLM,
+        dict(num_hidden_layers=2, head_dim=24, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=48),
+    ),
 }
 END_IDS = [5, 7]  # a generation_config.json's end-of-turn ids (Gemma's <end_of_turn>, Qwen's <|im_end|> ...)
 

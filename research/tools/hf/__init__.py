@@ -6,7 +6,8 @@
 convert.py reads and writes the files and checks them; each family's layout (the architecture, its
 config.json as our module, which tensor holds which parameter) is a file beside it, listed in `LAYOUTS`
 by config.json's model_type: llama.py (LlamaForCausalLM), gpt2.py (GPT2LMHeadModel), bert.py
-(BertForMaskedLM: published BERT's post-LayerNorm encoder, through from_hf / to_hf). A new family is a
+(BertForMaskedLM: published BERT's post-LayerNorm encoder, through from_hf / to_hf), moe.py (MixtralForCausalLM,
+Qwen3MoeForCausalLM: each expert's tensors stacked into ours by the layout's `combine`). A new family is a
 layout file (layout.py says what one holds) and its entry in `LAYOUTS`. A file that does not fit (another
 architecture, a missing tensor, a wrong shape, a rope scaling not implemented) is a one-line ConfigError
 naming the tensor. `import` and `export` (__main__.py) turn checkpoints into runs and back; a run's

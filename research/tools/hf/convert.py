@@ -13,7 +13,7 @@ from flax import traverse_util
 from safetensors import flax as safetensors_jax  # reads and writes bfloat16, which numpy's cannot
 
 from research.errors import ConfigError
-from research.tools.hf import bert, gemma, gpt2, llama, mistral, qwen
+from research.tools.hf import bert, gemma, gpt2, llama, mistral, moe, qwen
 from research.tools.hf.layout import Layout, rolled, unrolled
 from research.tree import named_leaves
 
@@ -21,6 +21,7 @@ INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
 TOKENIZER = "tokenizer.json"
 DECODERS = (llama.LAYOUT, qwen.QWEN2, qwen.QWEN3, mistral.LAYOUT, gemma.GEMMA1, gemma.GEMMA2, gemma.GEMMA3)
+DECODERS += (moe.MIXTRAL, moe.QWEN3_MOE)
 LAYOUTS = {layout.model_type: layout for layout in (*DECODERS, gpt2.LAYOUT, bert.LAYOUT)}
 # Checkpoints of models around a decoder (text and images), read as their decoder: model_type -> (config, tensors)
 DECODER_OF = {"gemma3": gemma.text_model}
@@ -89,6 +90,7 @@ def _abstract_params(model) -> dict[str, jax.ShapeDtypeStruct]:
 def params_from_tensors(model, tensors: Mapping[str, np.ndarray], layout: Layout) -> PyTree:
     """The model's parameter tree from a checkpoint's tensors, every one checked by name and shape."""
     abstract = _abstract_params(model)
+    tensors = layout.combine(tensors)
     flat = {}
     for tensor in layout.tensors(model):
         expected = jax.eval_shape(tensor.to_hf, *[abstract[path] for path in tensor.paths]).shape
@@ -109,10 +111,12 @@ def params_from_tensors(model, tensors: Mapping[str, np.ndarray], layout: Layout
 def tensors_from_params(model, params: PyTree, layout: Layout) -> dict[str, np.ndarray]:
     """{checkpoint name: array} of the model's parameters, in the checkpoint's layout."""
     flat = named_leaves(unrolled(jax.device_get(params)))
-    return {
-        tensor.name: np.ascontiguousarray(np.asarray(tensor.to_hf(*[flat[path] for path in tensor.paths])))
-        for tensor in layout.tensors(model)
-    }
+    return layout.split(
+        {
+            tensor.name: np.ascontiguousarray(np.asarray(tensor.to_hf(*[flat[path] for path in tensor.paths])))
+            for tensor in layout.tensors(model)
+        }
+    )
 
 
 def from_hf(directory: str | Path, **overrides) -> tuple[Any, PyTree]:

@@ -43,6 +43,9 @@ class Layout:
     to_config: Callable[[nn.Module], dict]  # ours -> config.json but the two above (a ConfigError where it has none)
     tensors: Callable[[nn.Module], list[Tensor]]  # every checkpoint tensor of ours, over unrolled parameters
     run_family: str = ""  # model.family of the experiments/lm.py run `import` makes; "": it makes none (encoders)
+    # The checkpoint's tensors as `tensors` names them, and back (mixtures: each expert's stacked into one)
+    combine: Callable[[dict], dict] = lambda tensors: tensors
+    split: Callable[[dict], dict] = lambda tensors: tensors
 
 
 def same(name: str, path: str) -> Tensor:

@@ -8,6 +8,8 @@ scaling "llama3" (Llama 3.1's context extension) and "linear" (Gemma 3) are impl
 dynamic NTK) are refused, as is a pattern of sliding layers that is not periodic.
 """
 
+from typing import Callable
+
 import jax.numpy as jnp
 
 from research.errors import ConfigError
@@ -143,6 +145,7 @@ def refuse(model: Llama, architecture: str, **allowed) -> None:
     defaults = Llama(vocab_size=1, num_layers=1, num_heads=1, num_kv_heads=1, width=1, mlp_dim=1)
     fixed = ("attention_bias", "qk_norm", "post_norms", "norm_offset", "scale_embeddings", "activation")
     fixed += ("query_scale_dim", "attention_softcap", "logit_softcap", "attention_window", "global_every")
+    fixed += ("num_experts", "shared_mlp_dim")
     for field in (*fixed, "rope_local_theta"):
         value = getattr(model, field)
         takes = allowed.get(field, (getattr(defaults, field),))
@@ -166,8 +169,14 @@ def to_config(model: Llama) -> dict:
     return settings | {"attention_bias": False, "mlp_bias": False}
 
 
-def tensors(model: Llama) -> list[Tensor]:
-    """Every tensor of the model's checkpoint and the parameter it holds (the same names in every family)."""
+def dense_mlp(hf: str, ours: str) -> list[Tensor]:
+    """One layer's gated MLP (`hf`: the layer's checkpoint prefix, `ours`: its parameters')."""
+    return [linear(f"{hf}mlp.{name}.weight", f"{ours}{name}/kernel") for name in MLP]
+
+
+def tensors(model: Llama, mlp: Callable[[str, str], list[Tensor]] = dense_mlp) -> list[Tensor]:
+    """Every tensor of the model's checkpoint and the parameter it holds (the same names in every family; `mlp`
+    gives each layer's MLP: research/tools/hf/moe.py's mixtures)."""
     found = [same("model.embed_tokens.weight", "embed_tokens/embedding"), same("model.norm.weight", "norm/scale")]
     norms = ("input_layernorm", "post_attention_layernorm")
     norms += ("pre_feedforward_layernorm", "post_feedforward_layernorm") if model.post_norms else ()
@@ -178,7 +187,7 @@ def tensors(model: Llama) -> list[Tensor]:
             found += [same(f"{hf}self_attn.{name}.bias", f"{ours}{name}/bias") for name in ATTENTION[:3]]
         if model.qk_norm:
             found += [same(f"{hf}self_attn.{name}.weight", f"{ours}{name}/scale") for name in ("q_norm", "k_norm")]
-        found += [linear(f"{hf}mlp.{name}.weight", f"{ours}{name}/kernel") for name in MLP]
+        found += mlp(hf, ours)
         found += [same(f"{hf}{name}.weight", f"{ours}{name}/scale") for name in norms]
     return found + untied_head(model.tie_embeddings, "lm_head.weight", "lm_head/kernel")
 
