@@ -189,11 +189,11 @@ def tokens_per_example(config: ml_collections.ConfigDict) -> int:
 
 
 def flops_per_example(config: ml_collections.ConfigDict) -> float:
-    """Training FLOPs of one window: 6 N per token plus attention (research/perf.py)."""
+    """Training FLOPs of one window: 6 N per token (N the active parameters) plus attention (research/perf.py)."""
     shape = decoder_shape(config)
     attention = (shape.layers, shape.heads * shape.head_dim, shape.length, shape.layer_windows)
-    inactive = moe.inactive_parameters(shape.layers, shape.experts, shape.experts_per_token, shape.width, shape.mlp_dim)
-    return shape.length * perf.gpt_training_flops_per_token(parameter_count(config) - inactive, *attention)
+    active = perf.active_parameters(shape, parameter_count(config))
+    return shape.length * perf.gpt_training_flops_per_token(active, *attention)
 
 
 def decoder_shape(config: ml_collections.ConfigDict) -> experiment.DecoderShape:

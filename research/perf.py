@@ -195,6 +195,13 @@ def mlp_bytes(shape: DecoderShape, tensor: int = 1, expert: int = 1) -> tuple[fl
     return size * values + 2 * 4 * shape.experts, 4 * shape.experts
 
 
+def active_parameters(shape: DecoderShape, total: int) -> int:
+    """Of a decoder's `total` parameters, those one token uses: all less the experts it is not routed to
+    (research/models/moe.py's inactive_parameters; all of them for a dense decoder)."""
+    inactive = moe.inactive_parameters(shape.layers, shape.experts, shape.experts_per_token, shape.width, shape.mlp_dim)
+    return total - inactive
+
+
 def expert_parameters(shape: DecoderShape) -> int:
     """The experts' parameters (gate, up and down, width x mlp_dim each, per expert and layer): split over the
     mesh's expert axis, where the rest of the decoder is not; 0 for a dense decoder."""

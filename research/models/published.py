@@ -74,8 +74,8 @@ PUBLISHED_PARAMETERS = {
     "qwen3-8b": 8_190_735_360,
     "qwen3-32b": 32_762_123_264,
     "mistral-7b": 7_241_732_096,  # Mistral 7B v0.1 (v0.3 has no sliding window and 32,768 tokens)
-    "mixtral-8x7b": 46_702_792_704,  # 12,879,925,248 active: "46.7B total, 12.9B per token" (Jiang et al. 2024)
-    "qwen3-30b-a3b": 30_532_122_624,  # 3.3B active (the model card: 30.5B in total, 3.3B activated)
+    "mixtral-8x7b": 46_702_792_704,
+    "qwen3-30b-a3b": 30_532_122_624,
     "gemma-2b": 2_506_172_416,
     "gemma-7b": 8_537_680_896,
     "gemma2-2b": 2_614_341_888,
@@ -84,6 +84,10 @@ PUBLISHED_PARAMETERS = {
     "gemma3-1b": 999_885_952,
     "gemma3-4b": 3_880_263_168,
     "gemma3-27b": 27_009_346_304,
+}
+PUBLISHED_ACTIVE_PARAMETERS = {  # of the mixtures, per token, as their authors round them
+    "mixtral-8x7b": 12.9e9,  # "46.7B total parameters, 12.9B per token" (mistral.ai/news/mixtral-of-experts)
+    "qwen3-30b-a3b": 3.3e9,  # "30.5B in total and 3.3B activated" (the Qwen/Qwen3-30B-A3B model card)
 }
 # Training windows: Llama 2 4,096, Llama 3 8,192 (their papers); Qwen2.5 and Qwen3 pre-train at 4,096 before
 # their long-context stages (Qwen Team 2024 sec. 3.2, 2025 sec. 3.2); Mistral 7B's 8,192 (Jiang et al. 2023);

@@ -10,9 +10,9 @@ import torch  # the reference implementation (the test extra)
 import transformers
 
 from conftest import assert_trees_close, load_experiment, smoke_config
-from research import sharding, steps
+from research import perf, sharding, steps
 from research.errors import ConfigError
-from research.models import param_count
+from research.models import param_count, published
 from research.tools.hf import convert as hf
 
 lm = load_experiment("lm")
@@ -41,6 +41,22 @@ def test_published_sizes_have_the_published_parameter_counts(name):
     with torch.device("meta"):
         reference = model_class(config_class(**hf_config))
     assert reference.num_parameters() == lm.PUBLISHED_PARAMETERS[name]
+
+
+@pytest.mark.parametrize("name", sorted(published.PUBLISHED_ACTIVE_PARAMETERS))
+def test_mixtures_have_the_published_active_parameter_counts(name):
+    """A token's parameters: ours (all less the experts it skips, research/perf.py) equal transformers' model's
+    all less (experts - top k) / experts of its experts' tensors, and the published figure to its digits."""
+    config = lm.get_config(name)
+    ours = perf.active_parameters(lm.decoder_shape(config), lm.parameter_count(config))
+    hf_config = hf.config_json(lm.make_model(config), lm.hf_layout(config))
+    config_class, model_class = ARCHITECTURES[hf_config["model_type"]]
+    with torch.device("meta"):
+        reference = model_class(config_class(**hf_config))
+    skipped = 1 - hf_config["num_experts_per_tok"] / config.model.num_experts
+    experts = sum(tensor.numel() for layer in reference.model.layers for tensor in layer.mlp.experts.parameters())
+    assert ours == reference.num_parameters() - round(skipped * experts)
+    assert abs(ours - published.PUBLISHED_ACTIVE_PARAMETERS[name]) < 0.1e9  # published to a tenth of a billion
 
 
 def test_from_run_takes_the_model_tokenizer_and_parameters_of_the_run_it_fine_tunes(tmp_path):
