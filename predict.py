@@ -6,6 +6,7 @@
   python predict.py --workdir runs/digits --export exported/digits [--quantize]
   python predict.py --workdir runs/mnist_cnn --explain test --num_examples 16     # attributions.png, .npz
   python predict.py --workdir runs/gpt --explain_text "ROMEO:"        # attention maps (text models: --explain too)
+  python predict.py --workdir runs/sft --chat_eval data/reverse/sft_test.jsonl --num_tokens 32   # held-out exact match
 
 Reads WORKDIR/config.json and a checkpoint (--checkpoint latest, best or a step number). An
 entry point beside launch.py because prediction has its own flags (sampling, inputs, export) that
@@ -55,6 +56,10 @@ _NUM_EXAMPLES = flags.DEFINE_integer("num_examples", 16, "examples --explain exp
 _EXPLAIN_STEPS = flags.DEFINE_integer("explain_steps", 64, "integrated gradients' path steps")
 _EXPLAIN_DIR = flags.DEFINE_string("explain_dir", None, "where --explain writes (default WORKDIR/explain)")
 _EXPORT = flags.DEFINE_string("export", None, "write a jax.export artifact and a manifest to this directory")
+_CHAT_EVAL = flags.DEFINE_string("chat_eval", None, "exact match of the last assistant turns of this JSONL's messages")
+_CHAT_TEMPLATE = flags.DEFINE_string(
+    "chat_template", None, "--chat_eval's template: chatml, llama3 or a path (default: the run's chat corpus's)"
+)
 _QUANTIZE = flags.DEFINE_boolean(
     "quantize",
     False,
@@ -124,6 +129,16 @@ def run_action(run) -> None:
                 run, _EXPLAIN.value, _EXPLAIN_METHOD.value, _NUM_EXAMPLES.value, _EXPLAIN_STEPS.value, directory
             )
         print(line)
+    elif _CHAT_EVAL.value is not None:
+        from research.inference import chat
+
+        template = chat.run_template(run, _CHAT_TEMPLATE.value)
+        result = chat.exact_match(
+            run, chat.read_conversations(_CHAT_EVAL.value), template, num_tokens=_NUM_TOKENS.value
+        )
+        for reply in result["replies"][:3]:
+            print(f"  {reply!r}")
+        print(f"{run.name} step {run.step}: exact match {result['exact_match']:.3f} of {result['conversations']}")
     elif _EXPORT.value is not None:
         manifest = export.export_run(run, _EXPORT.value, quantized=_QUANTIZE.value)
         print(
@@ -131,8 +146,8 @@ def run_action(run) -> None:
         )
     else:
         fail(
-            "pass one of --generate PROMPT, --classify FILE, --evaluate SPLIT, --explain SPLIT, --explain_text TEXT "
-            "or --export DIR"
+            "pass one of --generate PROMPT, --classify FILE, --evaluate SPLIT, --explain SPLIT, --explain_text TEXT, "
+            "--chat_eval FILE or --export DIR"
         )
 
 

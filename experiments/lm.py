@@ -137,8 +137,9 @@ def make_data(config: ml_collections.ConfigDict, split: str):
         raise ConfigError(f"the tokenizer has {tokenizer.vocab_size} ids, the model's vocabulary {vocab_size(config)}")
     if not config.data.prepared:
         return text.window_batches(splits[split], config.model.block_size, config, split)
-    if config.data.segment_ids and config.model.family == "gpt":
-        raise ConfigError("data.segment_ids needs a model.family of the Llama (the GPT takes no document ids)")
+    chat = stream.parse_sources(config.data.prepared)[0][0].chat
+    if (config.data.segment_ids or chat) and config.model.family == "gpt":  # the GPT takes no document ids
+        raise ConfigError("data.segment_ids and chat corpora need a model.family of the Llama, not gpt")
     return stream.lm_batches(config, split)
 
 

@@ -92,9 +92,14 @@ def read_saved(directory: Path, step: int, shapes_only: bool = False) -> PyTree:
     process's first device), by the checkpoint's own metadata, whatever devices, processes and code wrote it."""
     path, checkpointer = Path(directory) / str(step) / "state", ocp.StandardCheckpointer()
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    saved = checkpointer.metadata(path).item_metadata.tree
-    shapes = jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=device), saved)
-    return shapes if shapes_only else jax.device_get(checkpointer.restore(path, shapes))
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity(logging.ERROR)  # orbax warns of the step's metadata file, which the manager keeps above it
+    try:
+        saved = checkpointer.metadata(path).item_metadata.tree
+        shapes = jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=device), saved)
+        return shapes if shapes_only else jax.device_get(checkpointer.restore(path, shapes))
+    finally:
+        logging.set_verbosity(verbosity)
 
 
 def init_from(state: PyTree, shardings: PyTree, tx, init_from_config: ml_collections.ConfigDict) -> PyTree:

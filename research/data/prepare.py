@@ -13,6 +13,12 @@ of uint16 (or uint32) ids; a shard's statistics are written last, so an interrup
 unfinished files and a rerun writes byte-identical shards. manifest.json records documents, tokens,
 skipped records (missing field, bad JSON, not UTF-8, empty) with reasons, checksums, the tokenizer's hash
 and the command.
+
+Chat data (`--chat_template chatml|llama3|PATH`, research/data/chat.py): JSONL records whose --text_field
+(`messages`) is a conversation; each is rendered with the template and tokenized as one document, and its
+record also holds a byte per token, 1 where the loss counts (the assistant's turns). The template is saved as
+chat_template.jinja beside the shards, and each shard's document lengths as SHARD.lengths.npy (streaming packs
+whole conversations into windows).
 """
 
 import argparse
@@ -32,6 +38,7 @@ import numpy as np
 from array_record.python.array_record_module import ArrayRecordWriter
 from etils import epath
 
+from research.data import chat
 from research.data.files import sha256
 from research.errors import ConfigError
 
@@ -106,7 +113,8 @@ def documents(path: epath.Path, text_field: str, split_on: str) -> Iterator[str 
             yield "".join(paragraph).rstrip("\n")
 
 
-def _json_text(line: str, text_field: str) -> str | Skipped:
+def _json_text(line: str, text_field: str) -> str | list | Skipped:
+    """The record's text, or its conversation (a list of messages) where the field holds one."""
     if not line.strip():
         return Skipped("empty")
     try:
@@ -116,6 +124,8 @@ def _json_text(line: str, text_field: str) -> str | Skipped:
     if not isinstance(record, dict) or text_field not in record:
         return Skipped("missing_field")
     value = record[text_field]
+    if isinstance(value, list) and value:
+        return value
     return value if isinstance(value, str) and value else Skipped("empty" if value == "" else "not_text")
 
 
@@ -138,25 +148,42 @@ def prepare_file(task: dict) -> dict:
     names = shard_names(index)
     writers = {split: ArrayRecordWriter(str(output / f"{names[split]}.tmp"), WRITER_OPTIONS) for split in SPLITS}
     counts = {split: {"documents": 0, "tokens": 0, "characters": 0} for split in SPLITS}
+    if task["chat"]:
+        for split in SPLITS:
+            counts[split]["assistant_tokens"] = 0
     skipped: dict[str, int] = {}
-    batch: list[tuple[str, str]] = []
+    batch: list[tuple[str, str | list, int]] = []
+
+    template = chat.load_template(str(output / chat.TEMPLATE_FILE)) if task["chat"] else None
+    lengths: dict[str, list[int]] = {split: [] for split in SPLITS}
 
     def flush():
-        for (split, text), ids in zip(batch, tokenizer.encode_batch([text for _, text in batch])):
-            writers[split].write(np.asarray(ids, dtype).tobytes())
+        if template is None:
+            encoded = [(ids, b"") for ids in tokenizer.encode_batch([text for _, text, _ in batch])]
+        else:  # a conversation: its ids and a byte per id, 1 on what the loss counts
+            encoded = []
+            for split, messages, position in batch:
+                ids, mask = chat.encode(tokenizer, template, messages, index=position, **task["chat_tokens"])
+                encoded.append((ids, mask.astype(np.uint8).tobytes()))
+                counts[split]["assistant_tokens"] += int(mask.sum())
+        for (split, document, _), (ids, mask) in zip(batch, encoded):
+            writers[split].write(np.asarray(ids, dtype).tobytes() + mask)
+            lengths[split].append(len(ids))
             counts[split]["documents"] += 1
             counts[split]["tokens"] += len(ids)
-            counts[split]["characters"] += len(text)
+            counts[split]["characters"] += len(document) if isinstance(document, str) else len(json.dumps(document))
         batch.clear()
 
     path = epath.Path(task["input"])
     try:
         for position, document in enumerate(documents(path, task["text_field"], task["split_on"])):
+            if not isinstance(document, Skipped) and isinstance(document, list) != bool(task["chat"]):
+                document = Skipped("not_text" if isinstance(document, list) else "not_a_conversation")
             if isinstance(document, Skipped):
                 skipped[document] = skipped.get(document, 0) + 1
                 continue
             split = "validation" if is_validation(index, position, task["validation_fraction"]) else "train"
-            batch.append((split, document))
+            batch.append((split, document, position))
             if len(batch) >= 256:
                 flush()
     except ConfigError:
@@ -167,6 +194,8 @@ def prepare_file(task: dict) -> dict:
     stats = {"input": task["input"], "bytes": path.stat().length, "skipped": skipped, "shards": {}}
     for split, writer in writers.items():
         writer.close()
+        if task["chat"]:  # each document's length: where streaming's packs of whole conversations start
+            np.save(output / f"{names[split]}.lengths.npy", np.asarray(lengths[split], np.int64))
         os.replace(output / f"{names[split]}.tmp", output / names[split])
         checksum = sha256(output / names[split])
         stats["shards"][split] = {"path": names[split], "sha256": checksum, **counts[split]}
@@ -203,6 +232,10 @@ def sample_text(paths: list[epath.Path], text_field: str, split_on: str, megabyt
     texts, size = [], 0
     for path in paths:
         for document in documents(path, text_field, split_on):
+            if isinstance(document, list):  # a conversation: the BPE learns its messages' text
+                document = "\n".join(
+                    str(message.get("content", "")) for message in document if isinstance(message, dict)
+                )
             if not isinstance(document, Skipped):
                 texts.append(document)
                 size += len(document)
@@ -220,6 +253,8 @@ def settings_of(arguments: argparse.Namespace, inputs: list[epath.Path]) -> dict
         "documents": arguments.documents,
         "validation_fraction": arguments.validation_fraction,
         "tokenizer": arguments.tokenizer,
+        "chat_template": arguments.chat_template,
+        "bos_token": arguments.bos_token,
     }
 
 
@@ -244,6 +279,8 @@ def start(arguments: argparse.Namespace, inputs: list[epath.Path]):
         else sample_text(inputs, arguments.text_field, arguments.documents, arguments.bpe_sample_mb)
     )
     tokenizer = tokenizer_lib.build(arguments.tokenizer, sample, output)
+    if arguments.chat_template:
+        (output / chat.TEMPLATE_FILE).write_text(chat.load_template(arguments.chat_template))
     settings["tokenizer_sha256"] = tokenizer.sha256
     recorded.write_text(json.dumps(settings, indent=1))
     return tokenizer
@@ -263,12 +300,15 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--input", action="append", required=True, help="a file or glob; repeat for more")
     parser.add_argument("--output", required=True, help="the directory of the shards and manifest.json")
     parser.add_argument("--tokenizer", default="bpe:8192", help="bpe:N, bytes, path/tokenizer.json or path/x.model")
-    parser.add_argument("--text_field", default="text", help="the JSONL field / Parquet column holding the text")
+    parser.add_argument("--text_field", default="", help="the JSONL field / Parquet column: text, or messages")
+    parser.add_argument("--chat_template", default="", help="chat data: chatml, llama3, or a template's path")
+    parser.add_argument("--bos_token", default="", help="chat data: what the template's bos_token renders as")
     parser.add_argument("--documents", default="file", choices=("file", "paragraph", "line"), help=".txt documents")
     parser.add_argument("--validation_fraction", type=float, default=0.005, help="documents held out, by hash")
     parser.add_argument("--bpe_sample_mb", type=float, default=200.0, help="text the BPE is trained on")
     parser.add_argument("--workers", type=int, default=1, help="processes, one input file at a time each")
     arguments = parser.parse_args(argv)
+    arguments.text_field = arguments.text_field or ("messages" if arguments.chat_template else "text")
     arguments.command = "python -m research.data.prepare " + shlex.join(sys.argv[1:] if argv is None else argv)
     return arguments
 
@@ -282,7 +322,12 @@ def run(arguments: argparse.Namespace) -> int:
     tokenizer = start(arguments, inputs)
     dtype = "uint16" if tokenizer.vocab_size <= 1 << 16 else "uint32"
     task = {"output": str(output), "text_field": arguments.text_field, "split_on": arguments.documents}
-    task |= {"validation_fraction": arguments.validation_fraction, "dtype": dtype}
+    task |= {
+        "validation_fraction": arguments.validation_fraction,
+        "dtype": dtype,
+        "chat": bool(arguments.chat_template),
+    }
+    task["chat_tokens"] = {"bos_token": arguments.bos_token, "eos_token": tokenizer.token(tokenizer.eos_id)}
     tasks = [task | {"index": i, "input": str(path)} for i, path in enumerate(inputs)]
     todo = [t for t in tasks if not (output / f"stats-{t['index']:05d}.json").exists()]
     sizes = {t["index"]: epath.Path(t["input"]).stat().length for t in todo}
@@ -338,6 +383,11 @@ def write_manifest(output: Path, tasks: list[dict], tokenizer, dtype: str, comma
             "documents": sum(entry["shards"][split]["documents"] for entry in stats),
             "tokens": sum(entry["shards"][split]["tokens"] for entry in stats),
             "characters": sum(entry["shards"][split]["characters"] for entry in stats),
+            **(
+                {"assistant_tokens": sum(entry["shards"][split]["assistant_tokens"] for entry in stats)}
+                if stats and "assistant_tokens" in stats[0]["shards"][split]
+                else {}
+            ),
             "shards": [entry["shards"][split] for entry in stats],
         }
         for split in SPLITS
@@ -347,6 +397,7 @@ def write_manifest(output: Path, tasks: list[dict], tokenizer, dtype: str, comma
         "tokenizer": {"file": tokenizer.path.name, "sha256": tokenizer.sha256, "vocab_size": tokenizer.vocab_size},
         "eos_id": tokenizer.eos_id,
         "dtype": dtype,
+        "chat_template": chat.TEMPLATE_FILE if (output / chat.TEMPLATE_FILE).exists() else None,
         "splits": splits,
         "skipped": skipped,
         "inputs": [{"path": entry["input"], "bytes": entry["bytes"]} for entry in stats],

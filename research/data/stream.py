@@ -9,6 +9,11 @@ Several corpora mix by weight (grain's deterministic MapDataset.mix). With `segm
 also carries the document of each position (attention stays inside it) and `weights` that drop the
 target after an end-of-document (the loss does not predict across documents).
 
+Chat corpora (prepared with --chat_template) carry a loss mask per token, 1 on the assistant's turns: a
+window's weights are that mask, and windows are packs of whole conversations (as many consecutive ones as
+fit in length + 1 tokens, the rest padding of weight 0 and segment 0; a longer one is cut to a window of
+its own), so that no conversation starts in one window and ends in another.
+
 Legend: B batch, L length (block size).
 """
 
@@ -47,6 +52,16 @@ class Corpus:
         return self.manifest["eos_id"]
 
     @property
+    def chat(self) -> bool:
+        """Conversations with a loss mask (research/data/prepare.py --chat_template)."""
+        return bool(self.manifest.get("chat_template"))
+
+    def document_lengths(self, split: str, index: int) -> np.ndarray:
+        """Tokens of each document of a chat corpus's shard, in order (prepare writes them beside it)."""
+        shard = self.manifest["splits"][split]["shards"][index]
+        return np.load(self.directory / f"{shard['path']}.lengths.npy")
+
+    @property
     def vocab_size(self) -> int:
         return self.manifest["tokenizer"]["vocab_size"]
 
@@ -70,6 +85,14 @@ class ShardCache:
         self.size, self.streams, self.lock = size, collections.OrderedDict(), threading.Lock()
 
     def stream(self, corpus: Corpus, split: str, index: int) -> np.ndarray:
+        """The shard's token stream: its documents, each followed by the end-of-document id."""
+        return self._load(corpus, split, index)[0]
+
+    def loss_mask(self, corpus: Corpus, split: str, index: int) -> np.ndarray:
+        """A chat shard's mask, aligned with its stream (0 on every end-of-document id)."""
+        return self._load(corpus, split, index)[1]
+
+    def _load(self, corpus: Corpus, split: str, index: int) -> tuple[np.ndarray, np.ndarray | None]:
         key = (str(corpus.directory), split, index)
         with self.lock:
             if key not in self.streams:
@@ -77,8 +100,15 @@ class ShardCache:
                 dtype = np.dtype(corpus.manifest["dtype"])
                 eos = np.array([corpus.eos_id], dtype).tobytes()
                 reader = ArrayRecordReader(str(corpus.directory / shard["path"]))
-                self.streams[key] = np.frombuffer(b"".join(record + eos for record in reader.read_all()), dtype)
+                records = reader.read_all()
                 reader.close()
+                if corpus.chat:  # a record: its ids, then a byte per id
+                    sizes = [len(record) // (dtype.itemsize + 1) * dtype.itemsize for record in records]
+                    ids = b"".join(record[:size] + eos for record, size in zip(records, sizes))
+                    mask = b"".join(record[size:] + b"\0" for record, size in zip(records, sizes))
+                    self.streams[key] = (np.frombuffer(ids, dtype), np.frombuffer(mask, np.uint8))
+                else:
+                    self.streams[key] = (np.frombuffer(b"".join(record + eos for record in records), dtype), None)
                 while len(self.streams) > self.size:
                     self.streams.popitem(last=False)
             self.streams.move_to_end(key)
@@ -96,7 +126,15 @@ class Windows:
     shuffle: bool = True
 
     def __post_init__(self):
-        self.counts = np.maximum(self.corpus.stream_lengths(self.split) - 1, 0) // self.length
+        if self.corpus.chat:  # packs of whole conversations: each shard's (starts, sizes)
+            shards = range(len(self.corpus.manifest["splits"][self.split]["shards"]))
+            self.packs = [
+                pack(self.corpus.document_lengths(self.split, index) + 1, self.length + 1) for index in shards
+            ]
+            self.counts = np.array([len(starts) for starts, _ in self.packs], np.int64)
+        else:
+            self.packs = None
+            self.counts = np.maximum(self.corpus.stream_lengths(self.split) - 1, 0) // self.length
         self.total = int(self.counts.sum())
         if not self.total:
             raise ConfigError(
@@ -118,8 +156,13 @@ class Windows:
 
     def locate(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(shard, start token) of each window at these stream positions (any epoch)."""
+        return self.spans(positions)[:2]
+
+    def spans(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(shard, start token, tokens: length + 1 but for a pack of conversations) of each window."""
         epochs, ranks = np.divmod(np.asarray(positions, np.int64), self.total)
         shards, starts = np.empty_like(ranks), np.empty_like(ranks)
+        sizes = np.full_like(ranks, self.length + 1)
         for epoch in np.unique(epochs):
             chosen = epochs == epoch
             shard_order = self._order(int(epoch))
@@ -130,18 +173,63 @@ class Windows:
             for shard in np.unique(shard_order[slot]):
                 mine = shard_order[slot] == shard
                 windows = self._order(int(epoch), int(shard))[within[mine]]
-                starts[np.flatnonzero(chosen)[mine]] = windows * self.length
-        return shards, starts
+                rows = np.flatnonzero(chosen)[mine]
+                if self.packs is None:
+                    starts[rows] = windows * self.length
+                else:
+                    starts[rows], sizes[rows] = self.packs[shard][0][windows], self.packs[shard][1][windows]
+        return shards, starts, sizes
 
 
-def assemble(window_BxL1: np.ndarray, eos_id: int, segment_ids: bool) -> dict[str, np.ndarray]:
-    """inputs/targets of windows of length + 1; with segment_ids, each position's document and the weights."""
+def pack(documents: np.ndarray, capacity: int) -> tuple[np.ndarray, np.ndarray]:
+    """(start, tokens) of each pack of consecutive documents of these stream lengths: as many as fit in
+    `capacity` tokens, a longer document its own pack, cut to `capacity`."""
+    starts, sizes, start, size = [], [], 0, 0
+    for document in documents.tolist():
+        if size and size + document > capacity:
+            starts.append(start)
+            sizes.append(size)
+            start, size = start + size, 0
+        size += document
+        if size >= capacity:
+            starts.append(start)
+            sizes.append(capacity)
+            start, size = start + size, 0
+    if size:
+        starts.append(start)
+        sizes.append(size)
+    return np.array(starts, np.int64), np.array(sizes, np.int64)
+
+
+def read(stream: np.ndarray, starts_B: np.ndarray, sizes_B: np.ndarray, width: int, pad: int = 0) -> np.ndarray:
+    """Rows of `width` tokens of `stream` from each start, those past the row's size `pad`."""
+    offsets = np.arange(width)
+    if np.all(sizes_B == width):  # whole windows (every one but a chat corpus's)
+        return stream[starts_B[:, None] + offsets]
+    valid_BxW = offsets < sizes_B[:, None]
+    return np.where(valid_BxW, stream[np.minimum(starts_B[:, None] + offsets, len(stream) - 1)], pad)
+
+
+def assemble(
+    window_BxL1: np.ndarray,
+    eos_id: int,
+    segment_ids: bool,
+    mask_BxL1: np.ndarray | None = None,
+    sizes_B: np.ndarray | None = None,
+) -> dict[str, np.ndarray]:
+    """inputs/targets of windows of length + 1; with segment_ids, each position's document and the weights.
+    A chat window's `mask_BxL1` (1 on what the loss counts, 0 on its padding) weighs each target, and the
+    padding past its `sizes_B` tokens is segment 0."""
     inputs_BxL = window_BxL1[:, :-1].astype(np.int32)
     batch = {"inputs": inputs_BxL, "targets": window_BxL1[:, 1:].astype(np.int32)}
-    if segment_ids:
+    if segment_ids or mask_BxL1 is not None:
         ended_BxL = inputs_BxL == eos_id  # the end-of-document id belongs to the document it ends
         batch["segment_ids"] = (1 + np.cumsum(ended_BxL, axis=1) - ended_BxL).astype(np.int32)
         batch["weights"] = (~ended_BxL).astype(np.float32)
+    if mask_BxL1 is not None:
+        batch["weights"] *= mask_BxL1[:, 1:]
+    if sizes_B is not None:
+        batch["segment_ids"] *= np.arange(inputs_BxL.shape[1]) < sizes_B[:, None]
     return batch
 
 
@@ -167,17 +255,23 @@ class LoadBatch:
         drawn = np.array([self.mixture[position] for position in positions], np.int64).reshape(-1, 2)
         length = self.sources[0].length
         window_BxL1 = np.empty((len(drawn), length + 1), np.int64)
-        offsets = np.arange(length + 1)
+        chat = self.sources[0].corpus.chat
+        mask_BxL1, sizes_B = np.zeros_like(window_BxL1, np.float32), np.empty(len(drawn), np.int64)
         for k, source in enumerate(self.sources):
             rows = np.flatnonzero(drawn[:, 0] == k)
             if not len(rows):
                 continue
-            shards, starts = source.locate(drawn[rows, 1])
+            shards, starts, sizes = source.spans(drawn[rows, 1])
+            sizes_B[rows] = sizes
             for shard in np.unique(shards):
                 mine = shards == shard
                 stream = self.cache.stream(source.corpus, source.split, int(shard))
-                window_BxL1[rows[mine]] = stream[starts[mine, None] + offsets]
-        batch = assemble(window_BxL1, self.sources[0].corpus.eos_id, self.segment_ids)
+                window_BxL1[rows[mine]] = read(stream, starts[mine], sizes[mine], length + 1)
+                if chat:
+                    loss_mask = self.cache.loss_mask(source.corpus, source.split, int(shard))
+                    mask_BxL1[rows[mine]] = read(loss_mask, starts[mine], sizes[mine], length + 1)
+        options = dict(mask_BxL1=mask_BxL1, sizes_B=sizes_B) if chat else {}
+        batch = assemble(window_BxL1, self.sources[0].corpus.eos_id, self.segment_ids, **options)
         return batch | {"mask": np.ones(len(drawn), np.float32)}
 
 
@@ -225,11 +319,15 @@ class EvalWindows:
         return self.windows.total
 
     def __getitem__(self, index: int) -> dict[str, np.ndarray]:
-        shards, starts = self.windows.locate(np.array([index]))
-        stream = self.cache.stream(self.windows.corpus, self.windows.split, int(shards[0]))
-        window_1xL1 = stream[starts[0] : starts[0] + self.windows.length + 1][None]
+        corpus, split, width = self.windows.corpus, self.windows.split, self.windows.length + 1
+        shards, starts, sizes = self.windows.spans(np.array([index]))
+        window_1xL1 = read(self.cache.stream(corpus, split, int(shards[0])), starts, sizes, width)
+        options = {}
+        if corpus.chat:
+            mask_1xL1 = read(self.cache.loss_mask(corpus, split, int(shards[0])), starts, sizes, width)
+            options = dict(mask_BxL1=mask_1xL1.astype(np.float32), sizes_B=sizes)
         return {
-            key: value[0] for key, value in assemble(window_1xL1, self.windows.corpus.eos_id, self.segment_ids).items()
+            key: value[0] for key, value in assemble(window_1xL1, corpus.eos_id, self.segment_ids, **options).items()
         }
 
 

@@ -50,6 +50,14 @@ class CorpusTokenizer:
             return self.backend.decode(ids)
         return bytes(i - 1 for i in ids if 0 < i <= 256).decode("utf-8", errors="replace")
 
+    def token(self, index: int) -> str:
+        """The text of one id as a template names it (an end-of-document piece, say); "" for bytes."""
+        if self.kind == "hf":
+            return self.backend.id_to_token(index) or ""
+        if self.kind == "sentencepiece":
+            return self.backend.id_to_piece(index)
+        return ""
+
     @property
     def sha256(self) -> str:
         return hashlib.sha256(self.path.read_bytes()).hexdigest()
