@@ -7,11 +7,10 @@ settings) and GPT-2; Hugging Face checkpoints in and out (research/tools/hf/), f
   python -m research.tools.hf import HF_DIR runs/imported
   python launch.py --config experiments/lm.py:from=runs/imported --workdir runs/tuned
 Expected: `:cpu` is shakespeare_gpt:cpu's budget (nanoGPT's CPU run: 2,000 steps of 12 x 64 characters) for a
-Llama of its size (0.805M parameters: 4 layers of 128, 4 heads, 2 key/value heads, SwiGLU 390, tied
-embeddings): val loss 1.657 vs the GPT's 1.886 in ~3 min on 2 cores (docs/results.md, also `:cpu-FAMILY`, each
-family's block). `:smoke` (1 layer of 64, 150 steps) falls from ln(66) ~ 4.2 to ~3.1. Named sizes (gpt2-124m
-... mixtral-8x7b: research/models/published.py) have the published shapes, parameter counts and batches. Data:
-Tiny Shakespeare windows of model.block_size tokens, or corpora of research.data.prepare (docs/data.md).
+Llama of its size (0.805M parameters: 4 layers of 128, 4 heads, 2 key/value heads, SwiGLU 390, tied embeddings):
+val loss 1.657 vs the GPT's 1.886 in ~3 min on 2 cores (docs/results.md; `:cpu-FAMILY`: each family's block).
+`:smoke` (1 layer of 64, 150 steps): ln(66) ~ 4.2 to ~3.1. Named sizes (research/models/published.py) have the
+published shapes, parameter counts and batches. Data: Tiny Shakespeare, or research.data.prepare's corpora and chats.
 """
 
 from pathlib import Path
@@ -152,7 +151,8 @@ def end_ids(config: ml_collections.ConfigDict) -> tuple[int, ...]:
 
 
 def tokenizer_file(config: ml_collections.ConfigDict) -> str:
-    return config.data.tokenizer if config.data.tokenizer.endswith(".json") else ""
+    path = str(tokenizer_and_splits(config)[0].path) if config.data.prepared else config.data.tokenizer
+    return path if path.endswith(".json") else ""
 
 
 def decode_tokens(config: ml_collections.ConfigDict, ids) -> str:

@@ -70,6 +70,11 @@ def trainer_config() -> ml_collections.ConfigDict:
     config.distill = ml_collections.ConfigDict(
         {"teacher": "", "step": 0, "temperature": 2.0, "kl_weight": 0.5, "loss_weight": 0.5}
     )
+    # Preference optimisation (research/features/preference.py: DPO) on the pairs in `pairs`, a directory of
+    # dpo_train.jsonl and dpo_test.jsonl: beta, the reference run ("": init_from's), + sft_weight x the chosen NLL.
+    config.preference = ml_collections.ConfigDict(
+        {"pairs": "", "beta": 0.1, "reference": "", "sft_weight": 0.0, "chat_template": "chatml"}
+    )
     # Start from another run's parameters (a pre-trained encoder, say): those whose path matches
     # `include` and not `exclude`; the rest keep their random init. step 0 means its latest.
     config.init_from = ml_collections.ConfigDict({"workdir": "", "step": 0, "include": ".*", "exclude": ""})

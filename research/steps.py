@@ -187,7 +187,12 @@ def batch_spec_of(batch: Mapping[str, Any], mesh: Mesh) -> dict[str, jax.ShapeDt
 
 def with_features(config: ml_collections.ConfigDict, experiment: Any, mesh: Mesh) -> Any:
     """The experiment wrapped by the optional features its config turns on (each imported only then, so a
-    feature's module and config keys can go without the core noticing): distillation (research/features/distill.py)."""
+    feature's module and config keys can go without the core noticing): distillation (research/features/distill.py),
+    preference optimisation (research/features/preference.py)."""
+    if "preference" in config and config.preference.pairs:
+        from research.features import preference
+
+        experiment = preference.wrap(config, experiment)
     if "distill" in config and config.distill.teacher:
         from research.features import distill
 

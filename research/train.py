@@ -25,7 +25,7 @@ from research.optim.regularizers import eval_params
 from research.resilience import rollback, slurm, storage, watchdog
 from research.resilience.preemption import PreemptionWatcher
 from research.state import TrainState
-from research.steps import Setup, build
+from research.steps import Setup, build, with_features
 
 PyTree = Any
 
@@ -319,9 +319,11 @@ def open_run(config: ml_collections.ConfigDict, experiment: Any, workdir, mesh: 
     A bad input raises here, before anything is printed."""
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
+    mesh = mesh if mesh is not None else sharding.make_mesh(config.mesh)
+    experiment = with_features(config, experiment, mesh)  # what trains: the experiment as its features wrap it
     train_iterator = iter(experiment.make_data(config, "train"))
     first_batch = next(train_iterator)
-    setup = build(config, experiment, mesh, batch=first_batch)
+    setup = build(config, experiment, mesh, batch=first_batch, features=False)
     run = Run(setup, experiment, workdir, checkpoint.make_manager(workdir, config.checkpoint), train_iterator)
     run.restore(train_iterator, allow_change)
     run.batch = sharding.put_batch(first_batch if run.step == 0 else next(train_iterator), setup.mesh)

@@ -300,15 +300,23 @@ def _token_mask(offsets: Sequence[tuple[int, int]], spans: Sequence[Span]) -> np
 
 
 def encode(
-    tokenizer: CorpusTokenizer, template: str, messages: Sequence[dict], *, index: int | None = None, **special: Any
+    tokenizer: CorpusTokenizer,
+    template: str,
+    messages: Sequence[dict],
+    *,
+    index: int | None = None,
+    last_turn: bool = False,
+    **special: Any,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """A conversation's token ids (int32) and loss mask (True on the assistant's tokens), the whole rendered text
-    tokenized at once (the tokenizer's offsets place the spans); a tokenizer.json or bytes."""
+    """A conversation's token ids (int32) and loss mask (True on the assistant's tokens; `last_turn`: on its last
+    reply only, a preference pair's response), the whole rendered text tokenized at once (the tokenizer's offsets
+    place the spans); a tokenizer.json or bytes."""
     conversation = "conversation" if index is None else f"conversation {index}"
     roles = [message["role"] for message in _checked(messages, index)]
     if "assistant" not in roles:
         raise ConfigError(f"{conversation} has no assistant turn: roles {', '.join(map(str, roles))}")
     text, spans = render(template, messages, index=index, **special)
+    spans = spans[-1:] if last_turn else spans
     ids, offsets = _offsets(tokenizer, text)
     mask = _token_mask(offsets, spans)
     if not mask.any():
