@@ -186,9 +186,8 @@ def load_template(spec: str) -> str:
             f"chat template {spec!r}: give {' or '.join(TEMPLATES)}, a .jinja file, a tokenizer_config.json, "
             "or a checkpoint directory holding one"
         )
-    with _rendering(template):
-        pass  # a syntax error is reported now, not at the first conversation
-    return template
+    with _rendering(template):  # compiled here: a syntax error is reported now, not at the first conversation
+        return template
 
 
 def _from_tokenizer_config(path: Path) -> str:

@@ -14,11 +14,9 @@ unfinished files and a rerun writes byte-identical shards. manifest.json records
 skipped records (missing field, bad JSON, not UTF-8, empty) with reasons, checksums, the tokenizer's hash
 and the command.
 
-Chat data (`--chat_template chatml|llama3|PATH`, research/data/chat.py): JSONL records whose --text_field
-(`messages`) is a conversation; each is rendered with the template and tokenized as one document, and its
-record also holds a byte per token, 1 where the loss counts (the assistant's turns). The template is saved as
-chat_template.jinja beside the shards, and each shard's document lengths as SHARD.lengths.npy (streaming packs
-whole conversations into windows).
+Chat data (`--chat_template chatml|llama3|PATH`, research/data/chat.py): each JSONL record's `messages` rendered and
+tokenized as one document whose record also holds a byte per token, 1 on the assistant's turns (the loss's);
+chat_template.jinja beside the shards, and each shard's document lengths in SHARD.lengths.npy (for packing).
 """
 
 import argparse
@@ -147,10 +145,8 @@ def prepare_file(task: dict) -> dict:
     dtype = np.dtype(task["dtype"])
     names = shard_names(index)
     writers = {split: ArrayRecordWriter(str(output / f"{names[split]}.tmp"), WRITER_OPTIONS) for split in SPLITS}
-    counts = {split: {"documents": 0, "tokens": 0, "characters": 0} for split in SPLITS}
-    if task["chat"]:
-        for split in SPLITS:
-            counts[split]["assistant_tokens"] = 0
+    chat_counts = {"assistant_tokens": 0} if task["chat"] else {}
+    counts = {split: {"documents": 0, "tokens": 0, "characters": 0} | chat_counts for split in SPLITS}
     skipped: dict[str, int] = {}
     batch: list[tuple[str, str | list, int]] = []
 
@@ -378,18 +374,10 @@ def write_manifest(output: Path, tasks: list[dict], tokenizer, dtype: str, comma
     for entry in stats:
         for reason, count in entry["skipped"].items():
             skipped[reason] = skipped.get(reason, 0) + count
+    counted = [key for key in stats[0]["shards"]["train"] if key not in ("path", "sha256")]  # documents, tokens...
     splits = {
-        split: {
-            "documents": sum(entry["shards"][split]["documents"] for entry in stats),
-            "tokens": sum(entry["shards"][split]["tokens"] for entry in stats),
-            "characters": sum(entry["shards"][split]["characters"] for entry in stats),
-            **(
-                {"assistant_tokens": sum(entry["shards"][split]["assistant_tokens"] for entry in stats)}
-                if stats and "assistant_tokens" in stats[0]["shards"][split]
-                else {}
-            ),
-            "shards": [entry["shards"][split] for entry in stats],
-        }
+        split: {key: sum(entry["shards"][split][key] for entry in stats) for key in counted}
+        | {"shards": [entry["shards"][split] for entry in stats]}
         for split in SPLITS
     }
     manifest = {

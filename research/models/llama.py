@@ -1,9 +1,9 @@
 """The decoder family: Llama (Touvron et al. 2023; Llama 3, Grattafiori et al. 2024) and the models that
 differ from it by settings, not by structure: Qwen2/2.5 (q/k/v biases), Qwen3 (QK-norm, a head width of its
 own), Mistral (sliding-window attention) and Gemma 1-3 (Gemma Team 2024, 2024b, 2025: GeGLU, RMSNorm with
-(1 + w), embeddings scaled by sqrt(width), norms after each sub-block too, soft-capped attention and final
-logits, local and global layers with rotary bases of their own, a query scale of their own); Mixtral and
-Qwen3-MoE replace each MLP by a mixture of experts (research/models/moe.py).
+(1 + w), embeddings scaled by sqrt(width), norms after each sub-block too, soft-capped attention and final logits,
+local and global layers with rotary bases and query scales of their own); Mixtral and Qwen3-MoE replace each MLP
+by a mixture of experts (research/models/moe.py).
 
 Token embedding, `num_layers` pre-norm blocks, a final RMSNorm and an output head that is either its own
 bias-free Dense (`lm_head`) or the embedding transposed (`tie_embeddings`). A block is RMSNorm -> causal
@@ -20,8 +20,7 @@ kind inside it (lax.switch); False gives one subtree per block ("layers_0", ...)
 every block (research/models/transformer.py's policies). Compute runs in `dtype`; parameters stay in
 `param_dtype`; norms and logits are float32.
 
-Legend: B batch, L sequence length, D width, V vocabulary, H query heads, K key/value heads,
-Dh head width, S cache slots.
+Legend: B batch, L sequence length, D width, V vocabulary, H query heads, K key/value heads, Dh head width, S slots.
 """
 
 import dataclasses
@@ -151,9 +150,8 @@ class LlamaBlock(nn.Module):
         else:
             gate = nn.Dense(self.mlp_dim, kernel_init=init, name="gate_proj", **dense)(h_BxLxD)
             up = nn.Dense(self.mlp_dim, kernel_init=init, name="up_proj", **dense)(h_BxLxD)
-            down_BxLxD = nn.Dense(width, kernel_init=output_init, name="down_proj", **dense)(
-                ACTIVATIONS[self.activation](gate) * up
-            )
+            hidden = ACTIVATIONS[self.activation](gate) * up
+            down_BxLxD = nn.Dense(width, kernel_init=output_init, name="down_proj", **dense)(hidden)
         if self.post_norms:
             down_BxLxD = norm(name="post_feedforward_layernorm")(down_BxLxD)
         return x_BxLxD + down_BxLxD, cache
