@@ -80,7 +80,10 @@ class Preference:
         path = Path(self.settings.pairs) / f"dpo_{'train' if split == 'train' else 'test'}.jsonl"
         if not path.is_file():
             raise ConfigError(f"preference.pairs: no {path} (python -m research.data.chat_task makes an example)")
-        columns = self.encode(read_pairs(path), config.model.block_size)
+        length = experiment.hook(self.inner, "tokens_per_example")  # a sequence's tokens: the window a pair fills
+        if length is None:
+            raise ConfigError("preference.pairs: the experiment has no tokens_per_example hook (its sequence length)")
+        columns = self.encode(read_pairs(path), length(config))
         count = len(columns["inputs"])
         columns |= {"beta": np.full(count, self.settings.beta, np.float32)}
         columns |= {"sft_weight": np.full(count, self.settings.sft_weight, np.float32)}
@@ -100,7 +103,8 @@ class Preference:
                 ids, mask = chat.encode(self.tokenizer, self.template, messages, index=index, last_turn=True, **special)
                 if len(ids) > length + 1:
                     raise ConfigError(
-                        f"pair {index}'s {side} conversation is {len(ids)} tokens: raise model.block_size"
+                        f"pair {index}'s {side} conversation is {len(ids)} tokens, over {length} + 1: raise the "
+                        "experiment's sequence length (lm: model.block_size)"
                     )
                 window, weights = np.zeros(length + 1, np.int32), np.zeros(length + 1, np.float32)
                 window[: len(ids)], weights[: len(ids)] = ids, mask
