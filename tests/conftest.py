@@ -108,6 +108,33 @@ def load_experiment(name: str):
     return experiment.load(EXPERIMENTS_DIR / f"{name}.py")
 
 
+def perturbed(reference, noise: float):
+    """A transformers model with seeded noise of scale `noise` on every parameter (norms away from 1, biases from
+    0, experts unlike each other), in eval mode: a reference whose every weight matters."""
+    import torch  # the test extra; only the Hugging Face tests ask for it
+
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for parameter in reference.parameters():
+            parameter.add_(torch.randn_like(parameter) * noise)
+    return reference.eval()
+
+
+def mesh_losses(module, config, mesh_axes: dict, steps_count: int = 4) -> np.ndarray:
+    """Per-step training losses of `config` on a mesh of `mesh_axes` over the first devices, from a fresh state."""
+    from research import sharding, steps
+
+    config.mesh.update(mesh_axes)
+    mesh = sharding.make_mesh(mesh_axes, jax.devices()[: int(np.prod(list(mesh_axes.values())))])
+    batches = iter(module.make_data(config, "train"))
+    setup = steps.build(config, module, mesh)
+    state, losses = setup.init_state(), []
+    for _ in range(steps_count):
+        state, metrics = setup.train_step(state, sharding.put_batch(next(batches), mesh))
+        losses.append(float(metrics["loss"]))
+    return np.array(losses)
+
+
 def smoke_config(name: str, data_dir: str, **overrides):
     """(module, config): experiments/NAME.py's :smoke config on the session's data, with `overrides`."""
     module = load_experiment(name)

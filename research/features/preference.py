@@ -68,6 +68,7 @@ class Preference:
         self.tokenizer = tokenizer_lib.load(path.parent)
         beside = path.parent / chat.TEMPLATE_FILE
         self.template = beside.read_text() if beside.is_file() else chat.load_template(self.settings.chat_template)
+        self.columns: dict[Path, dict[str, np.ndarray]] = {}  # per file: validation and test read the same one
 
     def __getattr__(self, name: str) -> Any:
         value = getattr(self.inner, name)
@@ -80,6 +81,17 @@ class Preference:
         path = Path(self.settings.pairs) / f"dpo_{'train' if split == 'train' else 'test'}.jsonl"
         if not path.is_file():
             raise ConfigError(f"preference.pairs: no {path} (python -m research.data.chat_task makes an example)")
+        if path not in self.columns:  # encoded and scored by the reference once per file
+            self.columns[path] = self.scored(config, path)
+        columns = self.columns[path]
+        count = len(columns["inputs"])
+        if split == "train":
+            return pipeline.array_batches(columns, batch_size=config.batch_size, seed=config.seed)
+        examples = [{name: value[i] for name, value in columns.items()} for i in range(count)]
+        return pipeline.eval_batches(examples, batch_size=config.eval_batch_size)
+
+    def scored(self, config: ml_collections.ConfigDict, path: Path) -> dict[str, np.ndarray]:
+        """The file's pairs encoded, with the settings and the reference's log-probabilities beside them."""
         length = experiment.hook(self.inner, "tokens_per_example")  # a sequence's tokens: the window a pair fills
         if length is None:
             raise ConfigError("preference.pairs: the experiment has no tokens_per_example hook (its sequence length)")
@@ -87,11 +99,7 @@ class Preference:
         count = len(columns["inputs"])
         columns |= {"beta": np.full(count, self.settings.beta, np.float32)}
         columns |= {"sft_weight": np.full(count, self.settings.sft_weight, np.float32)}
-        columns |= reference_logps(config, self.inner, columns)
-        if split == "train":
-            return pipeline.array_batches(columns, batch_size=config.batch_size, seed=config.seed)
-        examples = [{name: value[i] for name, value in columns.items()} for i in range(count)]
-        return pipeline.eval_batches(examples, batch_size=config.eval_batch_size)
+        return columns | reference_logps(config, self.inner, columns)
 
     def encode(self, rows: list[dict], length: int) -> dict[str, np.ndarray]:
         """Each side's inputs, targets and weights (its reply's tokens), padded to `length` + 1 tokens."""

@@ -9,8 +9,8 @@ import pytest
 import torch  # the reference implementation (the test extra)
 import transformers
 
-from conftest import assert_trees_close, load_experiment, smoke_config
-from research import perf, sharding, steps
+from conftest import assert_trees_close, load_experiment, mesh_losses, smoke_config
+from research import perf, steps
 from research.errors import ConfigError
 from research.models import param_count, published
 from research.tools.hf import convert as hf
@@ -115,15 +115,7 @@ def test_chunked_loss_equals_the_loss_and_its_gradients(data_dir, family):
 
 def losses_on(mesh_axes: dict, data_dir: str, steps_count: int = 4) -> np.ndarray:
     module, config = smoke_config("lm", data_dir, **{"model.num_layers": 2, "model.scan_layers": True})
-    config.mesh.update(mesh_axes)
-    mesh = sharding.make_mesh(mesh_axes, jax.devices()[: int(np.prod(list(mesh_axes.values())))])
-    batches = iter(module.make_data(config, "train"))
-    setup = steps.build(config, module, mesh)
-    state, losses = setup.init_state(), []
-    for _ in range(steps_count):
-        state, metrics = setup.train_step(state, sharding.put_batch(next(batches), mesh))
-        losses.append(float(metrics["loss"]))
-    return np.array(losses)
+    return mesh_losses(module, config, mesh_axes, steps_count)
 
 
 @pytest.mark.slow

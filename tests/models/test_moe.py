@@ -8,8 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import assert_trees_close, load_experiment, restored_state, train_losses
-from research import experiment, sharding, steps, train
+from conftest import assert_trees_close, load_experiment, mesh_losses, restored_state, train_losses
+from research import experiment, sharding, train
 from research.errors import ConfigError
 from research.models import moe
 
@@ -169,15 +169,7 @@ def losses_on(mesh_axes: dict, data_dir: str, steps_count: int = 4, **overrides)
     """Per-step losses of :smoke-mixtral (2 scanned layers, the balancing and z-losses on) on a mesh of those axes."""
     config = smoke_mixtral(data_dir, **{"model.num_layers": 2, "model.scan_layers": True, "model.moe_z_weight": 1e-3})
     config.update_from_flattened_dict(overrides)
-    config.mesh.update(mesh_axes)
-    mesh = sharding.make_mesh(mesh_axes, jax.devices()[: int(np.prod(list(mesh_axes.values())))])
-    batches = iter(lm.make_data(config, "train"))
-    setup = steps.build(config, lm, mesh)
-    state, losses = setup.init_state(), []
-    for _ in range(steps_count):
-        state, metrics = setup.train_step(state, sharding.put_batch(next(batches), mesh))
-        losses.append(float(metrics["loss"]))
-    return np.array(losses)
+    return mesh_losses(lm, config, mesh_axes, steps_count)
 
 
 @pytest.mark.slow

@@ -14,6 +14,7 @@ import pytest
 import torch  # the reference implementation (the test extra)
 import transformers
 
+from conftest import perturbed
 from research.errors import ConfigError
 from research.inference.generate import Sampling, generate
 from research.models import param_count, published
@@ -63,15 +64,6 @@ MODEL_TYPES = {"qwen2": "qwen2", "qwen3": "qwen3", "mistral": "mistral"}
 MODEL_TYPES |= {"gemma": "gemma", "gemma2": "gemma2", "gemma3": "gemma3_text", "gemma3 one rope": "gemma3_text"}
 
 
-def perturbed(reference):
-    """`reference` with seeded noise on every parameter (norm weights and biases start at 0 or 1 otherwise)."""
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for parameter in reference.parameters():
-            parameter.add_(torch.randn_like(parameter) * NOISE)
-    return reference.eval()
-
-
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     """name -> (transformers model, the directory it saved itself to), each built once per module."""
@@ -81,7 +73,7 @@ def checkpoints(tmp_path_factory):
         if name not in made:
             config_class, model_class, options = REFERENCES[name]
             torch.manual_seed(0)
-            reference = perturbed(model_class(config_class(**SHAPE, **json.loads(json.dumps(options)))))
+            reference = perturbed(model_class(config_class(**SHAPE, **json.loads(json.dumps(options)))), NOISE)
             directory = tmp_path_factory.mktemp(name)
             reference.save_pretrained(directory)
             made[name] = reference, directory
@@ -131,7 +123,7 @@ def test_gemma3_image_and_text_checkpoint_is_read_as_its_text_decoder(tmp_path):
     vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28)
     config = transformers.Gemma3Config(text_config=text, vision_config=vision | dict(patch_size=14))
     torch.manual_seed(0)
-    reference = perturbed(transformers.Gemma3ForConditionalGeneration(config))
+    reference = perturbed(transformers.Gemma3ForConditionalGeneration(config), NOISE)
     reference.save_pretrained(tmp_path)
     model, params = hf.from_hf(tmp_path)
     assert float(np.abs(our_logits(model, params) - torch_logits(reference)).max()) <= 1e-4

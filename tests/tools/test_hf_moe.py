@@ -15,7 +15,7 @@ import pytest
 import torch  # the reference implementation (the test extra)
 import transformers
 
-from conftest import python
+from conftest import perturbed, python
 from research.errors import ConfigError
 from research.inference.generate import Sampling, generate
 from research.models import param_count, published
@@ -45,15 +45,6 @@ REFERENCES = {  # model_type: (config class, model class, the family's settings)
 }
 
 
-def perturbed(reference):
-    """`reference` with seeded noise on every parameter: experts unlike each other, norms away from 1."""
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for parameter in reference.parameters():
-            parameter.add_(torch.randn_like(parameter) * NOISE)
-    return reference.eval()
-
-
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     """model_type -> (transformers model, the directory it saved itself to), each built once per module."""
@@ -63,7 +54,7 @@ def checkpoints(tmp_path_factory):
         if name not in made:
             config_class, model_class, options = REFERENCES[name]
             torch.manual_seed(0)
-            reference = perturbed(model_class(config_class(**SHAPE, **options)))
+            reference = perturbed(model_class(config_class(**SHAPE, **options)), NOISE)
             directory = tmp_path_factory.mktemp(name)
             reference.save_pretrained(directory)
             made[name] = reference, directory
