@@ -227,8 +227,8 @@ def _features_or_logits(params, batch, rng, model, hidden: bool):
     """(logits or features, what the experts' routers sowed: {} for a dense model)."""
     if isinstance(model, gpt.GPT):
         return apply_with_dropout(model, {"params": params}, batch["inputs"], rng=rng, return_hidden=hidden), {}
-    segments = batch.get("segment_ids")  # documents packed into a window, where the data marks them
-    options = dict(segment_ids_BxL=segments, return_hidden=hidden, mutable=[moe.COLLECTION])
+    rngs = None if rng is None else {"dropout": rng}  # the decoder has none; adapters on it may (lora.dropout)
+    options = dict(segment_ids_BxL=batch.get("segment_ids"), return_hidden=hidden, mutable=[moe.COLLECTION], rngs=rngs)
     return model.apply({"params": params}, batch["inputs"], **options)
 
 

@@ -24,6 +24,7 @@ import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
+import optax
 from absl import flags
 
 from research.config import OPEN_SECTIONS
@@ -90,6 +91,15 @@ class Hooks(Protocol):
 
     def hf_layout(self, config: ml_collections.ConfigDict) -> str:
         """The Hugging Face model_type (a key of research/tools/hf/'s LAYOUTS) that export writes its model as."""
+
+    def make_tx(self, config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+        """The optimizer; without it, research/optim's make_tx(config) (LoRA's trains its adapters only)."""
+
+    def param_rules(self, config: ml_collections.ConfigDict) -> tuple:
+        """The parameters' sharding rules; without it, config.param_rules (LoRA's adds its adapters')."""
+
+    def trainable(self, params) -> Any:
+        """Whether each parameter gets a gradient (a tree of bools); without it, all do (the dry run counts them)."""
 
     def loaded_variables(self, abstract_model_state: dict) -> dict:
         """Model-state collections loaded from elsewhere once the state is initialised, as arrays placed like

@@ -185,10 +185,17 @@ def batch_spec_of(batch: Mapping[str, Any], mesh: Mesh) -> dict[str, jax.ShapeDt
     return spec
 
 
-def with_features(config: ml_collections.ConfigDict, experiment: Any, mesh: Mesh) -> Any:
+def with_features(config: ml_collections.ConfigDict, experiment: Any, mesh: Mesh, training: bool = True) -> Any:
     """The experiment wrapped by the optional features its config turns on (each imported only then, so a
-    feature's module and config keys can go without the core noticing): distillation (research/features/distill.py),
-    preference optimisation (research/features/preference.py)."""
+    feature's module and config keys can go without the core noticing): low-rank adapters (research/features/
+    lora.py: they change the model, so prediction has them too), and in `training` only distillation
+    (research/features/distill.py) and preference optimisation (research/features/preference.py)."""
+    if "lora" in config and config.lora.rank:
+        from research.features import lora
+
+        experiment = lora.wrap(config, experiment)
+    if not training:
+        return experiment
     if "preference" in config and config.preference.pairs:
         from research.features import preference
 
@@ -200,32 +207,45 @@ def with_features(config: ml_collections.ConfigDict, experiment: Any, mesh: Mesh
     return experiment
 
 
+def folded(config: ml_collections.ConfigDict, params: PyTree) -> tuple[ml_collections.ConfigDict, PyTree]:
+    """(config, params) of the experiment's own model: a feature that added parameters folds them into it (LoRA's
+    adapters merged into their kernels); otherwise `config` and `params` themselves."""
+    if "lora" in config and config.lora.rank:
+        from research.features import lora
+
+        return lora.merged(config, params)
+    return config, params
+
+
 def build(
     config: ml_collections.ConfigDict,
     experiment: Any,
     mesh: Mesh | None = None,
     batch: Mapping | None = None,
     features: bool = True,
+    wrapped: bool = False,
 ) -> Setup:
     """The `Setup` of `experiment` under `config` on `mesh` (default: the config's). `batch` (numpy or
     ShapeDtypeStructs, this process's slice) gives the training batch's shapes; default: the first
-    batch of `make_data(config, "train")`. `features` False: the experiment alone, without the features
-    that wrap its training (`with_features`), as prediction and a teacher use a trained model."""
+    batch of `make_data(config, "train")`. `features` False: without the features that wrap its training
+    (`with_features`; those that change the model stay), as prediction and a teacher use a trained model.
+    `wrapped`: `experiment` is already as `with_features` wraps it (the loop reads its data first)."""
     mesh = mesh if mesh is not None else sharding.make_mesh(config.mesh)
     check_batch(config, mesh)
-    experiment = with_features(config, experiment, mesh) if features else experiment
+    experiment = experiment if wrapped else with_features(config, experiment, mesh, training=features)
     model = experiment.make_model(config)
     bound_loss = functools.partial(experiment.loss_fn, model=model)
     eval_fn = hook(experiment, "eval_fn")
     eval_fn = functools.partial(eval_fn, model=model) if eval_fn else loss_as_eval_fn(bound_loss)
     loss_fn = penalized(bound_loss, config.optimizer)
     init_variables = functools.partial(hook(experiment, "init_variables", default_init_variables), model)
-    tx = make_tx(config)
+    tx = hook(experiment, "make_tx", make_tx)(config)
     batch = next(iter(experiment.make_data(config, "train"))) if batch is None else batch
     batch_spec = batch_spec_of(batch, mesh)
     create = functools.partial(initial_state, init_variables=init_variables, tx=tx, batch_spec=batch_spec)
     shapes = jax.eval_shape(create, jax.random.PRNGKey(0))
-    shardings = sharding.state_shardings(shapes, mesh, config.param_rules)
+    rules = hook(experiment, "param_rules", lambda config: config.param_rules)(config)
+    shardings = sharding.state_shardings(shapes, mesh, rules)
     abstract_state = jax.tree.map(
         lambda leaf, where: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=where), shapes, shardings
     )

@@ -323,7 +323,7 @@ def open_run(config: ml_collections.ConfigDict, experiment: Any, workdir, mesh: 
     experiment = with_features(config, experiment, mesh)  # what trains: the experiment as its features wrap it
     train_iterator = iter(experiment.make_data(config, "train"))
     first_batch = next(train_iterator)
-    setup = build(config, experiment, mesh, batch=first_batch, features=False)
+    setup = build(config, experiment, mesh, batch=first_batch, wrapped=True)
     run = Run(setup, experiment, workdir, checkpoint.make_manager(workdir, config.checkpoint), train_iterator)
     run.restore(train_iterator, allow_change)
     run.batch = sharding.put_batch(first_batch if run.step == 0 else next(train_iterator), setup.mesh)

@@ -26,7 +26,7 @@ from research.errors import ConfigError
 from research.experiment import hook
 from research.inference.generate import Sampling, timed_generate
 from research.state import TrainState
-from research.steps import Setup, build
+from research.steps import Setup, build, folded
 from research.train import accumulate
 
 PyTree = Any
@@ -77,8 +77,11 @@ class Run:
         return experiment.logits_of(self.module, self.model, self.variables if variables is None else variables, inputs)
 
 
-def load_run(workdir: str | Path, experiments_dir: str | Path = "experiments", which: str = "latest") -> Run:
-    """The run in `workdir` at the checkpoint `which` names ("latest", "best" or a step number), on one device."""
+def load_run(
+    workdir: str | Path, experiments_dir: str | Path = "experiments", which: str = "latest", merge: bool = True
+) -> Run:
+    """The run in `workdir` at the checkpoint `which` names ("latest", "best" or a step number), on one device;
+    `merge`: as the experiment's own model (LoRA's adapters folded into its kernels), else as trained."""
     workdir = Path(workdir)
     name, module, config = experiment.saved_run(workdir, experiments_dir)
     directory = workdir.absolute() / checkpoint.CHECKPOINT_DIR
@@ -90,8 +93,14 @@ def load_run(workdir: str | Path, experiments_dir: str | Path = "experiments", w
     step = checkpoint.choose_step(directory, which, config.checkpoint)
     batch = next(iter(module.make_data(config, "train")))  # the shapes of the abstract state
     mesh = sharding.make_mesh({"data": 1}, jax.devices()[:1])
-    setup = build(config, module, mesh, batch=batch, features=False)  # the model alone: no teacher to load
+    setup = build(config, module, mesh, batch=batch, features=False)  # as trained (with adapters), no teacher
     state = trained_run.weights(directory, step, setup.abstract_state, config.optimizer.name)
+    if merge:  # a feature's own parameters (LoRA's adapters) folded into the experiment's model
+        plain, params = folded(config, state.params)
+        if plain is not config:
+            config, setup = plain, build(plain, module, mesh, batch=batch, features=False)
+            opt_state = jax.jit(setup.tx.init, out_shardings=setup.state_shardings.opt_state)(params)
+            state = state.replace(params=params, opt_state=opt_state)  # a state of the plain setup's shape
     inputs = setup.batch_spec["inputs"]
     return Run(name, module, config, setup, state, jax.ShapeDtypeStruct(inputs.shape[1:], inputs.dtype))
 

@@ -322,7 +322,7 @@ class Llama(nn.Module):
             stack = nn.scan(
                 block,
                 variable_axes={"params": 0, attention.ATTENTION_COLLECTION: 0, moe.COLLECTION: 0},  # sown: per layer
-                split_rngs={"params": True},
+                split_rngs={"params": True, "dropout": True},  # dropout: a LoRA adapter's (research/features)
                 in_axes=(nn.broadcast, nn.broadcast, 0, 0),
                 length=self.num_layers,
             )

@@ -30,7 +30,7 @@ from research import perf, sharding
 from research.experiment import DecoderShape, hook
 from research.models import kernels, param_count
 from research.models.transformer import REMAT_RECOMPUTE
-from research.steps import build
+from research.steps import build, with_features
 from research.tools import hlo, targets
 
 GIB = 2**30
@@ -150,10 +150,12 @@ def per_device_bytes(tree) -> float:
 def analytic_memory(config: ml_collections.ConfigDict, experiment, setup) -> dict[str, float]:
     """Per-device bytes from the shardings (exact) and the experiment's activation model (an estimate)."""
     state = setup.abstract_state
+    trainable = hook(with_features(config, experiment, setup.mesh, training=False), "trainable")
+    trained = jax.tree.leaves(trainable(state.params)) if trainable else [True] * len(jax.tree.leaves(state.params))
     memory = {
         "parameters": per_device_bytes(state.params),
         "optimizer state": per_device_bytes(state.opt_state),
-        "gradients": per_device_bytes(state.params),
+        "gradients": per_device_bytes([leaf for leaf, t in zip(jax.tree.leaves(state.params), trained) if t]),
         "batch": per_device_bytes(setup.batch_spec),
     }
     decoder = perf.decoder_of(config, experiment)

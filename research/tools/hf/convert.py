@@ -42,12 +42,17 @@ def read_checkpoint(directory: str | Path) -> tuple[dict, dict[str, np.ndarray]]
         raise ConfigError(f"{directory}: no {SINGLE} or {INDEX} (only safetensors checkpoints are read)")
     tensors = {}
     for name in files:
-        tensors.update(
-            {key: np.asarray(value) for key, value in safetensors_jax.load_file(str(directory / name)).items()}
-        )
+        tensors.update(load_file(directory / name))
     if config.get("model_type") in DECODER_OF:  # Gemma3ForConditionalGeneration: its text decoder
         return DECODER_OF[config["model_type"]](config, tensors)
     return config, tensors
+
+
+def load_file(path: Path) -> dict[str, np.ndarray]:
+    """{name: array} of one safetensors file (a one-line error when there is none)."""
+    if not Path(path).is_file():
+        raise ConfigError(f"no {path} (only safetensors files are read)")
+    return {key: np.asarray(value) for key, value in safetensors_jax.load_file(str(path)).items()}
 
 
 def layout_of(config: Mapping[str, Any]) -> Layout:
@@ -134,7 +139,7 @@ def parse_size(text: str) -> int:
     return int(float(match[1]) * {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9}[match[2] or "B"])
 
 
-def _save(tensors: Mapping[str, np.ndarray], path: Path) -> None:
+def save(tensors: Mapping[str, np.ndarray], path: Path) -> None:
     metadata = {"format": "pt"}  # transformers reads safetensors files marked as torch's
     safetensors_jax.save_file({name: jnp.asarray(array) for name, array in tensors.items()}, str(path), metadata)
 
@@ -152,12 +157,12 @@ def write_checkpoint(directory: str | Path, config: dict, tensors: Mapping[str, 
         shards[-1][name] = array
         size += array.nbytes
     if len(shards) == 1:
-        _save(shards[0], directory / SINGLE)
+        save(shards[0], directory / SINGLE)
     else:
         weight_map = {}
         for number, shard in enumerate(shards, 1):
             file = f"model-{number:05d}-of-{len(shards):05d}.safetensors"
-            _save(shard, directory / file)
+            save(shard, directory / file)
             weight_map |= {name: file for name in shard}
         total = sum(array.nbytes for array in tensors.values())
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
