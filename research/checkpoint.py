@@ -18,6 +18,7 @@ import jax
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
 from orbax.checkpoint import checkpoint_managers as policies
 
 from research.errors import ConfigError
@@ -218,8 +219,14 @@ def choose_step(directory: str | Path, which: str, checkpoint_config: ml_collect
     `checkpoint.best_metric` and `.best_mode`) or a step number."""
     directory = Path(directory).absolute()
     best_metric = checkpoint_config.best_metric
-    options = ocp.CheckpointManagerOptions(read_only=True, **_ranking(checkpoint_config))
-    with ocp.CheckpointManager(directory, options=options) as manager:
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity(logging.ERROR)  # orbax warns that a read-only checkpoint directory is read-only
+    try:
+        options = ocp.CheckpointManagerOptions(read_only=True, **_ranking(checkpoint_config))
+        manager = ocp.CheckpointManager(directory, options=options)
+    finally:
+        logging.set_verbosity(verbosity)
+    with manager:
         steps = sorted(manager.all_steps())
         if not steps:
             raise ConfigError(f"no checkpoints in {directory}")

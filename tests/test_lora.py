@@ -103,7 +103,9 @@ def test_the_dry_run_counts_optimizer_state_and_gradients_of_the_adapters_only(d
     per_layer = 4 * (2 * (64 + 64) + 2 * (64 + 32) + 2 * (64 + 176) + (176 + 64))  # rank x (in + out), 7 projections
     adapters = 2 * per_layer
     assert full["gradients"] == 4 * adapters
-    assert full["optimizer state"] < 2 * 4 * adapters + 1024 < without["optimizer state"] / 8  # rank 4 of width 64: ~10 %
+    assert (
+        full["optimizer state"] < 2 * 4 * adapters + 1024 < without["optimizer state"] / 8
+    )  # rank 4 of width 64: ~10 %
 
 
 def test_bad_settings_are_one_line(data_dir):

@@ -92,7 +92,7 @@ class Teacher:
 
 def load_teacher(config: ml_collections.ConfigDict, student: ModuleType, mesh) -> Teacher:
     """The teacher `config.distill` names, its experiment found beside the student's, built on `mesh`."""
-    from research.steps import build  # the core builds the teacher as it builds any run; it never imports this
+    from research.steps import build, with_features  # the core builds the teacher as any run; never imports this
 
     settings = config.distill
     if settings.temperature <= 0 or settings.kl_weight < 0 or settings.loss_weight < 0:
@@ -108,7 +108,8 @@ def load_teacher(config: ml_collections.ConfigDict, student: ModuleType, mesh) -
     _, step = trained_run.saved_step(workdir, settings.step, "distill.teacher")
     with teacher_config.unlocked():  # shapes only: the teacher's batch is the student's size on the student's mesh
         teacher_config.batch_size, teacher_config.optimizer.accumulate_steps = config.batch_size, 1
-    return Teacher(workdir, step, module, build(teacher_config, module, mesh, features=False))
+    module = with_features(teacher_config, module, mesh, training=False)  # a LoRA teacher predicts with its adapters
+    return Teacher(workdir, step, module, build(teacher_config, module, mesh, wrapped=True))
 
 
 def _weights(batch: dict, shape: tuple) -> jax.Array:

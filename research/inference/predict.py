@@ -26,7 +26,7 @@ from research.errors import ConfigError
 from research.experiment import hook
 from research.inference.generate import Sampling, timed_generate
 from research.state import TrainState
-from research.steps import Setup, build, folded
+from research.steps import Setup, build, folded, with_features
 from research.train import accumulate
 
 PyTree = Any
@@ -95,12 +95,13 @@ def load_run(
     mesh = sharding.make_mesh({"data": 1}, jax.devices()[:1])
     setup = build(config, module, mesh, batch=batch, features=False)  # as trained (with adapters), no teacher
     state = trained_run.weights(directory, step, setup.abstract_state, config.optimizer.name)
-    if merge:  # a feature's own parameters (LoRA's adapters) folded into the experiment's model
-        plain, params = folded(config, state.params)
-        if plain is not config:
-            config, setup = plain, build(plain, module, mesh, batch=batch, features=False)
-            opt_state = jax.jit(setup.tx.init, out_shardings=setup.state_shardings.opt_state)(params)
-            state = state.replace(params=params, opt_state=opt_state)  # a state of the plain setup's shape
+    plain, params = folded(config, state.params)  # a feature's own parameters (LoRA's adapters) folded into its model
+    if plain is not config and merge:
+        config, setup = plain, build(plain, module, mesh, batch=batch, features=False)
+        opt_state = jax.jit(setup.tx.init, out_shardings=setup.state_shardings.opt_state)(params)
+        state = state.replace(params=params, opt_state=opt_state)  # a state of the plain setup's shape
+    elif plain is not config:  # predictions through the feature that wraps the model
+        module = with_features(config, module, mesh, training=False)
     inputs = setup.batch_spec["inputs"]
     return Run(name, module, config, setup, state, jax.ShapeDtypeStruct(inputs.shape[1:], inputs.dtype))
 
