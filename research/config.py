@@ -76,9 +76,10 @@ def trainer_config() -> ml_collections.ConfigDict:
         {"pairs": "", "beta": 0.1, "reference": "", "sft_weight": 0.0, "chat_template": "chatml"}
     )
     # Low-rank adapters (research/features/lora.py) of rank `rank` (0: off) on the dense layers whose module path
-    # matches `targets`, scaled by alpha / rank, their input dropped at `dropout`; the rest of the model frozen.
+    # matches `targets`, scaled by alpha / rank, their input dropped at `dropout`; the rest of the model frozen but
+    # the parameters `also_train` names (a regex over their paths, "": none), trained in full.
     config.lora = ml_collections.ConfigDict(
-        {"rank": 0, "alpha": 16.0, "dropout": 0.0, "targets": r"(q|k|v|o|gate|up|down)_proj$"}
+        {"rank": 0, "alpha": 16.0, "dropout": 0.0, "targets": r"(q|k|v|o|gate|up|down)_proj$", "also_train": ""}
     )
     # Start from another run's parameters (a pre-trained encoder, say): those whose path matches
     # `include` and not `exclude`; the rest keep their random init. step 0 means its latest.

@@ -1,6 +1,6 @@
 """research/features/lora.py: adapters that start as the model and merge into it, a frozen base with no optimizer
-state and no gradient, sharded like the kernels they adapt (8 fake devices equal one), the dry run's optimizer-state
-saving, bad settings as one line, and a resumed LoRA run bitwise."""
+state and no gradient (but what lora.also_train names), sharded like the kernels they adapt (8 fake devices equal
+one), the dry run's optimizer-state saving, bad settings as one line, and a resumed LoRA run bitwise."""
 
 import jax
 import numpy as np
@@ -103,9 +103,12 @@ def test_the_dry_run_counts_optimizer_state_and_gradients_of_the_adapters_only(d
     per_layer = 4 * (2 * (64 + 64) + 2 * (64 + 32) + 2 * (64 + 176) + (176 + 64))  # rank x (in + out), 7 projections
     adapters = 2 * per_layer
     assert full["gradients"] == 4 * adapters
-    assert (
-        full["optimizer state"] < 2 * 4 * adapters + 1024 < without["optimizer state"] / 8
-    )  # rank 4 of width 64: ~10 %
+    # rank 4 of width 64: the adapters are ~10 % of the model
+    assert full["optimizer state"] < 2 * 4 * adapters + 1024 < without["optimizer state"] / 8
+    module, also = adapted(data_dir, **{"lora.also_train": "embed_tokens"})  # trained in full beside the adapters
+    setup = one_device(also, module)
+    embedding = named_leaves(setup.abstract_state.params)["embed_tokens/embedding"]
+    assert dry_run.analytic_memory(also, module, setup)["gradients"] == 4 * (adapters + np.prod(embedding.shape))
 
 
 def test_bad_settings_are_one_line(data_dir):

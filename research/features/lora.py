@@ -13,9 +13,11 @@ itself. The adapters are parameters in the module they adapt (`layers/q_proj/lor
 whatever the model's param_dtype, stacked like the kernel under nn.scan and sharded like it: A takes the
 kernel's input axis, B its output axis (`param_rules`). The model's own parameters are frozen: the loss sees
 them through stop_gradient (no weight gradients are computed) and the optimizer (`make_tx`) updates the adapters
-only, keeping no state for the rest. Prediction and export merge the adapters into the kernels (`merged`): W +
-(alpha / rank) A B, a plain model of the experiment's; research/tools/hf/peft.py writes and reads them as PEFT's
-adapter_config.json + adapter_model.safetensors.
+only, keeping no state for the rest; `lora.also_train` names parameters trained in full beside them (PEFT's
+modules_to_save: the embeddings, when the chat template's tokens are new to the base model). Prediction and
+export merge the adapters into the kernels (`merged`): W + (alpha / rank) A B, a plain model of the
+experiment's; research/tools/hf/peft.py writes and reads them as PEFT's adapter_config.json +
+adapter_model.safetensors.
 """
 
 import re
@@ -79,11 +81,9 @@ def interceptor(settings: ml_collections.ConfigDict, targets: re.Pattern, adapte
     return intercept
 
 
-def frozen(params: PyTree) -> PyTree:
-    """The parameters with the model's own behind stop_gradient: only the adapters get gradients."""
-    return jax.tree_util.tree_map_with_path(
-        lambda path, leaf: leaf if is_adapter(path) else jax.lax.stop_gradient(leaf), params
-    )
+def frozen(params: PyTree, trainable: PyTree) -> PyTree:
+    """The parameters with the frozen ones behind stop_gradient: no gradient is computed for them."""
+    return jax.tree.map(lambda leaf, trained: leaf if trained else jax.lax.stop_gradient(leaf), params, trainable)
 
 
 def derived_rules(rules) -> tuple:
@@ -107,6 +107,11 @@ class LoRA:
     def __init__(self, inner: ModuleType, config: ml_collections.ConfigDict):
         self.inner, self.settings = inner, config.lora
         self.targets = check_settings(config.lora)
+        also = config.lora.also_train
+        try:
+            self.also_train = re.compile(also) if also else None
+        except re.error as error:
+            raise ConfigError(f"lora.also_train {also!r} is not a regular expression: {error}") from None
         self.adapted: set[str] = set()
 
     def __getattr__(self, name: str) -> Any:
@@ -117,7 +122,7 @@ class LoRA:
 
     def _adapted(self, function: Callable, params, *args, **kwargs):
         with nn.intercept_methods(interceptor(self.settings, self.targets, self.adapted)):
-            return function(frozen(params), *args, **kwargs)
+            return function(frozen(params, self.trainable(params)), *args, **kwargs)
 
     def init_variables(self, model: nn.Module, rng: jax.Array, batch) -> dict:
         from research.steps import default_init_variables  # the core calls this feature, never the reverse
@@ -136,12 +141,16 @@ class LoRA:
         return self._adapted(self.inner.loss_fn, params, batch, rng, model=model, **model_state)
 
     def logits_fn(self, variables: dict, inputs: jax.Array, *, model: nn.Module) -> jax.Array:
-        params, rest = variables["params"], {k: v for k, v in variables.items() if k != "params"}
-        with nn.intercept_methods(interceptor(self.settings, self.targets, self.adapted)):
-            return experiment.logits_of(self.inner, model, {"params": frozen(params)} | rest, inputs)
+        rest = {key: value for key, value in variables.items() if key != "params"}
+        predict = lambda params: experiment.logits_of(self.inner, model, {"params": params} | rest, inputs)
+        return self._adapted(predict, variables["params"])
 
     def trainable(self, params: PyTree) -> PyTree:
-        return jax.tree_util.tree_map_with_path(lambda path, _: is_adapter(path), params)
+        """The adapters, and the parameters `lora.also_train` names (PEFT's modules_to_save): True; the rest False."""
+        also = self.also_train
+        return jax.tree_util.tree_map_with_path(
+            lambda path, _: is_adapter(path) or bool(also and also.search(path_name(path))), params
+        )
 
     def make_tx(self, config: ml_collections.ConfigDict) -> optax.GradientTransformation:
         """The configured optimizer on the adapters; the rest get no update and keep no state."""

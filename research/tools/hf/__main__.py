@@ -119,6 +119,8 @@ def export_run(
     if adapters:
         if not run.config.lora.rank:
             raise ConfigError(f"{workdir} has no adapters (lora.rank 0): export its model without --adapters")
+        if run.config.lora.also_train:
+            raise ConfigError(f"{workdir} trained more than adapters (lora.also_train): export the merged model")
         tensors = peft.adapter_tensors(run.model, run.params, convert.LAYOUTS[hf_layout(run.config)])
         Path(directory).mkdir(parents=True, exist_ok=True)
         convert.save(tensors, Path(directory) / peft.WEIGHTS)
