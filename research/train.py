@@ -135,7 +135,7 @@ class Run:
     state: TrainState | None = None
     step: int = 0  # the last step restored or dispatched
     started: int = 0  # the step this stretch of training started from (a restore's, or 0)
-    resumed: str = ""  # what restoring found, said after the run's header
+    resumed: str = ""  # what restoring found (or init_from loaded), said after the run's header
     logger: Logger | None = None  # this and below: the loop's companions (`open_logs`)
     train_metrics: TrainMetrics | None = None
     profiler: perf.StepProfiler | None = None
@@ -265,7 +265,8 @@ class Run:
         if state is None:
             state = self.setup.init_state()
             if config.init_from.workdir:
-                state = trained_run.init_from(state, self.setup.state_shardings, self.setup.tx, config.init_from)
+                where = self.setup.state_shardings
+                state, self.resumed = trained_run.init_from(state, where, self.setup.tx, config.init_from)
         else:
             self.resumed = f"resuming from the checkpoint at step {step} in {self.manager.directory}"
         self.step = self.started = step

@@ -25,6 +25,8 @@ from research.optim.regularizers import eval_params
 from research.state import TrainState
 from research.tree import PyTree, named_leaves, path_name
 
+SHOWN = 8  # names of arrays left at their init that init_from's line lists (LoRA's adapters are many)
+
 
 def weights(directory: Path, step: int, abstract_state: TrainState, optimizer: str) -> TrainState:
     """The train state saved at `step` in the shardings of `abstract_state`, its params the ones to evaluate with;
@@ -102,9 +104,9 @@ def read_saved(directory: Path, step: int, shapes_only: bool = False) -> PyTree:
         logging.set_verbosity(verbosity)
 
 
-def init_from(state: PyTree, shardings: PyTree, tx, init_from_config: ml_collections.ConfigDict) -> PyTree:
-    """A fresh train state with the parameters that `init_from.include` selects (and `.exclude` does
-    not) copied from another run's checkpoint; the optimizer state is made anew for them."""
+def init_from(state: PyTree, shardings: PyTree, tx, init_from_config: ml_collections.ConfigDict) -> tuple[PyTree, str]:
+    """(a fresh train state with the parameters that `init_from.include` selects (and `.exclude` does not) copied
+    from another run's checkpoint, the optimizer state made anew for them; a line saying what was loaded)."""
     source, step = load_params(init_from_config.workdir, init_from_config.step)
     source = named_leaves(source)
     include = re.compile(init_from_config.include)
@@ -125,9 +127,7 @@ def init_from(state: PyTree, shardings: PyTree, tx, init_from_config: ml_collect
     params = jax.tree_util.tree_map_with_path(take, state.params, shardings.params)
     if mismatched:
         raise ConfigError(f"init_from: shapes differ for {', '.join(mismatched)}")
-    print(
-        f"init_from {init_from_config.workdir} step {step}: loaded {len(loaded)} arrays; "
-        f"left at random init: {', '.join(kept) or 'none'}"
-    )
+    shown = ", ".join(kept[:SHOWN]) + (f" and {len(kept) - SHOWN} more" if len(kept) > SHOWN else "")
+    said = f"init_from {init_from_config.workdir} step {step}: loaded {len(loaded)} arrays; left at random init: "
     opt_state = jax.jit(tx.init, out_shardings=shardings.opt_state)(params)
-    return state.replace(params=params, opt_state=opt_state)
+    return state.replace(params=params, opt_state=opt_state), said + (shown or "none")
