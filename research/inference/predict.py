@@ -95,13 +95,13 @@ def load_run(
     mesh = sharding.make_mesh({"data": 1}, jax.devices()[:1])
     setup = build(config, module, mesh, batch=batch, features=False)  # as trained (with adapters), no teacher
     state = trained_run.weights(directory, step, setup.abstract_state, config.optimizer.name)
-    plain, params = folded(config, state.params)  # a feature's own parameters (LoRA's adapters) folded into its model
-    if plain is not config and merge:
-        config, setup = plain, build(plain, module, mesh, batch=batch, features=False)
+    if not merge:  # predictions through the features that change the model
+        module = with_features(config, module, mesh, training=False)
+    elif (folding := folded(config, state.params))[0] is not config:  # LoRA's adapters merged into the kernels
+        config, params = folding
+        setup = build(config, module, mesh, batch=batch, features=False)
         opt_state = jax.jit(setup.tx.init, out_shardings=setup.state_shardings.opt_state)(params)
         state = state.replace(params=params, opt_state=opt_state)  # a state of the plain setup's shape
-    elif plain is not config:  # predictions through the feature that wraps the model
-        module = with_features(config, module, mesh, training=False)
     inputs = setup.batch_spec["inputs"]
     return Run(name, module, config, setup, state, jax.ShapeDtypeStruct(inputs.shape[1:], inputs.dtype))
 

@@ -155,7 +155,7 @@ def analytic_memory(config: ml_collections.ConfigDict, experiment, setup) -> dic
     memory = {
         "parameters": per_device_bytes(state.params),
         "optimizer state": per_device_bytes(state.opt_state),
-        "gradients": per_device_bytes([leaf for leaf, t in zip(jax.tree.leaves(state.params), trained) if t]),
+        "gradients": per_device_bytes([leaf for leaf, yes in zip(jax.tree.leaves(state.params), trained) if yes]),
         "batch": per_device_bytes(setup.batch_spec),
     }
     decoder = perf.decoder_of(config, experiment)
