@@ -34,6 +34,7 @@ def with_random_b(params, seed=0):
     )
 
 
+@pytest.mark.slow  # keeps the quick suite within its 6 minutes
 def test_adapters_start_as_the_model_and_merge_into_its_kernels(data_dir):
     module, config = adapted(data_dir)
     setup = one_device(config, module)
@@ -77,6 +78,7 @@ def test_only_the_adapters_train_and_hold_optimizer_state(data_dir):
         assert unchanged != (name in adapters), name
 
 
+@pytest.mark.slow  # keeps the quick suite within its 6 minutes
 def test_adapters_shard_like_their_kernels_and_eight_devices_equal_one(data_dir):
     module, config = adapted(data_dir, **{"batch_size": 8})
     rules = lora.derived_rules(config.param_rules)

@@ -90,7 +90,7 @@ def import_adapters(source: str | Path, workdir: str | Path, base: str | Path) -
     tensors = convert.load_file(Path(source) / peft.WEIGHTS)
     run = load_run(base)
     layout = convert.LAYOUTS[experiment_lib.hook(run.module, "hf_layout")(run.config)]
-    abstract = {name: leaf for name, leaf in named_leaves(jax.eval_shape(unrolled, run.params)).items()}
+    abstract = named_leaves(jax.eval_shape(unrolled, run.params))
     config = run.config.copy_and_resolve_references()
     config.lora.update(peft.settings_from(settings, tensors, peft.linear_modules(run.model, layout, abstract)))
     config.init_from.workdir = str(Path(base).absolute())
