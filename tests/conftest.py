@@ -135,6 +135,23 @@ def mesh_losses(module, config, mesh_axes: dict, steps_count: int = 4) -> np.nda
     return np.array(losses)
 
 
+def resumed_losses(module, config, directory: Path, stop_at: int) -> list[float]:
+    """Trains `config` straight through and, beside it, stopped after `stop_at` steps and resumed; asserts the final
+    train states bitwise equal and the logged losses the same; returns those losses."""
+    from research import experiment, train
+
+    for name in ("straight", "resumed"):
+        experiment.claim_workdir(directory / name, experiment.name_of(module.__file__), config)
+    train.train_and_evaluate(config, module, directory / "straight")
+    train.train_and_evaluate(config, module, directory / "resumed", stop_at_step=stop_at)
+    train.train_and_evaluate(config, module, directory / "resumed")
+    final = config.num_steps
+    assert_trees_close(restored_state(directory / "resumed", final), restored_state(directory / "straight", final), 0.0)
+    losses = train_losses(directory / "resumed")
+    assert losses == train_losses(directory / "straight"), losses
+    return losses
+
+
 def smoke_config(name: str, data_dir: str, **overrides):
     """(module, config): experiments/NAME.py's :smoke config on the session's data, with `overrides`."""
     module = load_experiment(name)

@@ -96,7 +96,7 @@ def test_a_conversation_without_an_answer_stops_preparation_in_one_line(tmp_path
 def test_sft_of_a_pretrained_run_learns_the_answers_and_resumes_bitwise(tmp_path):
     """A :smoke run pretrained on Shakespeare, fine-tuned by `lm.py:from=RUN` on the reversal task prepared with
     its tokenizer: the loss on the answers falls, and a run stopped at step 6 ends bitwise the uninterrupted one."""
-    from conftest import ROOT, assert_trees_close, restored_state, train_losses
+    from conftest import ROOT, resumed_losses
     from experiments import lm
     from research import experiment, train
 
@@ -116,12 +116,5 @@ def test_sft_of_a_pretrained_run_learns_the_answers_and_resumes_bitwise(tmp_path
     config.update_from_flattened_dict({"num_steps": 12, "batch_size": 8, "model.block_size": 96, "eval_every": 0})
     config.update_from_flattened_dict({"checkpoint.every_steps": 6, "log_every": 1, "optimizer.learning_rate": 1e-2})
     config.optimizer.schedule.warmup_steps = 2
-    for name in ("straight", "resumed"):
-        experiment.claim_workdir(tmp_path / name, "lm", config)
-    train.train_and_evaluate(config, lm, tmp_path / "straight")
-    train.train_and_evaluate(config, lm, tmp_path / "resumed", stop_at_step=6)
-    train.train_and_evaluate(config, lm, tmp_path / "resumed")
-    assert_trees_close(restored_state(tmp_path / "resumed", 12), restored_state(tmp_path / "straight", 12), atol=0.0)
-    losses = train_losses(tmp_path / "straight")
-    assert train_losses(tmp_path / "resumed") == losses
+    losses = resumed_losses(lm, config, tmp_path, stop_at=6)
     assert len(losses) == 12 and losses[-1] < losses[0] - 0.5, losses

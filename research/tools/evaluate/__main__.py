@@ -15,8 +15,10 @@ with runtime.native_stderr_without(runtime.PLUGIN_NOISE):  # the harness loads l
     try:
         import lm_eval.evaluator  # noqa: F401
         import lm_eval.tasks  # noqa: F401
+
+        INSTALLED = True
     except ImportError:
-        pass  # main() says so in one line
+        INSTALLED = False  # main() says so in one line
 
 from research import errors  # noqa: E402
 from research.errors import ConfigError  # noqa: E402
@@ -38,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     arguments = parser.parse_args(argv)
     with errors.exit_on_error():
-        if evaluate.TemplateLM is object:
+        if not INSTALLED:
             raise ConfigError('the lm-evaluation-harness is not installed: pip install -e ".[eval]"')
         evaluate.quiet_harness()
         tasks = [task for task in arguments.tasks.split(",") if task]
