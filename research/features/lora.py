@@ -43,16 +43,20 @@ def is_adapter(path: tuple) -> bool:
     return path_name(path).rsplit("/", 1)[-1] in ADAPTERS
 
 
-def check_settings(settings: ml_collections.ConfigDict) -> re.Pattern:
-    """The compiled `lora.targets`; a rank, alpha or dropout out of range is a one-line error."""
+def check_settings(settings: ml_collections.ConfigDict) -> tuple[re.Pattern, re.Pattern | None]:
+    """The compiled `lora.targets` and `lora.also_train` (None when empty); a rank, alpha or dropout out of range, or
+    a pattern that does not compile, is a one-line error."""
     if settings.rank < 1 or settings.alpha <= 0 or not 0 <= settings.dropout < 1:
         raise ConfigError(
             f"lora: rank {settings.rank} must be >= 1, alpha {settings.alpha} > 0, dropout {settings.dropout} in [0, 1)"
         )
-    try:
-        return re.compile(settings.targets)
-    except re.error as error:
-        raise ConfigError(f"lora.targets {settings.targets!r} is not a regular expression: {error}") from None
+    compiled = []
+    for key in ("targets", "also_train"):
+        try:
+            compiled.append(re.compile(settings[key]) if settings[key] else None)
+        except re.error as error:
+            raise ConfigError(f"lora.{key} {settings[key]!r} is not a regular expression: {error}") from None
+    return compiled[0], compiled[1]
 
 
 def interceptor(settings: ml_collections.ConfigDict, targets: re.Pattern, adapted: set) -> Callable:
@@ -106,12 +110,7 @@ class LoRA:
 
     def __init__(self, inner: ModuleType, config: ml_collections.ConfigDict):
         self.inner, self.settings = inner, config.lora
-        self.targets = check_settings(config.lora)
-        also = config.lora.also_train
-        try:
-            self.also_train = re.compile(also) if also else None
-        except re.error as error:
-            raise ConfigError(f"lora.also_train {also!r} is not a regular expression: {error}") from None
+        self.targets, self.also_train = check_settings(config.lora)
         self.adapted: set[str] = set()
 
     def __getattr__(self, name: str) -> Any:
@@ -120,20 +119,23 @@ class LoRA:
             return lambda params, batch, **kwargs: self._adapted(value, params, batch, **kwargs)
         return value
 
+    def _intercepting(self):
+        return nn.intercept_methods(interceptor(self.settings, self.targets, self.adapted))
+
     def _adapted(self, function: Callable, params, *args, **kwargs):
-        with nn.intercept_methods(interceptor(self.settings, self.targets, self.adapted)):
+        with self._intercepting():
             return function(frozen(params, self.trainable(params)), *args, **kwargs)
 
     def init_variables(self, model: nn.Module, rng: jax.Array, batch) -> dict:
         from research.steps import default_init_variables  # the core calls this feature, never the reverse
 
         initialise = experiment.hook(self.inner, "init_variables", default_init_variables)
-        with nn.intercept_methods(interceptor(self.settings, self.targets, self.adapted)):
+        with self._intercepting():
             variables = initialise(model, rng, batch)
         if not self.adapted:
             raise ConfigError(
                 f"lora.targets {self.settings.targets!r} matches none of the model's dense layers: name some of "
-                f"{', '.join(sorted(dense_paths(model, variables['params']))[:8])}"
+                f"{', '.join(sorted(dense_paths(variables['params']))[:8])}"
             )
         return variables
 
@@ -165,7 +167,7 @@ class LoRA:
         return derived_rules(rules) + tuple(rules)
 
 
-def dense_paths(model: nn.Module, params: PyTree) -> set[str]:
+def dense_paths(params: PyTree) -> set[str]:
     """The module paths of the parameters' kernels (what `lora.targets` can name)."""
     return {
         path_name(path).removesuffix("/kernel")
