@@ -84,6 +84,19 @@ def trainer_config() -> ml_collections.ConfigDict:
     # Start from another run's parameters (a pre-trained encoder, say): those whose path matches
     # `include` and not `exclude`; the rest keep their random init. step 0 means its latest.
     config.init_from = ml_collections.ConfigDict({"workdir": "", "step": 0, "include": ".*", "exclude": ""})
+    # Downstream tasks of the lm-evaluation-harness on the training state (research/tools/evaluate/training.py):
+    # `tasks` (harness task names, comma-separated; "" off) every `every` steps (0: at each evaluation) and at the end,
+    # logged as eval/TASK/METRIC; local task YAMLs in `include_path`; `limit` examples per task (0: all);
+    # `num_fewshot` (-1: each task's own).
+    config.evals = ml_collections.ConfigDict(
+        {"tasks": "", "every": 0, "include_path": "", "limit": 0, "num_fewshot": -1, "batch_size": 16}
+    )
+    # Weights & Biases beside metrics.jsonl and TensorBoard (research/logger.py): the config, every metric and the
+    # final results in project `wandb_project` (entity: the login's default when ""), run name the workdir's;
+    # `wandb_mode` "online", or "offline" (written to WORKDIR/wandb, `wandb sync` uploads it later).
+    config.logging = ml_collections.ConfigDict(
+        {"wandb": False, "wandb_project": "research", "wandb_entity": "", "wandb_mode": "online", "wandb_tags": ""}
+    )
     # Throughput and MFU are logged as perf/...; MFU is against this many TFLOP/s per device, or,
     # when 0, a float32 matmul timed at the start of training (research/perf.py).
     config.peak_tflops = 0.0

@@ -1,23 +1,29 @@
-"""Where numbers go: a JSON-lines file, TensorBoard event files and the console.
+"""Where numbers go: a JSON-lines file, TensorBoard event files, the console, and Weights & Biases when
+`config.logging.wandb` is set.
 
 Only process 0 writes; other processes get a logger that stays silent. Each record is
-`{"step": n, "train/loss": ..., ...}`, one per line of `metrics.jsonl` in the workdir.
+`{"step": n, "train/loss": ..., ...}`, one per line of `metrics.jsonl` in the workdir. A W&B run gets the config,
+the same records (`step` is its x-axis, so a resumed or rolled-back run writes its steps again) and the final
+results as its summary; its id is kept in WORKDIR/wandb/run_id, so a resumed run goes on in the same W&B run.
 """
 
 import dataclasses
+import importlib.util
 import json
 import math
+import secrets
 import sys
 import time
 from pathlib import Path
 from typing import Callable, Mapping
 
 import jax
+import ml_collections
 import numpy as np
 import rich.console
 import rich.progress
 
-from research.errors import NonFiniteError
+from research.errors import ConfigError, NonFiniteError
 
 
 def tensorboard_writer(directory: Path):
@@ -35,6 +41,43 @@ def tensorboard_writer(directory: Path):
     return tensorboardX.SummaryWriter(str(directory))
 
 
+def check_backends(config: ml_collections.ConfigDict) -> None:
+    """A one-line error, before the run starts, for a logging backend asked for and not installed or set wrong."""
+    settings = config.logging if "logging" in config else None
+    if settings is None:
+        return
+    if settings.wandb and importlib.util.find_spec("wandb") is None:
+        raise ConfigError('config.logging.wandb is set but wandb is not installed: pip install -e ".[wandb]"')
+    if settings.wandb_mode not in ("online", "offline"):
+        raise ConfigError(f"logging.wandb_mode {settings.wandb_mode!r}: use 'online' or 'offline'")
+
+
+def wandb_run(workdir: Path, config: ml_collections.ConfigDict):
+    """A W&B run for the workdir (the one a resumed run started, by the id in WORKDIR/wandb/run_id), silent on the
+    terminal; a failure to start (no login online) is one line."""
+    import wandb
+
+    directory = workdir / "wandb"
+    directory.mkdir(parents=True, exist_ok=True)
+    kept = directory / "run_id"
+    if not kept.exists():
+        kept.write_text(secrets.token_hex(6) + "\n")  # W&B ids are lowercase letters and digits
+    settings = config.logging
+    options = dict(project=settings.wandb_project, entity=settings.wandb_entity or None, mode=settings.wandb_mode)
+    options |= dict(name=workdir.absolute().name, id=kept.read_text().strip(), resume="allow", dir=str(workdir))
+    options |= dict(config=config.to_dict(), tags=[tag for tag in settings.wandb_tags.split(",") if tag])
+    quiet = wandb.Settings(silent=True, console="off", x_disable_stats=True, save_code=False)
+    try:
+        run = wandb.init(settings=quiet, **options)
+    except Exception as error:  # wandb raises its own types, and plain ones, for a missing login or network
+        first = (str(error).strip() or type(error).__name__).splitlines()[0]
+        raise ConfigError(
+            f"Weights & Biases did not start ({first}): run `wandb login`, or set config.logging.wandb_mode=offline"
+        ) from None
+    run.define_metric("*", step_metric="step")
+    return run
+
+
 def _format(value: float) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
@@ -42,13 +85,17 @@ def _format(value: float) -> str:
 class Logger:
     """Writes metrics for steps of one run and draws a progress bar with throughput and ETA."""
 
-    def __init__(self, workdir: str | Path, total_steps: int, start_step: int = 0):
+    def __init__(
+        self, workdir: str | Path, total_steps: int, start_step: int = 0, config: ml_collections.ConfigDict = None
+    ):
         self.active = jax.process_index() == 0
         if not self.active:
             return
         workdir = Path(workdir)
         self.jsonl = _open_jsonl(workdir / "metrics.jsonl", start_step)
         self.tensorboard = tensorboard_writer(workdir / "tensorboard")
+        logging = config.logging if config is not None and "logging" in config else None
+        self.wandb = wandb_run(workdir, config) if logging is not None and logging.wandb else None
         self.console = rich.console.Console(stderr=True, soft_wrap=True)
         self.progress = rich.progress.Progress(
             rich.progress.TextColumn("[bold]{task.description}"),
@@ -72,7 +119,14 @@ class Logger:
         self.jsonl.flush()
         for name, value in metrics.items():
             self.tensorboard.add_scalar(name, value, int(step))
+        if self.wandb is not None:
+            self.wandb.log({"step": int(step)} | {name: float(value) for name, value in metrics.items()})
         self.console.print(f"step {step}: " + "  ".join(f"{name} {_format(value)}" for name, value in metrics.items()))
+
+    def summarize(self, results: Mapping[str, float]) -> None:
+        """The run's final results, as the W&B run's summary (results.json holds them on disk)."""
+        if self.active and self.wandb is not None:
+            self.wandb.summary.update({name: float(value) for name, value in results.items()})
 
     def advance(self, step: int, examples_per_second: float | None = None) -> None:
         """Moves the progress bar to `step`."""
@@ -81,12 +135,14 @@ class Logger:
         throughput = f"{examples_per_second:,.0f} ex/s" if examples_per_second else ""
         self.progress.update(self.task, completed=step, throughput=throughput)
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
         if not self.active:
             return
         self.progress.stop()
         self.tensorboard.close()
         self.jsonl.close()
+        if self.wandb is not None:
+            self.wandb.finish(exit_code=1 if failed else 0)
 
 
 def _clean(value: float) -> float | None:

@@ -8,6 +8,7 @@ when the configured metric stops improving) and checkpoints by the config's poli
 
 import dataclasses
 import json
+import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -20,7 +21,7 @@ from research import experiment as experiment_lib
 from research import metrics as metrics_lib
 from research.config import check_trainer
 from research.errors import ConfigError, NonFiniteError, StorageError
-from research.logger import Logger, TrainMetrics, read_jsonl
+from research.logger import Logger, TrainMetrics, check_backends, read_jsonl
 from research.optim.regularizers import eval_params
 from research.resilience import rollback, slurm, storage, watchdog
 from research.resilience.preemption import PreemptionWatcher
@@ -143,6 +144,7 @@ class Run:
     history: list[float] = dataclasses.field(default_factory=list)  # early stopping's metric, by evaluation
     spikes: rollback.LossSpikes | None = None
     rollbacks: rollback.Rollbacks | None = None
+    downstream: Any = None  # config.evals's harness tasks (research/tools/evaluate/training.py), when set
 
     @property
     def config(self) -> ml_collections.ConfigDict:
@@ -181,12 +183,14 @@ class Run:
             final = None
             if last_step is not None:
                 final = self.evaluate("validation", "eval", last_step) | self.evaluate("test", "test", last_step)
+                final |= self.evaluate_tasks(last_step) if self.downstream is not None else {}
                 if self.started < last_step:
                     self.save(last_step, final, force=True)
+                self.logger.summarize(final)
             self.close()
             return final
         except BaseException as error:
-            self.close(quietly=True)
+            self.close(quietly=True, failed=True)
             if storage.is_storage_failure(error):  # a full disk, a permission, a directory removed under the run
                 raise StorageError(storage.storage_failure(error, self.manager)) from None
             raise
@@ -224,12 +228,19 @@ class Run:
             self.train_metrics.finish_window(step)
 
     def evaluate_every(self, step: int) -> dict[str, float] | None:
-        """The validation metrics when `step` is an evaluation step before the last (the last has the final one)."""
-        every, last = self.config.eval_every, self.config.num_steps
-        if not every or step % every or step == last:
+        """The validation metrics (and the downstream tasks' when they run too) when `step` is an evaluation step
+        before the last (the last has the final ones); downstream tasks at other steps are logged, not returned."""
+        every, evaluated = self.config.eval_every, None
+        if step == self.config.num_steps:
             return None
-        self.train_metrics.flush()
-        return self.evaluate("validation", "eval", step)
+        if every and step % every == 0:
+            self.train_metrics.flush()
+            evaluated = self.evaluate("validation", "eval", step)
+        if self.downstream is not None and self.downstream.due(step):
+            self.train_metrics.flush()
+            tasks = self.evaluate_tasks(step)
+            evaluated = evaluated | tasks if evaluated is not None else None
+        return evaluated
 
     def evaluate(self, split: str, prefix: str, step: int) -> dict[str, float]:
         """Metrics of `split` (with the parameters' EMA when the optimizer keeps one), logged as `prefix/...`."""
@@ -237,6 +248,13 @@ class Run:
         results = evaluate(state, self.eval_data[split], step_fn=self.setup.eval_step, mesh=self.setup.mesh)
         results = {f"{prefix}/{name}": value for name, value in results.items()}
         self.logger.write(step, results)
+        return results
+
+    def evaluate_tasks(self, step: int) -> dict[str, float]:
+        """The downstream tasks' metrics on the state as evaluated (`evaluate`'s), logged as `eval/TASK/METRIC`."""
+        state, start = self.state.replace(params=eval_params(self.state.params, self.state.opt_state)), time.time()
+        results = {f"eval/{name}": value for name, value in self.downstream(state).items()}
+        self.logger.write(step, results | {"perf/evals_seconds": time.time() - start})
         return results
 
     def save(self, step: int, metrics: dict | None = None, force: bool = False) -> None:
@@ -293,7 +311,7 @@ class Run:
         metrics with their throughput and loss-spike rule, the profiler, the evaluation data, early stopping's
         history."""
         config, workdir = self.config, self.workdir
-        self.logger = Logger(workdir, total_steps=config.num_steps, start_step=self.step)
+        self.logger = Logger(workdir, total_steps=config.num_steps, start_step=self.step, config=config)
         throughput, skip = perf.throughput_of(config, self.experiment), config.nonfinite == "skip"
         self.train_metrics = TrainMetrics(
             self.logger, config.batch_size, self.step, skip, throughput=throughput, check_loss=self.spikes.check
@@ -302,10 +320,11 @@ class Run:
         self.eval_data = {split: self.experiment.make_data(config, split) for split in ("validation", "test")}
         self.history = _eval_history(workdir, config.early_stopping, self.step)
 
-    def close(self, manager: bool = True, quietly: bool = False) -> None:
-        """Ends the profile, waits for the last checkpoint, closes the logs (and the checkpoint manager);
-        `quietly` (the run is failing already) tries each and lets the first error stand."""
-        actions = [lambda: self.profiler.close(), self.manager.wait_until_finished, lambda: self.logger.close()]
+    def close(self, manager: bool = True, quietly: bool = False, failed: bool = False) -> None:
+        """Ends the profile, waits for the last checkpoint, closes the logs (`failed`: marked so) and the checkpoint
+        manager; `quietly` (the run is failing already) tries each and lets the first error stand."""
+        close_logs = lambda: self.logger.close(failed) if self.logger is not None else None
+        actions = [lambda: self.profiler.close(), self.manager.wait_until_finished, close_logs]
         for action in actions + ([self.manager.close] if manager else []):
             try:
                 action()
@@ -320,12 +339,19 @@ def open_run(config: ml_collections.ConfigDict, experiment: Any, workdir, mesh: 
     A bad input raises here, before anything is printed."""
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
+    check_backends(config)
     mesh = mesh if mesh is not None else sharding.make_mesh(config.mesh)
-    experiment = with_features(config, experiment, mesh)  # what trains: the experiment as its features wrap it
-    train_iterator = iter(experiment.make_data(config, "train"))
+    trained = with_features(config, experiment, mesh)  # what trains: the experiment as its features wrap it
+    train_iterator = iter(trained.make_data(config, "train"))
     first_batch = next(train_iterator)
-    setup = build(config, experiment, mesh, batch=first_batch, wrapped=True)
-    run = Run(setup, experiment, workdir, checkpoint.make_manager(workdir, config.checkpoint), train_iterator)
+    setup = build(config, trained, mesh, batch=first_batch, wrapped=True)
+    downstream = None
+    if "evals" in config and config.evals.tasks:  # the harness is imported only when tasks are asked for
+        from research.tools.evaluate.training import DuringTraining
+
+        downstream = DuringTraining(config, experiment, setup, workdir)
+    manager = checkpoint.make_manager(workdir, config.checkpoint)
+    run = Run(setup, trained, workdir, manager, train_iterator, downstream=downstream)
     run.restore(train_iterator, allow_change)
     run.batch = sharding.put_batch(first_batch if run.step == 0 else next(train_iterator), setup.mesh)
     rules = config.rollback

@@ -6,6 +6,7 @@ tokenizer has one; every corpus has an end-of-document id that streaming puts be
 """
 
 import dataclasses
+import functools
 import hashlib
 import shutil
 from pathlib import Path
@@ -58,7 +59,7 @@ class CorpusTokenizer:
             return self.backend.id_to_piece(index)
         return ""
 
-    @property
+    @functools.cached_property
     def sha256(self) -> str:
         return hashlib.sha256(self.path.read_bytes()).hexdigest()
 
@@ -84,11 +85,17 @@ def build(spec: str, sample: str, output: Path) -> CorpusTokenizer:
 
 
 def load(directory: Path) -> CorpusTokenizer:
-    """The tokenizer saved in a prepared corpus's directory; an unusable one is a one-line error."""
+    """The tokenizer saved in a prepared corpus's directory, read once per process while its file is unchanged
+    (evaluation encodes text after text); an unusable one is a one-line error."""
     directory = Path(directory)
     path = next((directory / name for name in FILES if (directory / name).exists()), None)
     if path is None:
         raise ConfigError(f"{directory}: no tokenizer (one of {', '.join(FILES)}): prepare the corpus first")
+    return _read(path.absolute(), path.stat().st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=16)
+def _read(path: Path, modified: int) -> CorpusTokenizer:
     if path.name == "tokenizer.bytes":
         return CorpusTokenizer("bytes", None, 258, 257, path)
     if path.name == "tokenizer.model":

@@ -48,10 +48,10 @@ def test_every_sample_equals_the_harness_hf_backend(checkpoint):
 
     run = load_run(checkpoint / "run")
     length = run.example_inputs.shape[-1]
-    ours = evaluate.evaluate(run, TASKS, checkpoint / "evals", str(checkpoint / "tasks"), 8, log_samples=True)
+    manager = evaluate.task_manager(TASKS, str(checkpoint / "tasks"))
+    ours = evaluate.evaluate(evaluate.RunLM(run, 8), TASKS, checkpoint / "evals", manager, log_samples=True)
     assert (checkpoint / "evals" / "results_0.json").exists() and (checkpoint / "evals" / "samples_0.json").exists()
     settings = f"pretrained={checkpoint / 'hf'},dtype=float32,max_length={length}"
-    manager = evaluate.task_manager(TASKS, str(checkpoint / "tasks"))
     theirs = evaluator.simple_evaluate(
         model="hf", model_args=settings, device="cpu", batch_size=8, tasks=TASKS, task_manager=manager, log_samples=True
     )

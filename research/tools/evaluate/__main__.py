@@ -44,14 +44,15 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError('the lm-evaluation-harness is not installed: pip install -e ".[eval]"')
         evaluate.quiet_harness()
         tasks = [task for task in arguments.tasks.split(",") if task]
-        evaluate.task_manager(tasks, arguments.include_path)  # an unknown name stops here, before the run is loaded
+        manager = evaluate.task_manager(tasks, arguments.include_path)  # an unknown name stops here, before loading
         run = load_run(arguments.workdir)
         evaluate.check_language_model(run)
         print(f"lm-evaluation-harness on {run.name} step {run.step} in {arguments.workdir}: {', '.join(tasks)}")
         options = dict(num_fewshot=arguments.num_fewshot, log_samples=arguments.log_samples, limit=arguments.limit)
         options |= dict(random_seed=arguments.seed, numpy_random_seed=arguments.seed)
         directory = Path(arguments.workdir) / "evals"
-        results = evaluate.evaluate(run, tasks, directory, arguments.include_path, arguments.batch_size, **options)
+        model = evaluate.RunLM(run, arguments.batch_size, arguments.seed)
+        results = evaluate.evaluate(model, tasks, directory, manager, **options)
         print(results["table"] + f"results in {directory}")
     return 0
 
