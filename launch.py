@@ -28,6 +28,7 @@ from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from research import errors, experiment  # noqa: E402
+from research.config import keep_optimizer_settings_apart  # noqa: E402
 from research.errors import fail  # noqa: E402
 
 EXPERIMENTS_DIR = Path(__file__).parent / "experiments"
@@ -78,6 +79,7 @@ def parse_flags(argv: list[str]) -> list[str]:
         unknown = experiment.unknown_key_message(parser.base_config, overrides)
         if unknown:
             fail(unknown)
+        keep_optimizer_settings_apart(parser.base_config, _CONFIG.value, overrides)
         _CONFIG.value.lock()
     return remaining
 

@@ -5,6 +5,8 @@ sections, overrides what it needs and returns the result; launch.py locks it so 
 mistyped override is an error.
 """
 
+from typing import Iterable
+
 import ml_collections
 
 from research.errors import ConfigError
@@ -173,6 +175,22 @@ def optimizer_config() -> ml_collections.ConfigDict:
             "ema_decay": 0.0,  # >0: evaluate an exponential moving average of the parameters
         }
     )
+
+
+def keep_optimizer_settings_apart(
+    experiment_config: ml_collections.ConfigDict, config: ml_collections.ConfigDict, overrides: Iterable[str]
+) -> None:
+    """When `overrides` (the command line's keys) name another optimizer than the experiment's own, the experiment's
+    arguments for its own (optimizer.kwargs, .static_kwargs) stay behind: the other optimizer starts from its own
+    defaults plus the arguments the overrides give it, so that trying one on any experiment takes only its name.
+    The generic settings (learning rate, schedule, clipping, weight decay, EMA) carry over."""
+    if config.optimizer.name == experiment_config.optimizer.name:
+        return
+    given = {key.removeprefix("optimizer.kwargs.") for key in overrides if key.startswith("optimizer.kwargs.")}
+    kept = {key: value for key, value in config.optimizer.kwargs.items() if key in given}
+    config.optimizer.kwargs = ml_collections.ConfigDict(kept)
+    if "optimizer.static_kwargs" not in overrides:
+        config.optimizer.static_kwargs = ""
 
 
 # Trainer counts and the least each may be: a value below is a one-line error before any work.

@@ -99,6 +99,12 @@ CASES = [
         "error: optimizer 'adam': got an unexpected keyword argument 'b9'",
     ),
     (
+        "switched optimizer, an argument it does not take",
+        "launch",
+        [*DIGITS, "--config.optimizer.name=muon", "--config.optimizer.kwargs.b9=0.1"],
+        "error: optimizer 'muon': got an unexpected keyword argument 'b9'",
+    ),
+    (
         "unknown static kwarg",
         "launch",
         [*DIGITS, "--config.optimizer.static_kwargs=nope"],

@@ -83,3 +83,25 @@ def test_float_arguments_are_state_so_changing_them_does_not_recompile():
     # Adam's first step is -lr * sign(g); the decay adds -lr * wd * w.
     np.testing.assert_allclose(first["w"], [-0.1 - 0.01, -0.1 + 0.02], atol=1e-6)
     np.testing.assert_allclose(second["w"], [-0.1 - 0.05, -0.1 + 0.1], atol=1e-6)
+
+
+def test_another_optimizer_by_name_leaves_the_experiments_arguments_behind():
+    """lm's config gives adam b2=0.99: naming muon on the command line drops it (muon takes no b2), naming lion with
+    its own b2 keeps that one; the same name keeps everything; the generic settings carry over."""
+    from conftest import load_experiment
+    from research.config import keep_optimizer_settings_apart
+
+    experiment = load_experiment("lm").get_config("smoke")
+    switched = experiment.copy_and_resolve_references()
+    switched.optimizer.name = "muon"
+    keep_optimizer_settings_apart(experiment, switched, ["optimizer.name"])
+    assert experiment.optimizer.kwargs.to_dict() == {"b2": 0.99} and switched.optimizer.kwargs.to_dict() == {}
+    assert switched.optimizer.learning_rate == experiment.optimizer.learning_rate
+    make_optimizer(switched.optimizer, 10)  # builds: no b2 reaches muon
+    lion = experiment.copy_and_resolve_references()
+    lion.optimizer.name, lion.optimizer.kwargs.b2, lion.optimizer.kwargs.b1 = "lion", 0.95, 0.9
+    keep_optimizer_settings_apart(experiment, lion, ["optimizer.name", "optimizer.kwargs.b2"])
+    assert lion.optimizer.kwargs.to_dict() == {"b2": 0.95}
+    same = experiment.copy_and_resolve_references()
+    keep_optimizer_settings_apart(experiment, same, ["optimizer.learning_rate"])
+    assert same.optimizer.kwargs.to_dict() == {"b2": 0.99}
