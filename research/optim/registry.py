@@ -25,7 +25,7 @@ import optax.contrib
 
 from research.config import optimizer_config
 from research.errors import ConfigError
-from research.optim import ademamix, cautious, contract, pruning, regularizers
+from research.optim import ademamix, cautious, contract, matrices, pruning, regularizers, soap
 from research.optim.contract import first_line, line_in
 from research.optim.schedules import SCHEDULES
 from research.tree import path_name
@@ -61,6 +61,23 @@ def discriminative_adam(
     return optax.chain(optax.adam(learning_rate, b1=b1, b2=b2, eps=eps), optax.masked(optax.scale(scale), in_scaled))
 
 
+def muon(learning_rate: optax.ScalarOrSchedule, **kwargs) -> optax.GradientTransformation:
+    """Muon (Jordan et al. 2024): momentum orthogonalised by Newton-Schulz on the hidden layers' matrices, each
+    scanned layer's and expert's apart (research/optim/matrices.py), AdamW on embeddings, output heads and vectors
+    (the recipe of Jordan et al. and of Liu et al. 2025); optax.contrib.muon's other arguments as they are
+    (`optax.contrib:muon` is optax's own choice: rank-2 leaves only, embeddings included)."""
+    return optax.contrib.muon(learning_rate, muon_weight_dimension_numbers=matrices.hidden_matrices, **kwargs)
+
+
+muon.__signature__ = inspect.signature(optax.contrib.muon).replace(
+    parameters=[
+        parameter
+        for name, parameter in inspect.signature(optax.contrib.muon).parameters.items()
+        if name != "muon_weight_dimension_numbers"
+    ]
+)
+
+
 OPTIMIZERS: dict[str, Factory] = {
     "sgd": optax.sgd,
     "momentum": momentum,
@@ -73,7 +90,8 @@ OPTIMIZERS: dict[str, Factory] = {
     "lamb": optax.lamb,
     "lion": optax.lion,
     "adafactor": optax.adafactor,
-    "muon": optax.contrib.muon,
+    "muon": muon,
+    "soap": soap.soap,
     "schedule_free_adamw": optax.contrib.schedule_free_adamw,
     "adopt": optax.contrib.adopt,
     "ademamix": ademamix.ademamix,

@@ -82,7 +82,7 @@ def test_kit_from_the_command_line_passes_my_optimizer(tmp_path):
     rows = result.stdout.strip().splitlines()
     assert rows[-1] == "9/9 checks passed"
     assert sum(" PASS " in row for row in rows) == 9
-    assert "8-device fsdp mesh, 3 state leaves split like params, equals unsharded" in result.stdout
+    assert "4 x 2 fsdp x tensor mesh, 4 state leaves split like params, equals unsharded" in result.stdout
 
 
 def test_kit_reports_a_state_that_changes_dtype(tmp_path):

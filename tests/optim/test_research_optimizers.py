@@ -1,11 +1,15 @@
-"""AdEMAMix and Cautious AdamW against their papers' update equations, computed by hand in float64."""
+"""AdEMAMix and Cautious AdamW against their papers' update equations, computed by hand in float64; SOAP against
+optax's Adam run in the eigenbasis numpy computes; Muon, SOAP and AdamW sharded over fsdp x tensor (8 fake devices)
+equal to one device by the conformance kit."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
-from research.optim import ademamix, cautious
+from research.optim import ademamix, cautious, make_optimizer, matrices, soap
+from research.tools import check_optimizer as kit
 
 PARAMS = np.array([1.0, -2.0, 0.5])
 GRADS = [np.array([0.5, -1.0, 0.2]), np.array([-0.3, -0.4, 0.1])]
@@ -74,3 +78,70 @@ def test_cautious_adamw_matches_the_masked_update():
     np.testing.assert_allclose(got, expected, atol=1e-6)
     adamw = run(optax.adamw(lr, b1=b1, b2=b2, eps=eps, weight_decay=wd))
     np.testing.assert_allclose(got[0], adamw[0], atol=1e-6)  # nothing masked in step 1: plain AdamW
+
+
+def test_soap_is_adam_in_the_eigenbasis_of_its_first_factors():
+    """The first gradient only starts the factors (a zero update); with the basis then fixed (frequency beyond the
+    run), SOAP's updates are optax's Adam run on the rotated gradients Q_L^T G Q_R and rotated back, Q from numpy's
+    eigh of (1 - b2) G1 G1^T and (1 - b2) G1^T G1, each matrix of a stack (a scanned layer) with its own basis;
+    vectors get Adam as they are. Square matrices, so that both factors have full rank and one basis (a rank-
+    deficient factor's null space has any basis; so does the paper's)."""
+    rng = np.random.default_rng(0)
+    shapes = {"layers": {"q_proj": {"kernel": (2, 5, 5)}}, "norm": {"scale": (4,)}}
+    is_shape = lambda node: isinstance(node, tuple)
+    grads = [
+        jax.tree.map(lambda shape: rng.normal(size=shape).astype(np.float32), shapes, is_leaf=is_shape)
+        for _ in range(4)
+    ]
+    b1, b2, eps = 0.9, 0.95, 1e-8
+    tx = soap.scale_by_soap(b1=b1, b2=b2, eps=eps, precondition_frequency=1000)
+    state, ours = tx.init(jax.tree.map(np.zeros_like, grads[0])), []
+    for grad in grads:
+        updates, state = jax.jit(tx.update)(grad, state)
+        ours.append(updates)
+    assert all(not np.asarray(leaf).any() for leaf in jax.tree.leaves(ours[0]))
+    first = grads[0]["layers"]["q_proj"]["kernel"].astype(np.float64)
+    left = [np.linalg.eigh((1 - b2) * g @ g.T)[1] for g in first]
+    right = [np.linalg.eigh((1 - b2) * g.T @ g)[1] for g in first]
+    rotate = lambda g: np.stack([ql.T @ m @ qr for ql, m, qr in zip(left, g, right)])
+    back = lambda u: np.stack([ql @ m @ qr.T for ql, m, qr in zip(left, u, right)])
+    rotated = lambda grad: {
+        "layers": {"q_proj": {"kernel": rotate(grad["layers"]["q_proj"]["kernel"])}},
+        "norm": grad["norm"],
+    }
+    adam = optax.scale_by_adam(b1=b1, b2=b2, eps=eps)
+    adam_state = adam.init(jax.tree.map(jnp.asarray, rotated(grads[0])))
+    for grad, mine in zip(grads[1:], ours[1:]):
+        theirs, adam_state = adam.update(jax.tree.map(jnp.asarray, rotated(grad)), adam_state)
+        kernel = back(np.asarray(theirs["layers"]["q_proj"]["kernel"], np.float64))
+        np.testing.assert_allclose(mine["layers"]["q_proj"]["kernel"], kernel, rtol=1e-4, atol=1e-4)  # f32 eigh
+        np.testing.assert_allclose(mine["norm"]["scale"], theirs["norm"]["scale"], rtol=1e-6)
+
+
+def test_matrix_axes_follow_the_layer_not_the_rank():
+    """GPT's attention kernels (D x H x Dh, H x Dh x D) are one matrix each; a scanned projection is a stack."""
+    leaf = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)
+    shape = lambda name, value: matrices.matrix_shape(value.shape, matrices.axes_of(name, value))
+    assert shape("blocks/attention/query/kernel", leaf(64, 4, 16)) == (1, 64, 64)
+    assert shape("blocks/attention/out/kernel", leaf(4, 16, 64)) == (1, 64, 64)
+    assert shape("layers/q_proj/kernel", leaf(3, 64, 32)) == (3, 64, 32)
+    hidden = matrices.hidden_matrices(
+        {
+            "embed_tokens": {"embedding": leaf(10, 8)},
+            "lm_head": {"kernel": leaf(8, 10)},
+            "layers": {"up_proj": {"kernel": leaf(8, 16)}},
+        }
+    )
+    assert hidden["embed_tokens"]["embedding"] is None and hidden["lm_head"]["kernel"] is None
+    assert hidden["layers"]["up_proj"]["kernel"] is not None
+
+
+@pytest.mark.parametrize("name", ["adamw", "muon", "soap"])
+def test_matrix_and_adam_optimizers_shard_over_fsdp_and_tensor(name):
+    """The kit's sharded check: kernels split 4 x 2 over fsdp x tensor, biases over tensor, the state alike; two
+    steps equal one device's within the kit's tolerance. SOAP rotates only the sides of at most 4 (the 8 x 4
+    kernel's output side): the kit's first gradients are rank-deficient on the longer sides, whose null space has
+    no one eigenbasis, so another layout's rounding picks another one (as it would in the paper's code)."""
+    kwargs = {"max_precond_dim": 4} if name == "soap" else {}
+    make = lambda: make_optimizer({"name": name, "learning_rate": 0.02, "kwargs": kwargs})
+    assert "4 x 2 fsdp x tensor mesh" in kit.check_sharded(make)
