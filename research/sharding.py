@@ -89,13 +89,29 @@ def param_shardings(abstract_params: PyTree, mesh: Mesh, rules: Sequence[tuple[s
     return jax.tree_util.tree_map_with_path(place, abstract_params)
 
 
+SPREAD_BYTES = 1 << 20  # an optimizer-state leaf of another shape than any parameter's, from this size, is split
+
+
+def spread(leaf: Any, mesh: Mesh) -> NamedSharding:
+    """Where an optimizer-state leaf that mirrors no parameter goes (SOAP's eigenbases, Shampoo-like factors: one
+    matrix per layer or side): split along its first dimension that `fsdp` divides, when it is large; small leaves
+    (counters, Adafactor's factored moments) and meshes without `fsdp` replicate it."""
+    size = dict(mesh.shape).get("fsdp", 1)
+    itemsize = getattr(leaf.dtype, "itemsize", 0)  # a typed PRNG key has none: replicated
+    if size > 1 and int(np.prod(leaf.shape)) * itemsize >= SPREAD_BYTES:
+        for index, dimension in enumerate(leaf.shape):
+            if dimension % size == 0:
+                return NamedSharding(mesh, P(*([None] * index), "fsdp"))
+    return replicated(mesh)
+
+
 def state_shardings(abstract_state: PyTree, mesh: Mesh, rules: Sequence[tuple[str, tuple]] = ((".*", ()),)) -> PyTree:
     """Shardings for every leaf of the (abstract) train state.
 
     Parameters, and the model state's variables (BatchNorm statistics, a distillation teacher's weights),
     follow `rules`; an optimizer-state leaf whose path ends with a parameter's path and has its shape
-    (Adam's mu and nu, momentum, ...) takes that parameter's sharding; everything else (step, rng,
-    counters) is replicated.
+    (Adam's mu and nu, momentum, ...) takes that parameter's sharding, another large one is split over
+    `fsdp` (`spread`); everything else (step, rng, counters) is replicated.
     """
     params = param_shardings(abstract_state.params, mesh, rules)
     by_name = {
@@ -112,7 +128,7 @@ def state_shardings(abstract_state: PyTree, mesh: Mesh, rules: Sequence[tuple[st
         for param_name, (shape, where) in longest_first:
             if (name == param_name or name.endswith("/" + param_name)) and tuple(leaf.shape) == tuple(shape):
                 return where
-        return replicated(mesh)
+        return spread(leaf, mesh)
 
     opt_state = jax.tree_util.tree_map_with_path(mirror, abstract_state.opt_state)
     model_state = param_shardings(abstract_state.model_state, mesh, rules)

@@ -87,6 +87,27 @@ def test_a_dimension_the_axis_does_not_divide_stays_whole():
     assert sharding.spec_for((10, 12), ("fsdp", None), mesh) == jax.sharding.PartitionSpec(None, None)
 
 
+def test_large_optimizer_state_that_mirrors_no_parameter_splits_over_fsdp():
+    """SOAP's per-layer eigenbases (L x n x n) split along their first dimension fsdp divides; a small leaf, and any
+    leaf on a mesh without fsdp, stays whole; a leaf shaped like a parameter still mirrors it."""
+    from research.state import TrainState
+
+    P = jax.sharding.PartitionSpec
+    leaf = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)
+    params = {"layers": {"q_proj": {"kernel": leaf(4, 64, 64)}}}
+    opt_state = {"bases": {"layers": {"q_proj": {"kernel": (leaf(4, 512, 512), leaf(3, 512, 512))}}}}
+    opt_state |= {"count": leaf(), "small": leaf(8, 8), "mu": params}
+    state = TrainState(step=leaf(), params=params, model_state={}, opt_state=opt_state, rng=leaf(2))
+    rules = ((r"kernel$", (None, "fsdp", "tensor")), (".*", ()))
+    fsdp = sharding.state_shardings(state, sharding.make_mesh({"data": 1, "fsdp": 4, "tensor": 2}), rules)
+    left, right = fsdp.opt_state["bases"]["layers"]["q_proj"]["kernel"]
+    assert left.spec == P("fsdp") and right.spec == P(None, "fsdp")  # 3 layers: the next dimension
+    assert fsdp.opt_state["small"].spec == P() and fsdp.opt_state["count"].spec == P()
+    assert fsdp.opt_state["mu"]["layers"]["q_proj"]["kernel"].spec == P(None, "fsdp", "tensor")
+    data = sharding.state_shardings(state, sharding.make_mesh({"data": 8, "fsdp": 1, "tensor": 1}), rules)
+    assert data.opt_state["bases"]["layers"]["q_proj"]["kernel"][0].spec == P()
+
+
 def gpt_loss(params, batch, rng, *, model):
     logits = model.apply({"params": params}, batch["inputs"])
     nll = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], batch["inputs"][:, 1:])
