@@ -83,7 +83,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             "scan_layers": False,  # llama: one compiled block under nn.scan, whatever the depth
             "remat": "none",  # research/models/transformer.py's REMAT_POLICIES
             "dtype": "float32",  # compute dtype (bfloat16: mixed precision)
-            "param_dtype": "float32",  # bfloat16 halves parameter memory; the optimizer's moments follow it
+            "param_dtype": "float32",  # bfloat16 halves parameter memory (moments: optimizer.moment_dtype)
             **{"dropout_rate": 0.0, "use_bias": False},  # gpt only (GPT-2's checkpoints have biases)
             "loss_chunk": 0,  # >0: the loss's head runs on this many positions at a time
             "attention": "auto",  # llama: research/models/kernels.py (cuDNN on GPUs, splash on TPUs, else XLA)

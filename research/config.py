@@ -173,6 +173,11 @@ def optimizer_config() -> ml_collections.ConfigDict:
             "decay_exclude": r"(^|/)(bias|scale)$",
             "accumulate_steps": 1,  # k: each step averages gradients over k micro-batches of batch_size / k
             "ema_decay": 0.0,  # >0: evaluate an exponential moving average of the parameters
+            # The optimizer's precision (research/optim/precision.py): "" its moments follow the parameters' dtype,
+            # "float32" keeps them in float32 for bfloat16 parameters; master_weights keeps a float32 copy of the
+            # parameters that the updates accumulate into.
+            "moment_dtype": "",
+            "master_weights": False,
         }
     )
 

@@ -25,7 +25,7 @@ import optax.contrib
 
 from research.config import optimizer_config
 from research.errors import ConfigError
-from research.optim import ademamix, cautious, contract, matrices, pruning, regularizers, soap
+from research.optim import ademamix, cautious, contract, matrices, precision, pruning, regularizers, soap
 from research.optim.contract import first_line, line_in
 from research.optim.schedules import SCHEDULES
 from research.tree import path_name
@@ -205,7 +205,12 @@ def make_optimizer(config: Mapping[str, Any], num_steps: int = 0) -> optax.Gradi
         parts.append(optax.masked(regularizers.decoupled_weight_decay(settings.weight_decay, learning_rate), mask))
     if settings.ema_decay > 0:
         parts.append(regularizers.ema_of_params(settings.ema_decay))
-    return optax.chain(*parts)
+    tx = optax.chain(*parts)
+    if settings.moment_dtype not in ("", "float32", "bfloat16"):
+        raise ConfigError(f"optimizer.moment_dtype {settings.moment_dtype!r}: use '', 'float32' or 'bfloat16'")
+    if settings.moment_dtype:
+        tx = precision.in_dtype(tx, settings.moment_dtype)
+    return precision.with_master_weights(tx) if settings.master_weights else tx
 
 
 def make_tx(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
