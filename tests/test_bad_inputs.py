@@ -188,6 +188,7 @@ def run_capped(arguments: list[str]) -> tuple[subprocess.CompletedProcess, list[
     return result, result.stderr.strip().splitlines()
 
 
+@pytest.mark.slow  # 17 s: keeps the quick suite within its 6 minutes
 def test_a_device_out_of_memory_is_one_line_with_what_to_change(tmp_path):
     """A step larger than the device's memory (here the CPU's, capped; a GPU's pool or a TPU's HBM alike):
     XLA's error becomes one line with what to change, exit status 6; for predict.py exit status 2, and the

@@ -50,6 +50,7 @@ def test_bad_head_counts_or_policy_are_one_line_errors():
         )
 
 
+@pytest.mark.slow  # 11 s: keeps the quick suite within its 6 minutes
 def test_rolling_cache_equals_the_full_pass_far_past_the_block():
     """40 tokens past a block of 16: the cache rolls (16 slots of the 2 key/value heads, not the 4 query
     heads) and gives the full pass's sliding-window logits, so sampled tokens agree too."""

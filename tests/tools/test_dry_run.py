@@ -87,7 +87,9 @@ def lm_config(**overrides):
     "spec, kernel, mesh",
     [
         ("tpu:v5e-4", "splash attention (Pallas)", {"data": 2, "fsdp": 2, "tensor": 1}),
-        ("gpu:h100:8", "cuDNN fused attention", {"data": 2, "fsdp": 2, "tensor": 2}),
+        pytest.param(  # 13 s: with the slow ones, keeping the quick suite within its 6 minutes
+            "gpu:h100:8", "cuDNN fused attention", {"data": 2, "fsdp": 2, "tensor": 2}, marks=pytest.mark.slow
+        ),
     ],
 )
 def test_lm_compiles_for_tpu_and_gpu_with_the_fused_attention_kernel(spec, kernel, mesh):
@@ -187,6 +189,7 @@ def entry_argument_bytes(program: str) -> tuple[int, int]:
     return plain, tiled
 
 
+@pytest.mark.slow  # 12 s: keeps the quick suite within its 6 minutes
 def test_an_oversized_model_is_reported_as_not_fitting_with_exit_status_one():
     command = [sys.executable, "launch.py", "--config", "experiments/lm.py:llama2-70b", "--dry_run"]
     command += ["--target", "tpu:v5e-8", "--config.batch_size=8"]
@@ -218,6 +221,7 @@ def test_a_gpu_program_over_jaxs_default_pool_gets_the_fraction_to_run_with(defa
 EXPERTS_OVER_4 = {"mesh.data": 1, "mesh.fsdp": 2, "mesh.expert": 4, "mesh.tensor": 1, "batch_size": 8}
 
 
+@pytest.mark.slow  # 9 s: keeps the quick suite within its 6 minutes
 def test_a_mixture_of_experts_dry_run_shows_its_all_to_alls_and_their_bytes():
     """:smoke-mixtral (one layer of 64, 8 experts, top 2, float32) on 8 CPU devices, its experts over 4 of them: each
     device's 32 tokens go to the experts in a buffer of 4 blocks of their 64 copies, 3 of which it sends: forward
