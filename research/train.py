@@ -10,18 +10,18 @@ import dataclasses
 import json
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping
 
 import jax
 import ml_collections
 from jax.sharding import Mesh
 
-from research import checkpoint, perf, runtime, sharding, trained_run
+from research import checkpoint, early_stopping, perf, runtime, sharding, trained_run
 from research import experiment as experiment_lib
 from research import metrics as metrics_lib
 from research.config import check_trainer
-from research.errors import ConfigError, NonFiniteError, StorageError
-from research.logger import Logger, TrainMetrics, check_backends, read_jsonl
+from research.errors import NonFiniteError, StorageError
+from research.logger import Logger, TrainMetrics, check_backends
 from research.optim.regularizers import eval_params
 from research.resilience import rollback, slurm, storage, watchdog
 from research.resilience.preemption import PreemptionWatcher
@@ -72,37 +72,6 @@ def evaluate(state: TrainState, dataset: Iterable, *, step_fn: Callable, mesh: M
     if accumulated is None:
         raise ValueError("the evaluation split yielded no batches")
     return metrics_lib.compute(accumulated)
-
-
-def should_stop(history: Sequence[float], *, mode: str, patience: int) -> bool:
-    """True when the last `patience` evaluations did not beat the best one before them."""
-    if patience <= 0 or len(history) <= patience:
-        return False
-    best_before = min(history[:-patience]) if mode == "min" else max(history[:-patience])
-    recent = history[-patience:]
-    improved = min(recent) < best_before if mode == "min" else max(recent) > best_before
-    return not improved
-
-
-def stop_early(history: list[float], results: dict[str, float], early_stopping: ml_collections.ConfigDict) -> bool:
-    """Appends eval/<metric> to `history`; True when it has not improved for `patience` evaluations."""
-    if not early_stopping.metric:
-        return False
-    key = f"eval/{early_stopping.metric}"
-    if key not in results or early_stopping.mode not in ("min", "max"):
-        raise ConfigError(
-            f"early_stopping: metric must be one of {sorted(name[5:] for name in results)} and mode 'min' or 'max'"
-        )
-    history.append(results[key])
-    return should_stop(history, mode=early_stopping.mode, patience=early_stopping.patience)
-
-
-def _eval_history(workdir: Path, early_stopping, up_to_step: int) -> list[float]:
-    """The early-stopping metric's values logged up to a resumed step, so patience survives a restart."""
-    path, key = workdir / "metrics.jsonl", f"eval/{early_stopping.metric}"
-    if not early_stopping.metric or not up_to_step or not path.exists():
-        return []
-    return [record[key] for record in read_jsonl(path) if key in record and record["step"] <= up_to_step]
 
 
 def _finished_results(results_file: Path, start: int, num_steps: int) -> dict[str, float] | None:
@@ -202,7 +171,7 @@ class Run:
             for step in range(self.step + 1, config.num_steps + 1):
                 self.dispatch(step, dispatched)
                 evaluated = self.evaluate_every(step)
-                if evaluated and stop_early(self.history, evaluated, config.early_stopping):
+                if evaluated and early_stopping.stop(self.history, evaluated, config.early_stopping):
                     self.train_metrics.close_window(step)
                     return step
                 stopping = preemption.requested is not None or step == stop_at_step
@@ -230,31 +199,34 @@ class Run:
     def evaluate_every(self, step: int) -> dict[str, float] | None:
         """The validation metrics (and the downstream tasks' when they run too) when `step` is an evaluation step
         before the last (the last has the final ones); downstream tasks at other steps are logged, not returned."""
-        every, evaluated = self.config.eval_every, None
-        if step == self.config.num_steps:
+        every, last = self.config.eval_every, self.config.num_steps
+        validation, tasks = bool(every) and step % every == 0, self.downstream is not None and self.downstream.due(step)
+        if step == last or not (validation or tasks):
             return None
-        if every and step % every == 0:
-            self.train_metrics.flush()
-            evaluated = self.evaluate("validation", "eval", step)
-        if self.downstream is not None and self.downstream.due(step):
-            self.train_metrics.flush()
-            tasks = self.evaluate_tasks(step)
-            evaluated = evaluated | tasks if evaluated is not None else None
-        return evaluated
+        self.train_metrics.flush()
+        evaluated = self.evaluate("validation", "eval", step) if validation else None
+        tasks = self.evaluate_tasks(step) if tasks else {}
+        return None if evaluated is None else evaluated | tasks
+
+    @property
+    def evaluated_state(self) -> TrainState:
+        """The state as evaluated: the parameters' EMA (or schedule-free average) when the optimizer keeps one."""
+        return self.state.replace(params=eval_params(self.state.params, self.state.opt_state))
 
     def evaluate(self, split: str, prefix: str, step: int) -> dict[str, float]:
-        """Metrics of `split` (with the parameters' EMA when the optimizer keeps one), logged as `prefix/...`."""
-        state = self.state.replace(params=eval_params(self.state.params, self.state.opt_state))
-        results = evaluate(state, self.eval_data[split], step_fn=self.setup.eval_step, mesh=self.setup.mesh)
+        """Metrics of `split` on `evaluated_state`, logged as `prefix/...`."""
+        results = evaluate(
+            self.evaluated_state, self.eval_data[split], step_fn=self.setup.eval_step, mesh=self.setup.mesh
+        )
         results = {f"{prefix}/{name}": value for name, value in results.items()}
         self.logger.write(step, results)
         return results
 
     def evaluate_tasks(self, step: int) -> dict[str, float]:
-        """The downstream tasks' metrics on the state as evaluated (`evaluate`'s), logged as `eval/TASK/METRIC`."""
-        state, start = self.state.replace(params=eval_params(self.state.params, self.state.opt_state)), time.time()
-        results = {f"eval/{name}": value for name, value in self.downstream(state).items()}
-        self.logger.write(step, results | {"perf/evals_seconds": time.time() - start})
+        """The downstream tasks' metrics on `evaluated_state`, logged as `eval/TASK/METRIC` with their seconds."""
+        start = time.perf_counter()
+        results = {f"eval/{name}": value for name, value in self.downstream(self.evaluated_state).items()}
+        self.logger.write(step, results | {"perf/evals_seconds": time.perf_counter() - start})
         return results
 
     def save(self, step: int, metrics: dict | None = None, force: bool = False) -> None:
@@ -318,7 +290,7 @@ class Run:
         )
         self.profiler = perf.StepProfiler(config.profile_steps, workdir / "profile")
         self.eval_data = {split: self.experiment.make_data(config, split) for split in ("validation", "test")}
-        self.history = _eval_history(workdir, config.early_stopping, self.step)
+        self.history = early_stopping.history(workdir, config.early_stopping, self.step)
 
     def close(self, manager: bool = True, quietly: bool = False, failed: bool = False) -> None:
         """Ends the profile, waits for the last checkpoint, closes the logs (`failed`: marked so) and the checkpoint

@@ -10,7 +10,7 @@ import pytest
 
 from conftest import assert_trees_close, read_metrics
 from experiments import digits_mlp, linear_regression
-from research import metrics, sharding, steps, train
+from research import early_stopping, metrics, sharding, steps, train
 from research.errors import ConfigError
 
 
@@ -155,7 +155,7 @@ def test_model_state_is_updated_in_training_and_used_in_evaluation(tmp_path):
 
 
 def test_should_stop_after_patience_evaluations_without_improvement():
-    assert train.should_stop([1.0, 0.9, 0.95, 0.93], mode="min", patience=2)
-    assert not train.should_stop([1.0, 0.9, 0.95, 0.85], mode="min", patience=2)
-    assert not train.should_stop([1.0, 0.9, 0.95], mode="min", patience=2)
-    assert train.should_stop([0.5, 0.7, 0.6], mode="max", patience=1)
+    assert early_stopping.should_stop([1.0, 0.9, 0.95, 0.93], mode="min", patience=2)
+    assert not early_stopping.should_stop([1.0, 0.9, 0.95, 0.85], mode="min", patience=2)
+    assert not early_stopping.should_stop([1.0, 0.9, 0.95], mode="min", patience=2)
+    assert early_stopping.should_stop([0.5, 0.7, 0.6], mode="max", patience=1)

@@ -91,7 +91,7 @@ OPTIMIZERS: dict[str, Factory] = {
     "lion": optax.lion,
     "adafactor": optax.adafactor,
     "muon": muon,
-    "soap": soap.soap,
+    "soap": soap.scale_by_soap,  # a direction: the contract adds the learning rate
     "schedule_free_adamw": optax.contrib.schedule_free_adamw,
     "adopt": optax.contrib.adopt,
     "ademamix": ademamix.ademamix,

@@ -127,17 +127,3 @@ def scale_by_soap(
         return new_updates, SoapState(count, mu, nu, factors, bases)
 
     return optax.GradientTransformation(init_fn, update_fn)
-
-
-def soap(
-    learning_rate: optax.ScalarOrSchedule,
-    b1: float = 0.95,
-    b2: float = 0.95,
-    shampoo_beta: float = -1.0,
-    eps: float = 1e-8,
-    precondition_frequency: int = 10,
-    max_precond_dim: int = 10000,
-) -> optax.GradientTransformation:
-    """SOAP (Vyas et al. 2024) at `learning_rate`; the trainer adds weight decay and clipping."""
-    direction = scale_by_soap(b1, b2, shampoo_beta, eps, precondition_frequency, max_precond_dim)
-    return optax.chain(direction, optax.scale_by_learning_rate(learning_rate))
