@@ -53,7 +53,7 @@ class DuringTraining:
         harness.quiet_harness()
         self.tasks = [task for task in settings.tasks.split(",") if task]
         if settings.every < 0 or settings.limit < 0 or settings.batch_size < 1:
-            raise ConfigError("config.evals: every and limit must be >= 0 (0: each evaluation, all examples)")
+            raise ConfigError("config.evals: every and limit must be >= 0 (0: each evaluation, all), batch_size >= 1")
         shards = int(np.lcm(sharding.batch_divisor(setup.mesh), jax.process_count()))
         if settings.batch_size % shards:
             raise ConfigError(
