@@ -40,6 +40,11 @@ def axes_of(name: str, leaf: Any) -> Axes | None:
     return Axes(reduction_axis=-2, output_axis=-1)
 
 
+def is_axes(node: Any) -> bool:
+    """A leaf of `all_matrices`' or `hidden_matrices`' trees (None or Axes), for jax.tree.map's is_leaf."""
+    return node is None or isinstance(node, Axes)
+
+
 def all_matrices(params: PyTree) -> PyTree:
     """Every parameter's axes (`axes_of`), None for vectors."""
     return jax.tree_util.tree_map_with_path(lambda path, leaf: axes_of(path_name(path), leaf), params)

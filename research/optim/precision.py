@@ -17,16 +17,14 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from research.optim import contract
+
 PyTree = Any
 
 
 def _cast(tree: PyTree, dtype) -> PyTree:
     """Floating leaves in `dtype`, the others as they are."""
     return jax.tree.map(lambda leaf: leaf.astype(dtype) if jnp.issubdtype(leaf.dtype, jnp.floating) else leaf, tree)
-
-
-def _like(tree: PyTree, reference: PyTree) -> PyTree:
-    return jax.tree.map(lambda leaf, other: leaf.astype(other.dtype), tree, reference)
 
 
 def in_dtype(tx: optax.GradientTransformation, dtype: str) -> optax.GradientTransformationExtraArgs:
@@ -39,7 +37,7 @@ def in_dtype(tx: optax.GradientTransformation, dtype: str) -> optax.GradientTran
     def update_fn(updates, state, params=None, **extra_args):
         cast_params = None if params is None else _cast(params, dtype)
         new_updates, state = inner.update(_cast(updates, dtype), state, cast_params, **extra_args)
-        return _like(new_updates, updates), state
+        return contract.cast_like(new_updates, updates), state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
@@ -65,6 +63,6 @@ def with_master_weights(tx: optax.GradientTransformation) -> optax.GradientTrans
         master = optax.apply_updates(state.master, steps)
         # the parameters become the copy rounded to their dtype: the update is the difference, taken in float32
         to_master = jax.tree.map(lambda copy, old: copy.astype(old.dtype).astype(jnp.float32) - old, master, params)
-        return _like(to_master, params), MasterState(master, inner_state)
+        return contract.cast_like(to_master, params), MasterState(master, inner_state)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -56,18 +56,16 @@ def scale_by_soap(
     shampoo_beta = b2 if shampoo_beta < 0 else shampoo_beta
 
     def init_leaf(leaf, axes):
+        nu = jnp.zeros(leaf.shape, jnp.float32)
         if axes is None:
-            return jnp.zeros(leaf.shape, jnp.float32), (None, None), (None, None)
+            return nu, (None, None), (None, None)
         batch, rows, columns, left, right = _sides(leaf, axes, max_precond_dim)
         square = lambda size, keep: jnp.zeros((batch, size, size), jnp.float32) if keep else None
         eye = lambda size, keep: jnp.broadcast_to(jnp.eye(size), (batch, size, size)) if keep else None
-        nu = jnp.zeros(leaf.shape, jnp.float32)
         return nu, (square(rows, left), square(columns, right)), (eye(rows, left), eye(columns, right))
 
     def init_fn(params):
-        axes = matrices.all_matrices(params)
-        is_axes = lambda node: node is None or isinstance(node, matrices.Axes)
-        parts = jax.tree.map(lambda leaf, axis: init_leaf(leaf, axis), params, axes, is_leaf=is_axes)
+        parts = jax.tree.map(init_leaf, params, matrices.all_matrices(params), is_leaf=matrices.is_axes)
         pick = lambda index: jax.tree.map(lambda part: part[index], parts, is_leaf=lambda node: isinstance(node, tuple))
         mu = jax.tree.map(lambda leaf: jnp.zeros(leaf.shape, jnp.float32), params)
         return SoapState(jnp.zeros([], jnp.int32), mu, pick(0), pick(1), pick(2))
@@ -85,7 +83,6 @@ def scale_by_soap(
         count = state.count + 1
         step = count - 1  # Adam's step count: the first call only starts the factors and their bases
         axes = matrices.all_matrices(updates)
-        is_axes = lambda node: node is None or isinstance(node, matrices.Axes)
         gradients = jax.tree.map(lambda leaf: leaf.astype(jnp.float32), updates)
         mu = jax.tree.map(lambda m, g: b1 * m + (1 - b1) * g, state.mu, gradients)
         corrected_first, corrected_second = 1 - b1 ** jnp.maximum(step, 1), 1 - b2 ** jnp.maximum(step, 1)
@@ -102,7 +99,7 @@ def scale_by_soap(
             normalized = rotated / (jnp.sqrt(flat_second / corrected_second) + eps)
             return back(rotate(normalized, basis, transpose=False)), back(flat_second)
 
-        pairs = jax.tree.map(direction, gradients, mu, state.nu, axes, state.bases, is_leaf=is_axes)
+        pairs = jax.tree.map(direction, gradients, mu, state.nu, axes, state.bases, is_leaf=matrices.is_axes)
         is_pair = lambda node: isinstance(node, tuple) and len(node) == 2 and not isinstance(node[0], tuple)
         new_updates = jax.tree.map(lambda pair, leaf: pair[0].astype(leaf.dtype), pairs, updates, is_leaf=is_pair)
         nu = jax.tree.map(lambda pair: pair[1], pairs, is_leaf=is_pair)
@@ -118,7 +115,7 @@ def scale_by_soap(
                 right = shampoo_beta * right + (1 - shampoo_beta) * jnp.einsum("bji,bjk->bik", flat, flat)
             return left, right
 
-        factors = jax.tree.map(accumulate, gradients, axes, state.factors, is_leaf=is_axes)
+        factors = jax.tree.map(accumulate, gradients, axes, state.factors, is_leaf=matrices.is_axes)
         fresh = lambda: jax.tree.map(lambda square: jnp.linalg.eigh(square)[1], factors)
         bases = jax.lax.cond((step == 0) | (step % precondition_frequency == 0), fresh, lambda: state.bases)
         first_call = lambda new, old: jnp.where(step == 0, old, new)  # the first call: no step, no moments
