@@ -10,6 +10,7 @@
   python launch.py --check_optimizer path/to/my_opt.py:make     # the optimizer conformance kit
   python launch.py --bench_optimizer adamw                       # the kit, then steps/seconds to target vs baselines
   python launch.py --config experiments/mnist_mlp.py:cpu --sweep sweeps/adam_paper_mnist.py --sweep_parallel 2
+  python launch.py --config experiments/lm.py --compare_optimizers adamw,muon --workdir runs/compare  # tuned, seeds
   python launch.py --reproduce shakespeare_gpt:cpu              # measured vs each reference value, PASS/FAIL
 
 `--config path.py:arg` passes `arg` to the module's `get_config`; `--config.a.b=v` overrides a key
@@ -59,6 +60,8 @@ _SWEEP = flags.DEFINE_string("sweep", None, "sweeps/NAME.py: a run of --config p
 _SWEEP_PARALLEL = flags.DEFINE_integer("sweep_parallel", 1, "runs at once, each on its share of the cores (0: a core)")
 _SWEEP_EMIT = flags.DEFINE_boolean("sweep_emit", False, "print the unfinished runs' commands; run nothing")
 _SWEEP_SLURM = flags.DEFINE_string("sweep_slurm", "", "write the unfinished runs as a SLURM job array script here")
+_COMPARE = flags.DEFINE_list("compare_optimizers", None, "tune each one's rate on --config's BENCHMARK, then seeds")
+_COMPARE_SEEDS = flags.DEFINE_integer("compare_seeds", 3, "seeds at each optimizer's best rate")
 _REPRODUCE = flags.DEFINE_string("reproduce", None, "EXPERIMENT[:config] or all:smoke: measured vs reference values")
 
 
@@ -137,13 +140,26 @@ def main(argv: list[str]) -> None:
         module = flags.FLAGS["config"].parser.module
         if _DRY_RUN.value or _PLAN.value:
             return compile_only(module, config_flags.get_config_filename(flags.FLAGS["config"]))
-        if module is None or not _WORKDIR.value and not _SWEEP.value:  # None, or '' (which would be the current one)
+        if (
+            module is None or not _WORKDIR.value and not (_SWEEP.value or _COMPARE.value)
+        ):  # None, or '' (which would be the current one)
             fail("pass --config experiments/NAME.py[:arg] and --workdir DIR (or --list to see the experiments)")
         config_argument = config_flags.get_config_filename(flags.FLAGS["config"])
+        overrides = config_flags.get_override_values(flags.FLAGS["config"])
+        if _COMPARE.value:
+            from research.tools import compare_optimizers
+
+            options = dict(parallel=_SWEEP_PARALLEL.value, seeds=_COMPARE_SEEDS.value, launch=Path(__file__).resolve())
+            workdir = _WORKDIR.value or str(
+                Path("runs") / "compare" / experiment.name_of(config_argument.partition(":")[0])
+            )
+            passed = compare_optimizers.main(
+                _CONFIG.value, module, config_argument, _COMPARE.value, workdir, overrides=overrides, **options
+            )
+            sys.exit(0 if passed else 1)
         if _SWEEP.value:
             from research.tools import sweep
 
-            overrides = config_flags.get_override_values(flags.FLAGS["config"])
             options = dict(
                 parallel=_SWEEP_PARALLEL.value,
                 emit_only=_SWEEP_EMIT.value,

@@ -33,7 +33,8 @@ LOSS = dict(metric="eval/loss", better="min")
 REFERENCES = (
     experiment.Reference(config="cpu", value=1.88, tolerance=0.05, source=NANOGPT, kind="published", **LOSS),
     experiment.Reference(config="smoke", value=3.09, tolerance=0.15, source=SMOKE_SOURCE, kind="ours", **LOSS),
-)
+)  # --bench_optimizer's and --compare_optimizers' workload: :cpu until the loss AdamW passes near step 1,650
+BENCHMARK = experiment.Workload("loss", 1.70, "min", 100, 2000, (("adamw", 1e-3), ("momentum", 0.3)))
 PARAM_RULES = (  # vocabulary dimensions split over tensor too; scanned layers' leading layer axis stays whole
     (r"layers/(q_proj|k_proj|v_proj|gate_proj|up_proj)/kernel$", (None, "fsdp", "tensor")),  # L x D x F
     (r"layers/(o_proj|down_proj)/kernel$", (None, "tensor", "fsdp")),  # L x F x D

@@ -260,9 +260,11 @@ def plot_curves(groups: dict[tuple, list[RunRecord]], key: str, path: Path, titl
     return path
 
 
-def plot_against(groups: dict[tuple, list[RunRecord]], key: str, metric: str, path: Path, title: str = "") -> Path:
+def plot_against(
+    groups: dict[tuple, list[RunRecord]], key: str, metric: str, path: Path, title: str = "", log_x: bool = False
+) -> Path:
     """One PNG: the final `metric` of each group (mean, error bar min-max over seeds) against the config `key`
-    (accuracy against pruning.sparsity, say), the other varying keys as separate lines."""
+    (accuracy against pruning.sparsity, say; a learning rate with `log_x`), the other varying keys as separate lines."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display
@@ -279,6 +281,9 @@ def plot_against(groups: dict[tuple, list[RunRecord]], key: str, metric: str, pa
         x, mean, low, high = np.asarray(sorted(points)).T
         axis.errorbar(x, mean, yerr=[mean - low, high - mean], marker="o", capsize=3, label=name)
     axis.set_xlabel(key)
+    if log_x:
+        axis.set_xscale("log")
+        axis.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # the decades' labels only
     axis.set_ylabel(f"final {metric}")
     axis.grid(True, alpha=0.3)
     if len(lines) > 1:

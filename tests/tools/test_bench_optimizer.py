@@ -7,11 +7,12 @@ from research.tools import bench_optimizer
 
 def test_workloads_are_the_experiments_that_declare_one():
     declared = bench_optimizer.workloads(EXPERIMENTS_DIR)
-    assert sorted(declared) == ["digits_mlp", "linear_regression"]
+    assert sorted(declared) == ["digits_mlp", "linear_regression", "lm"]
     assert (
         declared["digits_mlp"][1].target == 0.95
         and dict(declared["digits_mlp"][1].baseline_learning_rates)["adamw"] == 3e-3
     )
+    assert (declared["lm"][1].metric, declared["lm"][1].target, declared["lm"][1].budget) == ("loss", 1.70, 2000)
 
 
 def test_linear_regression_workload_reaches_its_target_and_tabulates():
