@@ -81,6 +81,7 @@ def _local(query, key, value, positions, segments, *, count, window, scale, soft
         jnp.zeros((batch, half, kv_heads, heads // kv_heads, head_dim), jnp.float32),
     )
     states = [empty(), empty()]
+    block = jax.checkpoint(functools.partial(_block, window=window, scale=scale, softcap=softcap))  # recomputed
     ring = [(index, (index + 1) % count) for index in range(count)]
     travelling = (key, value, positions, segments)
     for step in range(count):
@@ -95,7 +96,6 @@ def _local(query, key, value, positions, segments, *, count, window, scale, soft
                     seen &= query_positions[q].min() - position_halves[k].max() < window
                 operands = (query_halves[q], key_halves[k], value_halves[k], query_positions[q], position_halves[k])
                 operands += (query_segments[q], segment_halves[k])
-                block = jax.checkpoint(functools.partial(_block, window=window, scale=scale, softcap=softcap))
                 states[q] = jax.lax.cond(
                     seen, lambda state, ops: _merge(state, block(*ops)), lambda state, ops: state, states[q], operands
                 )
