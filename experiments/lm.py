@@ -91,7 +91,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             **{key: getattr(Llama, key) for key in MOE_RUN},  # experts (num_experts > 0): research/models/moe.py
         }
     )
-    config.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "expert": 1, "tensor": 1})
+    config.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "expert": 1, "context": 1, "tensor": 1})
     config.param_rules = PARAM_RULES
     config.optimizer.kwargs.b2 = 0.99
     config.update_from_flattened_dict(NANOGPT_OPTIMIZER | CPU | {"eval_batch_size": 64, "checkpoint.every_steps": 1000})

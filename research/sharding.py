@@ -22,6 +22,7 @@ from research.tree import path_name
 
 PyTree = Any
 BATCH_AXES = ("data", "fsdp", "expert")  # experts' devices hold tokens of their own too
+CONTEXT_AXIS = "context"  # each sequence's positions split over it (context parallelism)
 
 
 def make_mesh(axis_sizes: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
@@ -51,9 +52,17 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
-def batch_sharding(mesh: Mesh) -> NamedSharding:
-    """Leading (batch) dimension split over every batch axis present in the mesh."""
+def context_shards(mesh: Mesh) -> int:
+    """How many pieces each sequence is split into: the mesh's `context` axis (1 without one)."""
+    return mesh.shape[CONTEXT_AXIS] if CONTEXT_AXIS in mesh.axis_names else 1
+
+
+def batch_sharding(mesh: Mesh, shape: tuple[int, ...] = ()) -> NamedSharding:
+    """Leading (batch) dimension split over every batch axis present in the mesh; the second (a sequence's
+    positions) over `context` too when the mesh has one and `shape` (the global array's) is at least 2-D."""
     axes = tuple(axis for axis in BATCH_AXES if axis in mesh.axis_names)
+    if context_shards(mesh) > 1 and len(shape) >= 2:
+        return NamedSharding(mesh, P(axes, CONTEXT_AXIS))
     return NamedSharding(mesh, P(axes))
 
 
@@ -71,10 +80,16 @@ def match_rule(name: str, rules: Sequence[tuple[str, tuple]]) -> tuple[int, tupl
 
 
 def spec_for(shape: tuple[int, ...], axes: tuple, mesh: Mesh) -> P:
-    """A PartitionSpec giving dimension i the mesh axis axes[i], where that axis divides it."""
+    """A PartitionSpec giving dimension i the mesh axis axes[i], where that axis divides it. Under context
+    parallelism `fsdp` stands for `fsdp` x `context`: a sequence's devices share its weights as FSDP's do (as
+    torchtitan shards over its data-shard x context mesh), so that splitting sequences does not copy the state."""
     spec = []
     for dimension, axis in zip(shape, axes):
-        usable = axis is not None and axis in mesh.axis_names and dimension % mesh.shape[axis] == 0
+        if axis == "fsdp" and context_shards(mesh) > 1:
+            axis = ("fsdp", CONTEXT_AXIS) if "fsdp" in mesh.axis_names else CONTEXT_AXIS
+        names = axis if isinstance(axis, tuple) else (axis,)
+        usable = axis is not None and all(name in mesh.axis_names for name in names)
+        usable = usable and dimension % int(np.prod([mesh.shape[name] for name in names])) == 0
         spec.append(axis if usable else None)
     return P(*spec)
 
@@ -140,5 +155,8 @@ def state_shardings(abstract_state: PyTree, mesh: Mesh, rules: Sequence[tuple[st
 
 def put_batch(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
     """Places this process's slice of the global batch on the mesh as one global array per key."""
-    sharding = batch_sharding(mesh)
-    return {key: jax.make_array_from_process_local_data(sharding, np.asarray(value)) for key, value in batch.items()}
+    arrays = {key: np.asarray(value) for key, value in batch.items()}
+    return {
+        key: jax.make_array_from_process_local_data(batch_sharding(mesh, value.shape), value)
+        for key, value in arrays.items()
+    }

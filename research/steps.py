@@ -170,6 +170,11 @@ def check_batch(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
         raise ConfigError(
             f"batch_size {config.batch_size} must be a multiple of the {shards} batch shards of mesh {dict(mesh.shape)}"
         )
+    length = config.get("model", {}).get("block_size", 0)
+    if length % sharding.context_shards(mesh):
+        raise ConfigError(
+            f"model.block_size {length} must be a multiple of mesh.context {sharding.context_shards(mesh)}"
+        )
     accumulate = config.optimizer.accumulate_steps
     if accumulate < 1 or config.batch_size % (accumulate * shards):
         raise ConfigError(f"optimizer.accumulate_steps {accumulate} must be >= 1 and divide batch_size / batch shards")
@@ -177,10 +182,10 @@ def check_batch(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
 
 def batch_spec_of(batch: Mapping[str, Any], mesh: Mesh) -> dict[str, jax.ShapeDtypeStruct]:
     """The global batch that a process-local batch (numpy arrays or ShapeDtypeStructs) is a slice of."""
-    processes, where = jax.process_count(), sharding.batch_sharding(mesh)
-    spec = {}
+    processes, spec = jax.process_count(), {}
     for key, value in batch.items():
         value = value if hasattr(value, "shape") else np.asarray(value)
+        where = sharding.batch_sharding(mesh, value.shape)
         spec[key] = jax.ShapeDtypeStruct((value.shape[0] * processes, *value.shape[1:]), value.dtype, sharding=where)
     return spec
 
@@ -250,7 +255,10 @@ def build(
         lambda leaf, where: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=where), shapes, shardings
     )
     check_against_params(tx, abstract_state.params, origin_of(config.optimizer.name))
-    batch_sharding, replicated = sharding.batch_sharding(mesh), sharding.replicated(mesh)
+    replicated = sharding.replicated(mesh)
+    batch_sharding = sharding.batch_sharding(mesh)  # context parallelism splits the sequences too: per array
+    if sharding.context_shards(mesh) > 1:
+        batch_sharding = {key: spec.sharding for key, spec in batch_spec.items()}
     jitted_train = jax.jit(
         functools.partial(train_step, loss_fn=loss_fn, tx=tx, accumulate_steps=config.optimizer.accumulate_steps),
         in_shardings=(shardings, batch_sharding),

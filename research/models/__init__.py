@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from research.errors import ConfigError
-from research.sharding import BATCH_AXES
+from research.sharding import BATCH_AXES, CONTEXT_AXIS
 
 # Compute dtypes a config may name; parameters, the loss and the optimizer stay float32 (mixed precision).
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
@@ -26,16 +26,20 @@ def compute_dtype(name: str) -> jnp.dtype:
 
 
 def shard_batch(x: jax.Array) -> jax.Array:
-    """x with its leading (batch) dimension split over the mesh's batch axes (data, fsdp, expert), when a mesh is set
+    """x with its leading (batch) dimension split over the mesh's batch axes (data, fsdp, expert) and its second
+    (positions) over `context` when the mesh has one, when a mesh is set
     (research/steps.py runs the steps under theirs). Without it, an activation may take the layout of a
     weight it meets (an embedding table split over its width by fsdp) and keep the whole batch on every
     device, so that activation memory grows with the global batch instead of the per-device one."""
     mesh = jax.sharding.get_abstract_mesh()
     axes = tuple(axis for axis in BATCH_AXES if not mesh.empty and axis in mesh.axis_names)
     size = int(np.prod([mesh.shape[axis] for axis in axes])) if axes else 1
-    if size == 1 or x.shape[0] % size:
+    batch = axes if size > 1 and x.shape[0] % size == 0 else None
+    shards = 1 if mesh.empty or CONTEXT_AXIS not in mesh.axis_names else mesh.shape[CONTEXT_AXIS]
+    context = CONTEXT_AXIS if shards > 1 and x.ndim >= 2 and x.shape[1] % shards == 0 else None
+    if batch is None and context is None:
         return x
-    return jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec(axes))
+    return jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec(batch, context))
 
 
 def laid_out(x: jax.Array, *axes: str | None) -> jax.Array:

@@ -27,10 +27,10 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from research.errors import ConfigError
-from research.models import softcapped
-from research.sharding import BATCH_AXES
+from research.models import ring, softcapped
+from research.sharding import BATCH_AXES, CONTEXT_AXIS
 
-IMPLEMENTATIONS = ("auto", "xla", "cudnn", "splash")
+IMPLEMENTATIONS = ("auto", "xla", "cudnn", "splash", "ring")
 SPLASH_BLOCK = 128  # splash's query and key blocks; the length must be a multiple
 CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
 
@@ -101,6 +101,8 @@ def choose(
         raise ConfigError(f"model.attention {implementation!r}: use one of {', '.join(IMPLEMENTATIONS)}")
     if implementation != "auto":
         return implementation
+    if ring.shards() > 1:  # the sequences split over `context`: passed around a ring, else gathered for XLA's
+        return "ring" if query_BxLxHxDh.shape[1] % (2 * ring.shards()) == 0 else "xla"
     if platform() == "gpu" and cudnn_supports(query_BxLxHxDh, segment_ids_BxL, softcap):
         return "cudnn"
     if platform() == "tpu" and splash_supports(query_BxLxHxDh, key_BxSxKxDh):
@@ -126,6 +128,11 @@ def attend(
     length, head_dim = query_BxLxHxDh.shape[1], query_BxLxHxDh.shape[3]
     scale = head_dim**-0.5 if scale is None else scale
     local_window = (window - 1, 0) if 0 < window < length else None
+    masks = dict(window=window if 0 < window < length else 0, scale=scale, softcap=softcap)
+    if chosen == "ring":
+        if length % (2 * ring.shards()):
+            raise ConfigError(f"model.attention 'ring': length {length} must be a multiple of 2 x mesh.context")
+        return ring.attend(query_BxLxHxDh, key_BxSxKxDh, value_BxSxKxDh, segment_ids_BxL, **masks)
     if chosen == "splash":
         return _splash(query_BxLxHxDh, key_BxSxKxDh, value_BxSxKxDh, segment_ids_BxL, local_window, scale, softcap)
     if chosen == "cudnn":
@@ -141,6 +148,8 @@ def attend(
             local_window_size=local_window,
             implementation="cudnn",
         )
+    if ring.shards() > 1:
+        query_BxLxHxDh, key_BxSxKxDh, value_BxSxKxDh = _gathered(query_BxLxHxDh, key_BxSxKxDh, value_BxSxKxDh)
     if softcap:  # jax.nn.dot_product_attention has no soft-cap
         allowed = _allowed(length, window, segment_ids_BxL)
         return plain_attention(query_BxLxHxDh, key_BxSxKxDh, value_BxSxKxDh, allowed, scale=scale, softcap=softcap)
@@ -222,6 +231,29 @@ def _same_layout(*arrays: jax.Array) -> list[jax.Array]:
     heads = head_axis if all(x.shape[2] % head_shards == 0 for x in arrays) else None
     batch = batch_axes if batch_axes and arrays[0].shape[0] % batch_shards == 0 else None
     return [jax.lax.with_sharding_constraint(x, P(batch, None, heads, None)) for x in arrays]
+
+
+def ring_order(implementation: str, length: int) -> np.ndarray | None:
+    """The order in which ring attention holds a sequence (ring.balanced_order) when `attend` runs it on
+    sequences of `length` under the mesh in context, else None: a model reorders its tokens so first."""
+    query = jax.ShapeDtypeStruct((1, length, 1, 1), jnp.float32)
+    if choose(implementation, query, query, None) != "ring":
+        return None
+    return ring.balanced_order(length, ring.shards())
+
+
+def _gathered(query_BxLxHxDh, key_BxSxKxDh, value_BxSxKxDh) -> list[jax.Array]:
+    """Context parallelism by gathering (as Levanter does): each device keeps its positions' queries and gathers
+    every position's keys and values, so that its scores are its L / C rows of the whole L x S; the causal and
+    document masks are the unsplit ones, on global positions. Costs S x K x Dh keys and values per device."""
+    batch_axes, head_axis, batch_shards, head_shards = _mesh_axes()
+    batch = batch_axes if batch_axes and query_BxLxHxDh.shape[0] % batch_shards == 0 else None
+    heads = head_axis if all(x.shape[2] % head_shards == 0 for x in (query_BxLxHxDh, key_BxSxKxDh)) else None
+    context = CONTEXT_AXIS if query_BxLxHxDh.shape[1] % ring.shards() == 0 else None
+    query = jax.lax.with_sharding_constraint(query_BxLxHxDh, P(batch, context, heads, None))
+    return [query] + [
+        jax.lax.with_sharding_constraint(x, P(batch, None, heads, None)) for x in (key_BxSxKxDh, value_BxSxKxDh)
+    ]
 
 
 def _splash(query_BxLxHxDh, key_BxSxKxDh, value_BxSxKxDh, segment_ids_BxL, local_window, scale, softcap) -> jax.Array:

@@ -30,6 +30,7 @@ from typing import Any, Callable
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from research.errors import ConfigError
 from research.models import attention, kernels, moe, shard_batch, softcapped
@@ -170,15 +171,8 @@ class LlamaBlock(nn.Module):
         """Each kind's window is static in its kernel; scanned layers of several kinds branch on their kind."""
 
         def attend(window, query, key, value):
-            return kernels.attend(
-                query,
-                key,
-                value,
-                implementation=self.attention,
-                segment_ids_BxL=segment_ids_BxL,
-                window=window,
-                **scores,
-            )
+            options = dict(implementation=self.attention, segment_ids_BxL=segment_ids_BxL, window=window, **scores)
+            return kernels.attend(query, key, value, **options)
 
         operands = (query_BxLxHxDh, key_BxLxKxDh, value_BxLxKxDh)
         if len(self.kinds) == 1:
@@ -313,6 +307,10 @@ class Llama(nn.Module):
         if self.scale_embeddings:  # by sqrt(width) rounded to the compute dtype, as Gemma's checkpoints were trained
             x_BxLxD = x_BxLxD * jnp.asarray(self.width**0.5, x_BxLxD.dtype)
         positions_L = jnp.arange(tokens_BxL.shape[1]) if positions_L is None else positions_L
+        order = kernels.ring_order(self.attention, tokens_BxL.shape[1]) if cache is None else None
+        if order is not None:  # ring attention's causally balanced chunks: research/models/ring.py
+            x_BxLxD, positions_L = x_BxLxD[:, order], positions_L[order]
+            segment_ids_BxL = None if segment_ids_BxL is None else segment_ids_BxL[:, order]
         block = LlamaBlock
         if REMAT_POLICIES[self.remat] is not None and cache is None:  # generation takes no gradients
             block = nn.remat(LlamaBlock, policy=REMAT_POLICIES[self.remat], prevent_cse=not self.scan_layers)
@@ -339,6 +337,7 @@ class Llama(nn.Module):
                 )(x_BxLxD, positions_L, segment_ids_BxL, layer_cache)
                 caches.append(layer_cache)
             cache = None if cache is None else jax.tree.map(lambda *leaves: jnp.stack(leaves), *caches)
+        x_BxLxD = x_BxLxD if order is None else x_BxLxD[:, np.argsort(order)]  # back in the sequence's order
         x_BxLxD = RMSNorm(self.norm_epsilon, self.norm_offset, self.dtype, self.param_dtype, name="norm")(x_BxLxD)
         if return_hidden:
             return x_BxLxD

@@ -39,6 +39,7 @@ def shape(layers: int, heads: int, kv_heads: int, width: int, mlp_dim: int, voca
 
 
 LLAMA3 = dict(vocab=128256, rope_theta=500000.0)  # Llama 3's tokenizer and rotary base
+LLAMA31 = LLAMA3 | dict(rope_scaling=(8.0, 1.0, 4.0, 8192))  # Llama 3.1's extension to 128K (config.json)
 LLAMA2 = dict(vocab=32000, rope_theta=10000.0)
 QWEN, GEMMA, GEMMA3 = 151936, 256000, 262208
 SIZES = {  # (family, shape)
@@ -46,6 +47,8 @@ SIZES = {  # (family, shape)
     "llama2-7b": ("llama", shape(32, 32, 32, 4096, 11008, **LLAMA2)),
     "llama3-8b": ("llama", shape(32, 32, 8, 4096, 14336, **LLAMA3)),
     "llama2-70b": ("llama", shape(80, 64, 8, 8192, 28672, **LLAMA2)),
+    "llama3.1-8b-128k": ("llama", shape(32, 32, 8, 4096, 14336, **LLAMA31)),  # Llama 3.1 8B at its whole context
+    "llama3.1-405b": ("llama", shape(126, 128, 8, 16384, 53248, **LLAMA31)),
     "qwen2.5-0.5b": ("qwen2", shape(24, 14, 2, 896, 4864, QWEN, tie_embeddings=True)),
     "qwen2.5-7b": ("qwen2", shape(28, 28, 4, 3584, 18944, 152064)),
     "qwen3-0.6b": ("qwen3", shape(28, 16, 8, 1024, 3072, QWEN, tie_embeddings=True)),
@@ -68,6 +71,8 @@ PUBLISHED_PARAMETERS = {
     "llama2-7b": 6_738_415_616,
     "llama3-8b": 8_030_261_248,
     "llama2-70b": 68_976_648_192,
+    "llama3.1-8b-128k": 8_030_261_248,
+    "llama3.1-405b": 405_853_388_800,
     "qwen2.5-0.5b": 494_032_768,
     "qwen2.5-7b": 7_615_616_512,
     "qwen3-0.6b": 596_049_920,
@@ -93,6 +98,7 @@ PUBLISHED_ACTIVE_PARAMETERS = {  # of the mixtures, per token, as their authors 
 # their long-context stages (Qwen Team 2024 sec. 3.2, 2025 sec. 3.2); Mistral 7B's 8,192 (Jiang et al. 2023);
 # Gemma 1-2 8,192 (their reports); Gemma 3 32,768 before its 128K extension (Gemma Team 2025 sec. 2.2).
 CONTEXT = dict.fromkeys(("llama2-7b", "llama2-70b"), 4096) | dict.fromkeys(("llama-3.2-1b", "llama3-8b"), 8192)
+CONTEXT |= {"llama3.1-405b": 8192, "llama3.1-8b-128k": 131072}  # the 405B's pre-training; 3.1's longest (sec. 3.4.2)
 CONTEXT |= {name: 4096 for name in SIZES if name.startswith("qwen")}
 CONTEXT |= {name: 8192 for name in SIZES if name.startswith(("mistral", "gemma-", "gemma2"))}
 CONTEXT |= {name: 32768 for name in SIZES if name.startswith(("gemma3", "mixtral"))}  # Mixtral: Jiang et al. 2024
@@ -100,7 +106,7 @@ CONTEXT |= {name: 32768 for name in SIZES if name.startswith(("gemma3", "mixtral
 # al. 2023, sec. 2.2); Llama 3 16M tokens, 2,048 x 8,192 (Grattafiori et al. 2024, sec. 3.4.1: the 405B's). Qwen,
 # Mistral and Gemma publish none: 4M tokens, as Llama 2.
 BATCHES = {name: 4 * 2**20 // CONTEXT[name] for name in SIZES} | {"llama2-7b": 1024, "llama2-70b": 1024}
-BATCHES |= {"llama3-8b": 2048, "llama-3.2-1b": 2048}
+BATCHES |= {"llama3-8b": 2048, "llama-3.2-1b": 2048, "llama3.1-405b": 2048, "llama3.1-8b-128k": 128}  # 16M tokens
 
 
 def family_settings(family: str) -> dict:

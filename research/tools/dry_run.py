@@ -28,14 +28,14 @@ import numpy as np
 
 from research import perf, sharding
 from research.experiment import DecoderShape, hook
-from research.models import kernels, param_count
+from research.models import kernels, param_count, ring
 from research.models.transformer import REMAT_RECOMPUTE
 from research.steps import build, with_features
 from research.tools import hlo, targets
 
 GIB = 2**30
 ATTENTION_KERNELS = {"__cudnn$fmha": "cuDNN fused attention", "splash_mha": "splash attention (Pallas)"}
-KERNEL_NAMES = {"splash": "splash", "cudnn": "cuDNN", "xla": "XLA"}
+KERNEL_NAMES = {"splash": "splash", "cudnn": "cuDNN", "xla": "XLA", "ring": "ring over context"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -189,6 +189,7 @@ def layer_attention(decoder: DecoderShape, mesh, batch: int, segment_ids: bool) 
             "tpu": lambda: "splash: " + kernels.splash_refusal(query, key),
         }
         reason = "asked for" if decoder.attention != "auto" else refusals.get(platform, str)()
+        reason = "keys and values gathered over context" if ring.shards() > 1 and kernel == "xla" else reason
     windows = decoder.layer_windows or (0,) * decoder.layers
     return [
         LayerAttention(window, windows.count(window), kernel, reason if kernel == "xla" else "")

@@ -2,13 +2,15 @@
 
   python launch.py --config experiments/lm.py:llama3-8b --plan --target tpu:v5p-64 --config.batch_size=64
 
-Candidates are mesh factorisations (data x fsdp x expert x tensor; tensor within a host or slice and dividing
-the heads, expert dividing a mixture of experts' count and the chips (1 for a dense decoder), data a multiple of
-the slices or hosts), rematerialisation policies, micro-batches (optimizer.accumulate_steps) and, for the best of
-them, layers unrolled instead of scanned. The decoder, and the config keys of its remat policy and scanning, come
-from the experiment's `decoder_shape` hook. Each candidate is first sized analytically (state from the parameter
-count, activations by research/perf.py) and timed by a roofline (compute at the assumed MFU, rematerialisation's
-extra forward pass, FSDP's gathers and reductions, tensor parallelism's all-reduces, the experts' all-to-alls).
+Candidates are mesh factorisations (data x fsdp x expert x context x tensor; tensor within a host or slice and
+dividing the heads, expert dividing a mixture of experts' count and the chips (1 for a dense decoder), context
+from 16,384 tokens a sequence (ring attention's chunks), data a multiple of the slices or hosts),
+rematerialisation policies, micro-batches (optimizer.accumulate_steps) and, for the best of them, layers unrolled
+instead of scanned. The decoder, and the config keys of its remat policy and scanning, come from the
+experiment's `decoder_shape` hook. Each candidate is first sized analytically (state from the parameter count,
+activations by research/perf.py) and timed by a roofline (compute at the assumed MFU, rematerialisation's extra
+forward pass, FSDP's gathers and reductions, tensor parallelism's all-reduces, the experts' all-to-alls, the
+ring's keys and values).
 The policies (and expert axes) take turns in that order; `top` at a time are compiled by the target's compiler in
 parallel processes (research/tools/dry_run.py; results cached by config and target) until 3 fit (3 with an
 expert axis too, for a mixture of experts), those that do not fit are dropped and the rest ranked by the compiled
@@ -40,6 +42,7 @@ from research.tools import targets
 
 REMATS = ("full", "dots_no_batch", "none")
 ACCUMULATE = (1, 2, 4)
+LONG_CONTEXT = 16384  # tokens per sequence from which the planner tries context parallelism
 CACHE = Path("~/.cache/research/plans").expanduser()
 
 
@@ -52,12 +55,14 @@ class Candidate:
     accumulate_steps: int
     scan_layers: bool
     expert: int = 1  # the mesh's expert axis: > 1 only for a mixture of experts
+    context: int = 0  # the mesh's context axis (each sequence split over it); 0: the config has none
 
     def overrides(self, decoder: DecoderShape) -> dict:
         """The candidate as config overrides: the trainer's mesh (its expert axis for a mixture of experts) and
         micro-batches, the decoder's own keys."""
         found = {"mesh.data": self.data, "mesh.fsdp": self.fsdp, "mesh.tensor": self.tensor}
         found |= {"mesh.expert": self.expert} if decoder.experts else {}
+        found |= {"mesh.context": self.context} if self.context else {}
         found |= {"optimizer.accumulate_steps": self.accumulate_steps}
         found |= {decoder.remat_key: self.remat} if decoder.remat_key else {}
         return found | ({decoder.scan_layers_key: self.scan_layers} if decoder.scan_layers_key else {})
@@ -81,22 +86,39 @@ def expert_sizes(decoder: DecoderShape, chips: int) -> list[int]:
     return [size for size in range(1, common + 1) if common % size == 0]
 
 
+def context_sizes(config: ml_collections.ConfigDict, decoder: DecoderShape, chips: int) -> list[int]:
+    """The context axes a config may take: 0 (no override) without the axis in its mesh or for a short sequence
+    not split; from LONG_CONTEXT tokens, the powers of two that cut a sequence into ring attention's 2 x context
+    chunks."""
+    if "context" not in config.mesh or decoder.length < LONG_CONTEXT and config.mesh.context == 1:
+        return [0]  # left as it is
+    if decoder.length < LONG_CONTEXT:
+        return [1]
+    return [size for size in powers_of_two(chips) if decoder.length % (2 * size) == 0]
+
+
 def candidates(config: ml_collections.ConfigDict, decoder: DecoderShape, target: targets.Target) -> list[Candidate]:
     """Every mesh, remat and micro-batch combination the batch, the decoder and the hardware allow."""
     per_group = target.chips // target.groups
     remats = REMATS if decoder.remat_key else (decoder.remat,)
     found = []
-    for tensor, expert in itertools.product(powers_of_two(min(per_group, 8)), expert_sizes(decoder, target.chips)):
-        if decoder.heads % tensor or target.chips % (tensor * expert):
+    axes = (
+        powers_of_two(min(per_group, 8)),
+        expert_sizes(decoder, target.chips),
+        context_sizes(config, decoder, target.chips),
+    )
+    for tensor, expert, context in itertools.product(*axes):
+        split = tensor * expert * max(context, 1)
+        if decoder.heads % tensor or target.chips % split:
             continue
-        for data in powers_of_two(target.chips // (tensor * expert)):
-            fsdp = target.chips // (tensor * expert * data)
+        for data in powers_of_two(target.chips // split):
+            fsdp = target.chips // (split * data)
             shards = data * fsdp * expert  # the batch axes (research/sharding.py)
             if data % target.groups or config.batch_size % shards:
                 continue
             for remat, accumulate in itertools.product(remats, ACCUMULATE):
                 if (config.batch_size // shards) % accumulate == 0:
-                    found.append(Candidate(data, fsdp, tensor, remat, accumulate, decoder.scan_layers, expert))
+                    found.append(Candidate(data, fsdp, tensor, remat, accumulate, decoder.scan_layers, expert, context))
     return found
 
 
@@ -134,31 +156,34 @@ def estimate(
     """(per-device bytes, step seconds) by the analytic model: the pre-screen before compiling."""
     # Each device holds 1 / expert of the experts' parameters and all of the rest (both split over fsdp x tensor).
     held = 1 - perf.expert_parameters(decoder) / sizes.parameters * (1 - 1 / candidate.expert)
-    parameters = sizes.parameters * held
-    state = sizes.state_bytes * held / (candidate.fsdp * candidate.tensor)
+    parameters, context = sizes.parameters * held, max(candidate.context, 1)
+    shards = candidate.fsdp * context  # weights split over fsdp x context (research/sharding.py spec_for)
+    state = sizes.state_bytes * held / (shards * candidate.tensor)
     examples = config.batch_size / (candidate.data * candidate.fsdp * candidate.expert)
     shape = dataclasses.replace(decoder, remat=candidate.remat)
     per_example = perf.decoder_activation_bytes(shape, candidate.tensor, candidate.expert)
-    activations = per_example * examples / candidate.accumulate_steps
+    activations = per_example * examples / candidate.accumulate_steps / context  # a device holds L / context
     chip = target.chip
     compute = sizes.flops * REMAT_RECOMPUTE[candidate.remat] / (target.chips * chip.peak_tflops * 1e12 * mfu)
     # FSDP: each micro-batch gathers the (bf16) weights twice and reduce-scatters the float32 gradients once.
-    fsdp_bytes = (
-        0.0 if candidate.fsdp == 1 else candidate.accumulate_steps * parameters / candidate.tensor * (2 * 2 + 4)
-    )
+    fsdp_bytes = 0.0 if shards == 1 else candidate.accumulate_steps * parameters / candidate.tensor * (2 * 2 + 4)
     tensor_bytes = 0.0
     if candidate.tensor > 1:  # two all-reduces per layer forward, two backward, of the local activations
-        tensor_bytes = 4 * 2 * examples * decoder.length * decoder.width * decoder.dtype_bytes * decoder.layers
+        tensor_bytes = (
+            4 * 2 * examples * decoder.length / context * decoder.width * decoder.dtype_bytes * decoder.layers
+        )
+    # Ring attention: each device's keys and values go round the ring once forward, and once with their gradients
+    # backward (research/models/ring.py).
+    kv_bytes = examples * decoder.length / context * 2 * decoder.kv_heads * decoder.head_dim * decoder.dtype_bytes
+    ring_bytes = 3 * decoder.layers * (context - 1) * kv_bytes / max(candidate.tensor, 1)
     # Experts: an all-to-all to them and one back per layer, forward and backward, and again where the forward is
     # recomputed (any policy but none: the grouped matmuls are not kept).
     exchanges = decoder.layers * (4 if candidate.remat == "none" else 6)
     expert_bytes = exchanges * perf.expert_exchange_bytes(decoder, candidate.expert, examples * decoder.length)
     bandwidth = (
-        chip.fast_bandwidth
-        if target.groups == 1 or candidate.fsdp <= target.chips // target.groups
-        else (chip.slow_bandwidth)
+        chip.fast_bandwidth if target.groups == 1 or shards <= target.chips // target.groups else (chip.slow_bandwidth)
     )
-    links = (fsdp_bytes + tensor_bytes + expert_bytes) / bandwidth
+    links = (fsdp_bytes + tensor_bytes + expert_bytes + ring_bytes) / bandwidth
     return state + activations, max(compute, links)
 
 
@@ -290,7 +315,8 @@ def _compile_all(chosen, config, decoder, experiment_path, target, mfu, workers,
 
 
 def format_table(ranked: list[tuple[Candidate, dict]], target: targets.Target) -> str:
-    header = f"{'rank':>4s} {'data':>5s} {'fsdp':>5s} {'expert':>6s} {'tensor':>6s} {'remat':>13s} {'micro':>5s} "
+    header = f"{'rank':>4s} {'data':>5s} {'fsdp':>5s} {'expert':>6s} {'tensor':>6s} {'context':>7s} {'remat':>13s} "
+    header += f"{'micro':>5s} "
     header += f"{'scan':>5s} "
     header += f"{'GiB/chip':>9s} {'fits':>5s} {'step s':>8s} {'serial s':>9s} {'tok/s/chip':>11s} {'compile s':>9s}"
     lines = [
@@ -300,6 +326,7 @@ def format_table(ranked: list[tuple[Candidate, dict]], target: targets.Target) -
     for rank, (candidate, result) in enumerate(ranked, 1):
         head = (
             f"{rank:4d} {candidate.data:5d} {candidate.fsdp:5d} {candidate.expert:6d} {candidate.tensor:6d} "
+            f"{max(candidate.context, 1):7d} "
             f"{candidate.remat:>13s} "
             f"{candidate.accumulate_steps:5d} {str(candidate.scan_layers):>5s} "
         )

@@ -282,17 +282,44 @@ def test_the_planner_searches_the_expert_axis_of_a_mixture_of_experts_only():
         found[name] = decoder, plan.candidates(config, decoder, target)
     decoder, mixture = found["mixtral-8x7b"]
     assert plan.expert_sizes(decoder, 8) == [1, 2, 4, 8] and {c.expert for c in mixture} == {1, 2, 4, 8}
-    assert all(c.data * c.fsdp * c.expert * c.tensor == 8 and 16 % (c.data * c.fsdp * c.expert) == 0 for c in mixture)
+    assert all(c.data * c.fsdp * c.expert * c.tensor * c.context == 8 for c in mixture)  # 32,768 tokens: context too
+    assert all(16 % (c.data * c.fsdp * c.expert) == 0 for c in mixture)
     assert all(c.overrides(decoder)["mesh.expert"] == c.expert for c in mixture)
     dense_decoder, dense = found["mistral-7b"]
     assert plan.expert_sizes(dense_decoder, 8) == [1] and {c.expert for c in dense} == {1}
-    assert len(dense) == len([c for c in mixture if c.expert == 1])
+    assert len(dense) == len([c for c in mixture if c.expert == 1 and c.context == 1])
     assert not any("mesh.expert" in c.overrides(dense_decoder) for c in dense)
     assert [c.remat for c in plan.take_turns(dense, [1])[:3]] == list(plan.REMATS)
     turns = [(c.remat, c.expert) for c in plan.take_turns(mixture, [1, 2, 4, 8])[:5]]
     assert turns == [("full", 1), ("dots_no_batch", 2), ("none", 4), ("full", 2), ("dots_no_batch", 4)]
     header = plan.format_table([(mixture[-1], {"error": "not compiled"})], target).splitlines()[1]
-    assert header.split()[:5] == ["rank", "data", "fsdp", "expert", "tensor"]
+    assert header.split()[:6] == ["rank", "data", "fsdp", "expert", "tensor", "context"]
+
+
+def test_the_planner_splits_long_sequences_over_the_context_axis():
+    """Llama 3.1 8B at 131,072 tokens on 8 GPUs: context axes 1 to 8 (each cutting the sequence into ring attention's
+    2 x context chunks) are candidates and written as mesh.context; the weights split over fsdp x context and the
+    tokens over context, so fsdp 8 and context 8 hold the same bytes, and at this length the step
+    is compute-bound either way. A 8,192-token llama3-8b gets no context candidates."""
+    config = LM.get_config("llama3.1-8b-128k")
+    config.batch_size = 8
+    decoder, target = LM.decoder_shape(config), targets.parse("gpu:h100:8")
+    found = plan.candidates(config, decoder, target)
+    assert {c.context for c in found} == {1, 2, 4, 8} and all(
+        c.overrides(decoder)["mesh.context"] == c.context for c in found
+    )
+    assert all(c.data * c.fsdp * c.context * c.tensor == 8 for c in found)
+    sizes = plan.Sizes(8_030_261_248, 8_030_261_248 * 16.0, 6 * 8_030_261_248 * 8 * 131072)
+    fsdp = {
+        c.context: c for c in found if c.tensor == 1 and c.remat == "full" and c.accumulate_steps == 1 and c.data == 1
+    }
+    (one, one_seconds), (eight, eight_seconds) = (
+        plan.estimate(config, decoder, target, fsdp[n], 0.4, sizes) for n in (1, 8)
+    )
+    assert eight == pytest.approx(one)  # fsdp 8 or context 8: the state split 8 ways, the tokens 8 ways
+    assert eight_seconds == pytest.approx(one_seconds)  # compute-bound at 131,072 tokens: the ring's bytes hide
+    short = LM.get_config("llama3-8b")
+    assert {c.context for c in plan.candidates(short, LM.decoder_shape(short), target)} == {0}
 
 
 @pytest.mark.slow
