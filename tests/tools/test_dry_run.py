@@ -97,7 +97,7 @@ def test_lm_compiles_for_tpu_and_gpu_with_the_fused_attention_kernel(spec, kerne
     result = dry_run.dry_run(config, LM, targets.parse(spec))
     assert result.attention == kernel and result.fits
     assert [kind.describe() for kind in result.layer_attention] == [f"1 global layer: {kernel.split()[0]}"]
-    assert result.mesh_shape == mesh | {"expert": 1}  # lm.py's mesh has an expert axis, 1 for a dense decoder
+    assert result.mesh_shape == mesh | {"expert": 1, "context": 1}  # lm.py's mesh has them: 1 here
     assert {collective.kind for collective in result.collectives} >= {"all-reduce"}
     state = sum(result.analytic_bytes[name] for name in ("parameters", "optimizer state", "batch"))
     plain, tiled = entry_argument_bytes(result.program)
