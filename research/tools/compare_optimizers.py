@@ -180,7 +180,9 @@ def main(
     """launch.py --compare_optimizers: tunes each optimizer's rate, runs its seeds, reports; True when none failed."""
     workload = hook(module, "BENCHMARK")
     if workload is None:
-        raise ConfigError(f"{config_argument} declares no BENCHMARK workload; experiments/lm.py and digits_mlp.py do")
+        raise ConfigError(
+            f"{config_argument} declares no BENCHMARK workload; lm.py, digits_mlp.py and linear_regression.py do"
+        )
     if len(set(optimizers)) != len(optimizers) or not all(optimizers):
         raise ConfigError(f"--compare_optimizers {','.join(optimizers)}: name each optimizer once, comma-separated")
     if seeds < 1:
