@@ -126,12 +126,6 @@ CASES = [
         ["--config", "experiments/mnist_logreg.py", "--compare_optimizers=adamw,muon", "--workdir=TMP/new"],
         "error: experiments/mnist_logreg.py declares no BENCHMARK workload",
     ),
-    (
-        "compare an unknown optimizer",
-        "launch",
-        [*REGRESSION, "--compare_optimizers=adamw,muom", "--workdir=TMP/new"],
-        "error: unknown optimizer 'muom'",
-    ),
     ("reproduce unknown", "launch", ["--reproduce=nope", "--workdir=TMP/new"], "error: --reproduce: no experiment"),
     ("coordinator alone", "launch", [*DIGITS, "--coordinator_address=127.0.0.1:1234"], "error: --coordinator_address"),
     ("predict workdir missing", "predict", ["--workdir=TMP/nowhere", "--evaluate=test"], "error: no config.json in"),

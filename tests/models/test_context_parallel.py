@@ -35,17 +35,9 @@ def test_the_batch_and_the_residual_stream_split_along_their_positions(data_dir)
         assert list(kernels.ring_order("auto", 16)) == [0, 1, 14, 15, 2, 3, 12, 13, 4, 5, 10, 11, 6, 7, 8, 9]
 
 
-SLOW = pytest.mark.slow  # the quick suite keeps the case with every mask
-
-
+@pytest.mark.slow  # 6-12 s each: the quick suite is at its 6 minutes
 @pytest.mark.parametrize(
-    "window, documents, softcap",
-    [
-        pytest.param(0, False, 0.0, marks=SLOW),
-        pytest.param(10, False, 0.0, marks=SLOW),
-        pytest.param(0, True, 0.0, marks=SLOW),
-        (6, True, 5.0),
-    ],
+    "window, documents, softcap", [(0, False, 0.0), (10, False, 0.0), (0, True, 0.0), (6, True, 5.0)]
 )
 def test_ring_attention_equals_attention_over_the_whole_sequence(window, documents, softcap):
     """Values and gradients of ring attention over context 4 (x data 2) equal the one-device attention's."""
