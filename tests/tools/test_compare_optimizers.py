@@ -8,7 +8,8 @@ import sys
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, load_experiment
+from research.errors import ConfigError
 from research.experiment import Workload
 from research.tools import compare_optimizers as compare
 from research.tools.report import RunRecord
@@ -67,3 +68,12 @@ def test_the_comparison_tunes_each_rate_runs_the_seeds_and_resumes(tmp_path):
     again = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and "0 to run" in again.stdout and "done in" not in again.stdout  # resumed: nothing
     assert json.loads((tmp_path / "comparison.json").read_text()) == saved
+
+
+def test_an_unknown_optimizer_or_a_repeated_one_stops_before_any_run(tmp_path):
+    module = load_experiment("linear_regression")
+    options = dict(overrides={}, parallel=1, seeds=2, launch=ROOT / "launch.py")
+    for names, message in ((["adamw", "muom"], "unknown optimizer 'muom'"), (["adamw", "adamw"], "name each")):
+        with pytest.raises(ConfigError, match=message):
+            compare.main(module.get_config(), module, "linear_regression.py", names, str(tmp_path), **options)
+    assert not list(tmp_path.iterdir())  # nothing ran, nothing written
