@@ -52,8 +52,8 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
-def context_shards(mesh: Mesh) -> int:
-    """How many pieces each sequence is split into: the mesh's `context` axis (1 without one)."""
+def context_shards(mesh: Mesh | jax.sharding.AbstractMesh) -> int:
+    """How many pieces each sequence is split into: the mesh's `context` axis (1 without one, or an empty mesh)."""
     return mesh.shape[CONTEXT_AXIS] if CONTEXT_AXIS in mesh.axis_names else 1
 
 

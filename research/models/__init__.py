@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from research.errors import ConfigError
-from research.sharding import BATCH_AXES, CONTEXT_AXIS
+from research.sharding import BATCH_AXES, CONTEXT_AXIS, context_shards
 
 # Compute dtypes a config may name; parameters, the loss and the optimizer stay float32 (mixed precision).
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
@@ -35,7 +35,7 @@ def shard_batch(x: jax.Array) -> jax.Array:
     axes = tuple(axis for axis in BATCH_AXES if not mesh.empty and axis in mesh.axis_names)
     size = int(np.prod([mesh.shape[axis] for axis in axes])) if axes else 1
     batch = axes if size > 1 and x.shape[0] % size == 0 else None
-    shards = 1 if mesh.empty or CONTEXT_AXIS not in mesh.axis_names else mesh.shape[CONTEXT_AXIS]
+    shards = context_shards(mesh)
     context = CONTEXT_AXIS if shards > 1 and x.ndim >= 2 and x.shape[1] % shards == 0 else None
     if batch is None and context is None:
         return x

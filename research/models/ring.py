@@ -23,15 +23,14 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from research.models import softcapped
-from research.sharding import BATCH_AXES, CONTEXT_AXIS
+from research.sharding import BATCH_AXES, CONTEXT_AXIS, context_shards
 
 NEGATIVE = -1e30  # a masked score: finite, so that a row with nothing visible yet does not turn into NaN
 
 
 def shards() -> int:
     """The `context` axis of the mesh in context (1 without one)."""
-    mesh = jax.sharding.get_abstract_mesh()
-    return 1 if mesh.empty or CONTEXT_AXIS not in mesh.axis_names else mesh.shape[CONTEXT_AXIS]
+    return context_shards(jax.sharding.get_abstract_mesh())
 
 
 def balanced_order(length: int, count: int) -> np.ndarray:
