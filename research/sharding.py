@@ -57,6 +57,17 @@ def context_shards(mesh: Mesh | jax.sharding.AbstractMesh) -> int:
     return mesh.shape[CONTEXT_AXIS] if CONTEXT_AXIS in mesh.axis_names else 1
 
 
+def activation_axes(mesh: Mesh | jax.sharding.AbstractMesh) -> tuple[tuple[str, ...], str | None, int, int]:
+    """(batch axes, head axis, batch shards, head shards) of `mesh` that are larger than one: how the kernels split
+    an activation's batch and its heads (research/models/kernels.py, ring.py)."""
+    if not mesh.axis_names:
+        return (), None, 1, 1
+    batch_axes = tuple(axis for axis in BATCH_AXES if axis in mesh.axis_names and mesh.shape[axis] > 1)
+    head_axis = "tensor" if "tensor" in mesh.axis_names and mesh.shape["tensor"] > 1 else None
+    batch_shards = int(np.prod([mesh.shape[axis] for axis in batch_axes])) if batch_axes else 1
+    return batch_axes, head_axis, batch_shards, mesh.shape[head_axis] if head_axis else 1
+
+
 def batch_sharding(mesh: Mesh, shape: tuple[int, ...] = ()) -> NamedSharding:
     """Leading (batch) dimension split over every batch axis present in the mesh; the second (a sequence's
     positions) over `context` too when the mesh has one and `shape` (the global array's) is at least 2-D."""

@@ -170,21 +170,22 @@ def check_batch(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
         raise ConfigError(
             f"batch_size {config.batch_size} must be a multiple of the {shards} batch shards of mesh {dict(mesh.shape)}"
         )
-    length = config.get("model", {}).get("block_size", 0)
-    if length % sharding.context_shards(mesh):
-        raise ConfigError(
-            f"model.block_size {length} must be a multiple of mesh.context {sharding.context_shards(mesh)}"
-        )
     accumulate = config.optimizer.accumulate_steps
     if accumulate < 1 or config.batch_size % (accumulate * shards):
         raise ConfigError(f"optimizer.accumulate_steps {accumulate} must be >= 1 and divide batch_size / batch shards")
 
 
 def batch_spec_of(batch: Mapping[str, Any], mesh: Mesh) -> dict[str, jax.ShapeDtypeStruct]:
-    """The global batch that a process-local batch (numpy arrays or ShapeDtypeStructs) is a slice of."""
-    processes, spec = jax.process_count(), {}
+    """The global batch that a process-local batch (numpy arrays or ShapeDtypeStructs) is a slice of; under context
+    parallelism each array's positions must split evenly over the axis."""
+    processes, spec, pieces = jax.process_count(), {}, sharding.context_shards(mesh)
     for key, value in batch.items():
         value = value if hasattr(value, "shape") else np.asarray(value)
+        if pieces > 1 and value.ndim >= 2 and value.shape[1] % pieces:
+            raise ConfigError(
+                f"the batch's {key!r} has {value.shape[1]} positions: model.block_size {value.shape[1]} must be a "
+                f"multiple of mesh.context {pieces}"
+            )
         where = sharding.batch_sharding(mesh, value.shape)
         spec[key] = jax.ShapeDtypeStruct((value.shape[0] * processes, *value.shape[1:]), value.dtype, sharding=where)
     return spec

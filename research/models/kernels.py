@@ -28,7 +28,7 @@ from jax.sharding import PartitionSpec as P
 
 from research.errors import ConfigError
 from research.models import ring, softcapped
-from research.sharding import BATCH_AXES, CONTEXT_AXIS
+from research.sharding import CONTEXT_AXIS, activation_axes
 
 IMPLEMENTATIONS = ("auto", "xla", "cudnn", "splash", "ring")
 SPLASH_BLOCK = 128  # splash's query and key blocks; the length must be a multiple
@@ -44,13 +44,7 @@ def platform() -> str:
 
 def _mesh_axes() -> tuple[tuple[str, ...], str | None, int, int]:
     """(batch axes, head axis, batch shards, head shards) of the mesh in context that are larger than one."""
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty:
-        return (), None, 1, 1
-    batch_axes = tuple(axis for axis in BATCH_AXES if axis in mesh.axis_names and mesh.shape[axis] > 1)
-    head_axis = "tensor" if "tensor" in mesh.axis_names and mesh.shape["tensor"] > 1 else None
-    batch_shards = int(np.prod([mesh.shape[axis] for axis in batch_axes])) if batch_axes else 1
-    return batch_axes, head_axis, batch_shards, mesh.shape[head_axis] if head_axis else 1
+    return activation_axes(jax.sharding.get_abstract_mesh())
 
 
 def splash_refusal(query_BxLxHxDh: jax.Array, key_BxSxKxDh: jax.Array) -> str:

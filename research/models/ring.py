@@ -23,7 +23,7 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from research.models import softcapped
-from research.sharding import BATCH_AXES, CONTEXT_AXIS, context_shards
+from research.sharding import CONTEXT_AXIS, activation_axes, context_shards
 
 NEGATIVE = -1e30  # a masked score: finite, so that a row with nothing visible yet does not turn into NaN
 
@@ -107,12 +107,9 @@ def attend(query_BxLxHxDh, key_BxLxKxDh, value_BxLxKxDh, segment_ids_BxL=None, *
     """Causal attention of sequences split over `context` and held in `balanced_order` (the model reorders its
     tokens so: research/models/llama.py); the batch split over the batch axes that divide it, the heads over
     `tensor` where it divides the key/value heads. Returns B x L x H x Dh in the same order."""
-    mesh = jax.sharding.get_abstract_mesh()
-    batch_axes = tuple(axis for axis in BATCH_AXES if axis in mesh.axis_names and mesh.shape[axis] > 1)
-    batch_size = int(np.prod([mesh.shape[axis] for axis in batch_axes])) if batch_axes else 1
-    batch = batch_axes if batch_axes and query_BxLxHxDh.shape[0] % batch_size == 0 else None
-    tensor = mesh.shape["tensor"] if "tensor" in mesh.axis_names else 1
-    heads = "tensor" if tensor > 1 and key_BxLxKxDh.shape[2] % tensor == 0 else None
+    batch_axes, head_axis, batch_shards, head_shards = activation_axes(jax.sharding.get_abstract_mesh())
+    batch = batch_axes if batch_axes and query_BxLxHxDh.shape[0] % batch_shards == 0 else None
+    heads = head_axis if head_axis and key_BxLxKxDh.shape[2] % head_shards == 0 else None
     spec, sequence = P(batch, CONTEXT_AXIS, heads, None), P(batch, CONTEXT_AXIS)
     count, length = shards(), query_BxLxHxDh.shape[1]
     positions_L = jnp.asarray(balanced_order(length, count), jnp.int32)
