@@ -25,7 +25,7 @@ from research.config import DEFAULT_PARAM_RULES, NANOGPT_OPTIMIZER, choose, trai
 from research.data import stream, text
 from research.errors import ConfigError
 from research.models import apply_with_dropout, compute_dtype, gpt, moe, param_count, published
-from research.models.llama import ARCHITECTURE, MOE_RUN, Llama
+from research.models.llama import ARCHITECTURE, MOE_RUN, PIPELINE_RUN, Llama
 
 NANOGPT = "nanoGPT README (github.com/karpathy/nanoGPT), shakespeare_char CPU run (~1.88): the GPT's, same budget"
 SMOKE_SOURCE, LOSS = "this repository's smoke run (a regression guard)", dict(metric="eval/loss", better="min")
@@ -34,9 +34,9 @@ REFERENCES = (
     experiment.Reference(config="smoke", value=3.09, tolerance=0.15, source=SMOKE_SOURCE, kind="ours", **LOSS),
 )  # --bench_optimizer's and --compare_optimizers' workload: :cpu until the loss AdamW passes near step 1,650
 BENCHMARK = experiment.Workload("loss", 1.70, "min", 100, 2000, (("adamw", 1e-3), ("momentum", 0.3)))
-PARAM_RULES = (  # vocabulary dimensions split over tensor too; scanned layers' leading layer axis stays whole
-    (r"layers/(q_proj|k_proj|v_proj|gate_proj|up_proj)/kernel$", (None, "fsdp", "tensor")),  # L x D x F
-    (r"layers/(o_proj|down_proj)/kernel$", (None, "tensor", "fsdp")),  # L x F x D
+PARAM_RULES = (  # vocabulary dimensions split over tensor too; scanned layers' leading layer axis over `stage`
+    (r"layers/(q_proj|k_proj|v_proj|gate_proj|up_proj)/kernel$", ("stage", "fsdp", "tensor")),  # L x D x F
+    (r"layers/(o_proj|down_proj)/kernel$", ("stage", "tensor", "fsdp")),  # L x F x D
     (r"layers_\d+/(q_proj|k_proj|v_proj|gate_proj|up_proj)/kernel$", ("fsdp", "tensor")),  # column-parallel
     (r"layers_\d+/(o_proj|down_proj)/kernel$", ("tensor", "fsdp")),  # row-parallel
     (r"(embed_tokens|token_embedding)/embedding$", ("tensor", "fsdp")),  # V x D
@@ -87,10 +87,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             **{"dropout_rate": 0.0, "use_bias": False},  # gpt only (GPT-2's checkpoints have biases)
             "loss_chunk": 0,  # >0: the loss's head runs on this many positions at a time
             "attention": "auto",  # llama: research/models/kernels.py (cuDNN on GPUs, splash on TPUs, else XLA)
-            **{key: getattr(Llama, key) for key in MOE_RUN},  # experts (num_experts > 0): research/models/moe.py
+            **{key: getattr(Llama, key) for key in MOE_RUN + PIPELINE_RUN},  # experts: moe.py; stages: pipeline.py
         }
     )
-    config.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "expert": 1, "context": 1, "tensor": 1})
+    config.mesh = ml_collections.ConfigDict({"stage": 1, "data": -1, "fsdp": 1, "expert": 1, "context": 1, "tensor": 1})
     config.param_rules = PARAM_RULES
     config.optimizer.kwargs.b2 = 0.99
     config.update_from_flattened_dict(NANOGPT_OPTIMIZER | CPU | {"eval_batch_size": 64, "checkpoint.every_steps": 1000})
@@ -170,7 +170,7 @@ def make_model(config: ml_collections.ConfigDict) -> nn.Module:
         return gpt.GPT(dropout_rate=model.dropout_rate, use_bias=model.use_bias, **shared)
     if model.family not in published.FAMILIES:
         raise ConfigError(f"model.family {model.family!r}: use gpt or one of {', '.join(published.FAMILIES)}")
-    settings = {name: model[name] for name in (*ARCHITECTURE, *MOE_RUN, "scan_layers", "attention")}
+    settings = {name: model[name] for name in (*ARCHITECTURE, *MOE_RUN, *PIPELINE_RUN, "scan_layers", "attention")}
     return Llama(**settings | shared | dict(rope_scaling=tuple(model.rope_scaling)))
 
 

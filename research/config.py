@@ -24,6 +24,7 @@ DEFAULT_PARAM_RULES = (
     (r"embedding$", (None, "fsdp")),  # V x D: vocabularies rarely divide, widths do
     (r"conv[^/]*/kernel$", (None, None, None, "fsdp")),  # H x W x Cin x Cout
     (r"kernel$", ("fsdp",)),
+    (r"(^|/)layers/", ("stage",)),  # a scanned stack's norms and biases: L x ..., over the pipeline's stages
     (r".*", ()),  # biases, norms and anything else: replicated
 )
 

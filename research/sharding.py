@@ -23,6 +23,7 @@ from research.tree import path_name
 PyTree = Any
 BATCH_AXES = ("data", "fsdp", "expert")  # experts' devices hold tokens of their own too
 CONTEXT_AXIS = "context"  # each sequence's positions split over it (context parallelism)
+STAGE_AXIS = "stage"  # a scanned stack's layers split over it (pipeline parallelism: research/models/pipeline.py)
 
 
 def make_mesh(axis_sizes: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
@@ -55,6 +56,11 @@ def replicated(mesh: Mesh) -> NamedSharding:
 def context_shards(mesh: Mesh | jax.sharding.AbstractMesh) -> int:
     """How many pieces each sequence is split into: the mesh's `context` axis (1 without one, or an empty mesh)."""
     return mesh.shape[CONTEXT_AXIS] if CONTEXT_AXIS in mesh.axis_names else 1
+
+
+def stage_shards(mesh: Mesh | jax.sharding.AbstractMesh) -> int:
+    """How many pipeline stages a scanned stack of layers is split into: the mesh's `stage` axis (1 without one)."""
+    return mesh.shape[STAGE_AXIS] if STAGE_AXIS in mesh.axis_names else 1
 
 
 def activation_axes(mesh: Mesh | jax.sharding.AbstractMesh) -> tuple[tuple[str, ...], str | None, int, int]:

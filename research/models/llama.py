@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from research.errors import ConfigError
-from research.models import attention, kernels, moe, shard_batch, softcapped
+from research.models import attention, kernels, moe, pipeline, shard_batch, softcapped
 from research.models.rotary import apply_rotary, rotary_angles
 from research.models.transformer import REMAT_POLICIES, flat_dot_general
 
@@ -46,6 +46,7 @@ ARCHITECTURE += ("attention_bias", "qk_norm", "post_norms", "activation", "scale
 ARCHITECTURE += ("attention_softcap", "logit_softcap", "tie_embeddings")
 ARCHITECTURE += ("num_experts", "experts_per_token", "normalize_top_k", "shared_mlp_dim")
 MOE_RUN = ("moe_dispatch", "moe_capacity_factor", "moe_aux_weight", "moe_z_weight")  # how experts run and train
+PIPELINE_RUN = ("pipeline_microbatches", "pipeline_repeats", "pipeline_remat")  # a `stage` axis's schedule
 ACTIVATIONS = {"silu": nn.silu, "gelu_tanh": functools.partial(nn.gelu, approximate=True)}
 
 
@@ -245,6 +246,9 @@ class Llama(nn.Module):
     moe_z_weight: float = 0.0  # and the router z-loss's (ST-MoE: 0.001)
     tie_embeddings: bool = False
     scan_layers: bool = False
+    pipeline_microbatches: int = 0  # under a `stage` mesh axis (research/models/pipeline.py); 0: one per stage
+    pipeline_repeats: int = 1  # >1: each stage holds this many blocks of layers (the circular schedule)
+    pipeline_remat: bool = False  # keep one input per stage and micro-batch, recomputing the stage's layers
     remat: str = "none"
     loss_chunk: int = 0  # read by a chunked training loss (metrics.chunked_next_token_loss), not by __call__
     dtype: Dtype = jnp.float32
@@ -325,10 +329,15 @@ class Llama(nn.Module):
                 length=self.num_layers,
             )
             kind_indices = jnp.asarray([kinds.index(kind) for kind in layer_kinds], jnp.int32)
-            x_BxLxD, cache = stack(name="layers", **self._block_options(kinds))(
-                x_BxLxD, positions_L, segment_ids_BxL, cache, kind_indices
-            )
+            if pipeline.stages() > 1 and cache is None and not self.is_initializing():  # over the `stage` axis
+                x_BxLxD = self._pipelined(kinds, x_BxLxD, positions_L, segment_ids_BxL, kind_indices)
+            else:
+                x_BxLxD, cache = stack(name="layers", **self._block_options(kinds))(
+                    x_BxLxD, positions_L, segment_ids_BxL, cache, kind_indices
+                )
         else:
+            if pipeline.stages() > 1 and cache is None:
+                raise ConfigError("mesh.stage splits a scanned stack of layers: set model.scan_layers=True")
             caches = []
             for index in range(self.num_layers):
                 layer_cache = None if cache is None else jax.tree.map(lambda leaf: leaf[index], cache)
@@ -355,6 +364,22 @@ class Llama(nn.Module):
             )(x_BxLxD)
         logits_BxLxV = softcapped(logits_BxLxV.astype(jnp.float32), self.logit_softcap)
         return logits_BxLxV if cache is None else (logits_BxLxV, cache)
+
+    def _pipelined(self, kinds, x_BxLxD, positions_L, segment_ids_BxL, kind_indices) -> jax.Array:
+        """The scanned layers' parameters ("layers", L x ...) run as a pipeline over the mesh's stages."""
+        if self.num_experts and (self.moe_aux_weight or self.moe_z_weight):
+            raise ConfigError("mesh.stage with the routers' losses (model.moe_aux_weight, moe_z_weight) is not built")
+        block = LlamaBlock(**self._block_options(kinds), parent=None)
+
+        def layer(params, x_BxLxD, segment_ids_BxL, kind_index):
+            return block.apply({"params": params}, x_BxLxD, positions_L, segment_ids_BxL, None, kind_index)[0]
+
+        if REMAT_POLICIES[self.remat] is not None:
+            layer = jax.checkpoint(layer, policy=REMAT_POLICIES[self.remat])
+        microbatches = pipeline.microbatch_count(self.pipeline_microbatches, pipeline.stages())
+        options = dict(microbatches=microbatches, repeats=self.pipeline_repeats, remat=self.pipeline_remat)
+        stack = self.variables["params"]["layers"]
+        return pipeline.run(layer, stack, kind_indices, x_BxLxD, segment_ids_BxL, **options)
 
     @nn.nowrap
     def head_kernel(self, params: dict) -> jax.Array:

@@ -38,8 +38,8 @@ DISPATCHES = ("dropless", "capacity")
 GROUP_TILE = 128  # rows per tile of grouped_matmul off GPUs and TPUs: larger tiles pad more, smaller run slower
 COLLECTION = "moe"  # what each layer sows: its router's losses, its experts' load and the copies dropped
 PARAM_RULES = (  # research/sharding.py's rules for a decoder's experts: E over `expert`, D over fsdp, F over tensor
-    (r"layers/mlp/(gate_proj|up_proj)$", (None, "expert", "fsdp", "tensor")),  # scanned: L x E x D x F
-    (r"layers/mlp/down_proj$", (None, "expert", "tensor", "fsdp")),  # L x E x F x D
+    (r"layers/mlp/(gate_proj|up_proj)$", ("stage", "expert", "fsdp", "tensor")),  # scanned: L x E x D x F
+    (r"layers/mlp/down_proj$", ("stage", "expert", "tensor", "fsdp")),  # L x E x F x D
     (r"layers_\d+/mlp/(gate_proj|up_proj)$", ("expert", "fsdp", "tensor")),
     (r"layers_\d+/mlp/down_proj$", ("expert", "tensor", "fsdp")),
     (r"mlp/gate/kernel$", ()),  # the router, D x E: small, replicated

@@ -1,0 +1,133 @@
+"""Pipeline parallelism: a scanned stack of layers split into stages over the mesh's `stage` axis, the batch into
+micro-batches that flow through them (GPipe, Huang et al. 2019), or round them several times (the circular or
+interleaved schedule, Narayanan et al. 2021; as MaxText runs it under GSPMD).
+
+The layers' parameters keep their stacked layout (L x ...), split over `stage` in contiguous blocks by the
+sharding rules, so a checkpoint, a Hugging Face export and a resume on another mesh see the same tree. In the
+step the stack is viewed as R x S x k (layer (r S + s) k + j: repeat r of stage s), every stage runs its k
+layers at once (jax.vmap over stages, `spmd_axis_name="stage"`: each stage's devices compute their own slice),
+and a buffer of S activations, one per stage, moves one stage on between iterations (jnp.roll over the stage
+axis: one collective permute of a micro-batch's activations). Iteration t feeds job t (micro-batch t mod M,
+repeat t // M) to stage 0 and stage s runs job t - s; the last stage's output is written back to the micro-batch's
+slot of an input/output buffer, which stage 0 reads again on the next repeat. R x M + S - 1 iterations: stages
+idle (compute on nothing that is kept) for a bubble of (S - 1) / (R M + S - 1) of the time. R > 1 needs M >= S
+(a micro-batch is back from the last stage before stage 0 needs it); it shortens the bubble R-fold at the cost of
+viewing contiguous blocks as interleaved ones (XLA moves (S - 1) / S of the stack's weights between stages in each
+step, and their gradients back).
+
+Activations: with `remat` the whole stage is rematerialised per iteration, so the step keeps one input per stage
+and iteration ((R M + S - 1) micro-batches' residual streams per device) and recomputes a stage's k layers in the
+backward pass (one more forward than per-layer remat: the fewer-activations schedule); without it the layers keep
+what their own remat policy keeps, k layers of every micro-batch. Outside the stack (embedding, final norm, head,
+loss) the stage axis holds copies: the batch is split over the batch axes only.
+
+Legend: B batch, L length, D width, S stages, R repeats, M micro-batches, k layers per stage and repeat.
+"""
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+from research.errors import ConfigError
+from research.sharding import CONTEXT_AXIS, STAGE_AXIS, activation_axes, context_shards, stage_shards
+
+
+def stages() -> int:
+    """The `stage` axis of the mesh in context (1 without one)."""
+    return stage_shards(jax.sharding.get_abstract_mesh())
+
+
+def bubble(stages: int, microbatches: int, repeats: int = 1) -> float:
+    """The fraction of a step a stage computes nothing kept: (S - 1) / (R M + S - 1)."""
+    return (stages - 1) / (repeats * microbatches + stages - 1)
+
+
+def microbatch_count(configured: int, stages: int) -> int:
+    """The micro-batches a step is cut into: `configured`, or (0) as many as there are stages."""
+    return configured or stages
+
+
+def check(layers: int, batch: int, microbatches: int, repeats: int, stages: int, batch_shards: int) -> None:
+    """One line for a layout the pipeline cannot run."""
+    if layers % (stages * repeats):
+        raise ConfigError(
+            f"model.num_layers {layers} must be a multiple of mesh.stage {stages} x model.pipeline_repeats {repeats}"
+        )
+    if batch % microbatches or (batch // microbatches) % batch_shards:
+        raise ConfigError(
+            f"a batch of {batch} does not cut into model.pipeline_microbatches {microbatches} micro-batches of a "
+            f"multiple of the {batch_shards} batch shards: make the batch a multiple of {microbatches * batch_shards}"
+        )
+    if repeats > 1 and microbatches < stages:
+        raise ConfigError(
+            f"model.pipeline_repeats {repeats} needs model.pipeline_microbatches >= mesh.stage {stages}, got "
+            f"{microbatches}: a micro-batch must be back from the last stage before the first needs it again"
+        )
+
+
+def run(
+    layer: Callable[[Any, jax.Array, jax.Array | None, jax.Array], jax.Array],
+    params_L: Any,
+    kinds_L: jax.Array,
+    x_BxLxD: jax.Array,
+    segment_ids_BxL: jax.Array | None,
+    *,
+    microbatches: int,
+    repeats: int = 1,
+    remat: bool = False,
+) -> jax.Array:
+    """`layer(params, x_BxLxD, segment_ids_BxL, kind)` applied for each of the L stacked layers in order, as a
+    pipeline over the mesh's `stage` axis; the same values as a scan over the layers."""
+    count, (batch, length, width) = stages(), x_BxLxD.shape
+    mesh = jax.sharding.get_abstract_mesh()
+    batch_axes, _, batch_shards, _ = activation_axes(mesh)
+    check(kinds_L.shape[0], batch, microbatches, repeats, count, batch_shards)
+    per_stage = kinds_L.shape[0] // (count * repeats)
+    params = jax.tree.map(lambda leaf: leaf.reshape(repeats, count, per_stage, *leaf.shape[1:]), params_L)
+    kinds = kinds_L.reshape(repeats, count, per_stage)
+    rows = batch // microbatches  # micro-batch m holds rows m, M + m, 2M + m, ...: each split over the batch axes
+    context = CONTEXT_AXIS if context_shards(mesh) > 1 else None
+    batch_axes = batch_axes or None
+
+    def split(array):  # B x ... -> M x (B / M) x ...
+        return jnp.swapaxes(array.reshape(rows, microbatches, *array.shape[1:]), 0, 1)
+
+    def laid(array, *leading):  # leading axes, then the batch's and the positions' own
+        return jax.lax.with_sharding_constraint(array, P(*leading, batch_axes, context))
+
+    def stage(params_Rxk, kinds_Rxk, repeat, x, segment_ids):
+        def body(x, one):
+            return layer(*one[:1], x, segment_ids, one[1]), None
+
+        chosen = jax.tree.map(lambda leaf: jax.lax.dynamic_index_in_dim(leaf, repeat, keepdims=False), params_Rxk)
+        return jax.lax.scan(body, x, (chosen, kinds_Rxk[repeat]))[0]
+
+    stage = jax.checkpoint(stage) if remat else stage
+    segment_axis = None if segment_ids_BxL is None else 0
+    staged = jax.vmap(stage, in_axes=(1, 1, 0, 0, segment_axis), spmd_axis_name=STAGE_AXIS)
+    segments_io = None if segment_ids_BxL is None else split(segment_ids_BxL)
+    first_S = jnp.arange(count) == 0
+
+    def iteration(carry, t):
+        io, state, segments = carry
+        slot = t % microbatches
+        entering = jax.lax.dynamic_index_in_dim(io, slot, keepdims=False)
+        state = jnp.where(first_S[:, None, None, None], entering[None], jnp.roll(state, 1, axis=0))
+        if segments is not None:
+            fresh = jax.lax.dynamic_index_in_dim(segments_io, slot, keepdims=False)
+            segments = jnp.where(first_S[:, None, None], fresh[None], jnp.roll(segments, 1, axis=0))
+        repeat_S = jnp.clip((t - jnp.arange(count)) // microbatches, 0, repeats - 1)
+        state = laid(staged(params, kinds, repeat_S, laid(state, STAGE_AXIS), segments), STAGE_AXIS)
+        done = t - (count - 1)  # the job the last stage just finished (< 0: none yet)
+        kept = jax.lax.dynamic_index_in_dim(io, done % microbatches, keepdims=False)
+        finished = jnp.where(done >= 0, state[count - 1], kept)
+        io = jax.lax.dynamic_update_index_in_dim(io, finished, done % microbatches, 0)
+        return (laid(io, None), state, segments), None
+
+    state = jnp.zeros((count, rows, length, width), x_BxLxD.dtype)
+    segments = None if segment_ids_BxL is None else jnp.zeros((count, rows, length), segment_ids_BxL.dtype)
+    carry = (laid(split(x_BxLxD), None), laid(state, STAGE_AXIS), segments)
+    io = jax.lax.scan(iteration, carry, jnp.arange(repeats * microbatches + count - 1))[0][0]
+    return jnp.swapaxes(io, 0, 1).reshape(batch, length, width)
