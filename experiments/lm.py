@@ -171,7 +171,7 @@ def make_model(config: ml_collections.ConfigDict) -> nn.Module:
     if model.family not in published.FAMILIES:
         raise ConfigError(f"model.family {model.family!r}: use gpt or one of {', '.join(published.FAMILIES)}")
     settings = {name: model[name] for name in (*ARCHITECTURE, *MOE_RUN, *PIPELINE_RUN, "scan_layers", "attention")}
-    return Llama(**settings | shared | dict(rope_scaling=tuple(model.rope_scaling)))
+    return Llama(**settings | shared | dict(rope_scaling=tuple(model.rope_scaling), stack_rules=config.param_rules))
 
 
 def hf_layout(config: ml_collections.ConfigDict) -> str:

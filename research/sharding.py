@@ -99,16 +99,25 @@ def match_rule(name: str, rules: Sequence[tuple[str, tuple]]) -> tuple[int, tupl
 def spec_for(shape: tuple[int, ...], axes: tuple, mesh: Mesh) -> P:
     """A PartitionSpec giving dimension i the mesh axis axes[i], where that axis divides it. Under context
     parallelism `fsdp` stands for `fsdp` x `context`: a sequence's devices share its weights as FSDP's do (as
-    torchtitan shards over its data-shard x context mesh), so that splitting sequences does not copy the state."""
+    torchtitan shards over its data-shard x context mesh), so that splitting sequences does not copy the state.
+    A `stage` axis that does not divide its dimension (126 layers over 8 stages) joins `fsdp` the same way: the
+    pipeline gathers each stage's layers in the step (research/models/pipeline.py)."""
+    folded = [name for name in (STAGE_AXIS,) if name in axes and not _divides(shape[axes.index(name)], name, mesh)]
+    folded += [CONTEXT_AXIS] if context_shards(mesh) > 1 else []
     spec = []
     for dimension, axis in zip(shape, axes):
-        if axis == "fsdp" and context_shards(mesh) > 1:
-            axis = ("fsdp", CONTEXT_AXIS) if "fsdp" in mesh.axis_names else CONTEXT_AXIS
+        if axis == "fsdp" and folded:
+            axis = tuple(name for name in ("fsdp", *folded) if name in mesh.axis_names)
+            axis = axis[0] if len(axis) == 1 else (axis or None)
         names = axis if isinstance(axis, tuple) else (axis,)
         usable = axis is not None and all(name in mesh.axis_names for name in names)
         usable = usable and dimension % int(np.prod([mesh.shape[name] for name in names])) == 0
         spec.append(axis if usable else None)
     return P(*spec)
+
+
+def _divides(dimension: int, axis: str, mesh: Mesh) -> bool:
+    return axis in mesh.axis_names and dimension % mesh.shape[axis] == 0
 
 
 def param_shardings(abstract_params: PyTree, mesh: Mesh, rules: Sequence[tuple[str, tuple]]) -> PyTree:

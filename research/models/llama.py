@@ -46,7 +46,7 @@ ARCHITECTURE += ("attention_bias", "qk_norm", "post_norms", "activation", "scale
 ARCHITECTURE += ("attention_softcap", "logit_softcap", "tie_embeddings")
 ARCHITECTURE += ("num_experts", "experts_per_token", "normalize_top_k", "shared_mlp_dim")
 MOE_RUN = ("moe_dispatch", "moe_capacity_factor", "moe_aux_weight", "moe_z_weight")  # how experts run and train
-PIPELINE_RUN = ("pipeline_microbatches", "pipeline_repeats", "pipeline_remat")  # a `stage` axis's schedule
+PIPELINE_RUN = ("pipeline_microbatches", "pipeline_repeats", "pipeline_remat", "pipeline_gather")  # `stage` axis
 ACTIVATIONS = {"silu": nn.silu, "gelu_tanh": functools.partial(nn.gelu, approximate=True)}
 
 
@@ -249,6 +249,10 @@ class Llama(nn.Module):
     pipeline_microbatches: int = 0  # under a `stage` mesh axis (research/models/pipeline.py); 0: one per stage
     pipeline_repeats: int = 1  # >1: each stage holds this many blocks of layers (the circular schedule)
     pipeline_remat: bool = False  # keep one input per stage and micro-batch, recomputing the stage's layers
+    pipeline_gather: bool = (
+        False  # gather a stage's weights over fsdp once a step (by stack_rules), not per micro-batch
+    )
+    stack_rules: tuple = ()  # the sharding rules (config.param_rules) the stack's parameters are laid out by
     remat: str = "none"
     loss_chunk: int = 0  # read by a chunked training loss (metrics.chunked_next_token_loss), not by __call__
     dtype: Dtype = jnp.float32
@@ -378,6 +382,7 @@ class Llama(nn.Module):
             layer = jax.checkpoint(layer, policy=REMAT_POLICIES[self.remat])
         microbatches = pipeline.microbatch_count(self.pipeline_microbatches, pipeline.stages())
         options = dict(microbatches=microbatches, repeats=self.pipeline_repeats, remat=self.pipeline_remat)
+        options |= dict(rules=self.stack_rules if self.pipeline_gather else ())
         stack = self.variables["params"]["layers"]
         return pipeline.run(layer, stack, kind_indices, x_BxLxD, segment_ids_BxL, **options)
 

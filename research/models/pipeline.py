@@ -30,13 +30,15 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
+from research import sharding
 from research.errors import ConfigError
-from research.sharding import CONTEXT_AXIS, STAGE_AXIS, activation_axes, context_shards, stage_shards
+from research.sharding import CONTEXT_AXIS, STAGE_AXIS
+from research.tree import path_name
 
 
 def stages() -> int:
     """The `stage` axis of the mesh in context (1 without one)."""
-    return stage_shards(jax.sharding.get_abstract_mesh())
+    return sharding.stage_shards(jax.sharding.get_abstract_mesh())
 
 
 def bubble(stages: int, microbatches: int, repeats: int = 1) -> float:
@@ -49,12 +51,8 @@ def microbatch_count(configured: int, stages: int) -> int:
     return configured or stages
 
 
-def check(layers: int, batch: int, microbatches: int, repeats: int, stages: int, batch_shards: int) -> None:
+def check(batch: int, microbatches: int, repeats: int, stages: int, batch_shards: int) -> None:
     """One line for a layout the pipeline cannot run."""
-    if layers % (stages * repeats):
-        raise ConfigError(
-            f"model.num_layers {layers} must be a multiple of mesh.stage {stages} x model.pipeline_repeats {repeats}"
-        )
     if batch % microbatches or (batch // microbatches) % batch_shards:
         raise ConfigError(
             f"a batch of {batch} does not cut into model.pipeline_microbatches {microbatches} micro-batches of a "
@@ -77,18 +75,27 @@ def run(
     microbatches: int,
     repeats: int = 1,
     remat: bool = False,
+    rules: tuple = (),
 ) -> jax.Array:
     """`layer(params, x_BxLxD, segment_ids_BxL, kind)` applied for each of the L stacked layers in order, as a
-    pipeline over the mesh's `stage` axis; the same values as a scan over the layers."""
-    count, (batch, length, width) = stages(), x_BxLxD.shape
+    pipeline over the mesh's `stage` axis; the same values as a scan over the layers. With the stack's sharding
+    `rules`, each stage's weights are gathered over `fsdp` once per step rather than in every iteration."""
+    count, (batch, length, width), layers = stages(), x_BxLxD.shape, kinds_L.shape[0]
     mesh = jax.sharding.get_abstract_mesh()
-    batch_axes, _, batch_shards, _ = activation_axes(mesh)
-    check(kinds_L.shape[0], batch, microbatches, repeats, count, batch_shards)
-    per_stage = kinds_L.shape[0] // (count * repeats)
-    params = jax.tree.map(lambda leaf: leaf.reshape(repeats, count, per_stage, *leaf.shape[1:]), params_L)
-    kinds = kinds_L.reshape(repeats, count, per_stage)
+    batch_axes, _, batch_shards, _ = sharding.activation_axes(mesh)
+    check(batch, microbatches, repeats, count, batch_shards)
+    per_stage = -(-layers // (count * repeats))  # a stack that does not divide is padded with layers that pass x on
+
+    def staged_view(leaf):  # L x ... -> R x S x k x ...
+        leaf = jnp.pad(leaf, [(0, per_stage * count * repeats - layers)] + [(0, 0)] * (leaf.ndim - 1))
+        return leaf.reshape(repeats, count, per_stage, *leaf.shape[1:])
+
+    params, kinds = jax.tree.map(staged_view, params_L), staged_view(kinds_L)
+    live = staged_view(jnp.ones(layers, bool))
+    if rules:
+        params = jax.lax.with_sharding_constraint(params, gathered(params, rules, mesh))
     rows = batch // microbatches  # micro-batch m holds rows m, M + m, 2M + m, ...: each split over the batch axes
-    context = CONTEXT_AXIS if context_shards(mesh) > 1 else None
+    context = CONTEXT_AXIS if sharding.context_shards(mesh) > 1 else None
     batch_axes = batch_axes or None
 
     def split(array):  # B x ... -> M x (B / M) x ...
@@ -97,16 +104,18 @@ def run(
     def laid(array, *leading):  # leading axes, then the batch's and the positions' own
         return jax.lax.with_sharding_constraint(array, P(*leading, batch_axes, context))
 
-    def stage(params_Rxk, kinds_Rxk, repeat, x, segment_ids):
+    def stage(params_Rxk, kinds_Rxk, live_Rxk, repeat, x, segment_ids):
         def body(x, one):
-            return layer(*one[:1], x, segment_ids, one[1]), None
+            params, kind, alive = one
+            out = layer(params, x, segment_ids, kind)
+            return (out if per_stage * count * repeats == layers else jnp.where(alive, out, x)), None
 
         chosen = jax.tree.map(lambda leaf: jax.lax.dynamic_index_in_dim(leaf, repeat, keepdims=False), params_Rxk)
-        return jax.lax.scan(body, x, (chosen, kinds_Rxk[repeat]))[0]
+        return jax.lax.scan(body, x, (chosen, kinds_Rxk[repeat], live_Rxk[repeat]))[0]
 
     stage = jax.checkpoint(stage) if remat else stage
     segment_axis = None if segment_ids_BxL is None else 0
-    staged = jax.vmap(stage, in_axes=(1, 1, 0, 0, segment_axis), spmd_axis_name=STAGE_AXIS)
+    staged = jax.vmap(stage, in_axes=(1, 1, 1, 0, 0, segment_axis), spmd_axis_name=STAGE_AXIS)
     segments_io = None if segment_ids_BxL is None else split(segment_ids_BxL)
     first_S = jnp.arange(count) == 0
 
@@ -119,7 +128,7 @@ def run(
             fresh = jax.lax.dynamic_index_in_dim(segments_io, slot, keepdims=False)
             segments = jnp.where(first_S[:, None, None], fresh[None], jnp.roll(segments, 1, axis=0))
         repeat_S = jnp.clip((t - jnp.arange(count)) // microbatches, 0, repeats - 1)
-        state = laid(staged(params, kinds, repeat_S, laid(state, STAGE_AXIS), segments), STAGE_AXIS)
+        state = laid(staged(params, kinds, live, repeat_S, laid(state, STAGE_AXIS), segments), STAGE_AXIS)
         done = t - (count - 1)  # the job the last stage just finished (< 0: none yet)
         kept = jax.lax.dynamic_index_in_dim(io, done % microbatches, keepdims=False)
         finished = jnp.where(done >= 0, state[count - 1], kept)
@@ -131,3 +140,15 @@ def run(
     carry = (laid(split(x_BxLxD), None), laid(state, STAGE_AXIS), segments)
     io = jax.lax.scan(iteration, carry, jnp.arange(repeats * microbatches + count - 1))[0][0]
     return jnp.swapaxes(io, 0, 1).reshape(batch, length, width)
+
+
+def gathered(params_RxSxk: Any, rules: tuple, mesh) -> Any:
+    """Each staged weight's layout with its stage's layers whole over `fsdp` (and `context`, which shares fsdp's
+    weights): the stack's rules ("layers/NAME") without fsdp, the stage axis on S."""
+
+    def spec(path, leaf):
+        _, axes = sharding.match_rule("layers/" + path_name(path), rules)
+        rest = tuple(None if axis in ("fsdp", STAGE_AXIS) else axis for axis in axes[1:])
+        return sharding.spec_for(leaf.shape, (None, STAGE_AXIS, None, *rest), mesh)
+
+    return jax.tree_util.tree_map_with_path(spec, params_RxSxk)
