@@ -6,11 +6,10 @@ settings) and GPT-2; Hugging Face checkpoints in and out (research/tools/hf/), f
   python launch.py --config experiments/lm.py:llama3-8b --dry_run --target gpu:h100:8 --config.batch_size=16
   python -m research.tools.hf import HF_DIR runs/imported
   python launch.py --config experiments/lm.py:from=runs/imported --workdir runs/tuned
-Expected: `:cpu` is shakespeare_gpt:cpu's budget (nanoGPT's CPU run: 2,000 steps of 12 x 64 characters) for a
-Llama of its size (0.805M parameters: 4 layers of 128, 4 heads, 2 key/value heads, SwiGLU 390, tied embeddings):
-val loss 1.657 vs the GPT's 1.886 in ~3 min on 2 cores (docs/results.md; `:cpu-FAMILY`: each family's block).
-`:smoke` (1 layer of 64, 150 steps): ln(66) ~ 4.2 to ~3.1. Named sizes (research/models/published.py) have the
-published shapes, parameter counts and batches. Data: Tiny Shakespeare, or research.data.prepare's corpora and chats.
+Expected: `:cpu`, shakespeare_gpt:cpu's budget (nanoGPT's CPU run: 2,000 steps of 12 x 64 characters) for a Llama
+of its size (0.805M parameters: 4 layers of 128, 4 heads, 2 key/value heads, SwiGLU 390, tied embeddings): val loss
+1.657 vs the GPT's 1.886 in ~3 min on 2 cores (docs/results.md; `:cpu-FAMILY`: each family's block); `:smoke` 4.2
+to ~3.1. Named sizes (research/models/published.py): published shapes, counts, batches. Data: Tiny Shakespeare.
 """
 
 from pathlib import Path
@@ -202,7 +201,7 @@ def decoder_shape(config: ml_collections.ConfigDict) -> experiment.DecoderShape:
     model = config.model
     common = dict(layers=model.num_layers, width=model.width, heads=model.num_heads, vocab=vocab_size(config))
     common |= dict(length=model.block_size, remat=model.remat, loss_chunk=model.loss_chunk, remat_key="model.remat")
-    common |= dict(dtype_bytes=jnp.dtype(model.dtype).itemsize)
+    common |= dict(dtype_bytes=jnp.dtype(model.dtype).itemsize, pipeline=tuple(model[key] for key in PIPELINE_RUN))
     if model.family == "gpt":  # multi-head, a 4 x width MLP, XLA's attention, never scanned
         gpt_shape = dict(kv_heads=model.num_heads, head_dim=model.width // model.num_heads, mlp_dim=4 * model.width)
         return experiment.DecoderShape(**gpt_shape, scan_layers=False, fused_attention=False, attention="xla", **common)
@@ -219,6 +218,7 @@ def decoder_shape(config: ml_collections.ConfigDict) -> experiment.DecoderShape:
         experts_per_token=model.experts_per_token,
         capacity_factor=model.moe_capacity_factor if model.moe_dispatch == "capacity" else 0.0,
         scan_layers_key="model.scan_layers",
+        pipeline_key="model.pipeline",
         **common,
     )
 

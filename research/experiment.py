@@ -202,6 +202,9 @@ class DecoderShape:
     capacity_factor: float = 0.0  # > 0: the capacity dispatch's slots per expert over a fair share; 0: dropless
     remat_key: str = ""  # the dotted config key of `remat`
     scan_layers_key: str = ""  # the dotted config key of `scan_layers`
+    pipeline: tuple = (0, 1, False, False)  # under a `stage` axis: micro-batches (0: one per stage), repeats, remat
+    # of a whole stage, weights gathered once a step (research/models/pipeline.py)
+    pipeline_key: str = ""  # the prefix of those settings' config keys (PREFIX_microbatches, ...)
 
 
 def name_of(path: str | Path) -> str:

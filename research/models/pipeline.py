@@ -92,8 +92,12 @@ def run(
 
     params, kinds = jax.tree.map(staged_view, params_L), staged_view(kinds_L)
     live = staged_view(jnp.ones(layers, bool))
-    if rules:
-        params = jax.lax.with_sharding_constraint(params, gathered(params, rules, mesh))
+    scattered = None  # each layer's gradient laid out as its stored weight's (split over fsdp) as it is made
+    if rules:  # each stage's layers moved to its devices (still split over fsdp), then gathered over fsdp
+        staged_axes = (None, STAGE_AXIS, None)
+        params = jax.lax.with_sharding_constraint(params, layouts(params, rules, mesh, staged_axes))
+        params = jax.lax.with_sharding_constraint(params, layouts(params, rules, mesh, staged_axes, fsdp=False))
+        scattered = split_gradients(jax.tree.map(lambda leaf: leaf[0, 0, 0], params), rules, mesh)
     rows = batch // microbatches  # micro-batch m holds rows m, M + m, 2M + m, ...: each split over the batch axes
     context = CONTEXT_AXIS if sharding.context_shards(mesh) > 1 else None
     batch_axes = batch_axes or None
@@ -104,51 +108,92 @@ def run(
     def laid(array, *leading):  # leading axes, then the batch's and the positions' own
         return jax.lax.with_sharding_constraint(array, P(*leading, batch_axes, context))
 
-    def stage(params_Rxk, kinds_Rxk, live_Rxk, repeat, x, segment_ids):
+    def stage(params_kxR, kinds_Rxk, live_Rxk, repeat, x, segment_ids):
         def body(x, one):
-            params, kind, alive = one
+            params, kind, alive = one  # the layer's weights in every repeat: this one's by a select (a gather's
+            params = jax.tree.map(lambda leaf: choose(leaf, repeat), params)  # gradient would be an all-reduce)
+            params = params if scattered is None else scattered(params)
             out = layer(params, x, segment_ids, kind)
             return (out if per_stage * count * repeats == layers else jnp.where(alive, out, x)), None
 
-        chosen = jax.tree.map(lambda leaf: jax.lax.dynamic_index_in_dim(leaf, repeat, keepdims=False), params_Rxk)
-        return jax.lax.scan(body, x, (chosen, kinds_Rxk[repeat], live_Rxk[repeat]))[0]
+        return jax.lax.scan(body, x, (params_kxR, kinds_Rxk[repeat], live_Rxk[repeat]))[0]
+
+    def choose(leaf_R, repeat):
+        if repeats == 1:
+            return leaf_R[0]
+        return jax.lax.dynamic_index_in_dim(leaf_R, repeat, keepdims=False)
 
     stage = jax.checkpoint(stage) if remat else stage
     segment_axis = None if segment_ids_BxL is None else 0
-    staged = jax.vmap(stage, in_axes=(1, 1, 1, 0, 0, segment_axis), spmd_axis_name=STAGE_AXIS)
-    segments_io = None if segment_ids_BxL is None else split(segment_ids_BxL)
+    staged = jax.vmap(stage, in_axes=(2, 1, 1, 0, 0, segment_axis), spmd_axis_name=STAGE_AXIS)
+    params_kxR = jax.tree.map(lambda leaf: jnp.moveaxis(leaf, 2, 0), params)  # k x R x S x ...: scanned over k
     first_S = jnp.arange(count) == 0
 
-    def iteration(carry, t):
-        io, state, segments = carry
-        slot = t % microbatches
-        entering = jax.lax.dynamic_index_in_dim(io, slot, keepdims=False)
-        state = jnp.where(first_S[:, None, None, None], entering[None], jnp.roll(state, 1, axis=0))
-        if segments is not None:
-            fresh = jax.lax.dynamic_index_in_dim(segments_io, slot, keepdims=False)
-            segments = jnp.where(first_S[:, None, None], fresh[None], jnp.roll(segments, 1, axis=0))
-        repeat_S = jnp.clip((t - jnp.arange(count)) // microbatches, 0, repeats - 1)
-        state = laid(staged(params, kinds, live, repeat_S, laid(state, STAGE_AXIS), segments), STAGE_AXIS)
-        done = t - (count - 1)  # the job the last stage just finished (< 0: none yet)
-        kept = jax.lax.dynamic_index_in_dim(io, done % microbatches, keepdims=False)
-        finished = jnp.where(done >= 0, state[count - 1], kept)
-        io = jax.lax.dynamic_update_index_in_dim(io, finished, done % microbatches, 0)
-        return (laid(io, None), state, segments), None
+    def on_stages(array):  # M x ... -> S x M x ...: each stage's own copy (only stage 0's is read and written)
+        return laid(jnp.broadcast_to(array[None], (count, *array.shape)), STAGE_AXIS, None)
 
-    state = jnp.zeros((count, rows, length, width), x_BxLxD.dtype)
-    segments = None if segment_ids_BxL is None else jnp.zeros((count, rows, length), segment_ids_BxL.dtype)
-    carry = (laid(split(x_BxLxD), None), laid(state, STAGE_AXIS), segments)
-    io = jax.lax.scan(iteration, carry, jnp.arange(repeats * microbatches + count - 1))[0][0]
+    def first(array_S):  # stage 0's entry, for every stage: a masked sum (an all-reduce of one entry, not a gather)
+        mask = first_S.reshape(count, *[1] * (array_S.ndim - 1))
+        return jnp.sum(jnp.where(mask, array_S, jnp.zeros_like(array_S)), axis=0)
+
+    def pick(array_S, slot):  # each stage's entry `slot` of its copy: S x M x ... -> S x ...
+        return jax.lax.dynamic_index_in_dim(array_S, slot, axis=1, keepdims=False)
+
+    def iteration(carry, t):
+        io_S, state = carry  # state: each stage's output of the last iteration (stage s: job t - 1 - s)
+        state = jnp.roll(state, 1, axis=0)  # one permute: stage s takes stage s - 1's; stage 0 the last stage's
+        slot, back = t % microbatches, (t - count) % microbatches  # job t's micro-batch; job t - S's, now back
+        kept = pick(io_S, back)
+        mask = (first_S & (t >= count)).reshape(count, 1, 1, 1)
+        io_S = jax.lax.dynamic_update_index_in_dim(io_S, jnp.where(mask, state, kept), back, axis=1)
+        state = jnp.where(first_S.reshape(count, 1, 1, 1), pick(io_S, slot), state)
+        segments = None  # stage s runs micro-batch (t - s) mod M: its documents, from the stage's own copy
+        if segments_S is not None:
+            slot_S = (t - jnp.arange(count)) % microbatches
+            segments = jax.vmap(lambda each, i: jax.lax.dynamic_index_in_dim(each, i, keepdims=False))(
+                segments_S, slot_S
+            )
+        repeat_S = jnp.clip((t - jnp.arange(count)) // microbatches, 0, repeats - 1)
+        state = laid(staged(params_kxR, kinds, live, repeat_S, laid(state, STAGE_AXIS), segments), STAGE_AXIS)
+        return (laid(io_S, STAGE_AXIS, None), state), None
+
+    segments_S = None if segment_ids_BxL is None else on_stages(split(segment_ids_BxL))
+    iterations = repeats * microbatches + count - 1
+    state = laid(jnp.zeros((count, rows, length, width), x_BxLxD.dtype), STAGE_AXIS)
+    io_S, state = jax.lax.scan(iteration, (on_stages(split(x_BxLxD)), state), jnp.arange(iterations))[0]
+    last = (repeats * microbatches - 1) % microbatches  # the last job's micro-batch, still in the last stage
+    io = jax.lax.dynamic_update_index_in_dim(first(io_S), first(jnp.roll(state, 1, axis=0)), last, axis=0)
     return jnp.swapaxes(io, 0, 1).reshape(batch, length, width)
 
 
-def gathered(params_RxSxk: Any, rules: tuple, mesh) -> Any:
-    """Each staged weight's layout with its stage's layers whole over `fsdp` (and `context`, which shares fsdp's
-    weights): the stack's rules ("layers/NAME") without fsdp, the stage axis on S."""
+def layouts(params: Any, rules: tuple, mesh, leading: tuple = (), fsdp: bool = True) -> Any:
+    """Each weight's layout by the stack's rules ("layers/NAME"), its own layer axis replaced by `leading` axes (the
+    staged view's R x S x k: None, "stage", None; one layer's weights: none), split over `fsdp` (and `context`, which
+    shares fsdp's weights) or whole along it."""
 
     def spec(path, leaf):
         _, axes = sharding.match_rule("layers/" + path_name(path), rules)
-        rest = tuple(None if axis in ("fsdp", STAGE_AXIS) else axis for axis in axes[1:])
-        return sharding.spec_for(leaf.shape, (None, STAGE_AXIS, None, *rest), mesh)
+        rest = tuple(None if axis == STAGE_AXIS or (axis == "fsdp" and not fsdp) else axis for axis in axes[1:])
+        return sharding.spec_for(leaf.shape, (*leading, *rest), mesh)
 
-    return jax.tree_util.tree_map_with_path(spec, params_RxSxk)
+    return jax.tree_util.tree_map_with_path(spec, params)
+
+
+def split_gradients(layer_params: Any, rules: tuple, mesh):
+    """The identity on one layer's gathered weights whose gradient is laid out as the stored weight is (split over
+    fsdp): each iteration's gradient is reduce-scattered into an accumulator of 1 / fsdp the size, where XLA would
+    otherwise keep the whole gradient and all-reduce it at every iteration."""
+    specs = layouts(layer_params, rules, mesh)
+
+    @jax.custom_vjp
+    def identity(params):
+        return params
+
+    def forward(params):
+        return params, None
+
+    def backward(_, gradients):
+        return (jax.lax.with_sharding_constraint(gradients, specs),)
+
+    identity.defvjp(forward, backward)
+    return identity

@@ -28,7 +28,7 @@ import numpy as np
 
 from research import perf, sharding
 from research.experiment import DecoderShape, hook
-from research.models import kernels, param_count, ring
+from research.models import kernels, param_count, pipeline, ring
 from research.models.transformer import REMAT_RECOMPUTE
 from research.steps import build, with_features
 from research.tools import hlo, targets
@@ -71,7 +71,8 @@ class DryRun:
     out_of_memory: str = ""  # the compiler's own refusal (TPU), when it gave one
     device_groups: np.ndarray | None = None  # the slice or host of each device, in the program's device order
     program: str = ""  # the compiled program's HLO text
-    recompute: float = 1.0  # executed over model FLOPs: the remat policy's extra forward passes
+    recompute: float = 1.0  # executed over model FLOPs: the remat policy's extra forward passes, the pipeline's bubble
+    pipeline: str = ""  # the pipeline's stages, micro-batches and bubble, when the mesh has stages
     has_loops: bool = False  # whether the program has loops (its cost analysis then counts their bodies once)
 
     @property
@@ -164,13 +165,50 @@ def analytic_memory(config: ml_collections.ConfigDict, experiment, setup) -> dic
         examples = config.batch_size / (sharding.batch_divisor(setup.mesh) * config.optimizer.accumulate_steps)
         per_example = perf.decoder_activation_bytes(decoder, mesh.get("tensor", 1), mesh.get("expert", 1))
         memory["activations"] = per_example * examples
+        stages = sharding.stage_shards(setup.mesh)
+        if stages > 1:  # a stage's layers for every iteration's micro-batch, or its inputs and one stage recomputed
+            microbatches, repeats = pipeline.microbatch_count(decoder.pipeline[0], stages), decoder.pipeline[1]
+            rows, iterations = examples / microbatches, repeats * microbatches + stages - 1
+            stream = rows * decoder.length * decoder.width * decoder.dtype_bytes / mesh.get("context", 1)
+            memory["activations"] = (
+                per_example * rows / (stages * repeats) + iterations * stream
+                if decoder.pipeline[2]
+                else per_example * rows * iterations / stages
+            )
     return memory
 
 
-def recompute_of(config: ml_collections.ConfigDict, experiment) -> float:
-    """Compute of a step over its model FLOPs: a decoder's remat policy's extra forward passes, else 1."""
+def recompute_of(config: ml_collections.ConfigDict, experiment, stages: int = 1) -> float:
+    """Compute of a step over its model FLOPs: a decoder's remat policy's extra forward passes, else 1; over
+    pipeline stages, the iterations in which a stage computes on nothing kept (the bubble) and, rematerialising
+    whole stages, one more forward pass."""
     decoder = perf.decoder_of(config, experiment)
-    return REMAT_RECOMPUTE[decoder.remat] if decoder else 1.0
+    if not decoder:
+        return 1.0
+    recompute = REMAT_RECOMPUTE[decoder.remat] + (1 / 3 if stages > 1 and decoder.pipeline[2] else 0.0)
+    return recompute / (1 - pipeline_bubble(decoder, stages))
+
+
+def pipeline_bubble(decoder: DecoderShape, stages: int) -> float:
+    """The share of a pipeline's iterations a stage idles (0 without stages)."""
+    microbatches, repeats = pipeline.microbatch_count(decoder.pipeline[0], stages), decoder.pipeline[1]
+    return pipeline.bubble(stages, microbatches, repeats)
+
+
+def pipeline_of(config: ml_collections.ConfigDict, experiment, stages: int) -> str:
+    """The report's line on a decoder's pipeline ("" without stages)."""
+    decoder = perf.decoder_of(config, experiment)
+    if not decoder or stages == 1:
+        return ""
+    microbatches, repeats, remat, gather = decoder.pipeline
+    microbatches = pipeline.microbatch_count(microbatches, stages)
+    layers = -(-decoder.layers // (stages * repeats))
+    return (
+        f"pipeline: {stages} stages x {repeats} repeat(s) of {layers} layers, {microbatches} micro-batches, "
+        f"bubble {pipeline_bubble(decoder, stages):.1%} of the iterations"
+        + ("; stages rematerialised" if remat else "")
+        + ("; a stage's weights gathered once a step" if gather else "")
+    )
 
 
 def layer_attention(decoder: DecoderShape, mesh, batch: int, segment_ids: bool) -> list[LayerAttention]:
@@ -223,7 +261,8 @@ def dry_run(config: ml_collections.ConfigDict, experiment, target: targets.Targe
         tokens_per_step=tokens,
         analytic_bytes=analytic_memory(config, experiment, setup),
         analytic_flops=model_flops(config, experiment, parameters, tokens),
-        recompute=recompute_of(config, experiment),
+        recompute=recompute_of(config, experiment, sharding.stage_shards(mesh)),
+        pipeline=pipeline_of(config, experiment, sharding.stage_shards(mesh)),
     )
     result.device_groups = targets.device_groups(mesh.devices, target)
     decoder = perf.decoder_of(config, experiment)
@@ -319,12 +358,14 @@ def format_report(result: DryRun, mfu: float, token_budget: float) -> str:
             else ""
         ),
     ]
-    lines += format_collectives(result)
+    lines += ([result.pipeline] if result.pipeline else []) + format_collectives(result)
     if chip.peak_tflops:
         times = result.step_seconds(mfu)
         tokens_per_chip = result.tokens_per_step / times["overlapped"] / result.devices
         lines += [
-            f"roofline: model FLOPs x {result.recompute:.3g} (remat's recomputation) at {mfu:.0%} of "
+            f"roofline: model FLOPs x {result.recompute:.3g} (remat's recomputation"
+            + (", the bubble" if result.pipeline else "")
+            + f") at {mfu:.0%} of "
             f"{chip.peak_tflops:g} TFLOP/s (MFU {mfu / result.recompute:.0%}), "
             f"links {chip.fast_bandwidth / 1e9:g} GB/s (slow network {chip.slow_bandwidth / 1e9:g} GB/s) per chip "
             f"one way: compute {times['compute']:.3g} s, collectives {times['collectives']:.3g} s",

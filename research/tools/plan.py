@@ -56,6 +56,9 @@ class Candidate:
     scan_layers: bool
     expert: int = 1  # the mesh's expert axis: > 1 only for a mixture of experts
     context: int = 0  # the mesh's context axis (each sequence split over it); 0: the config has none
+    stage: int = 0  # the mesh's stage axis (pipeline stages); 0: the config has none
+    microbatches: int = 0  # the pipeline's micro-batches (its stages rematerialised)
+    gather: bool = False  # the pipeline's stage weights gathered over fsdp once a step, not at every use
 
     def overrides(self, decoder: DecoderShape) -> dict:
         """The candidate as config overrides: the trainer's mesh (its expert axis for a mixture of experts) and
@@ -63,6 +66,10 @@ class Candidate:
         found = {"mesh.data": self.data, "mesh.fsdp": self.fsdp, "mesh.tensor": self.tensor}
         found |= {"mesh.expert": self.expert} if decoder.experts else {}
         found |= {"mesh.context": self.context} if self.context else {}
+        found |= {"mesh.stage": self.stage} if self.stage else {}
+        if self.stage > 1:
+            settings = {"microbatches": self.microbatches, "remat": True, "gather": self.gather}
+            found |= {f"{decoder.pipeline_key}_{name}": value for name, value in settings.items()}
         found |= {"optimizer.accumulate_steps": self.accumulate_steps}
         found |= {decoder.remat_key: self.remat} if decoder.remat_key else {}
         return found | ({decoder.scan_layers_key: self.scan_layers} if decoder.scan_layers_key else {})
@@ -97,6 +104,23 @@ def context_sizes(config: ml_collections.ConfigDict, decoder: DecoderShape, chip
     return [size for size in powers_of_two(chips) if decoder.length % (2 * size) == 0]
 
 
+def stage_sizes(config: ml_collections.ConfigDict, decoder: DecoderShape, target: targets.Target) -> list[int]:
+    """The stage axes a config may take: 0 (no override) without the axis in its mesh or a pipeline's settings; else
+    1 and, for a scanned decoder on several hosts or slices, the powers of two up to 8 that leave a layer a stage."""
+    if "stage" not in config.mesh or not decoder.pipeline_key:
+        return [0]
+    if target.groups == 1 or not decoder.scan_layers:
+        return [1]
+    return [size for size in powers_of_two(min(8, target.groups, decoder.layers))]
+
+
+def microbatches_for(batch_rows: int, stages: int) -> int:
+    """A pipeline's micro-batches: the most, up to 4 per stage, that split a device group's rows evenly (0: fewer
+    than one per stage, not a plan)."""
+    found = max((size for size in powers_of_two(min(batch_rows, 4 * stages)) if batch_rows % size == 0), default=0)
+    return found if found >= stages else 0
+
+
 def candidates(config: ml_collections.ConfigDict, decoder: DecoderShape, target: targets.Target) -> list[Candidate]:
     """Every mesh, remat and micro-batch combination the batch, the decoder and the hardware allow."""
     per_group = target.chips // target.groups
@@ -106,19 +130,25 @@ def candidates(config: ml_collections.ConfigDict, decoder: DecoderShape, target:
         powers_of_two(min(per_group, 8)),
         expert_sizes(decoder, target.chips),
         context_sizes(config, decoder, target.chips),
+        stage_sizes(config, decoder, target),
     )
-    for tensor, expert, context in itertools.product(*axes):
-        split = tensor * expert * max(context, 1)
+    for tensor, expert, context, stage in itertools.product(*axes):
+        split = tensor * expert * max(context, 1) * max(stage, 1)
         if decoder.heads % tensor or target.chips % split:
             continue
         for data in powers_of_two(target.chips // split):
             fsdp = target.chips // (split * data)
             shards = data * fsdp * expert  # the batch axes (research/sharding.py)
-            if data % target.groups or config.batch_size % shards:
+            if (stage <= 1 and data % target.groups) or config.batch_size % shards:  # stages span the hosts
                 continue
-            for remat, accumulate in itertools.product(remats, ACCUMULATE):
+            microbatches = microbatches_for(config.batch_size // shards, stage) if stage > 1 else 0
+            if stage > 1 and not microbatches:
+                continue
+            for remat, accumulate in itertools.product(remats, (1,) if stage > 1 else ACCUMULATE):
                 if (config.batch_size // shards) % accumulate == 0:
-                    found.append(Candidate(data, fsdp, tensor, remat, accumulate, decoder.scan_layers, expert, context))
+                    for gather in (True, False) if stage > 1 else (False,):
+                        axes = (expert, context, stage, microbatches, gather)
+                        found.append(Candidate(data, fsdp, tensor, remat, accumulate, decoder.scan_layers, *axes))
     return found
 
 
@@ -164,14 +194,27 @@ def estimate(
     per_example = perf.decoder_activation_bytes(shape, candidate.tensor, candidate.expert)
     activations = per_example * examples / candidate.accumulate_steps / context  # a device holds L / context
     chip = target.chip
-    compute = sizes.flops * REMAT_RECOMPUTE[candidate.remat] / (target.chips * chip.peak_tflops * 1e12 * mfu)
+    recompute = REMAT_RECOMPUTE[candidate.remat]
     # FSDP: each micro-batch gathers the (bf16) weights twice and reduce-scatters the float32 gradients once.
     fsdp_bytes = 0.0 if shards == 1 else candidate.accumulate_steps * parameters / candidate.tensor * (2 * 2 + 4)
+    stage_bytes, layers = 0.0, decoder.layers
+    if candidate.stage > 1:  # research/models/pipeline.py, stages rematerialised
+        stages, microbatches = candidate.stage, candidate.microbatches
+        iterations, rows = microbatches + stages - 1, examples / microbatches
+        stream = rows * decoder.length / context * decoder.width * decoder.dtype_bytes
+        stage_weights = parameters / (stages * candidate.tensor)  # a device's share of its stage's layers, whole
+        state = state / stages + (stage_weights * (2 + 4) if candidate.gather else 0.0)  # bf16, float32 gradients
+        activations = per_example * rows / stages + iterations * stream
+        recompute = (recompute + 1 / 3) * iterations / microbatches  # the stage's forward again; the bubble
+        # As the compiled programs do: gathered once, the gradients all-reduced over fsdp every iteration; else
+        # gathered at each of the 3 forward passes and reduce-scattered every iteration.
+        fsdp_bytes = stage_weights * (2 * (1 + 2 * iterations) if candidate.gather else (3 * 2 + 4) * iterations)
+        fsdp_bytes = 0.0 if shards == 1 else fsdp_bytes
+        stage_bytes, layers = 2 * iterations * stream, layers * iterations / (microbatches * stages)
+    compute = sizes.flops * recompute / (target.chips * chip.peak_tflops * 1e12 * mfu)
     tensor_bytes = 0.0
     if candidate.tensor > 1:  # two all-reduces per layer forward, two backward, of the local activations
-        tensor_bytes = (
-            4 * 2 * examples * decoder.length / context * decoder.width * decoder.dtype_bytes * decoder.layers
-        )
+        tensor_bytes = 4 * 2 * examples * decoder.length / context * decoder.width * decoder.dtype_bytes * layers
     # Ring attention: each device's keys and values go round the ring once forward, and once with their gradients
     # backward (research/models/ring.py).
     kv_bytes = examples * decoder.length / context * 2 * decoder.kv_heads * decoder.head_dim * decoder.dtype_bytes
@@ -183,7 +226,7 @@ def estimate(
     bandwidth = (
         chip.fast_bandwidth if target.groups == 1 or shards <= target.chips // target.groups else (chip.slow_bandwidth)
     )
-    links = (fsdp_bytes + tensor_bytes + expert_bytes + ring_bytes) / bandwidth
+    links = (fsdp_bytes + tensor_bytes + expert_bytes + ring_bytes + stage_bytes) / bandwidth
     return state + activations, max(compute, links)
 
 
@@ -252,7 +295,7 @@ def search(
     cached = 0
     for round_index in range(rounds):
         chosen, queue = queue[:top], queue[top:]
-        if round_index == 0 and chosen and decoder.scan_layers and decoder.scan_layers_key:
+        if round_index == 0 and chosen and decoder.scan_layers and decoder.scan_layers_key and chosen[0].stage <= 1:
             chosen.append(dataclasses.replace(chosen[0], scan_layers=False))
         cached += _compile_all(chosen, config, decoder, experiment_path, target, mfu, workers, cache, results)
         fitting = [candidate for candidate, result in results.items() if result.get("fits")]
@@ -315,8 +358,9 @@ def _compile_all(chosen, config, decoder, experiment_path, target, mfu, workers,
 
 
 def format_table(ranked: list[tuple[Candidate, dict]], target: targets.Target) -> str:
-    header = f"{'rank':>4s} {'data':>5s} {'fsdp':>5s} {'expert':>6s} {'tensor':>6s} {'context':>7s} {'remat':>13s} "
-    header += f"{'micro':>5s} "
+    header = f"{'rank':>4s} {'data':>5s} {'fsdp':>5s} {'expert':>6s} {'tensor':>6s} {'context':>7s} {'stage':>5s} "
+    header += f"{'gather':>6s} "
+    header += f"{'remat':>13s} {'micro':>5s} "
     header += f"{'scan':>5s} "
     header += f"{'GiB/chip':>9s} {'fits':>5s} {'step s':>8s} {'serial s':>9s} {'tok/s/chip':>11s} {'compile s':>9s}"
     lines = [
@@ -326,9 +370,10 @@ def format_table(ranked: list[tuple[Candidate, dict]], target: targets.Target) -
     for rank, (candidate, result) in enumerate(ranked, 1):
         head = (
             f"{rank:4d} {candidate.data:5d} {candidate.fsdp:5d} {candidate.expert:6d} {candidate.tensor:6d} "
-            f"{max(candidate.context, 1):7d} "
+            f"{max(candidate.context, 1):7d} {max(candidate.stage, 1):5d} "
+            f"{('once' if candidate.gather else 'each') if candidate.stage > 1 else '':>6s} "
             f"{candidate.remat:>13s} "
-            f"{candidate.accumulate_steps:5d} {str(candidate.scan_layers):>5s} "
+            f"{candidate.microbatches or candidate.accumulate_steps:5d} {str(candidate.scan_layers):>5s} "
         )
         if "error" in result:
             lines.append(head + f"error: {result['error']}")
