@@ -42,6 +42,7 @@ from research.tools import targets
 
 REMATS = ("full", "dots_no_batch", "none")
 ACCUMULATE = (1, 2, 4)
+REPEATS = (1, 2, 4)  # the pipeline schedules tried: GPipe, circular with 2 and 4 blocks of layers a stage
 LONG_CONTEXT = 16384  # tokens per sequence from which the planner tries context parallelism
 CACHE = Path("~/.cache/research/plans").expanduser()
 
@@ -59,6 +60,7 @@ class Candidate:
     stage: int = 0  # the mesh's stage axis (pipeline stages); 0: the config has none
     microbatches: int = 0  # the pipeline's micro-batches (its stages rematerialised)
     gather: bool = False  # the pipeline's stage weights gathered over fsdp once a step, not at every use
+    repeats: int = 1  # > 1: the circular schedule, each stage holding this many blocks of layers
 
     def overrides(self, decoder: DecoderShape) -> dict:
         """The candidate as config overrides: the trainer's mesh (its expert axis for a mixture of experts) and
@@ -68,7 +70,12 @@ class Candidate:
         found |= {"mesh.context": self.context} if self.context else {}
         found |= {"mesh.stage": self.stage} if self.stage else {}
         if self.stage > 1:
-            settings = {"microbatches": self.microbatches, "remat": True, "gather": self.gather}
+            settings = {
+                "microbatches": self.microbatches,
+                "repeats": self.repeats,
+                "remat": True,
+                "gather": self.gather,
+            }
             found |= {f"{decoder.pipeline_key}_{name}": value for name, value in settings.items()}
         found |= {"optimizer.accumulate_steps": self.accumulate_steps}
         found |= {decoder.remat_key: self.remat} if decoder.remat_key else {}
@@ -146,8 +153,9 @@ def candidates(config: ml_collections.ConfigDict, decoder: DecoderShape, target:
                 continue
             for remat, accumulate in itertools.product(remats, (1,) if stage > 1 else ACCUMULATE):
                 if (config.batch_size // shards) % accumulate == 0:
-                    for gather in (True, False) if stage > 1 else (False,):
-                        axes = (expert, context, stage, microbatches, gather)
+                    schedules = itertools.product((True, False), REPEATS) if stage > 1 else [(False, 1)]
+                    for gather, repeats in schedules:
+                        axes = (expert, context, stage, microbatches, gather, repeats)
                         found.append(Candidate(data, fsdp, tensor, remat, accumulate, decoder.scan_layers, *axes))
     return found
 
@@ -200,17 +208,18 @@ def estimate(
     stage_bytes, layers = 0.0, decoder.layers
     if candidate.stage > 1:  # research/models/pipeline.py, stages rematerialised
         stages, microbatches = candidate.stage, candidate.microbatches
-        iterations, rows = microbatches + stages - 1, examples / microbatches
+        iterations, rows = candidate.repeats * microbatches + stages - 1, examples / microbatches
         stream = rows * decoder.length / context * decoder.width * decoder.dtype_bytes
         stage_weights = parameters / (stages * candidate.tensor)  # a device's share of its stage's layers, whole
-        state = state / stages + (stage_weights * (2 + 4) if candidate.gather else 0.0)  # bf16, float32 gradients
+        state = state / stages + (stage_weights * 2 if candidate.gather else 0.0)  # the gathered bf16 weights
         activations = per_example * rows / stages + iterations * stream
-        recompute = (recompute + 1 / 3) * iterations / microbatches  # the stage's forward again; the bubble
-        # As the compiled programs do: gathered once, the gradients all-reduced over fsdp every iteration; else
-        # gathered at each of the 3 forward passes and reduce-scattered every iteration.
-        fsdp_bytes = stage_weights * (2 * (1 + 2 * iterations) if candidate.gather else (3 * 2 + 4) * iterations)
+        recompute = (recompute + 1 / 3) * iterations / (candidate.repeats * microbatches)  # forward again; bubble
+        # As the compiled programs do: the weights a repeat uses (gathered once, else at each of the 3 forward
+        # passes) and their gradients reduce-scattered every iteration.
+        used = stage_weights / candidate.repeats * 2 * iterations
+        fsdp_bytes = stage_weights * 2 + used if candidate.gather else 4 * used
         fsdp_bytes = 0.0 if shards == 1 else fsdp_bytes
-        stage_bytes, layers = 2 * iterations * stream, layers * iterations / (microbatches * stages)
+        stage_bytes, layers = 2 * iterations * stream, layers * iterations / (candidate.repeats * microbatches * stages)
     compute = sizes.flops * recompute / (target.chips * chip.peak_tflops * 1e12 * mfu)
     tensor_bytes = 0.0
     if candidate.tensor > 1:  # two all-reduces per layer forward, two backward, of the local activations
@@ -359,7 +368,7 @@ def _compile_all(chosen, config, decoder, experiment_path, target, mfu, workers,
 
 def format_table(ranked: list[tuple[Candidate, dict]], target: targets.Target) -> str:
     header = f"{'rank':>4s} {'data':>5s} {'fsdp':>5s} {'expert':>6s} {'tensor':>6s} {'context':>7s} {'stage':>5s} "
-    header += f"{'gather':>6s} "
+    header += f"{'gather':>6s} {'rep':>3s} "
     header += f"{'remat':>13s} {'micro':>5s} "
     header += f"{'scan':>5s} "
     header += f"{'GiB/chip':>9s} {'fits':>5s} {'step s':>8s} {'serial s':>9s} {'tok/s/chip':>11s} {'compile s':>9s}"
@@ -371,7 +380,7 @@ def format_table(ranked: list[tuple[Candidate, dict]], target: targets.Target) -
         head = (
             f"{rank:4d} {candidate.data:5d} {candidate.fsdp:5d} {candidate.expert:6d} {candidate.tensor:6d} "
             f"{max(candidate.context, 1):7d} {max(candidate.stage, 1):5d} "
-            f"{('once' if candidate.gather else 'each') if candidate.stage > 1 else '':>6s} "
+            f"{('once' if candidate.gather else 'each') if candidate.stage > 1 else '':>6s} {candidate.repeats:3d} "
             f"{candidate.remat:>13s} "
             f"{candidate.microbatches or candidate.accumulate_steps:5d} {str(candidate.scan_layers):>5s} "
         )

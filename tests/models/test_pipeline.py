@@ -77,6 +77,7 @@ def assert_equal_values(got, expected):
         np.testing.assert_allclose(gradient, reference, atol=3e-6, err_msg=str(name))  # measured: <= 1.2e-6
 
 
+@pytest.mark.slow  # 15 s: the quick suite is at its 6 minutes
 def test_gpipe_over_two_stages_gives_the_one_device_gradients_with_documents_and_tensor():
     assert_equal_values(*pipelined({"stage": 2, "data": 2, "tensor": 2}, microbatches=4, documents=True))
 

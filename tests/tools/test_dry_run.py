@@ -345,3 +345,77 @@ def test_plan_ranks_fitting_candidates_compiled_in_parallel(tmp_path):
     assert steps == sorted(steps)
     again = plan.search(config, LM, str(EXPERIMENTS_DIR / "lm.py"), targets.parse("tpu:v5e-4"), 0.4, 2, 3, tmp_path)
     assert [result for _, result in again] == [result for _, result in ranked]  # from the cache
+
+
+PIPELINE_405B = {"batch_size": 128, "model.param_dtype": "bfloat16"}
+
+
+def test_the_planner_searches_pipeline_stages_across_hosts():
+    """Llama 3.1 405B on 64 hosts of 8 H100s: stage axes 1 to 8 (the stages span the hosts), each with micro-batches
+    of at least one per stage, GPipe and circular schedules, the weights gathered once or at each use; a pipeline
+    writes its mesh axis and the decoder's pipeline keys. Under 8 stages a device holds about an eighth of the state
+    the same fsdp x tensor holds without them, and its step carries the bubble. One host: no stage candidates."""
+    config = LM.get_config("llama3.1-405b")
+    config.update_from_flattened_dict(PIPELINE_405B)
+    decoder, target = LM.decoder_shape(config), targets.parse("gpu:h100:64x8")
+    found = plan.candidates(config, decoder, target)
+    staged = [c for c in found if c.stage > 1]
+    assert {c.stage for c in found} == {1, 2, 4, 8} and {c.repeats for c in staged} == set(plan.REPEATS)
+    assert all(c.microbatches >= c.stage and (128 // (c.data * c.fsdp)) % c.microbatches == 0 for c in staged)
+    assert all(c.data * c.fsdp * c.tensor * c.stage == 512 for c in found)
+    written = staged[0].overrides(decoder)
+    assert written["mesh.stage"] == staged[0].stage and written["model.pipeline_remat"] is True
+    assert {"model.pipeline_microbatches", "model.pipeline_repeats", "model.pipeline_gather"} <= set(written)
+    sizes = plan.Sizes(405_853_388_800, 405_853_388_800 * 12.0, 6 * 405_853_388_800 * 128 * 8192)
+    eight = next(c for c in staged if (c.stage, c.fsdp, c.tensor, c.repeats, c.gather) == (8, 8, 8, 1, False))
+    flat = Candidate = plan.Candidate  # the same fsdp x tensor without stages (not a candidate: data 8 < 64 hosts)
+    flat = Candidate(8, 8, 8, eight.remat, 1, True, stage=1)
+    (staged_bytes, staged_seconds), (flat_bytes, flat_seconds) = (
+        plan.estimate(config, decoder, target, c, 0.4, sizes) for c in (eight, flat)
+    )
+    assert staged_bytes < flat_bytes / 4 and staged_seconds > flat_seconds  # state over 8 stages; the bubble
+    one_host = plan.candidates(
+        LM.get_config("llama3-8b"), LM.decoder_shape(LM.get_config("llama3-8b")), targets.parse("gpu:h100:8")
+    )
+    assert {c.stage for c in one_host} == {1}
+
+
+def test_a_pipelined_dry_run_reports_its_bubble_and_counts_it_in_the_roofline():
+    """:smoke with 4 scanned layers over 2 stages x data 4 of 8 CPU devices, 4 micro-batches: the report's pipeline
+    line, a bubble of 1 / 5 in the roofline's recomputation, and each iteration's permute between the stages."""
+    config = lm_config(**{"model.num_layers": 4, "model.scan_layers": True, "mesh.stage": 2, "mesh.data": 4})
+    config.update_from_flattened_dict({"model.dtype": "float32", "model.pipeline_microbatches": 4, "batch_size": 16})
+    result = dry_run.dry_run(config, LM, targets.parse("cpu:8"))
+    assert result.pipeline.startswith("pipeline: 2 stages x 1 repeat(s) of 2 layers, 4 micro-batches, bubble 20.0%")
+    assert result.recompute == pytest.approx(1.0 / (1 - 1 / 5)) and result.fits
+    permutes = [c for c in result.collectives if c.kind == "collective-permute"]
+    assert permutes and {c.group_size for c in permutes} == {2} and max(c.count for c in permutes) >= 5
+    assert result.pipeline in dry_run.format_report(result, 0.4, 1e9).splitlines()
+
+
+@pytest.mark.slow  # 20 s and 2 GiB of host memory: 405,853,388,800 parameters compiled for 512 GPUs
+def test_llama_405b_fits_512_gpus_over_8_pipeline_stages():
+    """FSDP 8 x tensor 8 x stage 8 (126 layers: 4 repeats of 4 a stage, padded to 128), 16 micro-batches of 8
+    sequences of 8,192 tokens, stages rematerialised, a stage's weights gathered once a step: it fits an H100."""
+    config = LM.get_config("llama3.1-405b")
+    config.update_from_flattened_dict(
+        PIPELINE_405B
+        | {"mesh.fsdp": 8, "mesh.stage": 8, "mesh.tensor": 8, "model.remat": "dots_no_batch"}
+        | {"model.pipeline_microbatches": 16, "model.pipeline_repeats": 4, "model.pipeline_remat": True}
+        | {"model.pipeline_gather": True}
+    )
+    result = dry_run.dry_run(config, LM, targets.parse("gpu:h100:64x8"))
+    assert result.fits and result.needed_bytes < 70 * 2**30, result.needed_bytes / 2**30  # measured: 62.36 GiB
+    assert "bubble 9.9%" in result.pipeline and result.recompute == pytest.approx((1.05 + 1 / 3) / (1 - 7 / 71))
+    permutes = sum(c.bytes_per_step for c in result.collectives if c.kind == "collective-permute")
+    assert permutes < 100 * 2**30  # the micro-batches' activations moving between stages: 54 GiB a chip a step
+
+
+@pytest.mark.slow  # 1 minute
+def test_the_planner_ranks_pipelined_plans_for_llama_405b(tmp_path):
+    config = LM.get_config("llama3.1-405b")
+    config.update_from_flattened_dict(PIPELINE_405B)
+    target = targets.parse("gpu:h100:64x8")
+    ranked = plan.search(config, LM, str(EXPERIMENTS_DIR / "lm.py"), target, 0.4, 2, 4, tmp_path)
+    fitting = [candidate for candidate, result in ranked if result.get("fits")]
+    assert len(fitting) >= 3 and all(candidate.stage > 1 for candidate in fitting)
