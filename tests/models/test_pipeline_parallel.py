@@ -127,8 +127,16 @@ def test_a_pipelined_run_resumes_bitwise(data_dir, tmp_path):
     "overrides, message",
     [
         ({"model.pipeline_microbatches": 3}, "a batch of 16 does not cut into model.pipeline_microbatches 3"),
-        ({"model.pipeline_repeats": 2}, "model.pipeline_repeats 2 needs model.pipeline_microbatches >= mesh.stage 2"),
-        ({"model.scan_layers": False}, "mesh.stage splits a scanned stack of layers: set model.scan_layers=True"),
+        pytest.param(
+            {"model.pipeline_repeats": 2},
+            "model.pipeline_repeats 2 needs model.pipeline_microbatches >= mesh.stage 2",
+            marks=pytest.mark.slow,  # 3-4 s each: the quick suite keeps one
+        ),
+        pytest.param(
+            {"model.scan_layers": False},
+            "mesh.stage splits a scanned stack of layers: set model.scan_layers=True",
+            marks=pytest.mark.slow,
+        ),
     ],
 )
 def test_a_layout_the_pipeline_cannot_run_is_one_line(data_dir, overrides, message):
