@@ -30,10 +30,9 @@ from typing import Any, Callable
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from research.errors import ConfigError
-from research.models import attention, kernels, moe, pipeline, shard_batch, softcapped
+from research.models import attention, kernels, moe, pipeline, ring, shard_batch, softcapped
 from research.models.rotary import apply_rotary, rotary_angles
 from research.models.transformer import REMAT_POLICIES, flat_dot_general
 
@@ -317,8 +316,8 @@ class Llama(nn.Module):
         positions_L = jnp.arange(tokens_BxL.shape[1]) if positions_L is None else positions_L
         order = kernels.ring_order(self.attention, tokens_BxL.shape[1]) if cache is None else None
         if order is not None:  # ring attention's causally balanced chunks: research/models/ring.py
-            x_BxLxD, positions_L = x_BxLxD[:, order], positions_L[order]
-            segment_ids_BxL = None if segment_ids_BxL is None else segment_ids_BxL[:, order]
+            x_BxLxD, positions_L = ring.balanced(x_BxLxD, ring.shards()), ring.balanced(positions_L, ring.shards(), 0)
+            segment_ids_BxL = None if segment_ids_BxL is None else ring.balanced(segment_ids_BxL, ring.shards())
         block = LlamaBlock
         if REMAT_POLICIES[self.remat] is not None and cache is None:  # generation takes no gradients
             block = nn.remat(LlamaBlock, policy=REMAT_POLICIES[self.remat], prevent_cse=not self.scan_layers)
@@ -350,7 +349,7 @@ class Llama(nn.Module):
                 )(x_BxLxD, positions_L, segment_ids_BxL, layer_cache)
                 caches.append(layer_cache)
             cache = None if cache is None else jax.tree.map(lambda *leaves: jnp.stack(leaves), *caches)
-        x_BxLxD = x_BxLxD if order is None else x_BxLxD[:, np.argsort(order)]  # back in the sequence's order
+        x_BxLxD = x_BxLxD if order is None else ring.balanced(x_BxLxD, ring.shards(), inverse=True)  # in order
         x_BxLxD = RMSNorm(self.norm_epsilon, self.norm_offset, self.dtype, self.param_dtype, name="norm")(x_BxLxD)
         if return_hidden:
             return x_BxLxD
@@ -382,7 +381,7 @@ class Llama(nn.Module):
             layer = jax.checkpoint(layer, policy=REMAT_POLICIES[self.remat])
         microbatches = pipeline.microbatch_count(self.pipeline_microbatches, pipeline.stages())
         options = dict(microbatches=microbatches, repeats=self.pipeline_repeats, remat=self.pipeline_remat)
-        options |= dict(rules=self.stack_rules if self.pipeline_gather else ())
+        options |= dict(rules=self.stack_rules, gather=self.pipeline_gather)
         stack = self.variables["params"]["layers"]
         return pipeline.run(layer, stack, kind_indices, x_BxLxD, segment_ids_BxL, **options)
 

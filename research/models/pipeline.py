@@ -76,10 +76,12 @@ def run(
     repeats: int = 1,
     remat: bool = False,
     rules: tuple = (),
+    gather: bool = False,
 ) -> jax.Array:
     """`layer(params, x_BxLxD, segment_ids_BxL, kind)` applied for each of the L stacked layers in order, as a
     pipeline over the mesh's `stage` axis; the same values as a scan over the layers. With the stack's sharding
-    `rules`, each stage's weights are gathered over `fsdp` once per step rather than in every iteration."""
+    `rules` each stage's layers are moved to its devices first and, with `gather`, gathered over `fsdp` once per
+    step rather than at every use."""
     count, (batch, length, width), layers = stages(), x_BxLxD.shape, kinds_L.shape[0]
     mesh = jax.sharding.get_abstract_mesh()
     batch_axes, _, batch_shards, _ = sharding.activation_axes(mesh)
@@ -96,6 +98,7 @@ def run(
     if rules:  # each stage's layers moved to its devices (still split over fsdp), then gathered over fsdp
         staged_axes = (None, STAGE_AXIS, None)
         params = jax.lax.with_sharding_constraint(params, layouts(params, rules, mesh, staged_axes))
+    if rules and gather:
         params = jax.lax.with_sharding_constraint(params, layouts(params, rules, mesh, staged_axes, fsdp=False))
         scattered = split_gradients(jax.tree.map(lambda leaf: leaf[0, 0, 0], params), rules, mesh)
     rows = batch // microbatches  # micro-batch m holds rows m, M + m, 2M + m, ...: each split over the batch axes

@@ -39,6 +39,21 @@ def balanced_order(length: int, count: int) -> np.ndarray:
     return np.concatenate([np.concatenate([chunks[index], chunks[2 * count - 1 - index]]) for index in range(count)])
 
 
+def balanced(x: jax.Array, count: int, axis: int = 1, inverse: bool = False) -> jax.Array:
+    """x with its `axis` in balanced_order (or back from it): by reshapes and a reverse of the second half's chunks,
+    which the partitioner splits along the context axis, where an index gather would be replicated first."""
+    shape, length = x.shape, x.shape[axis]
+    chunk = length // (2 * count)
+    lead, tail = shape[:axis], shape[axis + 1 :]
+    if inverse:  # C x 2 chunks -> 2 x C
+        pairs = x.reshape(*lead, count, 2, chunk, *tail)
+        first, second = jnp.take(pairs, 0, axis=axis + 1), jnp.take(pairs, 1, axis=axis + 1)
+        return jnp.stack([first, jnp.flip(second, axis=axis)], axis=axis).reshape(shape)
+    halves = x.reshape(*lead, 2, count, chunk, *tail)
+    first, second = jnp.take(halves, 0, axis=axis), jnp.flip(jnp.take(halves, 1, axis=axis), axis=axis)
+    return jnp.stack([first, second], axis=axis + 1).reshape(shape)
+
+
 def _block(query, key, value, query_positions, key_positions, query_segments, key_segments, window, scale, softcap):
     """One pair's unnormalised softmax pieces: (B x K x G x Lq row maxima, row sums, B x Lq x K x G x Dh outputs)."""
     scores = jnp.einsum("blkgd,bskd->bkgls", query, key, preferred_element_type=jnp.float32) * jnp.float32(scale)
