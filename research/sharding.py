@@ -1,10 +1,11 @@
 """Device mesh from the config, parameter shardings by rules, and global batches on the mesh.
 
-The mesh has named axes `data`, `fsdp`, `tensor` and, for mixtures of experts, `expert`. A batch is
-split along its leading dimension over (`data`, `fsdp`, `expert`). Parameters are placed by
-`config.param_rules`: pairs of (regex over the parameter's path, one mesh axis or None per dimension),
-first match wins, the last rule a catch-all. FSDP splits a weight's input dimension over `fsdp`; tensor parallelism
-splits attention heads and the MLP's hidden units over `tensor` (Megatron-LM, Shoeybi et al.
+The mesh has named axes `data`, `fsdp`, `tensor` and, for mixtures of experts, `expert`; `context` splits each
+sequence's positions (context parallelism) and `stage` a scanned stack's layers (pipeline parallelism:
+research/models/pipeline.py). A batch is split along its leading dimension over (`data`, `fsdp`, `expert`).
+Parameters are placed by `config.param_rules`: pairs of (regex over the parameter's path, one mesh axis or None
+per dimension), first match wins, the last rule a catch-all. FSDP splits a weight's input dimension over `fsdp`;
+tensor parallelism splits attention heads and the MLP's hidden units over `tensor` (Megatron-LM, Shoeybi et al.
 2019: column-parallel in, row-parallel out). A dimension that the axis does not divide stays
 whole. Optimizer-state leaves that mirror a parameter take its sharding.
 """

@@ -16,7 +16,8 @@ of each family one to one (research/tools/hf/ converts).
 
 `scan_layers=True` runs the blocks under `nn.scan`: one block is compiled whatever the depth, its
 parameters stacked on a leading layer axis ("layers"), and layers of different kinds branch on their
-kind inside it (lax.switch); False gives one subtree per block ("layers_0", ...). `remat` rematerialises
+kind inside it (lax.switch); False gives one subtree per block ("layers_0", ...). Under a `stage` mesh axis
+the stacked layers run as a pipeline (research/models/pipeline.py, `pipeline_*`). `remat` rematerialises
 every block (research/models/transformer.py's policies). Compute runs in `dtype`; parameters stay in
 `param_dtype`; norms and logits are float32.
 

@@ -13,7 +13,10 @@ slot of an input/output buffer, which stage 0 reads again on the next repeat. R 
 idle (compute on nothing that is kept) for a bubble of (S - 1) / (R M + S - 1) of the time. R > 1 needs M >= S
 (a micro-batch is back from the last stage before stage 0 needs it); it shortens the bubble R-fold at the cost of
 viewing contiguous blocks as interleaved ones (XLA moves (S - 1) / S of the stack's weights between stages in each
-step, and their gradients back).
+step, and their gradients back). A stack that does not divide into S x R blocks is padded with layers that pass
+their input on. Given the stack's sharding rules, the step moves each stage's layers to its devices first (a stack
+whose layer axis could not be split over `stage` is stored with `stage` on its fsdp dimension: research/sharding.py)
+and can gather a stage's weights over fsdp once a step, their gradients reduce-scattered as they are made.
 
 Activations: with `remat` the whole stage is rematerialised per iteration, so the step keeps one input per stage
 and iteration ((R M + S - 1) micro-batches' residual streams per device) and recomputes a stage's k layers in the
@@ -113,8 +116,8 @@ def run(
 
     def stage(params_kxR, kinds_Rxk, live_Rxk, repeat, x, segment_ids):
         def body(x, one):
-            params, kind, alive = one  # the layer's weights in every repeat: this one's by a select (a gather's
-            params = jax.tree.map(lambda leaf: choose(leaf, repeat), params)  # gradient would be an all-reduce)
+            params, kind, alive = one  # the layer's weights in every repeat: this repeat's
+            params = jax.tree.map(lambda leaf: choose(leaf, repeat), params)
             params = params if scattered is None else scattered(params)
             out = layer(params, x, segment_ids, kind)
             return (out if per_stage * count * repeats == layers else jnp.where(alive, out, x)), None
