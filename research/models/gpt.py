@@ -25,7 +25,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from research.errors import ConfigError
 from research.models.transformer import flat_dot_general, remat_block
+from research.sharding import stage_shards
 
 INIT_STD = 0.02
 
@@ -67,6 +69,8 @@ class GPT(nn.Module):
         length = tokens_BxL.shape[-1]
         if length > self.block_size:
             raise ValueError(f"sequence length {length} exceeds block_size {self.block_size}")
+        if stage_shards(jax.sharding.get_abstract_mesh()) > 1:  # pipelines split a Llama's scanned stack
+            raise ConfigError("mesh.stage splits a scanned stack of layers, which the GPT has not: use mesh.stage=1")
         types = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         init = nn.initializers.normal(INIT_STD)
         embed = dict(features=self.width, embedding_init=init, **types)

@@ -133,6 +133,11 @@ def test_a_pipelined_run_resumes_bitwise(data_dir, tmp_path):
             marks=pytest.mark.slow,  # 3-4 s each: the quick suite keeps one
         ),
         pytest.param(
+            {"model.family": "gpt", "model.num_kv_heads": 4},
+            "mesh.stage splits a scanned stack of layers, which the GPT has not: use mesh.stage=1",
+            marks=pytest.mark.slow,
+        ),
+        pytest.param(
             {"model.scan_layers": False},
             "mesh.stage splits a scanned stack of layers: set model.scan_layers=True",
             marks=pytest.mark.slow,
