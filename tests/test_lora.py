@@ -82,8 +82,8 @@ def test_only_the_adapters_train_and_hold_optimizer_state(data_dir):
 def test_adapters_shard_like_their_kernels_and_eight_devices_equal_one(data_dir):
     module, config = adapted(data_dir, **{"batch_size": 8})
     rules = lora.derived_rules(config.param_rules)
-    assert ("layers/(q_proj|k_proj|v_proj|gate_proj|up_proj)/lora_a$", (None, "fsdp", None)) in rules
-    assert ("layers/(q_proj|k_proj|v_proj|gate_proj|up_proj)/lora_b$", (None, None, "tensor")) in rules
+    assert ("layers/(q_proj|k_proj|v_proj|gate_proj|up_proj)/lora_a$", ("stage", "fsdp", None)) in rules
+    assert ("layers/(q_proj|k_proj|v_proj|gate_proj|up_proj)/lora_b$", ("stage", None, "tensor")) in rules
     mesh_axes = {"data": 2, "fsdp": 2, "tensor": 2}
     mesh = sharding.make_mesh(mesh_axes, jax.devices()[:8])
     setup = steps.build(config, module, mesh)
