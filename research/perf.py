@@ -216,3 +216,21 @@ def expert_exchange_bytes(shape: DecoderShape, expert: int, tokens: float) -> fl
         return 0.0
     rows = moe.dispatch_rows(shape.experts, shape.experts_per_token, expert, shape.capacity_factor)
     return (expert - 1) / expert * rows * tokens * shape.width * shape.dtype_bytes
+
+
+def pipeline_schedule(shape: DecoderShape, stages: int) -> tuple[int, int, int]:
+    """(micro-batches, repeats, iterations) of a decoder's pipeline over `stages` (research/models/pipeline.py)."""
+    microbatches, repeats = shape.pipeline[0] or stages, shape.pipeline[1]
+    return microbatches, repeats, repeats * microbatches + stages - 1
+
+
+def pipeline_activation_bytes(shape: DecoderShape, per_example: float, examples: float, stages: int, context=1):
+    """A device's activations under a pipeline of `stages`, `examples` per batch shard (`per_example`: all the
+    layers' bytes for one): a stage's layers for every iteration's micro-batch; or, rematerialising whole stages,
+    one residual stream per iteration and one stage's layers of one micro-batch while it is recomputed."""
+    microbatches, repeats, iterations = pipeline_schedule(shape, stages)
+    rows = examples / microbatches
+    if not shape.pipeline[2]:
+        return per_example * rows * iterations / stages
+    stream = rows * shape.length / context * shape.width * shape.dtype_bytes
+    return per_example * rows / (stages * repeats) + iterations * stream

@@ -136,7 +136,7 @@ class LlamaBlock(nn.Module):
             operands = (query_BxLxHxDh, key_BxLxKxDh, value_BxLxKxDh)
             attended_BxLxHxDh = self._attend(*operands, segment_ids_BxL, kind_index, **scores)
         else:
-            cache, attended_BxLxHxDh = _attend_cached(
+            cache, attended_BxLxHxDh = kernels.attend_cached(
                 cache, positions_L, query_BxLxHxDh, key_BxLxKxDh, value_BxLxKxDh, window=window, **scores
             )
         attended = attended_BxLxHxDh.reshape(batch, length, self.num_heads * self.head_dim)
@@ -179,32 +179,6 @@ class LlamaBlock(nn.Module):
         if len(self.kinds) == 1:
             return attend(self.kinds[0].window, *operands)
         return jax.lax.switch(kind_index, [functools.partial(attend, kind.window) for kind in self.kinds], *operands)
-
-
-def _attend_cached(
-    cache: dict, positions_1: jax.Array, query_Bx1xHxDh, key_Bx1xKxDh, value_Bx1xKxDh, *, window, scale, softcap
-):
-    """(updated cache, attention output) of one new position t against a rolling cache of S slots.
-
-    Position t is written to slot t % S, over the position t - S it replaces. The keys were rotated at
-    their own positions and rotary scores depend only on the distance between query and key, so the
-    slots need no reordering and no re-prefill when the window moves: a slot counts once it is written
-    (and, for a layer with a window shorter than S, while its position is inside the window)."""
-    slots = cache["key"].shape[1]
-    if query_Bx1xHxDh.shape[1] != 1:
-        raise ValueError(f"decoding takes one position per call, got {query_Bx1xHxDh.shape[1]}")
-    position = positions_1[0]
-    slot = position % slots
-    new = {"key": key_Bx1xKxDh, "value": value_Bx1xKxDh}
-    cache = {  # B x S x K x Dh each
-        name: jax.lax.dynamic_update_slice_in_dim(cache[name], new[name].astype(cache[name].dtype), slot, 1)
-        for name in new
-    }
-    held_S = position - (position - jnp.arange(slots)) % slots  # the position each slot holds (< 0: none yet)
-    allowed_S = (held_S >= 0) & ((window == 0) | (position - held_S < window))
-    key, value = (cache[name].astype(query_Bx1xHxDh.dtype) for name in new)
-    allowed_1xS = allowed_S[None, :]
-    return cache, kernels.plain_attention(query_Bx1xHxDh, key, value, allowed_1xS, scale=scale, softcap=softcap)
 
 
 class Llama(nn.Module):

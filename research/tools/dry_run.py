@@ -166,15 +166,9 @@ def analytic_memory(config: ml_collections.ConfigDict, experiment, setup) -> dic
         per_example = perf.decoder_activation_bytes(decoder, mesh.get("tensor", 1), mesh.get("expert", 1))
         memory["activations"] = per_example * examples
         stages = sharding.stage_shards(setup.mesh)
-        if stages > 1:  # a stage's layers for every iteration's micro-batch, or its inputs and one stage recomputed
-            microbatches, repeats = pipeline.microbatch_count(decoder.pipeline[0], stages), decoder.pipeline[1]
-            rows, iterations = examples / microbatches, repeats * microbatches + stages - 1
-            stream = rows * decoder.length * decoder.width * decoder.dtype_bytes / mesh.get("context", 1)
-            memory["activations"] = (
-                per_example * rows / (stages * repeats) + iterations * stream
-                if decoder.pipeline[2]
-                else per_example * rows * iterations / stages
-            )
+        if stages > 1:
+            context = mesh.get("context", 1)
+            memory["activations"] = perf.pipeline_activation_bytes(decoder, per_example, examples, stages, context)
     return memory
 
 
@@ -191,8 +185,7 @@ def recompute_of(config: ml_collections.ConfigDict, experiment, stages: int = 1)
 
 def pipeline_bubble(decoder: DecoderShape, stages: int) -> float:
     """The share of a pipeline's iterations a stage idles (0 without stages)."""
-    microbatches, repeats = pipeline.microbatch_count(decoder.pipeline[0], stages), decoder.pipeline[1]
-    return pipeline.bubble(stages, microbatches, repeats)
+    return pipeline.bubble(stages, *perf.pipeline_schedule(decoder, stages)[:2])
 
 
 def pipeline_of(config: ml_collections.ConfigDict, experiment, stages: int) -> str:
@@ -200,8 +193,7 @@ def pipeline_of(config: ml_collections.ConfigDict, experiment, stages: int) -> s
     decoder = perf.decoder_of(config, experiment)
     if not decoder or stages == 1:
         return ""
-    microbatches, repeats, remat, gather = decoder.pipeline
-    microbatches = pipeline.microbatch_count(microbatches, stages)
+    (microbatches, repeats, _), (_, _, remat, gather) = perf.pipeline_schedule(decoder, stages), decoder.pipeline
     layers = -(-decoder.layers // (stages * repeats))
     return (
         f"pipeline: {stages} stages x {repeats} repeat(s) of {layers} layers, {microbatches} micro-batches, "

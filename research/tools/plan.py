@@ -208,11 +208,13 @@ def estimate(
     stage_bytes, layers = 0.0, decoder.layers
     if candidate.stage > 1:  # research/models/pipeline.py, stages rematerialised
         stages, microbatches = candidate.stage, candidate.microbatches
-        iterations, rows = candidate.repeats * microbatches + stages - 1, examples / microbatches
+        staged = dataclasses.replace(shape, pipeline=(microbatches, candidate.repeats, True, candidate.gather))
+        iterations, rows = perf.pipeline_schedule(staged, stages)[2], examples / microbatches
         stream = rows * decoder.length / context * decoder.width * decoder.dtype_bytes
         stage_weights = parameters / (stages * candidate.tensor)  # a device's share of its stage's layers, whole
         state = state / stages + (stage_weights * 2 if candidate.gather else 0.0)  # the gathered bf16 weights
-        activations = per_example * rows / stages + iterations * stream
+        activations = per_example * rows / stages + iterations * stream  # a stage's k x R layers: the compiled
+        # programs hold more than the schedule's count (pipeline buffers, gathered weights), so the screen keeps R
         recompute = (recompute + 1 / 3) * iterations / (candidate.repeats * microbatches)  # forward again; bubble
         # As the compiled programs do: the weights a repeat uses (gathered once, else at each of the 3 forward
         # passes) and their gradients reduce-scattered every iteration.
