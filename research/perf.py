@@ -19,7 +19,7 @@ import numpy as np
 from research.errors import ConfigError
 from research.experiment import DecoderShape, hook
 from research.logger import Throughput
-from research.models import moe
+from research.models import moe, pipeline
 
 PEAK_MATMUL_SIZE = 1024  # float32 1024^2 matmuls: ~2 GFLOP each, big enough to reach the BLAS peak on a CPU
 
@@ -222,6 +222,12 @@ def pipeline_schedule(shape: DecoderShape, stages: int) -> tuple[int, int, int]:
     """(micro-batches, repeats, iterations) of a decoder's pipeline over `stages` (research/models/pipeline.py)."""
     microbatches, repeats = shape.pipeline[0] or stages, shape.pipeline[1]
     return microbatches, repeats, repeats * microbatches + stages - 1
+
+
+def pipeline_bubble(shape: DecoderShape, stages: int) -> float:
+    """The share of a pipeline's iterations a stage idles (0 without stages): research/models/pipeline.py's bubble."""
+    microbatches, repeats, _ = pipeline_schedule(shape, stages)
+    return pipeline.bubble(stages, microbatches, repeats)
 
 
 def pipeline_activation_bytes(shape: DecoderShape, per_example: float, examples: float, stages: int, context=1):

@@ -28,7 +28,7 @@ import numpy as np
 
 from research import perf, sharding
 from research.experiment import DecoderShape, hook
-from research.models import kernels, param_count, pipeline, ring
+from research.models import kernels, param_count, ring
 from research.models.transformer import REMAT_RECOMPUTE
 from research.steps import build, with_features
 from research.tools import hlo, targets
@@ -180,12 +180,7 @@ def recompute_of(config: ml_collections.ConfigDict, experiment, stages: int = 1)
     if not decoder:
         return 1.0
     recompute = REMAT_RECOMPUTE[decoder.remat] + (1 / 3 if stages > 1 and decoder.pipeline[2] else 0.0)
-    return recompute / (1 - pipeline_bubble(decoder, stages))
-
-
-def pipeline_bubble(decoder: DecoderShape, stages: int) -> float:
-    """The share of a pipeline's iterations a stage idles (0 without stages)."""
-    return pipeline.bubble(stages, *perf.pipeline_schedule(decoder, stages)[:2])
+    return recompute / (1 - perf.pipeline_bubble(decoder, stages))
 
 
 def pipeline_of(config: ml_collections.ConfigDict, experiment, stages: int) -> str:
@@ -197,7 +192,7 @@ def pipeline_of(config: ml_collections.ConfigDict, experiment, stages: int) -> s
     layers = -(-decoder.layers // (stages * repeats))
     return (
         f"pipeline: {stages} stages x {repeats} repeat(s) of {layers} layers, {microbatches} micro-batches, "
-        f"bubble {pipeline_bubble(decoder, stages):.1%} of the iterations"
+        f"bubble {perf.pipeline_bubble(decoder, stages):.1%} of the iterations"
         + ("; stages rematerialised" if remat else "")
         + ("; a stage's weights gathered once a step" if gather else "")
     )

@@ -215,7 +215,7 @@ def estimate(
         state = state / stages + (stage_weights * 2 if candidate.gather else 0.0)  # the gathered bf16 weights
         activations = per_example * rows / stages + iterations * stream  # a stage's k x R layers: the compiled
         # programs hold more than the schedule's count (pipeline buffers, gathered weights), so the screen keeps R
-        recompute = (recompute + 1 / 3) * iterations / (candidate.repeats * microbatches)  # forward again; bubble
+        recompute = (recompute + 1 / 3) / (1 - perf.pipeline_bubble(staged, stages))  # forward again; the bubble
         # As the compiled programs do: the weights a repeat uses (gathered once, else at each of the 3 forward
         # passes) and their gradients reduce-scattered every iteration.
         used = stage_weights / candidate.repeats * 2 * iterations
